@@ -1,0 +1,161 @@
+"""Scheduler overhead: N no-op tasks through the full path against plain asyncio, anyio and threads.
+
+    python benchmarks/scheduler.py [--tasks 20000] [--queued 100000]
+
+Prints microseconds per task for each way of running N no-op tasks, the ratio to raw asyncio, and
+the memory cost of a deep queue. The edgecompute rows go through the whole path: submit (executor
+selection, resource check, queue), admission, execute, and awaiting the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import gc
+import statistics
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from edgecompute import FunctionExecutor, Registry, Request, Resources, Scheduler
+from edgecompute.config import Config
+
+noop = FunctionExecutor("bench")
+
+
+@noop.algorithm(resources=Resources())
+async def nothing(inputs: object) -> None:
+    return None
+
+
+@noop.algorithm(resources=Resources())
+def blocking_nothing(inputs: object) -> None:
+    return None
+
+
+async def _noop() -> None:
+    return None
+
+
+def _sync_noop() -> None:
+    return None
+
+
+async def raw_asyncio(n: int) -> None:
+    tasks = [asyncio.create_task(_noop()) for _ in range(n)]
+    for task in tasks:
+        await task
+
+
+async def anyio_task_group(n: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(_noop)
+
+
+async def thread_pool(n: int) -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_sync_noop) for _ in range(n)]
+        for future in futures:
+            future.result()
+
+
+async def anyio_to_thread(n: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(anyio.to_thread.run_sync, _sync_noop)
+
+
+def _config() -> Config:
+    return Config(max_queue=10**7)
+
+
+def edgecompute_path(algorithm: str, prebuilt: bool) -> Callable[[int], Awaitable[None]]:
+    async def run(n: int) -> None:
+        async with Scheduler(Registry([noop]), config=_config(), threads=4) as scheduler:
+            if prebuilt:
+                requests = [Request(algorithm) for _ in range(n)]
+                start = time.perf_counter()
+                handles = [scheduler.submit(r) for r in requests]
+            else:
+                start = time.perf_counter()
+                handles = [scheduler.submit(Request(algorithm)) for _ in range(n)]
+            for handle in handles:
+                await handle.result()
+            run.elapsed = time.perf_counter() - start  # type: ignore[attr-defined]
+
+    return run
+
+
+async def _time(fn: Callable[[int], Awaitable[None]], n: int, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        await fn(n)
+        elapsed = getattr(fn, "elapsed", None) or (time.perf_counter() - start)
+        samples.append(elapsed / n * 1e6)
+    return statistics.median(samples)
+
+
+async def queued_memory(n: int) -> float:
+    """Bytes per task held by n queued (not yet admitted) tasks."""
+    blocker = FunctionExecutor("mem")
+
+    @blocker.algorithm(resources=Resources(cpu=1))
+    async def wait(inputs: object) -> None:
+        return None
+
+    async with Scheduler(Registry([blocker]), capacity=Resources(cpu=1), config=_config()) as scheduler:
+        scheduler.registry.select("mem/wait")
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        # the first task takes the only core; the rest stay queued while we measure
+        handles = [scheduler.submit(Request("mem/wait", i)) for i in range(n)]
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        queued = scheduler.stats().queued
+        assert queued >= n - 1, queued
+        per_task = (after - before) / n
+        for handle in handles:
+            handle.cancel()
+    return per_task
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    n = args.tasks
+    rows: list[tuple[str, Callable[[int], Awaitable[None]], float | None]] = [
+        ("raw asyncio tasks", raw_asyncio, None),
+        ("anyio task group", anyio_task_group, None),
+        ("ThreadPoolExecutor(4)", thread_pool, None),
+        ("anyio.to_thread", anyio_to_thread, None),
+        ("edgecompute async executor", edgecompute_path("bench/nothing", prebuilt=True), 20.0),
+        ("edgecompute async, incl. Request()", edgecompute_path("bench/nothing", prebuilt=False), None),
+        ("edgecompute blocking (thread) executor", edgecompute_path("bench/blocking_nothing", prebuilt=True), 25.0),
+    ]
+    results = {}
+    for name, fn, _ in rows:
+        results[name] = await _time(fn, n if "to_thread" not in name else min(n, 5000), args.repeats)
+    base = results["raw asyncio tasks"]
+    print(f"{n} no-op tasks, median of {args.repeats} runs")
+    print(f"{'path':42} {'us/task':>9} {'x asyncio':>10} {'target':>8}")
+    for name, _, target in rows:
+        us = results[name]
+        verdict = "" if target is None else (f"<= {target:g}" + (" ok" if us <= target else " MISSED"))
+        print(f"{name:42} {us:9.1f} {us / base:10.2f} {verdict:>8}")
+    per_task = await queued_memory(args.queued)
+    verdict = "ok" if per_task <= 2048 else "MISSED"
+    print(f"\n{args.queued} queued tasks: {per_task:,.0f} bytes/task (target <= 2048: {verdict})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,78 @@
+"""edgecompute: run native, ML and sandboxed work through one scheduler, in your own process.
+
+``import edgecompute`` stays light: the scheduler, the runtime and plugin discovery are imported
+on first use, and no executor's heavy dependency (torch, wasmtime, a compiler) is ever imported
+until that executor runs something.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .context import TaskContext
+    from .executor import BlockingExecutor, Executor
+    from .functions import FunctionExecutor
+    from .hookspecs import hookimpl
+    from .registry import Registry, Selection
+    from .runtime import Runtime
+    from .scheduler import Scheduler, SchedulerStats, TaskHandle
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BlockingExecutor": "executor",
+    "Config": "config",
+    "Executor": "executor",
+    "FunctionExecutor": "functions",
+    "Registry": "registry",
+    "Runtime": "runtime",
+    "Scheduler": "scheduler",
+    "SchedulerStats": "scheduler",
+    "Selection": "registry",
+    "TaskContext": "context",
+    "TaskHandle": "scheduler",
+    "hookimpl": "hookspecs",
+}
+
+__all__ = [
+    "Algorithm",
+    "BlockingExecutor",
+    "Config",
+    "Executor",
+    "FunctionExecutor",
+    "Health",
+    "HealthStatus",
+    "Registry",
+    "Request",
+    "Resources",
+    "Response",
+    "Runtime",
+    "Scheduler",
+    "SchedulerStats",
+    "Selection",
+    "TaskContext",
+    "TaskEvent",
+    "TaskHandle",
+    "TaskState",
+    "errors",
+    "hookimpl",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgecompute' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

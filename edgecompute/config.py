@@ -1,0 +1,189 @@
+"""Configuration: ``edgecompute.toml`` plus ``EDGECOMPUTE_*`` environment overrides.
+
+File (all keys optional)::
+
+    max_queue = 10000          # queued tasks before submit() raises QueueFull
+    timeout = 30               # default deadline per request, seconds (queue + run)
+    retries = 0                # default retries for errors marked retryable
+    retry_backoff = 0.1        # first retry delay, doubled each time up to retry_backoff_max
+    aging = 10.0               # seconds of waiting worth one priority level
+    threads = 8                # worker threads for blocking executor code
+    close = "drain"            # on exit: "drain" (finish queued work) or "cancel"
+
+    [capacity]                 # default: this machine's cores and memory, no GPUs
+    cpu = 8
+    memory_mb = 16000
+    gpus = 1
+    gpu_memory_mb = 24000      # per device
+
+    [executors.cpp]            # per executor: max_concurrency, enabled, and the executor's own keys
+    max_concurrency = 4
+
+Environment: ``EDGECOMPUTE_CONFIG`` names the file (else ``./edgecompute.toml`` if present), and
+``EDGECOMPUTE_<KEY>`` overrides a key, ``__`` separating tables: ``EDGECOMPUTE_MAX_QUEUE=500``,
+``EDGECOMPUTE_CAPACITY__CPU=4``, ``EDGECOMPUTE_EXECUTORS__CPP__MAX_CONCURRENCY=2``. Values are
+read as TOML values (``4``, ``2.5``, ``true``, ``"text"``); anything else is taken as a string.
+Other ``EDGECOMPUTE_*`` variables (not naming a key above) are left to executors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+from .models import Resources
+
+__all__ = ["Config"]
+
+ENV_PREFIX = "EDGECOMPUTE_"
+DEFAULT_FILE = "edgecompute.toml"
+
+_CLOSE_MODES = ("drain", "cancel")
+
+
+def _check(condition: bool, source: str, key: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{source}: {key} must be {expected}, not {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@attrs.frozen
+class Config:
+    capacity: Resources | None = None
+    max_queue: int = 10_000
+    timeout: float | None = None
+    retries: int = 0
+    retry_backoff: float = 0.1
+    retry_backoff_max: float = 10.0
+    aging: float = 10.0
+    threads: int | None = None
+    close: str = "drain"
+    close_timeout: float = 30.0
+    executors: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, *,
+             environ: Mapping[str, str] | None = None) -> Config:
+        """Read the file (``path``, ``$EDGECOMPUTE_CONFIG`` or ``./edgecompute.toml``), then apply
+        environment overrides. A missing explicitly named file is an error; a missing default
+        file is not."""
+        environ = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        source = "defaults"
+        named = path if path is not None else environ.get(ENV_PREFIX + "CONFIG")
+        file = Path(named) if named else Path(DEFAULT_FILE)
+        if named or file.is_file():
+            try:
+                data = tomllib.loads(file.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"configuration file {str(file)!r} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+            source = str(file)
+        config = cls.from_mapping(data, source=source)
+        overrides = _environment_overrides(environ)
+        if overrides:
+            merged = _merge(data, overrides)
+            config = cls.from_mapping(merged, source=f"{source} + environment")
+        return config
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> Config:
+        """Build and validate a Config from parsed TOML (or any nested mapping)."""
+        fields = {field.name for field in attrs.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
+            )
+        values: dict[str, Any] = {}
+        if "capacity" in data:
+            capacity = data["capacity"]
+            _check(isinstance(capacity, Mapping), source, "capacity", "a table", capacity)
+            try:
+                values["capacity"] = Resources(**capacity)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: capacity: {exc}") from exc
+        for key in ("max_queue", "retries", "threads"):
+            if key in data:
+                value = data[key]
+                _check(isinstance(value, int) and not isinstance(value, bool) and value >= (1 if key != "retries" else 0),
+                       source, key, "a positive integer" if key != "retries" else "an integer >= 0", value)
+                values[key] = value
+        for key in ("retry_backoff", "retry_backoff_max", "aging", "close_timeout"):
+            if key in data:
+                value = data[key]
+                _check(_is_number(value) and value >= 0, source, key, "a number >= 0", value)
+                values[key] = float(value)
+        if "timeout" in data:
+            value = data["timeout"]
+            _check(_is_number(value) and value > 0, source, "timeout", "a number of seconds > 0", value)
+            values["timeout"] = float(value)
+        if "close" in data:
+            value = data["close"]
+            _check(value in _CLOSE_MODES, source, "close", " or ".join(map(repr, _CLOSE_MODES)), value)
+            values["close"] = value
+        if "executors" in data:
+            executors = data["executors"]
+            _check(isinstance(executors, Mapping), source, "executors", "a table of tables", executors)
+            for name, settings in executors.items():
+                key = f"executors.{name}"
+                _check(isinstance(settings, Mapping), source, key, "a table", settings)
+                limit = settings.get("max_concurrency")
+                _check(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1),
+                       source, f"{key}.max_concurrency", "a positive integer", limit)
+                enabled = settings.get("enabled", True)
+                _check(isinstance(enabled, bool), source, f"{key}.enabled", "true or false", enabled)
+            values["executors"] = {name: dict(settings) for name, settings in executors.items()}
+        return cls(**values)
+
+    def executor_settings(self, name: str) -> Mapping[str, Any]:
+        return self.executors.get(name, {})
+
+
+_FIELDS = frozenset(field.name for field in attrs.fields(Config))
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if path[0] not in _FIELDS:
+            continue  # e.g. EDGECOMPUTE_CPP_PLUGIN_PATH belongs to an executor, not to us
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key part")
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: {part} is not a table")
+        node[path[-1]] = _parse_value(raw)
+    return overrides
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

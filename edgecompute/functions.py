@@ -1,0 +1,108 @@
+"""An executor made of plain Python functions, for application code and quick experiments.
+
+::
+
+    app = FunctionExecutor("app")
+
+    @app.algorithm(resources=Resources(cpu=1))
+    def tokenize(text: str, *, lower: bool = False) -> list[str]:
+        return (text.lower() if lower else text).split()
+
+    async with Scheduler(Registry([app])) as s:
+        await s.run("app/tokenize", "Hello World", params={"lower": True})
+
+A function is called as ``fn(inputs, **params)`` (plus ``ctx=`` when it takes a ``ctx``
+parameter). Plain functions run on the scheduler's worker threads; ``async def`` functions run on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+
+from .context import TaskContext
+from .errors import InvalidRequest
+from .models import DEFAULT_RESOURCES, Algorithm, Health, Request, Resources, Response
+
+__all__ = ["FunctionExecutor"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@attrs.frozen
+class _Function:
+    fn: Callable[..., Any]
+    algorithm: Algorithm
+    is_async: bool
+    wants_ctx: bool
+
+
+class FunctionExecutor:
+    """An executor whose algorithms are Python functions registered with :meth:`algorithm`."""
+
+    def __init__(self, name: str = "functions", version: str = "1") -> None:
+        if not name or "/" in name:
+            raise ValueError(f"executor name must be non-empty and contain no '/', not {name!r}")
+        self.name = name
+        self.version = version
+        self._functions: dict[str, _Function] = {}
+
+    def algorithm(self, fn: F | None = None, *, name: str | None = None, description: str | None = None,
+                  resources: Resources = DEFAULT_RESOURCES, thread_safe: bool = True) -> Any:
+        """Register ``fn`` as an algorithm (usable bare or as ``@executor.algorithm(...)``)."""
+
+        def add(fn: F) -> F:
+            self.add(fn, name=name, description=description, resources=resources, thread_safe=thread_safe)
+            return fn
+
+        return add(fn) if fn is not None else add
+
+    def add(self, fn: Callable[..., Any], *, name: str | None = None, description: str | None = None,
+            resources: Resources = DEFAULT_RESOURCES, thread_safe: bool = True) -> Algorithm:
+        algorithm_name = name or fn.__name__
+        if algorithm_name in self._functions:
+            raise ValueError(f"{self.name}/{algorithm_name} is already registered")
+        doc = (inspect.getdoc(fn) or "").strip().splitlines()
+        algorithm = Algorithm(algorithm_name, description if description is not None else (doc[0] if doc else ""),
+                              resources, thread_safe)
+        parameters = inspect.signature(fn).parameters
+        self._functions[algorithm_name] = _Function(
+            fn, algorithm, inspect.iscoroutinefunction(fn), "ctx" in parameters
+        )
+        return algorithm
+
+    def algorithms(self) -> Sequence[Algorithm]:
+        return [function.algorithm for function in self._functions.values()]
+
+    def requirements(self, request: Request) -> Resources:
+        return self._lookup(request).algorithm.resources
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        function = self._lookup(request)
+        kwargs = dict(request.params)
+        if function.wants_ctx:
+            kwargs["ctx"] = ctx
+        if function.is_async:
+            outputs = await function.fn(request.inputs, **kwargs)
+        elif kwargs:
+            outputs = await ctx.run_sync(lambda: function.fn(request.inputs, **kwargs))
+        else:
+            outputs = await ctx.run_sync(function.fn, request.inputs)
+        return outputs if isinstance(outputs, Response) else Response(outputs)
+
+    def _lookup(self, request: Request) -> _Function:
+        bare = request.algorithm.rpartition("/")[2]
+        function = self._functions.get(bare)
+        if function is None:
+            raise InvalidRequest(f"{self.name} has no algorithm {bare!r}; it has: {', '.join(sorted(self._functions))}")
+        return function
+
+    async def health(self) -> Health:
+        return Health(details={"algorithms": len(self._functions)})
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,129 @@
+"""The capacity pool the scheduler admits tasks against.
+
+Amounts are kept as integers (milli-cores, kilobytes) so that admitting and releasing fractional
+requests many times never drifts: every reservation comes back exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from .models import Resources
+
+__all__ = ["Allocation", "ResourcePool", "machine_capacity"]
+
+
+def machine_capacity() -> Resources:
+    """This machine's usable cores and physical memory; GPUs only when configured."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        memory_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (AttributeError, ValueError, OSError):
+        memory_mb = 1024.0
+    return Resources(cpu=float(cpus), memory_mb=float(int(memory_mb)))
+
+
+def _milli(value: float) -> int:
+    return round(value * 1000)
+
+
+@attrs.frozen
+class Allocation:
+    """What one admitted task holds; ``devices`` are the GPU indices it was given."""
+
+    cpu: int
+    memory: int
+    gpu_memory: tuple[int, ...]
+    devices: tuple[int, ...]
+
+
+_NOTHING = Allocation(0, 0, (), ())
+
+
+class ResourcePool:
+    """Tracks what is free. Not thread-safe: only the scheduler's loop touches it."""
+
+    def __init__(self, capacity: Resources) -> None:
+        self.capacity = capacity
+        self._cpu = _milli(capacity.cpu)
+        self._memory = _milli(capacity.memory_mb)
+        device_memory = _milli(capacity.gpu_memory_mb)
+        self._device_total = device_memory
+        self._gpu_free = [device_memory] * capacity.gpus
+        self._cpu_free = self._cpu
+        self._memory_free = self._memory
+
+    def feasible(self, need: Resources) -> bool:
+        """Whether ``need`` could ever be admitted (when nothing else runs)."""
+        return need.fits(self.capacity)
+
+    def try_acquire(self, need: Resources) -> Allocation | None:
+        """Reserve ``need`` now, or return None when it does not fit at the moment."""
+        if not (need.cpu or need.memory_mb or need.gpus or need.gpu_memory_mb):
+            return _NOTHING
+        cpu, memory = _milli(need.cpu), _milli(need.memory_mb)
+        if cpu > self._cpu_free or memory > self._memory_free:
+            return None
+        devices: tuple[int, ...] = ()
+        per_device: tuple[int, ...] = ()
+        count = need.devices_needed
+        if count:
+            # gpus without gpu_memory_mb means whole devices
+            want = _milli(need.gpu_memory_mb) if need.gpu_memory_mb else self._device_total
+            # best fit: the fullest devices that still have room, leaving big holes for big tasks
+            fitting = sorted((free, index) for index, free in enumerate(self._gpu_free) if free >= want)
+            if len(fitting) < count:
+                return None
+            devices = tuple(sorted(index for _, index in fitting[:count]))
+            per_device = (want,) * count
+            for index in devices:
+                self._gpu_free[index] -= want
+        self._cpu_free -= cpu
+        self._memory_free -= memory
+        return Allocation(cpu, memory, per_device, devices)
+
+    def release(self, allocation: Allocation) -> None:
+        if allocation is _NOTHING:
+            return
+        self._cpu_free += allocation.cpu
+        self._memory_free += allocation.memory
+        for index, amount in zip(allocation.devices, allocation.gpu_memory):
+            self._gpu_free[index] += amount
+
+    def short_of(self, need: Resources) -> frozenset[str]:
+        """The dimensions in which ``need`` does not fit right now."""
+        short = set()
+        if _milli(need.cpu) > self._cpu_free:
+            short.add("cpu")
+        if _milli(need.memory_mb) > self._memory_free:
+            short.add("memory")
+        count = need.devices_needed
+        if count:
+            want = _milli(need.gpu_memory_mb) if need.gpu_memory_mb else self._device_total
+            if sum(1 for free in self._gpu_free if free >= want) < count:
+                short.add("gpu")
+        return frozenset(short)
+
+    @property
+    def in_use(self) -> Resources:
+        gpu_used = [self._device_total - free for free in self._gpu_free]
+        return Resources(
+            cpu=(self._cpu - self._cpu_free) / 1000,
+            memory_mb=(self._memory - self._memory_free) / 1000,
+            gpu_memory_mb=max(gpu_used, default=0) / 1000,
+            gpus=sum(1 for used in gpu_used if used),
+        )
+
+    @property
+    def idle(self) -> bool:
+        """True when every reservation has come back."""
+        return (
+            self._cpu_free == self._cpu
+            and self._memory_free == self._memory
+            and all(free == self._device_total for free in self._gpu_free)
+        )

@@ -1,0 +1,748 @@
+"""The in-process scheduler: priorities, resources, deadlines, retries, backpressure.
+
+Ordering. Queued tasks sit in one heap keyed by ``enqueued_at - priority * aging``: a task gains
+one priority level for every ``aging`` seconds it waits, so a low-priority task always reaches the
+front eventually, and ties run first-in first-out. Because the boost is linear in waiting time the
+order between two queued tasks never changes, so a plain heap stays correct.
+
+Admission. The front task is admitted when its resources fit what is free. If it does not fit, the
+scheduler looks a little further (a bounded backfill window) for tasks that need none of the
+resources the front task is waiting for, so a GPU task waiting for GPU memory does not hold up
+CPU-only work, while nothing that competes with the front task can overtake it forever. A task
+whose executor is at its concurrency cap steps aside until a slot frees, without blocking others.
+
+Hot path. The per-task path uses asyncio directly (futures, ``call_at`` timers, one task per
+running request): anyio's primitives checkpoint on every await, which costs one event-loop
+iteration (~15 us on a small VM) each, more than the whole budget of a task here. Executors are
+free to use anyio; the scheduler runs under asyncio (including Jupyter's loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ._threads import ThreadPool
+from .config import Config
+from .context import TaskContext
+from .errors import (
+    EdgeComputeError,
+    ExecutorError,
+    InfeasibleRequest,
+    InvalidRequest,
+    QueueFull,
+    SchedulerClosed,
+    TaskCancelled,
+    TaskTimeout,
+)
+from .models import Request, Resources, Response, TaskEvent, TaskState
+from .registry import Registry, Selection
+from .resources import Allocation, ResourcePool, machine_capacity
+
+__all__ = ["Scheduler", "SchedulerStats", "TaskHandle"]
+
+log = logging.getLogger("edgecompute.scheduler")
+
+_QUEUED = TaskState.QUEUED
+_RUNNING = TaskState.RUNNING
+_BACKFILL_WINDOW = 32
+_REQUEST_OPTIONS = frozenset({"params", "priority", "timeout", "resources", "metadata", "retries", "id"})
+
+
+class TaskHandle:
+    """A submitted task: its state, its result, its stream of chunks, and a way to cancel it."""
+
+    __slots__ = (
+        "id", "request", "state", "progress", "attempts", "_scheduler", "_selection", "_needs",
+        "_limits", "_deadline", "_timer", "_response", "_error", "_waiters", "_chunks",
+        "_chunk_waiter", "_task", "_allocation", "_ctx", "_submitted_at", "_started_at",
+        "_finished_at", "_streaming", "_ended",
+    )
+
+    def __init__(self, scheduler: Scheduler, request: Request, selection: Selection, needs: Resources,
+                 limits: tuple[str, ...], deadline: float | None, now: float) -> None:
+        self.id = request.id
+        self.request = request
+        self.state = _QUEUED
+        #: The last progress the executor reported, 0..1, or None.
+        self.progress: float | None = None
+        #: How many times the task has started (more than one after retries).
+        self.attempts = 0
+        self._scheduler = scheduler
+        self._selection = selection
+        self._needs = needs
+        self._limits = limits
+        self._deadline = deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._response: Response | None = None
+        self._error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+        self._chunks: collections.deque[Any] | None = None
+        self._chunk_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._allocation: Allocation | None = None
+        self._ctx: TaskContext | None = None
+        self._submitted_at = now
+        self._started_at = 0.0
+        self._finished_at = 0.0
+        self._streaming = False
+        self._ended = False  # state is terminal; a plain bool because enum hashing is slow
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id} {self.algorithm} {self.state.value}>"
+
+    @property
+    def algorithm(self) -> str:
+        """The qualified name of the algorithm running this task (``executor/algorithm``)."""
+        return self._selection.qualified_name
+
+    @property
+    def executor(self) -> str:
+        return self._selection.executor.name
+
+    @property
+    def resources(self) -> Resources:
+        """What the task reserves while it runs."""
+        return self._needs
+
+    def done(self) -> bool:
+        return self._ended
+
+    def exception(self) -> BaseException | None:
+        """The error the task ended with, None if it succeeded; only valid once done."""
+        if not self._ended:
+            raise InvalidRequest(f"task {self.id} has not finished ({self.state.value})")
+        return self._error
+
+    async def result(self) -> Response:
+        """Wait for the task to end; return its response or raise its error.
+
+        Cancelling the caller does not cancel the task (use :meth:`cancel` for that).
+        """
+        if not self._ended:
+            waiter = self._scheduler._loop.create_future()
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+            await waiter
+        if self._error is not None:
+            raise self._error
+        assert self._response is not None
+        return self._response
+
+    def cancel(self) -> bool:
+        """Cancel the task, queued or running. Returns False if it had already ended."""
+        return self._scheduler._cancel(self, TaskCancelled(f"task {self.id} ({self.algorithm}) was cancelled"))
+
+    async def stream(self) -> AsyncIterator[Any]:
+        """Yield the chunks the executor emits, in order, until the task ends.
+
+        Chunks emitted before the stream starts are kept and yielded first. One reader at a time.
+        If the task fails, the error is raised after the last chunk.
+        """
+        if self._streaming:
+            raise InvalidRequest(f"task {self.id} is already being streamed by another reader")
+        self._streaming = True
+        try:
+            while True:
+                chunks = self._chunks
+                while chunks:
+                    yield chunks.popleft()
+                if self._ended:
+                    break
+                self._chunk_waiter = self._scheduler._loop.create_future()
+                await self._chunk_waiter
+            if self._error is not None:
+                raise self._error
+        finally:
+            self._streaming = False
+
+    # -- called by the scheduler and the task context, on the loop --------------------------------
+
+    def _push_chunk(self, chunk: Any) -> None:
+        if self._ended:
+            return  # a late chunk from a cancelled task: nobody may read it any more
+        if self._chunks is None:
+            self._chunks = collections.deque()
+        self._chunks.append(chunk)
+        self._wake_stream()
+
+    def _wake_stream(self) -> None:
+        waiter = self._chunk_waiter
+        if waiter is not None:
+            self._chunk_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _set_progress(self, fraction: float) -> None:
+        if self.state is _RUNNING:
+            self.progress = fraction
+            self._scheduler._event("progress", self)
+
+
+class SchedulerStats:
+    """A snapshot of the scheduler's counters."""
+
+    __slots__ = ("queued", "running", "retrying", "in_use", "capacity", "submitted", "finished")
+
+    def __init__(self, queued: int, running: int, retrying: int, in_use: Resources, capacity: Resources,
+                 submitted: int, finished: dict[str, int]) -> None:
+        self.queued = queued
+        self.running = running
+        self.retrying = retrying
+        self.in_use = in_use
+        self.capacity = capacity
+        self.submitted = submitted
+        self.finished = finished
+
+    def __repr__(self) -> str:
+        return (f"SchedulerStats(queued={self.queued}, running={self.running}, retrying={self.retrying}, "
+                f"in_use=({self.in_use}), submitted={self.submitted}, finished={self.finished})")
+
+
+class Scheduler:
+    """Runs requests on executors, in this process, under one asyncio event loop.
+
+    ::
+
+        async with Scheduler() as scheduler:
+            response = await scheduler.run("cpp/gaussian_blur", {"image": img}, params={"sigma": 2})
+
+    Arguments override the matching :class:`Config` keys; ``config`` defaults to
+    ``Config.load()`` (``edgecompute.toml`` and ``EDGECOMPUTE_*``), and ``registry`` to
+    ``Registry.discover()``, which the scheduler then owns and closes on exit.
+    """
+
+    def __init__(self, registry: Registry | None = None, *, capacity: Resources | None = None,
+                 max_queue: int | None = None, config: Config | None = None,
+                 threads: int | None = None, timeout: float | None = None,
+                 retries: int | None = None) -> None:
+        config = Config.load() if config is None else config
+        self.config = config
+        self._owns_registry = registry is None
+        self._registry = registry
+        self.capacity = capacity or config.capacity or machine_capacity()
+        if not isinstance(self.capacity, Resources):
+            raise InvalidRequest(f"capacity must be a Resources, not {type(self.capacity).__name__}")
+        self.max_queue = max_queue if max_queue is not None else config.max_queue
+        if self.max_queue < 1:
+            raise InvalidRequest(f"max_queue must be >= 1, not {self.max_queue}")
+        self._timeout = timeout if timeout is not None else config.timeout
+        self._retries = retries if retries is not None else config.retries
+        self._aging = config.aging
+        self._threads_wanted = threads or config.threads or max(4, int(self.capacity.cpu) or 1)
+        self._limits = {
+            name: settings["max_concurrency"]
+            for name, settings in config.executors.items()
+            if settings.get("max_concurrency")
+        }
+        self._pool = ResourcePool(self.capacity)
+        self._heap: list[tuple[float, int, TaskHandle]] = []
+        self._seq = 0
+        self._queued = 0
+        self._retrying = 0
+        self._active = 0  # tasks in the RUNNING state
+        self._live = 0
+        self._running: dict[str, int] = collections.defaultdict(int)
+        self._parked: dict[str, collections.deque[tuple[float, int, TaskHandle]]] = {}
+        # running tasks and their handles; a task leaves when its coroutine has really ended
+        self._tasks: dict[asyncio.Task[None], TaskHandle] = {}
+        self._retry_handles: set[TaskHandle] = set()
+        self._observers: list[Callable[[TaskEvent], None]] = []
+        self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._submitted = 0
+        self._finished: dict[str, int] = dict.fromkeys((s.value for s in TaskState if s.terminal), 0)
+        self._dispatching = False
+        self._state = "new"
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on start
+        self._loop_thread = 0
+        self._threads: ThreadPool = None  # type: ignore[assignment]  # set on start
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.discover(settings=self.config.executors)
+        return self._registry
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        await self.aclose(cancel=exc is not None or self.config.close == "cancel")
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise SchedulerClosed(f"a scheduler starts once; this one is {self._state}")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._threads = ThreadPool(self._threads_wanted)
+        registry = self.registry
+        hook = getattr(registry, "plugin_manager", None)
+        if hook is not None and hook.hook.task_event.get_hookimpls():
+            self._observers.append(lambda event: hook.hook.task_event(event=event))
+        self._state = "running"
+
+    async def aclose(self, *, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop taking tasks, then finish the queued ones (or cancel everything), then release
+        executors and threads. Waits at most ``timeout`` (default: ``close_timeout``) for running
+        tasks to stop after cancellation."""
+        if self._state in ("closing", "closed"):
+            return
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        grace = self.config.close_timeout if timeout is None else timeout
+        try:
+            if not cancel and self._live:
+                try:
+                    await self._wait_idle()
+                except BaseException:
+                    cancel = True  # the caller was cancelled while draining: cancel what is left
+                    raise
+        finally:
+            if cancel or self._live:
+                self._cancel_all()
+            await self._wait_tasks(grace)
+            self._state = "closed"
+            for waiter in self._space_waiters:
+                if not waiter.done():
+                    waiter.set_exception(SchedulerClosed("the scheduler closed while waiting for queue space"))
+            self._threads.close(wait=False)
+            if self._owns_registry and self._registry is not None:
+                await self._registry.aclose()
+
+    async def _wait_idle(self) -> None:
+        while self._live:
+            waiter = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    async def _wait_tasks(self, grace: float) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        if pending:
+            log.warning("%d task(s) ignored cancellation for %.1f s; leaving them behind", len(pending), grace)
+
+    def _cancel_all(self) -> None:
+        handles = [entry[2] for entry in self._heap]
+        for parked in self._parked.values():
+            handles.extend(entry[2] for entry in parked)
+        handles.extend(h for h in self._tasks.values() if not h._ended)
+        for handle in handles:
+            self._cancel(handle, TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled: "
+                                               "the scheduler closed"))
+        for handle in list(self._retry_handles):
+            self._cancel(handle, TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled: "
+                                               "the scheduler closed"))
+
+    # -- submitting -------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> TaskHandle:
+        """Queue ``request`` and return its handle at once.
+
+        Raises, without queueing anything: ``UnknownAlgorithm``/``AmbiguousAlgorithm`` for a bad
+        name, ``InfeasibleRequest`` when the task could never fit the capacity, ``QueueFull``
+        when the queue is at its bound, ``SchedulerClosed`` after close began.
+        """
+        if self._state != "running":
+            raise SchedulerClosed(
+                "submit() needs a started scheduler: use 'async with Scheduler() as s'"
+                if self._state == "new" else f"the scheduler is {self._state} and takes no new tasks"
+            )
+        if not isinstance(request, Request):
+            raise InvalidRequest(f"submit() takes a Request, not {type(request).__name__}")
+        if self._queued >= self.max_queue:
+            raise QueueFull(f"the queue holds {self._queued} tasks, its bound (max_queue={self.max_queue}); "
+                            "retry later or use 'await scheduler.asubmit(request)' to wait for room")
+        return self._enqueue(request)
+
+    async def asubmit(self, request: Request) -> TaskHandle:
+        """Like :meth:`submit`, but waits for room in the queue instead of raising ``QueueFull``."""
+        while self._state == "running" and self._queued >= self.max_queue:
+            waiter = self._loop.create_future()
+            self._space_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._pass_space_on(waiter)
+                raise
+        return self.submit(request)
+
+    async def run(self, algorithm: str, inputs: Any = None, **options: Any) -> Response:
+        """Build a :class:`Request`, wait for queue room, run it, and return its response.
+
+        ``options`` are the other ``Request`` fields: ``params``, ``priority``, ``timeout``,
+        ``resources``, ``metadata``, ``retries``.
+        """
+        unknown = set(options) - _REQUEST_OPTIONS
+        if unknown:
+            raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))}; "
+                                 f"valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
+        try:
+            request = Request(algorithm, inputs, **options)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(str(exc)) from exc
+        handle = await self.asubmit(request)
+        return await handle.result()
+
+    def _enqueue(self, request: Request) -> TaskHandle:
+        selection = (self._registry or self.registry).select(request.algorithm)
+        executor = selection.executor
+        if request.resources is not None:
+            needs = request.resources
+        else:
+            try:
+                needs = executor.requirements(request)
+            except EdgeComputeError:
+                raise
+            except Exception as exc:
+                raise InvalidRequest(f"{selection.qualified_name}: requirements() failed for request "
+                                     f"{request.id}: {type(exc).__name__}: {exc}") from exc
+        if not self._pool.feasible(needs):
+            raise InfeasibleRequest(
+                f"request {request.id} for {selection.qualified_name} needs {needs}, "
+                f"more than the scheduler's whole capacity ({self.capacity}); it could never run"
+            )
+        limits: tuple[str, ...] = ()
+        name = executor.name
+        if name in self._limits:
+            limits = (name,)
+        if not selection.algorithm.thread_safe:
+            limits += (selection.qualified_name,)
+        now = time.monotonic()
+        timeout = request.timeout if request.timeout is not None else self._timeout
+        deadline = None if timeout is None else now + timeout
+        handle = TaskHandle(self, request, selection, needs, limits, deadline, now)
+        if deadline is not None:
+            handle._timer = self._loop.call_at(deadline, self._expire, handle)
+        self._submitted += 1
+        self._live += 1
+        self._push(handle, now - request.priority * self._aging)
+        self._event("submitted", handle)
+        self._dispatch()
+        return handle
+
+    def _push(self, handle: TaskHandle, key: float) -> None:
+        self._seq += 1
+        self._queued += 1
+        heapq.heappush(self._heap, (key, self._seq, handle))
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            self._admit()
+        finally:
+            self._dispatching = False
+
+    def _admit(self) -> None:
+        heap = self._heap
+        pool = self._pool
+        skipped: list[tuple[float, int, TaskHandle]] = []
+        blocked: frozenset[str] | set[str] = frozenset()
+        while heap:
+            entry = heap[0]
+            handle = entry[2]
+            if handle.state is not _QUEUED:
+                heapq.heappop(heap)  # ended while queued (cancelled, timed out); already counted
+                continue
+            if handle._limits and self._at_limit(handle):
+                heapq.heappop(heap)
+                self._parked.setdefault(handle._limits[0] if len(handle._limits) == 1
+                                        else self._limiting_key(handle), collections.deque()).append(entry)
+                continue
+            if blocked and self._competes(handle._needs, blocked):
+                skipped.append(heapq.heappop(heap))
+            else:
+                allocation = pool.try_acquire(handle._needs)
+                if allocation is not None:
+                    heapq.heappop(heap)
+                    self._start(handle, allocation)
+                    continue
+                blocked = set(blocked) | pool.short_of(handle._needs)
+                skipped.append(heapq.heappop(heap))
+            if len(skipped) > _BACKFILL_WINDOW:
+                break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+
+    @staticmethod
+    def _competes(needs: Resources, blocked: frozenset[str] | set[str]) -> bool:
+        return (
+            ("cpu" in blocked and needs.cpu > 0)
+            or ("memory" in blocked and needs.memory_mb > 0)
+            or ("gpu" in blocked and needs.devices_needed > 0)
+        )
+
+    def _at_limit(self, handle: TaskHandle) -> bool:
+        return any(self._running[key] >= self._limit_of(key) for key in handle._limits)
+
+    def _limiting_key(self, handle: TaskHandle) -> str:
+        for key in handle._limits:
+            if self._running[key] >= self._limit_of(key):
+                return key
+        return handle._limits[0]
+
+    def _limit_of(self, key: str) -> int:
+        return self._limits.get(key, 1)  # qualified names are non-thread-safe algorithms: one at a time
+
+    def _start(self, handle: TaskHandle, allocation: Allocation) -> None:
+        self._queued -= 1
+        self._active += 1
+        handle.state = _RUNNING
+        handle.attempts += 1
+        handle._allocation = allocation
+        handle._started_at = time.monotonic()
+        for key in handle._limits:
+            self._running[key] += 1
+        handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
+        task = self._loop.create_task(self._execute(handle))
+        handle._task = task
+        self._tasks[task] = handle
+        self._event("started", handle)
+        self._wake_space()
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def _execute(self, handle: TaskHandle) -> None:
+        selection = handle._selection
+        ctx = handle._ctx
+        assert ctx is not None
+        ctx._entered = True
+        try:
+            response = await selection.executor.execute(handle.request, ctx)
+            if not isinstance(response, Response):
+                raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
+                                    "not a Response")
+        except asyncio.CancelledError:
+            # We cancel this task only after _cancel gave the handle its terminal state, so
+            # swallowing here ends the task cleanly; _stopped covers any other canceller.
+            pass
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
+            self._failed(handle, exc)
+        except BaseException as exc:
+            self._finish(handle, TaskState.FAILED, error=exc)
+            raise
+        else:
+            if not handle._ended:
+                now = time.monotonic()
+                timings = {
+                    "queued": handle._started_at - handle._submitted_at,
+                    "run": now - handle._started_at,
+                    "total": now - handle._submitted_at,
+                }
+                if response.timings:
+                    timings = {**response.timings, **timings}
+                self._finish(handle, TaskState.SUCCEEDED,
+                             response=Response(response.outputs, selection.executor.name, timings))
+        finally:
+            self._stopped(handle)
+
+    def _failed(self, handle: TaskHandle, exc: Exception) -> None:
+        if handle._ended:
+            return  # it already ended (cancelled, timed out); this failure is the executor unwinding
+        if isinstance(exc, EdgeComputeError):
+            error: EdgeComputeError = exc
+        else:
+            error = ExecutorError(f"{handle.algorithm} failed on task {handle.id}: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        retries = handle.request.retries if handle.request.retries is not None else self._retries
+        if error.retryable and handle.attempts <= retries and self._state == "running":
+            delay = min(self.config.retry_backoff * 2 ** (handle.attempts - 1), self.config.retry_backoff_max)
+            delay *= random.uniform(0.5, 1.0)  # jitter: retries of a burst do not return in lockstep
+            if handle._deadline is None or time.monotonic() + delay < handle._deadline:
+                self._active -= 1
+                handle.state = _QUEUED
+                handle._error = error  # kept for the record; cleared if a later attempt succeeds
+                self._retrying += 1
+                self._retry_handles.add(handle)
+                self._event("retrying", handle, error)
+                self._loop.call_later(delay, self._requeue, handle)
+                return
+        self._finish(handle, TaskState.FAILED, error=error)
+
+    def _requeue(self, handle: TaskHandle) -> None:
+        if handle not in self._retry_handles:
+            return
+        self._retry_handles.discard(handle)
+        self._retrying -= 1
+        if handle.state is not _QUEUED:
+            return
+        handle._error = None
+        self._seq += 1
+        self._queued += 1
+        # a retry keeps its place: it re-enters with its original submission time and priority
+        heapq.heappush(self._heap, (handle._submitted_at - handle.request.priority * self._aging, self._seq, handle))
+        self._dispatch()
+
+    def _stopped(self, handle: TaskHandle) -> None:
+        task = handle._task
+        if task is None:
+            return  # already stopped
+        del self._tasks[task]
+        handle._task = None
+        ctx = handle._ctx
+        assert ctx is not None
+        allocation, handle._allocation = handle._allocation, None
+
+        def release() -> None:
+            if allocation is not None:
+                self._pool.release(allocation)
+            for key in handle._limits:
+                self._running[key] -= 1
+                parked = self._parked.get(key)
+                if parked:
+                    heapq.heappush(self._heap, parked.popleft())
+            self._dispatch()
+            self._check_idle()
+
+        # blocking code still running on a worker thread keeps its share until it returns
+        ctx._release_when_threads_done(release)
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def _expire(self, handle: TaskHandle) -> None:
+        handle._timer = None
+        if handle._ended:
+            return
+        timeout = handle._deadline - handle._submitted_at if handle._deadline else 0.0
+        where = "running" if handle.state is _RUNNING else "in the queue"
+        self._cancel(handle, TaskTimeout(
+            f"task {handle.id} ({handle.algorithm}) passed its deadline of {timeout:g} s ({where}, "
+            f"attempt {max(handle.attempts, 1)})"), TaskState.TIMED_OUT)
+
+    def _cancel(self, handle: TaskHandle, error: EdgeComputeError,
+                state: TaskState = TaskState.CANCELLED) -> bool:
+        if handle._ended:
+            return False
+        was_queued = handle.state is _QUEUED
+        if was_queued:
+            if handle in self._retry_handles:
+                self._retry_handles.discard(handle)
+                self._retrying -= 1
+            else:
+                self._queued -= 1  # the heap entry goes stale and is dropped when reached
+                self._wake_space()
+        self._finish(handle, state, error=error)
+        ctx, task = handle._ctx, handle._task
+        if not was_queued:
+            if ctx is not None:
+                ctx._cancelled = True
+            if task is not None:
+                task.cancel()
+                if ctx is not None and not ctx._entered:
+                    # cancelled before its first step, the coroutine never runs its finally
+                    self._stopped(handle)
+        return True
+
+    def _finish(self, handle: TaskHandle, state: TaskState, *, response: Response | None = None,
+                error: BaseException | None = None) -> None:
+        if handle.state is _RUNNING:
+            self._active -= 1
+        handle.state = state
+        handle._ended = True
+        handle._response = response
+        handle._error = error
+        handle._finished_at = time.monotonic()
+        if handle._timer is not None:
+            handle._timer.cancel()
+            handle._timer = None
+        self._finished[state.value] += 1
+        self._live -= 1
+        waiters = handle._waiters
+        if waiters is not None:
+            handle._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        handle._wake_stream()
+        if self._observers:
+            self._event(state.value, handle, error)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._live == 0 and not self._tasks and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _wake_space(self) -> None:
+        waiters = self._space_waiters
+        while waiters and self._queued < self.max_queue:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _pass_space_on(self, waiter: asyncio.Future[None]) -> None:
+        # a cancelled waiter that had already been woken hands its turn to the next one
+        if waiter.done() and not waiter.cancelled():
+            self._wake_space()
+        else:
+            try:
+                self._space_waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    # -- observing --------------------------------------------------------------------------------
+
+    def subscribe(self, observer: Callable[[TaskEvent], None]) -> Callable[[], None]:
+        """Call ``observer(event)`` on every task event, on the loop; returns an unsubscribe
+        function. Observers must be quick; their exceptions are logged and ignored."""
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def _event(self, kind: str, handle: TaskHandle, error: BaseException | None = None) -> None:
+        if not self._observers:
+            return
+        event = TaskEvent(kind, handle.id, handle.algorithm, handle.executor, handle.state,
+                          time.time(), error, handle.progress)
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # noqa: BLE001 - an observer's bug must not break scheduling
+                log.exception("task observer %r failed on %s", observer, kind)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(self._queued, self._active, self._retrying, self._pool.in_use,
+                              self.capacity, self._submitted, dict(self._finished))
+
+    @property
+    def idle(self) -> bool:
+        """True when no task is queued, retrying or running and every resource is back."""
+        return self._live == 0 and not self._tasks and self._pool.idle
+
+    # -- thread plumbing for TaskContext ----------------------------------------------------------
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _call_soon_threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: the task has long ended
