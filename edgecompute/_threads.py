@@ -11,7 +11,8 @@ import asyncio
 import collections
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = ["ThreadPool"]
 

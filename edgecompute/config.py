@@ -116,8 +116,9 @@ class Config:
         for key in ("max_queue", "retries", "threads"):
             if key in data:
                 value = data[key]
-                _check(isinstance(value, int) and not isinstance(value, bool) and value >= (1 if key != "retries" else 0),
-                       source, key, "a positive integer" if key != "retries" else "an integer >= 0", value)
+                least = 0 if key == "retries" else 1
+                _check(isinstance(value, int) and not isinstance(value, bool) and value >= least,
+                       source, key, "an integer >= 0" if least == 0 else "a positive integer", value)
                 values[key] = value
         for key in ("retry_backoff", "retry_backoff_max", "aging", "close_timeout"):
             if key in data:

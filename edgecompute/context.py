@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .models import Algorithm
 
@@ -22,8 +23,15 @@ class TaskContext:
     ``cancelled`` may also be called from a worker thread running the task's blocking code.
     """
 
-    __slots__ = ("_handle", "algorithm", "devices", "_cancelled", "_entered", "_threads_open",
-                 "_on_threads_done")
+    __slots__ = (
+        "_cancelled",
+        "_entered",
+        "_handle",
+        "_on_threads_done",
+        "_threads_open",
+        "algorithm",
+        "devices",
+    )
 
     def __init__(self, handle: TaskHandle, algorithm: Algorithm, devices: tuple[int, ...]) -> None:
         self._handle = handle

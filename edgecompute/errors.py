@@ -7,6 +7,7 @@ candidates (known algorithms, valid values).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 __all__ = [
@@ -73,8 +74,10 @@ class UnknownAlgorithm(EdgeComputeError, LookupError):
     def __init__(self, algorithm: str, known: Iterable[str] = ()) -> None:
         self.algorithm = algorithm
         self.known = sorted(known)
+        close = difflib.get_close_matches(algorithm, self.known, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         super().__init__(
-            f"no executor found for algorithm {algorithm!r}; known algorithms: {_listing(self.known)}"
+            f"no executor found for algorithm {algorithm!r}{hint}; known algorithms: {_listing(self.known)}"
         )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import attrs
 
@@ -51,8 +51,15 @@ class FunctionExecutor:
         self.version = version
         self._functions: dict[str, _Function] = {}
 
-    def algorithm(self, fn: F | None = None, *, name: str | None = None, description: str | None = None,
-                  resources: Resources = DEFAULT_RESOURCES, thread_safe: bool = True) -> Any:
+    @overload
+    def algorithm(self, fn: F, /) -> F: ...
+
+    @overload
+    def algorithm(self, fn: None = None, /, *, name: str | None = None, description: str | None = None,
+                  resources: Resources = DEFAULT_RESOURCES, thread_safe: bool = True) -> Callable[[F], F]: ...
+
+    def algorithm(self, fn: F | None = None, /, *, name: str | None = None, description: str | None = None,
+                  resources: Resources = DEFAULT_RESOURCES, thread_safe: bool = True) -> F | Callable[[F], F]:
         """Register ``fn`` as an algorithm (usable bare or as ``@executor.algorithm(...)``)."""
 
         def add(fn: F) -> F:

@@ -6,7 +6,8 @@ installed distribution, with functions marked ``@edgecompute.hookimpl``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -34,3 +35,9 @@ def task_event(event: TaskEvent) -> None:
     """Observe every task event of every scheduler (for metrics and logs). Must be quick."""
 
 
+
+
+@hookspec
+def demo(runtime: Any, echo: Callable[[str], None]) -> None:
+    """Show this plugin's executor at work in ``edgecompute demo``: run a few requests through
+    ``runtime`` (an :class:`edgecompute.Runtime`) and describe them with ``echo``."""

@@ -134,7 +134,7 @@ _id_source = random.Random(random.SystemRandom().getrandbits(128))
 def _new_id() -> str:
     # uuid4 costs ~8 us here (a syscall per id); a PRNG seeded from the OS once is unique enough
     # for task ids inside a process and ~10x cheaper on the scheduler's hot path.
-    return "%032x" % _id_source.getrandbits(128)
+    return f"{_id_source.getrandbits(128):032x}"
 
 
 def _mapping(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

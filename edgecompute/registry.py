@@ -123,10 +123,17 @@ class Registry:
         needs ``name=``.
         """
         instance: Executor | None = None
+        build: ExecutorFactory
         if not callable(factory) or (not inspect.isclass(factory) and isinstance(factory, Executor)):
             if not isinstance(factory, Executor):
                 raise TypeError(f"cannot register {factory!r}: not an executor, class or factory")
             instance = factory
+
+            def build() -> Executor:
+                assert instance is not None
+                return instance
+        else:
+            build = factory
         name = name or _factory_name(factory)
         if name is None:
             raise TypeError(f"cannot register {factory!r} without a name: pass name='...'")
@@ -143,7 +150,7 @@ class Registry:
                 self.problems.append(problem)
                 log.warning("%s", problem)
                 return
-            entry = ExecutorEntry(name, factory if instance is None else (lambda: instance), source, settings)
+            entry = ExecutorEntry(name, build, source, settings)
             self._entries[name] = entry
             self._routes.clear()
             if instance is not None:
@@ -229,10 +236,11 @@ class Registry:
         return list(self.algorithms())
 
     def _build(self, entry: ExecutorEntry) -> Executor:
-        if entry.instance is not None:
-            return entry.instance
+        built = entry.instance
+        if built is not None:
+            return built
         with self._lock:
-            if entry.instance is not None:
+            if entry.instance is not None:  # another thread built it while we waited
                 return entry.instance
             if entry.error is not None:
                 raise entry.error
@@ -245,7 +253,7 @@ class Registry:
                 if executor.name != entry.name:
                     raise ValueError(f"executor registered as {entry.name!r} calls itself {executor.name!r}")
                 self._adopt(entry, executor)
-            except Exception as exc:  # noqa: BLE001 - reported as the plugin's failure
+            except Exception as exc:
                 entry.error = PluginError(entry.source, f"executor {entry.name!r} failed to build: "
                                                         f"{type(exc).__name__}: {exc}")
                 entry.error.__cause__ = exc
@@ -256,7 +264,8 @@ class Registry:
     @staticmethod
     def _adopt(entry: ExecutorEntry, executor: Executor) -> None:
         algorithms = {}
-        for algorithm in executor.algorithms():
+        listed: Iterable[object] = executor.algorithms()
+        for algorithm in listed:
             if not isinstance(algorithm, Algorithm):
                 raise TypeError(f"executor {entry.name!r} listed {algorithm!r}, not an Algorithm")
             algorithms[algorithm.name] = algorithm

@@ -92,7 +92,7 @@ class ResourcePool:
             return
         self._cpu_free += allocation.cpu
         self._memory_free += allocation.memory
-        for index, amount in zip(allocation.devices, allocation.gpu_memory):
+        for index, amount in zip(allocation.devices, allocation.gpu_memory, strict=True):
             self._gpu_free[index] += amount
 
     def short_of(self, need: Resources) -> frozenset[str]:

@@ -60,10 +60,30 @@ class TaskHandle:
     """A submitted task: its state, its result, its stream of chunks, and a way to cancel it."""
 
     __slots__ = (
-        "id", "request", "state", "progress", "attempts", "_scheduler", "_selection", "_needs",
-        "_limits", "_deadline", "_timer", "_response", "_error", "_waiters", "_chunks",
-        "_chunk_waiter", "_task", "_allocation", "_ctx", "_submitted_at", "_started_at",
-        "_finished_at", "_streaming", "_ended",
+        "_allocation",
+        "_chunk_waiter",
+        "_chunks",
+        "_ctx",
+        "_deadline",
+        "_ended",
+        "_error",
+        "_finished_at",
+        "_limits",
+        "_needs",
+        "_response",
+        "_scheduler",
+        "_selection",
+        "_started_at",
+        "_streaming",
+        "_submitted_at",
+        "_task",
+        "_timer",
+        "_waiters",
+        "attempts",
+        "id",
+        "progress",
+        "request",
+        "state",
     )
 
     def __init__(self, scheduler: Scheduler, request: Request, selection: Selection, needs: Resources,
@@ -191,7 +211,7 @@ class TaskHandle:
 class SchedulerStats:
     """A snapshot of the scheduler's counters."""
 
-    __slots__ = ("queued", "running", "retrying", "in_use", "capacity", "submitted", "finished")
+    __slots__ = ("capacity", "finished", "in_use", "queued", "retrying", "running", "submitted")
 
     def __init__(self, queued: int, running: int, retrying: int, in_use: Resources, capacity: Resources,
                  submitted: int, finished: dict[str, int]) -> None:
@@ -239,8 +259,8 @@ class Scheduler:
         self._retries = retries if retries is not None else config.retries
         self._aging = config.aging
         self._threads_wanted = threads or config.threads or max(4, int(self.capacity.cpu) or 1)
-        self._limits = {
-            name: settings["max_concurrency"]
+        self._limits: dict[str, int] = {
+            name: int(settings["max_concurrency"])
             for name, settings in config.executors.items()
             if settings.get("max_concurrency")
         }
@@ -250,6 +270,7 @@ class Scheduler:
         self._queued = 0
         self._retrying = 0
         self._active = 0  # tasks in the RUNNING state
+        self._lingering = 0  # ended tasks whose blocking code still runs on a worker thread
         self._live = 0
         self._running: dict[str, int] = collections.defaultdict(int)
         self._parked: dict[str, collections.deque[tuple[float, int, TaskHandle]]] = {}
@@ -316,7 +337,7 @@ class Scheduler:
         finally:
             if cancel or self._live:
                 self._cancel_all()
-            await self._wait_tasks(grace)
+            await self._wait_settled(grace)
             self._state = "closed"
             for waiter in self._space_waiters:
                 if not waiter.done():
@@ -325,18 +346,21 @@ class Scheduler:
             if self._owns_registry and self._registry is not None:
                 await self._registry.aclose()
 
+    def _settled(self) -> bool:
+        return self._live == 0 and not self._tasks and self._lingering == 0
+
     async def _wait_idle(self) -> None:
-        while self._live:
+        while not self._settled():
             waiter = self._loop.create_future()
             self._idle_waiters.append(waiter)
             await waiter
 
-    async def _wait_tasks(self, grace: float) -> None:
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        if pending:
-            log.warning("%d task(s) ignored cancellation for %.1f s; leaving them behind", len(pending), grace)
+    async def _wait_settled(self, grace: float) -> None:
+        try:
+            await asyncio.wait_for(self._wait_idle(), grace)
+        except TimeoutError:
+            log.warning("%d task(s) and %d worker thread(s) were still running %.1f s after cancellation; "
+                        "leaving them behind", len(self._tasks), self._lingering, grace)
 
     def _cancel_all(self) -> None:
         handles = [entry[2] for entry in self._heap]
@@ -603,7 +627,13 @@ class Scheduler:
         assert ctx is not None
         allocation, handle._allocation = handle._allocation, None
 
+        lingering = ctx._threads_open > 0
+        if lingering:
+            self._lingering += 1
+
         def release() -> None:
+            if lingering:
+                self._lingering -= 1
             if allocation is not None:
                 self._pool.release(allocation)
             for key in handle._limits:
@@ -679,7 +709,7 @@ class Scheduler:
         self._check_idle()
 
     def _check_idle(self) -> None:
-        if self._live == 0 and not self._tasks and self._idle_waiters:
+        if self._idle_waiters and self._settled():
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 if not waiter.done():
@@ -724,7 +754,7 @@ class Scheduler:
         for observer in list(self._observers):
             try:
                 observer(event)
-            except Exception:  # noqa: BLE001 - an observer's bug must not break scheduling
+            except Exception:
                 log.exception("task observer %r failed on %s", observer, kind)
 
     def stats(self) -> SchedulerStats:
@@ -734,7 +764,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """True when no task is queued, retrying or running and every resource is back."""
-        return self._live == 0 and not self._tasks and self._pool.idle
+        return self._settled() and self._pool.idle
 
     # -- thread plumbing for TaskContext ----------------------------------------------------------
 

@@ -1,0 +1,160 @@
+"""The ``edgecompute`` command: list executors, run one request, show a demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import Config
+from .errors import EdgeComputeError
+
+__all__ = ["main"]
+
+
+def _jsonable(value: Any) -> Any:
+    """Outputs as JSON: arrays become lists, bytes are summarised, unknown objects use repr."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    return repr(value)
+
+
+def _read_input(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--input") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--input") from exc
+
+
+def _load_config(path: str | None) -> Config:
+    try:
+        return Config.load(path)
+    except EdgeComputeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Configuration file (default: $EDGECOMPUTE_CONFIG or ./edgecompute.toml).")
+@click.version_option(package_name="edgecompute")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """edgecompute: native, ML and sandboxed work through one in-process scheduler."""
+    logging.basicConfig(format="edgecompute: %(message)s", level=logging.WARNING)
+    ctx.obj = config_path
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--no-health", is_flag=True, help="Do not ask executors for their health.")
+@click.pass_obj
+def executors(config_path: str | None, as_json: bool, no_health: bool) -> None:
+    """List discovered executors, their versions, algorithms and health."""
+    import anyio
+
+    from .errors import PluginError
+    from .registry import Registry
+
+    config = _load_config(config_path)
+    # this command prints plugin problems itself, once, below the table
+    for name in ("edgecompute.plugins", "edgecompute.registry"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    registry = Registry.discover(settings=config.executors)
+    health = {} if no_health else anyio.run(registry.health)
+    rows = []
+    for entry in registry.executors():
+        row: dict[str, Any] = {"name": entry.name, "source": entry.source}
+        try:
+            executor = registry.get(entry.name)
+        except PluginError as exc:
+            row.update(version=None, algorithms=[], error=str(exc))
+        else:
+            row.update(version=executor.version,
+                       algorithms=[{"name": f"{entry.name}/{a.name}", "description": a.description,
+                                    "resources": str(a.resources)} for a in entry.algorithms.values()])
+        if entry.name in health:
+            row["health"] = {"status": health[entry.name].status.value, "message": health[entry.name].message}
+        rows.append(row)
+    problems = [str(problem) for problem in registry.problems]
+    if as_json:
+        click.echo(json.dumps({"executors": rows, "problems": problems}, indent=2))
+        return
+    if not rows:
+        click.echo("No executors installed. Install one, e.g.: pip install edgecompute-cpp")
+    for row in rows:
+        status = row.get("health", {}).get("status", "")
+        click.echo(f"{row['name']} {row['version'] or '(broken)'}  [{row['source']}]  {status}")
+        if "error" in row:
+            click.echo(f"  error: {row['error']}")
+        for algorithm in row["algorithms"]:
+            click.echo(f"  {algorithm['name']:32} {algorithm['description']}")
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+
+
+@main.command()
+@click.argument("algorithm")
+@click.option("--input", "input_text", help="Inputs as JSON, or @FILE holding JSON.")
+@click.option("--param", "params", multiple=True, metavar="KEY=JSON",
+              help="A parameter; the value is JSON if it parses, else a string. Repeatable.")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--timeout", type=float, default=None, help="Deadline in seconds (queue + run).")
+@click.pass_obj
+def run(config_path: str | None, algorithm: str, input_text: str | None, params: tuple[str, ...],
+        priority: int, timeout: float | None) -> None:
+    """Run ALGORITHM (executor/algorithm) once and print its outputs as JSON."""
+    from .runtime import Runtime
+
+    parsed: dict[str, Any] = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        try:
+            parsed[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key] = raw
+    inputs = _read_input(input_text)
+    try:
+        with Runtime(config=_load_config(config_path)) as rt:
+            response = rt.run(algorithm, inputs, params=parsed, priority=priority, timeout=timeout)
+    except EdgeComputeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    click.echo(json.dumps({"outputs": _jsonable(response.outputs), "executor": response.executor,
+                           "timings": dict(response.timings)}, indent=2))
+
+
+@main.command()
+@click.pass_obj
+def demo(config_path: str | None) -> None:
+    """A tour: the scheduler at work, then every installed executor's own demo."""
+    from . import demo as tour
+
+    try:
+        tour.run(_load_config(config_path), click.echo)
+    except EdgeComputeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

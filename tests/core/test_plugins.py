@@ -1,0 +1,91 @@
+"""Discovery of executors from separately installed distributions.
+
+CI installs tests/plugins/edgecompute-testplugin and tests/plugins/edgecompute-brokenplugin with
+pip, exactly as a user installs a third-party executor; nothing here registers them by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgecompute import Registry, Runtime
+from edgecompute.config import Config
+from edgecompute.errors import ExecutorError, PluginError
+
+edgecompute_testplugin = pytest.importorskip(
+    "edgecompute_testplugin", reason="pip install tests/plugins/edgecompute-testplugin (CI does)"
+)
+
+
+def test_discovery_finds_the_installed_executor_without_building_it() -> None:
+    before = edgecompute_testplugin.built
+    registry = Registry.discover()
+    assert "text" in registry.names()
+    entry = {e.name: e for e in registry.executors()}["text"]
+    assert entry.source == "testplugin"
+    assert not entry.built
+    assert edgecompute_testplugin.built == before
+    assert registry.select("text/upper").algorithm.description == "Upper-case a string"
+    assert edgecompute_testplugin.built == before + 1
+
+
+def test_broken_plugins_are_reported_and_discovery_goes_on() -> None:
+    registry = Registry.discover()
+    problems = "\n".join(str(p) for p in registry.problems)
+    assert "broken_import (edgecompute-brokenplugin)" in problems
+    assert "No module named 'edgecompute_dependency_that_does_not_exist'" in problems
+    assert "broken_hook" in problems and "this plugin's registration is broken" in problems
+    with pytest.raises(PluginError, match="executor 'broken' failed to build: OSError: libbroken.so"):
+        registry.get("broken")
+    assert registry.select("text/upper")  # the good plugin still works
+
+
+def test_the_discovered_executor_runs_requests_streams_and_retries() -> None:
+    config = Config(retries=2, retry_backoff=0.001, executors={"text": {"greeting": "hi"}})
+    with Runtime(config=config) as rt:
+        assert rt.run("text/upper", "abc").outputs == "ABC"
+        assert list(rt.stream("text/words", "one two three")) == ["one", "two", "three"]
+        assert rt.run("text/flaky", "x", params={"failures": 2}).outputs == "ok after 3 calls"
+        with pytest.raises(ExecutorError, match="transient failure"):
+            rt.run("text/flaky", "x", params={"failures": 10}, retries=0)
+        health = rt.health()
+        assert health["text"].details["config"] == {"greeting": "hi"}
+        assert health["broken"].status.value == "down"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgecompute", *args], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+
+
+def test_cli_lists_executors_and_problems() -> None:
+    result = run_cli("executors", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    text = next(row for row in report["executors"] if row["name"] == "text")
+    assert text["version"] == "1.2.3"
+    assert "text/upper" in [a["name"] for a in text["algorithms"]]
+    assert text["health"]["status"] == "ok"
+    assert any("broken_hook" in problem for problem in report["problems"])
+
+    table = run_cli("executors")
+    assert "text 1.2.3" in table.stdout and "text/words" in table.stdout
+
+
+def test_cli_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("run", "text/upper", "--input", '"shout"')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"] == "SHOUT"
+    inputs = tmp_path / "in.json"
+    inputs.write_text('"one two"')
+    result = run_cli("run", "text/words", "--input", f"@{inputs}")
+    assert json.loads(result.stdout)["outputs"] == 2
+    result = run_cli("run", "text/uper", "--input", '"x"')
+    assert result.returncode == 1
+    assert "UnknownAlgorithm" in result.stderr and "did you mean 'text/upper'" in result.stderr
+    result = run_cli("run", "text/upper", "--input", "{not json")
+    assert result.returncode == 2 and "not valid JSON" in result.stderr

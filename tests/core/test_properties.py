@@ -1,0 +1,239 @@
+"""Scheduler invariants under random interleavings, checked with hypothesis.
+
+Invariants:
+- every submitted task ends in exactly one terminal state (observed once, by state and by event);
+- the resources held by running tasks never exceed the capacity, in any dimension;
+- when everything has ended, every reservation has come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from edgecompute import Algorithm, Config, Health, Registry, Request, Resources, Response, Scheduler, TaskContext
+from edgecompute.errors import EdgeComputeError, ExecutorError, InfeasibleRequest, QueueFull
+
+CAPACITY = Resources(cpu=3, memory_mb=1000, gpus=2, gpu_memory_mb=1000)
+
+
+class Probe:
+    """An executor that records how much of each resource its running tasks hold."""
+
+    name = "probe"
+    version = "1"
+
+    def __init__(self) -> None:
+        self.gates: dict[int, asyncio.Event] = {}
+        self.cpu = 0.0
+        self.memory = 0.0
+        self.peak_cpu = 0.0
+        self.peak_memory = 0.0
+        self.gpu: dict[int, float] = {}
+        self.peak_gpu = 0.0
+        self.lock = threading.Lock()
+
+    def algorithms(self) -> Sequence[Algorithm]:
+        return [Algorithm(name, resources=Resources(cpu=1)) for name in ("gate", "echo", "fail", "block")]
+
+    def requirements(self, request: Request) -> Resources:
+        return Resources(cpu=1)
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        if ctx.algorithm.name == "block":
+            # measured on the worker thread itself: a cancelled task's thread still holds its share
+            return Response(await ctx.run_sync(self._hold, request, ctx, 0.002))
+        return await self._hold_async(request, ctx)
+
+    def _hold(self, request: Request, ctx: TaskContext, seconds: float) -> int:
+        with self.lock:
+            self._take(request, ctx, 1)
+        try:
+            time.sleep(seconds)
+            return int(request.inputs)
+        finally:
+            with self.lock:
+                self._take(request, ctx, -1)
+
+    def _take(self, request: Request, ctx: TaskContext, sign: int) -> None:
+        need = request.resources or Resources(cpu=1)
+        self.cpu += sign * need.cpu
+        self.memory += sign * need.memory_mb
+        for device in ctx.devices:
+            self.gpu[device] = self.gpu.get(device, 0) + sign * (need.gpu_memory_mb or CAPACITY.gpu_memory_mb)
+        self.peak_cpu = max(self.peak_cpu, self.cpu)
+        self.peak_memory = max(self.peak_memory, self.memory)
+        self.peak_gpu = max([self.peak_gpu, *self.gpu.values()])
+
+    async def _hold_async(self, request: Request, ctx: TaskContext) -> Response:
+        self._take(request, ctx, 1)
+        try:
+            name = ctx.algorithm.name
+            if name == "gate":
+                await self.gates.setdefault(request.inputs, asyncio.Event()).wait()
+            elif name == "fail":
+                raise ExecutorError("planned failure", retryable=bool(request.inputs % 2))
+            return Response(request.inputs)
+        finally:
+            self._take(request, ctx, -1)
+
+    def release(self, key: int) -> None:
+        self.gates.setdefault(key, asyncio.Event()).set()
+
+    async def health(self) -> Health:
+        return Health()
+
+    async def aclose(self) -> None:
+        return None
+
+
+resources = st.builds(
+    Resources,
+    cpu=st.sampled_from([0, 0.5, 1, 1.5, 3, 4]),
+    memory_mb=st.sampled_from([0, 100, 600]),
+    gpu_memory_mb=st.sampled_from([0, 0, 400, 1000]),
+    gpus=st.sampled_from([0, 0, 1, 2]),
+)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(max_queue=st.integers(2, 12), aging=st.sampled_from([0.0, 0.01, 10.0]))
+    def start(self, max_queue: int, aging: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.probe = Probe()
+        config = Config(retries=1, retry_backoff=0.001, aging=aging)
+        self.scheduler = Scheduler(Registry([self.probe]), capacity=CAPACITY, max_queue=max_queue, config=config)
+        self.loop.run_until_complete(self.scheduler.start())
+        self.handles: list = []
+        self.ends: dict[str, list[str]] = {}
+        self.scheduler.subscribe(self._observe)
+        self.key = 0
+
+    def _observe(self, event) -> None:  # type: ignore[no-untyped-def]
+        if event.state.terminal:
+            self.ends.setdefault(event.task_id, []).append(event.kind)
+
+    @rule(
+        algorithm=st.sampled_from(["gate", "echo", "fail", "block"]),
+        need=resources,
+        priority=st.integers(-3, 3),
+        timeout=st.sampled_from([None, None, 0.001, 0.02]),
+    )
+    def submit(self, algorithm: str, need: Resources, priority: int, timeout: float | None) -> None:
+        self.key += 1
+        request = Request(f"probe/{algorithm}", self.key, priority=priority, timeout=timeout, resources=need)
+        try:
+            handle = self.scheduler.submit(request)
+        except InfeasibleRequest:
+            assert not need.fits(CAPACITY)
+            return
+        except QueueFull:
+            assert self.scheduler.stats().queued >= self.scheduler.max_queue
+            return
+        assert need.fits(CAPACITY)
+        self.handles.append(handle)
+
+    @precondition(lambda self: self.handles)
+    @rule(index=st.integers(0, 10**6))
+    def cancel(self, index: int) -> None:
+        handle = self.handles[index % len(self.handles)]
+        was_done = handle.done()
+        assert handle.cancel() is (not was_done)
+
+    @rule(key=st.integers(1, 40))
+    def release(self, key: int) -> None:
+        self.probe.release(key)
+
+    @rule(steps=st.integers(1, 5))
+    def advance(self, steps: int) -> None:
+        for _ in range(steps):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    @rule(seconds=st.sampled_from([0.001, 0.005, 0.02]))
+    def wait(self, seconds: float) -> None:
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    @invariant()
+    def within_capacity(self) -> None:
+        in_use = self.scheduler.stats().in_use
+        assert in_use.cpu <= CAPACITY.cpu + 1e-9
+        assert in_use.memory_mb <= CAPACITY.memory_mb + 1e-9
+        assert in_use.gpu_memory_mb <= CAPACITY.gpu_memory_mb
+        assert self.probe.peak_cpu <= CAPACITY.cpu + 1e-9
+        assert self.probe.peak_memory <= CAPACITY.memory_mb + 1e-9
+        assert self.probe.peak_gpu <= CAPACITY.gpu_memory_mb + 1e-9
+
+    @invariant()
+    def at_most_one_end(self) -> None:
+        assert all(len(kinds) == 1 for kinds in self.ends.values())
+
+    def teardown(self) -> None:
+        for key in range(self.key + 1):
+            self.probe.release(key)
+        # bounded: a scheduler that lost a reservation would otherwise drain forever
+        self.loop.run_until_complete(asyncio.wait_for(self.scheduler.aclose(timeout=5), 10))
+        for handle in self.handles:
+            assert handle.done(), handle
+            assert self.ends[handle.id] == [handle.state.value]
+            if handle.state.value != "succeeded":
+                assert isinstance(handle.exception(), EdgeComputeError)
+        assert len(self.ends) == len(self.handles)
+        assert self.scheduler.idle
+        self.loop.close()
+
+
+TestSchedulerInvariants = SchedulerMachine.TestCase
+TestSchedulerInvariants.settings = settings(
+    max_examples=200, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(priorities=st.lists(st.integers(-5, 5), min_size=1, max_size=25))
+def test_start_order_is_priority_then_submission(priorities: list[int]) -> None:
+    async def scenario() -> list[int]:
+        probe = Probe()
+        started: list[int] = []
+        original = probe.execute
+
+        async def execute(request: Request, ctx: TaskContext) -> Response:
+            started.append(request.inputs)
+            return await original(request, ctx)
+
+        probe.execute = execute  # type: ignore[method-assign]
+        async with Scheduler(Registry([probe]), capacity=Resources(cpu=1), config=Config(aging=1e6)) as s:
+            blocker = s.submit(Request("probe/gate", -1, priority=100))
+            handles = [s.submit(Request("probe/echo", i, priority=p)) for i, p in enumerate(priorities)]
+            probe.release(-1)
+            await blocker.result()
+            for handle in handles:
+                await handle.result()
+        return started[1:]
+
+    expected = [i for i, _ in sorted(enumerate(priorities), key=lambda item: (-item[1], item[0]))]
+    assert asyncio.run(scenario()) == expected
+
+
+@settings(max_examples=300)
+@given(a=resources, b=resources)
+def test_resources_arithmetic(a: Resources, b: Resources) -> None:
+    total = a + b
+    assert total - b == Resources(max(0.0, total.cpu - b.cpu), total.memory_mb - b.memory_mb,
+                                  total.gpu_memory_mb - b.gpu_memory_mb, total.gpus - b.gpus)
+    assert a.fits(a + b) or a.devices_needed > (a + b).gpus or a.gpu_memory_mb > (a + b).gpu_memory_mb
+    assert Resources().fits(a)
+
+
+def test_invalid_resources_are_rejected() -> None:
+    with pytest.raises(ValueError, match="cpu must be a finite number"):
+        Resources(cpu=-1)
+    with pytest.raises(TypeError, match="memory_mb must be a number"):
+        Resources(memory_mb="1GB")  # type: ignore[arg-type]

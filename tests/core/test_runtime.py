@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Runtime, TaskContext
+from edgecompute.errors import ExecutorError, InvalidRequest, SchedulerClosed, TaskCancelled, UnknownAlgorithm
+
+
+def app() -> FunctionExecutor:
+    executor = FunctionExecutor("app")
+
+    @executor.algorithm(resources=Resources(cpu=1))
+    def square(x: int) -> int:
+        if x < 0:
+            raise ValueError("negative input")
+        return x * x
+
+    @executor.algorithm(resources=Resources(cpu=1))
+    async def count(n: int, *, ctx: TaskContext) -> int:
+        for i in range(n):
+            await ctx.emit(i)
+        return n
+
+    @executor.algorithm(resources=Resources(cpu=1))
+    async def nap(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    return executor
+
+
+def runtime(**options: object) -> Runtime:
+    return Runtime(Registry([app()]), config=Config(), capacity=Resources(cpu=2), **options)  # type: ignore[arg-type]
+
+
+def test_run_submit_stream_and_map() -> None:
+    with runtime() as rt:
+        assert rt.run("app/square", 7).outputs == 49
+        assert rt.run(Request("square", 3)).outputs == 9
+        future = rt.submit("app/square", 4)
+        assert future.result(timeout=5).outputs == 16
+        assert list(rt.stream("app/count", 4)) == [0, 1, 2, 3]
+        assert rt.map("app/square", range(50)) == [i * i for i in range(50)]
+        stats = rt.stats()
+        assert stats.finished["succeeded"] == 54
+
+
+def test_errors_cross_to_the_caller_typed() -> None:
+    with runtime() as rt:
+        with pytest.raises(ExecutorError, match="ValueError: negative input"):
+            rt.run("app/square", -1)
+        with pytest.raises(UnknownAlgorithm):
+            rt.run("app/cube", 2)
+        with pytest.raises(InvalidRequest, match="unknown option"):
+            rt.run("app/square", 2, priorty=1)
+        results = rt.map("app/square", [2, -1, 3], return_exceptions=True)
+        assert results[0] == 4 and results[2] == 9
+        assert isinstance(results[1], ExecutorError)
+        with pytest.raises(ExecutorError):
+            rt.map("app/square", [2, -1, 3])
+
+
+def test_future_cancel_cancels_the_task() -> None:
+    with runtime() as rt:
+        future = rt.submit("app/nap", 5.0)
+        time.sleep(0.1)
+        assert future.cancel()
+        time.sleep(0.1)
+        assert rt.stats().finished["cancelled"] == 1
+
+
+def test_map_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    with runtime() as rt:
+        assert rt.map("app/square", range(20), progress=True) == [i * i for i in range(20)]
+    assert "20/20" in capsys.readouterr().err
+
+
+def test_works_from_a_thread_that_runs_an_event_loop() -> None:
+    # a Jupyter cell: synchronous code on a thread whose event loop is running
+    async def cell() -> int:
+        with runtime() as rt:
+            return rt.run("app/square", 12).outputs
+
+    assert asyncio.run(cell()) == 144
+
+
+def test_use_after_close_is_a_clear_error() -> None:
+    rt = runtime()
+    with rt:
+        pass
+    with pytest.raises(SchedulerClosed, match="not running"):
+        rt.run("app/square", 1)
+
+
+def test_closing_cancels_unfinished_work_when_configured() -> None:
+    rt = Runtime(Registry([app()]), config=Config(close="cancel"), capacity=Resources(cpu=1))
+    with rt:
+        future = rt.submit("app/nap", 10.0)
+        time.sleep(0.05)
+    with pytest.raises(TaskCancelled):
+        future.result(timeout=5)

@@ -1,0 +1,452 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import pytest
+
+from edgecompute import Config, Registry, Request, Resources, Scheduler, TaskState
+from edgecompute.errors import (
+    AmbiguousAlgorithm,
+    EdgeComputeError,
+    ExecutorError,
+    InfeasibleRequest,
+    InvalidRequest,
+    QueueFull,
+    SchedulerClosed,
+    TaskCancelled,
+    TaskTimeout,
+    UnknownAlgorithm,
+)
+
+from .helpers import Controlled, settle
+
+pytestmark = pytest.mark.anyio
+
+
+def make(cpu: float = 1, config: Config | None = None, **kwargs: object) -> tuple[Scheduler, Controlled]:
+    ctl = Controlled()
+    scheduler = Scheduler(Registry([ctl]), capacity=Resources(cpu=cpu, memory_mb=1024),
+                          config=config or Config(), **kwargs)  # type: ignore[arg-type]
+    return scheduler, ctl
+
+
+async def test_run_returns_the_response_with_executor_and_timings() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        response = await scheduler.run("ctl/echo", {"x": 1})
+    assert response.outputs == {"x": 1}
+    assert response.executor == "ctl"
+    assert set(response.timings) >= {"queued", "run", "total"}
+    assert response.timings["total"] >= response.timings["run"] >= 0
+
+
+async def test_bare_algorithm_name_works_when_unique() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        assert (await scheduler.run("echo", 5)).outputs == 5
+
+
+async def test_unknown_and_ambiguous_names_fail_at_submit_naming_candidates() -> None:
+    class Other(Controlled):
+        name = "other"
+
+    registry = Registry([Controlled(), Other()])
+    async with Scheduler(registry, capacity=Resources(cpu=1), config=Config()) as scheduler:
+        with pytest.raises(UnknownAlgorithm, match=r"ctl/echoo.*did you mean 'ctl/echo'"):
+            scheduler.submit(Request("ctl/echoo"))
+        with pytest.raises(AmbiguousAlgorithm, match=r"ctl/echo, other/echo"):
+            scheduler.submit(Request("echo"))
+        assert scheduler.stats().submitted == 0
+
+
+async def test_higher_priority_first_fifo_within_a_priority() -> None:
+    scheduler, ctl = make(cpu=1)
+    async with scheduler:
+        blocker = scheduler.submit(Request("ctl/gate", "blocker"))
+        await settle()
+        handles = [scheduler.submit(Request("ctl/echo", name, priority=p))
+                   for name, p in [("a0", 0), ("b0", 0), ("c5", 5), ("d1", 1), ("e5", 5)]]
+        ctl.release("blocker")
+        for handle in [blocker, *handles]:
+            await handle.result()
+    assert ctl.started == ["blocker", "c5", "e5", "d1", "a0", "b0"]
+
+
+async def test_aging_lets_an_old_low_priority_task_overtake_new_high_priority_ones() -> None:
+    # aging=0.05 s per level: a task that waited 0.3 s is worth 6 levels
+    scheduler, ctl = make(cpu=1, config=Config(aging=0.05))
+    async with scheduler:
+        blocker = scheduler.submit(Request("ctl/gate", "blocker"))
+        old = scheduler.submit(Request("ctl/echo", "old-low", priority=0))
+        await asyncio.sleep(0.3)
+        new = scheduler.submit(Request("ctl/echo", "new-high", priority=3))
+        ctl.release("blocker")
+        await asyncio.gather(blocker.result(), old.result(), new.result())
+    assert ctl.started == ["blocker", "old-low", "new-high"]
+
+
+async def test_resources_bound_concurrency_and_all_come_back() -> None:
+    scheduler, ctl = make(cpu=2)
+    async with scheduler:
+        handles = [scheduler.submit(Request("ctl/gate", i)) for i in range(5)]
+        await settle()
+        assert [h.state for h in handles].count(TaskState.RUNNING) == 2
+        assert scheduler.stats().in_use.cpu == 2
+        for i in range(5):
+            ctl.release(i)
+        for handle in handles:
+            await handle.result()
+        await settle()
+        assert scheduler.idle
+    assert ctl.max_running == 2
+
+
+async def test_fractional_cpu_reservations_never_drift() -> None:
+    scheduler, _ = make(cpu=1)
+    async with scheduler:
+        handles = [scheduler.submit(Request("ctl/echo", i, resources=Resources(cpu=0.1))) for i in range(1000)]
+        for handle in handles:
+            await handle.result()
+        await settle()
+        assert scheduler.idle
+        assert scheduler.stats().in_use == Resources()
+
+
+async def test_infeasible_request_fails_at_once() -> None:
+    scheduler, _ = make(cpu=2)
+    async with scheduler:
+        with pytest.raises(InfeasibleRequest, match=r"cpu=3.*capacity \(cpu=2"):
+            scheduler.submit(Request("ctl/echo", resources=Resources(cpu=3)))
+        with pytest.raises(InfeasibleRequest, match="gpus=1"):
+            scheduler.submit(Request("ctl/echo", resources=Resources(gpu_memory_mb=100)))
+
+
+async def test_gpu_memory_is_accounted_per_device() -> None:
+    ctl = Controlled()
+    capacity = Resources(cpu=8, memory_mb=1024, gpus=2, gpu_memory_mb=1000)
+    async with Scheduler(Registry([ctl]), capacity=capacity, config=Config()) as scheduler:
+        with pytest.raises(InfeasibleRequest):
+            scheduler.submit(Request("ctl/gate", "too-big", resources=Resources(gpu_memory_mb=1500)))
+        a = scheduler.submit(Request("ctl/gate", "a", resources=Resources(gpu_memory_mb=600)))
+        b = scheduler.submit(Request("ctl/gate", "b", resources=Resources(gpu_memory_mb=600)))
+        c = scheduler.submit(Request("ctl/gate", "c", resources=Resources(gpu_memory_mb=600)))
+        await settle()
+        assert (a.state, b.state, c.state) == (TaskState.RUNNING, TaskState.RUNNING, TaskState.QUEUED)
+        assert sorted(a._ctx.devices + b._ctx.devices) == [0, 1]  # type: ignore[union-attr]
+        ctl.release("a")
+        await a.result()
+        await settle()
+        assert c.state is TaskState.RUNNING
+        ctl.release("b")
+        ctl.release("c")
+        await asyncio.gather(b.result(), c.result())
+
+
+async def test_a_task_waiting_for_gpu_does_not_hold_up_cpu_only_work() -> None:
+    ctl = Controlled()
+    capacity = Resources(cpu=4, memory_mb=1024, gpus=1, gpu_memory_mb=1000)
+    async with Scheduler(Registry([ctl]), capacity=capacity, config=Config()) as scheduler:
+        gpu_a = scheduler.submit(Request("ctl/gate", "gpu-a", resources=Resources(cpu=1, gpus=1)))
+        gpu_b = scheduler.submit(Request("ctl/gate", "gpu-b", resources=Resources(cpu=1, gpus=1), priority=9))
+        cpu = scheduler.submit(Request("ctl/echo", "cpu", resources=Resources(cpu=1)))
+        assert (await cpu.result()).outputs == "cpu"
+        assert gpu_b.state is TaskState.QUEUED
+        ctl.release("gpu-a")
+        ctl.release("gpu-b")
+        await asyncio.gather(gpu_a.result(), gpu_b.result())
+
+
+async def test_executor_concurrency_cap_from_config() -> None:
+    config = Config(executors={"ctl": {"max_concurrency": 2}})
+    scheduler, ctl = make(cpu=8, config=config)
+    async with scheduler:
+        handles = [scheduler.submit(Request("ctl/gate", i)) for i in range(6)]
+        await settle()
+        assert sum(h.state is TaskState.RUNNING for h in handles) == 2
+        for i in range(6):
+            ctl.release(i)
+        await asyncio.gather(*(h.result() for h in handles))
+    assert ctl.max_running == 2
+
+
+async def test_non_thread_safe_algorithm_runs_one_at_a_time() -> None:
+    scheduler, ctl = make(cpu=8)
+    async with scheduler:
+        singles = [scheduler.submit(Request("ctl/single", f"s{i}")) for i in range(3)]
+        echo = scheduler.submit(Request("ctl/echo", "other"))
+        await echo.result()  # not held up by the parked single tasks
+        await settle()
+        assert [h.state for h in singles] == [TaskState.RUNNING, TaskState.QUEUED, TaskState.QUEUED]
+        for i in range(3):
+            ctl.release(f"s{i}")
+        await asyncio.gather(*(h.result() for h in singles))
+    assert [name for name in ctl.started if name.startswith("s")] == ["s0", "s1", "s2"]
+
+
+async def test_blocking_work_runs_on_threads_without_stalling_the_loop() -> None:
+    scheduler, _ = make(cpu=4)
+    async with scheduler:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        start = time.perf_counter()
+        await asyncio.gather(*(scheduler.run("ctl/block", 0.3) for _ in range(4)))
+        elapsed = time.perf_counter() - start
+        tick_task.cancel()
+    assert elapsed < 1.0  # four 0.3 s sleeps overlapped on threads
+    assert ticks >= 10  # and the loop kept running meanwhile
+
+
+async def test_deadline_covers_queue_time() -> None:
+    scheduler, ctl = make(cpu=1)
+    async with scheduler:
+        blocker = scheduler.submit(Request("ctl/gate", "blocker"))
+        queued = scheduler.submit(Request("ctl/echo", "late", timeout=0.05))
+        with pytest.raises(TaskTimeout, match="in the queue"):
+            await queued.result()
+        assert queued.state is TaskState.TIMED_OUT
+        ctl.release("blocker")
+        await blocker.result()
+    assert "late" not in ctl.started
+
+
+async def test_deadline_cancels_a_running_task_and_releases_its_resources() -> None:
+    scheduler, _ = make(cpu=1)
+    async with scheduler:
+        start = time.perf_counter()
+        with pytest.raises(TaskTimeout, match="running"):
+            await scheduler.run("ctl/sleep", 10, timeout=0.1)
+        assert time.perf_counter() - start < 1
+        await settle()
+        assert scheduler.idle
+        assert (await scheduler.run("ctl/echo", "next")).outputs == "next"
+
+
+async def test_default_timeout_from_config() -> None:
+    scheduler, _ = make(config=Config(timeout=0.05))
+    async with scheduler:
+        with pytest.raises(TaskTimeout):
+            await scheduler.run("ctl/sleep", 5)
+
+
+async def test_cancel_queued_and_running() -> None:
+    scheduler, ctl = make(cpu=1)
+    async with scheduler:
+        running = scheduler.submit(Request("ctl/gate", "running"))
+        queued = scheduler.submit(Request("ctl/echo", "queued"))
+        await settle()
+        assert queued.cancel() is True
+        assert running.cancel() is True
+        assert running.cancel() is False  # already ended
+        with pytest.raises(TaskCancelled):
+            await queued.result()
+        with pytest.raises(TaskCancelled):
+            await running.result()
+        await settle()
+        assert scheduler.idle
+        assert "queued" not in ctl.started
+        assert (await scheduler.run("ctl/echo", 1)).outputs == 1
+
+
+async def test_cancelled_blocking_task_keeps_its_resources_until_the_thread_returns() -> None:
+    scheduler, _ = make(cpu=1)
+    async with scheduler:
+        handle = scheduler.submit(Request("ctl/block", 0.3))
+        await asyncio.sleep(0.05)
+        handle.cancel()
+        with pytest.raises(TaskCancelled):
+            await handle.result()
+        assert handle._ctx is not None and handle._ctx.cancelled
+        assert scheduler.stats().in_use.cpu == 1  # the thread still runs: its core is still taken
+        follower = scheduler.submit(Request("ctl/echo", "after"))
+        await settle()
+        assert follower.state is TaskState.QUEUED
+        assert (await follower.result()).outputs == "after"
+        await settle()
+        assert scheduler.idle
+
+
+async def test_retryable_errors_are_retried_with_backoff() -> None:
+    config = Config(retries=3, retry_backoff=0.01)
+    scheduler, ctl = make(config=config)
+    async with scheduler:
+        events: list[str] = []
+        scheduler.subscribe(lambda event: events.append(event.kind))
+        response = await scheduler.run("ctl/fail", "x", params={"retryable": True, "succeed_after": 2})
+        assert response.outputs == "recovered"
+    assert ctl.calls == 3
+    assert events.count("retrying") == 2
+    assert events[-1] == "succeeded"
+
+
+async def test_non_retryable_errors_fail_once_and_retries_run_out() -> None:
+    scheduler, ctl = make(config=Config(retries=2, retry_backoff=0.001))
+    async with scheduler:
+        with pytest.raises(ExecutorError, match="failure 1"):
+            await scheduler.run("ctl/fail", "x")
+        assert ctl.calls == 1
+        handle = scheduler.submit(Request("ctl/fail", "y", params={"retryable": True}, retries=1))
+        with pytest.raises(ExecutorError, match="failure 3"):
+            await handle.result()
+        assert handle.attempts == 2
+        assert handle.state is TaskState.FAILED
+
+
+async def test_plain_exceptions_become_executor_errors() -> None:
+    class Broken(Controlled):
+        async def execute(self, request, ctx):  # type: ignore[no-untyped-def]
+            raise ZeroDivisionError("division by zero")
+
+    async with Scheduler(Registry([Broken()]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        with pytest.raises(ExecutorError, match=r"ctl/echo failed.*ZeroDivisionError") as info:
+            await scheduler.run("ctl/echo")
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+async def test_queue_bound_raises_or_waits() -> None:
+    scheduler, ctl = make(cpu=1, max_queue=2)
+    async with scheduler:
+        running = scheduler.submit(Request("ctl/gate", "r"))
+        queued = [scheduler.submit(Request("ctl/gate", i)) for i in range(2)]
+        with pytest.raises(QueueFull, match="max_queue=2"):
+            scheduler.submit(Request("ctl/echo"))
+        waiter = asyncio.create_task(scheduler.asubmit(Request("ctl/echo", "waited")))
+        await settle()
+        assert not waiter.done()
+        ctl.release("r")
+        ctl.release(0)
+        ctl.release(1)
+        handle = await waiter
+        assert (await handle.result()).outputs == "waited"
+        await asyncio.gather(running.result(), *(h.result() for h in queued))
+
+
+async def test_close_drains_queued_work_by_default() -> None:
+    scheduler, ctl = make(cpu=1)
+    async with scheduler:
+        handles = [scheduler.submit(Request("ctl/sleep", 0.01)) for _ in range(5)]
+    assert all(h.state is TaskState.SUCCEEDED for h in handles)
+    assert not ctl.closed  # the registry was ours, so closing it is ours too
+    await scheduler.registry.aclose()
+    assert ctl.closed
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(Request("ctl/echo"))
+
+
+async def test_close_with_cancel_ends_everything_and_an_error_in_the_body_cancels() -> None:
+    scheduler, _ = make(cpu=1, config=Config(close="cancel"))
+    async with scheduler:
+        handles = [scheduler.submit(Request("ctl/sleep", 10)) for _ in range(3)]
+    assert [h.state for h in handles] == [TaskState.CANCELLED] * 3
+    assert scheduler.idle
+
+    scheduler, _ = make(cpu=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        async with scheduler:
+            handle = scheduler.submit(Request("ctl/sleep", 10))
+            raise RuntimeError("boom")
+    assert handle.state is TaskState.CANCELLED
+
+
+async def test_submit_before_start_is_a_clear_error() -> None:
+    scheduler, _ = make()
+    with pytest.raises(SchedulerClosed, match="async with"):
+        scheduler.submit(Request("ctl/echo"))
+
+
+async def test_stream_yields_chunks_in_order_and_progress_is_reported() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        progress: list[float] = []
+        scheduler.subscribe(lambda e: progress.append(e.progress) if e.kind == "progress" else None)
+        handle = scheduler.submit(Request("ctl/stream", 4))
+        chunks = [chunk async for chunk in handle.stream()]
+        assert chunks == [0, 1, 2, 3]
+        assert (await handle.result()).outputs == 4
+        assert progress == [0.25, 0.5, 0.75, 1.0]
+        assert handle.progress == 1.0
+
+
+async def test_stream_raises_the_task_error_after_the_chunks() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        handle = scheduler.submit(Request("ctl/stream", 1000, params={"delay": 0.01}, timeout=0.05))
+        chunks = []
+        with pytest.raises(TaskTimeout):
+            async for chunk in handle.stream():
+                chunks.append(chunk)
+                await asyncio.sleep(0.001)
+        assert chunks[:3] == [0, 1, 2]
+
+
+async def test_observers_see_each_task_end_exactly_once() -> None:
+    scheduler, _ = make(cpu=1)
+    ends: dict[str, list[str]] = {}
+
+    def observe(event):  # type: ignore[no-untyped-def]
+        if event.state.terminal:
+            ends.setdefault(event.task_id, []).append(event.kind)
+
+    async with scheduler:
+        scheduler.subscribe(observe)
+        scheduler.subscribe(lambda event: 1 / 0)  # a broken observer changes nothing
+        ok = scheduler.submit(Request("ctl/echo", 1))
+        bad = scheduler.submit(Request("ctl/fail", 2))
+        cancelled = scheduler.submit(Request("ctl/gate", 3))
+        cancelled.cancel()
+        for handle in (ok, bad, cancelled):
+            with contextlib.suppress(EdgeComputeError):
+                await handle.result()
+    assert ends == {ok.id: ["succeeded"], bad.id: ["failed"], cancelled.id: ["cancelled"]}
+
+
+async def test_run_rejects_unknown_options_and_bad_values() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        with pytest.raises(InvalidRequest, match="unknown option.*prio"):
+            await scheduler.run("ctl/echo", 1, prio=3)
+        with pytest.raises(InvalidRequest, match="timeout must be"):
+            await scheduler.run("ctl/echo", 1, timeout=-1)
+
+
+async def test_result_waiters_are_independent_of_each_other() -> None:
+    scheduler, ctl = make()
+    async with scheduler:
+        handle = scheduler.submit(Request("ctl/gate", "g"))
+        first = asyncio.create_task(handle.result())
+        second = asyncio.create_task(handle.result())
+        await settle()
+        first.cancel()  # giving up on one wait does not cancel the task or the other wait
+        ctl.release("g")
+        assert (await second).outputs == "g"
+        assert handle.state is TaskState.SUCCEEDED
+
+
+async def test_executor_threads_can_stream_and_report_progress() -> None:
+    from edgecompute import FunctionExecutor
+
+    app = FunctionExecutor("app")
+    seen_threads: list[str] = []
+
+    @app.algorithm(resources=Resources(cpu=1))
+    def produce(n: int, *, ctx) -> int:  # type: ignore[no-untyped-def]
+        seen_threads.append(threading.current_thread().name)
+        for i in range(n):
+            ctx.emit_nowait(i)
+            ctx.progress(i + 1, n)
+        return n
+
+    async with Scheduler(Registry([app]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        handle = scheduler.submit(Request("app/produce", 5))
+        assert [c async for c in handle.stream()] == [0, 1, 2, 3, 4]
+        assert (await handle.result()).outputs == 5
+    assert seen_threads[0].startswith("edgecompute-worker")
