@@ -31,8 +31,6 @@ class ThreadPool:
         self._done: collections.deque[Any] = collections.deque()
         self._drain_pending = False
         self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -58,26 +56,23 @@ class ThreadPool:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        if not self._threads:
+            self._start_threads()
         self._work.put((future, fn, args, on_done))
-        if self._idle == 0 and len(self._threads) < self.size:
-            self._start_thread()
         return future
 
-    def _start_thread(self) -> None:
-        thread = threading.Thread(
-            target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True
-        )
-        self._threads.append(thread)
-        thread.start()
+    def _start_threads(self) -> None:
+        # all at once: an idle thread blocked on the queue costs nothing, and counting idle
+        # threads to start them one by one would put a lock on every call
+        for index in range(self.size):
+            thread = threading.Thread(target=self._worker, name=f"{self._name}-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def _worker(self) -> None:
         work = self._work
         while True:
-            with self._lock:
-                self._idle += 1
             item = work.get()
-            with self._lock:
-                self._idle -= 1
             if item is _STOP:
                 return
             future, fn, args, on_done = item

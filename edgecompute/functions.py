@@ -89,14 +89,14 @@ class FunctionExecutor:
         return self._lookup(request).algorithm.resources
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
-        function = self._lookup(request)
-        kwargs = dict(request.params)
+        function = self._functions.get(ctx.algorithm.name) or self._lookup(request)
+        params = request.params
         if function.wants_ctx:
-            kwargs["ctx"] = ctx
+            params = {**params, "ctx": ctx}
         if function.is_async:
-            outputs = await function.fn(request.inputs, **kwargs)
-        elif kwargs:
-            outputs = await ctx.run_sync(lambda: function.fn(request.inputs, **kwargs))
+            outputs = await function.fn(request.inputs, **params)
+        elif params:
+            outputs = await ctx.run_sync(lambda: function.fn(request.inputs, **params))
         else:
             outputs = await ctx.run_sync(function.fn, request.inputs)
         return outputs if isinstance(outputs, Response) else Response(outputs)

@@ -176,15 +176,39 @@ class Request:
     scheduler's retry count for errors marked retryable (``None``: use the scheduler's default).
     """
 
-    algorithm: str = attrs.field(validator=_name)
+    algorithm: str
     inputs: Any = None
-    params: Mapping[str, Any] = attrs.field(default=_EMPTY, validator=_mapping)
-    priority: int = attrs.field(default=0, validator=_int)
-    timeout: float | None = attrs.field(default=None, validator=_optional_timeout)
-    resources: Resources | None = attrs.field(default=None, validator=_optional_resources)
-    metadata: Mapping[str, Any] = attrs.field(default=_EMPTY, validator=_mapping)
-    retries: int | None = attrs.field(default=None, validator=_retries)
-    id: str = attrs.field(factory=_new_id, validator=_name)
+    params: Mapping[str, Any] = _EMPTY
+    priority: int = 0
+    timeout: float | None = None
+    resources: Resources | None = None
+    metadata: Mapping[str, Any] = _EMPTY
+    retries: int | None = None
+    id: str = attrs.field(factory=_new_id)
+
+    def __attrs_post_init__(self) -> None:
+        # One hook instead of a validator per field: requests are made on the hot path, and the
+        # common case (plain types, defaults) passes with a few identity and type checks.
+        field = _REQUEST_FIELDS
+        if type(self.algorithm) is not str or not self.algorithm or self.algorithm.isspace():
+            _name(self, field.algorithm, self.algorithm)
+        if self.params is not _EMPTY:
+            _mapping(self, field.params, self.params)
+        if type(self.priority) is not int:
+            _int(self, field.priority, self.priority)
+        if self.timeout is not None:
+            _optional_timeout(self, field.timeout, self.timeout)
+        if self.resources is not None:
+            _optional_resources(self, field.resources, self.resources)
+        if self.metadata is not _EMPTY:
+            _mapping(self, field.metadata, self.metadata)
+        if self.retries is not None:
+            _retries(self, field.retries, self.retries)
+        if type(self.id) is not str or not self.id:
+            _name(self, field.id, self.id)
+
+
+_REQUEST_FIELDS = attrs.fields(Request)
 
 
 @attrs.frozen(eq=False)

@@ -67,7 +67,6 @@ class TaskHandle:
         "_deadline",
         "_ended",
         "_error",
-        "_finished_at",
         "_limits",
         "_needs",
         "_response",
@@ -111,7 +110,6 @@ class TaskHandle:
         self._ctx: TaskContext | None = None
         self._submitted_at = now
         self._started_at = 0.0
-        self._finished_at = 0.0
         self._streaming = False
         self._ended = False  # state is terminal; a plain bool because enum hashing is slow
 
@@ -283,6 +281,7 @@ class Scheduler:
         self._submitted = 0
         self._finished: dict[str, int] = dict.fromkeys((s.value for s in TaskState if s.terminal), 0)
         self._dispatching = False
+        self._last_feasible: Resources | None = None
         self._state = "new"
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on start
         self._loop_thread = 0
@@ -437,11 +436,12 @@ class Scheduler:
             except Exception as exc:
                 raise InvalidRequest(f"{selection.qualified_name}: requirements() failed for request "
                                      f"{request.id}: {type(exc).__name__}: {exc}") from exc
-        if not self._pool.feasible(needs):
+        if needs is not self._last_feasible and not self._pool.feasible(needs):
             raise InfeasibleRequest(
                 f"request {request.id} for {selection.qualified_name} needs {needs}, "
                 f"more than the scheduler's whole capacity ({self.capacity}); it could never run"
             )
+        self._last_feasible = needs  # executors mostly hand back the same object: skip the re-check
         limits: tuple[str, ...] = ()
         name = executor.name
         if name in self._limits:
@@ -456,8 +456,16 @@ class Scheduler:
             handle._timer = self._loop.call_at(deadline, self._expire, handle)
         self._submitted += 1
         self._live += 1
+        if self._observers:
+            self._event("submitted", handle)
+        if not self._heap and not limits and not self._dispatching:
+            # nothing waits ahead of it: admit straight away if it fits, skipping the heap
+            allocation = self._pool.try_acquire(needs)
+            if allocation is not None:
+                self._queued += 1
+                self._start(handle, allocation)
+                return handle
         self._push(handle, now - request.priority * self._aging)
-        self._event("submitted", handle)
         self._dispatch()
         return handle
 
@@ -541,8 +549,10 @@ class Scheduler:
         task = self._loop.create_task(self._execute(handle))
         handle._task = task
         self._tasks[task] = handle
-        self._event("started", handle)
-        self._wake_space()
+        if self._observers:
+            self._event("started", handle)
+        if self._space_waiters:
+            self._wake_space()
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -627,6 +637,14 @@ class Scheduler:
         assert ctx is not None
         allocation, handle._allocation = handle._allocation, None
 
+        if ctx._threads_open == 0 and not handle._limits:  # the common case, without a closure
+            if allocation is not None:
+                self._pool.release(allocation)
+            if self._heap:
+                self._dispatch()
+            if self._idle_waiters:
+                self._check_idle()
+            return
         lingering = ctx._threads_open > 0
         if lingering:
             self._lingering += 1
@@ -641,7 +659,8 @@ class Scheduler:
                 parked = self._parked.get(key)
                 if parked:
                     heapq.heappush(self._heap, parked.popleft())
-            self._dispatch()
+            if self._heap:
+                self._dispatch()
             self._check_idle()
 
         # blocking code still running on a worker thread keeps its share until it returns
@@ -691,11 +710,10 @@ class Scheduler:
         handle._ended = True
         handle._response = response
         handle._error = error
-        handle._finished_at = time.monotonic()
         if handle._timer is not None:
             handle._timer.cancel()
             handle._timer = None
-        self._finished[state.value] += 1
+        self._finished[state._value_] += 1  # _value_: the plain attribute behind the slow .value
         self._live -= 1
         waiters = handle._waiters
         if waiters is not None:
@@ -703,10 +721,12 @@ class Scheduler:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-        handle._wake_stream()
+        if handle._chunk_waiter is not None:
+            handle._wake_stream()
         if self._observers:
-            self._event(state.value, handle, error)
-        self._check_idle()
+            self._event(state._value_, handle, error)
+        if self._idle_waiters:
+            self._check_idle()
 
     def _check_idle(self) -> None:
         if self._idle_waiters and self._settled():

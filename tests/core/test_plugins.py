@@ -57,6 +57,15 @@ def test_the_discovered_executor_runs_requests_streams_and_retries() -> None:
         assert health["broken"].status.value == "down"
 
 
+def test_task_event_hook_of_an_installed_plugin_sees_every_event() -> None:
+    edgecompute_testplugin.events.clear()
+    with Runtime(config=Config()) as rt:
+        rt.run("text/upper", "abc")
+    assert edgecompute_testplugin.events == [
+        ("submitted", "text/upper"), ("started", "text/upper"), ("succeeded", "text/upper")
+    ]
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgecompute", *args], capture_output=True, text=True,
                           timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
@@ -89,3 +98,15 @@ def test_cli_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert "UnknownAlgorithm" in result.stderr and "did you mean 'text/upper'" in result.stderr
     result = run_cli("run", "text/upper", "--input", "{not json")
     assert result.returncode == 2 and "not valid JSON" in result.stderr
+
+
+def test_cli_demo_runs_the_tour() -> None:
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "installed executors: " in out and "text" in out
+    assert "finished in this order: blocker, high, mid, low-1, low-2" in out
+    assert "chunks: [5, 4, 3, 2, 1]" in out
+    assert "TaskTimeout after 0.1" in out
+    assert "InfeasibleRequest" in out and "UnknownAlgorithm" in out
+    assert "200 results" in out

@@ -60,3 +60,11 @@ class TextExecutor:
 @edgecompute.hookimpl
 def register_executors(register: Any) -> None:
     register(TextExecutor)
+
+
+events: list[tuple[str, str]] = []  # what the task_event hook saw, for the tests
+
+
+@edgecompute.hookimpl
+def task_event(event: edgecompute.TaskEvent) -> None:
+    events.append((event.kind, event.algorithm))
