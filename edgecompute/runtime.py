@@ -173,7 +173,10 @@ class Runtime:
         handles = []
         try:
             for request in requests:
-                handles.append(await self.scheduler.asubmit(request))
+                handle = await self.scheduler.asubmit(request)
+                if bar is not None:
+                    handle.add_done_callback(lambda _: bar.update(1))  # in the order they finish
+                handles.append(handle)
             results: list[Any] = []
             for handle in handles:
                 try:
@@ -182,8 +185,6 @@ class Runtime:
                     if not return_exceptions:
                         raise
                     results.append(exc)
-                if bar is not None:
-                    bar.update(1)
             return results
         finally:
             for handle in handles:

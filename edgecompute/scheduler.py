@@ -61,6 +61,7 @@ class TaskHandle:
 
     __slots__ = (
         "_allocation",
+        "_callbacks",
         "_chunk_waiter",
         "_chunks",
         "_ctx",
@@ -112,6 +113,7 @@ class TaskHandle:
         self._started_at = 0.0
         self._streaming = False
         self._ended = False  # state is terminal; a plain bool because enum hashing is slow
+        self._callbacks: list[Callable[[TaskHandle], None]] | None = None
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id} {self.algorithm} {self.state.value}>"
@@ -155,6 +157,15 @@ class TaskHandle:
             raise self._error
         assert self._response is not None
         return self._response
+
+    def add_done_callback(self, callback: Callable[[TaskHandle], None]) -> None:
+        """Call ``callback(handle)`` on the loop when the task ends (at once if it has)."""
+        if self._ended:
+            callback(self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
 
     def cancel(self) -> bool:
         """Cancel the task, queued or running. Returns False if it had already ended."""
@@ -421,7 +432,10 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
         handle = await self.asubmit(request)
-        return await handle.result()
+        try:
+            return await handle.result()
+        finally:
+            handle.cancel()  # nothing once it has ended; if our caller gave up, so does the task
 
     def _enqueue(self, request: Request) -> TaskHandle:
         selection = (self._registry or self.registry).select(request.algorithm)
@@ -572,8 +586,9 @@ class Scheduler:
             pass
         except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
             self._failed(handle, exc)
-        except BaseException as exc:
-            self._finish(handle, TaskState.FAILED, error=exc)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
+            if not handle._ended:
+                self._finish(handle, TaskState.FAILED, error=exc)
             raise
         else:
             if not handle._ended:
@@ -657,8 +672,11 @@ class Scheduler:
             for key in handle._limits:
                 self._running[key] -= 1
                 parked = self._parked.get(key)
-                if parked:
-                    heapq.heappush(self._heap, parked.popleft())
+                while parked:  # hand the slot to the first parked task that is still queued
+                    entry = parked.popleft()
+                    if entry[2].state is _QUEUED:
+                        heapq.heappush(self._heap, entry)
+                        break
             if self._heap:
                 self._dispatch()
             self._check_idle()
@@ -723,6 +741,13 @@ class Scheduler:
                     waiter.set_result(None)
         if handle._chunk_waiter is not None:
             handle._wake_stream()
+        if handle._callbacks is not None:
+            callbacks, handle._callbacks = handle._callbacks, None
+            for callback in callbacks:
+                try:
+                    callback(handle)
+                except Exception:
+                    log.exception("done callback %r of task %s failed", callback, handle.id)
         if self._observers:
             self._event(state._value_, handle, error)
         if self._idle_waiters:

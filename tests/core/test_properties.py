@@ -39,9 +39,14 @@ class Probe:
         self.gpu: dict[int, float] = {}
         self.peak_gpu = 0.0
         self.lock = threading.Lock()
+        self.running = self.peak_running = 0
+        self.singles = self.peak_singles = 0
 
     def algorithms(self) -> Sequence[Algorithm]:
-        return [Algorithm(name, resources=Resources(cpu=1)) for name in ("gate", "echo", "fail", "block")]
+        return [
+            *(Algorithm(name, resources=Resources(cpu=1)) for name in ("gate", "echo", "fail", "block")),
+            Algorithm("single", resources=Resources(cpu=1), thread_safe=False),
+        ]
 
     def requirements(self, request: Request) -> Resources:
         return Resources(cpu=1)
@@ -74,15 +79,23 @@ class Probe:
 
     async def _hold_async(self, request: Request, ctx: TaskContext) -> Response:
         self._take(request, ctx, 1)
+        self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
+        if ctx.algorithm.name == "single":
+            self.singles += 1
+            self.peak_singles = max(self.peak_singles, self.singles)
         try:
             name = ctx.algorithm.name
-            if name == "gate":
+            if name in ("gate", "single"):
                 await self.gates.setdefault(request.inputs, asyncio.Event()).wait()
             elif name == "fail":
                 raise ExecutorError("planned failure", retryable=bool(request.inputs % 2))
             return Response(request.inputs)
         finally:
             self._take(request, ctx, -1)
+            self.running -= 1
+            if ctx.algorithm.name == "single":
+                self.singles -= 1
 
     def release(self, key: int) -> None:
         self.gates.setdefault(key, asyncio.Event()).set()
@@ -104,11 +117,14 @@ resources = st.builds(
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    @initialize(max_queue=st.integers(2, 12), aging=st.sampled_from([0.0, 0.01, 10.0]))
-    def start(self, max_queue: int, aging: float) -> None:
+    @initialize(max_queue=st.integers(2, 12), aging=st.sampled_from([0.0, 0.01, 10.0]),
+                limit=st.sampled_from([None, 1, 2]))
+    def start(self, max_queue: int, aging: float, limit: int | None) -> None:
         self.loop = asyncio.new_event_loop()
         self.probe = Probe()
-        config = Config(retries=1, retry_backoff=0.001, aging=aging)
+        self.limit = limit
+        executors = {"probe": {"max_concurrency": limit}} if limit else {}
+        config = Config(retries=1, retry_backoff=0.001, aging=aging, executors=executors)
         self.scheduler = Scheduler(Registry([self.probe]), capacity=CAPACITY, max_queue=max_queue, config=config)
         self.loop.run_until_complete(self.scheduler.start())
         self.handles: list = []
@@ -121,7 +137,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.ends.setdefault(event.task_id, []).append(event.kind)
 
     @rule(
-        algorithm=st.sampled_from(["gate", "echo", "fail", "block"]),
+        algorithm=st.sampled_from(["gate", "echo", "fail", "block", "single"]),
         need=resources,
         priority=st.integers(-3, 3),
         timeout=st.sampled_from([None, None, 0.001, 0.02]),
@@ -169,6 +185,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.probe.peak_cpu <= CAPACITY.cpu + 1e-9
         assert self.probe.peak_memory <= CAPACITY.memory_mb + 1e-9
         assert self.probe.peak_gpu <= CAPACITY.gpu_memory_mb + 1e-9
+
+    @invariant()
+    def within_concurrency_limits(self) -> None:
+        assert self.probe.peak_singles <= 1
+        if self.limit is not None:
+            assert self.probe.peak_running <= self.limit
 
     @invariant()
     def at_most_one_end(self) -> None:

@@ -450,3 +450,68 @@ async def test_executor_threads_can_stream_and_report_progress() -> None:
         assert [c async for c in handle.stream()] == [0, 1, 2, 3, 4]
         assert (await handle.result()).outputs == 5
     assert seen_threads[0].startswith("edgecompute-worker")
+
+
+async def test_done_callbacks_run_in_finishing_order_and_at_once_when_done() -> None:
+    scheduler, ctl = make(cpu=2)
+    async with scheduler:
+        finished: list[str] = []
+        first = scheduler.submit(Request("ctl/gate", "first"))
+        second = scheduler.submit(Request("ctl/gate", "second"))
+        first.add_done_callback(lambda h: finished.append(h.request.inputs))
+        second.add_done_callback(lambda h: finished.append(h.request.inputs))
+        second.add_done_callback(lambda h: 1 / 0)  # a broken callback is logged, nothing more
+        ctl.release("second")
+        await second.result()
+        ctl.release("first")
+        await first.result()
+        first.add_done_callback(lambda h: finished.append("late"))
+    assert finished == ["second", "first", "late"]
+
+
+async def test_blocking_executor_base_class_runs_on_worker_threads() -> None:
+    from edgecompute import Algorithm, BlockingExecutor
+
+    class Hasher(BlockingExecutor):
+        name = "hash"
+        version = "1"
+
+        def algorithms(self) -> list[Algorithm]:
+            return [Algorithm("sha256", "hex digest of bytes", Resources(cpu=1))]
+
+        def run(self, request: Request, ctx) -> str:  # type: ignore[no-untyped-def]
+            import hashlib
+
+            assert threading.current_thread() is not threading.main_thread()
+            return hashlib.sha256(request.inputs).hexdigest()
+
+    async with Scheduler(Registry([Hasher()]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        response = await scheduler.run("hash/sha256", b"abc")
+        assert response.outputs.startswith("ba7816bf")
+        assert scheduler.registry.select("sha256").algorithm.resources == Resources(cpu=1)
+
+
+async def test_a_cancelled_parked_task_does_not_strand_the_ones_behind_it() -> None:
+    scheduler, ctl = make(cpu=8, config=Config(executors={"ctl": {"max_concurrency": 1}}))
+    async with scheduler:
+        running = scheduler.submit(Request("ctl/gate", "running"))
+        parked = [scheduler.submit(Request("ctl/gate", f"p{i}")) for i in range(3)]
+        await settle()
+        parked[0].cancel()
+        ctl.release("running")
+        ctl.release("p1")
+        ctl.release("p2")
+        await asyncio.wait_for(asyncio.gather(running.result(), parked[1].result(), parked[2].result()), 5)
+
+
+async def test_cancelling_run_cancels_its_task() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        caller = asyncio.create_task(scheduler.run("ctl/sleep", 10))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await settle()
+        assert scheduler.stats().finished["cancelled"] == 1
+        assert scheduler.idle
