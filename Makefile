@@ -4,11 +4,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# executor distributions that have landed; each is installed as its own distribution
-EXECUTORS :=
+# executor distributions; each is installed as its own distribution, as a user would
+EXECUTORS := edgecompute_cpp edgecompute_wasm
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
+# Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm)
+DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup system demo test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +22,25 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(foreach e,$(EXECUTORS),$(e)/p
 
 setup: $(VENV)/.installed
 
+# installs missing Debian packages when run as root (CI, fresh machines); otherwise says what is missing
+system:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "missing Debian packages (install them as root): $$missing"; exit 1; fi; \
+	fi
+
 demo: setup
 	$(BIN)/edgecompute demo
 
 lint: setup
-	$(BIN)/ruff check edgecompute tests/core tests/plugins benchmarks/scheduler.py $(EXECUTORS)
+	$(BIN)/ruff check edgecompute tests benchmarks $(EXECUTORS)
 
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck
+test: system lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: setup

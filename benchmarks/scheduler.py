@@ -1,10 +1,16 @@
 """Scheduler overhead: N no-op tasks through the full path against plain asyncio, anyio and threads.
 
     python benchmarks/scheduler.py [--tasks 20000] [--queued 100000]
+    python benchmarks/scheduler.py --instructions     # noise-free: CPU instructions per task
+
 
 Prints microseconds per task for each way of running N no-op tasks, the ratio to raw asyncio, and
 the memory cost of a deep queue. The edgecompute rows go through the whole path: submit (executor
 selection, resource check, queue), admission, execute, and awaiting the result.
+
+Wall-clock figures move with whatever else the machine runs. ``--instructions`` counts the
+instructions each path executes per task under valgrind (the difference between runs of 1,000 and
+3,000 tasks, so start-up cancels out), which is the same on every run of the same build.
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ import argparse
 import asyncio
 import concurrent.futures
 import gc
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -126,12 +136,48 @@ async def queued_memory(n: int) -> float:
     return per_task
 
 
+PATHS: dict[str, Callable[[int], Awaitable[None]]] = {
+    "raw asyncio tasks": raw_asyncio,
+    "ThreadPoolExecutor(4)": thread_pool,
+    "edgecompute async executor": edgecompute_path("bench/nothing", prebuilt=True),
+    "edgecompute blocking (thread) executor": edgecompute_path("bench/blocking_nothing", prebuilt=True),
+}
+
+
+def _instructions(path: str, n: int) -> int:
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+               sys.executable, __file__, "--one", path, "--tasks", str(n)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    match = re.search(r"Collected : (\d+)", output)
+    assert match, output
+    return int(match.group(1))
+
+
+def instructions_table() -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    counts = {path: (_instructions(path, 3000) - _instructions(path, 1000)) / 2000 for path in PATHS}
+    base, threads = counts["raw asyncio tasks"], counts["ThreadPoolExecutor(4)"]
+    print("instructions per task (valgrind; 3,000 minus 1,000 tasks)")
+    print(f"{'path':42} {'instr/task':>11} {'x asyncio':>10} {'x threads':>10}")
+    for path, count in counts.items():
+        print(f"{path:42} {count:11,.0f} {count / base:10.2f} {count / threads:10.2f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--queued", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--instructions", action="store_true", help="count instructions under valgrind")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        await PATHS[args.one](args.tasks)
+        return
+    if args.instructions:
+        instructions_table()
+        return
     n = args.tasks
     rows: list[tuple[str, Callable[[int], Awaitable[None]], float | None]] = [
         ("raw asyncio tasks", raw_asyncio, None),

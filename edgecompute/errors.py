@@ -111,7 +111,7 @@ class SchedulerClosed(EdgeComputeError, RuntimeError):
     """The scheduler is closing or closed and takes no new tasks."""
 
 
-class TaskTimeout(EdgeComputeError, TimeoutError):
+class TaskTimeout(EdgeComputeError):
     """The task passed its deadline (time in the queue plus time running)."""
 
 

@@ -1,0 +1,349 @@
+"""``process`` isolation, host side: a pool of worker processes, arrays through shared memory.
+
+Each worker owns an arena: a file in ``/dev/shm`` mapped by the host and the worker and unlinked
+once both have mapped it (so nothing is left behind, even after a crash). The host copies inputs
+into it, the worker runs the plugin on views of them and copies the outputs in after the inputs,
+and the host copies them out. A worker that dies (segfault, abort, kill) fails only the call it
+was running; the next call starts a fresh worker. A call past its deadline kills its worker.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from edgecompute.errors import (
+    ExecutorCrashed,
+    ExecutorError,
+    InvalidRequest,
+    PluginError,
+    TaskCancelled,
+    TaskTimeout,
+)
+
+from . import ABI_VERSION, MIN_ABI_VERSION
+from ._native import PluginCallError
+from ._worker import align
+from .errors import PluginABIError
+
+__all__ = ["Ticket", "Worker", "WorkerPool"]
+
+_START_TIMEOUT = 60.0
+_MIN_ARENA = 8 << 20
+
+
+def _shm_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _new_arena(size: int) -> tuple[str, mmap.mmap]:
+    # reserve the pages now: a sparse file in a full /dev/shm (64 MB in a default Docker
+    # container) would kill the host with SIGBUS on first write, not raise
+    for directory in dict.fromkeys((_shm_dir(), None)):
+        fd, path = tempfile.mkstemp(prefix="edgecompute-cpp-", dir=directory)
+        try:
+            os.ftruncate(fd, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            return path, mmap.mmap(fd, size)
+        except OSError as exc:
+            os.unlink(path)
+            error = exc
+        finally:
+            os.close(fd)
+    raise ExecutorError(f"cannot allocate a {size / 2**20:.0f} MiB shared-memory arena for a cpp worker: {error}")
+
+
+def _signal_name(returncode: int | None) -> str:
+    if returncode is None:
+        return "unknown status"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class Ticket:
+    """One call in flight; the event loop cancels it by killing the worker running it."""
+
+    __slots__ = ("_lock", "cancelled", "worker")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.worker: Worker | None = None
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        # under the lock: the worker cannot be handed to another call while we kill it
+        with self._lock:
+            self.cancelled = True
+            worker = self.worker
+            if worker is not None:
+                worker.kill()
+
+    def assign(self, worker: Worker | None) -> None:
+        with self._lock:
+            self.worker = worker
+
+
+class Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: Connection | None = None
+        self.map: mmap.mmap | None = None
+        self.size = 0
+        self.calls = 0
+        self.starts = 0
+        self.crashes = 0
+        self.last_exit: str | None = None
+        self._stderr: Any = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def state(self) -> dict[str, Any]:
+        return {"index": self.index, "pid": self.pid if self.alive else None,
+                "state": "running" if self.alive else "stopped", "calls": self.calls, "starts": self.starts,
+                "crashes": self.crashes, "last_exit": self.last_exit, "arena_mb": round(self.size / 2**20, 1)}
+
+    def start(self, arena_size: int) -> None:
+        self.stop()
+        path, arena = _new_arena(max(arena_size, _MIN_ARENA))
+        parent, child = socket.socketpair()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgecompute_cpp._worker", str(child.fileno()), path],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+            )
+        except OSError as exc:
+            os.unlink(path)
+            raise ExecutorCrashed(f"cannot start a cpp worker process: {exc}") from exc
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
+        self.map, self.size = arena, arena.size()
+        self.starts += 1
+        try:
+            if not self.conn.poll(_START_TIMEOUT):
+                raise ExecutorCrashed(f"cpp worker {self.index} did not start within {_START_TIMEOUT:g} s")
+            self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise self.crashed("while starting") from exc
+        finally:
+            os.unlink(path)  # both processes have it mapped (or the worker is gone)
+
+    def ensure_arena(self, needed: int) -> None:
+        if needed <= self.size:
+            return
+        size = max(align(needed * 2), self.size * 2)
+        path, arena = _new_arena(size)
+        try:
+            self.request(("arena", path), None)
+        finally:
+            os.unlink(path)
+        old, self.map, self.size = self.map, arena, size
+        if old is not None:
+            old.close()
+
+    def request(self, message: tuple[Any, ...], deadline: float | None, what: str = "") -> Any:
+        conn = self.conn
+        assert conn is not None
+        try:
+            conn.send(message)
+            expired = False
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                expired = left <= 0 or not conn.poll(left)
+            if not expired:
+                return conn.recv()
+        except (EOFError, OSError) as exc:
+            raise self.crashed(what) from exc
+        pid = self.pid
+        self.stop()
+        self.last_exit = "killed: deadline passed"
+        # TaskTimeout is an OSError (via TimeoutError): raised outside the handler above on purpose
+        raise TaskTimeout(f"cpp worker {self.index} (pid {pid}) was killed: {what} passed its deadline")
+
+    def crashed(self, what: str) -> ExecutorCrashed:
+        proc = self.proc
+        status = None
+        if proc is not None:
+            try:
+                status = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = proc.wait()
+        self.crashes += 1
+        self.last_exit = _signal_name(status)
+        tail = ""
+        if self._stderr is not None:
+            try:
+                self._stderr.seek(0, os.SEEK_END)
+                end = self._stderr.tell()
+                self._stderr.seek(max(0, end - 2000))
+                tail = self._stderr.read().decode("utf-8", "replace").strip()
+            except OSError:
+                pass
+        pid = proc.pid if proc is not None else "?"
+        message = f"cpp worker {self.index} (pid {pid}) died with {self.last_exit}" + (f" while {what}" if what else "")
+        if tail:
+            message += f"; its last output:\n{tail}"
+        self.stop()
+        return ExecutorCrashed(message)
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.proc is not None:
+            self.kill()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:
+                pass  # a view is still alive; the mapping goes with it
+            self.map = None
+            self.size = 0
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+
+class WorkerPool:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._workers: list[Worker] = []
+        self._idle: list[Worker] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._output_hint: dict[str, int] = {}
+
+    def states(self) -> list[dict[str, Any]]:
+        return [w.state() for w in self._workers]
+
+    def _checkout(self) -> Worker:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ExecutorCrashed("the cpp executor is closed", retryable=False)
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._workers) < self.size:
+                    worker = Worker(len(self._workers))
+                    self._workers.append(worker)
+                    return worker
+                self._cond.wait()
+
+    def _checkin(self, worker: Worker) -> None:
+        with self._cond:
+            self._idle.append(worker)
+            self._cond.notify()
+
+    def describe(self, path: str, label: str) -> dict[str, Any]:
+        worker = self._checkout()
+        try:
+            if not worker.alive:
+                worker.start(_MIN_ARENA)
+            try:
+                reply = worker.request(("describe", path), time.monotonic() + _START_TIMEOUT, f"loading {label}")
+            except (ExecutorCrashed, TaskTimeout) as exc:
+                raise PluginError(label, f"loading it crashed its worker process: {exc}") from exc
+        finally:
+            self._checkin(worker)
+        if reply[0] == "ok":
+            return reply[1]  # type: ignore[no-any-return]
+        if reply[1] == "PluginABIError":
+            raise PluginABIError(label, int(reply[3]), (MIN_ABI_VERSION, ABI_VERSION))
+        raise PluginError(label, reply[2])
+
+    def call(self, ticket: Ticket, path: str, qualified: str, algorithm: str, params: bytes,
+             inputs: Sequence[tuple[bytes | None, np.ndarray]], deadline: float | None) -> list[tuple[str, np.ndarray]]:
+        worker = self._checkout()
+        try:
+            ticket.assign(worker)
+            if ticket.cancelled:
+                raise TaskCancelled(f"{qualified} was cancelled")
+            if not worker.alive:
+                worker.start(_MIN_ARENA)
+            specs = []
+            offset = 0
+            for name, array in inputs:
+                specs.append((name, array.dtype.str, array.shape, offset))
+                offset = align(offset + array.nbytes)
+            hint = self._output_hint.get(qualified, 0)
+            worker.ensure_arena(offset + max(offset, hint, 1 << 16))
+            arena = worker.map
+            assert arena is not None
+            for (_, array), spec in zip(inputs, specs, strict=True):
+                if array.nbytes:
+                    arena[spec[3]:spec[3] + array.nbytes] = array.data.cast("B") if array.ndim else array.tobytes()
+            worker.calls += 1
+            reply = worker.request(("call", path, algorithm, params, specs, offset), deadline, f"running {qualified}")
+            if reply[0] != "ok":
+                kind, message = reply[1], reply[2]
+                if kind == "invalid":
+                    raise InvalidRequest(message)
+                raise PluginCallError(message, 3)
+            outputs = []
+            total = 0
+            for item in reply[1]:
+                if len(item) == 4:
+                    name, dtype, shape, start = item
+                    count = 1
+                    for s in shape:
+                        count *= s
+                    array = np.frombuffer(arena, dtype=dtype, count=count, offset=start).reshape(shape).copy()
+                else:
+                    name, array = item
+                total += array.nbytes
+                outputs.append((name, array))
+            self._output_hint[qualified] = total
+            return outputs
+        except ExecutorCrashed as exc:
+            if ticket.cancelled:
+                raise TaskCancelled(f"{qualified} was cancelled; its worker was killed") from exc
+            raise
+        finally:
+            ticket.assign(None)
+            self._checkin(worker)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.stop()

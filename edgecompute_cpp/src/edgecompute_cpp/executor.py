@@ -1,0 +1,391 @@
+"""The ``cpp`` executor: native C++ plugins, in-process through cffi or in worker processes.
+
+This module imports only the standard library and edgecompute: cffi, numpy and the compiler are
+used when the executor first loads its plugins (on ``algorithms()``, i.e. when the registry first
+builds it), never on import or construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgecompute.errors import ConfigError, EdgeComputeError, ExecutorCrashed, InvalidRequest, PluginError, TaskTimeout
+from edgecompute.models import Algorithm, Health, HealthStatus, Request, Resources, Response
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from edgecompute.context import TaskContext
+
+    from ._native import NativePlugin
+    from ._process import WorkerPool
+
+__all__ = ["ENTRY_POINT_GROUP", "PLUGIN_PATH_ENV", "CppExecutor"]
+
+log = logging.getLogger("edgecompute.cpp")
+
+ENTRY_POINT_GROUP = "edgecompute_cpp.plugins"
+PLUGIN_PATH_ENV = "EDGECOMPUTE_CPP_PLUGIN_PATH"
+ISOLATIONS = ("inprocess", "process")
+_CONFIG_KEYS = {"isolation", "workers", "plugins", "builtin", "inline_below_us", "compile_flags",
+                # read by the core (registry, scheduler), not by the executor
+                "enabled", "max_concurrency"}
+
+
+class _Plugin:
+    __slots__ = ("abi_version", "algorithms", "name", "native", "path", "source", "version")
+
+    def __init__(self, name: str, version: str, abi_version: int, path: str, source: str,
+                 native: NativePlugin | None) -> None:
+        self.name = name
+        self.version = version
+        self.abi_version = abi_version
+        self.path = path
+        self.source = source
+        self.native = native
+        self.algorithms: list[str] = []
+
+
+class _Entry:
+    __slots__ = ("algorithm", "metrics", "native_name", "plugin", "qualified")
+
+    def __init__(self, algorithm: Algorithm, plugin: _Plugin, native_name: str) -> None:
+        self.algorithm = algorithm
+        self.plugin = plugin
+        self.native_name = native_name
+        self.qualified = f"cpp/{algorithm.name}"
+        # calls, errors, crashes, timeouts, total seconds, max seconds
+        self.metrics = [0, 0, 0, 0, 0.0, 0.0]
+
+
+class _Loaded:
+    def __init__(self) -> None:
+        self.plugins: dict[str, _Plugin] = {}
+        self.entries: dict[str, _Entry] = {}
+        self.problems: list[PluginError] = []
+
+
+def _check_config(config: Mapping[str, Any]) -> None:
+    unknown = set(config) - _CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"[executors.cpp]: unknown setting(s) {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(sorted(_CONFIG_KEYS - {'enabled', 'max_concurrency'}))}")
+
+
+class CppExecutor:
+    """Runs the algorithms of native C++ plugins.
+
+    Settings (the ``[executors.cpp]`` table, or keyword arguments, which win):
+
+    * ``isolation``: ``"inprocess"`` (default; fastest, zero-copy) or ``"process"`` (plugins run in
+      worker processes; a crash fails only its task).
+    * ``workers``: worker processes in ``process`` mode (default 2).
+    * ``plugins``: extra plugin libraries (``.so``) or C++ sources to load.
+    * ``builtin``: load the bundled plugin (default true).
+    * ``inline_below_us``: in-process calls that took less than this last time (for inputs of the
+      same size) run on the event loop instead of a worker thread; 0 disables (default 100).
+    * ``compile_flags``: extra compiler flags for plugins given as source.
+
+    Plugins come from the bundled plugin, ``plugins``, the ``edgecompute_cpp.plugins`` entry points
+    and ``$EDGECOMPUTE_CPP_PLUGIN_PATH``. The bundled plugin's algorithms have bare names
+    (``cpp/gaussian_blur``); every other plugin's are ``<plugin>.<algorithm>``.
+    """
+
+    name = "cpp"
+    version = __version__
+
+    def __init__(self, config: Mapping[str, Any] | None = None, *, isolation: str | None = None,
+                 workers: int | None = None, plugins: Sequence[str | os.PathLike[str]] | None = None,
+                 builtin: bool | None = None, inline_below_us: float | None = None) -> None:
+        config = dict(config or {})
+        _check_config(config)
+        self.isolation = isolation if isolation is not None else config.get("isolation", "inprocess")
+        if self.isolation not in ISOLATIONS:
+            raise ConfigError(f"[executors.cpp] isolation must be one of {', '.join(ISOLATIONS)}, "
+                              f"not {self.isolation!r}")
+        self.workers = workers if workers is not None else config.get("workers", 2)
+        if type(self.workers) is not int or self.workers < 1:
+            raise ConfigError(f"[executors.cpp] workers must be an integer >= 1, not {self.workers!r}")
+        extra = plugins if plugins is not None else config.get("plugins", [])
+        if isinstance(extra, (str, os.PathLike)) or not all(isinstance(p, (str, os.PathLike)) for p in extra):
+            raise ConfigError(f"[executors.cpp] plugins must be a list of paths, not {extra!r}")
+        self.extra_plugins = [str(p) for p in extra]
+        self.builtin = builtin if builtin is not None else config.get("builtin", True)
+        if not isinstance(self.builtin, bool):
+            raise ConfigError(f"[executors.cpp] builtin must be true or false, not {self.builtin!r}")
+        inline = inline_below_us if inline_below_us is not None else config.get("inline_below_us", 100.0)
+        if isinstance(inline, bool) or not isinstance(inline, (int, float)) or inline < 0:
+            raise ConfigError(f"[executors.cpp] inline_below_us must be a number >= 0, not {inline!r}")
+        self._inline_s = float(inline) / 1e6
+        self.compile_flags = list(config.get("compile_flags", []))
+        self._loaded: _Loaded | None = None
+        self._load_lock = threading.Lock()
+        self._pool: WorkerPool | None = None
+        self._fast: dict[tuple[str, int], float] = {}
+        self._metrics_lock = threading.Lock()
+        self._closed = False
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def _ensure(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded
+        with self._load_lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def _sources(self, problems: list[PluginError]) -> list[tuple[str, Any]]:
+        from ._build import build_builtin
+
+        found: list[tuple[str, Any]] = []
+        if self.builtin:
+            found.append(("builtin", build_builtin))
+        found.extend(("config", path) for path in self.extra_plugins)
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            label = f"entry point {ep.name} ({ep.dist.name if ep.dist is not None else '?'})"
+            try:
+                value = ep.load()
+                if callable(value):
+                    value = value()
+                values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+                found.extend((label, str(v)) for v in values)
+            except Exception as exc:  # noqa: BLE001 - a broken third-party plugin is reported, not fatal
+                problems.append(PluginError(label, f"could not be loaded: {type(exc).__name__}: {exc}"))
+        from ._build import SOURCE_SUFFIXES
+
+        for item in filter(None, os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep)):
+            path = Path(item)
+            if path.is_dir():
+                for file in sorted(path.iterdir()):
+                    if file.suffix == ".so" or file.suffix in SOURCE_SUFFIXES:
+                        found.append((PLUGIN_PATH_ENV, str(file)))
+            else:
+                found.append((PLUGIN_PATH_ENV, str(path)))
+        return found
+
+    def _load(self) -> _Loaded:
+        from ._build import SOURCE_SUFFIXES, build_plugin
+
+        loaded = _Loaded()
+        if self.isolation == "process" and self._pool is None:
+            from ._process import WorkerPool
+
+            self._pool = WorkerPool(self.workers)
+        for source, target in self._sources(loaded.problems):
+            label = "the bundled plugin" if source == "builtin" else f"{target} (from {source})"
+            try:
+                if callable(target):
+                    path = str(target())
+                elif Path(target).suffix in SOURCE_SUFFIXES:
+                    path = str(build_plugin(target, flags=self.compile_flags))
+                else:
+                    path = target
+                    if not Path(path).exists():
+                        raise PluginError(label, "the file does not exist")
+                self._add(loaded, path, source, label)
+            except PluginError as exc:
+                loaded.problems.append(exc)
+            except EdgeComputeError as exc:
+                loaded.problems.append(PluginError(label, str(exc)))
+        for problem in loaded.problems:
+            log.warning("%s", problem)
+        return loaded
+
+    def _add(self, loaded: _Loaded, path: str, source: str, label: str) -> None:
+        native = None
+        if self.isolation == "inprocess":
+            from ._native import NativePlugin
+
+            native = NativePlugin(path, label)
+            info = native.describe()
+        else:
+            assert self._pool is not None
+            info = self._pool.describe(path, label)
+        name = info["name"]
+        if name in loaded.plugins:
+            raise PluginError(label, f"a plugin named {name!r} is already loaded from {loaded.plugins[name].path}")
+        plugin = _Plugin(name, info["version"], info["abi_version"], path, source, native)
+        bare = source == "builtin"
+        for a in info["algorithms"]:
+            algorithm_name = a["name"] if bare else f"{name}.{a['name']}"
+            algorithm = Algorithm(algorithm_name, a["description"], Resources(cpu=a["cpu"], memory_mb=a["memory_mb"]),
+                                  a["thread_safe"])
+            loaded.entries[algorithm_name] = _Entry(algorithm, plugin, a["name"])
+            plugin.algorithms.append(algorithm_name)
+        loaded.plugins[name] = plugin
+
+    # -- the Executor protocol --------------------------------------------------------------------
+
+    def algorithms(self) -> Sequence[Algorithm]:
+        return [entry.algorithm for entry in self._ensure().entries.values()]
+
+    def requirements(self, request: Request) -> Resources:
+        return self._lookup(request.algorithm.rpartition("/")[2]).algorithm.resources
+
+    def _lookup(self, name: str) -> _Entry:
+        entries = self._ensure().entries
+        entry = entries.get(name)
+        if entry is None:
+            raise InvalidRequest(f"cpp has no algorithm {name!r}; it has: {', '.join(sorted(entries)) or 'none'}")
+        return entry
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        entry = self._lookup(ctx.algorithm.name)
+        native = _native()
+        inputs = native.normalise_inputs(request.inputs, entry.qualified)
+        params = native.encode_params(request.params, entry.qualified)
+        if self._pool is None:
+            size = 0
+            for _, array in inputs:
+                size += array.nbytes
+            key = (entry.native_name, size.bit_length())
+            last = self._fast.get(key)
+            if last is not None and last < self._inline_s:
+                outputs = self._run_inprocess(entry, inputs, params, None, key)  # cheaper than a thread hop
+            else:
+                flag = native.ffi.new("int32_t*")
+                try:
+                    outputs = await ctx.run_sync(self._run_inprocess, entry, inputs, params, flag, key)
+                except asyncio.CancelledError:
+                    flag[0] = 1  # the plugin may poll result->cancelled and stop early
+                    raise
+        else:
+            from ._process import Ticket
+
+            ticket = Ticket()
+            try:
+                outputs = await ctx.run_sync(self._run_process, entry, inputs, params, ticket, ctx.deadline)
+            except asyncio.CancelledError:
+                ticket.cancel()  # kills the worker running it; the next call starts a fresh one
+                raise
+        return Response(_shape_outputs(outputs))
+
+    def call(self, algorithm: str, inputs: Any = None, params: Mapping[str, Any] | None = None, *,
+             timeout: float | None = None) -> Any:
+        """Run an algorithm now, on this thread, without a scheduler (for scripts and benchmarks)."""
+        entry = self._lookup(algorithm.rpartition("/")[2])
+        native = _native()
+        arrays = native.normalise_inputs(inputs, entry.qualified)
+        encoded = native.encode_params(params or {}, entry.qualified)
+        if self._pool is None:
+            return _shape_outputs(self._run_inprocess(entry, arrays, encoded, None, None))
+        from ._process import Ticket
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _shape_outputs(self._run_process(entry, arrays, encoded, Ticket(), deadline))
+
+    def _run_inprocess(self, entry: _Entry, inputs: Any, params: bytes, flag: Any,
+                       key: tuple[str, int] | None) -> Any:
+        native = entry.plugin.native
+        assert native is not None
+        start = time.perf_counter()
+        try:
+            outputs = native.call(entry.native_name, inputs, params, flag)
+        except BaseException as exc:
+            self._record(entry, time.perf_counter() - start, exc)
+            raise
+        elapsed = time.perf_counter() - start
+        if key is not None:
+            self._fast[key] = elapsed
+        self._record(entry, elapsed, None)
+        return outputs
+
+    def _run_process(self, entry: _Entry, inputs: Any, params: bytes, ticket: Any, deadline: float | None) -> Any:
+        assert self._pool is not None
+        start = time.perf_counter()
+        try:
+            outputs = self._pool.call(ticket, entry.plugin.path, entry.qualified, entry.native_name, params,
+                                      inputs, deadline)
+        except BaseException as exc:
+            self._record(entry, time.perf_counter() - start, exc)
+            raise
+        self._record(entry, time.perf_counter() - start, None)
+        return outputs
+
+    def _record(self, entry: _Entry, elapsed: float, error: BaseException | None) -> None:
+        m = entry.metrics
+        with self._metrics_lock:
+            m[0] += 1
+            if error is not None:
+                m[1] += 1
+                if isinstance(error, ExecutorCrashed):
+                    m[2] += 1
+                elif isinstance(error, TaskTimeout):
+                    m[3] += 1
+            m[4] += elapsed
+            if elapsed > m[5]:
+                m[5] = elapsed
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Per algorithm: calls, errors, crashes, timeouts, total_s, mean_s, max_s."""
+        loaded = self._loaded
+        if loaded is None:
+            return {}
+        report = {}
+        with self._metrics_lock:
+            for name, entry in loaded.entries.items():
+                calls, errors, crashes, timeouts, total, longest = entry.metrics
+                if calls:
+                    report[name] = {"calls": calls, "errors": errors, "crashes": crashes, "timeouts": timeouts,
+                                    "total_s": total, "mean_s": total / calls, "max_s": longest}
+        return report
+
+    async def health(self) -> Health:
+        try:
+            loaded = await asyncio.to_thread(self._ensure)
+        except Exception as exc:  # noqa: BLE001 - health must answer
+            return Health(HealthStatus.DOWN, f"loading plugins failed: {type(exc).__name__}: {exc}")
+        details: dict[str, Any] = {
+            "isolation": self.isolation,
+            "plugins": [
+                {"name": p.name, "version": p.version, "abi_version": p.abi_version, "path": p.path,
+                 "source": p.source, "algorithms": list(p.algorithms)}
+                for p in loaded.plugins.values()
+            ],
+            "problems": [str(p) for p in loaded.problems],
+            "metrics": self.metrics(),
+        }
+        if self._pool is not None:
+            details["workers"] = self._pool.states()
+        if not loaded.entries:
+            return Health(HealthStatus.DOWN, "no C++ plugin loaded", details)
+        if loaded.problems:
+            return Health(HealthStatus.DEGRADED, f"{len(loaded.problems)} plugin(s) failed to load", details)
+        return Health(HealthStatus.OK, f"{len(loaded.plugins)} plugin(s), {len(loaded.entries)} algorithm(s)", details)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.close)
+
+
+_native_module: Any = None
+
+
+def _native() -> Any:
+    """The cffi/numpy layer, imported on first use (a global lookup afterwards)."""
+    global _native_module
+    if _native_module is None:
+        from . import _native as module
+
+        _native_module = module
+    return _native_module
+
+
+def _shape_outputs(outputs: list[tuple[str, Any]]) -> Any:
+    if len(outputs) == 1:
+        return outputs[0][1]
+    if not outputs:
+        return None
+    return dict(outputs)
+

@@ -1,0 +1,333 @@
+// Optional C++17 helpers for writing edgecompute plugins on top of plugin.h:
+//   ec::Params   - the call's JSON params (a small, dependency-free JSON reader)
+//   ec::Inputs   - find inputs by name or position, check dtype and rank
+//   ec::output<T>(result, name, dtype, shape) - allocate an output the plugin owns
+//   ec::guard(result, fn) - run fn, turning ec::Error / std::bad_alloc / std::exception into codes
+//   EC_DEFINE_RELEASE() - defines ec_release() for outputs allocated with ec::output
+#ifndef EDGECOMPUTE_PLUGIN_HPP
+#define EDGECOMPUTE_PLUGIN_HPP
+
+#include "plugin.h"
+
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <initializer_list>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ec {
+
+struct Error : std::runtime_error {
+    int32_t code;
+    Error(int32_t code_, const std::string& message) : std::runtime_error(message), code(code_) {}
+};
+
+inline Error invalid(const std::string& message) { return Error(EC_INVALID_INPUT, message); }
+
+inline const char* dtype_name(int32_t dtype) {
+    static const char* names[] = {"?", "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32",
+                                  "uint64", "int64", "float32", "float64", "complex64", "complex128"};
+    return dtype >= 1 && dtype <= 13 ? names[dtype] : "?";
+}
+
+inline size_t dtype_size(int32_t dtype) {
+    switch (dtype) {
+        case EC_BOOL: case EC_UINT8: case EC_INT8: return 1;
+        case EC_UINT16: case EC_INT16: return 2;
+        case EC_UINT32: case EC_INT32: case EC_FLOAT32: return 4;
+        case EC_UINT64: case EC_INT64: case EC_FLOAT64: case EC_COMPLEX64: return 8;
+        case EC_COMPLEX128: return 16;
+        default: return 0;
+    }
+}
+
+inline int64_t element_count(const ec_buffer& b) {
+    int64_t n = 1;
+    for (int i = 0; i < b.ndim; ++i) n *= b.shape[i];
+    return n;
+}
+
+inline std::string shape_string(const ec_buffer& b) {
+    std::string s = "(";
+    for (int i = 0; i < b.ndim; ++i) {
+        if (i) s += ", ";
+        s += std::to_string(b.shape[i]);
+    }
+    if (b.ndim == 1) s += ",";
+    return s + ")";
+}
+
+// ---- JSON params --------------------------------------------------------------------------
+
+struct Value {
+    enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
+    bool boolean = false;
+    double number = 0;
+    std::string string;
+    std::vector<Value> items;
+    std::vector<std::pair<std::string, Value>> members;
+
+    const Value* get(const std::string& key) const {
+        for (const auto& m : members)
+            if (m.first == key) return &m.second;
+        return nullptr;
+    }
+};
+
+class JsonReader {
+  public:
+    explicit JsonReader(const char* text) : p_(text ? text : "") {}
+    Value parse() {
+        Value v = value();
+        space();
+        if (*p_) fail("trailing characters");
+        return v;
+    }
+
+  private:
+    const char* p_;
+    [[noreturn]] void fail(const char* what) { throw invalid(std::string("bad params JSON: ") + what); }
+    void space() { while (*p_ && std::isspace(static_cast<unsigned char>(*p_))) ++p_; }
+    bool take(const char* word) {
+        size_t n = std::strlen(word);
+        if (std::strncmp(p_, word, n) == 0) { p_ += n; return true; }
+        return false;
+    }
+    Value value() {
+        space();
+        Value v;
+        if (*p_ == '{') {
+            ++p_; v.kind = Value::Object; space();
+            if (*p_ == '}') { ++p_; return v; }
+            for (;;) {
+                space();
+                if (*p_ != '"') fail("expected a key");
+                std::string key = str();
+                space();
+                if (*p_++ != ':') fail("expected ':'");
+                v.members.emplace_back(key, value());
+                space();
+                if (*p_ == ',') { ++p_; continue; }
+                if (*p_ == '}') { ++p_; return v; }
+                fail("expected ',' or '}'");
+            }
+        }
+        if (*p_ == '[') {
+            ++p_; v.kind = Value::Array; space();
+            if (*p_ == ']') { ++p_; return v; }
+            for (;;) {
+                v.items.push_back(value());
+                space();
+                if (*p_ == ',') { ++p_; continue; }
+                if (*p_ == ']') { ++p_; return v; }
+                fail("expected ',' or ']'");
+            }
+        }
+        if (*p_ == '"') { v.kind = Value::String; v.string = str(); return v; }
+        if (take("true")) { v.kind = Value::Bool; v.boolean = true; return v; }
+        if (take("false")) { v.kind = Value::Bool; return v; }
+        if (take("null")) return v;
+        if (take("NaN")) { v.kind = Value::Number; v.number = NAN; return v; }
+        char* end = nullptr;
+        v.number = std::strtod(p_, &end);
+        if (end == p_) fail("unexpected character");
+        p_ = end; v.kind = Value::Number;
+        return v;
+    }
+    std::string str() {
+        std::string s;
+        ++p_;
+        while (*p_ && *p_ != '"') {
+            if (*p_ == '\\') {
+                ++p_;
+                switch (*p_) {
+                    case 'n': s += '\n'; break;
+                    case 't': s += '\t'; break;
+                    case 'r': s += '\r'; break;
+                    case 'b': s += '\b'; break;
+                    case 'f': s += '\f'; break;
+                    case 'u': {  // keep ASCII, replace the rest
+                        unsigned code = 0;
+                        for (int i = 1; i <= 4 && p_[i]; ++i) code = code * 16 + (std::isdigit(p_[i]) ? p_[i] - '0' : (std::tolower(p_[i]) - 'a' + 10));
+                        s += code < 128 ? static_cast<char>(code) : '?';
+                        p_ += 4;
+                        break;
+                    }
+                    default: s += *p_;
+                }
+                ++p_;
+            } else {
+                s += *p_++;
+            }
+        }
+        if (*p_ != '"') fail("unterminated string");
+        ++p_;
+        return s;
+    }
+};
+
+class Params {
+  public:
+    explicit Params(const char* json) : root_(JsonReader(json && *json ? json : "{}").parse()) {
+        if (root_.kind != Value::Object) throw invalid("params must be a JSON object");
+    }
+    bool has(const std::string& key) const { return root_.get(key) != nullptr; }
+    const Value* get(const std::string& key) const { return root_.get(key); }
+    double number(const std::string& key, double fallback) const {
+        const Value* v = root_.get(key);
+        if (!v || v->kind == Value::Null) return fallback;
+        if (v->kind != Value::Number) throw invalid("param '" + key + "' must be a number");
+        return v->number;
+    }
+    int64_t integer(const std::string& key, int64_t fallback) const {
+        double d = number(key, static_cast<double>(fallback));
+        if (d != static_cast<double>(static_cast<int64_t>(d))) throw invalid("param '" + key + "' must be an integer");
+        return static_cast<int64_t>(d);
+    }
+    bool boolean(const std::string& key, bool fallback) const {
+        const Value* v = root_.get(key);
+        if (!v || v->kind == Value::Null) return fallback;
+        if (v->kind != Value::Bool) throw invalid("param '" + key + "' must be true or false");
+        return v->boolean;
+    }
+    std::string string(const std::string& key, const std::string& fallback) const {
+        const Value* v = root_.get(key);
+        if (!v || v->kind == Value::Null) return fallback;
+        if (v->kind != Value::String) throw invalid("param '" + key + "' must be a string");
+        return v->string;
+    }
+    // a number or a list of numbers
+    std::vector<double> numbers(const std::string& key, std::vector<double> fallback) const {
+        const Value* v = root_.get(key);
+        if (!v || v->kind == Value::Null) return fallback;
+        if (v->kind == Value::Number) return {v->number};
+        if (v->kind != Value::Array) throw invalid("param '" + key + "' must be a number or a list of numbers");
+        std::vector<double> out;
+        for (const auto& item : v->items) {
+            if (item.kind != Value::Number) throw invalid("param '" + key + "' must hold numbers only");
+            out.push_back(item.number);
+        }
+        return out;
+    }
+
+  private:
+    Value root_;
+};
+
+// ---- inputs ---------------------------------------------------------------------------------
+
+class Inputs {
+  public:
+    Inputs(const ec_buffer* buffers, int32_t n) : b_(buffers), n_(n) {}
+    int32_t size() const { return n_; }
+    const ec_buffer& operator[](int32_t i) const { return b_[i]; }
+    // the input called `name`, else the one at `position`; throws if there is neither
+    const ec_buffer& get(const char* name, int32_t position) const {
+        for (int32_t i = 0; i < n_; ++i)
+            if (b_[i].name && std::strcmp(b_[i].name, name) == 0) return b_[i];
+        if (position < n_) return b_[position];
+        throw invalid(std::string("missing input '") + name + "'");
+    }
+
+  private:
+    const ec_buffer* b_;
+    int32_t n_;
+};
+
+inline void require_dtype(const ec_buffer& b, const char* what, std::initializer_list<int32_t> allowed) {
+    for (int32_t d : allowed)
+        if (b.dtype == d) return;
+    std::string names;
+    for (int32_t d : allowed) names += (names.empty() ? "" : ", ") + std::string(dtype_name(d));
+    throw invalid(std::string(what) + " must have dtype " + names + ", not " + dtype_name(b.dtype));
+}
+
+inline void require_ndim(const ec_buffer& b, const char* what, int lo, int hi) {
+    if (b.ndim < lo || b.ndim > hi)
+        throw invalid(std::string(what) + " must have " + std::to_string(lo) +
+                      (lo == hi ? "" : "-" + std::to_string(hi)) + " dimensions, got shape " + shape_string(b));
+}
+
+// ---- outputs --------------------------------------------------------------------------------
+
+struct Owner {
+    std::vector<void*> blocks;
+    virtual ~Owner() {
+        for (void* b : blocks) std::free(b);
+    }
+};
+
+template <class T>
+T* output(ec_result* r, const char* name, int32_t dtype, std::initializer_list<int64_t> shape) {
+    if (r->n_outputs >= EC_MAX_OUTPUTS) throw Error(EC_INTERNAL_ERROR, "too many outputs");
+    if (shape.size() > EC_MAX_DIMS) throw Error(EC_INTERNAL_ERROR, "too many dimensions");
+    if (!r->owner) r->owner = new Owner();
+    Owner* owner = static_cast<Owner*>(r->owner);
+    size_t count = 1;
+    for (int64_t s : shape) count *= static_cast<size_t>(s);
+    size_t bytes = count * dtype_size(dtype);
+    size_t padded = ((bytes ? bytes : 1) + 63) / 64 * 64;
+    void* data = std::aligned_alloc(64, padded);
+    if (!data) throw std::bad_alloc();
+    owner->blocks.push_back(data);
+    ec_buffer& out = r->outputs[r->n_outputs++];
+    out.name = name;
+    out.dtype = dtype;
+    out.ndim = static_cast<int32_t>(shape.size());
+    int i = 0;
+    for (int64_t s : shape) out.shape[i++] = s;
+    out.data = data;
+    return static_cast<T*>(data);
+}
+
+inline bool cancelled(const ec_result* r) {
+#if EC_ABI_TARGET >= 2
+    return r->cancelled && *r->cancelled;
+#else
+    (void)r;
+    return false;
+#endif
+}
+
+inline void set_error(ec_result* r, int32_t code, const char* message) {
+    r->error_code = code;
+    std::snprintf(r->error_message, EC_ERROR_MESSAGE_SIZE, "%s", message);
+}
+
+template <class F>
+int32_t guard(ec_result* r, F&& fn) {
+    r->n_outputs = 0;
+    r->owner = nullptr;
+    r->error_code = EC_OK;
+    r->error_message[0] = '\0';
+    try {
+        fn();
+        return EC_OK;
+    } catch (const Error& e) {
+        set_error(r, e.code, e.what());
+    } catch (const std::bad_alloc&) {
+        set_error(r, EC_OUT_OF_MEMORY, "out of memory");
+    } catch (const std::exception& e) {
+        set_error(r, EC_INTERNAL_ERROR, e.what());
+    } catch (...) {
+        set_error(r, EC_INTERNAL_ERROR, "unknown C++ exception");
+    }
+    delete static_cast<Owner*>(r->owner);
+    r->owner = nullptr;
+    r->n_outputs = 0;
+    return r->error_code;
+}
+
+}  // namespace ec
+
+#define EC_DEFINE_RELEASE() \
+    extern "C" EC_EXPORT void ec_release(void* owner) { delete static_cast<ec::Owner*>(owner); }
+
+#endif  // EDGECOMPUTE_PLUGIN_HPP

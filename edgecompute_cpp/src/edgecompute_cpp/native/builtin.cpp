@@ -1,0 +1,690 @@
+// The bundled edgecompute-cpp plugin: image, signal and linear-algebra algorithms in C++17.
+// Every algorithm runs on one thread per call (the scheduler runs calls side by side); loops are
+// written so that the compiler vectorises them (contiguous inner loops, __restrict, no aliasing).
+#include <edgecompute/plugin.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <complex>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#define RESTRICT __restrict__
+
+namespace {
+
+using ec::Error;
+using ec::invalid;
+using cd = std::complex<double>;
+
+// scipy.ndimage's 'reflect' (= OpenCV BORDER_REFLECT): d c b a | a b c d | d c b a, repeated
+inline int64_t reflect(int64_t i, int64_t n) {
+    if (i >= 0 && i < n) return i;
+    int64_t period = 2 * n;
+    i %= period;
+    if (i < 0) i += period;
+    return i < n ? i : period - 1 - i;
+}
+
+// ================================ grayscale ===================================================
+
+template <class T>
+void grayscale(const T* RESTRICT in, T* RESTRICT out, int64_t pixels, int64_t channels, bool bgr) {
+    const float wr = 0.299f, wg = 0.587f, wb = 0.114f;
+    const float w0 = bgr ? wb : wr, w2 = bgr ? wr : wb;
+    for (int64_t i = 0; i < pixels; ++i) {
+        const T* p = in + i * channels;
+        float v = w0 * static_cast<float>(p[0]) + wg * static_cast<float>(p[1]) + w2 * static_cast<float>(p[2]);
+        if constexpr (std::is_same_v<T, uint8_t>) {
+            out[i] = static_cast<uint8_t>(std::min(255.0f, v + 0.5f));
+        } else {
+            out[i] = static_cast<T>(v);
+        }
+    }
+}
+
+void run_grayscale(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
+    const ec_buffer& img = in.get("image", 0);
+    ec::require_dtype(img, "grayscale input 'image'", {EC_UINT8, EC_FLOAT32, EC_FLOAT64});
+    if (img.ndim != 3 || (img.shape[2] != 3 && img.shape[2] != 4))
+        throw invalid("grayscale input 'image' must have shape (height, width, 3 or 4), got " + ec::shape_string(img));
+    std::string order = params.string("order", "rgb");
+    if (order != "rgb" && order != "bgr") throw invalid("param 'order' must be 'rgb' or 'bgr', not '" + order + "'");
+    int64_t h = img.shape[0], w = img.shape[1], c = img.shape[2];
+    bool bgr = order == "bgr";
+    switch (img.dtype) {
+        case EC_UINT8:
+            grayscale(static_cast<const uint8_t*>(img.data), ec::output<uint8_t>(r, "gray", EC_UINT8, {h, w}), h * w, c, bgr);
+            break;
+        case EC_FLOAT32:
+            grayscale(static_cast<const float*>(img.data), ec::output<float>(r, "gray", EC_FLOAT32, {h, w}), h * w, c, bgr);
+            break;
+        default:
+            grayscale(static_cast<const double*>(img.data), ec::output<double>(r, "gray", EC_FLOAT64, {h, w}), h * w, c, bgr);
+    }
+}
+
+// ================================ gaussian blur ===============================================
+
+std::vector<double> gaussian_kernel(double sigma, double truncate) {
+    int64_t radius = static_cast<int64_t>(truncate * sigma + 0.5);
+    std::vector<double> k(2 * radius + 1);
+    if (sigma <= 1e-15) {  // scipy leaves such axes alone
+        k.assign(1, 1.0);
+        return k;
+    }
+    double sum = 0;
+    for (int64_t i = -radius; i <= radius; ++i) {
+        double v = std::exp(-0.5 * static_cast<double>(i * i) / (sigma * sigma));
+        k[i + radius] = v;
+        sum += v;
+    }
+    for (double& v : k) v /= sum;
+    return k;
+}
+
+// rows of `rowlen` elements (width * channels), pixels of `ch` elements
+template <class T>
+void gaussian_blur(const T* RESTRICT in, T* RESTRICT out, int64_t h, int64_t w, int64_t ch,
+                   const std::vector<double>& ky64, const std::vector<double>& kx64, const ec_result* r) {
+    const int64_t ry = static_cast<int64_t>(ky64.size() / 2), rx = static_cast<int64_t>(kx64.size() / 2);
+    std::vector<T> ky(ky64.begin(), ky64.end()), kx(kx64.begin(), kx64.end());
+    const int64_t rowlen = w * ch;
+    std::vector<T> padded(static_cast<size_t>((w + 2 * rx) * ch));
+    T* RESTRICT pad = padded.data();
+    T* RESTRICT acc = pad + rx * ch;
+    std::vector<int64_t> left(rx), right(rx);
+    for (int64_t i = 0; i < rx; ++i) {
+        left[i] = reflect(-1 - i, w);
+        right[i] = reflect(w + i, w);
+    }
+    for (int64_t y = 0; y < h; ++y) {
+        if ((y & 63) == 0 && ec::cancelled(r)) throw Error(EC_CANCELLED, "cancelled");
+        // vertical pass into the middle of the padded row (the kernel is symmetric)
+        const T* RESTRICT centre = in + y * rowlen;
+        const T wc = ky[ry];
+        for (int64_t j = 0; j < rowlen; ++j) acc[j] = wc * centre[j];
+        for (int64_t k = 1; k <= ry; ++k) {
+            const T* RESTRICT a = in + reflect(y - k, h) * rowlen;
+            const T* RESTRICT b = in + reflect(y + k, h) * rowlen;
+            const T wk = ky[ry + k];
+            for (int64_t j = 0; j < rowlen; ++j) acc[j] += wk * (a[j] + b[j]);
+        }
+        // reflect borders
+        for (int64_t i = 0; i < rx; ++i)
+            for (int64_t c = 0; c < ch; ++c) {
+                pad[(rx - 1 - i) * ch + c] = acc[left[i] * ch + c];
+                pad[(rx + w + i) * ch + c] = acc[right[i] * ch + c];
+            }
+        // horizontal pass
+        T* RESTRICT o = out + y * rowlen;
+        const T xc = kx[rx];
+        for (int64_t j = 0; j < rowlen; ++j) o[j] = xc * acc[j];
+        for (int64_t k = 1; k <= rx; ++k) {
+            const T* RESTRICT a = pad + (rx - k) * ch;
+            const T* RESTRICT b = pad + (rx + k) * ch;
+            const T wk = kx[rx + k];
+            for (int64_t j = 0; j < rowlen; ++j) o[j] += wk * (a[j] + b[j]);
+        }
+    }
+}
+
+void run_gaussian_blur(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
+    const ec_buffer& img = in.get("image", 0);
+    ec::require_dtype(img, "gaussian_blur input 'image'", {EC_FLOAT32, EC_FLOAT64});
+    ec::require_ndim(img, "gaussian_blur input 'image'", 2, 3);
+    std::vector<double> sigma = params.numbers("sigma", {1.0});
+    if (sigma.size() != 1 && sigma.size() != 2) throw invalid("param 'sigma' must be a number or [sigma_y, sigma_x]");
+    double sy = sigma[0], sx = sigma.size() == 2 ? sigma[1] : sigma[0];
+    double truncate = params.number("truncate", 4.0);
+    if (!(sy >= 0) || !(sx >= 0) || !std::isfinite(sy) || !std::isfinite(sx) || sy > 1000 || sx > 1000)
+        throw invalid("param 'sigma' must be between 0 and 1000");
+    if (!(truncate > 0) || truncate > 100) throw invalid("param 'truncate' must be between 0 and 100");
+    int64_t h = img.shape[0], w = img.shape[1], ch = img.ndim == 3 ? img.shape[2] : 1;
+    auto ky = gaussian_kernel(sy, truncate), kx = gaussian_kernel(sx, truncate);
+    if (img.dtype == EC_FLOAT32) {
+        float* out = img.ndim == 3 ? ec::output<float>(r, "image", EC_FLOAT32, {h, w, ch})
+                                   : ec::output<float>(r, "image", EC_FLOAT32, {h, w});
+        if (h * w * ch > 0) gaussian_blur(static_cast<const float*>(img.data), out, h, w, ch, ky, kx, r);
+    } else {
+        double* out = img.ndim == 3 ? ec::output<double>(r, "image", EC_FLOAT64, {h, w, ch})
+                                    : ec::output<double>(r, "image", EC_FLOAT64, {h, w});
+        if (h * w * ch > 0) gaussian_blur(static_cast<const double*>(img.data), out, h, w, ch, ky, kx, r);
+    }
+}
+
+// ================================ sobel =======================================================
+
+template <class T>
+void sobel(const T* RESTRICT in, T* RESTRICT gx, T* RESTRICT gy, T* RESTRICT mag, int64_t h, int64_t w) {
+    std::vector<T> sbuf(w + 2), dbuf(w + 2), rowx(w), rowy(w);
+    T* RESTRICT s = sbuf.data() + 1;  // vertical smoothing [1, 2, 1]
+    T* RESTRICT d = dbuf.data() + 1;  // vertical difference [-1, 0, 1]
+    for (int64_t y = 0; y < h; ++y) {
+        const T* RESTRICT a = in + reflect(y - 1, h) * w;
+        const T* RESTRICT b = in + y * w;
+        const T* RESTRICT c = in + reflect(y + 1, h) * w;
+        for (int64_t x = 0; x < w; ++x) {
+            s[x] = a[x] + 2 * b[x] + c[x];
+            d[x] = c[x] - a[x];
+        }
+        s[-1] = s[reflect(-1, w)]; s[w] = s[reflect(w, w)];
+        d[-1] = d[reflect(-1, w)]; d[w] = d[reflect(w, w)];
+        T* RESTRICT ox = gx ? gx + y * w : rowx.data();
+        T* RESTRICT oy = gy ? gy + y * w : rowy.data();
+        for (int64_t x = 0; x < w; ++x) {
+            ox[x] = s[x + 1] - s[x - 1];
+            oy[x] = d[x - 1] + 2 * d[x] + d[x + 1];
+        }
+        if (mag) {
+            T* RESTRICT m = mag + y * w;
+            for (int64_t x = 0; x < w; ++x) m[x] = std::sqrt(ox[x] * ox[x] + oy[x] * oy[x]);
+        }
+    }
+}
+
+void run_sobel(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
+    const ec_buffer& img = in.get("image", 0);
+    ec::require_dtype(img, "sobel input 'image'", {EC_FLOAT32, EC_FLOAT64});
+    ec::require_ndim(img, "sobel input 'image'", 2, 2);
+    std::string mode = params.string("output", "magnitude");
+    if (mode != "magnitude" && mode != "gradients" && mode != "all")
+        throw invalid("param 'output' must be 'magnitude', 'gradients' or 'all', not '" + mode + "'");
+    int64_t h = img.shape[0], w = img.shape[1];
+    bool want_g = mode != "magnitude", want_m = mode != "gradients";
+    auto go = [&](auto tag, int32_t dtype) {
+        using T = decltype(tag);
+        T* mag = want_m ? ec::output<T>(r, "magnitude", dtype, {h, w}) : nullptr;
+        T* gx = want_g ? ec::output<T>(r, "gx", dtype, {h, w}) : nullptr;
+        T* gy = want_g ? ec::output<T>(r, "gy", dtype, {h, w}) : nullptr;
+        if (h * w > 0) sobel(static_cast<const T*>(img.data), gx, gy, mag, h, w);
+    };
+    if (img.dtype == EC_FLOAT32) go(float{}, EC_FLOAT32); else go(double{}, EC_FLOAT64);
+}
+
+// ================================ bilinear resize =============================================
+
+struct Taps {
+    std::vector<int64_t> i0, i1;
+    std::vector<float> f;
+};
+
+// OpenCV INTER_LINEAR geometry: pixel centres, coordinates clamped to the edge
+Taps linear_taps(int64_t src, int64_t dst) {
+    Taps t;
+    t.i0.resize(dst); t.i1.resize(dst); t.f.resize(dst);
+    double scale = static_cast<double>(src) / static_cast<double>(dst);
+    for (int64_t i = 0; i < dst; ++i) {
+        double x = (static_cast<double>(i) + 0.5) * scale - 0.5;
+        x = std::min(std::max(x, 0.0), static_cast<double>(src - 1));
+        int64_t x0 = static_cast<int64_t>(std::floor(x));
+        t.i0[i] = x0;
+        t.i1[i] = std::min(x0 + 1, src - 1);
+        t.f[i] = static_cast<float>(x - static_cast<double>(x0));
+    }
+    return t;
+}
+
+template <class T>
+void resize(const T* RESTRICT in, T* RESTRICT out, int64_t h, int64_t w, int64_t ch, int64_t oh, int64_t ow) {
+    Taps ty = linear_taps(h, oh), tx = linear_taps(w, ow);
+    std::vector<int32_t> hx0(tx.i0.begin(), tx.i0.end()), hx1(tx.i1.begin(), tx.i1.end());
+    std::vector<float> row(static_cast<size_t>(w * ch));
+    float* RESTRICT v = row.data();
+    const int64_t rowlen = w * ch;
+    for (int64_t y = 0; y < oh; ++y) {
+        const T* RESTRICT a = in + ty.i0[y] * rowlen;
+        const T* RESTRICT b = in + ty.i1[y] * rowlen;
+        const float fy = ty.f[y], gy = 1.0f - fy;
+        if (fy == 0.0f) {
+            for (int64_t j = 0; j < rowlen; ++j) v[j] = static_cast<float>(a[j]);
+        } else {
+            for (int64_t j = 0; j < rowlen; ++j) v[j] = gy * static_cast<float>(a[j]) + fy * static_cast<float>(b[j]);
+        }
+        T* RESTRICT o = out + y * ow * ch;
+        if (ch == 1 && !std::is_same_v<T, uint8_t>) {  // the common case: a plain gather that vectorises
+            const int32_t* RESTRICT x0 = hx0.data();
+            const int32_t* RESTRICT x1 = hx1.data();
+            const float* RESTRICT fx = tx.f.data();
+            for (int64_t x = 0; x < ow; ++x) o[x] = static_cast<T>(v[x0[x]] + fx[x] * (v[x1[x]] - v[x0[x]]));
+            continue;
+        }
+        for (int64_t x = 0; x < ow; ++x) {
+            const float* p0 = v + tx.i0[x] * ch;
+            const float* p1 = v + tx.i1[x] * ch;
+            const float fx = tx.f[x], gx = 1.0f - fx;
+            for (int64_t c = 0; c < ch; ++c) {
+                float value = gx * p0[c] + fx * p1[c];
+                if constexpr (std::is_same_v<T, uint8_t>) {
+                    o[x * ch + c] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, value + 0.5f)));
+                } else {
+                    o[x * ch + c] = static_cast<T>(value);
+                }
+            }
+        }
+    }
+}
+
+void run_resize(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
+    const ec_buffer& img = in.get("image", 0);
+    ec::require_dtype(img, "resize input 'image'", {EC_UINT8, EC_FLOAT32});
+    ec::require_ndim(img, "resize input 'image'", 2, 3);
+    if (!params.has("width") || !params.has("height")) throw invalid("resize needs params 'width' and 'height'");
+    int64_t ow = params.integer("width", 0), oh = params.integer("height", 0);
+    if (ow < 1 || oh < 1 || ow > (1 << 20) || oh > (1 << 20)) throw invalid("params 'width' and 'height' must be between 1 and 1048576");
+    int64_t h = img.shape[0], w = img.shape[1], ch = img.ndim == 3 ? img.shape[2] : 1;
+    if (h < 1 || w < 1) throw invalid("resize input 'image' is empty: shape " + ec::shape_string(img));
+    auto go = [&](auto tag, int32_t dtype) {
+        using T = decltype(tag);
+        T* out = img.ndim == 3 ? ec::output<T>(r, "image", dtype, {oh, ow, ch}) : ec::output<T>(r, "image", dtype, {oh, ow});
+        resize(static_cast<const T*>(img.data), out, h, w, ch, oh, ow);
+    };
+    if (img.dtype == EC_FLOAT32) go(float{}, EC_FLOAT32); else go(uint8_t{}, EC_UINT8);
+}
+
+// ================================ FIR filter ==================================================
+
+// y[n] = sum_k h[k] x[n - k] with x = 0 outside [0, n); `full` gives n + k - 1 outputs
+template <class T>
+void fir(const T* RESTRICT x, int64_t n, const std::vector<T>& taps, T* RESTRICT y, int64_t ny) {
+    const int64_t k = static_cast<int64_t>(taps.size());
+    constexpr int64_t block = 2048;
+    for (int64_t start = 0; start < ny; start += block) {
+        const int64_t stop = std::min(ny, start + block);
+        for (int64_t i = start; i < stop; ++i) y[i] = 0;
+        for (int64_t t = 0; t < k; ++t) {
+            const T ht = taps[t];
+            // outputs i in [start, stop) with 0 <= i - t < n
+            const int64_t lo = std::max(start, t), hi = std::min(stop, n + t);
+            const T* RESTRICT xs = x - t;
+            for (int64_t i = lo; i < hi; ++i) y[i] += ht * xs[i];
+        }
+    }
+}
+
+void run_fir(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
+    const ec_buffer& x = in.get("signal", 0);
+    const ec_buffer& h = in.get("taps", 1);
+    ec::require_dtype(x, "fir_filter input 'signal'", {EC_FLOAT32, EC_FLOAT64});
+    ec::require_dtype(h, "fir_filter input 'taps'", {EC_FLOAT32, EC_FLOAT64});
+    ec::require_ndim(x, "fir_filter input 'signal'", 1, 2);
+    ec::require_ndim(h, "fir_filter input 'taps'", 1, 1);
+    if (h.shape[0] < 1) throw invalid("fir_filter input 'taps' is empty");
+    std::string mode = params.string("mode", "causal");
+    if (mode != "causal" && mode != "full") throw invalid("param 'mode' must be 'causal' or 'full', not '" + mode + "'");
+    int64_t rows = x.ndim == 2 ? x.shape[0] : 1, n = x.shape[x.ndim - 1], k = h.shape[0];
+    int64_t ny = mode == "full" ? (n ? n + k - 1 : 0) : n;
+    auto go = [&](auto tag, int32_t dtype) {
+        using T = decltype(tag);
+        std::vector<T> taps(k);
+        for (int64_t i = 0; i < k; ++i)
+            taps[i] = h.dtype == EC_FLOAT32 ? static_cast<T>(static_cast<const float*>(h.data)[i])
+                                            : static_cast<T>(static_cast<const double*>(h.data)[i]);
+        T* y = x.ndim == 2 ? ec::output<T>(r, "signal", dtype, {rows, ny}) : ec::output<T>(r, "signal", dtype, {ny});
+        for (int64_t row = 0; row < rows; ++row)
+            fir(static_cast<const T*>(x.data) + row * n, n, taps, y + row * ny, ny);
+    };
+    if (x.dtype == EC_FLOAT32) go(float{}, EC_FLOAT32); else go(double{}, EC_FLOAT64);
+}
+
+// ================================ FFT =========================================================
+
+struct Radix2 {
+    int64_t n = 0;
+    std::vector<int64_t> rev;
+    // twiddles of every stage, contiguous: stage with half-length h holds exp(-pi i j / h), j < h,
+    // at offset h - 1 (so the inner loop reads them with stride 1)
+    std::vector<double> tw_re, tw_im;
+    explicit Radix2(int64_t n_) : n(n_), rev(n_), tw_re(std::max<int64_t>(n_ - 1, 1)), tw_im(std::max<int64_t>(n_ - 1, 1)) {
+        int bits = 0;
+        while ((int64_t{1} << bits) < n) ++bits;
+        for (int64_t i = 0; i < n; ++i) {
+            int64_t v = 0;
+            for (int b = 0; b < bits; ++b)
+                if (i & (int64_t{1} << b)) v |= int64_t{1} << (bits - 1 - b);
+            rev[i] = v;
+        }
+        for (int64_t half = 1; half < n; half <<= 1)
+            for (int64_t j = 0; j < half; ++j) {
+                double a = -M_PI * static_cast<double>(j) / static_cast<double>(half);
+                tw_re[half - 1 + j] = std::cos(a);
+                tw_im[half - 1 + j] = std::sin(a);
+            }
+    }
+    // in-place forward transform of data (already in natural order)
+    void forward(cd* RESTRICT data) const {
+        for (int64_t i = 0; i < n; ++i)
+            if (i < rev[i]) std::swap(data[i], data[rev[i]]);
+        double* d = reinterpret_cast<double*>(data);
+        for (int64_t i = 0; i + 1 < n; i += 2) {
+            cd u = data[i], v = data[i + 1];
+            data[i] = u + v;
+            data[i + 1] = u - v;
+        }
+        for (int64_t half = 2; half < n; half <<= 1) {
+            const double* RESTRICT wr = tw_re.data() + half - 1;
+            const double* RESTRICT wi = tw_im.data() + half - 1;
+            for (int64_t i = 0; i < n; i += 2 * half) {
+                double* RESTRICT a = d + 2 * i;
+                double* RESTRICT b = d + 2 * (i + half);
+                for (int64_t j = 0; j < half; ++j) {
+                    const double br = b[2 * j], bi = b[2 * j + 1];
+                    const double tr = br * wr[j] - bi * wi[j], ti = br * wi[j] + bi * wr[j];
+                    const double ar = a[2 * j], ai = a[2 * j + 1];
+                    a[2 * j] = ar + tr; a[2 * j + 1] = ai + ti;
+                    b[2 * j] = ar - tr; b[2 * j + 1] = ai - ti;
+                }
+            }
+        }
+    }
+};
+
+struct Plan {
+    int64_t n;
+    std::shared_ptr<const Radix2> radix2;  // n itself, or the Bluestein size m
+    std::vector<cd> chirp;                 // Bluestein: exp(-pi i k^2 / n)
+    std::vector<cd> filter_fft;            // Bluestein: FFT of the conjugate chirp filter
+};
+
+std::mutex plans_lock;
+std::unordered_map<int64_t, std::shared_ptr<const Radix2>> radix2_plans;
+std::unordered_map<int64_t, std::shared_ptr<const Plan>> plans;
+
+std::shared_ptr<const Radix2> radix2_plan(int64_t n) {
+    {
+        std::lock_guard<std::mutex> lock(plans_lock);
+        auto it = radix2_plans.find(n);
+        if (it != radix2_plans.end()) return it->second;
+    }
+    auto plan = std::make_shared<const Radix2>(n);
+    std::lock_guard<std::mutex> lock(plans_lock);
+    if (radix2_plans.size() > 64) radix2_plans.clear();
+    return radix2_plans.emplace(n, plan).first->second;
+}
+
+std::shared_ptr<const Plan> fft_plan(int64_t n) {
+    {
+        std::lock_guard<std::mutex> lock(plans_lock);
+        auto it = plans.find(n);
+        if (it != plans.end()) return it->second;
+    }
+    auto plan = std::make_shared<Plan>();
+    plan->n = n;
+    if ((n & (n - 1)) == 0) {
+        plan->radix2 = radix2_plan(n);
+    } else {
+        int64_t m = 1;
+        while (m < 2 * n - 1) m <<= 1;
+        plan->radix2 = radix2_plan(m);
+        plan->chirp.resize(n);
+        for (int64_t k = 0; k < n; ++k) {
+            int64_t k2 = (k * k) % (2 * n);  // exact angle reduction keeps large n accurate
+            double a = -M_PI * static_cast<double>(k2) / static_cast<double>(n);
+            plan->chirp[k] = cd(std::cos(a), std::sin(a));
+        }
+        plan->filter_fft.assign(m, cd(0, 0));
+        plan->filter_fft[0] = std::conj(plan->chirp[0]);
+        for (int64_t k = 1; k < n; ++k) plan->filter_fft[k] = plan->filter_fft[m - k] = std::conj(plan->chirp[k]);
+        plan->radix2->forward(plan->filter_fft.data());
+    }
+    std::lock_guard<std::mutex> lock(plans_lock);
+    if (plans.size() > 64) plans.clear();
+    return plans.emplace(n, plan).first->second;
+}
+
+// forward DFT of data[0..n) in place; work holds m complex values for Bluestein
+void dft(const Plan& plan, cd* data, std::vector<cd>& work) {
+    const int64_t n = plan.n;
+    if (n <= 1) return;
+    if (plan.chirp.empty()) {
+        plan.radix2->forward(data);
+        return;
+    }
+    const int64_t m = plan.radix2->n;
+    work.assign(m, cd(0, 0));
+    for (int64_t k = 0; k < n; ++k) work[k] = data[k] * plan.chirp[k];
+    plan.radix2->forward(work.data());
+    for (int64_t k = 0; k < m; ++k) work[k] *= plan.filter_fft[k];
+    // inverse FFT via conjugation
+    for (auto& v : work) v = std::conj(v);
+    plan.radix2->forward(work.data());
+    const double scale = 1.0 / static_cast<double>(m);
+    for (int64_t k = 0; k < n; ++k) data[k] = std::conj(work[k]) * scale * plan.chirp[k];
+}
+
+void run_fft(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
+    const ec_buffer& x = in.get("signal", 0);
+    ec::require_dtype(x, "fft input 'signal'", {EC_FLOAT32, EC_FLOAT64, EC_COMPLEX64, EC_COMPLEX128});
+    ec::require_ndim(x, "fft input 'signal'", 1, 2);
+    bool inverse = params.boolean("inverse", false);
+    int64_t rows = x.ndim == 2 ? x.shape[0] : 1, n = x.shape[x.ndim - 1];
+    if (n > (int64_t{1} << 28)) throw invalid("fft input 'signal' is too long");
+    bool single = x.dtype == EC_FLOAT32 || x.dtype == EC_COMPLEX64;
+    int32_t out_dtype = single ? EC_COMPLEX64 : EC_COMPLEX128;
+    void* out = x.ndim == 2 ? ec::output<char>(r, "spectrum", out_dtype, {rows, n})
+                            : ec::output<char>(r, "spectrum", out_dtype, {n});
+    if (n == 0) return;
+    auto plan = fft_plan(n);
+    std::vector<cd> data(n), work;
+    for (int64_t row = 0; row < rows; ++row) {
+        if (ec::cancelled(r)) throw Error(EC_CANCELLED, "cancelled");
+        const int64_t base = row * n;
+        switch (x.dtype) {
+            case EC_FLOAT32: for (int64_t i = 0; i < n; ++i) data[i] = cd(static_cast<const float*>(x.data)[base + i], 0); break;
+            case EC_FLOAT64: for (int64_t i = 0; i < n; ++i) data[i] = cd(static_cast<const double*>(x.data)[base + i], 0); break;
+            case EC_COMPLEX64: {
+                const std::complex<float>* p = static_cast<const std::complex<float>*>(x.data) + base;
+                for (int64_t i = 0; i < n; ++i) data[i] = cd(p[i].real(), p[i].imag());
+                break;
+            }
+            default: std::copy_n(static_cast<const cd*>(x.data) + base, n, data.data());
+        }
+        if (inverse)
+            for (auto& v : data) v = std::conj(v);
+        dft(*plan, data.data(), work);
+        if (inverse) {
+            const double scale = 1.0 / static_cast<double>(n);
+            for (auto& v : data) v = std::conj(v) * scale;
+        }
+        if (single) {
+            std::complex<float>* o = static_cast<std::complex<float>*>(out) + base;
+            for (int64_t i = 0; i < n; ++i) o[i] = std::complex<float>(static_cast<float>(data[i].real()), static_cast<float>(data[i].imag()));
+        } else {
+            std::copy_n(data.data(), n, static_cast<cd*>(out) + base);
+        }
+    }
+}
+
+// ================================ blocked matrix multiply =====================================
+
+// C (m x n) = A (m x k) @ B (k x n), row-major. Goto-style blocking: a KC x NC panel of B is
+// packed into NR-wide column strips (contiguous, stays in L2), an MR x KC sliver of A into MR-wide
+// rows, and an MR x NR tile of C lives in vector registers (GCC/Clang vector extensions) for the
+// whole KC loop. Edges fall back to a scalar loop.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;  // 32 vector registers: a 6 x 2-vector tile fits easily
+#else
+constexpr int kVectorBytes = 32;  // AVX2 / NEON-pairs: 12 accumulators + 2 loads + 1 broadcast <= 16
+#endif
+
+template <class T>
+struct Kernel {
+    static constexpr int W = kVectorBytes / sizeof(T);  // lanes of one vector
+    typedef T vec __attribute__((vector_size(kVectorBytes)));
+    static constexpr int MR = 6, NR = 2 * W;
+};
+
+template <class T>
+void matmul_tile(const T* RESTRICT ap, const T* RESTRICT bp, int64_t kc, T* RESTRICT c, int64_t ldc) {
+    using K = Kernel<T>;
+    using vec = typename K::vec;
+    constexpr int W = K::W, MR = K::MR;
+    vec acc[MR][2];
+    for (int r = 0; r < MR; ++r) {
+        std::memcpy(&acc[r][0], c + r * ldc, sizeof(vec));
+        std::memcpy(&acc[r][1], c + r * ldc + W, sizeof(vec));
+    }
+    for (int64_t p = 0; p < kc; ++p) {
+        vec b0, b1;
+        std::memcpy(&b0, bp + p * 2 * W, sizeof(vec));
+        std::memcpy(&b1, bp + p * 2 * W + W, sizeof(vec));
+        for (int r = 0; r < MR; ++r) {
+            const T a = ap[p * MR + r];
+            acc[r][0] += a * b0;
+            acc[r][1] += a * b1;
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        std::memcpy(c + r * ldc, &acc[r][0], sizeof(vec));
+        std::memcpy(c + r * ldc + W, &acc[r][1], sizeof(vec));
+    }
+}
+
+template <class T>
+void matmul(const T* RESTRICT a, const T* RESTRICT b, T* RESTRICT c, int64_t m, int64_t k, int64_t n) {
+    using K = Kernel<T>;
+    constexpr int64_t MR = K::MR, NR = K::NR, KC = 256, NC = 2048;
+    std::fill(c, c + m * n, T(0));
+    std::vector<T> bpack(static_cast<size_t>(KC * NC)), apack(static_cast<size_t>(MR * KC));
+    for (int64_t j0 = 0; j0 < n; j0 += NC) {
+        const int64_t nc = std::min(NC, n - j0);
+        const int64_t nfull = nc / NR * NR;  // columns covered by whole strips
+        for (int64_t p0 = 0; p0 < k; p0 += KC) {
+            const int64_t kc = std::min(KC, k - p0);
+            // pack B[p0:p0+kc, j0:j0+nfull] as strips of NR columns
+            for (int64_t s = 0; s < nfull; s += NR)
+                for (int64_t p = 0; p < kc; ++p)
+                    std::copy_n(b + (p0 + p) * n + j0 + s, NR, bpack.data() + s * kc + p * NR);
+            int64_t i = 0;
+            for (; i + MR <= m; i += MR) {
+                for (int64_t p = 0; p < kc; ++p)
+                    for (int64_t r = 0; r < MR; ++r) apack[p * MR + r] = a[(i + r) * k + p0 + p];
+                for (int64_t s = 0; s < nfull; s += NR)
+                    matmul_tile<T>(apack.data(), bpack.data() + s * kc, kc, c + i * n + j0 + s, n);
+            }
+            // leftover rows (all columns) and leftover columns (the full-row part): scalar
+            for (int64_t ii = 0; ii < m; ++ii) {
+                const int64_t jstart = ii < i ? nfull : 0;
+                if (jstart >= nc) continue;
+                T* RESTRICT crow = c + ii * n + j0;
+                for (int64_t p = p0; p < p0 + kc; ++p) {
+                    const T av = a[ii * k + p];
+                    const T* RESTRICT brow = b + p * n + j0;
+                    for (int64_t j = jstart; j < nc; ++j) crow[j] += av * brow[j];
+                }
+            }
+        }
+    }
+}
+
+void run_matmul(const ec::Inputs& in, const ec::Params&, ec_result* r) {
+    const ec_buffer& a = in.get("a", 0);
+    const ec_buffer& b = in.get("b", 1);
+    ec::require_dtype(a, "matmul input 'a'", {EC_FLOAT32, EC_FLOAT64});
+    ec::require_dtype(b, "matmul input 'b'", {EC_FLOAT32, EC_FLOAT64});
+    ec::require_ndim(a, "matmul input 'a'", 2, 2);
+    ec::require_ndim(b, "matmul input 'b'", 2, 2);
+    if (a.dtype != b.dtype)
+        throw invalid(std::string("matmul inputs must have the same dtype, got ") + ec::dtype_name(a.dtype) + " and " + ec::dtype_name(b.dtype));
+    if (a.shape[1] != b.shape[0])
+        throw invalid("matmul shapes do not match: " + ec::shape_string(a) + " @ " + ec::shape_string(b));
+    int64_t m = a.shape[0], k = a.shape[1], n = b.shape[1];
+    if (a.dtype == EC_FLOAT32)
+        matmul(static_cast<const float*>(a.data), static_cast<const float*>(b.data), ec::output<float>(r, "c", EC_FLOAT32, {m, n}), m, k, n);
+    else
+        matmul(static_cast<const double*>(a.data), static_cast<const double*>(b.data), ec::output<double>(r, "c", EC_FLOAT64, {m, n}), m, k, n);
+}
+
+// ================================ sum (a trivial algorithm, for overhead measurements) =======
+
+template <class T>
+double total(const void* p, int64_t n) {
+    // eight independent partial sums: the loop vectorises without -ffast-math
+    const T* RESTRICT v = static_cast<const T*>(p);
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) part[k] += static_cast<double>(v[i + k]);
+    double s = 0;
+    for (; i < n; ++i) s += static_cast<double>(v[i]);
+    for (int k = 0; k < 8; ++k) s += part[k];
+    return s;
+}
+
+void run_sum(const ec::Inputs& in, const ec::Params&, ec_result* r) {
+    if (in.size() < 1) throw invalid("sum needs one input");
+    const ec_buffer& x = in[0];
+    int64_t n = ec::element_count(x);
+    double s;
+    switch (x.dtype) {
+        case EC_FLOAT32: s = total<float>(x.data, n); break;
+        case EC_FLOAT64: s = total<double>(x.data, n); break;
+        case EC_INT32: s = total<int32_t>(x.data, n); break;
+        case EC_INT64: s = total<int64_t>(x.data, n); break;
+        case EC_UINT8: s = total<uint8_t>(x.data, n); break;
+        default: throw invalid(std::string("sum does not support dtype ") + ec::dtype_name(x.dtype));
+    }
+    *ec::output<double>(r, "sum", EC_FLOAT64, {}) = s;
+}
+
+// ================================ the plugin table ============================================
+
+using Runner = void (*)(const ec::Inputs&, const ec::Params&, ec_result*);
+
+struct Entry {
+    ec_algorithm_info info;
+    Runner run;
+};
+
+const Entry entries[] = {
+    {{"grayscale", "RGB(A)/BGR(A) image (h, w, 3|4) uint8/float to luma (h, w): 0.299 R + 0.587 G + 0.114 B; params: order", 1.0, 0.0, 1}, run_grayscale},
+    {{"gaussian_blur", "Separable gaussian blur of a (h, w[, c]) float image, reflect border (= scipy.ndimage.gaussian_filter); params: sigma, truncate", 1.0, 0.0, 1}, run_gaussian_blur},
+    {{"sobel", "Sobel edges of a (h, w) float image, reflect border (= scipy.ndimage.sobel); params: output = magnitude|gradients|all", 1.0, 0.0, 1}, run_sobel},
+    {{"resize", "Bilinear resize of a (h, w[, c]) uint8/float32 image (= OpenCV INTER_LINEAR); params: width, height", 1.0, 0.0, 1}, run_resize},
+    {{"fir_filter", "FIR filter of a (n,) or (rows, n) signal with taps (= scipy.signal.lfilter(taps, 1, x)); params: mode = causal|full", 1.0, 0.0, 1}, run_fir},
+    {{"fft", "Discrete Fourier transform along the last axis, any length (radix-2 + Bluestein; = numpy.fft.fft); params: inverse", 1.0, 0.0, 1}, run_fft},
+    {{"matmul", "Blocked matrix multiply of float32/float64 matrices a (m, k) @ b (k, n)", 1.0, 0.0, 1}, run_matmul},
+    {{"sum", "Sum of all elements as a float64 scalar (a trivial call, for overhead measurements)", 0.1, 0.0, 1}, run_sum},
+};
+
+constexpr int32_t n_entries = sizeof(entries) / sizeof(entries[0]);
+
+ec_algorithm_info infos[n_entries];
+
+const ec_plugin_info* build_info() {
+    static ec_plugin_info info;
+    for (int32_t i = 0; i < n_entries; ++i) infos[i] = entries[i].info;
+    info.abi_version = EC_ABI_TARGET;
+    info.name = "builtin";
+    info.version = "1.0.0";
+    info.n_algorithms = n_entries;
+    info.algorithms = infos;
+    return &info;
+}
+
+}  // namespace
+
+extern "C" EC_EXPORT const ec_plugin_info* ec_info(void) {
+    static const ec_plugin_info* info = build_info();
+    return info;
+}
+
+extern "C" EC_EXPORT int32_t ec_execute(const char* algorithm, const ec_buffer* inputs, int32_t n_inputs,
+                                        const char* params_json, ec_result* result) {
+    return ec::guard(result, [&] {
+        for (const Entry& e : entries) {
+            if (std::strcmp(e.info.name, algorithm) == 0) {
+                ec::Params params(params_json);
+                e.run(ec::Inputs(inputs, n_inputs), params, result);
+                return;
+            }
+        }
+        throw Error(EC_UNKNOWN_ALGORITHM, std::string("builtin has no algorithm '") + algorithm + "'");
+    });
+}
+
+EC_DEFINE_RELEASE()

@@ -1,0 +1,140 @@
+"""Compiled modules cached on disk, in a private folder.
+
+An entry is two files: ``<name>.cwasm`` holds ``Module.serialize()`` as it is (so wasmtime can map
+it with ``deserialize_file`` instead of copying ~27 MB), and ``<name>.meta`` holds
+``MAGIC | sha256(key) | payload length | crc32(payload)``, where the key names the wasmtime
+version, the engine configuration and the module's sha256. An entry whose meta, key, length or
+checksum does not match is never deserialized: it is deleted and the module compiled again. The
+folder must belong to this user and be closed to everyone else (mode 0700); one that is not is
+repaired when it is ours, refused when it is not. Files are written atomically (temporary file,
+then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from edgecompute.errors import ConfigError
+
+log = logging.getLogger("edgecompute_wasm.cache")
+
+MAGIC = b"ECWASM\x00\x01"
+_HEADER = struct.Struct("<8s32sQI")
+FORMAT = "edgecompute-wasm-cache/1"
+
+__all__ = ["CacheStats", "ensure_private_dir", "load_or_compile"]
+
+
+class CacheStats:
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.rejected = 0
+
+
+def ensure_private_dir(path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(path, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"wasm cache folder {path} is not a plain folder")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"wasm cache folder {path} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def cache_key(wasmtime_version: str, engine_key: str, module_sha256: str) -> str:
+    return f"{FORMAT}|wasmtime={wasmtime_version}|{engine_key}|module={module_sha256}"
+
+
+def load_or_compile(engine: object, key: str, cache_dir: Path, compile_fn: Callable[[], object],
+                    stats: CacheStats | None = None) -> object:
+    """The module for ``key``: deserialized from the cache, or ``compile_fn()`` and stored."""
+    import wasmtime
+
+    stats = stats or CacheStats()
+    digest = hashlib.sha256(key.encode()).digest()
+    name = digest.hex()[:48]
+    path, meta = Path(cache_dir) / f"{name}.cwasm", Path(cache_dir) / f"{name}.meta"
+    if _valid(path, meta, digest, stats):
+        try:
+            module = wasmtime.Module.deserialize_file(engine, str(path))  # type: ignore[arg-type]
+            stats.hits += 1
+            return module
+        except Exception as exc:  # noqa: BLE001 - an unusable cache file is rebuilt
+            log.warning("wasm cache file %s did not deserialize (%s); rebuilding it", path, exc)
+            stats.rejected += 1
+            _remove(meta)
+            _remove(path)
+    stats.misses += 1
+    module = compile_fn()
+    try:
+        payload = bytes(module.serialize())  # type: ignore[attr-defined]
+        _write_atomic(path, payload, cache_dir)
+        _write_atomic(meta, _HEADER.pack(MAGIC, digest, len(payload), zlib.crc32(payload)), cache_dir)
+    except OSError as exc:  # a read-only or full disk costs speed, never correctness
+        log.warning("could not write wasm cache file %s: %s", path, exc)
+    return module
+
+
+def _write_atomic(path: Path, data: bytes, folder: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(Path(tmp))
+        raise
+
+
+def _valid(path: Path, meta: Path, digest: bytes, stats: CacheStats) -> bool:
+    try:
+        with open(meta, "rb") as m, open(path, "rb") as f:
+            for handle in (m, f):
+                st = os.fstat(handle.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    raise ValueError("not a regular file of this user")
+            header = m.read(_HEADER.size + 1)
+            if len(header) != _HEADER.size:
+                raise ValueError("bad meta file")
+            magic, key, length, crc = _HEADER.unpack(header)
+            if magic != MAGIC or key != digest:
+                raise ValueError("foreign cache file")
+            if length != os.fstat(f.fileno()).st_size:
+                raise ValueError("truncated or padded cache file")
+            running = 0
+            while chunk := f.read(1 << 22):
+                running = zlib.crc32(chunk, running)
+            if running != crc:
+                raise ValueError("checksum mismatch")
+            return True
+    except FileNotFoundError:
+        if path.exists() or meta.exists():  # half an entry
+            stats.rejected += 1
+            _remove(path)
+            _remove(meta)
+        return False
+    except (OSError, ValueError) as exc:
+        log.warning("wasm cache file %s rejected (%s); rebuilding it", path, exc)
+        stats.rejected += 1
+        _remove(path)
+        _remove(meta)
+        return False
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

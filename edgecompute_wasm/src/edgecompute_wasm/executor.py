@@ -1,0 +1,228 @@
+"""The ``wasm`` executor: ``wasm/python`` and ``wasm/module``.
+
+Building it is cheap and imports no wasmtime: the engine, the compiled CPython runtime (from the
+disk cache when it can) and the pool of pre-started interpreters are made on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from edgecompute.errors import InvalidRequest
+from edgecompute.models import Algorithm, Health, HealthStatus, Request, Resources, Response
+
+from . import __version__
+from .settings import MiB, WasmSettings
+
+if TYPE_CHECKING:
+    from edgecompute.context import TaskContext
+
+    from ._runtime import Runtime
+
+__all__ = ["WasmExecutor"]
+
+_OVERHEAD_MB = 64.0  # host-side memory of one sandbox beyond its linear memory (compiled code is shared)
+
+
+class WasmExecutor:
+    """Runs untrusted code in wasmtime: ``wasm/python`` (Python source) and ``wasm/module`` (.wasm)."""
+
+    name = "wasm"
+    version = __version__
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.settings = WasmSettings.from_mapping(config)
+        self._runtime: Runtime | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._config_mounts = _check_mounts(self.settings.mounts, "config")
+
+    # -- the Executor protocol --------------------------------------------------------------------------
+
+    def algorithms(self) -> Sequence[Algorithm]:
+        needs = Resources(cpu=1.0, memory_mb=self.settings.memory_mb + _OVERHEAD_MB)
+        return [
+            Algorithm("python", "Untrusted Python source defining main(inputs), run by CPython 3.12 for WASI in a "
+                      "fresh sandbox (params: source, function, timeout, memory_mb, fuel, output_bytes, "
+                      "mounts, requirements, capture)", needs),
+            Algorithm("module", "A user WebAssembly module: a WASI command (argv, stdin) or one exported numeric "
+                      "function (params: wasm, function, args, argv, limits)", needs),
+        ]
+
+    def requirements(self, request: Request) -> Resources:
+        memory_mb = request.params.get("memory_mb", self.settings.memory_mb)
+        if type(memory_mb) is bool or not isinstance(memory_mb, (int, float)) or not memory_mb > 0:
+            memory_mb = self.settings.memory_mb  # execute() reports the bad value
+        return Resources(cpu=1.0, memory_mb=float(min(memory_mb, 65536)) + _OVERHEAD_MB)
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        bare = request.algorithm.rpartition("/")[2]
+        if bare == "python":
+            return await self._python(request, ctx)
+        if bare == "module":
+            return await self._module(request, ctx)
+        raise InvalidRequest(f"wasm has no algorithm {bare!r}; it has: module, python")
+
+    async def health(self) -> Health:
+        runtime = self._runtime
+        if self._closed:
+            return Health(HealthStatus.DOWN, "closed")
+        if runtime is None:
+            return Health(details={"loaded": False})
+        pool = runtime._python.stats() if runtime._python is not None else {}
+        return Health(details={"loaded": True, "load_seconds": runtime.load_seconds,
+                               "cache": dict(vars(runtime.cache_stats)), **pool})
+
+    async def aclose(self) -> None:
+        self._closed = True
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            runtime.close()
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def runtime(self) -> Runtime:
+        """The engine, compiled runtime and pools, built now if they were not (blocking)."""
+        runtime = self._runtime
+        if runtime is not None:
+            return runtime
+        with self._lock:
+            if self._closed:
+                from edgecompute.errors import ExecutorError
+
+                raise ExecutorError("the wasm executor is closed")
+            if self._runtime is None:
+                from ._runtime import Runtime
+
+                self._runtime = Runtime(self.settings)
+            return self._runtime
+
+    def warm(self) -> None:
+        """Load everything and start pre-starting interpreters for the default sandbox shape."""
+        runtime = self.runtime()
+        runtime.python.warm(int(self.settings.memory_mb * MiB), self._config_mounts)
+
+    # -- wasm/python ----------------------------------------------------------------------------------------
+
+    async def _python(self, request: Request, ctx: TaskContext) -> Response:
+        params = request.params
+        _known(params, {"source", "function", "timeout", "memory_mb", "fuel", "output_bytes", "result_bytes",
+                        "mounts", "requirements", "capture"})
+        source = params.get("source")
+        if not isinstance(source, str):
+            raise InvalidRequest("wasm/python needs params['source']: Python source text defining main(inputs)")
+        if len(source.encode("utf-8", "surrogatepass")) > self.settings.max_source_bytes:
+            raise InvalidRequest(f"the source is larger than max_source_bytes ({self.settings.max_source_bytes})")
+        function = params.get("function", "main")
+        if not isinstance(function, str) or not function.isidentifier():
+            raise InvalidRequest(f"params['function'] must be a Python identifier, not {function!r}")
+        limits = self.settings.limits(params, ctx.time_left())
+        mounts = self._mounts(params)
+        requirements = params.get("requirements", ())
+        runtime = self._runtime or await ctx.run_sync(self.runtime)
+        if runtime._python is None:
+            await ctx.run_sync(lambda: runtime.python)
+        paths: list[str] = []
+        if requirements:
+            from .deps import resolve
+
+            site_mounts, paths = await ctx.run_sync(resolve, requirements, self.settings)
+            mounts = sorted(set(mounts) | set(site_mounts), key=lambda m: m[1])
+        result = await ctx.run_sync(runtime.python.run, source, function, request.inputs, limits, mounts, paths)
+        timings = {"sandbox_start": result.startup, "sandbox_run": result.run}
+        if params.get("capture"):
+            return Response({"result": result.value, "stdout": result.stdout, "stderr": result.stderr},
+                            timings=timings)
+        if result.stdout or result.stderr:
+            await ctx.emit({"stdout": result.stdout, "stderr": result.stderr})
+        return Response(result.value, timings=timings)
+
+    # -- wasm/module ----------------------------------------------------------------------------------------
+
+    async def _module(self, request: Request, ctx: TaskContext) -> Response:
+        params = request.params
+        _known(params, {"wasm", "path", "function", "args", "argv", "timeout", "memory_mb", "fuel", "output_bytes",
+                        "mounts"})
+        wasm = params.get("wasm")
+        if wasm is None and params.get("path") is not None:
+            try:
+                wasm = await ctx.run_sync(Path(params["path"]).read_bytes)
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read the module at {params['path']}: {exc}") from None
+        if not isinstance(wasm, (bytes, bytearray, memoryview, str)):
+            raise InvalidRequest("wasm/module needs params['wasm'] (module bytes or WAT text) or params['path']")
+        function = params.get("function")
+        if function is not None and not isinstance(function, str):
+            raise InvalidRequest(f"params['function'] must be an export name, not {function!r}")
+        args = params.get("args", ())
+        if not isinstance(args, (list, tuple)):
+            raise InvalidRequest("params['args'] must be a list of numbers")
+        argv = params.get("argv", ["module"])
+        if not isinstance(argv, (list, tuple)) or not all(isinstance(a, str) for a in argv):
+            raise InvalidRequest("params['argv'] must be a list of strings")
+        stdin = request.inputs
+        if stdin is None:
+            stdin = b""
+        elif isinstance(stdin, str):
+            stdin = stdin.encode()
+        elif not isinstance(stdin, (bytes, bytearray)):
+            raise InvalidRequest("wasm/module inputs are the command's stdin: bytes, str or None")
+        limits = self.settings.limits(params, ctx.time_left())
+        mounts = self._mounts(params)
+        runtime = self._runtime or await ctx.run_sync(self.runtime)
+        from ._module import compile_user_module, run_module
+
+        module = await ctx.run_sync(compile_user_module, runtime, wasm if isinstance(wasm, str) else bytes(wasm))
+        outputs = await ctx.run_sync(lambda: run_module(runtime, module, function=function, args=list(args),
+                                                        argv=list(argv), stdin=bytes(stdin), limits=limits,
+                                                        mounts=mounts))
+        return Response(outputs)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _mounts(self, params: Mapping[str, Any]) -> list[tuple[str, str]]:
+        extra = params.get("mounts")
+        if not extra:
+            return self._config_mounts
+        if not self.settings.allow_request_mounts:
+            raise InvalidRequest("this wasm executor does not take mounts from requests (allow_request_mounts)")
+        if not isinstance(extra, Mapping):
+            raise InvalidRequest("params['mounts'] must map guest paths to host directories")
+        mounts = dict((guest, host) for host, guest in self._config_mounts)
+        for host, guest in _check_mounts(extra, "request"):
+            mounts[guest] = host
+        return sorted(((host, guest) for guest, host in mounts.items()), key=lambda m: m[1])
+
+
+def _known(params: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown params: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def _check_mounts(mounts: Mapping[str, Any], origin: str) -> list[tuple[str, str]]:
+    """(host, guest) pairs: host an existing folder (symlinks resolved), guest a clean absolute path."""
+    error = InvalidRequest if origin == "request" else _config_error
+    result = []
+    for guest, host in mounts.items():
+        if not isinstance(guest, str) or not isinstance(host, (str, os.PathLike)):
+            raise error(f"{origin} mount {guest!r} = {host!r}: both must be paths")
+        clean = PurePosixPath(guest)
+        if not clean.is_absolute() or ".." in clean.parts or str(clean) == "/" or str(clean) != guest.rstrip("/"):
+            raise error(f"{origin} mount guest path {guest!r} must be a clean absolute path other than '/'")
+        real = os.path.realpath(os.fspath(host))
+        if not os.path.isdir(real):
+            raise error(f"{origin} mount {guest!r}: {host!r} is not a folder")
+        result.append((real, str(clean)))
+    return sorted(result, key=lambda m: m[1])
+
+
+def _config_error(message: str) -> Exception:
+    from edgecompute.errors import ConfigError
+
+    return ConfigError(message)

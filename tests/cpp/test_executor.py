@@ -1,0 +1,261 @@
+"""The cpp executor in process: plugin sources, the scheduler path, zero-copy outputs, the GIL,
+cancellation, errors, metrics and health."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecompute import Config, HealthStatus, Registry, Request, Resources, Scheduler
+from edgecompute.errors import ConfigError, ExecutorError, InvalidRequest, PluginError, TaskTimeout
+from edgecompute_cpp import CppExecutor, build_plugin
+from edgecompute_cpp._native import _Memory
+
+from .conftest import PLUGINS
+
+pytestmark = pytest.mark.anyio
+
+
+def scheduler(executor: CppExecutor, cpu: float = 4) -> Scheduler:
+    return Scheduler(Registry([executor]), capacity=Resources(cpu=cpu, memory_mb=4096), config=Config())
+
+
+# -- where plugins come from ----------------------------------------------------------------------
+
+def test_plugin_path_environment_variable(testplug: Path, oldabi: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "plugins"
+    directory.mkdir()
+    (directory / "oldabi.so").symlink_to(oldabi)
+    (directory / "README.txt").write_text("not a plugin")
+    monkeypatch.setenv("EDGECOMPUTE_CPP_PLUGIN_PATH", os.pathsep.join([str(testplug), str(directory)]))
+    executor = CppExecutor(builtin=False)
+    names = {a.name for a in executor.algorithms()}
+    assert {"testplug.echo", "testplug.segfault", "oldabi.double"} <= names
+    plugins = {p.name: p for p in executor._ensure().plugins.values()}
+    assert plugins["testplug"].source == "EDGECOMPUTE_CPP_PLUGIN_PATH"
+
+
+def test_plugin_path_may_hold_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECOMPUTE_CPP_PLUGIN_PATH", str(PLUGINS / "testplug.cpp"))
+    executor = CppExecutor(builtin=False)
+    assert "testplug.spin" in {a.name for a in executor.algorithms()}
+
+
+def test_entry_points_of_installed_distributions(testplug: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a real (if minimal) installed distribution: dist-info with entry points, and its module
+    site = tmp_path / "site"
+    dist = site / "cppplugins_demo-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cppplugins-demo\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[edgecompute_cpp.plugins]\n"
+        "testplug = cppplugins_demo:LIBRARY\n"
+        "oldabi = cppplugins_demo:old_source\n"
+        "broken = cppplugins_demo:missing_attribute\n"
+    )
+    (site / "cppplugins_demo.py").write_text(
+        f"LIBRARY = {str(testplug)!r}\n"
+        f"def old_source():\n    return {str(PLUGINS / 'oldabi.cpp')!r}\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    executor = CppExecutor({"compile_flags": ["-DEC_ABI_TARGET=1"]}, builtin=False)
+    names = {a.name for a in executor.algorithms()}
+    assert {"testplug.echo", "oldabi.double"} <= names
+    loaded = executor._ensure()
+    assert loaded.plugins["testplug"].source == "entry point testplug (cppplugins-demo)"
+    assert any("entry point broken" in str(p) for p in loaded.problems)
+
+
+def test_duplicate_plugin_names_keep_the_first(testplug: Path) -> None:
+    executor = CppExecutor(builtin=False, plugins=[str(testplug), str(testplug)])
+    assert len([a for a in executor.algorithms() if a.name == "testplug.echo"]) == 1
+    assert any("already loaded" in str(p) for p in executor._ensure().problems)
+
+
+def test_config_is_validated_cheaply() -> None:
+    with pytest.raises(ConfigError, match="isolation must be one of inprocess, process"):
+        CppExecutor({"isolation": "thread"})
+    with pytest.raises(ConfigError, match="unknown setting.*isolaton"):
+        CppExecutor({"isolaton": "process"})
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1"):
+        CppExecutor({"workers": 0})
+    with pytest.raises(ConfigError, match="plugins must be a list of paths"):
+        CppExecutor({"plugins": "/x.so"})
+
+
+def test_discovery_registers_cpp_and_passes_its_settings() -> None:
+    registry = Registry.discover(settings={"cpp": {"isolation": "process", "workers": 3}})
+    assert "cpp" in registry.names()
+    executor = registry.get("cpp")
+    assert isinstance(executor, CppExecutor)
+    assert executor.isolation == "process" and executor.workers == 3
+    assert registry.select("cpp/gaussian_blur").algorithm.description.startswith("Separable gaussian blur")
+    asyncio.run(registry.aclose())
+
+
+# -- calls through the scheduler -------------------------------------------------------------------
+
+async def test_scheduler_runs_bundled_and_plugin_algorithms(cpp: CppExecutor, testplug: Path) -> None:
+    executor = CppExecutor(plugins=[str(testplug)])
+    image = np.random.default_rng(0).random((64, 80), dtype=np.float32)
+    async with scheduler(executor) as s:
+        blurred = await s.run("cpp/gaussian_blur", {"image": image}, params={"sigma": np.float32(1.5)})
+        echoed = await s.run("cpp/testplug.echo", image)
+        live = await s.run("testplug.live")
+    np.testing.assert_allclose(blurred.outputs, cpp.call("gaussian_blur", image, {"sigma": 1.5}))
+    assert blurred.executor == "cpp" and blurred.timings["run"] > 0
+    np.testing.assert_array_equal(echoed.outputs, image)
+    assert live.outputs.dtype == np.int64
+    assert executor.requirements(Request("cpp/testplug.echo")) == Resources(cpu=0.5, memory_mb=1)
+    algorithms = {a.name: a for a in executor.algorithms()}
+    assert algorithms["testplug.live"].thread_safe is False
+    assert algorithms["gaussian_blur"].thread_safe is True
+
+
+async def test_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(testplug: Path) -> None:
+    executor = CppExecutor(builtin=False, plugins=[str(testplug)])
+    gc.collect()  # outputs other tests left to the collector
+    before = int(executor.call("testplug.live"))
+    arrays = [executor.call("testplug.echo", np.arange(1000.0)) for _ in range(5)]
+    assert isinstance(arrays[0].base, _Memory)  # no copy: the array is a view of the plugin's block
+    assert arrays[0].flags.writeable and arrays[0].flags.c_contiguous
+    assert int(executor.call("testplug.live")) == before + 5
+    view = arrays[0][10:20]  # a view keeps the block alive too
+    del arrays
+    gc.collect()
+    assert int(executor.call("testplug.live")) == before + 1
+    np.testing.assert_array_equal(view, np.arange(10.0, 20.0))
+    del view
+    gc.collect()
+    assert int(executor.call("testplug.live")) == before
+
+
+def test_the_gil_is_released_while_cpp_runs(testplug: Path) -> None:
+    executor = CppExecutor(builtin=False, plugins=[str(testplug)])
+    executor.algorithms()
+    done = threading.Event()
+
+    def spin() -> None:
+        executor.call("testplug.spin", None, {"ms": 300})
+        done.set()
+
+    thread = threading.Thread(target=spin)
+    start = time.perf_counter()
+    thread.start()
+    ticks = 0
+    while not done.is_set():
+        ticks += 1  # pure Python: only runs while the C++ call has let go of the GIL
+    thread.join()
+    assert time.perf_counter() - start >= 0.29
+    assert ticks > 10_000
+
+
+async def test_plugin_errors_are_typed(testplug: Path) -> None:
+    executor = CppExecutor(builtin=False, plugins=[str(testplug)])
+    async with scheduler(executor) as s:
+        with pytest.raises(ExecutorError,
+                           match=r"testplug.fail failed \(internal error\): the test plugin failed on purpose"):
+            await s.run("cpp/testplug.fail")
+        with pytest.raises(InvalidRequest, match="echo needs an input"):
+            await s.run("cpp/testplug.echo")
+        with pytest.raises(InvalidRequest, match="bad params JSON|must be a number"):
+            await s.run("cpp/testplug.spin", params={"ms": "long"})
+    metrics = executor.metrics()
+    assert metrics["testplug.fail"]["errors"] == 1 and metrics["testplug.echo"]["errors"] == 1
+
+
+async def test_a_timed_out_task_sets_the_cancel_flag_and_the_plugin_stops(testplug: Path) -> None:
+    executor = CppExecutor(builtin=False, plugins=[str(testplug)])
+    async with scheduler(executor) as s:
+        start = time.monotonic()
+        with pytest.raises(TaskTimeout):
+            await s.run("cpp/testplug.spin", params={"ms": 20_000}, timeout=0.3)
+        for _ in range(100):
+            if executor.metrics().get("testplug.spin", {}).get("errors"):
+                break
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - start < 5  # it stopped long before its 20 s
+    assert executor.metrics()["testplug.spin"]["errors"] == 1
+
+
+async def test_cheap_calls_run_inline_after_the_first() -> None:
+    executor = CppExecutor(inline_below_us=1e6)  # everything counts as cheap here
+    x = np.ones(16, np.float32)
+    async with scheduler(executor) as s:
+        submitted = []
+        pool_submit = s._threads.submit
+
+        def counting_submit(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(fn)
+            return pool_submit(fn, *args, **kwargs)
+
+        s._threads.submit = counting_submit  # type: ignore[method-assign]
+        assert (await s.run("cpp/sum", x)).outputs == 16.0
+        assert len(submitted) == 1  # the first call of a size went to a worker thread
+        for _ in range(20):
+            assert (await s.run("cpp/sum", x)).outputs == 16.0
+        assert len(submitted) == 1  # the next ones ran on the loop: no thread hop
+        await s.run("cpp/sum", np.ones(100_000, np.float32))  # a new size goes to a thread first
+        assert len(submitted) == 2
+    assert executor.metrics()["sum"]["calls"] == 22
+
+
+async def test_metrics_and_health(testplug: Path) -> None:
+    executor = CppExecutor(plugins=[str(testplug), str(PLUGINS / "future.cpp")])
+    async with scheduler(executor) as s:
+        for _ in range(3):
+            await s.run("cpp/sobel", np.ones((8, 8)))
+        health = await executor.health()
+    assert health.status is HealthStatus.DEGRADED  # future.cpp was refused
+    names = [p["name"] for p in health.details["plugins"]]
+    assert names == ["builtin", "testplug"]
+    assert any("ABI version 99" in p for p in health.details["problems"])
+    sobel = health.details["metrics"]["sobel"]
+    assert sobel["calls"] == 3 and sobel["errors"] == 0 and 0 < sobel["mean_s"] <= sobel["max_s"]
+    healthy = CppExecutor()
+    assert (await healthy.health()).status is HealthStatus.OK
+    nothing = CppExecutor(builtin=False)
+    assert (await nothing.health()).status is HealthStatus.DOWN
+
+
+def test_cli_lists_plugins(testplug: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "EDGECOMPUTE_CPP_PLUGIN_PATH": str(testplug)}
+    done = subprocess.run([sys.executable, "-m", "edgecompute_cpp.cli", "list"], capture_output=True, text=True,
+                          env=env, check=True)
+    assert '"name": "testplug"' in done.stdout and '"gaussian_blur"' in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "edgecompute_cpp.cli", "build", str(PLUGINS / "broken.cpp")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "undeclared_identifier_here" in bad.stderr
+
+
+def test_build_plugin_result_loads(tmp_path: Path) -> None:
+    library = build_plugin(PLUGINS / "testplug.cpp", cache=tmp_path)
+    executor = CppExecutor(builtin=False, plugins=[library])
+    assert "testplug.abort" in {a.name for a in executor.algorithms()}
+    missing = CppExecutor(builtin=False, plugins=[tmp_path / "nope.so"])
+    assert missing.algorithms() == []
+    problems = missing._ensure().problems
+    assert len(problems) == 1 and isinstance(problems[0], PluginError) and "does not exist" in str(problems[0])
+
+
+def test_the_demo_hook_runs_through_a_runtime() -> None:
+    from edgecompute import Runtime
+    from edgecompute_cpp import plugin
+
+    lines: list[str] = []
+    with Runtime(Registry([CppExecutor()]), config=Config(), capacity=Resources(cpu=1, memory_mb=1024)) as rt:
+        plugin.demo(runtime=rt, echo=lines.append)
+    assert any("cpp/gaussian_blur" in line for line in lines)
+    assert lines[-1].endswith("peak at bin 100")

@@ -1,0 +1,149 @@
+"""``process`` isolation: plugins in worker processes, arrays through shared memory, crashes and
+deadlines that fail only their own task."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecompute import Config, HealthStatus, Registry, Request, Resources, Scheduler
+from edgecompute.errors import ExecutorCrashed, ExecutorError, InvalidRequest, TaskCancelled, TaskTimeout
+from edgecompute_cpp import CppExecutor, PluginABIError
+
+from .conftest import PLUGINS
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def isolated(testplug: Path) -> AsyncIterator[tuple[Scheduler, CppExecutor]]:
+    executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
+    async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
+        yield s, executor
+
+
+async def test_results_match_inprocess_for_large_arrays(isolated: tuple[Scheduler, CppExecutor],
+                                                       cpp: CppExecutor) -> None:
+    s, executor = isolated
+    image = np.random.default_rng(5).random((1080, 1920), dtype=np.float32)  # 8 MB: the arena grows
+    blurred = (await s.run("cpp/gaussian_blur", image, params={"sigma": 2})).outputs
+    np.testing.assert_array_equal(blurred, cpp.call("gaussian_blur", image, {"sigma": 2}))
+    # an output far larger than the input: sent back through the socket once, then the arena grows
+    small = image[:100, :100].copy()
+    for _ in range(2):
+        big = (await s.run("cpp/resize", small, params={"width": 1500, "height": 1500})).outputs
+        np.testing.assert_array_equal(big, cpp.call("resize", small, {"width": 1500, "height": 1500}))
+    parts = (await s.run("cpp/sobel", small, params={"output": "all"})).outputs
+    assert set(parts) == {"magnitude", "gx", "gy"}
+    product = (await s.run("cpp/matmul", {"a": np.eye(3), "b": np.arange(9.0).reshape(3, 3)})).outputs
+    np.testing.assert_array_equal(product, np.arange(9.0).reshape(3, 3))
+    assert (await s.run("cpp/sum", np.float64(2.5))).outputs == 2.5  # 0-d input
+    workers = (await executor.health()).details["workers"]
+    assert workers[0]["arena_mb"] >= 16 and workers[0]["starts"] == 1
+
+
+async def test_a_segfault_fails_only_its_task_and_the_worker_restarts(isolated: tuple[Scheduler, CppExecutor]) -> None:
+    s, executor = isolated
+    x = np.arange(100.0)
+    np.testing.assert_array_equal((await s.run("cpp/testplug.echo", x)).outputs, x)
+    with pytest.raises(ExecutorCrashed, match="died with signal SIGSEGV while running cpp/testplug.segfault"):
+        await s.run("cpp/testplug.segfault", x)
+    for i in range(100):  # the host survived; every following task succeeds
+        np.testing.assert_array_equal((await s.run("cpp/testplug.echo", x + i)).outputs, x + i)
+    health = await executor.health()
+    worker = health.details["workers"][0]
+    assert worker["crashes"] == 1 and worker["starts"] == 2 and worker["state"] == "running"
+    assert worker["last_exit"] == "signal SIGSEGV"
+    assert health.details["metrics"]["testplug.segfault"]["crashes"] == 1
+    assert health.details["metrics"]["testplug.echo"]["calls"] == 101
+
+
+async def test_an_abort_is_a_crash_too_and_carries_the_worker_output(isolated: tuple[Scheduler, CppExecutor]) -> None:
+    s, _ = isolated
+    with pytest.raises(ExecutorCrashed, match="SIGABRT") as info:
+        await s.run("cpp/testplug.abort")
+    assert info.value.retryable
+    assert (await s.run("cpp/sum", np.ones(4))).outputs == 4.0
+
+
+async def test_a_task_past_its_deadline_kills_its_worker(isolated: tuple[Scheduler, CppExecutor]) -> None:
+    s, executor = isolated
+    await s.run("cpp/sum", np.ones(4))
+    pid = (await executor.health()).details["workers"][0]["pid"]
+    start = time.monotonic()
+    with pytest.raises(TaskTimeout):
+        await s.run("cpp/testplug.spin", params={"ms": 60_000}, timeout=0.5)
+    assert time.monotonic() - start < 5
+    for _ in range(100):  # the kill happens as the task is cancelled; the thread notices at once
+        if (await executor.health()).details["workers"][0]["pid"] != pid:
+            break
+        await asyncio.sleep(0.02)
+    assert (await s.run("cpp/sum", np.ones(4))).outputs == 4.0
+    worker = (await executor.health()).details["workers"][0]
+    assert worker["pid"] != pid and worker["starts"] == 2
+
+
+def test_the_synchronous_call_honours_its_timeout(testplug: Path) -> None:
+    executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)], "builtin": False})
+    try:
+        with pytest.raises(TaskTimeout, match="killed"):
+            executor.call("testplug.spin", None, {"ms": 60_000}, timeout=0.3)
+        assert executor._pool is not None and executor._pool.states()[0]["last_exit"] == "killed: deadline passed"
+        np.testing.assert_array_equal(executor.call("testplug.echo", np.ones(3)), np.ones(3))
+    finally:
+        asyncio.run(executor.aclose())
+
+
+async def test_errors_cross_the_process_boundary_typed(isolated: tuple[Scheduler, CppExecutor]) -> None:
+    s, _ = isolated
+    with pytest.raises(InvalidRequest, match="must have dtype float32, float64, not uint8"):
+        await s.run("cpp/gaussian_blur", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ExecutorError, match="the test plugin failed on purpose") as info:
+        await s.run("cpp/testplug.fail")
+    assert not isinstance(info.value, ExecutorCrashed)
+
+
+async def test_two_workers_run_side_by_side(testplug: Path) -> None:
+    executor = CppExecutor({"isolation": "process", "workers": 2, "plugins": [str(testplug)], "builtin": False})
+    async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
+        await asyncio.gather(*(s.run("cpp/testplug.echo", np.ones(2)) for _ in range(2)))  # start both workers
+        start = time.monotonic()
+        await asyncio.gather(*(s.run("cpp/testplug.spin", params={"ms": 400}) for _ in range(2)))
+        elapsed = time.monotonic() - start
+    assert elapsed < 0.75, elapsed  # one after the other would take 0.8 s
+    assert len(executor._pool.states()) == 2  # type: ignore[union-attr]
+
+
+async def test_plugins_that_fail_to_load_in_the_worker_are_reported(testplug: Path) -> None:
+    executor = CppExecutor({"isolation": "process", "workers": 1,
+                            "plugins": [str(testplug), str(PLUGINS / "future.cpp")]})
+    try:
+        assert "testplug.echo" in {a.name for a in executor.algorithms()}
+        problems = executor._ensure().problems
+        assert len(problems) == 1 and isinstance(problems[0], PluginABIError) and problems[0].found == 99
+        health = await executor.health()
+        assert health.status is HealthStatus.DEGRADED and health.details["isolation"] == "process"
+    finally:
+        await executor.aclose()
+
+
+async def test_cancelling_a_running_task_kills_its_worker(isolated: tuple[Scheduler, CppExecutor]) -> None:
+    s, executor = isolated
+    await s.run("cpp/sum", np.ones(4))
+    pid = (await executor.health()).details["workers"][0]["pid"]
+    handle = s.submit(Request("cpp/testplug.spin", params={"ms": 60_000}))
+    await asyncio.sleep(0.3)
+    assert handle.cancel()
+    with pytest.raises(TaskCancelled):
+        await handle.result()
+    for _ in range(100):
+        if not s._tasks and executor._pool is not None and executor._pool.states()[0]["pid"] != pid:
+            break
+        await asyncio.sleep(0.02)
+    assert (await s.run("cpp/testplug.echo", np.arange(3.0))).outputs.tolist() == [0.0, 1.0, 2.0]
+    assert (await executor.health()).details["workers"][0]["starts"] == 2
