@@ -136,7 +136,13 @@ async def queued_memory(n: int) -> float:
     return per_task
 
 
+async def build_requests(n: int) -> None:
+    for _ in range(n):
+        Request("bench/nothing")
+
+
 PATHS: dict[str, Callable[[int], Awaitable[None]]] = {
+    "building a Request (part of the rows below)": build_requests,
     "raw asyncio tasks": raw_asyncio,
     "ThreadPoolExecutor(4)": thread_pool,
     "edgecompute async executor": edgecompute_path("bench/nothing", prebuilt=True),

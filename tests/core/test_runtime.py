@@ -68,8 +68,11 @@ def test_future_cancel_cancels_the_task() -> None:
         future = rt.submit("app/nap", 5.0)
         time.sleep(0.1)
         assert future.cancel()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while rt.stats().finished["cancelled"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert rt.stats().finished["cancelled"] == 1
+        assert rt.stats().running == 0
 
 
 def test_map_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
