@@ -68,6 +68,7 @@ class TaskHandle:
         "_deadline",
         "_ended",
         "_error",
+        "_inline",
         "_limits",
         "_needs",
         "_response",
@@ -113,6 +114,7 @@ class TaskHandle:
         self._started_at = 0.0
         self._streaming = False
         self._ended = False  # state is terminal; a plain bool because enum hashing is slow
+        self._inline = False  # runs in the task that called Scheduler.run, not a task of its own
         self._callbacks: list[Callable[[TaskHandle], None]] | None = None
 
     def __repr__(self) -> str:
@@ -431,13 +433,24 @@ class Scheduler:
             request = Request(algorithm, inputs, **options)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
-        handle = await self.asubmit(request)
+        if self._state == "running" and self._queued < self.max_queue:
+            handle = self._enqueue(request, caller=asyncio.current_task())
+        else:
+            handle = await self.asubmit(request)
         try:
+            if handle._inline:
+                await self._execute(handle)
             return await handle.result()
         finally:
             handle.cancel()  # nothing once it has ended; if our caller gave up, so does the task
 
-    def _enqueue(self, request: Request) -> TaskHandle:
+    def _enqueue(self, request: Request, caller: asyncio.Task[Any] | None = None) -> TaskHandle:
+        """Queue a request, or start it at once when nothing waits and it fits.
+
+        With ``caller`` (from :meth:`run`), a task that starts at once runs inline in the calling
+        task instead of a task of its own: a sequential caller then pays no event-loop round
+        trips, which are most of the latency of a short request.
+        """
         selection = (self._registry or self.registry).select(request.algorithm)
         executor = selection.executor
         if request.resources is not None:
@@ -477,7 +490,7 @@ class Scheduler:
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
                 self._queued += 1
-                self._start(handle, allocation)
+                self._start(handle, allocation, caller)
                 return handle
         self._push(handle, now - request.priority * self._aging)
         self._dispatch()
@@ -550,7 +563,7 @@ class Scheduler:
     def _limit_of(self, key: str) -> int:
         return self._limits.get(key, 1)  # qualified names are non-thread-safe algorithms: one at a time
 
-    def _start(self, handle: TaskHandle, allocation: Allocation) -> None:
+    def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None) -> None:
         self._queued -= 1
         self._active += 1
         handle.state = _RUNNING
@@ -560,7 +573,9 @@ class Scheduler:
         for key in handle._limits:
             self._running[key] += 1
         handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
-        task = self._loop.create_task(self._execute(handle))
+        handle._inline = caller is not None
+        # inline, run() awaits _execute itself in the caller's task right after this returns
+        task = self._loop.create_task(self._execute(handle)) if caller is None else caller
         handle._task = task
         self._tasks[task] = handle
         if self._observers:
@@ -571,6 +586,8 @@ class Scheduler:
     # -- running ----------------------------------------------------------------------------------
 
     async def _execute(self, handle: TaskHandle) -> None:
+        if handle._task is None:
+            return  # it ended before its first step (cancelled at once); already cleaned up
         selection = handle._selection
         ctx = handle._ctx
         assert ctx is not None
@@ -581,9 +598,17 @@ class Scheduler:
                 raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
                                     "not a Response")
         except asyncio.CancelledError:
-            # We cancel this task only after _cancel gave the handle its terminal state, so
-            # swallowing here ends the task cleanly; _stopped covers any other canceller.
-            pass
+            # We cancel a task only after _cancel gave the handle its terminal state. Our own
+            # tasks swallow that cancellation and end cleanly. Run inline, the task is our
+            # caller's: absorb only our own request, and let any other cancellation through.
+            if handle._inline:
+                task = handle._task
+                ours = handle._ended and task is not None and task.uncancel() == 0
+                if not ours:
+                    if not handle._ended:
+                        self._finish(handle, TaskState.CANCELLED,
+                                     error=TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled"))
+                    raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
             self._failed(handle, exc)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
@@ -714,10 +739,14 @@ class Scheduler:
             if ctx is not None:
                 ctx._cancelled = True
             if task is not None:
-                task.cancel()
                 if ctx is not None and not ctx._entered:
-                    # cancelled before its first step, the coroutine never runs its finally
+                    # cancelled before its first step: its code never runs, so nothing would
+                    # reach the finally that cleans up; and an inline caller's task is not ours
+                    if not handle._inline:
+                        task.cancel()
                     self._stopped(handle)
+                else:
+                    task.cancel()
         return True
 
     def _finish(self, handle: TaskHandle, state: TaskState, *, response: Response | None = None,

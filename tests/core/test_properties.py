@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from edgecompute import Algorithm, Config, Health, Registry, Request, Resources, Response, Scheduler, TaskContext
-from edgecompute.errors import EdgeComputeError, ExecutorError, InfeasibleRequest, QueueFull
+from edgecompute.errors import (
+    EdgeComputeError,
+    ExecutorError,
+    InfeasibleRequest,
+    QueueFull,
+    SchedulerClosed,
+    TaskCancelled,
+    TaskTimeout,
+)
 
 CAPACITY = Resources(cpu=3, memory_mb=1000, gpus=2, gpu_memory_mb=1000)
 
@@ -128,6 +136,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.scheduler = Scheduler(Registry([self.probe]), capacity=CAPACITY, max_queue=max_queue, config=config)
         self.loop.run_until_complete(self.scheduler.start())
         self.handles: list = []
+        self.runs: list[asyncio.Task[Response]] = []
         self.ends: dict[str, list[str]] = {}
         self.scheduler.subscribe(self._observe)
         self.key = 0
@@ -155,6 +164,23 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         assert need.fits(CAPACITY)
         self.handles.append(handle)
+
+    @rule(
+        algorithm=st.sampled_from(["gate", "echo", "fail", "block"]),
+        cpu=st.sampled_from([0, 1, 2]),
+        timeout=st.sampled_from([None, 0.001, 0.02]),
+    )
+    def run(self, algorithm: str, cpu: float, timeout: float | None) -> None:
+        """Scheduler.run from a task of its own: starts inline when nothing waits and it fits."""
+        self.key += 1
+        call = self.scheduler.run(f"probe/{algorithm}", self.key, timeout=timeout, resources=Resources(cpu=cpu),
+                                  id=f"run-{self.key}")
+        self.runs.append(self.loop.create_task(call, name=f"run-{self.key}"))
+
+    @precondition(lambda self: self.runs)
+    @rule(index=st.integers(0, 10**6))
+    def cancel_caller(self, index: int) -> None:
+        self.runs[index % len(self.runs)].cancel()
 
     @precondition(lambda self: self.handles)
     @rule(index=st.integers(0, 10**6))
@@ -201,12 +227,24 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.probe.release(key)
         # bounded: a scheduler that lost a reservation would otherwise drain forever
         self.loop.run_until_complete(asyncio.wait_for(self.scheduler.aclose(timeout=5), 10))
+        states = {TaskCancelled: "cancelled", TaskTimeout: "timed_out", ExecutorError: "failed"}
+        for call in self.runs:
+            assert call.done()
+            ends = self.ends.get(call.get_name())
+            if call.cancelled():
+                assert ends in (None, ["cancelled"])  # None: cancelled while waiting for queue room
+            elif call.exception() is None:
+                assert ends == ["succeeded"]
+            elif isinstance(call.exception(), SchedulerClosed):
+                assert ends is None  # it had not started before the scheduler closed: never submitted
+            else:
+                assert ends == [states[type(call.exception())]], (ends, call.exception())
         for handle in self.handles:
             assert handle.done(), handle
             assert self.ends[handle.id] == [handle.state.value]
             if handle.state.value != "succeeded":
                 assert isinstance(handle.exception(), EdgeComputeError)
-        assert len(self.ends) == len(self.handles)
+        assert len(self.ends) == len(self.handles) + sum(c.get_name() in self.ends for c in self.runs)
         assert self.scheduler.idle
         self.loop.close()
 

@@ -509,9 +509,21 @@ async def test_cancelling_run_cancels_its_task() -> None:
     async with scheduler:
         caller = asyncio.create_task(scheduler.run("ctl/sleep", 10))
         await asyncio.sleep(0.05)
+        assert scheduler.stats().running == 1  # started at once, inline in the caller's task
         caller.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await caller
+        done, _ = await asyncio.wait([caller], timeout=5)
+        assert done, "the caller did not see its cancellation"
+        assert caller.cancelled()
         await settle()
         assert scheduler.stats().finished["cancelled"] == 1
         assert scheduler.idle
+
+
+async def test_a_deadline_inside_run_raises_task_timeout_and_leaves_the_caller_uncancelled() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        with pytest.raises(TaskTimeout):
+            await scheduler.run("ctl/sleep", 10, timeout=0.05)
+        current = asyncio.current_task()
+        assert current is not None and current.cancelling() == 0
+        assert (await scheduler.run("ctl/echo", "after")).outputs == "after"
