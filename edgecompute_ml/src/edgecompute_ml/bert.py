@@ -1,0 +1,157 @@
+"""A compact BERT-family encoder (BERT, MiniLM, sentence-transformers checkpoints)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from .errors import ModelError
+
+__all__ = ["BertConfig", "BertModel"]
+
+MODEL_TYPES = ("bert",)
+ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@attrs.frozen
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    prefix: str = ""
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], source: str = "config.json") -> BertConfig:
+        try:
+            act = config.get("hidden_act", "gelu")
+            if act not in _ACTIVATIONS:
+                raise ModelError(f"{source}: hidden_act {act!r} not supported ({', '.join(_ACTIVATIONS)})")
+            pet = config.get("position_embedding_type", "absolute")
+            if pet != "absolute":
+                raise ModelError(f"{source}: position_embedding_type {pet!r} not supported (only 'absolute')")
+            return cls(
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=int(config["hidden_size"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                intermediate_size=int(config["intermediate_size"]),
+                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                type_vocab_size=int(config.get("type_vocab_size", 2)),
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                hidden_act=act,
+                pad_token_id=int(config.get("pad_token_id") or 0),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: invalid BERT config: {type(exc).__name__}: {exc}") from exc
+
+    def with_prefix(self, tensor_names: Any) -> BertConfig:
+        """Checkpoints saved from BertFor* carry a ``bert.`` prefix; candle accepts both."""
+        names = set(tensor_names)
+        if "embeddings.word_embeddings.weight" not in names and "bert.embeddings.word_embeddings.weight" in names:
+            return attrs.evolve(self, prefix="bert.")
+        return self
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        h, i, p = self.hidden_size, self.intermediate_size, self.prefix
+        out: dict[str, tuple[int, ...]] = {
+            p + "embeddings.word_embeddings.weight": (self.vocab_size, h),
+            p + "embeddings.position_embeddings.weight": (self.max_position_embeddings, h),
+            p + "embeddings.token_type_embeddings.weight": (self.type_vocab_size, h),
+            p + "embeddings.LayerNorm.weight": (h,),
+            p + "embeddings.LayerNorm.bias": (h,),
+        }
+        for n in range(self.num_hidden_layers):
+            q = f"{p}encoder.layer.{n}."
+            for part in ("attention.self.query", "attention.self.key", "attention.self.value",
+                         "attention.output.dense"):
+                out[q + part + ".weight"] = (h, h)
+                out[q + part + ".bias"] = (h,)
+            out |= {
+                q + "attention.output.LayerNorm.weight": (h,), q + "attention.output.LayerNorm.bias": (h,),
+                q + "intermediate.dense.weight": (i, h), q + "intermediate.dense.bias": (i,),
+                q + "output.dense.weight": (h, i), q + "output.dense.bias": (h,),
+                q + "output.LayerNorm.weight": (h,), q + "output.LayerNorm.bias": (h,),
+            }
+        return out
+
+
+class BertModel:
+    """Encoder forward: token ids and attention mask -> last hidden states (float32)."""
+
+    family = "bert"
+
+    def __init__(self, config: BertConfig, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        p, w = config.prefix, weights
+        self.word = w[p + "embeddings.word_embeddings.weight"]
+        self.position = w[p + "embeddings.position_embeddings.weight"]
+        self.token_type = w[p + "embeddings.token_type_embeddings.weight"]
+        self.ln = (w[p + "embeddings.LayerNorm.weight"], w[p + "embeddings.LayerNorm.bias"])
+        self.layers = []
+        for n in range(config.num_hidden_layers):
+            q = f"{p}encoder.layer.{n}."
+            s = q + "attention.self."
+            self.layers.append((
+                torch.cat([w[s + "query.weight"], w[s + "key.weight"], w[s + "value.weight"]]),
+                torch.cat([w[s + "query.bias"], w[s + "key.bias"], w[s + "value.bias"]]),
+                w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"],
+                w[q + "attention.output.LayerNorm.weight"], w[q + "attention.output.LayerNorm.bias"],
+                w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"],
+                w[q + "output.dense.weight"], w[q + "output.dense.bias"],
+                w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"],
+            ))
+        self._act = _ACTIVATIONS[config.hidden_act]
+
+    def weight_bytes(self) -> int:
+        tensors = [self.word, self.position, self.token_type, *self.ln] + [t for layer in self.layers for t in layer]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        b, t = input_ids.shape
+        if t > c.max_position_embeddings:
+            raise ModelError(f"input of {t} tokens exceeds the model's {c.max_position_embeddings} positions")
+        h, nh = c.hidden_size, c.num_attention_heads
+        hd = h // nh
+        x = F.embedding(input_ids, self.word) + self.position[:t]
+        x = x + (self.token_type[0] if token_type_ids is None else F.embedding(token_type_ids, self.token_type))
+        x = F.layer_norm(x, (h,), *self.ln, eps=c.layer_norm_eps)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask[:, None, None, :].to(torch.bool)
+        for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, i_w, i_b, d_w, d_b, ln2_w, ln2_b in self.layers:
+            qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+            attn = attn.transpose(1, 2).reshape(b, t, h)
+            x = F.layer_norm(x + F.linear(attn, o_w, o_b), (h,), ln1_w, ln1_b, eps=c.layer_norm_eps)
+            inter = self._act(F.linear(x, i_w, i_b))
+            x = F.layer_norm(x + F.linear(inter, d_w, d_b), (h,), ln2_w, ln2_b, eps=c.layer_norm_eps)
+        return x.float()
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)

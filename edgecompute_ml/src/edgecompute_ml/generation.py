@@ -1,0 +1,265 @@
+"""Text generation: prompts and chat templates, sampling, stop strings, streaming, cancellation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from .errors import InvalidRequest
+
+__all__ = ["GenerationParams", "build_prompt_ids", "generate"]
+
+
+def _number(params: Mapping[str, Any], key: str, default: Any, kind: type, low: float,
+            high: float | None = None) -> Any:
+    value = params.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise InvalidRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+    if value < low or (high is not None and value > high):
+        raise InvalidRequest(f"{key} must be in [{low}, {high if high is not None else 'inf'}], not {value!r}")
+    return kind(value)
+
+
+@attrs.frozen
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "do_sample",
+            "ignore_eos")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> GenerationParams:
+        stop = params.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequest(f"stop must be a string or a list of non-empty strings, not {stop!r}")
+        seed = params.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidRequest(f"seed must be an integer, not {seed!r}")
+        temperature = _number(params, "temperature", 0.0, float, 0.0)
+        if params.get("do_sample") is False:
+            temperature = 0.0
+        return cls(
+            max_new_tokens=_number(params, "max_new_tokens", 128, int, 0, 1 << 20),
+            temperature=temperature,
+            top_k=_number(params, "top_k", 0, int, 0),
+            top_p=_number(params, "top_p", 1.0, float, 0.0, 1.0),
+            repetition_penalty=_number(params, "repetition_penalty", 1.0, float, 1e-6),
+            seed=seed,
+            stop=tuple(stop),
+            ignore_eos=bool(params.get("ignore_eos", False)),
+        )
+
+
+def render_chat(template: str, messages: Sequence[Mapping[str, Any]], tok_config: Mapping[str, Any],
+                add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template (jinja2, sandboxed, as transformers renders it)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise InvalidRequest(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+
+    def token(key: str) -> str:
+        value = tok_config.get(key)
+        return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+    try:
+        return env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=token("bos_token"), eos_token=token("eos_token"),
+            pad_token=token("pad_token"), unk_token=token("unk_token"),
+        )
+    except TemplateError as exc:
+        raise InvalidRequest(f"chat template failed: {exc}") from exc
+
+
+def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for m in messages:
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidRequest(f"each message needs a string 'role' and 'content', not {m!r}")
+    return list(messages)
+
+
+def build_prompt_ids(lm: Any, inputs: Any) -> list[int]:
+    """Token ids for a prompt string, ``{"prompt": ...}``, ``{"messages": [...]}`` or a list of
+    messages (rendered with the tokenizer's chat template)."""
+    messages = None
+    if isinstance(inputs, Mapping):
+        if "messages" in inputs:
+            messages = _check_messages(inputs["messages"])
+        elif isinstance(inputs.get("prompt"), str):
+            inputs = inputs["prompt"]
+        else:
+            raise InvalidRequest("text-generation inputs need 'prompt' (a string) or 'messages'")
+    elif isinstance(inputs, (list, tuple)):
+        messages = _check_messages(inputs)
+    elif not isinstance(inputs, str):
+        raise InvalidRequest(f"text-generation inputs must be a string, messages or a mapping, not "
+                             f"{type(inputs).__name__}")
+    tokenizer = lm.tokenizer
+    if messages is not None:
+        if not lm.chat_template:
+            raise InvalidRequest(f"model {lm.name!r} has no chat template; send a plain prompt")
+        text = render_chat(lm.chat_template, messages, lm.tokenizer_config)
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+    else:
+        ids = tokenizer.encode(inputs, add_special_tokens=True).ids
+        if lm.add_bos_token and lm.bos_token_id is not None and (not ids or ids[0] != lm.bos_token_id):
+            ids = [lm.bos_token_id, *ids]
+    if not ids:
+        raise InvalidRequest("the prompt is empty after tokenization")
+    return ids
+
+
+def _sample(logits: Any, history: Any, p: GenerationParams, generator: Any) -> int:
+    import torch
+
+    if p.repetition_penalty != 1.0:
+        scores = logits.gather(0, history)
+        scores = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        logits = logits.scatter(0, history, scores)
+    if p.temperature <= 0.0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[0]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the token that crosses top_p
+        remove[0] = False
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Detokenizer:
+    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 and anything
+    that could still become a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (new text to emit, stopped)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False  # an incomplete UTF-8 sequence; wait for the next token
+        self.text = text
+        if self.stop:
+            start = max(0, self.sent - self.hold)
+            cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = text[:max(cut, self.sent)]
+                piece = self.text[self.sent:]
+                self.sent = len(self.text)
+                return piece, True
+            safe = max(self.sent, len(text) - self.hold)
+        else:
+            safe = len(text)
+        piece = text[self.sent:safe]
+        self.sent = safe
+        return piece, False
+
+    def flush(self) -> str:
+        piece = self.text[self.sent:]
+        self.sent = len(self.text)
+        return piece
+
+
+def generate(lm: Any, prompt_ids: list[int], p: GenerationParams, *,
+             on_text: Callable[[str], None] | None = None,
+             cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Generate from ``prompt_ids``; blocking (run it on a worker thread)."""
+    import torch
+
+    model = lm.model
+    limit = getattr(model.config, "max_position_embeddings", 1 << 30)
+    if len(prompt_ids) >= limit:
+        raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; model {lm.name!r} takes at most {limit}")
+    max_new = min(p.max_new_tokens, limit - len(prompt_ids))
+    generator = None
+    if p.temperature > 0:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(p.seed if p.seed is not None else int(torch.seed() % (1 << 63)))
+    detok = _Detokenizer(lm.tokenizer, p.stop)
+    tokens: list[int] = []
+    finish = "length"
+    stopped = False
+    start = time.perf_counter()
+    first_token_at = None
+    with torch.inference_mode():
+        cache = model.new_cache(len(prompt_ids) + max_new)
+        history = torch.tensor(prompt_ids, dtype=torch.long)
+        if max_new == 0:
+            return _result(detok, tokens, "length", prompt_ids, start, None)
+        logits = model.forward(torch.tensor([prompt_ids], dtype=torch.long, device=model.device), cache)[0]
+        step_input = torch.empty((1, 1), dtype=torch.long, device=model.device)
+        for _ in range(max_new):
+            if cancelled():
+                finish = "cancelled"
+                break
+            token = _sample(logits.cpu() if logits.device.type != "cpu" else logits,
+                            history, p, generator)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if token in lm.eos_token_ids and not p.ignore_eos:
+                finish = "stop"
+                break
+            tokens.append(token)
+            if p.repetition_penalty != 1.0:
+                history = torch.cat([history, torch.tensor([token])])
+            piece, stopped = detok.add(token)
+            if piece and on_text is not None:
+                on_text(piece)
+            if stopped:
+                finish = "stop"
+                break
+            if len(tokens) == max_new:
+                break
+            step_input[0, 0] = token
+            logits = model.forward(step_input, cache)[0]
+    if not stopped:
+        piece = detok.flush()
+        if piece and on_text is not None:
+            on_text(piece)
+    return _result(detok, tokens, finish, prompt_ids, start, first_token_at)
+
+
+def _result(detok: _Detokenizer, tokens: list[int], finish: str, prompt_ids: list[int], start: float,
+            first: float | None) -> dict[str, Any]:
+    elapsed = time.perf_counter() - start
+    return {
+        "text": detok.text,
+        "tokens": tokens,
+        "finish_reason": finish,
+        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens)},
+        "timings": {"generate": elapsed, "first_token": (first - start) if first else None},
+    }

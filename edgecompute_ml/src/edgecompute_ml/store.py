@@ -1,0 +1,309 @@
+"""The model store: models by name, inspected from headers, loaded into torch on demand.
+
+A model is an HF-layout folder (``config.json``, ``model.safetensors`` or shards with
+``model.safetensors.index.json``, ``tokenizer.json``) or a Llama-family GGUF file. Families are
+pluggable: :func:`register_family` adds one (a config parser, the tensors it needs, a builder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ModelError, UnsupportedArchitecture
+
+__all__ = ["FAMILIES", "Family", "LoadedModel", "ModelPlan", "ModelSource", "inspect_model", "load_model",
+           "register_family"]
+
+
+@attrs.frozen
+class Family:
+    """A model family: which configs it accepts and how to build it.
+
+    ``parse(config_dict, source, tensor_names)`` returns the family's config object, which has
+    ``expected_tensors() -> {name: shape}``; ``build(config, weights, dtype, device)`` returns
+    the model. ``task`` is "text-generation" or "embeddings".
+    """
+
+    name: str
+    task: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    parse: Callable[[Mapping[str, Any], str, Any], Any]
+    build: Callable[..., Any]
+
+
+def _llama_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
+    from .llama import LlamaConfig
+
+    return LlamaConfig.from_hf(config, source)
+
+
+def _llama_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
+    from .llama import LlamaModel
+
+    return LlamaModel(config, weights, dtype, device)
+
+
+def _bert_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
+    from .bert import BertConfig
+
+    return BertConfig.from_hf(config, source).with_prefix(names)
+
+
+def _bert_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
+    from .bert import BertModel
+
+    return BertModel(config, weights, dtype, device)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "text-generation", ("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM"),
+                    _llama_parse, _llama_build),
+    "bert": Family("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
+                   _bert_parse, _bert_build),
+}
+
+
+def register_family(family: Family) -> None:
+    """Add (or replace) a model family."""
+    FAMILIES[family.name] = family
+
+
+def supported_architectures() -> list[str]:
+    return sorted({a for f in FAMILIES.values() for a in f.architectures})
+
+
+def family_for(config: Mapping[str, Any], source: str) -> Family:
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    for family in FAMILIES.values():
+        if any(a in family.architectures for a in architectures):
+            return family
+    shown = architectures[0] if architectures else (model_type or "unknown (config.json has no architectures)")
+    raise UnsupportedArchitecture(source, str(shown), supported_architectures())
+
+
+@attrs.frozen
+class ModelSource:
+    """Where a named model lives, and per-model overrides."""
+
+    name: str
+    path: str
+    dtype: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "gguf" if self.path.lower().endswith(".gguf") else "folder"
+
+    @classmethod
+    def parse(cls, name: str, value: Any) -> ModelSource:
+        if isinstance(value, (str, os.PathLike)):
+            return cls(name, os.fspath(value))
+        if isinstance(value, Mapping) and "path" in value:
+            return cls(name, os.fspath(value["path"]), value.get("dtype"))
+        raise ModelError(f"model {name!r}: expected a path or a table with 'path', not {value!r}")
+
+
+@attrs.define
+class ModelPlan:
+    """What loading a model will take, from its config and headers alone."""
+
+    source: ModelSource
+    family: Family
+    config: Any
+    raw_config: dict[str, Any]
+    expected: dict[str, tuple[int, ...]]
+    numel: int
+    checkpoint: Any = None  # safetensors Checkpoint
+    gguf: Any = None  # GGUFFile
+
+    def weight_bytes(self, element_size: int) -> int:
+        return self.numel * element_size
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc}") from exc
+    except ValueError as exc:
+        raise ModelError(f"{path}: invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def inspect_model(source: ModelSource) -> ModelPlan:
+    """Read config and headers, pick the family and validate every tensor's name and shape."""
+    path = Path(source.path)
+    if source.kind == "gguf":
+        from .gguf_io import GGUFFile, gguf_llama_config, gguf_to_hf_names
+
+        if not path.is_file():
+            raise ModelError(f"model {source.name!r}: GGUF file {path} does not exist")
+        g = GGUFFile(path)
+        raw = gguf_llama_config(g)
+        family = family_for(raw, str(path))
+        config = family.parse(raw, str(path), ())
+        expected = config.expected_tensors()
+        names = gguf_to_hf_names(g)
+        by_hf = {h: g.tensors[n] for n, h in names.items()}
+        from .errors import ShapeMismatch
+
+        for name, shape in expected.items():
+            t = by_hf.get(name)
+            if t is None:
+                raise ModelError(f"{path}: tensor for {name!r} (shape {list(shape)}) is missing")
+            if t.shape != tuple(shape):
+                raise ShapeMismatch(str(path), t.name, shape, t.shape)
+        numel = sum(int(_prod(s)) for s in expected.values())
+        return ModelPlan(source, family, config, raw, expected, numel, gguf=g)
+    if not path.is_dir():
+        raise ModelError(f"model {source.name!r}: {path} is neither a model folder nor a .gguf file")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"model {source.name!r}: {path} has no config.json")
+    raw = _read_json(config_path)
+    family = family_for(raw, str(config_path))
+    from .safetensors_io import Checkpoint
+
+    checkpoint = Checkpoint(path)
+    config = family.parse(raw, str(config_path), checkpoint.tensors.keys())
+    expected = config.expected_tensors()
+    checkpoint.validate(expected)
+    numel = sum(int(_prod(s)) for s in expected.values())
+    return ModelPlan(source, family, config, raw, expected, numel, checkpoint=checkpoint)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+@attrs.define(eq=False)
+class LoadedModel:
+    """A model ready to run: the torch model, its tokenizer and what generation/pooling need."""
+
+    name: str
+    family: str
+    task: str
+    model: Any
+    tokenizer: Any
+    tokenizer_config: dict[str, Any]
+    eos_token_ids: frozenset[int]
+    bytes: int
+    device: str
+    dtype: str
+    pooling: str = "mean"
+    normalize: bool = False
+    chat_template: str | None = None
+    add_bos_token: bool = False
+    bos_token_id: int | None = None
+    max_length: int = 512
+
+
+def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
+    from tokenizers import Tokenizer
+
+    tok_config: dict[str, Any] = {}
+    if (folder / "tokenizer_config.json").is_file():
+        tok_config = _read_json(folder / "tokenizer_config.json")
+    if (folder / "chat_template.jinja").is_file():
+        tok_config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    tokenizer_file = folder / "tokenizer.json"
+    if tokenizer_file.is_file():
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:
+            raise ModelError(f"{tokenizer_file}: cannot load tokenizer: {exc}") from exc
+        if gguf is not None:
+            from .gguf_io import gguf_tokenizer_config
+
+            tok_config = {**gguf_tokenizer_config(gguf), **tok_config}
+        return tokenizer, tok_config
+    if gguf is not None:
+        from .gguf_io import gguf_tokenizer, gguf_tokenizer_config
+
+        return gguf_tokenizer(gguf), {**gguf_tokenizer_config(gguf), **tok_config}
+    raise ModelError(f"{folder}: no tokenizer.json")
+
+
+def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel:
+    """Load the weights (converted to ``dtype_name`` on ``device``) and the tokenizer."""
+    import numpy as np
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    tdevice = torch.device(device)
+    source = plan.source
+    if plan.gguf is not None:
+        from .gguf_io import gguf_llama_weights
+
+        arrays = gguf_llama_weights(plan.gguf, plan.raw_config)
+        weights = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=tdevice, dtype=dtype)
+                   for k, v in arrays.items() if k in plan.expected}
+        del arrays
+        folder = Path(source.path).parent
+    else:
+        weights = plan.checkpoint.load(plan.expected.keys(), dtype, tdevice)
+        folder = Path(source.path)
+    model = plan.family.build(plan.config, weights, dtype, tdevice)
+    del weights
+    tokenizer, tok_config = _load_tokenizer(folder, plan.gguf)
+    eos: set[int] = set(getattr(plan.config, "eos_token_ids", ()) or ())
+    gen_config = folder / "generation_config.json"
+    if plan.gguf is None and gen_config.is_file():
+        value = _read_json(gen_config).get("eos_token_id")
+        eos.update(value if isinstance(value, list) else [] if value is None else [value])
+    eos_token = tok_config.get("eos_token")
+    if isinstance(eos_token, dict):
+        eos_token = eos_token.get("content")
+    if isinstance(eos_token, str) and tokenizer.token_to_id(eos_token) is not None:
+        eos.add(tokenizer.token_to_id(eos_token))
+    tokenizer.no_padding()  # we pad batches ourselves, to their longest member
+    pooling, normalize = "mean", False
+    if plan.family.task == "embeddings":
+        pooling, normalize = _sentence_transformers_settings(folder)
+    max_length = int(tok_config.get("model_max_length") or 0) or 10**9
+    max_length = min(max_length, int(plan.raw_config.get("max_position_embeddings", 512)))
+    if plan.family.task == "embeddings":
+        tokenizer.enable_truncation(max_length)
+    return LoadedModel(
+        name=source.name, family=plan.family.name, task=plan.family.task, model=model, tokenizer=tokenizer,
+        tokenizer_config=tok_config, eos_token_ids=frozenset(int(e) for e in eos), bytes=model.weight_bytes(),
+        device=device, dtype=dtype_name, pooling=pooling, normalize=normalize,
+        chat_template=tok_config.get("chat_template") if isinstance(tok_config.get("chat_template"), str) else None,
+        add_bos_token=bool(tok_config.get("add_bos_token", False)),
+        bos_token_id=getattr(plan.config, "bos_token_id", None), max_length=max_length,
+    )
+
+
+def _sentence_transformers_settings(folder: Path) -> tuple[str, bool]:
+    """Pooling and normalisation as a sentence-transformers folder declares (mean, no norm else)."""
+    pooling, normalize = "mean", False
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text())
+            normalize = any(str(e.get("type", "")).endswith("Normalize") for e in entries)
+            for e in entries:
+                if str(e.get("type", "")).endswith("Pooling"):
+                    cfg = _read_json(folder / e.get("path", "") / "config.json")
+                    if cfg.get("pooling_mode_cls_token"):
+                        pooling = "cls"
+                    elif cfg.get("pooling_mode_max_tokens"):
+                        pooling = "max"
+        except (OSError, ValueError, AttributeError, ModelError):
+            pass
+    return pooling, normalize

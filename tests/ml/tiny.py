@@ -1,0 +1,107 @@
+"""Tiny random models built by the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "Paris is the capital of France and Berlin is the capital of Germany",
+    "hello world, how are you today? I am fine, thank you.",
+    "numbers 0123456789 and symbols !@#$%^&*() are here",
+    "système über naïve café — unicode text ✓",
+]
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_level_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS * 3, trainer)
+    return tk
+
+
+def make_llama(folder: Path, *, shards: bool = False, head_dim: int | None = 24, mistral: bool = False,
+               tie: bool = True, seed: int = 0, dtype: str = "float32") -> Path:
+    """A tiny Llama (or Mistral) with GQA, head_dim != hidden/heads and rope_theta written only
+    under rope_parameters, saved the way transformers saves it."""
+    import torch
+    import transformers
+
+    tk = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    if mistral:
+        config = transformers.MistralConfig(**kwargs, sliding_window=None)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        config = transformers.LlamaConfig(**kwargs)
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to(getattr(torch, dtype)).eval()
+    # larger random weights than the default init, so that logits differ enough to test greedy
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder, max_shard_size="40KB" if shards else "5GB")
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE, "model_max_length": 256}))
+    return folder
+
+
+def bert_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for line in CORPUS for w in line.lower().replace(",", " , ").split()})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words,
+              *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"],
+              *list("abcdefghijklmnopqrstuvwxyz0123456789.,!?")]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return tk
+
+
+def make_bert(folder: Path, *, seed: int = 0, normalize: bool = True) -> Path:
+    import torch
+    import transformers
+
+    tk = bert_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=tk.get_vocab_size(), hidden_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=96, max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    model.save_pretrained(folder)
+    tk.enable_padding(length=32, pad_id=0, pad_token="[PAD]")  # as all-MiniLM-L6-v2's tokenizer.json has
+    tk.enable_truncation(32)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return folder
