@@ -1,8 +1,8 @@
 """edgecompute: run native, ML and sandboxed work through one scheduler, in your own process.
 
-``import edgecompute`` stays light: the scheduler, the runtime and plugin discovery are imported
-on first use, and no executor's heavy dependency (torch, wasmtime, a compiler) is ever imported
-until that executor runs something.
+``import edgecompute`` stays light: everything but the errors is imported on first use (the value
+classes bring attrs, the scheduler anyio, discovery pluggy), and no executor's heavy dependency
+(torch, wasmtime, a compiler) is ever imported until that executor runs something.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
 
 if TYPE_CHECKING:
     from .config import Config
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
     from .executor import BlockingExecutor, Executor
     from .functions import FunctionExecutor
     from .hookspecs import hookimpl
+    from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
     from .registry import Registry, Selection
     from .runtime import Runtime
     from .scheduler import Scheduler, SchedulerStats, TaskHandle
@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Algorithm": "models",
+    "Health": "models",
+    "HealthStatus": "models",
+    "Request": "models",
+    "Resources": "models",
+    "Response": "models",
+    "TaskEvent": "models",
+    "TaskState": "models",
     "BlockingExecutor": "executor",
     "Config": "config",
     "Executor": "executor",

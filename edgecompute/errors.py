@@ -7,7 +7,6 @@ candidates (known algorithms, valid values).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 __all__ = [
@@ -74,6 +73,8 @@ class UnknownAlgorithm(EdgeComputeError, LookupError):
     def __init__(self, algorithm: str, known: Iterable[str] = ()) -> None:
         self.algorithm = algorithm
         self.known = sorted(known)
+        import difflib  # only on this error path: it costs more to import than all of this module
+
         close = difflib.get_close_matches(algorithm, self.known, n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         super().__init__(
