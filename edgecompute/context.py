@@ -93,8 +93,9 @@ class TaskContext:
         runs to its end and the task's resources stay reserved until it does, so the pool never
         hands out more than it has.
         """
-        self._threads_open += 1
-        return await self._handle._scheduler._threads.submit(fn, *args, on_done=self._thread_finished)
+        future = self._handle._scheduler._threads.submit(fn, *args, on_done=self._thread_finished)
+        self._threads_open += 1  # after submit: a pool that refuses the call leaves nothing to wait for
+        return await future
 
     def _thread_finished(self) -> None:
         self._threads_open -= 1

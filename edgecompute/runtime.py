@@ -142,7 +142,9 @@ class Runtime:
             if bar is not None:
                 bar.close()
 
-    def executors(self) -> Registry:
+    @property
+    def registry(self) -> Registry:
+        """The registry the scheduler runs executors from."""
         return self.scheduler.registry
 
     def health(self) -> dict[str, Health]:

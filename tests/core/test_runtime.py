@@ -46,6 +46,8 @@ def test_run_submit_stream_and_map() -> None:
         assert rt.map("app/square", range(50)) == [i * i for i in range(50)]
         stats = rt.stats()
         assert stats.finished["succeeded"] == 54
+        assert rt.registry.names() == ["app"]
+        assert rt.health()["app"].ok
 
 
 def test_errors_cross_to_the_caller_typed() -> None:
