@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import sys
 import threading
 import time
@@ -122,9 +123,14 @@ async def test_scheduler_runs_bundled_and_plugin_algorithms(cpp: CppExecutor, te
     assert algorithms["gaussian_blur"].thread_safe is True
 
 
-async def test_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(testplug: Path) -> None:
-    executor = CppExecutor(builtin=False, plugins=[str(testplug)])
-    gc.collect()  # outputs other tests left to the collector
+async def test_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(
+    testplug: Path, tmp_path: Path
+) -> None:
+    # A private copy of the library: dlopen shares one instance (and so one live counter) per
+    # path, and outputs other tests still hold would be freed at unrelated moments.
+    private = tmp_path / "testplug-private.so"
+    shutil.copyfile(testplug, private)
+    executor = CppExecutor(builtin=False, plugins=[str(private)])
     before = int(executor.call("testplug.live"))
     arrays = [executor.call("testplug.echo", np.arange(1000.0)) for _ in range(5)]
     assert isinstance(arrays[0].base, _Memory)  # no copy: the array is a view of the plugin's block
