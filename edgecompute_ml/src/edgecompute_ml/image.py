@@ -213,14 +213,18 @@ class Preprocessing:
         size = self.resized_size(*image.size)
         if size != image.size:
             image = image.resize(size, resample=self.resample)
-        array = np.asarray(image, dtype=np.float32)
+        array = np.asarray(image)
         if self.crop is not None:
             array = _center_crop(array, self.crop["height"], self.crop["width"])
-        if self.rescale is not None:
-            array = array * np.float32(self.rescale)
+        # rescale and normalise as one multiply-add per channel, on the cropped pixels only
+        scale = np.full(3, self.rescale if self.rescale is not None else 1.0, np.float64)
+        shift = np.zeros(3, np.float64)
         if self.mean is not None and self.std is not None:
-            array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+            scale, shift = scale / np.asarray(self.std), -np.asarray(self.mean) / np.asarray(self.std)
+        out = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
+        scale_t = torch.from_numpy(scale.astype(np.float32))[:, None, None]
+        shift_t = torch.from_numpy(shift.astype(np.float32))[:, None, None]
+        return out.mul_(scale_t).add_(shift_t)
 
     def batch(self, images: Sequence[Any]) -> Any:
         """RGB PIL images -> one float32 NCHW tensor (all images must come out the same size)."""
