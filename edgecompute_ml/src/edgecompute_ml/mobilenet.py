@@ -3,9 +3,9 @@ names) and the reader for torchvision's MobileNetV2 ``.pth`` checkpoints.
 
 Batch norms are folded into the convolutions when the model is built (inference only), so a
 block is three convolutions; activations run channels-last and in place (measured: 2-3x faster
-on CPU than contiguous tensors with out-of-place activations). transformers' TensorFlow-style "same" padding (``tf_padding``, the
-default of its configs) is supported; torchvision checkpoints use symmetric padding and batch-norm
-eps 1e-5, which their converted config says.
+on CPU than contiguous tensors with out-of-place activations). transformers' TensorFlow-style
+"same" padding (``tf_padding``, the default of its configs) is supported; torchvision
+checkpoints use symmetric padding and batch-norm eps 1e-5, which their converted config says.
 """
 
 from __future__ import annotations
