@@ -91,6 +91,7 @@ class _Connection:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
+        self.attaching: asyncio.Future[None] | None = None
         self.closing = False
         self.killed_on_purpose = False
         self.dead = False
@@ -141,11 +142,18 @@ class _Connection:
     # -- on the event loop ----------------------------------------------------------------------
 
     async def attach(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        """Move the socket onto the running event loop (once; concurrent callers share it)."""
+        if self.attaching is None:
+            self.attaching = asyncio.ensure_future(self._attach())
+        await asyncio.shield(self.attaching)
+
+    async def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
         self.sock.settimeout(None)
         self.sock.setblocking(False)
         reader, self.writer = await asyncio.open_connection(sock=self.sock)
-        self.reader_task = self.loop.create_task(self._read(reader))
+        self.reader_task = loop.create_task(self._read(reader))
+        self.loop = loop  # last: a connection with a loop is ready to use
 
     def send(self, kind: str, task: str, body: Any) -> None:
         assert self.writer is not None
@@ -321,10 +329,12 @@ class WorkerExecutor:
             if connection is not None and not connection.dead:
                 if connection.loop is asyncio.get_running_loop():
                     return connection
-                if connection.loop is None:
+                if connection.loop is None and (connection.attaching is None or not connection.attaching.done()):
+                    first = connection.attaching is None
                     await connection.attach()
-                    self._watch(connection)
-                    return connection
+                    if first:
+                        self._watch(connection)
+                    continue
             if connection is not None and connection.dead:
                 await self._bury(connection)
                 continue
