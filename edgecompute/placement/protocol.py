@@ -145,12 +145,31 @@ class Attachments:
         self._segments.clear()
 
 
-class _Pickler(pickle.Pickler):
-    # large bytes go out of band too: pickle would otherwise copy them into the frame
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is bytes and len(obj) >= OUT_OF_BAND:
-            return bytes, (pickle.PickleBuffer(obj),)
-        return NotImplemented
+class _BigBytes:
+    """Stands in for a large ``bytes`` so that pickle takes it out of band (it copies exact
+    ``bytes`` into the frame and offers no hook for them)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _wrap_bytes(value: Any) -> Any:
+    """``value`` with every large ``bytes`` inside plain containers wrapped (copies only what changes)."""
+    kind = type(value)
+    if kind is bytes:
+        return _BigBytes(value) if len(value) >= OUT_OF_BAND else value
+    if kind is dict:
+        items = {key: _wrap_bytes(item) for key, item in value.items()}
+        return value if all(items[k] is value[k] for k in value) else items
+    if kind is list or kind is tuple:
+        parts = [_wrap_bytes(item) for item in value]
+        return value if all(a is b for a, b in zip(parts, value, strict=True)) else kind(parts)
+    return value
 
 
 def encode(kind: str, task: str, body: Any, arena: Arena) -> tuple[bytes, str | None]:
@@ -164,7 +183,7 @@ def encode(kind: str, task: str, body: Any, arena: Arena) -> tuple[bytes, str | 
         return False
 
     stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(body)
+    pickle.Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(_wrap_bytes(body))
     name: str | None = None
     spans: list[tuple[int, int]] = []
     if buffers:

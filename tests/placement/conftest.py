@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -43,3 +44,14 @@ def alive(pid: int) -> bool:
 def our_segments() -> list[str]:
     prefix = f"ec-{os.getpid()}-"
     return [name for name in os.listdir(shm_folder()) if name.startswith(prefix)]
+
+
+async def running(handle: object) -> None:
+    """Wait (up to 30 s) until a task handle is RUNNING."""
+    from edgecompute import TaskState
+
+    for _ in range(6000):
+        if handle.state is TaskState.RUNNING:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{handle!r} did not start")

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from edgecompute import Placement, Registry, Request, Resources, Scheduler, TaskState
+from edgecompute import Placement, Registry, Request, Resources, Scheduler
 from edgecompute.errors import InvalidRequest, TaskCancelled, TaskTimeout
 
 from .apps import apps
-from .conftest import our_segments
+from .conftest import our_segments, running
 
 pytestmark = pytest.mark.anyio
 
@@ -91,8 +91,7 @@ async def test_many_tasks_at_once_each_get_their_own_answer(scheduler: Scheduler
 
 async def test_cancelling_a_running_task_reaches_the_executor(scheduler: Scheduler) -> None:
     handle = scheduler.submit(Request("apps/sleep", 30.0))
-    while handle.state is not TaskState.RUNNING:
-        await asyncio.sleep(0.01)
+    await running(handle)
     await asyncio.sleep(0.2)
     handle.cancel()
     with pytest.raises(TaskCancelled):

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from edgecompute import Config, HealthStatus, Placement, Registry, Request, Resources, Scheduler, TaskState
+from edgecompute import Config, HealthStatus, Placement, Registry, Request, Resources, Scheduler
 from edgecompute.errors import ConfigError, ExecutorCrashed, PluginError, TaskTimeout
 
 from .apps import apps
-from .conftest import alive, descendants, our_segments
+from .conftest import alive, descendants, our_segments, running
 
 pytestmark = pytest.mark.anyio
 CAPACITY = Resources(cpu=8, memory_mb=1 << 16)
@@ -25,11 +25,6 @@ def placed(**policy: float) -> Registry:
     registry = Registry(placement={"apps": Placement.process(**policy)})
     registry.register(apps)
     return registry
-
-
-async def running(handle: object) -> None:
-    while handle.state is not TaskState.RUNNING:  # type: ignore[attr-defined]
-        await asyncio.sleep(0.005)
 
 
 async def test_kill_9_mid_task_fails_it_then_100_tasks_succeed_and_nothing_is_left() -> None:
