@@ -15,11 +15,14 @@ import os
 import pickle
 import socket
 import sys
+import threading
 from typing import Any
 
 from ..config import Config
+from ..context import TaskContext
 from ..errors import EdgeComputeError, ExecutorError
-from ..models import NO_RESOURCES, Health, HealthStatus, Request, Resources, TaskEvent
+from ..executor import Executor
+from ..models import NO_RESOURCES, Health, HealthStatus, Request, Resources, Response
 from ..registry import Registry
 from ..scheduler import Scheduler, TaskHandle
 from .protocol import VERSION, Arena, Attachments, ProtocolError, Unreadable, decode, encode, frame_length
@@ -28,6 +31,46 @@ __all__ = ["main"]
 
 # the worker admits what the host already admitted; these bounds are never the limiting ones
 _UNBOUNDED = Resources(cpu=1e9, memory_mb=1e15)
+
+
+class _Context:
+    """The task's context, with chunks and progress sent to the host as they come."""
+
+    def __init__(self, inner: TaskContext, worker: _Worker) -> None:
+        self._inner = inner
+        self._worker = worker
+        self.algorithm = inner.algorithm
+        self.devices = inner.devices
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def emit(self, chunk: Any) -> None:
+        self._worker.send("chunk", self._inner.task_id, chunk)
+
+    def emit_nowait(self, chunk: Any) -> None:
+        self._worker.call_soon_threadsafe(self._worker.send, "chunk", self._inner.task_id, chunk)
+
+    def progress(self, done: float, total: float | None = None) -> None:
+        fraction = done / total if total else done
+        self._worker.call_soon_threadsafe(self._worker.send, "progress", self._inner.task_id, float(fraction))
+
+
+class _Forwarding:
+    """The executor, handed a :class:`_Context` instead of the worker scheduler's own."""
+
+    def __init__(self, executor: Executor, worker: _Worker) -> None:
+        self._executor = executor
+        self._worker = worker
+        self.name = executor.name
+        self.version = executor.version
+        self.algorithms = executor.algorithms
+        self.requirements = executor.requirements
+        self.health = executor.health
+        self.aclose = executor.aclose
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        return await self._executor.execute(request, _Context(ctx, self._worker))  # type: ignore[arg-type]
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -52,6 +95,14 @@ class _Worker:
         self.scheduler: Scheduler | None = None
         self.registry: Registry | None = None
         self.name = ""
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+
+    def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
+        if threading.get_ident() == self.loop_thread:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def send(self, kind: str, task: str, body: Any) -> None:
         frame, _ = encode(kind, task, body, self.arena)
@@ -85,15 +136,12 @@ class _Worker:
             "pid": os.getpid(),
             "python": sys.executable,
         })
-        self.scheduler = Scheduler(registry, capacity=_UNBOUNDED, config=Config(), retries=0,
-                                   max_queue=1 << 30, threads=max(4, os.cpu_count() or 1))
+        # the worker's scheduler runs the executor behind a shim whose context sends chunks and
+        # progress straight to the host: no stream reader per task
+        self.scheduler = Scheduler(Registry([_Forwarding(executor, self)]), capacity=_UNBOUNDED, config=Config(),
+                                   retries=0, max_queue=1 << 30, threads=max(4, os.cpu_count() or 1))
         await self.scheduler.start()
-        self.scheduler.subscribe(self.on_event)
         return str(name)
-
-    def on_event(self, event: TaskEvent) -> None:
-        if event.kind == "progress" and event.task_id in self.handles:
-            self.send("progress", event.task_id, event.progress)
 
     async def serve(self) -> None:
         while True:
@@ -134,21 +182,22 @@ class _Worker:
             self.release(segment)
             return
         self.handles[task] = handle
-        self.spawn(self.follow(task, handle, segment))
+        handle.add_done_callback(lambda handle: self.finished(task, handle, segment))
 
-    async def follow(self, task: str, handle: TaskHandle, segment: str | None) -> None:
+    def finished(self, task: str, handle: TaskHandle, segment: str | None) -> None:
+        self.handles.pop(task, None)
+        error = handle.exception()
         try:
-            async for chunk in handle.stream():
-                self.send("chunk", task, chunk)
-            response = await handle.result()
-            self.send("done", task, (response.outputs, dict(response.timings)))
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the host's task
-            self.send("error", task, portable(exc))
-        finally:
-            self.handles.pop(task, None)
-            # the outputs are copied into our own segment above, so the input's may go back now
-            self.release(segment)
-        await self.writer.drain()
+            if error is None:
+                response = handle._response
+                assert response is not None
+                self.send("done", task, (response.outputs, dict(response.timings)))
+        except Exception as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
+            error = exc
+        if error is not None:
+            self.send("error", task, portable(error))
+        # the outputs are copied into our own segment above, so the input's may go back now
+        self.release(segment)
 
     def release(self, segment: str | None) -> None:
         if segment is not None:
