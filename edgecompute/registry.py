@@ -69,6 +69,10 @@ def _accepts_config(factory: Callable[..., Any]) -> bool:
 
 def _placed(name: str, placement: Placement, settings: Mapping[str, Any], factory: Any) -> ExecutorFactory:
     def build() -> Executor:
+        if placement.kind == "ray":
+            from .placement.ray import RayExecutor  # ray is imported only here, on first use
+
+            return RayExecutor(name, placement, settings, factory)
         from .placement.proxy import WorkerExecutor  # the worker machinery loads on first use
 
         return WorkerExecutor(name, placement, settings, factory)
@@ -190,7 +194,7 @@ class Registry:
         # executors placed in another environment need not be installed here: the worker there
         # reports their algorithms. Registered under source "placement", replaced by a real one.
         for name, placement in self._placements.items():
-            if placement.python is not None and name not in self._entries:
+            if (placement.python is not None or placement.kind == "ray") and name not in self._entries:
                 self.register(_placed(name, placement, self._settings.get(name, {}), None),
                               name=name, source="placement")
 

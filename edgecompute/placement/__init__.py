@@ -29,10 +29,11 @@ from ..errors import ConfigError
 
 __all__ = ["PLACEMENT_KEYS", "Placement"]
 
-KINDS = ("inprocess", "process")
+KINDS = ("inprocess", "process", "ray")
 #: Keys of an ``[executors.NAME]`` table that belong to the placement, not to the executor.
 PLACEMENT_KEYS = frozenset({"placement", "python", "max_crashes", "crash_window", "restart_backoff",
-                            "restart_backoff_max", "start_timeout"})
+                            "restart_backoff_max", "start_timeout", "ray_address", "ray_temp_dir",
+                            "ray_num_cpus", "ray_actor", "ray_custom_resources"})
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -59,6 +60,14 @@ class Placement:
     restart_backoff: float = attrs.field(default=0.05, validator=_positive)
     restart_backoff_max: float = attrs.field(default=5.0, validator=_positive)
     start_timeout: float = attrs.field(default=120.0, validator=_positive)
+    #: Ray only: the cluster to join (None: start a local one), where Ray keeps its temporary and
+    #: session files (None: a folder of ours under the temporary folder, never the home folder),
+    #: the CPUs a local cluster gets, what each actor holds, and custom Ray resources it needs.
+    ray_address: str | None = None
+    ray_temp_dir: str | None = None
+    ray_num_cpus: float | None = None
+    ray_actor: Mapping[str, float] = attrs.field(factory=lambda: {"cpu": 1.0})
+    ray_custom_resources: Mapping[str, float] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,6 +86,15 @@ class Placement:
     def process(cls, *, python: str | None = None, **policy: Any) -> Placement:
         """Run in a worker process; with ``python``, in the environment of that interpreter."""
         return cls("process", python, **policy)
+
+    @classmethod
+    def ray(cls, *, address: str | None = None, temp_dir: str | None = None, num_cpus: float | None = None,
+            actor: Mapping[str, float] | None = None, custom_resources: Mapping[str, float] | None = None,
+            **policy: Any) -> Placement:
+        """Run as a Ray actor (needs ``pip install edgecompute[ray]``); see docs/placement.md."""
+        return cls("ray", None, ray_address=address, ray_temp_dir=temp_dir, ray_num_cpus=num_cpus,
+                   ray_actor=dict(actor or {"cpu": 1.0}), ray_custom_resources=dict(custom_resources or {}),
+                   **policy)
 
     @property
     def in_process(self) -> bool:
