@@ -203,6 +203,8 @@ class RayExecutor:
         self._resources = {a.name: a.resources for a in self._algorithms}
         self.report = hello
         self._ids = 0
+        self._cluster_totals: Mapping[str, float] = {}
+        self._cluster_at = -1e9
 
     def _start(self) -> dict[str, Any]:
         actor = self._actor_class.options(**self._options).remote(*self._args)
@@ -236,8 +238,21 @@ class RayExecutor:
             self.supervisor.restarts += 1
         return self._actor
 
+    def _cluster(self) -> Mapping[str, float]:
+        # what the cluster holds in all, refreshed every few seconds (the call costs a round trip)
+        now = time.monotonic()
+        if now - self._cluster_at > 5.0:
+            self._cluster_totals = self._ray.cluster_resources()
+            self._cluster_at = now
+        return self._cluster_totals
+
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         ray = self._ray
+        needs = request.resources or self.requirements(request)
+        short = _never_fits(ray_options(needs, self.placement.ray_custom_resources), self._cluster())
+        if short:
+            raise InfeasibleRequest(f"{request.algorithm} needs more than the Ray cluster will ever have: "
+                                    f"{', '.join(short)}")
         actor = await self._ready()
         self._ids += 1
         task = f"{request.id}-{self._ids}"

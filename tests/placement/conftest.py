@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from edgecompute import Placement
 from edgecompute.placement.protocol import shm_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,3 +61,16 @@ async def running(handle: object) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"{handle!r} did not start")
+
+
+@pytest.fixture(scope="session")
+def ray_placement() -> Iterator[Placement]:
+    """A local Ray cluster for the whole session (2 CPUs, files in a folder of ours), stopped after."""
+    from edgecompute.placement import ray as ray_placement
+
+    folder = tempfile.mkdtemp(prefix="ecray")  # short: Ray puts Unix sockets in it
+    placement = Placement.ray(num_cpus=2, temp_dir=folder, actor={"cpu": 0.1})
+    ray_placement.connect(placement)
+    yield placement
+    ray_placement.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""The same executor tests, run with the executor in process, in a worker process, and in a worker
-started by an explicitly named interpreter (the path a host uses for another environment)."""
+"""The same executor tests, run with the executor in process, in a worker process, in a worker
+started by an explicitly named interpreter (the path a host uses for another environment), and in
+a Ray actor on a local cluster."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ PLACEMENTS = {
 }
 
 
-@pytest.fixture(params=list(PLACEMENTS), scope="module")
+@pytest.fixture(params=[*PLACEMENTS, "ray"], scope="module")
 def placement(request: pytest.FixtureRequest) -> Placement:
+    if request.param == "ray":
+        placement: Placement = request.getfixturevalue("ray_placement")
+        return placement
     return PLACEMENTS[request.param]
 
 
@@ -109,5 +113,5 @@ async def test_health_answers(scheduler: Scheduler, placement: Placement) -> Non
     health = await scheduler.registry.get("text").health()
     assert health.ok
     if not placement.in_process:
-        assert health.details["placement"] == "process"
-        assert health.details["pid"] != __import__("os").getpid()
+        assert health.details["placement"] == placement.kind
+        assert (await scheduler.run("apps/pid")).outputs != __import__("os").getpid()
