@@ -197,6 +197,7 @@ class RayExecutor:
         self._actor_class = self._ray.remote(_ActorHost)
         self.supervisor = Supervisor(placement)
         self._actor: Any = None
+        self._starting: asyncio.Future[None] | None = None
         hello = self._start()
         self.version = str(hello["version"])
         self._algorithms: list[Algorithm] = list(hello["algorithms"])
@@ -228,15 +229,24 @@ class RayExecutor:
             return self._actor
         if self.supervisor.open:
             raise ExecutorCrashed(f"executor {self.name!r}: {self.supervisor.describe()}", retryable=False)
-        await asyncio.sleep(self.supervisor.delay())
-        if self._actor is None:
-            try:
-                await asyncio.to_thread(self._start)
-            except PluginError as exc:
-                self.supervisor.crashed(str(exc))
-                raise ExecutorCrashed(f"executor {self.name!r} could not restart: {exc}") from exc
-            self.supervisor.restarts += 1
+        if self._starting is None:  # one restart, however many tasks are waiting for it
+            self._starting = asyncio.ensure_future(self._restart())
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        finally:
+            if self._starting is starting and starting.done():
+                self._starting = None
         return self._actor
+
+    async def _restart(self) -> None:
+        await asyncio.sleep(self.supervisor.delay())
+        try:
+            await asyncio.to_thread(self._start)
+        except PluginError as exc:
+            self.supervisor.crashed(str(exc))
+            raise ExecutorCrashed(f"executor {self.name!r} could not restart: {exc}") from exc
+        self.supervisor.restarts += 1
 
     def _cluster(self) -> Mapping[str, float]:
         # what the cluster holds in all, refreshed every few seconds (the call costs a round trip)
