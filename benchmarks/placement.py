@@ -9,7 +9,9 @@ Rows:
      against one ``np.copyto`` of the array into a warm buffer (goal: <= 2 memcpys);
   3. reference: a round trip through ``concurrent.futures.ProcessPoolExecutor(2)`` (no-op);
   4. kill -9 of the worker mid-task: that task fails with ExecutorCrashed, the next 100 tasks
-     succeed, and after shutdown no process of ours is left.
+     succeed, and after shutdown no process of ours is left;
+  5. ray placement (a small request through our scheduler to a Ray actor) against a bare Ray task
+     doing the same work (``ray.remote`` echo, awaited), on a local cluster (goal: <= 1.2x).
 
 Timings are medians of per-request times (best of 3 batches for the array rows).
 """
@@ -115,6 +117,43 @@ async def kill_9() -> str:
     return f"task: {crashed}; next 100: {ok} succeeded; processes left after shutdown: {len(left)}"
 
 
+async def ray_row(repeat: int) -> tuple[float, float]:
+    import shutil
+    import tempfile
+
+    import ray
+
+    from edgecompute.placement import ray as ray_placement
+
+    folder = tempfile.mkdtemp(prefix="ecray")
+    placement = Placement.ray(num_cpus=2, temp_dir=folder, actor={"cpu": 0.1})
+    ray_placement.connect(placement)
+    try:
+        @ray.remote(num_cpus=0.1)
+        def echo(x: Any) -> Any:
+            return x
+
+        async def bare() -> None:
+            await echo.remote(1)
+
+        for _ in range(50):
+            await bare()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            await bare()
+            times.append(time.perf_counter() - start)
+        bare_us = statistics.median(times) * 1e6
+        registry = registry_for(placement)
+        async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
+            ours = await per_request_us(scheduler, "apps/echo", 1, repeat)
+        await registry.aclose()
+    finally:
+        ray_placement.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    return bare_us, ours
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2000)
@@ -125,6 +164,7 @@ async def main() -> None:
     copy = memcpy_us(array)
     pool = process_pool_us(args.repeat)
     crash = await kill_9()
+    bare_ray, ours_ray = await ray_row(max(100, args.repeat // 4))
     print(f"placement benchmark ({os.cpu_count()} cpus, python {sys.version.split()[0]})")
     print(f"{'row':<58} {'in process':>12} {'process':>12} {'extra':>10} {'goal':>14}")
     extra_small = proc_small - inproc_small
@@ -137,6 +177,9 @@ async def main() -> None:
           f"{'':>12} {extra_big / copy:>9.2f}x")
     print(f"{'3. reference: ProcessPoolExecutor(2) no-op round trip (us)':<58} {'':>12} {pool:>12.1f}")
     print(f"4. kill -9 mid-task: {crash}")
+    ratio = ours_ray / bare_ray
+    print(f"{'5. ray: bare Ray task vs ray placement, small request (us)':<58} {bare_ray:>12.1f} {ours_ray:>12.1f} "
+          f"{ratio:>9.2f}x {'<= 1.2x':>14} {'holds' if ratio <= 1.2 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -187,17 +187,21 @@ class _Worker:
     def finished(self, task: str, handle: TaskHandle, segment: str | None) -> None:
         self.handles.pop(task, None)
         error = handle.exception()
+        frame = None
         try:
             if error is None:
                 response = handle._response
                 assert response is not None
-                self.send("done", task, (response.outputs, dict(response.timings)))
+                frame, _ = encode("done", task, (response.outputs, dict(response.timings)), self.arena)
         except Exception as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
             error = exc
         if error is not None:
-            self.send("error", task, portable(error))
-        # the outputs are copied into our own segment above, so the input's may go back now
+            frame, _ = encode("error", task, portable(error), self.arena)
+        # the outputs are copied into our own segment now, so the input's may go back, and before
+        # the answer: the host's next request can then reuse it instead of mapping a new one
         self.release(segment)
+        assert frame is not None
+        self.writer.write(frame)
 
     def release(self, segment: str | None) -> None:
         if segment is not None:
