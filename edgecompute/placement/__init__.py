@@ -74,6 +74,10 @@ class Placement:
             raise ConfigError(f"placement must be one of {', '.join(map(repr, KINDS))}, not {self.kind!r}")
         if self.python is not None and (not isinstance(self.python, str) or not self.python):
             raise ConfigError(f"placement python must be a path to an interpreter, not {self.python!r}")
+        unknown = set(self.ray_actor) - {"cpu", "memory_mb", "gpu_memory_mb", "gpus"}
+        if unknown:
+            raise ConfigError(f"placement ray_actor takes cpu, memory_mb, gpu_memory_mb, gpus; "
+                              f"not {', '.join(sorted(unknown))}")
         if self.python is not None and self.kind != "process":
             raise ConfigError(f"python={self.python!r} needs placement 'process', not {self.kind!r}")
 

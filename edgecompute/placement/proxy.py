@@ -309,6 +309,7 @@ class WorkerExecutor:
                             connection.pid)
                 connection.killed_on_purpose = True
                 connection.kill()
+                connection.dead = True  # the next task must not be sent to it before its EOF arrives
             elif not connection.dead:
                 self._send_cancel(connection, ctx)
             raise

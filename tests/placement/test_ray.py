@@ -36,7 +36,7 @@ def test_ray_is_imported_only_when_a_ray_placed_executor_is_built() -> None:
     assert result.stdout.strip() == "False"
 
 
-async def test_ray_keeps_its_files_in_our_folder(ray_placement: Placement) -> None:
+def test_ray_keeps_its_files_in_our_folder(ray_placement: Placement) -> None:
     import ray
 
     folder = Path(ray_placement.ray_temp_dir or "")
