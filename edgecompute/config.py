@@ -144,6 +144,9 @@ class Config:
                        source, f"{key}.max_concurrency", "a positive integer", limit)
                 enabled = settings.get("enabled", True)
                 _check(isinstance(enabled, bool), source, f"{key}.enabled", "true or false", enabled)
+                from .placement import Placement  # light: attrs and the errors
+
+                Placement.from_settings(settings, where=f"{source}: {key}")
             values["executors"] = {name: dict(settings) for name, settings in executors.items()}
         return cls(**values)
 

@@ -13,6 +13,7 @@ import attrs
 from .errors import AmbiguousAlgorithm, PluginError, UnknownAlgorithm, UnknownExecutor
 from .executor import Executor
 from .models import Algorithm, Health, HealthStatus
+from .placement import PLACEMENT_KEYS, Placement
 
 __all__ = ["ExecutorEntry", "Registry", "Selection"]
 
@@ -66,6 +67,19 @@ def _accepts_config(factory: Callable[..., Any]) -> bool:
     return "config" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
+def _placed(name: str, placement: Placement, settings: Mapping[str, Any], factory: Any) -> ExecutorFactory:
+    def build() -> Executor:
+        if placement.kind == "ray":
+            from .placement.ray import RayExecutor  # ray is imported only here, on first use
+
+            return RayExecutor(name, placement, settings, factory)
+        from .placement.proxy import WorkerExecutor  # the worker machinery loads on first use
+
+        return WorkerExecutor(name, placement, settings, factory)
+
+    return build
+
+
 class Registry:
     """Maps executor names to executors and algorithm names to the executor that runs them.
 
@@ -74,9 +88,19 @@ class Registry:
     """
 
     def __init__(self, executors: Iterable[Executor | ExecutorFactory] = (), *,
-                 settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 settings: Mapping[str, Mapping[str, Any]] | None = None,
+                 placement: Mapping[str, Placement] | None = None) -> None:
         self._entries: dict[str, ExecutorEntry] = {}
         self._settings = {name: dict(value) for name, value in (settings or {}).items()}
+        self._placements: dict[str, Placement] = {}
+        for name, value in self._settings.items():
+            found = Placement.from_settings(value, where=f"executors.{name}")
+            if found is not None:
+                self._placements[name] = found
+        for name, where in (placement or {}).items():
+            if not isinstance(where, Placement):
+                raise TypeError(f"placement of {name!r} must be a Placement, not {type(where).__name__}")
+            self._placements[name] = where
         self._routes: dict[str, Selection] = {}
         self._lock = threading.RLock()
         #: Plugins that failed to load or to register (discovery goes on without them).
@@ -85,17 +109,21 @@ class Registry:
         self.plugin_manager: pluggy.PluginManager | None = None
         for executor in executors:
             self.register(executor)
+        self._register_elsewhere()
 
     @classmethod
-    def discover(cls, *, settings: Mapping[str, Mapping[str, Any]] | None = None) -> Registry:
+    def discover(cls, *, settings: Mapping[str, Mapping[str, Any]] | None = None,
+                 placement: Mapping[str, Placement] | None = None) -> Registry:
         """A registry of every executor that installed distributions register.
 
         ``settings`` maps executor names to their settings (the ``[executors.NAME]`` tables of the
         configuration); an executor whose settings say ``enabled = false`` is left out.
+        ``placement`` says where executors run (default: in this process); an executor placed in
+        another environment (``Placement.process(python=...)``) is listed even when this one lacks it.
         """
         from .plugins import load_entry_points, plugin_manager
 
-        registry = cls(settings=settings)
+        registry = cls(settings=settings, placement=placement)
         pm = registry.plugin_manager = plugin_manager()
         registry.problems.extend(load_entry_points(pm))
         for impl in pm.hook.register_executors.get_hookimpls():
@@ -124,6 +152,7 @@ class Registry:
         """
         instance: Executor | None = None
         build: ExecutorFactory
+        original = factory
         if not callable(factory) or (not inspect.isclass(factory) and isinstance(factory, Executor)):
             if not isinstance(factory, Executor):
                 raise TypeError(f"cannot register {factory!r}: not an executor, class or factory")
@@ -143,7 +172,12 @@ class Registry:
         if settings.get("enabled", True) is False:
             log.info("executor %r is disabled by configuration", name)
             return
+        placement = self._placements.get(name)
+        if placement is not None and not placement.in_process:
+            build, instance = _placed(name, placement, settings, original), None
         with self._lock:
+            if name in self._entries and self._entries[name].source == "placement":
+                replace = True  # the real registration supersedes the stand-in made from placement
             if name in self._entries and not replace:
                 existing = self._entries[name]
                 problem = PluginError(source, f"executor {name!r} is already registered by {existing.source}")
@@ -155,6 +189,18 @@ class Registry:
             self._routes.clear()
             if instance is not None:
                 self._adopt(entry, instance)
+
+    def _register_elsewhere(self) -> None:
+        # executors placed in another environment need not be installed here: the worker there
+        # reports their algorithms. Registered under source "placement", replaced by a real one.
+        for name, placement in self._placements.items():
+            if (placement.python is not None or placement.kind == "ray") and name not in self._entries:
+                self.register(_placed(name, placement, self._settings.get(name, {}), None),
+                              name=name, source="placement")
+
+    def placement(self, name: str) -> Placement:
+        """Where the executor called ``name`` runs."""
+        return self._placements.get(name, Placement())
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -246,7 +292,8 @@ class Registry:
                 raise entry.error
             try:
                 factory = entry.factory
-                kwargs = {"config": dict(entry.settings)} if entry.settings and _accepts_config(factory) else {}
+                config = {k: v for k, v in entry.settings.items() if k not in PLACEMENT_KEYS}
+                kwargs = {"config": config} if config and _accepts_config(factory) else {}
                 executor = factory(**kwargs)
                 if not isinstance(executor, Executor):
                     raise TypeError(f"{factory!r} returned {type(executor).__name__}, which is not an Executor")

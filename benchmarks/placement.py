@@ -1,0 +1,186 @@
+"""Placement figures, all measured in one run on this machine.
+
+    python benchmarks/placement.py [--repeat 2000]
+
+Rows:
+  1. a small request (echo of an int) through the scheduler: executor in process vs in a worker
+     process; the difference is what the worker costs per request (goal: <= 100 us);
+  2. a 16 MB float32 array as input (the algorithm returns its size): worker minus in process,
+     against one ``np.copyto`` of the array into a warm buffer (goal: <= 2 memcpys);
+  3. reference: a round trip through ``concurrent.futures.ProcessPoolExecutor(2)`` (no-op);
+  4. kill -9 of the worker mid-task: that task fails with ExecutorCrashed, the next 100 tasks
+     succeed, and after shutdown no process of ours is left;
+  5. ray placement (a small request through our scheduler to a Ray actor) against a bare Ray task
+     doing the same work (``ray.remote`` echo, awaited), on a local cluster (goal: <= 1.2x).
+
+Timings are medians of per-request times (best of 3 batches for the array rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)  # the worker imports tests.placement.apps from here
+
+from edgecompute import Placement, Registry, Request, Resources, Scheduler  # noqa: E402
+from edgecompute.errors import ExecutorCrashed  # noqa: E402
+from tests.placement.apps import apps  # noqa: E402
+from tests.placement.conftest import descendants  # noqa: E402
+
+CAPACITY = Resources(cpu=8, memory_mb=1 << 16)
+
+
+def registry_for(placement: Placement) -> Registry:
+    registry = Registry(placement={"apps": placement})
+    registry.register(apps)
+    return registry
+
+
+async def per_request_us(scheduler: Scheduler, algorithm: str, inputs: Any, repeat: int) -> float:
+    for _ in range(50):
+        await scheduler.run(algorithm, inputs)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await scheduler.run(algorithm, inputs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+async def measure(placement: Placement, repeat: int, array: np.ndarray) -> tuple[float, float]:
+    registry = registry_for(placement)
+    async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
+        small = await per_request_us(scheduler, "apps/echo", 1, repeat)
+        big = min([await per_request_us(scheduler, "apps/nbytes", array, max(20, repeat // 50)) for _ in range(3)])
+    await registry.aclose()
+    return small, big
+
+
+def memcpy_us(array: np.ndarray) -> float:
+    target = np.empty_like(array)
+    np.copyto(target, array)
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        np.copyto(target, array)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _noop(x: int) -> int:
+    return x
+
+
+def process_pool_us(repeat: int) -> float:
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        for _ in range(50):
+            pool.submit(_noop, 1).result()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            pool.submit(_noop, 1).result()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+async def kill_9() -> str:
+    before = {pid for pid, _ in descendants()}
+    registry = registry_for(Placement.process())
+    async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
+        worker = (await scheduler.run("apps/pid")).outputs
+        handle = scheduler.submit(Request("apps/sleep", 30.0))
+        await asyncio.sleep(0.3)
+        os.kill(worker, signal.SIGKILL)
+        try:
+            await handle.result()
+            crashed = "no error (wrong)"
+        except ExecutorCrashed as exc:
+            crashed = f"ExecutorCrashed ({exc})"
+        results = await asyncio.gather(*(scheduler.run("apps/echo", i) for i in range(100)),
+                                       return_exceptions=True)
+        ok = sum(1 for i, r in enumerate(results) if not isinstance(r, BaseException) and r.outputs == i)
+    await registry.aclose()
+    left = [p for p in descendants() if p[0] not in before]
+    return f"task: {crashed}; next 100: {ok} succeeded; processes left after shutdown: {len(left)}"
+
+
+async def ray_row(repeat: int) -> tuple[float, float]:
+    import shutil
+    import tempfile
+
+    import ray
+
+    from edgecompute.placement import ray as ray_placement
+
+    folder = tempfile.mkdtemp(prefix="ecray")
+    placement = Placement.ray(num_cpus=2, temp_dir=folder, actor={"cpu": 0.1})
+    ray_placement.connect(placement)
+    try:
+        @ray.remote(num_cpus=0.1)
+        def echo(x: Any) -> Any:
+            return x
+
+        async def bare() -> None:
+            await echo.remote(1)
+
+        for _ in range(50):
+            await bare()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            await bare()
+            times.append(time.perf_counter() - start)
+        bare_us = statistics.median(times) * 1e6
+        registry = registry_for(placement)
+        async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
+            ours = await per_request_us(scheduler, "apps/echo", 1, repeat)
+        await registry.aclose()
+    finally:
+        ray_placement.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    return bare_us, ours
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=2000)
+    args = parser.parse_args()
+    array = np.random.default_rng(0).random(4 << 20, dtype=np.float32)  # 16 MB
+    inproc_small, inproc_big = await measure(Placement.inprocess(), args.repeat, array)
+    proc_small, proc_big = await measure(Placement.process(), args.repeat, array)
+    copy = memcpy_us(array)
+    pool = process_pool_us(args.repeat)
+    crash = await kill_9()
+    bare_ray, ours_ray = await ray_row(max(100, args.repeat // 4))
+    print(f"placement benchmark ({os.cpu_count()} cpus, python {sys.version.split()[0]})")
+    print(f"{'row':<58} {'in process':>12} {'process':>12} {'extra':>10} {'goal':>14}")
+    extra_small = proc_small - inproc_small
+    print(f"{'1. small request (us)':<58} {inproc_small:>12.1f} {proc_small:>12.1f} {extra_small:>10.1f} "
+          f"{'<= 100 us':>14} {'holds' if extra_small <= 100 else 'MISSED'}")
+    extra_big = proc_big - inproc_big
+    print(f"{'2. 16 MB float32 input (us)':<58} {inproc_big:>12.1f} {proc_big:>12.1f} {extra_big:>10.1f} "
+          f"{'<= 2 memcpy':>14} {'holds' if extra_big <= 2 * copy else 'MISSED'}")
+    print(f"{'   one np.copyto of the 16 MB array (us)':<58} {copy:>12.1f}"
+          f"{'':>12} {extra_big / copy:>9.2f}x")
+    print(f"{'3. reference: ProcessPoolExecutor(2) no-op round trip (us)':<58} {'':>12} {pool:>12.1f}")
+    print(f"4. kill -9 mid-task: {crash}")
+    ratio = ours_ray / bare_ray
+    print(f"{'5. ray: bare Ray task vs ray placement, small request (us)':<58} {bare_ray:>12.1f} {ours_ray:>12.1f} "
+          f"{ratio:>9.2f}x {'<= 1.2x':>14} {'holds' if ratio <= 1.2 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

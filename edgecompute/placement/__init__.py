@@ -1,0 +1,121 @@
+"""Where an executor runs: in the host process, in a worker process, or in another environment.
+
+::
+
+    registry = Registry.discover(placement={
+        "cpp": Placement.process(),                              # same environment, own process
+        "ml": Placement.process(python="/opt/ml-venv/bin/python"),  # another environment
+    })
+
+or in ``edgecompute.toml``::
+
+    [executors.ml]
+    placement = "process"
+    python = "/opt/ml-venv/bin/python"
+
+A placed executor keeps the same ``Request``/``Response`` and every scheduler feature; a worker that
+dies fails its in-flight tasks with ``ExecutorCrashed`` and is restarted (see docs/placement.md).
+This module is light: the worker machinery loads when a placed executor is first built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..errors import ConfigError
+
+__all__ = ["PLACEMENT_KEYS", "Placement"]
+
+KINDS = ("inprocess", "process", "ray")
+#: Keys of an ``[executors.NAME]`` table that belong to the placement, not to the executor.
+PLACEMENT_KEYS = frozenset({"placement", "python", "max_crashes", "crash_window", "restart_backoff",
+                            "restart_backoff_max", "start_timeout", "ray_address", "ray_temp_dir",
+                            "ray_num_cpus", "ray_actor", "ray_custom_resources"})
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"placement {attribute.name} must be a number > 0, not {value!r}")
+
+
+@attrs.frozen
+class Placement:
+    """How and where one executor runs.
+
+    ``kind`` is ``"inprocess"`` (the default: the executor lives in the host process) or
+    ``"process"`` (a worker process; with ``python``, a worker started by that interpreter, in the
+    environment it belongs to). The supervision policy: a worker is restarted after a crash, first
+    at once, then after ``restart_backoff`` seconds doubling up to ``restart_backoff_max``; after
+    ``max_crashes`` crashes within ``crash_window`` seconds the circuit opens and the executor
+    stays down (its health says why) until the registry is rebuilt.
+    """
+
+    kind: str = "inprocess"
+    python: str | None = None
+    max_crashes: int = attrs.field(default=5, validator=_positive)
+    crash_window: float = attrs.field(default=60.0, validator=_positive)
+    restart_backoff: float = attrs.field(default=0.05, validator=_positive)
+    restart_backoff_max: float = attrs.field(default=5.0, validator=_positive)
+    start_timeout: float = attrs.field(default=120.0, validator=_positive)
+    #: Ray only: the cluster to join (None: start a local one), where Ray keeps its temporary and
+    #: session files (None: a folder of ours under the temporary folder, never the home folder),
+    #: the CPUs a local cluster gets, what each actor holds, and custom Ray resources it needs.
+    ray_address: str | None = None
+    ray_temp_dir: str | None = None
+    ray_num_cpus: float | None = None
+    ray_actor: Mapping[str, float] = attrs.field(factory=lambda: {"cpu": 1.0})
+    ray_custom_resources: Mapping[str, float] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"placement must be one of {', '.join(map(repr, KINDS))}, not {self.kind!r}")
+        if self.python is not None and (not isinstance(self.python, str) or not self.python):
+            raise ConfigError(f"placement python must be a path to an interpreter, not {self.python!r}")
+        unknown = set(self.ray_actor) - {"cpu", "memory_mb", "gpu_memory_mb", "gpus"}
+        if unknown:
+            raise ConfigError(f"placement ray_actor takes cpu, memory_mb, gpu_memory_mb, gpus; "
+                              f"not {', '.join(sorted(unknown))}")
+        if self.python is not None and self.kind != "process":
+            raise ConfigError(f"python={self.python!r} needs placement 'process', not {self.kind!r}")
+
+    @classmethod
+    def inprocess(cls) -> Placement:
+        """Run in the host process (the default)."""
+        return cls()
+
+    @classmethod
+    def process(cls, *, python: str | None = None, **policy: Any) -> Placement:
+        """Run in a worker process; with ``python``, in the environment of that interpreter."""
+        return cls("process", python, **policy)
+
+    @classmethod
+    def ray(cls, *, address: str | None = None, temp_dir: str | None = None, num_cpus: float | None = None,
+            actor: Mapping[str, float] | None = None, custom_resources: Mapping[str, float] | None = None,
+            **policy: Any) -> Placement:
+        """Run as a Ray actor (needs ``pip install edgecompute[ray]``); see docs/placement.md."""
+        return cls("ray", None, ray_address=address, ray_temp_dir=temp_dir, ray_num_cpus=num_cpus,
+                   ray_actor=dict(actor or {"cpu": 1.0}), ray_custom_resources=dict(custom_resources or {}),
+                   **policy)
+
+    @property
+    def in_process(self) -> bool:
+        return self.kind == "inprocess"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], *, where: str = "settings") -> Placement | None:
+        """The placement an ``[executors.NAME]`` table asks for, or None when it names none."""
+        given = {key: settings[key] for key in PLACEMENT_KEYS if key in settings}
+        if not given:
+            return None
+        kind = given.pop("placement", "process" if "python" in given else "inprocess")
+        if not isinstance(kind, str):
+            raise ConfigError(f"{where}.placement must be a string, not {kind!r}")
+        try:
+            return cls(kind, **given)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None

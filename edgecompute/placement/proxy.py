@@ -1,0 +1,436 @@
+"""The host's side of a worker: an ``Executor`` that forwards every call to a worker process.
+
+The scheduler sees an ordinary executor, so priorities, deadlines, retries, cancellation,
+streaming and backpressure work unchanged. The worker is started when the executor is built (its
+``hello`` lists the algorithms), and again after a crash under the :class:`Supervisor`'s policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ExecutorCrashed, ExecutorError, PluginError
+from ..models import Algorithm, Health, HealthStatus, Request, Resources, Response
+from . import PLACEMENT_KEYS, Placement
+from .protocol import (
+    VERSION,
+    Arena,
+    Attachments,
+    ProtocolError,
+    Unreadable,
+    decode,
+    encode,
+    frame_length,
+    remove_segments,
+)
+from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from ..context import TaskContext
+
+__all__ = ["WorkerExecutor"]
+
+log = logging.getLogger("edgecompute.placement")
+_ids = itertools.count(1)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _Call:
+    __slots__ = ("ctx", "future")
+
+    def __init__(self, future: asyncio.Future[Any], ctx: TaskContext | None) -> None:
+        self.future = future
+        self.ctx = ctx
+
+
+class _Connection:
+    """One worker process and the socket to it."""
+
+    def __init__(self, name: str, placement: Placement, setup: Mapping[str, Any]) -> None:
+        self.name = name
+        self.prefix = f"ec-{os.getpid()}-{next(_ids)}"
+        parent, child = socket.socketpair()
+        python = placement.python or sys.executable
+        try:
+            self.process = subprocess.Popen(
+                [python, "-m", "edgecompute.placement.worker", "--fd", str(child.fileno()),
+                 "--prefix", self.prefix + "w"],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            parent.close()
+            raise PluginError(f"placement of {name!r}", f"cannot start {python!r}: {exc}") from exc
+        finally:
+            child.close()
+        self.sock = parent
+        self.arena = Arena(self.prefix + "h")
+        self.attachments = Attachments()
+        self.calls: dict[str, _Call] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.attaching: asyncio.Future[None] | None = None
+        self.closing = False
+        self.killed_on_purpose = False
+        self.dead = False
+        try:
+            self.hello = self._handshake(setup, placement.start_timeout)
+        except BaseException:
+            self.kill()
+            self.reap()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    # -- blocking start -------------------------------------------------------------------------
+
+    def _handshake(self, setup: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        frame, _ = encode("setup", "", dict(setup), self.arena)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(frame)
+            header = self._read_exactly(4)
+            kind, _, body, _ = decode(self._read_exactly(frame_length(header)), self.attachments, copy=True)
+        except (OSError, EOFError, ProtocolError) as exc:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(1)
+            raise PluginError(f"placement of {self.name!r}",
+                              f"worker {self.pid} did not start ({type(exc).__name__}: {exc}; "
+                              f"it {_exit_reason(self.process.poll())})") from exc
+        if kind == "fail":
+            raise PluginError(f"placement of {self.name!r}", f"worker could not build it: {body}")
+        if kind != "hello" or not isinstance(body, dict):
+            raise PluginError(f"placement of {self.name!r}", f"worker said {kind!r} instead of hello")
+        if body.get("protocol") != VERSION:
+            raise PluginError(f"placement of {self.name!r}", f"worker speaks protocol {body.get('protocol')!r}, "
+                                                            f"this host {VERSION}; install the same edgecompute")
+        return body
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            part = self.sock.recv(size - len(data))
+            if not part:
+                raise EOFError("the worker closed the connection")
+            data += part
+        return bytes(data)
+
+    # -- on the event loop ----------------------------------------------------------------------
+
+    async def attach(self) -> None:
+        """Move the socket onto the running event loop (once; concurrent callers share it)."""
+        if self.attaching is None:
+            self.attaching = asyncio.ensure_future(self._attach())
+        await asyncio.shield(self.attaching)
+
+    async def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sock.settimeout(None)
+        self.sock.setblocking(False)
+        reader, self.writer = await asyncio.open_connection(sock=self.sock)
+        self.reader_task = loop.create_task(self._read(reader))
+        self.loop = loop  # last: a connection with a loop is ready to use
+
+    def send(self, kind: str, task: str, body: Any) -> None:
+        assert self.writer is not None
+        frame, _ = encode(kind, task, body, self.arena)
+        self.writer.write(frame)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                frame = await reader.readexactly(frame_length(header))
+                kind, task, body, segment = decode(frame, self.attachments, copy=True)
+                if segment is not None:
+                    self.send("release", "", segment)  # decoded with copy=True: it is free again
+                self._dispatch(kind, task, body)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            pass
+        finally:
+            self.dead = True
+
+    def _dispatch(self, kind: str, task: str, body: Any) -> None:
+        if kind == "release":
+            self.arena.give_back(body)
+            return
+        call = self.calls.get(task)
+        if call is None:
+            return  # a task we stopped waiting for (cancelled): drop what it still sends
+        if kind == "chunk":
+            if call.ctx is not None:
+                call.ctx.emit_nowait(body)
+        elif kind == "progress":
+            if call.ctx is not None and isinstance(body, float):
+                call.ctx.progress(body)
+        elif kind in ("done", "error", "health"):
+            del self.calls[task]
+            if call.future.done():
+                return
+            if isinstance(body, Unreadable):
+                call.future.set_exception(ExecutorError(
+                    f"the host cannot read what worker {self.pid} sent: {type(body.error).__name__}: {body.error}"))
+            elif kind == "error":
+                call.future.set_exception(body if isinstance(body, BaseException) else ExecutorError(str(body)))
+            else:
+                call.future.set_result(body)
+
+    async def call(self, kind: str, body: Any, ctx: TaskContext | None) -> Any:
+        assert self.loop is not None
+        task = f"{next(_ids)}"
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.calls[task] = _Call(future, ctx)
+        try:
+            self.send(kind, task, body)
+            return await future
+        finally:
+            self.calls.pop(task, None)
+
+    def fail_calls(self, error_text: str) -> None:
+        calls, self.calls = self.calls, {}
+        for call in calls.values():
+            if not call.future.done():
+                call.future.set_exception(ExecutorCrashed(error_text))
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own session: children go with it
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def reap(self) -> None:
+        """Wait for the worker (no zombie), kill what it left in its group, free every segment."""
+        self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+        self.attachments.close()
+        self.arena.close()
+        remove_segments(self.prefix)
+
+    async def close(self, grace: float = 5.0) -> None:
+        self.closing = True
+        if self.writer is not None and not self.dead:
+            with contextlib.suppress(Exception):
+                self.send("close", "", None)
+                await self.writer.drain()
+        try:
+            await asyncio.to_thread(self.process.wait, grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.reap()
+        self.fail_calls(f"worker of {self.name!r} was closed")
+
+
+class WorkerExecutor:
+    """An executor that lives in a worker process (see :class:`~edgecompute.placement.Placement`)."""
+
+    def __init__(self, name: str, placement: Placement, settings: Mapping[str, Any] | None = None,
+                 factory: Any = None) -> None:
+        self.name = name
+        self.placement = placement
+        self._setup = {
+            "executor": name,
+            "settings": {k: v for k, v in (settings or {}).items() if k not in PLACEMENT_KEYS},
+            "factory": _by_reference(factory),
+        }
+        self.supervisor = Supervisor(placement)
+        self._connection: _Connection | None = _Connection(name, placement, self._setup)
+        self._starting: asyncio.Future[None] | None = None
+        self._burials: set[asyncio.Future[None]] = set()
+        hello = self._connection.hello
+        self.version: str = str(hello["version"])
+        self._algorithms: list[Algorithm] = list(hello["algorithms"])
+        self._resources = {a.name: a.resources for a in self._algorithms}
+        #: What the worker reported: its executors, pid and interpreter.
+        self.report: dict[str, Any] = hello
+        self._closed = False
+
+    def __repr__(self) -> str:
+        python = self.placement.python or "this interpreter"
+        return f"<WorkerExecutor {self.name!r} in a worker process of {python}>"
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the live worker, or None while there is none."""
+        connection = self._connection
+        return None if connection is None or connection.dead else connection.pid
+
+    def algorithms(self) -> Sequence[Algorithm]:
+        return self._algorithms
+
+    def requirements(self, request: Request) -> Resources:
+        # the worker's own requirements() would cost a round trip per task; the declared
+        # resources are what most executors return anyway, and Request.resources overrides them
+        return self._resources.get(request.algorithm.rpartition("/")[2], Resources(cpu=1.0))
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        connection = await self._ready()
+        try:
+            # plain values, not the Request: its read-only mappings do not pickle, and the worker's
+            # edgecompute may be another release whose Request has other fields
+            body = (request.algorithm, request.inputs, dict(request.params), request.priority,
+                    dict(request.metadata))
+            outputs, timings = await connection.call("run", body, ctx)
+        except asyncio.CancelledError:
+            if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                # past its deadline the task may be stuck where nothing can interrupt it (C code,
+                # a GPU kernel): kill the worker; its other tasks fail with ExecutorCrashed
+                log.warning("task %s of %r passed its deadline: killing worker %s", request.id, self.name,
+                            connection.pid)
+                connection.killed_on_purpose = True
+                connection.kill()
+                connection.dead = True  # the next task must not be sent to it before its EOF arrives
+            elif not connection.dead:
+                self._send_cancel(connection, ctx)
+            raise
+        return Response(outputs, timings=timings)
+
+    def _send_cancel(self, connection: _Connection, ctx: TaskContext) -> None:
+        for task, call in list(connection.calls.items()):
+            if call.ctx is ctx:
+                connection.calls.pop(task, None)
+                with contextlib.suppress(Exception):
+                    connection.send("cancel", task, None)
+
+    async def _ready(self) -> _Connection:
+        while True:
+            if self._closed:
+                raise ExecutorCrashed(f"executor {self.name!r} is closed", retryable=False)
+            connection = self._connection
+            if connection is not None and not connection.dead:
+                if connection.loop is asyncio.get_running_loop():
+                    return connection
+                if connection.loop is None and (connection.attaching is None or not connection.attaching.done()):
+                    first = connection.attaching is None
+                    await connection.attach()
+                    if first:
+                        self._watch(connection)
+                    continue
+            if connection is not None and connection.dead:
+                await self._bury(connection)
+                continue
+            if connection is not None:  # alive, on another (finished) event loop: start afresh
+                self._connection = None
+                connection.killed_on_purpose = True
+                connection.kill()
+                connection.reap()
+            await self._restart()
+
+    def _watch(self, connection: _Connection) -> None:
+        assert connection.reader_task is not None
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled():  # cancelled: our loop is ending, not the worker
+                burial = asyncio.ensure_future(self._bury(connection))
+                self._burials.add(burial)
+                burial.add_done_callback(self._burials.discard)
+
+        connection.reader_task.add_done_callback(ended)
+
+    async def _bury(self, connection: _Connection) -> None:
+        """The worker's connection ended: fail its tasks, reap it, count the crash."""
+        if connection is not self._connection or connection.closing:
+            return
+        self._connection = None
+        connection.closing = True
+        connection.kill()  # it may have closed the socket and hang; make sure it is gone
+        await asyncio.to_thread(connection.reap)
+        reason = f"worker {connection.pid} of {self.name!r} {_exit_reason(connection.process.returncode)}"
+        if not connection.killed_on_purpose:
+            self.supervisor.crashed(reason)
+            log.warning("%s; %s", reason, self.supervisor.describe())
+        connection.fail_calls(reason)
+
+    async def _restart(self) -> None:
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+            return
+        if self.supervisor.open:
+            raise ExecutorCrashed(f"executor {self.name!r}: {self.supervisor.describe()}", retryable=False)
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.sleep(self.supervisor.delay())
+            connection = await asyncio.to_thread(_Connection, self.name, self.placement, self._setup)
+            await connection.attach()
+            self._connection = connection
+            self._watch(connection)
+            self.supervisor.restarts += 1
+        except PluginError as exc:
+            self.supervisor.crashed(str(exc))
+            raise ExecutorCrashed(f"executor {self.name!r} could not restart: {exc}") from exc
+        finally:
+            starting, self._starting = self._starting, None
+            starting.set_result(None)
+
+    async def health(self) -> Health:
+        supervisor = self.supervisor
+        details: dict[str, Any] = {"placement": self.placement.kind, "python": self.report.get("python"),
+                                   "crashes": supervisor.total_crashes, "restarts": supervisor.restarts}
+        if supervisor.open:
+            return Health(HealthStatus.DOWN, supervisor.describe(), details)
+        try:
+            connection = await self._ready()
+            details["pid"] = connection.pid
+            inner = await asyncio.wait_for(connection.call("health", None, None), 10)
+        except Exception as exc:  # noqa: BLE001 - health must answer
+            return Health(HealthStatus.DOWN, f"{type(exc).__name__}: {exc}", details)
+        if not isinstance(inner, Health):
+            return Health(HealthStatus.DEGRADED, f"worker answered {inner!r}", details)
+        status = inner.status
+        message = inner.message
+        if supervisor.total_crashes and status is HealthStatus.OK:
+            status, message = HealthStatus.DEGRADED, f"restarted after: {supervisor.last_error}"
+        return Health(status, message, {**inner.details, **details})
+
+    async def aclose(self) -> None:
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    def kill_worker(self) -> None:
+        """Kill the worker now, as a crash would (for tests and operators)."""
+        if self._connection is not None:
+            self._connection.kill()
+
+
+def _by_reference(factory: Any) -> bytes | None:
+    """The factory pickled by reference (a class or function the worker can import), else None:
+    the worker then finds the executor through its own entry points."""
+    if factory is None:
+        return None
+    try:
+        data = pickle.dumps(factory)
+    except Exception:  # noqa: BLE001 - an instance or a local function: use the entry points
+        return None
+    return data if len(data) < 1 << 20 else None
