@@ -49,7 +49,8 @@ def _array_bytes(value: Any) -> tuple[bytes | memoryview, str, list[int]]:
     array = np.ascontiguousarray(value)
     if array.dtype.hasobject:
         raise InvalidRequest("arrays of Python objects cannot cross the wire; use a numeric dtype")
-    return memoryview(array).cast("B") if array.size else b"", array.dtype.str, list(array.shape)
+    data: bytes | memoryview = memoryview(array.data).cast("B") if array.size else b""
+    return data, array.dtype.str, list(array.shape)
 
 
 def _make_array(data: bytes | memoryview, dtype: Any, shape: Any) -> Any:
@@ -85,7 +86,7 @@ def to_jsonable(value: Any, buffers: list[bytes | memoryview] | None = None) -> 
         return [to_jsonable(item, buffers) for item in value]
     if isinstance(value, (bytes, bytearray, memoryview)):
         if buffers is not None:
-            buffers.append(value)
+            buffers.append(value if isinstance(value, bytes) else memoryview(value))
             return {"$buffer": len(buffers) - 1}
         return {"$bytes": base64.b64encode(value).decode("ascii")}
     if _is_array(value):

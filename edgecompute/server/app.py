@@ -31,7 +31,7 @@ from ..config import Config
 from ..errors import AmbiguousAlgorithm, EdgeComputeError, InvalidRequest, UnknownAlgorithm
 from ..logs import request_id as request_id_var
 from ..metrics import SchedulerMetrics
-from ..models import Request, TaskState
+from ..models import Request
 from ..registry import Registry
 from ..scheduler import Scheduler, TaskHandle
 from .auth import ApiKey, KeyRing
@@ -520,7 +520,7 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={Problem: on_problem, HTTPException: on_http, Exception: on_error})
     app.state.gateway = gateway
-    app.add_middleware(_RequestContext, gateway=gateway)  # type: ignore[arg-type]
+    app.add_middleware(_RequestContext, gateway=gateway)
     return app
 
 

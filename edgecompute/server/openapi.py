@@ -83,7 +83,8 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "listAlgorithms", "summary": "Algorithms this key may run",
                 "responses": {"200": {"description": "Algorithms", "content": {"application/json": {"schema": {
                     "type": "object", "required": ["algorithms"],
-                    "properties": {"algorithms": {"type": "array", "items": {"$ref": "#/components/schemas/Algorithm"}}},
+                    "properties": {"algorithms": {"type": "array",
+                                                  "items": {"$ref": "#/components/schemas/Algorithm"}}},
                 }}}}, **_problems(*_AUTH)}}},
             "/v1/executors": {"get": {
                 "operationId": "listExecutors", "summary": "Executors this key reaches, with their health",

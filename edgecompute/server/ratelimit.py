@@ -14,7 +14,7 @@ class TokenBucket:
     (the ``Retry-After``). Not thread-safe: the gateway uses it on its event loop only.
     """
 
-    __slots__ = ("burst", "rate", "_stamp", "_tokens")
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: float = 0.0) -> None:
         if rate <= 0:

@@ -74,7 +74,8 @@ class ServerSettings:
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> ServerSettings:
         unknown = sorted(set(data) - _KNOWN)
         if unknown:
-            raise ConfigError(f"{source}: unknown server key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
+            raise ConfigError(f"{source}: unknown server key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(_KNOWN))}")
         values: dict[str, Any] = {}
         if "host" in data:
             if not isinstance(data["host"], str) or not data["host"]:

@@ -12,17 +12,15 @@ from typing import Any
 import attrs
 import numpy as np
 import pytest
+import uvicorn
 
-pytest.importorskip("starlette", reason="the server extra is not installed")  # [server] is in [dev]; CI has it
-
-import uvicorn  # noqa: E402
-
-from edgecompute import Config, FunctionExecutor, Registry, Resources  # noqa: E402
-from edgecompute.scheduler import Scheduler  # noqa: E402
-from edgecompute.server import ServerSettings, build_app, hash_key  # noqa: E402
+from edgecompute import Config, FunctionExecutor, Registry, Resources
+from edgecompute.scheduler import Scheduler
+from edgecompute.server import ServerSettings, build_app, hash_key
 
 KEYS = {"alice": "ec_alice-test-key-0000000000000000000000000", "bob": "ec_bob-test-key-00000000000000000000000000",
-        "limited": "ec_limited-test-key-000000000000000000000", "narrow": "ec_narrow-test-key-0000000000000000000000"}
+        "limited": "ec_limited-test-key-000000000000000000000", "narrow": "ec_narrow-test-key-0000000000000000000000",
+        "rated": "ec_rated-test-key-00000000000000000000000000"}
 TOKENS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
 
 
@@ -72,8 +70,8 @@ def settings(**overrides: Any) -> ServerSettings:
     keys = [
         {"name": "alice", "hash": hash_key(KEYS["alice"]), "scopes": ["app/*"]},
         {"name": "bob", "hash": hash_key(KEYS["bob"]), "scopes": ["app/*", "secret/*"]},
-        {"name": "limited", "hash": hash_key(KEYS["limited"]), "scopes": ["app/*"], "rate": 50.0, "burst": 10,
-         "max_in_flight": 3},
+        {"name": "limited", "hash": hash_key(KEYS["limited"]), "scopes": ["app/*"], "max_in_flight": 3},
+        {"name": "rated", "hash": hash_key(KEYS["rated"]), "scopes": ["app/*"], "rate": 20.0, "burst": 5},
         {"name": "narrow", "hash": hash_key(KEYS["narrow"]), "scopes": ["app/echo"]},
     ]
     return ServerSettings.from_mapping({"keys": keys, "access_log": False, "max_body_bytes": 1_000_000,
