@@ -46,7 +46,7 @@ def _is_array(value: Any) -> bool:
 def _array_bytes(value: Any) -> tuple[bytes | memoryview, str, list[int]]:
     import numpy as np
 
-    array = np.ascontiguousarray(value)
+    array = np.asarray(value, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
     if array.dtype.hasobject:
         raise InvalidRequest("arrays of Python objects cannot cross the wire; use a numeric dtype")
     data: bytes | memoryview = memoryview(array.data).cast("B") if array.size else b""

@@ -391,6 +391,10 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
         content, media = _encode(task_document(handle), _wants_binary(request.headers))
         return Response(content, media_type=media)
 
+    async def task(request: HttpRequest, key: ApiKey) -> Response:
+        # one route for both methods, so a 405 lists them both in Allow
+        return await (get_task if request.method != "DELETE" else cancel_task)(request, key)
+
     async def events(request: HttpRequest, key: ApiKey) -> Response:
         handle = gateway.owned(key, request.path_params["task_id"])
         if handle._streaming:
@@ -505,8 +509,7 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
 
     routes = [
         Route("/v1/tasks", route(submit), methods=["POST"]),
-        Route("/v1/tasks/{task_id}", route(get_task), methods=["GET"]),
-        Route("/v1/tasks/{task_id}", route(cancel_task), methods=["DELETE"]),
+        Route("/v1/tasks/{task_id}", route(task), methods=["GET", "DELETE"]),
         Route("/v1/tasks/{task_id}/events", route(events), methods=["GET"]),
         WebSocketRoute("/v1/tasks/{task_id}/ws", stream_ws),
         Route("/v1/algorithms", route(list_algorithms), methods=["GET"]),

@@ -141,13 +141,12 @@ def test_another_keys_task_is_invisible(server: Server) -> None:
     is_problem(httpx.get(url, headers=auth("bob")), 404, "not-found")
     is_problem(httpx.delete(url, headers=auth("bob")), 404, "not-found")
     is_problem(httpx.get(url + "/events", headers=auth("bob")), 404, "not-found")
-    with pytest.raises(InvalidStatus) as refused:
-        with ws_connect(f"ws{server.url[4:]}/v1/tasks/{task_id}/ws", additional_headers=auth("bob")):
-            pass
+    with pytest.raises(InvalidStatus) as refused, ws_connect(f"ws{server.url[4:]}/v1/tasks/{task_id}/ws",
+                                                               additional_headers=auth("bob")):
+        pass
     assert refused.value.response.status_code == 404
-    with pytest.raises(InvalidStatus) as refused:
-        with ws_connect(f"ws{server.url[4:]}/v1/tasks/{task_id}/ws"):
-            pass
+    with pytest.raises(InvalidStatus) as refused, ws_connect(f"ws{server.url[4:]}/v1/tasks/{task_id}/ws"):
+        pass
     assert refused.value.response.status_code == 401
     # bob's cancel did nothing: the task is still alive for alice
     assert httpx.get(url, headers=auth("alice")).json()["state"] in ("queued", "running")
@@ -283,10 +282,9 @@ def test_the_client_has_the_runtime_shape(server: Server) -> None:
 
 
 def test_the_client_waits_out_429_within_its_budget(server: Server) -> None:
-    with Client(server.url, KEYS["rated"], timeout=0.5) as rt:
-        with pytest.raises(RateLimited):
-            for _ in range(100):
-                rt.run("app/echo", 1)
+    with Client(server.url, KEYS["rated"], timeout=0.5) as rt, pytest.raises(RateLimited):
+        for _ in range(100):
+            rt.run("app/echo", 1)
     time.sleep(0.5)
     with Client(server.url, KEYS["rated"], timeout=10) as rt:
         assert [rt.run("app/echo", i).outputs for i in range(30)] == list(range(30))  # > burst: it waited
@@ -302,7 +300,8 @@ def test_health_readiness_metrics_docs_and_request_ids(server: Server) -> None:
     submit(server, "alice", "app/echo", 1)
     submit(server, "alice", "app/fail", 1)
     text = httpx.get(f"{server.url}/metrics").text
-    for line in ("edgecompute_queue_depth ", "edgecompute_running_tasks ", 'edgecompute_executor_up{executor="app"} 1.0',
+    for line in ("edgecompute_queue_depth ", "edgecompute_running_tasks ",
+                 'edgecompute_executor_up{executor="app"} 1.0',
                  'edgecompute_resources_in_use{resource="cpu"}',
                  'edgecompute_task_seconds_bucket{algorithm="app/echo",le="0.005",state="succeeded"}',
                  'edgecompute_task_errors_total{algorithm="app/fail",error="ExecutorError"}',
