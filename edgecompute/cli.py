@@ -157,6 +157,8 @@ def demo(config_path: str | None) -> None:
 
 
 @main.command()
+@click.option("--config", "serve_config", type=click.Path(dir_okay=False), default=None,
+              help="Configuration file (same as the global --config).")
 @click.option("--host", default=None, help="Address to listen on (default: server.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: server.port, 8000).")
 @click.option("--executor", "extra", multiple=True, metavar="MODULE:ATTR",
@@ -164,8 +166,8 @@ def demo(config_path: str | None) -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_obj
-def serve(config_path: str | None, host: str | None, port: int | None, extra: tuple[str, ...],
-          log_level: str) -> None:
+def serve(config_path: str | None, serve_config: str | None, host: str | None, port: int | None,
+          extra: tuple[str, ...], log_level: str) -> None:
     """Serve the scheduler over HTTP and WebSocket (needs: pip install "edgecompute[server]")."""
     try:
         from .server import serve as run_server
@@ -173,7 +175,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, extra: tu
         raise click.ClickException(f"the server needs its extra: pip install \"edgecompute[server]\" ({exc})") from exc
     from .registry import Registry
 
-    config = _load_config(config_path)
+    config = _load_config(serve_config or config_path)
     registry = Registry.discover(settings=config.executors)
     for spec in extra:
         module_name, _, attr = spec.partition(":")

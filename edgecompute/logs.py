@@ -24,7 +24,9 @@ __all__ = ["JsonFormatter", "configure_json_logging", "request_id"]
 #: The id of the request being handled in this context (None outside requests).
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgecompute_request_id", default=None)
 
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# uvicorn adds color_message (the message with ANSI colours): noise in a JSON line
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
