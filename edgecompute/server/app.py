@@ -139,7 +139,11 @@ class Gateway:
 
     # -- tasks ------------------------------------------------------------------------------------
 
-    def submit(self, key: ApiKey, document: Any, rid: str | None) -> TaskHandle:
+    def submit(self, key: ApiKey, document: Any, rid: str | None, *, inline: bool = False) -> TaskHandle:
+        """Check and submit a task for ``key``. With ``inline``, a task that can start at once is
+        set to run in the calling request's own asyncio task (the caller then awaits
+        ``scheduler._execute(handle)``), as ``Scheduler.run`` does: no task of its own, no loop
+        round trips."""
         if not isinstance(document, dict):
             raise Problem("invalid-request", "the body must be an object with at least 'algorithm'")
         unknown = set(document) - _SUBMIT_FIELDS
@@ -174,7 +178,11 @@ class Gateway:
                           "its limit; wait for one to end", retry_after=1)
         try:
             request = Request(name, document.get("inputs"), metadata=metadata, **options)
-            handle = self.scheduler.submit(request)
+            scheduler = self.scheduler
+            if inline and scheduler._state == "running" and scheduler._queued < scheduler.max_queue:
+                handle = scheduler._enqueue(request, caller=asyncio.current_task())
+            else:
+                handle = scheduler.submit(request)
         except (TypeError, ValueError) as exc:
             self.in_flight.remove(key.name)
             if isinstance(exc, EdgeComputeError):
@@ -377,8 +385,11 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
         wait = _wait_seconds(request, gateway)
         body = await _read_body(request, settings.max_body_bytes)
         document = _decode_body(body, request.headers.get("content-type"))
-        handle = gateway.submit(key, document, request_id_var.get())
-        if wait:
+        # waiting as long as the server allows: run inline (the answer comes when the task ends)
+        handle = gateway.submit(key, document, request_id_var.get(), inline=wait >= settings.max_wait)
+        if handle._inline:
+            await scheduler._execute(handle)
+        elif wait:
             await gateway.wait(handle, wait)
         content, media = _encode(task_document(handle), _wants_binary(request.headers))
         done = handle.done()
