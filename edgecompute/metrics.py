@@ -76,6 +76,7 @@ class SchedulerMetrics:
         self.registry.register(_SchedulerCollector(self))
         self._submitted_at: dict[str, float] = {}
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._submitted_children: dict[str, Any] = {}
         self._unsubscribe = scheduler.subscribe(self._observe)
 
     def close(self) -> None:
@@ -86,7 +87,10 @@ class SchedulerMetrics:
         kind = event.kind
         if kind == "submitted":
             self._submitted_at[event.task_id] = event.time
-            self.submitted.labels(event.algorithm).inc()
+            counter = self._submitted_children.get(event.algorithm)
+            if counter is None:
+                counter = self._submitted_children[event.algorithm] = self.submitted.labels(event.algorithm)
+            counter.inc()
         elif kind in _TERMINAL:
             children = self._children.get((event.algorithm, kind))
             if children is None:  # labels() costs a few microseconds: resolve each pair once
