@@ -156,5 +156,78 @@ def demo(config_path: str | None) -> None:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
+@main.command()
+@click.option("--config", "serve_config", type=click.Path(dir_okay=False), default=None,
+              help="Configuration file (same as the global --config).")
+@click.option("--host", default=None, help="Address to listen on (default: server.host, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: server.port, 8000).")
+@click.option("--executor", "extra", multiple=True, metavar="MODULE:ATTR",
+              help="Also serve this executor object (e.g. a FunctionExecutor of your application). Repeatable.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_obj
+def serve(config_path: str | None, serve_config: str | None, host: str | None, port: int | None,
+          extra: tuple[str, ...], log_level: str) -> None:
+    """Serve the scheduler over HTTP and WebSocket (needs: pip install "edgecompute[server]")."""
+    try:
+        from .server import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"the server needs its extra: pip install \"edgecompute[server]\" ({exc})") from exc
+    from .registry import Registry
+
+    config = _load_config(serve_config or config_path)
+    registry = Registry.discover(settings=config.executors)
+    for spec in extra:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise click.BadParameter(f"{spec!r} is not MODULE:ATTR", param_hint="--executor")
+        import importlib
+
+        try:
+            executor = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise click.BadParameter(f"cannot load {spec}: {exc}", param_hint="--executor") from exc
+        registry.register(executor)
+    try:
+        run_server(config, registry=registry, host=host, port=port, log_level=log_level)
+    except EdgeComputeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@main.group()
+def keys() -> None:
+    """Make API keys for the server, stored in the config as hashes."""
+
+
+@keys.command("new")
+@click.option("--name", default="app", show_default=True, help="The key's name in the config.")
+@click.option("--scope", "scopes", multiple=True, default=("*",), show_default=True,
+              help="executor/algorithm pattern the key may run. Repeatable.")
+def keys_new(name: str, scopes: tuple[str, ...]) -> None:
+    """Print a new random key (give it to the client) and its [[server.keys]] entry (put it in the config)."""
+    import hashlib
+    import secrets
+
+    key = "ec_" + secrets.token_urlsafe(32)
+    click.echo(f"key: {key}", err=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    click.echo(f"[[server.keys]]\nname = {json.dumps(name)}\nhash = \"sha256:{digest}\"\n"
+               f"scopes = {json.dumps(list(scopes))}")
+
+
+@keys.command("hash")
+@click.argument("key", required=False)
+def keys_hash(key: str | None) -> None:
+    """Print the stored form of KEY (read from stdin when not given)."""
+    import hashlib
+    import sys
+
+    if key is None:
+        key = sys.stdin.readline().strip()
+    if not key:
+        raise click.BadParameter("empty key", param_hint="KEY")
+    click.echo("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

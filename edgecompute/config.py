@@ -19,6 +19,9 @@ File (all keys optional)::
     [executors.cpp]            # per executor: max_concurrency, enabled, and the executor's own keys
     max_concurrency = 4
 
+    [server]                   # edgecompute serve (pip install "edgecompute[server]"); docs/server.md
+    port = 8000
+
 Environment: ``EDGECOMPUTE_CONFIG`` names the file (else ``./edgecompute.toml`` if present), and
 ``EDGECOMPUTE_<KEY>`` overrides a key, ``__`` separating tables: ``EDGECOMPUTE_MAX_QUEUE=500``,
 ``EDGECOMPUTE_CAPACITY__CPU=4``, ``EDGECOMPUTE_EXECUTORS__CPP__MAX_CONCURRENCY=2``. Values are
@@ -69,6 +72,8 @@ class Config:
     close: str = "drain"
     close_timeout: float = 30.0
     executors: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    #: The HTTP gateway's settings (``edgecompute serve``), checked by ``edgecompute.server.settings``.
+    server: Mapping[str, Any] = attrs.field(factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *,
@@ -148,6 +153,10 @@ class Config:
 
                 Placement.from_settings(settings, where=f"{source}: {key}")
             values["executors"] = {name: dict(settings) for name, settings in executors.items()}
+        if "server" in data:
+            server = data["server"]
+            _check(isinstance(server, Mapping), source, "server", "a table", server)
+            values["server"] = dict(server)
         return cls(**values)
 
     def executor_settings(self, name: str) -> Mapping[str, Any]:

@@ -1,0 +1,253 @@
+"""The HTTP gateway against the embedded scheduler, in one run.
+
+    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--requests 2000]
+
+1. latency: one client, sequential small requests (``app/echo`` of a small JSON object), p50 and
+   p99 of the embedded ``Scheduler.run`` and of ``POST /v1/tasks?wait=true`` over one keep-alive
+   connection (a minimal HTTP/1.1 client, so the figure is the gateway's cost, not a client
+   library's), plus the same through ``edgecompute.client.Client`` (httpx) for reference;
+2. throughput: 50 concurrent keep-alive connections for ``--seconds``, every answer counted by
+   status (a server in its own process; the load generator in this one, on the same cores);
+3. rate limit: a key limited to 200 requests/s (burst 20) hammered by 10 connections: admitted
+   versus ``burst + rate * time``;
+4. streaming: a generated-token stream (10 tokens, 50 ms apart) over SSE and WebSocket: when the
+   first and the last token arrive.
+
+The server runs with its default settings except ``access_log = false`` (one JSON line per
+request costs ~10 us more; see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+KEY = "ec_benchmark-key-000000000000000000000000000"
+LIMITED_KEY = "ec_benchmark-limited-key-0000000000000000000"
+TOKENS = [f" token{i}" for i in range(10)]
+
+
+def functions() -> Any:
+    from edgecompute import FunctionExecutor, Resources
+
+    app = FunctionExecutor("app")
+
+    @app.algorithm(resources=Resources(cpu=0))
+    async def echo(inputs: Any) -> Any:
+        return inputs
+
+    @app.algorithm(resources=Resources(cpu=0))
+    async def generate(inputs: Any, *, ctx: Any) -> Any:
+        for token in TOKENS:
+            await asyncio.sleep(0.05)
+            await ctx.emit(token)
+        return "".join(TOKENS)
+
+    return app
+
+
+def serve(port: int) -> None:
+    import uvicorn
+
+    from edgecompute import Config, Registry, Resources, Scheduler
+    from edgecompute.server import ServerSettings, build_app, hash_key
+
+    settings = ServerSettings.from_mapping({"access_log": False, "keys": [
+        {"name": "bench", "hash": hash_key(KEY), "scopes": ["app/*"]},
+        {"name": "limited", "hash": hash_key(LIMITED_KEY), "scopes": ["app/*"], "rate": 200.0, "burst": 20},
+    ]})
+    scheduler = Scheduler(Registry([functions()]), config=Config(), capacity=Resources(cpu=2))
+    uvicorn.run(build_app(settings, scheduler), host="127.0.0.1", port=port, log_config=None, access_log=False,
+                log_level="warning", http="httptools", loop="uvloop", ws="websockets-sansio")
+
+
+BODY = json.dumps({"algorithm": "app/echo", "inputs": {"text": "hello", "n": 3}}).encode()
+
+
+def http_request(key: str, body: bytes = BODY) -> bytes:
+    return (b"POST /v1/tasks?wait=true HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def embedded_latency(n: int) -> list[float]:
+    from edgecompute import Config, Registry, Resources, Scheduler
+
+    inputs = {"text": "hello", "n": 3}
+    async with Scheduler(Registry([functions()]), config=Config(), capacity=Resources(cpu=2)) as scheduler:
+        for _ in range(200):
+            await scheduler.run("app/echo", inputs)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await scheduler.run("app/echo", inputs)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+async def gateway_latency(port: int, n: int) -> list[float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = http_request(KEY)
+    for _ in range(200):
+        assert await exchange(reader, writer, request) == 200
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        status = await exchange(reader, writer, request)
+        times.append(time.perf_counter() - start)
+        assert status == 200, status
+    writer.close()
+    return times
+
+
+def client_latency(port: int, n: int) -> list[float]:
+    from edgecompute.client import Client
+
+    inputs = {"text": "hello", "n": 3}
+    with Client(f"http://127.0.0.1:{port}", KEY) as client:
+        for _ in range(100):
+            client.run("app/echo", inputs)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            client.run("app/echo", inputs)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+async def load(port: int, key: str, connections: int, seconds: float) -> tuple[dict[int, int], float]:
+    request = http_request(key)
+    statuses: dict[int, int] = {}
+    stop = time.monotonic() + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.monotonic() < stop:
+                status = await exchange(reader, writer, request)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return statuses, time.monotonic() - start
+
+
+def streaming(port: int) -> dict[str, tuple[float, float, int]]:
+    import httpx
+    from websockets.sync.client import connect
+
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    results = {}
+    for transport in ("sse", "ws"):
+        task_id = httpx.post(f"{url}/v1/tasks", json={"algorithm": "app/generate"}, headers=headers).json()["id"]
+        start = time.perf_counter()
+        arrivals = []
+        if transport == "sse":
+            with httpx.stream("GET", f"{url}/v1/tasks/{task_id}/events", headers=headers) as response:
+                event = ""
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event == "chunk":
+                        arrivals.append(time.perf_counter() - start)
+        else:
+            with connect(f"ws://127.0.0.1:{port}/v1/tasks/{task_id}/ws", additional_headers=headers) as ws:
+                for message in ws:
+                    if json.loads(message)["type"] == "chunk":
+                        arrivals.append(time.perf_counter() - start)
+        results[transport] = (arrivals[0], arrivals[-1], len(arrivals))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve is not None:
+        serve(args.serve)
+        return
+    import uvloop
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], env={**os.environ})
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the gateway did not start")
+            time.sleep(0.1)
+
+        embedded = uvloop.run(embedded_latency(args.requests))
+        gateway = uvloop.run(gateway_latency(port, args.requests))
+        remote = client_latency(port, max(200, args.requests // 4))
+        statuses, elapsed = uvloop.run(load(port, KEY, 50, args.seconds))
+        limited, limited_elapsed = uvloop.run(load(port, LIMITED_KEY, 10, 3.0))
+        streams = streaming(port)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    ms = 1000.0
+    e50, g50, c50 = statistics.median(embedded), statistics.median(gateway), statistics.median(remote)
+    print(f"gateway benchmark ({os.cpu_count()} CPUs; server and load generator share them)\n")
+    print(f"{'sequential small requests':42} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'embedded Scheduler.run':42} {e50 * ms:9.3f} {percentile(embedded, 0.99) * ms:9.3f}")
+    print(f"{'gateway, raw HTTP/1.1 keep-alive':42} {g50 * ms:9.3f} {percentile(gateway, 0.99) * ms:9.3f}")
+    print(f"{'gateway, edgecompute.client.Client (httpx)':42} {c50 * ms:9.3f} {percentile(remote, 0.99) * ms:9.3f}")
+    print(f"gateway cost over embedded, p50: {(g50 - e50) * ms:.3f} ms (target <= 1 ms: "
+          f"{'met' if g50 - e50 <= 0.001 else 'MISSED'}); with the httpx client: {(c50 - e50) * ms:.3f} ms\n")
+    total = sum(statuses.values())
+    errors = {status: count for status, count in statuses.items() if status not in (200, 429)}
+    rate = total / elapsed
+    print(f"throughput, 50 concurrent connections, {elapsed:.1f} s: {rate:,.0f} requests/s, statuses {statuses} "
+          f"(target >= 2,000/s, no errors but 429: {'met' if rate >= 2000 and not errors else 'MISSED'})")
+    admitted = limited.get(200, 0)
+    expected = 20 + 200.0 * limited_elapsed
+    print(f"rate limit 200/s burst 20, 10 connections, {limited_elapsed:.2f} s: admitted {admitted}, expected "
+          f"{expected:.0f} ({(admitted - expected) / expected:+.1%}; target within 10%), statuses {limited}")
+    for transport, (first, last, count) in streams.items():
+        print(f"stream over {transport.upper():3}: {count} tokens, first at {first * ms:.0f} ms, "
+              f"last at {last * ms:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The ``[server]`` table of ``edgecompute.toml``::
+
+    [server]
+    host = "127.0.0.1"
+    port = 8000
+    max_body_bytes = 67108864      # 64 MiB; larger bodies get 413
+    max_wait = 60.0                # longest ?wait= a request may ask for, seconds
+    keep_finished = 10000          # finished tasks kept for GET, per server (oldest dropped first)
+    access_log = true              # one JSON line per request (logger edgecompute.access)
+    public_metrics = true          # /metrics without a key (else it needs the "metrics" scope)
+
+    [[server.keys]]                # API keys, stored hashed: edgecompute keys new
+    name = "app"
+    hash = "sha256:9f2c..."
+    scopes = ["cpp/*", "text/upper"]   # executor/algorithm patterns (fnmatch); "*" is everything
+    rate = 100.0                   # requests per second (token bucket), 0 = unlimited
+    burst = 200                    # bucket size
+    max_in_flight = 64             # unfinished tasks at a time
+
+Without any key the server refuses to start unless ``allow_anonymous = true``: then requests
+without a key act as an ``anonymous`` key with the scopes of ``anonymous_scopes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..config import Config
+from ..errors import ConfigError
+from .auth import ApiKey
+
+__all__ = ["ServerSettings"]
+
+_KNOWN = {"host", "port", "max_body_bytes", "max_wait", "keep_finished", "access_log", "public_metrics", "keys",
+          "allow_anonymous", "anonymous_scopes", "anonymous_rate", "anonymous_burst", "anonymous_max_in_flight"}
+_KEY_FIELDS = {"name", "hash", "scopes", "rate", "burst", "max_in_flight"}
+
+
+def _number(source: str, key: str, value: Any, *, integer: bool = False, least: float = 0) -> Any:
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and value >= least
+    if not ok:
+        raise ConfigError(f"{source}: server.{key} must be {'an integer' if integer else 'a number'} >= {least}, "
+                          f"not {value!r}")
+    return value
+
+
+def _scopes(source: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise ConfigError(f"{source}: {key} must be a list of 'executor/algorithm' patterns, not {value!r}")
+    return tuple(value)
+
+
+@attrs.frozen
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_wait: float = 60.0
+    keep_finished: int = 10_000
+    access_log: bool = True
+    public_metrics: bool = True
+    keys: tuple[ApiKey, ...] = ()
+    allow_anonymous: bool = False
+    anonymous: ApiKey | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, *, source: str = "config") -> ServerSettings:
+        return cls.from_mapping(config.server, source=source)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> ServerSettings:
+        unknown = sorted(set(data) - _KNOWN)
+        if unknown:
+            raise ConfigError(f"{source}: unknown server key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(_KNOWN))}")
+        values: dict[str, Any] = {}
+        if "host" in data:
+            if not isinstance(data["host"], str) or not data["host"]:
+                raise ConfigError(f"{source}: server.host must be a host name or address, not {data['host']!r}")
+            values["host"] = data["host"]
+        if "port" in data:
+            values["port"] = _number(source, "port", data["port"], integer=True)
+        for key, integer, least in (("max_body_bytes", True, 1), ("keep_finished", True, 1), ("max_wait", False, 0)):
+            if key in data:
+                values[key] = _number(source, key, data[key], integer=integer, least=least)
+        for key in ("access_log", "public_metrics", "allow_anonymous"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise ConfigError(f"{source}: server.{key} must be true or false, not {data[key]!r}")
+                values[key] = data[key]
+        keys = []
+        raw_keys = data.get("keys", [])
+        if not isinstance(raw_keys, list):
+            raise ConfigError(f"{source}: server.keys must be an array of tables ([[server.keys]])")
+        for index, raw in enumerate(raw_keys):
+            where = f"server.keys[{index}]"
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{source}: {where} must be a table")
+            extra = sorted(set(raw) - _KEY_FIELDS)
+            if extra:
+                raise ConfigError(f"{source}: {where}: unknown key(s) {', '.join(extra)}; "
+                                  f"known: {', '.join(sorted(_KEY_FIELDS))}")
+            for required in ("name", "hash"):
+                if not isinstance(raw.get(required), str) or not raw[required]:
+                    raise ConfigError(f"{source}: {where}.{required} must be a non-empty string")
+            keys.append(ApiKey(
+                name=raw["name"], hash=raw["hash"], scopes=_scopes(source, f"{where}.scopes", raw.get("scopes", [])),
+                rate=float(_number(source, f"keys[{index}].rate", raw.get("rate", 0.0))),
+                burst=float(_number(source, f"keys[{index}].burst", raw.get("burst", 0.0))),
+                max_in_flight=int(_number(source, f"keys[{index}].max_in_flight", raw.get("max_in_flight", 0),
+                                          integer=True)),
+            ))
+        names = [key.name for key in keys]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{source}: server.keys: names must be unique, got {names}")
+        values["keys"] = tuple(keys)
+        if values.get("allow_anonymous"):
+            values["anonymous"] = ApiKey(
+                name="anonymous", hash="",
+                scopes=_scopes(source, "server.anonymous_scopes", data.get("anonymous_scopes", ["*"])),
+                rate=float(_number(source, "anonymous_rate", data.get("anonymous_rate", 0.0))),
+                burst=float(_number(source, "anonymous_burst", data.get("anonymous_burst", 0.0))),
+                max_in_flight=int(_number(source, "anonymous_max_in_flight",
+                                          data.get("anonymous_max_in_flight", 0), integer=True)))
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
