@@ -105,3 +105,54 @@ def make_bert(folder: Path, *, seed: int = 0, normalize: bool = True) -> Path:
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     return folder
+
+
+WHISPER_SPECIAL_EN = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                      "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+WHISPER_SPECIAL_MULTI = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|fr|>", "<|translate|>",
+                         "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+
+
+def make_whisper(folder: Path, *, multilingual: bool = False, seed: int = 0, scale: float = 0.15,
+                 null_suppress: bool = False) -> Path:
+    """A tiny random Whisper with Whisper's special-token layout (text, specials, then 1501
+    timestamps), saved by transformers, with a generation_config.json as the real ones have."""
+    import torch
+    import transformers
+    from tokenizers import AddedToken
+
+    tk = byte_level_tokenizer()
+    base = tk.get_vocab_size()
+    specials = WHISPER_SPECIAL_MULTI if multilingual else WHISPER_SPECIAL_EN
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    ids = {s: tk.token_to_id(s) for s in specials}
+    assert ids["<|endoftext|>"] == base
+    vocab = base + len(specials) + 1501
+    eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
+    torch.manual_seed(seed)
+    config = transformers.WhisperConfig(
+        vocab_size=vocab, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=1500, max_target_positions=96, decoder_start_token_id=sot, eos_token_id=eot,
+        pad_token_id=eot, bos_token_id=eot)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger than the default init, so that greedy choices are well separated
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, scale)
+    model.save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 96, "eos_token": "<|endoftext|>"}))
+    suppress = [1, 2, 5, 7] + [ids[s] for s in specials if s not in ("<|endoftext|>", "<|notimestamps|>")
+                               and not (multilingual and s in ("<|en|>", "<|de|>", "<|fr|>"))]
+    gen = {"decoder_start_token_id": sot, "eos_token_id": eot, "pad_token_id": eot, "bos_token_id": eot,
+           "suppress_tokens": None if null_suppress else suppress, "begin_suppress_tokens": [eot],
+           "no_timestamps_token_id": no_ts, "max_initial_timestamp_index": 50, "max_length": 96,
+           "is_multilingual": multilingual}
+    if multilingual:
+        gen["lang_to_id"] = {s: ids[s] for s in ("<|en|>", "<|de|>", "<|fr|>")}
+        gen["task_to_id"] = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
+    else:
+        gen["forced_decoder_ids"] = [[1, no_ts]]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
