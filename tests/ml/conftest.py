@@ -72,3 +72,19 @@ def scheduler_for(executor, cpu: float = 2):
     from edgecompute import Config, Registry, Resources, Scheduler
 
     return Scheduler(Registry([executor]), capacity=Resources(cpu=cpu, memory_mb=8192), config=Config())
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("transformers")
+    from .tiny import make_whisper
+
+    return make_whisper(tmp_path_factory.mktemp("whisper"))
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_multilingual(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("transformers")
+    from .tiny import make_whisper
+
+    return make_whisper(tmp_path_factory.mktemp("whisper_multi"), multilingual=True, seed=1)

@@ -156,3 +156,74 @@ def make_whisper(folder: Path, *, multilingual: bool = False, seed: int = 0, sca
         gen["forced_decoder_ids"] = [[1, no_ts]]
     (folder / "generation_config.json").write_text(json.dumps(gen))
     return folder
+
+
+def write_ctranslate2_whisper(hf_folder: Path, out: Path, *, half: bool = True) -> Path:
+    """Write an HF Whisper folder as CTranslate2 writes one (binary version 6, WhisperSpec: fused
+    q/k/v and k/v projections with zero k bias, gamma/beta norms, an alias for the output
+    projection), with its config.json (suppress_ids) and tokenizer.json."""
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    w = load_file(str(hf_folder / "model.safetensors"))
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    gen = json.loads((hf_folder / "generation_config.json").read_text())
+    dt = np.float16 if half else np.float32
+    v: dict[str, np.ndarray] = {}
+
+    def attn(src: str, dst: str, cross: bool) -> None:
+        q, k, vv = (w[f"{src}.{p}_proj.weight"] for p in "qkv")
+        zero = np.zeros_like(w[f"{src}.q_proj.bias"])
+        if cross:
+            v[f"{dst}/linear_0/weight"], v[f"{dst}/linear_0/bias"] = q, w[f"{src}.q_proj.bias"]
+            v[f"{dst}/linear_1/weight"] = np.concatenate([k, vv])
+            v[f"{dst}/linear_1/bias"] = np.concatenate([zero, w[f"{src}.v_proj.bias"]])
+            o = "linear_2"
+        else:
+            v[f"{dst}/linear_0/weight"] = np.concatenate([q, k, vv])
+            v[f"{dst}/linear_0/bias"] = np.concatenate([w[f"{src}.q_proj.bias"], zero, w[f"{src}.v_proj.bias"]])
+            o = "linear_1"
+        v[f"{dst}/{o}/weight"], v[f"{dst}/{o}/bias"] = w[f"{src}.out_proj.weight"], w[f"{src}.out_proj.bias"]
+        v[f"{dst}/layer_norm/gamma"], v[f"{dst}/layer_norm/beta"] = w[f"{src}_layer_norm.weight"], \
+            w[f"{src}_layer_norm.bias"]
+
+    for conv in ("conv1", "conv2"):
+        v[f"encoder/{conv}/weight"], v[f"encoder/{conv}/bias"] = w[f"model.encoder.{conv}.weight"], \
+            w[f"model.encoder.{conv}.bias"]
+    v["encoder/position_encodings/encodings"] = w["model.encoder.embed_positions.weight"]
+    v["decoder/embeddings/weight"] = w["model.decoder.embed_tokens.weight"]
+    v["decoder/position_encodings/encodings"] = w["model.decoder.embed_positions.weight"]
+    for side in ("encoder", "decoder"):
+        v[f"{side}/layer_norm/gamma"], v[f"{side}/layer_norm/beta"] = w[f"model.{side}.layer_norm.weight"], \
+            w[f"model.{side}.layer_norm.bias"]
+        v[f"{side}/num_heads"] = np.array(cfg[f"{side}_attention_heads"], np.int16)
+        for i in range(cfg[f"{side}_layers"]):
+            src, dst = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
+            attn(f"{src}.self_attn", f"{dst}/self_attention", False)
+            if side == "decoder":
+                attn(f"{src}.encoder_attn", f"{dst}/attention", True)
+            for j, fc in ((0, "fc1"), (1, "fc2")):
+                v[f"{dst}/ffn/linear_{j}/weight"], v[f"{dst}/ffn/linear_{j}/bias"] = w[f"{src}.{fc}.weight"], \
+                    w[f"{src}.{fc}.bias"]
+            v[f"{dst}/ffn/layer_norm/gamma"], v[f"{dst}/ffn/layer_norm/beta"] = w[f"{src}.final_layer_norm.weight"], \
+                w[f"{src}.final_layer_norm.bias"]
+    v["decoder/pre_norm"] = np.array(1, np.int8)
+    codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.float16): 4}
+
+    def string(s: str) -> bytes:
+        return struct.pack("<H", len(s) + 1) + s.encode() + b"\0"
+
+    blob = [struct.pack("<I", 6), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(v))]
+    for name, array in sorted(v.items()):
+        a = np.ascontiguousarray(array.astype(dt) if array.dtype == np.float32 else array)
+        blob += [string(name), struct.pack("<B", a.ndim), *(struct.pack("<I", d) for d in a.shape),
+                 struct.pack("<B", codes[a.dtype]), struct.pack("<I", a.nbytes), a.tobytes()]
+    blob += [struct.pack("<I", 1), string("decoder/projection/weight"), string("decoder/embeddings/weight")]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.bin").write_bytes(b"".join(blob))
+    (out / "config.json").write_text(json.dumps({"suppress_ids": gen.get("suppress_tokens") or [],
+                                                 "suppress_ids_begin": gen.get("begin_suppress_tokens") or []}))
+    (out / "tokenizer.json").write_text((hf_folder / "tokenizer.json").read_text())
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -186,9 +187,10 @@ def convert_ctranslate2_whisper(src: str | os.PathLike[str], dst: str | os.PathL
     vocab = json.loads(tokenizer.read_text())
     specials = {t["content"]: int(t["id"]) for t in vocab.get("added_tokens", [])}
     eot = specials.get("<|endoftext|>", 50256)
-    multilingual = dims["vocab_size"] >= 51865
-    lang_to_id = {k: i for k, i in specials.items() if k.startswith("<|") and len(k) <= 9 and k[2:-2].isalpha()
-                  and k[2:-2].islower() and k not in ("<|nocaptions|>",)} if multilingual else {}
+    # language tokens are <|xx|> or <|xxx|>; English-only checkpoints carry <|en|> alone
+    languages = {k: i for k, i in specials.items() if re.fullmatch(r"<\|[a-z]{2,3}\|>", k)}
+    multilingual = len(languages) > 1
+    lang_to_id = languages if multilingual else {}
     no_ts = specials.get("<|notimestamps|>")
     config = {
         "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", **dims,

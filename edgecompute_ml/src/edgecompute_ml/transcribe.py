@@ -227,7 +227,10 @@ def cut_windows(wave: torch.Tensor, *, window: int = WINDOW, search: int = 5 * S
     while n - start > window:
         lo, hi = start + window - search, start + window
         energy = wave[lo:hi].unfold(0, frame, frame // 2).pow(2).mean(1)
-        cut = lo + int(energy.argmin()) * (frame // 2) + frame // 2
+        # quiet over ~0.3 s, not one frame: a stop consonant inside a word is silent for a frame too
+        span = min(15, int(energy.shape[0]))
+        smooth = torch.nn.functional.avg_pool1d(energy[None, None], span, 1)[0, 0]
+        cut = lo + (int(smooth.argmin()) + span // 2) * (frame // 2) + frame // 2
         out.append((start, cut))
         start = cut
     out.append((start, n))

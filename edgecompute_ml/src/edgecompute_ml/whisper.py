@@ -148,9 +148,11 @@ class WhisperCache:
         self.self_kv = self.self_kv.index_select(2, index)
 
     def expand(self, rows: int) -> None:
-        """Grow a one-row cache to ``rows`` identical rows (views, no copies of cross K/V)."""
+        """Grow a one-row cache to ``rows`` identical rows (copied once: attention over stride-0
+        views would copy them again at every step)."""
         self.self_kv = self.self_kv.expand(-1, -1, rows, -1, -1, -1).contiguous()
-        self.cross = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.cross]
+        self.cross = [(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
+                      for k, v in self.cross]
 
 
 def _ln(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
