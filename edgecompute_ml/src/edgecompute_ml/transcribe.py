@@ -93,14 +93,14 @@ def detect_language(lm: Any, cache: Any) -> str:
     ids = {int(v): k.strip("<|>") for k, v in c.lang_to_id.items()}
     if not ids:
         raise InvalidRequest(f"model {lm.name!r} lists no languages (lang_to_id); pass params={{'language': ...}}")
-    index = torch.tensor(sorted(ids))
+    index = torch.tensor(sorted(ids), device=logits.device)
     return ids[int(index[logits[index].argmax()])]
 
 
 class _Rules:
     """Logit rules: suppression, and Whisper's timestamp grammar when timestamps are on."""
 
-    def __init__(self, lm: Any, params: SpeechParams, prompt_len: int) -> None:
+    def __init__(self, lm: Any, params: SpeechParams, prompt_len: int, device: torch.device) -> None:
         c = lm.model.config
         vocab = c.vocab_size
         self.prompt_len = prompt_len
@@ -112,6 +112,7 @@ class _Rules:
         if self.ts_begin is not None:
             self.suppress[c.no_timestamps_token_id] = True
             self.max_initial = c.max_initial_timestamp_index
+        self.suppress = self.suppress.to(device)
 
     def apply(self, logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
         """``logits [rows, vocab]`` with forbidden tokens at -inf, for rows that generated ``generated``."""
@@ -159,7 +160,7 @@ def decode_window(lm: Any, mel: torch.Tensor, params: SpeechParams, *,
         cache.length = 0
     prompt = prompt_tokens(lm, params, language)
     limit = min(params.max_new_tokens, cache.capacity - len(prompt))
-    rules = _Rules(lm, params, len(prompt))
+    rules = _Rules(lm, params, len(prompt), model.device)
     logits = model.decode(torch.tensor([prompt]), cache)
     if params.beam_size == 1:
         tokens: list[int] = []
@@ -188,7 +189,7 @@ def _beam(lm: Any, cache: Any, logits: torch.Tensor, rules: _Rules, beam: int, l
         if cancelled is not None and cancelled():
             break
         scores = torch.log_softmax(rules.apply(logits, [seq for seq, _ in alive]), -1)
-        total = scores + torch.tensor([s for _, s in alive])[:, None]
+        total = scores + torch.tensor([s for _, s in alive], device=scores.device)[:, None]
         values, flat = total.flatten().topk(min(2 * beam, total.numel()))
         keep: list[tuple[list[int], float]] = []
         rows: list[int] = []
@@ -208,7 +209,7 @@ def _beam(lm: Any, cache: Any, logits: torch.Tensor, rules: _Rules, beam: int, l
             break
         if len(alive) == 1 and len(keep) > 1:
             cache.expand(len(keep))
-        cache.reorder(torch.tensor(rows))
+        cache.reorder(torch.tensor(rows, device=scores.device))
         alive = keep
         if cache.length >= cache.capacity:
             break
