@@ -266,7 +266,7 @@ def test_null_suppress_tokens_read_as_none(tmp_path):
 
 
 @pytest.mark.parametrize("half", [True, False])
-def test_ctranslate2_model_converts_to_hf_layout(tiny_whisper, tmp_path, half):
+def test_ctranslate2_model_converts_to_hf_layout(tiny_whisper, tmp_path, half, monkeypatch):
     from .tiny import write_ctranslate2_whisper
 
     ct2 = write_ctranslate2_whisper(tiny_whisper, tmp_path / "ct2", half=half)
@@ -285,9 +285,13 @@ def test_ctranslate2_model_converts_to_hf_layout(tiny_whisper, tmp_path, half):
         a = original.eval()(input_features=mel, decoder_input_ids=ids).logits
         b = converted.eval()(input_features=mel, decoder_input_ids=ids).logits
     torch.testing.assert_close(b, a, atol=0.05 if half else 1e-5, rtol=0)
-    # our store converts a CTranslate2 folder on first use, into the cache
+    # our store converts a CTranslate2 folder on first use, into the cache, once
+    monkeypatch.setenv("EDGECOMPUTE_ML_CACHE", str(tmp_path / "cache"))
     plan = inspect_model(ModelSource("w", str(ct2)))
-    assert plan.family.name == "whisper" and plan.source.path != str(ct2)
+    assert plan.family.name == "whisper" and plan.source.path.startswith(str(tmp_path / "cache"))
+    made = (tmp_path / "cache").stat().st_mtime_ns, len(list((tmp_path / "cache").iterdir()))
+    assert inspect_model(ModelSource("w", str(ct2))).source.path == plan.source.path
+    assert ((tmp_path / "cache").stat().st_mtime_ns, len(list((tmp_path / "cache").iterdir()))) == made
     lm = load_model(plan, "float32", "cpu")
     ours = lm.model.decode(ids, lm.model.new_cache(lm.model.encode(mel), 8), last_only=False)
     torch.testing.assert_close(ours, b, atol=1e-4, rtol=0)

@@ -214,7 +214,7 @@ def convert_ctranslate2_whisper(src: str | os.PathLike[str], dst: str | os.PathL
         generation["task_to_id"] = {t: specials[f"<|{t}|>"] for t in ("transcribe", "translate")
                                     if f"<|{t}|>" in specials}
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = dst / "model.safetensors.tmp"
+    tmp = dst / f"model.safetensors.{os.getpid()}.tmp"  # two processes may convert at once
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     (dst / "generation_config.json").write_text(json.dumps(generation, indent=2))
