@@ -346,3 +346,10 @@ async def test_speech_recognition_through_the_scheduler(executor_for, tiny_whisp
                 await s.run("ml/speech-recognition", inputs, params={"model": "whisper", **params})
         with pytest.raises(InvalidRequest, match="serves ml/speech-recognition"):
             await s.run("ml/embeddings", "hello", params={"model": "whisper"})
+
+
+def test_executor_and_decoder_accept_the_same_parameters():
+    from edgecompute_ml.executor import _SPEECH_KEYS
+    from edgecompute_ml.transcribe import SPEECH_KEYS
+
+    assert _SPEECH_KEYS == SPEECH_KEYS
