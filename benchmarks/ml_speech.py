@@ -79,7 +79,7 @@ def bench_speech(path: str, repeats: int = 3) -> dict[str, Any]:
 
 
 def print_speech(r: dict[str, Any], repeats: int) -> None:
-    print(f"\n4. Whisper tiny.en, float32, one {r['audio_s']:.1f} s window of synthesised speech ({r['words']} words), "
+    print(f"\n5. Whisper tiny.en, float32, one {r['audio_s']:.1f} s window of synthesised speech ({r['words']} words), "
           f"greedy (medians of {repeats} rounds; speedup is the median per-round ratio)")
     print(f"   transformers (features + generate) : {r['transformers_s']:6.2f} s")
     print(f"   ours (transcribe)                  : {r['ours_s']:6.2f} s  {r['speedup']:.2f}x  (target >= 1.2x)")

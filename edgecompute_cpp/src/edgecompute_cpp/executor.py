@@ -296,7 +296,11 @@ class CppExecutor:
             raise
         elapsed = time.perf_counter() - start
         if key is not None:
-            self._fast[key] = elapsed
+            # The estimate falls at once but at most doubles per call: one call that the OS
+            # preempted must not send the next thousand through a thread hop, while an algorithm
+            # that really got slower leaves the event loop within a few calls.
+            last = self._fast.get(key)
+            self._fast[key] = elapsed if last is None else min(elapsed, 2 * last)
         self._record(entry, elapsed, None)
         return outputs
 

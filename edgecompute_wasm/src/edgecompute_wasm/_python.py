@@ -38,18 +38,11 @@ __all__ = ["BOOTSTRAP", "PythonResult", "PythonRunner"]
 # sys): every stdlib import costs milliseconds of a fresh interpreter. fd 0 is the host's channel.
 BOOTSTRAP = r'''
 import os, sys, marshal
-def _edgecompute(preload, warm_up):
+def _edgecompute(preload):
     pread, write, exit_ = os.pread, os.write, os._exit
     os.environ.clear()  # PYTHONPATH was for start-up only: guests see no environment
     for name in preload:
         __import__(name)
-    # the first compile() of an interpreter costs ~30 ms (parser and compiler set-up): a pre-started
-    # interpreter pays it ahead; a cold one would only pay it twice
-    warm = {}
-    warm_up and exec(compile("def f(x, *a, k=1, **kw):\n    return {'x': [i for i in range(2)], 's': f'{x!r:>3}'}\n"
-                 "class C:\n    pass\n", "<warm-up>", "exec"), warm)
-    warm_up and marshal.dumps(("ok", warm["f"](1)), 2)
-    del warm
     def take(n):
         parts = []
         while n > 0:
@@ -81,8 +74,10 @@ def _edgecompute(preload, warm_up):
     try:
         scope = {"__name__": "__main__", "__builtins__": __builtins__}
         # exec and map call from C: guest code runs in interpreter loops entered after the
-        # request's deadline was armed (wasm code caches its epoch deadline on function entry)
-        exec(compile(source, "<guest>", "exec"), scope)
+        # request's deadline was armed (wasm code caches its epoch deadline on function entry).
+        # exec(str), not compile(): compile() first sets up the ast module's ~120 classes, which
+        # costs a fresh interpreter ~15 ms; exec compiles straight from the parser's tree.
+        exec(source, scope)
         fn = scope.get(function)
         if not callable(fn):
             raise NameError(f"the source defines no function {function!r}")
@@ -95,9 +90,10 @@ def _edgecompute(preload, warm_up):
         text = ""
         try:
             import linecache, traceback
-            linecache.cache["<guest>"] = (len(source), None, source.splitlines(True), "<guest>")
+            linecache.cache["<string>"] = (len(source), None, source.splitlines(True), "<string>")
             tb = exc.__traceback__
             text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb is not None else None))
+            text = text.replace('File "<string>", line', 'File "<guest>", line')
         except BaseException:
             pass
         answer(("error", kind, message, text[-20000:]))
@@ -106,7 +102,7 @@ def _edgecompute(preload, warm_up):
     except BaseException as exc:
         answer(("unserializable", type(result).__name__, str(exc)[:1000], ""))
     send(data)
-_edgecompute(PRELOAD, WARM_UP)
+_edgecompute(PRELOAD)
 '''
 
 
@@ -152,8 +148,7 @@ class PythonRunner:
         # -S: no site; -s: no user site; -P: no script folder on sys.path. Not -I/-E: PYTHONPATH puts
         # the precompiled stdlib first (the environment is cleared again before guest code runs).
         flags = ["python", "-S", "-s", "-P", "-c"] if stdlib else ["python", "-S", "-I", "-c"]
-        self.argv = [*flags, boot.replace("WARM_UP", "True")]
-        self.cold_argv = [*flags, boot.replace("WARM_UP", "False")]
+        self.argv = [*flags, boot]
         self.env = [("PYTHONPATH", _stdlib.GUEST_PATH)] if stdlib else []
         self.base_mounts = [(stdlib, _stdlib.GUEST_PATH)] if stdlib else []
         self._pools: collections.OrderedDict[tuple[Any, ...], _Pool] = collections.OrderedDict()
@@ -164,9 +159,9 @@ class PythonRunner:
         self.warm_starts = 0
         self._inflight = 0  # requests between taking an interpreter and their answer
 
-    def _new(self, key: tuple[Any, ...], *, cold: bool = False) -> Sandbox:
+    def _new(self, key: tuple[Any, ...]) -> Sandbox:
         memory_bytes, mounts = key
-        return Sandbox(self.engine, self.module, argv=self.cold_argv if cold else self.argv, mode="python",
+        return Sandbox(self.engine, self.module, argv=self.argv, mode="python",
                        mounts=[*self.base_mounts, *mounts], env=self.env,
                        memory_bytes=memory_bytes, output_bytes=65536, result_bytes=1).start()
 
@@ -227,7 +222,7 @@ class PythonRunner:
             self.warm_starts += 1
             return sandbox, True
         self.cold_starts += 1
-        return self._new(key, cold=True), False
+        return self._new(key), False
 
     def _refill(self) -> None:
         while True:

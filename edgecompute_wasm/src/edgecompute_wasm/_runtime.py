@@ -13,7 +13,7 @@ from typing import Any
 import wasmtime
 
 from . import _runtime_pin as pin
-from ._cache import CacheStats, cache_key, ensure_private_dir, load_or_compile
+from ._cache import CacheStats, Verification, cache_key, ensure_private_dir, load_or_compile, wasmtime_version
 from ._python import PythonRunner
 from ._sandbox import Engine
 from .errors import RuntimeIntegrityError
@@ -47,9 +47,10 @@ def _verified_runtime_bytes() -> bytes:
 
 
 class Runtime:
-    def __init__(self, settings: WasmSettings) -> None:
+    def __init__(self, settings: WasmSettings, verification: Verification | None = None) -> None:
         t0 = time.perf_counter()
         self.settings = settings
+        self._verification = verification  # of the CPython runtime's cache entry, started early
         self.engine = Engine(fuel=settings.fuel_enabled, max_wasm_stack=settings.max_wasm_stack,
                              tick=settings.epoch_tick)
         self.cache_dir = ensure_private_dir(settings.cache_dir)
@@ -69,10 +70,12 @@ class Runtime:
         with self._python_lock:
             if self._python is None:
                 t0 = time.perf_counter()
-                key = cache_key(_wasmtime_version(), self.engine.key, pin.RUNTIME_SHA256)
+                key = cache_key(wasmtime_version(), self.engine.key, pin.RUNTIME_SHA256)
                 module = load_or_compile(
                     self.engine.engine, key, self.cache_dir,
-                    lambda: wasmtime.Module(self.engine.engine, _verified_runtime_bytes()), self.cache_stats)
+                    lambda: wasmtime.Module(self.engine.engine, _verified_runtime_bytes()), self.cache_stats,
+                    self._verification)
+                self._verification = None
                 from . import _stdlib
 
                 stdlib = _stdlib.ensure(self, module)
@@ -94,7 +97,7 @@ class Runtime:
             if module is not None:
                 self._modules.move_to_end(digest)
                 return module
-        key = cache_key(_wasmtime_version(), self.engine.key, digest)
+        key = cache_key(wasmtime_version(), self.engine.key, digest)
         module = load_or_compile(self.engine.engine, key, self.cache_dir,
                                  lambda: wasmtime.Module(self.engine.engine, wasm), self.cache_stats)
         with self._modules_lock:
@@ -107,21 +110,3 @@ class Runtime:
         if self._python is not None:
             self._python.close()
         self.engine.close()
-
-
-_VERSION: str | None = None
-
-
-def _wasmtime_version() -> str:
-    """wasmtime's installed version (importlib.metadata costs ~40 ms; the dist-info name is enough)."""
-    global _VERSION
-    if _VERSION is None:
-        site = Path(wasmtime.__file__).resolve().parent.parent
-        found = sorted(site.glob("wasmtime-*.dist-info"))
-        if len(found) == 1:
-            _VERSION = found[0].name[len("wasmtime-"):-len(".dist-info")]
-        else:
-            from importlib.metadata import version
-
-            _VERSION = version("wasmtime")
-    return _VERSION

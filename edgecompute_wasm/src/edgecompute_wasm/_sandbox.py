@@ -31,6 +31,8 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi as ffi
 
+from ._cache import engine_key
+
 WASI = "wasi_snapshot_preview1"
 ERRNO_SUCCESS = 0
 ERRNO_BADF = 8
@@ -63,7 +65,7 @@ class Engine:
         self.fuel = fuel
         self.tick = tick
         #: What in the engine's configuration changes compiled code (part of the cache key).
-        self.key = f"epoch=1;fuel={int(fuel)};stack={max_wasm_stack}"
+        self.key = engine_key(fuel=fuel, max_wasm_stack=max_wasm_stack)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         self.linker.allow_shadowing = True

@@ -21,6 +21,7 @@ from .settings import MiB, WasmSettings
 if TYPE_CHECKING:
     from edgecompute.context import TaskContext
 
+    from ._cache import Verification
     from ._runtime import Runtime
 
 __all__ = ["WasmExecutor"]
@@ -97,10 +98,25 @@ class WasmExecutor:
 
                 raise ExecutorError("the wasm executor is closed")
             if self._runtime is None:
-                from ._runtime import Runtime
+                verification = self._verify_runtime_entry()
+                from ._runtime import Runtime  # imports wasmtime while the entry is checked
 
-                self._runtime = Runtime(self.settings)
+                self._runtime = Runtime(self.settings, verification)
             return self._runtime
+
+    def _verify_runtime_entry(self) -> Verification | None:
+        from . import _cache
+        from . import _runtime_pin as pin
+
+        settings = self.settings
+        try:
+            cache_dir = _cache.ensure_private_dir(settings.cache_dir)
+        except Exception:  # noqa: BLE001 - Runtime() reports the folder's problem
+            return None
+        key = _cache.cache_key(_cache.wasmtime_version(),
+                               _cache.engine_key(fuel=settings.fuel_enabled, max_wasm_stack=settings.max_wasm_stack),
+                               pin.RUNTIME_SHA256)
+        return _cache.Verification(key, cache_dir)
 
     def warm(self) -> None:
         """Load everything and start pre-starting interpreters for the default sandbox shape."""

@@ -1,0 +1,163 @@
+"""The executor's vision tasks: ``ml/image-classification`` (dynamically batched),
+``ml/zero-shot-image-classification`` (CLIP) and ``ml/object-detection``.
+
+Inputs are one image or a list of images (numpy arrays, PIL images or encoded bytes); a single
+image gives a single result, a list gives a list. Decoding and preprocessing run on a worker
+thread per request; the forward pass of image classification is shared by concurrent requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgecompute.errors import InvalidRequest
+from edgecompute.models import Response
+
+from .vision import IMAGE_CLASSIFICATION, OBJECT_DETECTION, VISION_TASKS, ZERO_SHOT
+
+__all__ = ["TASK_KEYS", "VISION_TASKS", "classify_pixels", "run_vision_task", "working_bytes"]
+
+TASK_KEYS = {
+    IMAGE_CLASSIFICATION: {"model", "top_k", "batch"},
+    ZERO_SHOT: {"model", "candidate_labels", "hypothesis_template"},
+    OBJECT_DETECTION: {"model", "threshold", "iou_threshold", "max_detections"},
+}
+DESCRIPTIONS = {
+    IMAGE_CLASSIFICATION: "Label images with an image classifier (ViT, MobileNetV2): top-k labels with scores "
+                          "(dynamically batched)",
+    ZERO_SHOT: "Score an image against candidate text labels with CLIP (zero-shot classification)",
+    OBJECT_DETECTION: "Detect objects (YOLOS): boxes in pixels with labels and scores, after non-maximum "
+                      "suppression",
+}
+
+
+def working_bytes(task: str, inputs: Any, output_size: tuple[int, int] | None) -> int:
+    """A rough bound on activations: a few dozen float32 copies of each preprocessed image."""
+    count = len(inputs) if isinstance(inputs, (list, tuple)) else 1
+    height, width = output_size or (800, 1333)
+    return count * height * width * 3 * 4 * 32
+
+
+def _number(params: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidRequest(f"{key} must be a number in [{low:g}, {high:g}], not {value!r}")
+    return float(value)
+
+
+def _count(params: Mapping[str, Any], key: str, default: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"{key} must be an integer >= 1, not {value!r}")
+    return value
+
+
+def classify_pixels(lm: Any, pixels: Sequence[Any]) -> list[Any]:
+    """CHW pixel tensors -> class probabilities, one row per image (one forward pass)."""
+    import torch
+
+    logits = lm.model.forward(torch.stack(list(pixels)))
+    return list(logits.softmax(-1).cpu())
+
+
+def _top(lm: Any, probs: Any, k: int) -> list[dict[str, Any]]:
+    import torch
+
+    scores, indices = torch.topk(probs, min(k, probs.shape[-1]))
+    return [{"label": lm.labels[int(i)], "score": float(s)} for s, i in zip(scores, indices, strict=True)]
+
+
+async def run_vision_task(executor: Any, task: str, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+                          timings: dict[str, float]) -> Response:
+    if task == IMAGE_CLASSIFICATION:
+        return await _image_classification(executor, lm, request, params, ctx, timings)
+    if task == ZERO_SHOT:
+        return await _zero_shot(lm, request, params, ctx, timings)
+    return await _object_detection(lm, request, params, ctx, timings)
+
+
+async def _image_classification(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+                                timings: dict[str, float]) -> Response:
+    from .image import decode_images
+
+    top_k = _count(params, "top_k", 5)
+    batch = params.get("batch", True)
+    if not isinstance(batch, bool):
+        raise InvalidRequest(f"batch must be true or false, not {batch!r}")
+
+    def prepare() -> tuple[list[Any], bool]:
+        images, single = decode_images(request.inputs)
+        return [lm.preprocessing.pixels(image) for image in images], single
+
+    pixels, single = await ctx.run_sync(prepare)
+    if executor.batching and batch and lm.preprocessing.output_size is not None:
+        probs = await executor._batcher(lm, lambda items: classify_pixels(lm, items)).submit(pixels)
+    elif lm.preprocessing.output_size is not None:
+        probs = await ctx.run_sync(classify_pixels, lm, pixels)
+    else:  # sizes vary with the image: one forward pass each
+        probs = [row for p in pixels for row in await ctx.run_sync(classify_pixels, lm, [p])]
+    out = [_top(lm, p, top_k) for p in probs]
+    return Response(out[0] if single else out, timings=timings)
+
+
+def _text_ids(lm: Any, texts: list[str]) -> Any:
+    import torch
+
+    encodings = lm.tokenizer.encode_batch(texts)
+    longest = max(len(e.ids) for e in encodings)
+    # right padding with the last token: the causal text tower never lets it reach the pooled state
+    ids = [e.ids + [e.ids[-1]] * (longest - len(e.ids)) for e in encodings]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+async def _zero_shot(lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+                     timings: dict[str, float]) -> Response:
+    from .image import decode_images
+
+    labels = params.get("candidate_labels")
+    if (not isinstance(labels, (list, tuple)) or not labels
+            or not all(isinstance(label, str) and label for label in labels)):
+        raise InvalidRequest("ml/zero-shot-image-classification needs params={'candidate_labels': [...]}, "
+                             "a non-empty list of non-empty strings")
+    template = params.get("hypothesis_template", "This is a photo of {}.")
+    if not isinstance(template, str) or "{}" not in template:
+        raise InvalidRequest(f"hypothesis_template must be a string containing '{{}}', not {template!r}")
+
+    def work() -> tuple[list[list[dict[str, Any]]], bool]:
+        images, single = decode_images(request.inputs)
+        pixels = lm.preprocessing.batch(images)
+        model = lm.model
+        text = model.text_embeds(_text_ids(lm, [template.format(label) for label in labels]))
+        probs = model.logits(model.image_embeds(pixels), text).softmax(-1)
+        results = []
+        for row in probs:
+            ranked = sorted(zip(row.tolist(), labels, strict=True), key=lambda pair: -pair[0])
+            results.append([{"label": label, "score": score} for score, label in ranked])
+        return results, single
+
+    results, single = await ctx.run_sync(work)
+    return Response(results[0] if single else results, timings=timings)
+
+
+async def _object_detection(lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+                            timings: dict[str, float]) -> Response:
+    from .detection import postprocess
+    from .image import decode_images
+
+    threshold = _number(params, "threshold", 0.5, 0.0, 1.0)
+    iou = _number(params, "iou_threshold", 0.5, 0.0, 1.0)
+    limit = _count(params, "max_detections", 100)
+
+    def work() -> tuple[list[list[dict[str, Any]]], bool]:
+        images, single = decode_images(request.inputs)
+        results = []
+        for image in images:  # sizes differ per image: one forward pass each
+            probs, boxes = lm.model.detect(lm.preprocessing.pixels(image)[None])
+            found = postprocess(probs[0], boxes[0], lm.labels, image.size, threshold=threshold, iou_threshold=iou,
+                                max_detections=limit)
+            results.append([d.as_dict() for d in found])
+        return results, single
+
+    results, single = await ctx.run_sync(work)
+    return Response(results[0] if single else results, timings=timings)
