@@ -113,6 +113,30 @@ def _decode(response: httpx.Response) -> dict[str, Any]:
     return document if media == "application/problem+json" else dict(wire.from_jsonable(document))
 
 
+_NOTHING = object()
+
+
+class _ServerSentEvents:
+    """Reads a task's SSE stream line by line: ``feed`` returns a chunk's value (or ``_NOTHING``);
+    the ``end`` event raises the task's error, if it failed, and sets ``ended``."""
+
+    def __init__(self) -> None:
+        self.event = ""
+        self.ended = False
+
+    def feed(self, line: str) -> Any:
+        if line.startswith("event: "):
+            self.event = line[7:]
+        elif line.startswith("data: "):
+            data = wire.from_jsonable(json.loads(line[6:]))
+            if self.event == "chunk":
+                return data
+            if self.event == "end":
+                self.ended = True
+                _response(data)
+        return _NOTHING
+
+
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -281,17 +305,13 @@ class Client(_Base):
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
-            event = ""
+            events = _ServerSentEvents()
             for line in response.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    data = wire.from_jsonable(json.loads(line[6:]))
-                    if event == "chunk":
-                        yield data
-                    elif event == "end":
-                        _response(data)
-                        return
+                chunk = events.feed(line)
+                if chunk is not _NOTHING:
+                    yield chunk
+                if events.ended:
+                    return
 
     def _stream_ws(self, task_id: str) -> Iterator[Any]:
         from websockets.exceptions import InvalidStatus
@@ -379,17 +399,13 @@ class AsyncClient(_Base):
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)
-            event = ""
+            events = _ServerSentEvents()
             async for line in response.aiter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    data = wire.from_jsonable(json.loads(line[6:]))
-                    if event == "chunk":
-                        yield data
-                    elif event == "end":
-                        _response(data)
-                        return
+                chunk = events.feed(line)
+                if chunk is not _NOTHING:
+                    yield chunk
+                if events.ended:
+                    return
 
     async def map(self, algorithm: str, items: Iterable[Any], *, return_exceptions: bool = False,
                   **options: Any) -> list[Any]:
