@@ -168,6 +168,10 @@ def whisper_tensors(v: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], di
     return out, dims
 
 
+#: Part of the conversion cache's key: bump it when the converter's output changes.
+FORMAT = "edgecompute-ct2-whisper/2"
+
+
 def convert_ctranslate2_whisper(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Write ``dst`` (config.json, generation_config.json, model.safetensors, tokenizer.json) from a
     CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json). Returns ``dst``."""
@@ -187,9 +191,10 @@ def convert_ctranslate2_whisper(src: str | os.PathLike[str], dst: str | os.PathL
     vocab = json.loads(tokenizer.read_text())
     specials = {t["content"]: int(t["id"]) for t in vocab.get("added_tokens", [])}
     eot = specials.get("<|endoftext|>", 50256)
-    # language tokens are <|xx|> or <|xxx|>; English-only checkpoints carry <|en|> alone
+    # language tokens are <|xx|> or <|xxx|>. English-only tokenizers list them too, so the
+    # vocabulary size tells (OpenAI's rule: multilingual checkpoints have 51865 or more tokens)
     languages = {k: i for k, i in specials.items() if re.fullmatch(r"<\|[a-z]{2,3}\|>", k)}
-    multilingual = len(languages) > 1
+    multilingual = dims["vocab_size"] >= 51865 and len(languages) > 1
     lang_to_id = languages if multilingual else {}
     no_ts = specials.get("<|notimestamps|>")
     config = {
@@ -237,7 +242,7 @@ def converted_folder(src: str | os.PathLike[str]) -> Path:
     (``$EDGECOMPUTE_ML_CACHE``, else ``~/.cache/edgecompute/ml``) and keyed by the source file."""
     src = Path(src).resolve()
     stat = (src / "model.bin").stat()
-    key = hashlib.sha256(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{FORMAT}|{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     dst = cache_root() / f"ct2-{src.name}-{key}"
     if not (dst / "model.safetensors").is_file():
         convert_ctranslate2_whisper(src, dst)
