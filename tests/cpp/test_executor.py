@@ -18,7 +18,7 @@ import pytest
 from edgecompute import Config, HealthStatus, Registry, Request, Resources, Scheduler
 from edgecompute.errors import ConfigError, ExecutorError, InvalidRequest, PluginError, TaskTimeout
 from edgecompute_cpp import CppExecutor, build_plugin
-from edgecompute_cpp._native import _Memory
+from edgecompute_cpp._native import COPY_BELOW, _Memory
 
 from .conftest import PLUGINS
 
@@ -123,7 +123,7 @@ async def test_scheduler_runs_bundled_and_plugin_algorithms(cpp: CppExecutor, te
     assert algorithms["gaussian_blur"].thread_safe is True
 
 
-async def test_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(
+async def test_large_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(
     testplug: Path, tmp_path: Path
 ) -> None:
     # A private copy of the library: dlopen shares one instance (and so one live counter) per
@@ -132,7 +132,8 @@ async def test_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(
     shutil.copyfile(testplug, private)
     executor = CppExecutor(builtin=False, plugins=[str(private)])
     before = int(executor.call("testplug.live"))
-    arrays = [executor.call("testplug.echo", np.arange(1000.0)) for _ in range(5)]
+    large = np.arange(float(COPY_BELOW // 8 + 1))  # one element past the copying threshold
+    arrays = [executor.call("testplug.echo", large) for _ in range(5)]
     assert isinstance(arrays[0].base, _Memory)  # no copy: the array is a view of the plugin's block
     assert arrays[0].flags.writeable and arrays[0].flags.c_contiguous
     assert int(executor.call("testplug.live")) == before + 5
@@ -144,6 +145,20 @@ async def test_outputs_are_numpy_arrays_over_plugin_memory_released_on_gc(
     del view
     gc.collect()
     assert int(executor.call("testplug.live")) == before
+
+
+def test_small_outputs_are_copied_and_the_plugin_memory_released_at_once(testplug: Path, tmp_path: Path) -> None:
+    private = tmp_path / "testplug-private.so"
+    shutil.copyfile(testplug, private)
+    executor = CppExecutor(builtin=False, plugins=[str(private)])
+    before = int(executor.call("testplug.live"))
+    for size in (0, 1, 1000, COPY_BELOW // 8):
+        source = np.arange(float(size)).reshape(-1, 1) if size else np.zeros((0, 3))
+        echoed = executor.call("testplug.echo", source)
+        assert type(echoed.base) is not _Memory and echoed.flags.owndata and echoed.flags.writeable
+        np.testing.assert_array_equal(echoed, source)
+        assert echoed.shape == source.shape and echoed.dtype == source.dtype
+        assert int(executor.call("testplug.live")) == before  # released before call() returned
 
 
 def test_the_gil_is_released_while_cpp_runs(testplug: Path) -> None:

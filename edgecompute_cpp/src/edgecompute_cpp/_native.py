@@ -148,82 +148,133 @@ class NativePlugin:
     def call(self, algorithm: str, inputs: Sequence[tuple[bytes | None, np.ndarray]], params: bytes = _EMPTY_PARAMS,
              cancelled: Any = None) -> list[tuple[str, np.ndarray]]:
         """Run ``algorithm``; inputs are C-contiguous arrays of supported dtypes (see
-        :func:`normalise_inputs`). Returns ``(name, array)`` pairs over the plugin's memory."""
+        :func:`normalise_inputs`). Returns ``(name, array)`` pairs: small outputs are copied and
+        the plugin's memory released at once, large ones are arrays over the plugin's memory."""
         name = self._names.get(algorithm)
         if name is None:
             raise InvalidRequest(f"plugin {self.name!r} has no algorithm {algorithm!r}; "
                                  f"it has: {', '.join(sorted(self.algorithms))}")
-        n = len(inputs)
         scratch = _scratch.__dict__.get("v")
-        if scratch is None:  # per-thread structures, reused: allocating them costs more than the call
-            fresh = ffi.new("ec_result*")
-            scratch = _scratch.v = (ffi.new("ec_buffer[8]"), fresh, _raw_outputs(fresh))
-        buffers, result, raw = scratch
-        if n > 8:
-            buffers = ffi.new("ec_buffer[]", n)
+        if scratch is None:
+            scratch = _scratch.v = _Scratch()
+        n = len(inputs)
+        buffers, view = (scratch.buffers, scratch.buffers_view) if n <= 8 else _buffers(n)
+        result = scratch.result
+        rview = scratch.result_view
+        # The structures are written with struct.pack_into and read with one unpack_from: a cffi
+        # attribute access costs about as much as packing a whole structure.
         keep = []
         for i, (input_name, array) in enumerate(inputs):
+            ndim = array.ndim
+            _HEADS[ndim].pack_into(view, i * _BUFFER_SIZE, 0, DTYPE_CODES[array.dtype], ndim, *array.shape)
             b = buffers[i]
-            if input_name is None:
-                b.name = ffi.NULL
-            else:
-                text = ffi.new("char[]", input_name)
-                keep.append(text)
-                b.name = text
-            b.dtype = DTYPE_CODES[array.dtype]
-            b.ndim = ndim = array.ndim
-            if ndim:
-                b.shape[0:ndim] = array.shape
             data = ffi.from_buffer(array, require_writable=False)
             keep.append(data)
             b.data = data
-        result.n_outputs = 0
-        result.owner = ffi.NULL
-        result.error_code = 0
-        result.error_message[0] = b"\0"
-        result.cancelled = _NOT_CANCELLED if cancelled is None else cancelled
-        code = self._execute(name, buffers, n, params, result)
-        if code != EC_OK or result.error_code != EC_OK:
-            code = code or result.error_code
-            if result.owner != ffi.NULL:  # a plugin that reports an error should have freed its outputs
+            if input_name is not None:
+                text = ffi.new("char[]", input_name)
+                keep.append(text)
+                b.name = text
+        _RESET_COUNT.pack_into(rview, 0, 0)
+        _RESET_TAIL.pack_into(rview, _OWNER_OFFSET, 0, 0, 0)
+        if cancelled is not None:
+            result.cancelled = cancelled
+        try:
+            code = self._execute(name, buffers, n, params, result)
+        finally:
+            if cancelled is not None:
+                result.cancelled = _NOT_CANCELLED
+        head = _AFTER.unpack_from(rview, 0)
+        count, owner, error = head[0], head[13], head[14]
+        if code != EC_OK or error != EC_OK:
+            code = code or error
+            if owner:  # a plugin that reports an error should have freed its outputs
                 self._release(result.owner)
             message = ffi.string(result.error_message).decode("utf-8", "replace") or STATUS_NAMES.get(code, "error")
             where = f"{self.name}.{algorithm}"
             if code == EC_INVALID_INPUT:
                 raise InvalidRequest(f"{where}: {message}")
             raise PluginCallError(f"{where} failed ({STATUS_NAMES.get(code, f'error {code}')}): {message}", code)
-        count = result.n_outputs
         if count == 0:
-            if result.owner != ffi.NULL:
+            if owner:
                 self._release(result.owner)
             return []
-        owner = _gc(result.owner, self._release) if result.owner != ffi.NULL else None
         if count > 8:
+            if owner:
+                self._release(result.owner)
             raise PluginCallError(f"{self.name}.{algorithm} returned {count} outputs; at most 8 are allowed",
                                   EC_INTERNAL_ERROR)
+        if count == 1:
+            described = [head[1:13]]
+        else:
+            described = [_BUFFER.unpack_from(rview, _OUTPUTS_OFFSET + i * _BUFFER_SIZE) for i in range(count)]
+        owner_cdata = result.owner if owner else None
+        shared: Any = None
         outputs = []
-        for i in range(count):
-            # one struct read instead of a dozen cffi attribute reads
-            fields = _BUFFER.unpack_from(raw, i * _BUFFER.size)
-            name_ptr, code, ndim, data = fields[0], fields[1], fields[2], fields[11]
-            dtype = CODE_DTYPES.get(code)
-            if dtype is None or not 0 <= ndim <= MAX_DIMS:
-                raise PluginCallError(f"{self.name}.{algorithm} returned output {i} with dtype code {code} "
-                                      f"and {ndim} dimensions, which the ABI does not allow", EC_INTERNAL_ERROR)
-            array = np.asarray(_Memory(owner, {"data": (data, False), "shape": fields[3:3 + ndim],
-                                               "typestr": dtype.str, "version": 3}))
-            # a single output is returned bare: its name is never used
-            label = "output" if count == 1 else _text(result.outputs[i].name) if name_ptr else f"output{i}"
-            outputs.append((label, array))
+        try:
+            for i, fields in enumerate(described):
+                code, ndim, data = fields[1], fields[2], fields[11]
+                dtype = CODE_DTYPES.get(code)
+                if dtype is None or not 0 <= ndim <= MAX_DIMS:
+                    raise PluginCallError(f"{self.name}.{algorithm} returned output {i} with dtype code {code} "
+                                          f"and {ndim} dimensions, which the ABI does not allow", EC_INTERNAL_ERROR)
+                shape = fields[3:3 + ndim]
+                nbytes = dtype.itemsize
+                for extent in shape:
+                    nbytes *= extent
+                if nbytes <= COPY_BELOW:
+                    # Copying a small output and releasing the plugin's memory now is cheaper than
+                    # tying the memory's lifetime to an array.
+                    array = np.empty(shape, dtype)
+                    if nbytes:
+                        ffi.memmove(array, ffi.cast(_CHAR_P, data), nbytes)
+                else:
+                    if shared is None and owner_cdata is not None:
+                        shared = _gc(owner_cdata, self._release)
+                    array = np.asarray(_Memory(shared, {"data": (data, False), "shape": shape,
+                                                        "typestr": dtype.str, "version": 3}))
+                # a single output is returned bare: its name is never used
+                label = "output" if count == 1 else _text(result.outputs[i].name) if fields[0] else f"output{i}"
+                outputs.append((label, array))
+        finally:
+            if shared is None and owner_cdata is not None:
+                self._release(owner_cdata)  # every output was copied (or none could be read)
         return outputs
 
 
+#: outputs up to this size are copied out of the plugin's memory, larger ones are used in place
+COPY_BELOW = 16 * 1024
+
 _BUFFER = struct.Struct("=Qii8qQ")  # ec_buffer: name, dtype, ndim, shape[8], data
-assert _BUFFER.size == ffi.sizeof("ec_buffer")
+_BUFFER_SIZE = _BUFFER.size
+assert ffi.sizeof("ec_buffer") == _BUFFER_SIZE
+#: ec_buffer up to the last dimension in use: name (NULL), dtype, ndim, shape[:ndim]
+_HEADS = [struct.Struct(f"=Qii{ndim}q") for ndim in range(MAX_DIMS + 1)]
+_OUTPUTS_OFFSET = ffi.offsetof("ec_result", "outputs")
+_OWNER_OFFSET = ffi.offsetof("ec_result", "owner")
+assert ffi.offsetof("ec_result", "error_message") == _OWNER_OFFSET + 12
+_RESET_COUNT = struct.Struct("=i")
+_RESET_TAIL = struct.Struct("=Qib")  # owner, error_code, error_message[0]
+#: n_outputs, outputs[0] (12 fields), owner, error_code
+_AFTER = struct.Struct(f"=i{_OUTPUTS_OFFSET - 4}xQii8qQ{_OWNER_OFFSET - _OUTPUTS_OFFSET - _BUFFER_SIZE}xQi")
+_CHAR_P = ffi.typeof("char*")
 
 
-def _raw_outputs(result: Any) -> Any:
-    return ffi.buffer(ffi.addressof(result, "outputs"), ffi.sizeof("ec_buffer") * 8)
+class _Scratch:
+    """Per-thread call structures, reused: allocating them costs more than a small call."""
+
+    __slots__ = ("buffers", "buffers_view", "result", "result_view")
+
+    def __init__(self) -> None:
+        self.buffers, self.buffers_view = _buffers(8)
+        self.result = ffi.new("ec_result*")
+        self.result.cancelled = _NOT_CANCELLED
+        self.result_view = ffi.buffer(self.result)
+
+
+def _buffers(n: int) -> tuple[Any, Any]:
+    buffers = ffi.new("ec_buffer[]", n)
+    return buffers, ffi.buffer(buffers)
 
 
 def normalise_inputs(inputs: Any, where: str) -> list[tuple[bytes | None, np.ndarray]]:
