@@ -210,25 +210,25 @@ class _Connection:
             self.drained.set_result(None)
 
     def _readable(self) -> None:
-        buffer, view, attachments = self.buffer, self.view, self.attachments
-        while True:
+        # one packet per call: the selector is level-triggered and calls again while more wait,
+        # and a second recv only to hear EAGAIN would cost a system call per answer
+        try:
+            size = self.sock.recv_into(self.buffer)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if 0 < size < MAX_MESSAGE:  # else EOF: the worker is gone (or sent more than a packet may hold)
             try:
-                size = self.sock.recv_into(buffer)
-            except BlockingIOError:
-                return
-            except OSError:
-                size = 0
-            if size == 0 or size >= MAX_MESSAGE:
-                break  # EOF: the worker is gone (or sent more than a packet may hold)
-            try:
-                kind, task, body, segment = unpack(view[:size], attachments, copy=True)
+                kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True)
             except ProtocolError:
                 log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
-                break
-            if segment is not None:
-                with contextlib.suppress(ExecutorCrashed):
-                    self.send("release", 0, segment)  # decoded with copy=True: it is free again
-            self._dispatch(kind, task, body)
+            else:
+                if segment is not None:
+                    with contextlib.suppress(ExecutorCrashed):
+                        self.send("release", 0, segment)  # decoded with copy=True: it is free again
+                self._dispatch(kind, task, body)
+                return
         self.detach()
         self.dead = True
         if self.on_end is not None:

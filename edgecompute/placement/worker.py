@@ -64,7 +64,7 @@ _READERS = 2  # reader threads at the start: one may run a call while the other 
 class _Context(TaskContext):
     """What a task sees in the worker: chunks and progress go straight to the host."""
 
-    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task")
+    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task", "segment")
 
     def __init__(self, worker: _Worker, task: int, request_id: str, algorithm: Algorithm,
                  deadline: float | None) -> None:
@@ -82,6 +82,8 @@ class _Context(TaskContext):
         self._deadline = deadline
         #: The asyncio task running a coroutine executor's ``execute`` (None for a blocking call).
         self.asyncio_task: asyncio.Task[None] | None = None
+        #: The segment holding the request's buffers, until it is handed back.
+        self.segment: str | None = None
 
     @property
     def task_id(self) -> str:
@@ -146,6 +148,7 @@ class _Worker:
         self.readers: list[threading.Thread] = []
         self.reading_on_loop = False
         self.buffer = bytearray(0)
+        self.view = memoryview(self.buffer)
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -206,6 +209,7 @@ class _Worker:
             # the socket stays blocking for the sends (from pool threads too); the loop's reads
             # pass MSG_DONTWAIT instead
             self.buffer = bytearray(MAX_MESSAGE)
+            self.view = memoryview(self.buffer)
             self.loop.add_reader(self.sock.fileno(), self.readable)
             self.reading_on_loop = True
 
@@ -235,22 +239,19 @@ class _Worker:
             self.handle(view[:size], on_loop=False)
 
     def readable(self) -> None:
-        """The loop's reader: take every message waiting, without blocking."""
-        buffer = self.buffer
-        view = memoryview(buffer)
-        while True:
-            try:
-                size = self.sock.recv_into(buffer, MAX_MESSAGE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                size = 0
-            if size == 0 or size >= MAX_MESSAGE:
-                self.reading_on_loop = False
-                self.loop.remove_reader(self.sock.fileno())
-                self.stop()
-                return
-            self.handle(view[:size], on_loop=True)
+        """The loop's reader: one packet per call (the selector calls again while more wait)."""
+        try:
+            size = self.sock.recv_into(self.buffer, MAX_MESSAGE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if size == 0 or size >= MAX_MESSAGE:
+            self.reading_on_loop = False
+            self.loop.remove_reader(self.sock.fileno())
+            self.stop()
+            return
+        self.handle(self.view[:size], on_loop=True)
 
     def handle(self, frame: memoryview, *, on_loop: bool) -> None:
         try:
@@ -270,13 +271,20 @@ class _Worker:
                     return
                 ctx._cancelled = True  # what blocking code polls
             if ctx.asyncio_task is not None:
-                self.on_loop(ctx.asyncio_task.cancel, on_loop)
+                self.on_loop(self.cancel_task, on_loop, ctx)
         elif kind == "release":
             self.arena.give_back(body)
         elif kind == "health":
             self.on_loop(self.spawn, on_loop, self.health(task))
         elif kind == "close":
             self.on_loop(self.stop, on_loop)
+
+    def cancel_task(self, ctx: _Context) -> None:
+        task = ctx.asyncio_task
+        assert task is not None
+        task.cancel()
+        # a task cancelled before its first step never runs its finally: clean up for it
+        task.add_done_callback(lambda _: self.finish(ctx))
 
     def on_loop(self, fn: Callable[..., Any], on_loop: bool, *args: Any) -> None:
         if on_loop:
@@ -314,6 +322,7 @@ class _Worker:
             self.send("error", task, portable(exc))
             return
         ctx = _Context(self, task, request.id, found or Algorithm(bare), deadline)
+        ctx.segment = segment
         with self.cancel_lock:
             self.contexts[task] = ctx
             if self.early_cancels and task in self.early_cancels:
@@ -322,52 +331,61 @@ class _Worker:
         if call is not None and not on_loop:
             if not self.idle:
                 self.add_reader()  # the last free reader takes this call: someone must read meanwhile
-            self.run_blocking(task, call, request, ctx, segment)
+            self.run_blocking(call, request, ctx)
         elif on_loop:
-            self.start_async(task, request, ctx, segment)
+            self.start_async(request, ctx)
         else:
-            self.on_loop(self.start_async, False, task, request, ctx, segment)
+            self.on_loop(self.start_async, False, request, ctx)
 
-    def start_async(self, task: int, request: Request, ctx: _Context, segment: str | None) -> None:
+    def start_async(self, request: Request, ctx: _Context) -> None:
         if ctx._cancelled:  # cancelled before it started
-            self.contexts.pop(task, None)
-            self.release(segment)
+            self.finish(ctx)
             return
-        ctx.asyncio_task = self.spawn(self.run_async(task, request, ctx, segment))
+        # no done callback (it would cost the loop a step per task): run_async finishes itself
+        ctx.asyncio_task = self.loop.create_task(self.run_async(request, ctx))
+        self.tasks.add(ctx.asyncio_task)
 
-    def run_blocking(self, task: int, call: Callable[[Request, TaskContext], Any], request: Request,
-                     ctx: _Context, segment: str | None) -> None:
+    def run_blocking(self, call: Callable[[Request, TaskContext], Any], request: Request, ctx: _Context) -> None:
         try:
             outputs = call(request, ctx)
             response = outputs if isinstance(outputs, Response) else Response(outputs)
-            frame = pack("done", task, (response.outputs, dict(response.timings) or None), self.arena)
+            frame = pack("done", ctx._task, (response.outputs, dict(response.timings) or None), self.arena)
         except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
-            frame = pack("error", task, portable(exc), self.arena)
+            frame = pack("error", ctx._task, portable(exc), self.arena)
         finally:
-            self.contexts.pop(task, None)
-        self.answer(frame, segment)
+            self.finish(ctx)
+        self.answer(frame)
 
-    async def run_async(self, task: int, request: Request, ctx: _Context, segment: str | None) -> None:
+    async def run_async(self, request: Request, ctx: _Context) -> None:
         executor = self.executor
         assert executor is not None
+        frame = None
         try:
             response = await executor.execute(request, ctx)
             if not isinstance(response, Response):
                 raise ExecutorError(f"{request.algorithm} returned {type(response).__name__}, not a Response")
-            frame = pack("done", task, (response.outputs, dict(response.timings) or None), self.arena)
+            frame = pack("done", ctx._task, (response.outputs, dict(response.timings) or None), self.arena)
         except asyncio.CancelledError:
-            self.release(segment)  # the host stopped waiting: it wants no answer
-            return
+            pass  # the host stopped waiting: it wants no answer
         except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
-            frame = pack("error", task, portable(exc), self.arena)
+            frame = pack("error", ctx._task, portable(exc), self.arena)
         finally:
-            self.contexts.pop(task, None)
-        self.answer(frame, segment)
+            self.finish(ctx)
+        if frame is not None:
+            self.answer(frame)
 
-    def answer(self, frame: bytes, segment: str | None) -> None:
-        # the outputs are copied into our own segment now, so the input's may go back, and before
-        # the answer: the host's next request can then reuse it instead of mapping a new one
+    def finish(self, ctx: _Context) -> None:
+        """The task has ended (may be called twice): forget it, hand its input segment back.
+
+        The outputs are copied into our own segment by now, so the input's may go back, and before
+        the answer: the host's next request can then reuse it instead of mapping a new one."""
+        self.contexts.pop(ctx._task, None)
+        if ctx.asyncio_task is not None:
+            self.tasks.discard(ctx.asyncio_task)
+        segment, ctx.segment = ctx.segment, None
         self.release(segment)
+
+    def answer(self, frame: bytes) -> None:
         try:
             self.sock.sendall(frame)
         except OSError:

@@ -9,7 +9,16 @@ import threading
 import time
 from typing import Any
 
-from edgecompute import Algorithm, BlockingExecutor, FunctionExecutor, Request, Resources, TaskContext
+from edgecompute import (
+    Algorithm,
+    BlockingExecutor,
+    FunctionExecutor,
+    Health,
+    Request,
+    Resources,
+    Response,
+    TaskContext,
+)
 
 apps = FunctionExecutor("apps")
 _cancelled: list[str] = []  # tasks that saw their cancellation in this process
@@ -120,3 +129,34 @@ class Doubler(BlockingExecutor):
         if ctx.algorithm.name == "where":
             return threading.current_thread().name
         return request.inputs * 2
+
+
+@apps.algorithm(resources=Resources(cpu=0.1))
+async def aecho(inputs: Any) -> Any:
+    """``echo`` as an ``async def``: in process it runs on the event loop, without a thread hop."""
+    return inputs
+
+
+class Coroutines:
+    """An executor of coroutines only (no ``blocking`` hook): a worker's event loop reads and runs it."""
+
+    name = "coroutines"
+    version = "1"
+
+    def algorithms(self) -> list[Algorithm]:
+        return [Algorithm("echo", resources=Resources(cpu=0.1)), Algorithm("where", resources=Resources(cpu=0.1))]
+
+    def requirements(self, request: Request) -> Resources:
+        return Resources(cpu=0.1)
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        if ctx.algorithm.name == "where":
+            pool = await ctx.run_sync(lambda: threading.current_thread().name)
+            return Response({"loop": threading.current_thread().name, "run_sync": pool})
+        return Response(request.inputs)
+
+    async def health(self) -> Health:
+        return Health()
+
+    async def aclose(self) -> None:
+        return None

@@ -14,7 +14,7 @@ import pytest
 from edgecompute import Placement, Registry, Request, Resources, Scheduler
 from edgecompute.errors import TaskCancelled
 
-from .apps import Doubler, apps
+from .apps import Coroutines, Doubler, apps
 from .conftest import our_segments, running
 
 pytestmark = pytest.mark.anyio
@@ -23,9 +23,10 @@ CAPACITY = Resources(cpu=8, memory_mb=1 << 16)
 
 @pytest.fixture
 async def scheduler() -> AsyncIterator[Scheduler]:
-    registry = Registry(placement={"apps": Placement.process(), "doubler": Placement.process()})
+    registry = Registry(placement=dict.fromkeys(("apps", "doubler", "coroutines"), Placement.process()))
     registry.register(apps)
     registry.register(Doubler)
+    registry.register(Coroutines)
     async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
         yield scheduler
     await registry.aclose()
@@ -73,6 +74,14 @@ async def test_coroutines_run_on_the_worker_loop_with_chunks_and_progress(schedu
     outputs = (await handle.result()).outputs
     assert outputs["pid"] != os.getpid() and outputs["thread"] == "MainThread"
     assert progress == [0.25, 0.5, 0.75, 1.0]
+
+
+async def test_a_coroutine_executor_runs_on_the_loop_that_reads_and_blocks_on_its_pool(
+        scheduler: Scheduler) -> None:
+    where = (await scheduler.run("coroutines/where")).outputs
+    assert where["loop"] == "MainThread" and where["run_sync"].startswith("edgecompute-worker")
+    results = await asyncio.gather(*(scheduler.run("coroutines/echo", i) for i in range(500)))
+    assert [r.outputs for r in results] == list(range(500))
 
 
 async def test_cancelling_a_coroutine_cancels_it_in_the_worker(scheduler: Scheduler) -> None:
