@@ -231,6 +231,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2000)
     args = parser.parse_args()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     array = np.random.default_rng(0).random(4 << 20, dtype=np.float32)  # 16 MB
     inproc_small, inproc_coroutine, inproc_mixed, inproc_big = await measure(Placement.inprocess(), args.repeat, array)
     proc_small, proc_coroutine, proc_mixed, proc_big = await measure(Placement.process(), args.repeat, array)
@@ -241,7 +242,8 @@ async def main() -> None:
     crash = await kill_9()
     bare_ray, ours_ray = await ray_row(max(100, args.repeat // 4))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"placement benchmark ({os.cpu_count()} cpus, python {sys.version.split()[0]}, load average {load})")
+    print(f"placement benchmark ({os.cpu_count()} cpus, python {sys.version.split()[0]}, load average "
+          f"{load_before} before, {load} after, Ray's start included)")
     print(f"{'row':<58} {'in process':>12} {'process':>12} {'extra':>10} {'goal':>14}")
     print(f"{'0. floor: 1-byte packet to another process and back (us)':<58} {'':>12} {floor:>12.1f}")
     print(f"{'   floor: item to another thread and back (us)':<58} {thread_floor:>12.1f}")
