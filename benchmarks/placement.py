@@ -3,8 +3,17 @@
     python benchmarks/placement.py [--repeat 2000]
 
 Rows:
+  0. the physical floors of this machine, in the same run: a raw round trip of a 1-byte packet
+     between two processes over the SOCK_SEQPACKET socket pair the workers use (one wake-up each
+     way, no Python work between), and a round trip between two threads through two
+     ``queue.SimpleQueue`` (what an in-process request's hop to a worker thread costs);
   1. a small request (echo of an int) through the scheduler: executor in process vs in a worker
-     process; the difference is what the worker costs per request (goal: <= 100 us);
+     process; the difference is what the worker costs per request (goal: <= 100 us), also given as
+     a multiple of the process floor. No goal, to show the other two paths of a worker: 1b. the
+     echo of an executor of coroutines only (the worker's event loop reads and runs it; in process
+     it runs inline with no hop at all, so the extra is the two wake-ups); 1c. an ``async def``
+     function of an executor that also has plain ones (read by a worker's reader thread, which
+     hands it to the loop: one hop more);
   2. a 16 MB float32 array as input (the algorithm returns its size): worker minus in process,
      against one ``np.copyto`` of the array into a warm buffer (goal: <= 2 memcpys);
   3. reference: a round trip through ``concurrent.futures.ProcessPoolExecutor(2)`` (no-op);
@@ -22,9 +31,13 @@ import argparse
 import asyncio
 import concurrent.futures
 import os
+import queue
 import signal
+import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,15 +50,16 @@ os.chdir(ROOT)  # the worker imports tests.placement.apps from here
 
 from edgecompute import Placement, Registry, Request, Resources, Scheduler  # noqa: E402
 from edgecompute.errors import ExecutorCrashed  # noqa: E402
-from tests.placement.apps import apps  # noqa: E402
+from tests.placement.apps import Coroutines, apps  # noqa: E402
 from tests.placement.conftest import descendants  # noqa: E402
 
 CAPACITY = Resources(cpu=8, memory_mb=1 << 16)
 
 
 def registry_for(placement: Placement) -> Registry:
-    registry = Registry(placement={"apps": placement})
+    registry = Registry(placement={"apps": placement, "coroutines": placement})
     registry.register(apps)
+    registry.register(Coroutines)
     return registry
 
 
@@ -60,13 +74,72 @@ async def per_request_us(scheduler: Scheduler, algorithm: str, inputs: Any, repe
     return statistics.median(times) * 1e6
 
 
-async def measure(placement: Placement, repeat: int, array: np.ndarray) -> tuple[float, float]:
+async def measure(placement: Placement, repeat: int, array: np.ndarray) -> tuple[float, float, float, float]:
     registry = registry_for(placement)
     async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
         small = await per_request_us(scheduler, "apps/echo", 1, repeat)
+        coroutine = await per_request_us(scheduler, "coroutines/echo", 1, repeat)
+        mixed = await per_request_us(scheduler, "apps/aecho", 1, repeat)
         big = min([await per_request_us(scheduler, "apps/nbytes", array, max(20, repeat // 50)) for _ in range(3)])
     await registry.aclose()
-    return small, big
+    return small, coroutine, mixed, big
+
+
+_ECHO_CHILD = """
+import socket, sys
+peer = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    packet = peer.recv(64)
+    if not packet:
+        break
+    peer.send(packet)
+"""
+
+
+def process_floor_us(repeat: int) -> float:
+    """A 1-byte packet to another process and back, over the socket pair type the workers use."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO_CHILD, str(child.fileno())], pass_fds=(child.fileno(),))
+    child.close()
+    try:
+        for _ in range(200):
+            parent.send(b"x")
+            parent.recv(64)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            parent.send(b"x")
+            parent.recv(64)
+            times.append(time.perf_counter() - start)
+    finally:
+        parent.close()
+        echo.wait()
+    return statistics.median(times) * 1e6
+
+
+def thread_floor_us(repeat: int) -> float:
+    """An item to another thread and back through two SimpleQueues."""
+    there: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    back: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := there.get()) is not None:
+            back.put(item)
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    for _ in range(200):
+        there.put(1)
+        back.get()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        there.put(1)
+        back.get()
+        times.append(time.perf_counter() - start)
+    there.put(None)
+    thread.join()
+    return statistics.median(times) * 1e6
 
 
 def memcpy_us(array: np.ndarray) -> float:
@@ -158,18 +231,33 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2000)
     args = parser.parse_args()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     array = np.random.default_rng(0).random(4 << 20, dtype=np.float32)  # 16 MB
-    inproc_small, inproc_big = await measure(Placement.inprocess(), args.repeat, array)
-    proc_small, proc_big = await measure(Placement.process(), args.repeat, array)
+    inproc_small, inproc_coroutine, inproc_mixed, inproc_big = await measure(Placement.inprocess(), args.repeat, array)
+    proc_small, proc_coroutine, proc_mixed, proc_big = await measure(Placement.process(), args.repeat, array)
+    floor = process_floor_us(args.repeat)
+    thread_floor = thread_floor_us(args.repeat)
     copy = memcpy_us(array)
     pool = process_pool_us(args.repeat)
     crash = await kill_9()
     bare_ray, ours_ray = await ray_row(max(100, args.repeat // 4))
-    print(f"placement benchmark ({os.cpu_count()} cpus, python {sys.version.split()[0]})")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"placement benchmark ({os.cpu_count()} cpus, python {sys.version.split()[0]}, load average "
+          f"{load_before} before, {load} after, Ray's start included)")
     print(f"{'row':<58} {'in process':>12} {'process':>12} {'extra':>10} {'goal':>14}")
+    print(f"{'0. floor: 1-byte packet to another process and back (us)':<58} {'':>12} {floor:>12.1f}")
+    print(f"{'   floor: item to another thread and back (us)':<58} {thread_floor:>12.1f}")
     extra_small = proc_small - inproc_small
     print(f"{'1. small request (us)':<58} {inproc_small:>12.1f} {proc_small:>12.1f} {extra_small:>10.1f} "
           f"{'<= 100 us':>14} {'holds' if extra_small <= 100 else 'MISSED'}")
+    near = " (the floor alone is close to the goal on this machine)" if floor >= 80 else ""
+    print(f"{'   extra as a multiple of the process floor':<58} {'':>12} {'':>12} {extra_small / floor:>9.2f}x"
+          f"{near}")
+    for label, inproc, proc in [("1b. small request, coroutine executor (us)", inproc_coroutine, proc_coroutine),
+                                ("1c. small request, async def beside plain functions (us)", inproc_mixed,
+                                 proc_mixed)]:
+        print(f"{label:<58} {inproc:>12.1f} {proc:>12.1f} {proc - inproc:>10.1f} {'(no goal)':>14} "
+              f"= {(proc - inproc) / floor:.2f}x the process floor")
     extra_big = proc_big - inproc_big
     print(f"{'2. 16 MB float32 input (us)':<58} {inproc_big:>12.1f} {proc_big:>12.1f} {extra_big:>10.1f} "
           f"{'<= 2 memcpy':>14} {'holds' if extra_big <= 2 * copy else 'MISSED'}")

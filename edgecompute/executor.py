@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .models import Algorithm, Health, Request, Resources, Response
@@ -11,7 +11,11 @@ from .models import Algorithm, Health, Request, Resources, Response
 if TYPE_CHECKING:
     from .context import TaskContext
 
-__all__ = ["BlockingExecutor", "Executor"]
+__all__ = ["BlockingCall", "BlockingExecutor", "Executor", "blocking_call"]
+
+#: A blocking function that does all of ``execute``: ``call(request, ctx)`` returns the outputs
+#: (or a full :class:`Response`).
+BlockingCall = Callable[["Request", "TaskContext"], Any]
 
 
 @runtime_checkable
@@ -73,6 +77,10 @@ class BlockingExecutor(abc.ABC):
         result = await ctx.run_sync(self.run, request, ctx)
         return result if isinstance(result, Response) else Response(result)
 
+    def blocking(self, request: Request) -> BlockingCall | None:
+        """``run``, unless a subclass overrides ``execute`` (see :func:`blocking_call`)."""
+        return self.run if type(self).execute is BlockingExecutor.execute else None
+
     async def health(self) -> Health:
         return Health()
 
@@ -80,3 +88,21 @@ class BlockingExecutor(abc.ABC):
         return None
 
 
+
+
+def blocking_call(executor: object, request: Request) -> BlockingCall | None:
+    """The blocking function that ``executor.execute(request, ctx)`` amounts to, or None.
+
+    An executor whose ``execute`` is, for some requests, nothing but ``await ctx.run_sync(call,
+    request, ctx)`` (and wrapping the result in a :class:`Response`) may say so with an optional
+    method ``blocking(request) -> call | None``. Whoever has no event loop at hand, but a thread
+    that may block, then calls ``call(request, ctx)`` directly and saves the hop to a worker thread
+    and back: a worker process (docs/placement.md) runs it on the thread that read the request.
+    :class:`BlockingExecutor` and :class:`~edgecompute.FunctionExecutor` (for plain functions)
+    have it; an executor without it is always run through ``execute``.
+    """
+    blocking = getattr(executor, "blocking", None)
+    if blocking is None:
+        return None
+    call: BlockingCall | None = blocking(request)
+    return call

@@ -40,6 +40,13 @@ class _Function:
     is_async: bool
     wants_ctx: bool
 
+    def call(self, request: Request, ctx: TaskContext) -> Any:
+        """The plain function's call, as ``execute`` makes it on a worker thread."""
+        params = request.params
+        if self.wants_ctx:
+            return self.fn(request.inputs, **{**params, "ctx": ctx})
+        return self.fn(request.inputs, **params) if params else self.fn(request.inputs)
+
 
 class FunctionExecutor:
     """An executor whose algorithms are Python functions registered with :meth:`algorithm`."""
@@ -100,6 +107,12 @@ class FunctionExecutor:
         else:
             outputs = await ctx.run_sync(function.fn, request.inputs)
         return outputs if isinstance(outputs, Response) else Response(outputs)
+
+    def blocking(self, request: Request) -> Callable[[Request, TaskContext], Any] | None:
+        """The call that runs a plain function's request on any thread, without an event loop;
+        None for ``async def`` functions (see :func:`edgecompute.executor.blocking_call`)."""
+        function = self._functions.get(request.algorithm.rpartition("/")[2])
+        return None if function is None or function.is_async else function.call
 
     def _lookup(self, request: Request) -> _Function:
         bare = request.algorithm.rpartition("/")[2]

@@ -1,15 +1,23 @@
-"""The worker protocol: length-prefixed frames over a socket, large buffers through shared memory.
+"""The worker protocol: one message per packet of a Unix ``SOCK_SEQPACKET`` socket pair, large
+buffers through shared memory.
 
-A frame is a 4-byte big-endian length and a pickled ``(message, segment, spans)`` triple. The
-message is itself pickled with protocol 5: buffers of at least :data:`OUT_OF_BAND` bytes (numpy
-arrays, large ``bytes``) are taken out of band and copied once into a shared-memory segment from
-the sender's :class:`Arena`; ``spans`` says where each lies. The receiver maps the segment and
-rebuilds the message on top of it (zero copy) or from a private copy, then hands the segment back
-with a ``release`` message so the sender can reuse it: steady-state traffic touches no new pages.
+Messages are ``(kind, task, body)``. The body is pickled with protocol 5: buffers of at least
+:data:`OUT_OF_BAND` bytes (numpy arrays, large ``bytes``) are taken out of band and copied once
+into a shared-memory segment from the sender's :class:`Arena`; the frame says where each lies. The
+receiver maps the segment and rebuilds the body on top of it (zero copy) or from a private copy,
+then hands the segment back with a ``release`` message so the sender can reuse it: steady-state
+traffic touches no new pages. A pickle that would still exceed :data:`INBAND_MAX` goes into the
+segment too, so every packet fits the socket's buffer.
 
-Messages are tuples ``(kind, task_id, body)``. The first two on a connection are ``setup``
-(host to worker) and ``hello`` (worker to host); ``hello`` carries :data:`VERSION` and a host
-refuses a worker that speaks another one.
+The first two messages on a connection, ``setup`` (host to worker) and ``hello`` (worker to host),
+use the frame of protocol 1 (:func:`encode`, :func:`decode`: a 4-byte length and a pickled
+``(kind, task, body, segment, spans)``), which every version reads; ``hello`` carries
+:data:`VERSION` and a host refuses a worker that speaks another one. After them, messages use the
+compact frame of :func:`pack` and :func:`unpack`: a 10-byte header (kind, flags, task number) and
+the pickled body, one ``pickle.dumps`` and one ``pickle.loads`` per small message.
+
+A packet is never split or merged, so several threads may send on one socket without a lock and
+several may block in ``recv`` on it: each gets whole messages, and the kernel wakes one of them.
 """
 
 from __future__ import annotations
@@ -20,16 +28,31 @@ import os
 import pickle
 import struct
 import tempfile
+import threading
 from typing import Any
 
-__all__ = ["OUT_OF_BAND", "VERSION", "Arena", "Attachments", "ProtocolError", "Unreadable", "decode", "encode",
-           "frame_length", "remove_segments"]
+__all__ = ["INBAND_MAX", "KINDS", "MAX_MESSAGE", "OUT_OF_BAND", "VERSION", "Arena", "Attachments", "ProtocolError",
+           "Unreadable", "decode", "encode", "frame_length", "pack", "remove_segments", "unpack"]
 
 #: The protocol version; bumped on any change a peer of another version would misread.
-VERSION = 1
+#: 2: one message per SOCK_SEQPACKET packet, compact frames after the handshake.
+VERSION = 2
 #: Buffers at least this large cross through shared memory instead of the socket.
 OUT_OF_BAND = 64 * 1024
+#: A pickled body larger than this goes into shared memory with the buffers.
+INBAND_MAX = 64 * 1024
+#: No packet is larger: a receiver's buffer of this size holds any message (and the default
+#: socket buffer of ~208 KiB accepts it).
+MAX_MESSAGE = INBAND_MAX + 4096
+#: The message kinds, by their code in a compact frame.
+KINDS = ("run", "chunk", "progress", "done", "error", "cancel", "health", "release", "close")
+_CODES = {kind: code for code, kind in enumerate(KINDS)}
 HEADER = struct.Struct("!I")
+_HEAD = struct.Struct("!BBQ")  # kind, flags, task number
+_COUNT = struct.Struct("!I")  # a segment starts with how many spans it holds ...
+_SPAN = struct.Struct("!QQ")  # ... then each one's offset and length
+_SEGMENT = 1  # flags: the message has buffers in a segment
+_SPILLED = 2  # flags: the pickled body itself is the segment's last span
 MAX_FRAME = 1 << 30
 _ALIGN = 64
 _MIN_SEGMENT = 1 << 20
@@ -81,8 +104,13 @@ class Arena:
         self._free: list[_Segment] = []
         self._lent: dict[str, _Segment] = {}
         self._count = 0
+        self._lock = threading.Lock()  # a worker sends from several threads
 
     def take(self, size: int) -> _Segment:
+        with self._lock:
+            return self._take(size)
+
+    def _take(self, size: int) -> _Segment:
         best = None
         for segment in self._free:
             if segment.size >= size and (best is None or segment.size < best.size):
@@ -97,11 +125,16 @@ class Arena:
         return best
 
     def give_back(self, name: str) -> None:
-        segment = self._lent.pop(name, None)
-        if segment is not None:
-            self._free.append(segment)
+        with self._lock:
+            segment = self._lent.pop(name, None)
+            if segment is not None:
+                self._free.append(segment)
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for segment in [*self._free, *self._lent.values()]:
             segment.close()
             try:
@@ -131,18 +164,23 @@ class Attachments:
 
     def __init__(self) -> None:
         self._segments: dict[str, _Segment] = {}
+        self._lock = threading.Lock()  # a worker receives on several threads
 
     def view(self, name: str, size: int) -> memoryview:
         segment = self._segments.get(name)
         if segment is None or segment.size < size:
-            segment = self._segments[name] = _Segment(name, os.path.getsize(os.path.join(shm_folder(), name)),
-                                                      create=False)
+            with self._lock:
+                segment = self._segments.get(name)
+                if segment is None or segment.size < size:
+                    segment = self._segments[name] = _Segment(
+                        name, os.path.getsize(os.path.join(shm_folder(), name)), create=False)
         return segment.view
 
     def close(self) -> None:
-        for segment in self._segments.values():
-            segment.close()
-        self._segments.clear()
+        with self._lock:
+            for segment in self._segments.values():
+                segment.close()
+            self._segments.clear()
 
 
 class _BigBytes:
@@ -234,6 +272,90 @@ def decode(frame: bytes, attachments: Attachments, *, copy: bool) -> tuple[str, 
             buffers.append(bytearray(part) if copy else part)
     try:
         body = pickle.loads(payload, buffers=buffers)
+    except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
+        body = Unreadable(exc)
+    return kind, task, body, name
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def pack(kind: str, task: int, body: Any, arena: Arena) -> bytes:
+    """One compact frame (one packet) holding a message; at most :data:`MAX_MESSAGE` bytes.
+
+    A small body costs one ``pickle.dumps``; only a pickle that comes out large is looked at again
+    (large ``bytes`` taken out of band, then the pickle itself moved to shared memory if need be).
+    A segment starts with its table of spans, so the packet only names it, however many buffers.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND:
+            return True
+        buffers.append(buffer)
+        return False
+
+    data = pickle.dumps(body, 5, buffer_callback=out_of_band)
+    spill = False
+    if len(data) > INBAND_MAX:
+        wrapped = _wrap_bytes(body)
+        if wrapped is not body:
+            buffers.clear()
+            data = pickle.dumps(wrapped, 5, buffer_callback=out_of_band)
+        spill = len(data) > INBAND_MAX
+    if not buffers and not spill:
+        return _HEAD.pack(_CODES[kind], 0, task) + data
+    raws = [buffer.raw() for buffer in buffers]
+    if spill:
+        raws.append(memoryview(data))
+    table = _aligned(_COUNT.size + _SPAN.size * len(raws))
+    segment = arena.take(table + sum(_aligned(raw.nbytes) for raw in raws))
+    view = segment.view
+    _COUNT.pack_into(view, 0, len(raws))
+    offset = table
+    for index, raw in enumerate(raws):
+        view[offset:offset + raw.nbytes] = raw  # the one copy of the data
+        _SPAN.pack_into(view, _COUNT.size + _SPAN.size * index, offset, raw.nbytes)
+        offset += _aligned(raw.nbytes)
+    name = segment.name.encode()
+    flags = _SEGMENT | (_SPILLED if spill else 0)
+    return b"".join((_HEAD.pack(_CODES[kind], flags, task), bytes((len(name),)), name, b"" if spill else data))
+
+
+def unpack(frame: memoryview, attachments: Attachments, *, copy: bool) -> tuple[str, int, Any, str | None]:
+    """``(kind, task, body, segment)`` of a compact frame; the caller releases ``segment`` when done.
+
+    ``copy`` as for :func:`decode`. A body that does not unpickle comes back as :class:`Unreadable`.
+    """
+    try:
+        code, flags, task = _HEAD.unpack_from(frame)
+        kind = KINDS[code]
+    except (struct.error, IndexError) as exc:
+        raise ProtocolError(f"not a frame of protocol {VERSION}: {exc}") from None
+    if not flags:
+        try:
+            return kind, task, pickle.loads(frame[_HEAD.size:]), None
+        except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
+            return kind, task, Unreadable(exc), None
+    try:
+        end = _HEAD.size + 1 + frame[_HEAD.size]
+        name = bytes(frame[_HEAD.size + 1:end]).decode()
+        view = attachments.view(name, _COUNT.size)
+        count = _COUNT.unpack_from(view)[0]
+        spans = [_SPAN.unpack_from(view, _COUNT.size + _SPAN.size * index) for index in range(count)]
+        view = attachments.view(name, max(offset + length for offset, length in spans))
+    except Exception as exc:
+        raise ProtocolError(f"bad segment in a frame: {type(exc).__name__}: {exc}") from exc
+    if flags & _SPILLED:
+        offset, length = spans.pop()
+        data: Any = view[offset:offset + length]
+    else:
+        data = frame[end:]
+    buffers = [bytearray(view[offset:offset + length]) if copy else view[offset:offset + length]
+               for offset, length in spans]
+    try:
+        body = pickle.loads(data, buffers=buffers)
     except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
         body = Unreadable(exc)
     return kind, task, body, name

@@ -8,6 +8,7 @@ streaming and backpressure work unchanged. The worker is started when the execut
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -18,13 +19,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ExecutorCrashed, ExecutorError, PluginError
 from ..models import Algorithm, Health, HealthStatus, Request, Resources, Response
 from . import PLACEMENT_KEYS, Placement
 from .protocol import (
+    MAX_MESSAGE,
     VERSION,
     Arena,
     Attachments,
@@ -33,7 +35,9 @@ from .protocol import (
     decode,
     encode,
     frame_length,
+    pack,
     remove_segments,
+    unpack,
 )
 from .supervisor import Supervisor
 
@@ -65,13 +69,30 @@ class _Call:
         self.ctx = ctx
 
 
+def _socket_pair(name: str) -> tuple[socket.socket, socket.socket]:
+    try:
+        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except (AttributeError, OSError) as exc:
+        raise PluginError(f"placement of {name!r}", f"a worker process needs Unix SOCK_SEQPACKET sockets "
+                                                    f"(Linux): {exc}") from exc
+    for end in pair:
+        with contextlib.suppress(OSError):  # room for many packets in flight (the kernel may cap it)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    return pair
+
+
 class _Connection:
-    """One worker process and the socket to it."""
+    """One worker process and the socket to it.
+
+    On the event loop the socket is read by a callback of the loop's own selector (``add_reader``):
+    an answer resolves its task's future in the loop's next step, with no reader task or thread in
+    between. Sends go straight to the socket and are queued only when it is full.
+    """
 
     def __init__(self, name: str, placement: Placement, setup: Mapping[str, Any]) -> None:
         self.name = name
         self.prefix = f"ec-{os.getpid()}-{next(_ids)}"
-        parent, child = socket.socketpair()
+        parent, child = _socket_pair(name)
         python = placement.python or sys.executable
         try:
             self.process = subprocess.Popen(
@@ -87,11 +108,14 @@ class _Connection:
         self.sock = parent
         self.arena = Arena(self.prefix + "h")
         self.attachments = Attachments()
-        self.calls: dict[str, _Call] = {}
+        self.calls: dict[int, _Call] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.reader_task: asyncio.Task[None] | None = None
-        self.attaching: asyncio.Future[None] | None = None
+        self.buffer = bytearray(MAX_MESSAGE)
+        self.view = memoryview(self.buffer)
+        self.pending: collections.deque[bytes] = collections.deque()  # frames the socket had no room for
+        self.drained: asyncio.Future[None] | None = None
+        self.on_end: Callable[[], None] | None = None
+        self.reading = False
         self.closing = False
         self.killed_on_purpose = False
         self.dead = False
@@ -113,8 +137,12 @@ class _Connection:
         self.sock.settimeout(timeout)
         try:
             self.sock.sendall(frame)
-            header = self._read_exactly(4)
-            kind, _, body, _ = decode(self._read_exactly(frame_length(header)), self.attachments, copy=True)
+            data = self.sock.recv(1 << 22)  # one packet: protocol 1's frame, which every version reads
+            if not data:
+                raise EOFError("the worker closed the connection")
+            if len(data) < 4 or frame_length(data[:4]) != len(data) - 4:
+                raise ProtocolError(f"a packet of {len(data)} bytes is no hello")
+            kind, _, body, _ = decode(data[4:], self.attachments, copy=True)
         except (OSError, EOFError, ProtocolError) as exc:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(1)
@@ -130,51 +158,83 @@ class _Connection:
                                                             f"this host {VERSION}; install the same edgecompute")
         return body
 
-    def _read_exactly(self, size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            part = self.sock.recv(size - len(data))
-            if not part:
-                raise EOFError("the worker closed the connection")
-            data += part
-        return bytes(data)
-
     # -- on the event loop ----------------------------------------------------------------------
 
-    async def attach(self) -> None:
-        """Move the socket onto the running event loop (once; concurrent callers share it)."""
-        if self.attaching is None:
-            self.attaching = asyncio.ensure_future(self._attach())
-        await asyncio.shield(self.attaching)
-
-    async def _attach(self) -> None:
+    def attach(self, on_end: Callable[[], None]) -> None:
+        """Read the socket from the running event loop; ``on_end`` is called there at its EOF."""
         loop = asyncio.get_running_loop()
-        self.sock.settimeout(None)
         self.sock.setblocking(False)
-        reader, self.writer = await asyncio.open_connection(sock=self.sock)
-        self.reader_task = loop.create_task(self._read(reader))
+        self.on_end = on_end
+        loop.add_reader(self.sock.fileno(), self._readable)
+        self.reading = True
         self.loop = loop  # last: a connection with a loop is ready to use
 
-    def send(self, kind: str, task: str, body: Any) -> None:
-        assert self.writer is not None
-        frame, _ = encode(kind, task, body, self.arena)
-        self.writer.write(frame)
+    def detach(self) -> None:
+        """Stop reading and writing from the loop (before the socket closes)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.sock.fileno())
+            loop.remove_writer(self.sock.fileno())
+        self.reading = False
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    def send(self, kind: str, task: int, body: Any) -> None:
+        frame = pack(kind, task, body, self.arena)
+        if self.loop is None:  # not attached yet: the socket still blocks (with the start timeout)
+            self.sock.sendall(frame)
+            return
+        if self.pending:
+            self.pending.append(frame)
+            return
         try:
-            while True:
-                header = await reader.readexactly(4)
-                frame = await reader.readexactly(frame_length(header))
-                kind, task, body, segment = decode(frame, self.attachments, copy=True)
-                if segment is not None:
-                    self.send("release", "", segment)  # decoded with copy=True: it is free again
-                self._dispatch(kind, task, body)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
-            pass
-        finally:
-            self.dead = True
+            self.sock.send(frame)
+        except BlockingIOError:
+            self.pending.append(frame)
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+        except OSError as exc:
+            raise ExecutorCrashed(f"worker {self.pid} of {self.name!r} is gone ({exc})") from exc
 
-    def _dispatch(self, kind: str, task: str, body: Any) -> None:
+    def _writable(self) -> None:
+        pending = self.pending
+        while pending:
+            try:
+                self.sock.send(pending[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                pending.clear()  # the worker is gone; its EOF fails the calls
+                break
+            pending.popleft()
+        assert self.loop is not None
+        self.loop.remove_writer(self.sock.fileno())
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _readable(self) -> None:
+        # one packet per call: the selector is level-triggered and calls again while more wait,
+        # and a second recv only to hear EAGAIN would cost a system call per answer
+        try:
+            size = self.sock.recv_into(self.buffer)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if 0 < size < MAX_MESSAGE:  # else EOF: the worker is gone (or sent more than a packet may hold)
+            try:
+                kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True)
+            except ProtocolError:
+                log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
+            else:
+                if segment is not None:
+                    with contextlib.suppress(ExecutorCrashed):
+                        self.send("release", 0, segment)  # decoded with copy=True: it is free again
+                self._dispatch(kind, task, body)
+                return
+        self.detach()
+        self.dead = True
+        if self.on_end is not None:
+            self.on_end()
+
+    def _dispatch(self, kind: str, task: int, body: Any) -> None:
         if kind == "release":
             self.arena.give_back(body)
             return
@@ -199,13 +259,22 @@ class _Connection:
             else:
                 call.future.set_result(body)
 
-    async def call(self, kind: str, body: Any, ctx: TaskContext | None) -> Any:
+    def start(self, kind: str, body: Any, ctx: TaskContext | None) -> tuple[int, asyncio.Future[Any]]:
+        """Send a request; its answer resolves the future. The caller pops ``calls[task]`` when done."""
         assert self.loop is not None
-        task = f"{next(_ids)}"
+        task = next(_ids)
         future: asyncio.Future[Any] = self.loop.create_future()
         self.calls[task] = _Call(future, ctx)
         try:
             self.send(kind, task, body)
+        except BaseException:
+            del self.calls[task]
+            raise
+        return task, future
+
+    async def call(self, kind: str, body: Any, ctx: TaskContext | None) -> Any:
+        task, future = self.start(kind, body, ctx)
+        try:
             return await future
         finally:
             self.calls.pop(task, None)
@@ -225,28 +294,31 @@ class _Connection:
             self.process.kill()
 
     def reap(self) -> None:
-        """Wait for the worker (no zombie), kill what it left in its group, free every segment."""
+        """Wait for the worker (no zombie), kill what it left in its group, free every segment.
+        Blocking, and from any thread: :meth:`detach` first when the connection was attached."""
         self.process.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.sock.close()
-        if self.reader_task is not None:
-            self.reader_task.cancel()
         self.attachments.close()
         self.arena.close()
         remove_segments(self.prefix)
 
     async def close(self, grace: float = 5.0) -> None:
         self.closing = True
-        if self.writer is not None and not self.dead:
+        if not self.dead:
             with contextlib.suppress(Exception):
-                self.send("close", "", None)
-                await self.writer.drain()
+                self.send("close", 0, None)
+                if self.pending:
+                    assert self.loop is not None
+                    self.drained = self.loop.create_future()
+                    await asyncio.wait_for(asyncio.shield(self.drained), grace)
         try:
             await asyncio.to_thread(self.process.wait, grace)
         except subprocess.TimeoutExpired:
             self.kill()
+        self.detach()
         self.reap()
         self.fail_calls(f"worker of {self.name!r} was closed")
 
@@ -294,13 +366,17 @@ class WorkerExecutor:
         return self._resources.get(request.algorithm.rpartition("/")[2], Resources(cpu=1.0))
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
-        connection = await self._ready()
+        connection = self._connection
+        if connection is None or connection.dead or connection.loop is not asyncio.get_running_loop():
+            connection = await self._ready()
+        # plain values, not the Request: its read-only mappings do not pickle, and the worker's
+        # edgecompute may be another release whose Request has other fields
+        params, metadata = request.params, request.metadata
+        body = (request.algorithm, request.inputs, dict(params) if params else None, request.priority,
+                dict(metadata) if metadata else None, request.id, ctx.deadline)
+        task, future = connection.start("run", body, ctx)
         try:
-            # plain values, not the Request: its read-only mappings do not pickle, and the worker's
-            # edgecompute may be another release whose Request has other fields
-            body = (request.algorithm, request.inputs, dict(request.params), request.priority,
-                    dict(request.metadata))
-            outputs, timings = await connection.call("run", body, ctx)
+            outputs, timings = await future
         except asyncio.CancelledError:
             if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
                 # past its deadline the task may be stuck where nothing can interrupt it (C code,
@@ -310,17 +386,13 @@ class WorkerExecutor:
                 connection.killed_on_purpose = True
                 connection.kill()
                 connection.dead = True  # the next task must not be sent to it before its EOF arrives
-            elif not connection.dead:
-                self._send_cancel(connection, ctx)
-            raise
-        return Response(outputs, timings=timings)
-
-    def _send_cancel(self, connection: _Connection, ctx: TaskContext) -> None:
-        for task, call in list(connection.calls.items()):
-            if call.ctx is ctx:
-                connection.calls.pop(task, None)
+            elif not connection.dead and connection.calls.pop(task, None) is not None:
                 with contextlib.suppress(Exception):
                     connection.send("cancel", task, None)
+            raise
+        finally:
+            connection.calls.pop(task, None)
+        return Response(outputs) if timings is None else Response(outputs, timings=timings)
 
     async def _ready(self) -> _Connection:
         while True:
@@ -330,32 +402,27 @@ class WorkerExecutor:
             if connection is not None and not connection.dead:
                 if connection.loop is asyncio.get_running_loop():
                     return connection
-                if connection.loop is None and (connection.attaching is None or not connection.attaching.done()):
-                    first = connection.attaching is None
-                    await connection.attach()
-                    if first:
-                        self._watch(connection)
+                if connection.loop is None:
+                    self._attach(connection)
                     continue
-            if connection is not None and connection.dead:
-                await self._bury(connection)
-                continue
-            if connection is not None:  # alive, on another (finished) event loop: start afresh
+                # alive, on another (finished) event loop: start afresh
                 self._connection = None
                 connection.killed_on_purpose = True
+                connection.detach()
                 connection.kill()
                 connection.reap()
+            elif connection is not None:
+                await self._bury(connection)
+                continue
             await self._restart()
 
-    def _watch(self, connection: _Connection) -> None:
-        assert connection.reader_task is not None
+    def _attach(self, connection: _Connection) -> None:
+        def ended() -> None:
+            burial = asyncio.ensure_future(self._bury(connection))
+            self._burials.add(burial)
+            burial.add_done_callback(self._burials.discard)
 
-        def ended(task: asyncio.Task[None]) -> None:
-            if not task.cancelled():  # cancelled: our loop is ending, not the worker
-                burial = asyncio.ensure_future(self._bury(connection))
-                self._burials.add(burial)
-                burial.add_done_callback(self._burials.discard)
-
-        connection.reader_task.add_done_callback(ended)
+        connection.attach(ended)
 
     async def _bury(self, connection: _Connection) -> None:
         """The worker's connection ended: fail its tasks, reap it, count the crash."""
@@ -364,6 +431,7 @@ class WorkerExecutor:
         self._connection = None
         connection.closing = True
         connection.kill()  # it may have closed the socket and hang; make sure it is gone
+        connection.detach()
         await asyncio.to_thread(connection.reap)
         reason = f"worker {connection.pid} of {self.name!r} {_exit_reason(connection.process.returncode)}"
         if not connection.killed_on_purpose:
@@ -381,9 +449,8 @@ class WorkerExecutor:
         try:
             await asyncio.sleep(self.supervisor.delay())
             connection = await asyncio.to_thread(_Connection, self.name, self.placement, self._setup)
-            await connection.attach()
+            self._attach(connection)
             self._connection = connection
-            self._watch(connection)
             self.supervisor.restarts += 1
         except PluginError as exc:
             self.supervisor.crashed(str(exc))

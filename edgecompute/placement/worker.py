@@ -2,75 +2,115 @@
 
 It builds the executor it is asked for from the entry points of ITS environment (or from a
 factory the host sent), says hello with the executors, algorithms and versions it has, then runs
-requests through a scheduler of its own, so ``ctx.run_sync``, streaming, progress and cancellation
-behave as in process. Resources, priorities, deadlines and retries stay the host's business: the
-worker admits everything it is sent at once and never retries.
+requests. Resources, priorities, deadlines and retries stay the host's business: the worker runs
+everything it is sent at once and never retries.
+
+Every thread hop costs a wake-up, and on a small VM a wake-up across CPUs costs 40-70 us, so the
+request path has as few as the executor allows:
+
+- **blocking executors** (a :class:`~edgecompute.BlockingExecutor`, a
+  :class:`~edgecompute.FunctionExecutor`'s plain functions; see :func:`~edgecompute.executor.blocking_call`):
+  several reader threads block in ``recv`` on the socket; the kernel wakes one per message, and that
+  thread runs the call and sends the answer. Host to worker and back: two wake-ups, as many as an
+  in-process request's hop to a worker thread and back. One reader always stays free to take a
+  ``cancel`` or another request (a new one is started when the last free one takes a call).
+- **other executors** (coroutines): the event loop on the main thread reads the socket itself
+  (``add_reader``) and runs ``execute`` as a task; ``ctx.run_sync`` hops to a thread pool and back,
+  as in process.
+
+Chunks, progress and answers are sent straight from whichever thread has them: a packet of the
+socket is never split, so concurrent sends need no lock.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pickle
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-from ..config import Config
+from .._threads import ThreadPool
 from ..context import TaskContext
-from ..errors import EdgeComputeError, ExecutorError
-from ..executor import Executor
-from ..models import NO_RESOURCES, Health, HealthStatus, Request, Resources, Response
+from ..errors import ExecutorError
+from ..executor import Executor, blocking_call
+from ..models import _EMPTY, Algorithm, Health, HealthStatus, Request, Response
 from ..registry import Registry
-from ..scheduler import Scheduler, TaskHandle
-from .protocol import VERSION, Arena, Attachments, ProtocolError, Unreadable, decode, encode, frame_length
+from .protocol import (
+    MAX_MESSAGE,
+    VERSION,
+    Arena,
+    Attachments,
+    ProtocolError,
+    Unreadable,
+    decode,
+    encode,
+    frame_length,
+    pack,
+    unpack,
+)
 
 __all__ = ["main"]
 
-# the worker admits what the host already admitted; these bounds are never the limiting ones
-_UNBOUNDED = Resources(cpu=1e9, memory_mb=1e15)
+_READERS = 2  # reader threads at the start: one may run a call while the other takes a cancel
 
 
-class _Context:
-    """The task's context, with chunks and progress sent to the host as they come."""
+class _Context(TaskContext):
+    """What a task sees in the worker: chunks and progress go straight to the host."""
 
-    def __init__(self, inner: TaskContext, worker: _Worker) -> None:
-        self._inner = inner
+    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task", "segment")
+
+    def __init__(self, worker: _Worker, task: int, request_id: str, algorithm: Algorithm,
+                 deadline: float | None) -> None:
+        # not TaskContext.__init__: there is no scheduler's handle here
+        self._handle = None  # type: ignore[assignment]
+        self.algorithm = algorithm
+        self.devices = ()
+        self._cancelled = False
+        self._entered = True
+        self._threads_open = 0
+        self._on_threads_done = None
         self._worker = worker
-        self.algorithm = inner.algorithm
-        self.devices = inner.devices
+        self._task = task
+        self._id = request_id
+        self._deadline = deadline
+        #: The asyncio task running a coroutine executor's ``execute`` (None for a blocking call).
+        self.asyncio_task: asyncio.Task[None] | None = None
+        #: The segment holding the request's buffers, until it is handed back.
+        self.segment: str | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    @property
+    def task_id(self) -> str:
+        return self._id
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline  # the host's deadline: time.monotonic() is one clock for the machine
+
+    def time_left(self) -> float | None:
+        deadline = self._deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     async def emit(self, chunk: Any) -> None:
-        self._worker.send("chunk", self._inner.task_id, chunk)
+        self._worker.send("chunk", self._task, chunk)
 
     def emit_nowait(self, chunk: Any) -> None:
-        self._worker.call_soon_threadsafe(self._worker.send, "chunk", self._inner.task_id, chunk)
+        self._worker.send("chunk", self._task, chunk)
 
     def progress(self, done: float, total: float | None = None) -> None:
         fraction = done / total if total else done
-        self._worker.call_soon_threadsafe(self._worker.send, "progress", self._inner.task_id, float(fraction))
+        self._worker.send("progress", self._task, float(fraction))
 
-
-class _Forwarding:
-    """The executor, handed a :class:`_Context` instead of the worker scheduler's own."""
-
-    def __init__(self, executor: Executor, worker: _Worker) -> None:
-        self._executor = executor
-        self._worker = worker
-        self.name = executor.name
-        self.version = executor.version
-        self.algorithms = executor.algorithms
-        self.requirements = executor.requirements
-        self.health = executor.health
-        self.aclose = executor.aclose
-
-    async def execute(self, request: Request, ctx: TaskContext) -> Response:
-        return await self._executor.execute(request, _Context(ctx, self._worker))  # type: ignore[arg-type]
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # a thread runs to its end even when the task is cancelled meanwhile; nothing here waits
+        # for it: the host's scheduler keeps the task's resources until the worker answers or dies
+        return await self._worker.pool.submit(fn, *args)
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -85,36 +125,51 @@ def portable(exc: BaseException) -> BaseException:
 
 
 class _Worker:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, prefix: str) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, sock: socket.socket, prefix: str) -> None:
+        self.sock = sock
         self.arena = Arena(prefix)
         self.attachments = Attachments()
-        self.handles: dict[str, TaskHandle] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.scheduler: Scheduler | None = None
+        self.contexts: dict[int, _Context] = {}
+        # two reader threads may take a task's run and its cancel at once: a cancel that finds
+        # no context yet is kept here, and both sides look under one lock
+        self.early_cancels: set[int] = set()
+        self.cancel_lock = threading.Lock()
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.registry: Registry | None = None
+        self.executor: Executor | None = None
+        self.algorithms: dict[str, Algorithm] = {}
         self.name = ""
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
+        self.stopped: asyncio.Future[None] = self.loop.create_future()
+        self.pool = ThreadPool(max(4, os.cpu_count() or 1), name="edgecompute-worker")
+        self.threaded = False
+        self.idle: list[None] = []  # one item per reader blocked in recv; list ops are atomic
+        self.readers: list[threading.Thread] = []
+        self.reading_on_loop = False
+        self.buffer = bytearray(0)
+        self.view = memoryview(self.buffer)
 
-    def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
-        if threading.get_ident() == self.loop_thread:
-            fn(*args)
-        else:
-            self.loop.call_soon_threadsafe(fn, *args)
+    # -- sending ----------------------------------------------------------------------------------
 
-    def send(self, kind: str, task: str, body: Any) -> None:
-        frame, _ = encode(kind, task, body, self.arena)
-        self.writer.write(frame)
+    def send(self, kind: str, task: int, body: Any) -> None:
+        frame = pack(kind, task, body, self.arena)
+        try:
+            self.sock.sendall(frame)
+        except OSError:
+            pass  # the host is gone; its EOF ends us
 
-    async def receive(self) -> tuple[str, str, Any, str | None]:
-        header = await self.reader.readexactly(4)
-        frame = await self.reader.readexactly(frame_length(header))
-        return decode(frame, self.attachments, copy=False)
+    def release(self, segment: str | None) -> None:
+        if segment is not None:
+            self.send("release", 0, segment)
 
-    async def setup(self) -> str:
-        kind, _, body, _ = await self.receive()
+    # -- the handshake (protocol 1 frames, blocking) ------------------------------------------------
+
+    def setup(self) -> None:
+        data = self.sock.recv(1 << 22)
+        if len(data) < 4 or frame_length(data[:4]) != len(data) - 4:
+            raise ProtocolError("expected a setup message")
+        kind, _, body, _ = decode(data[4:], self.attachments, copy=True)
         if kind != "setup" or not isinstance(body, dict):
             raise ProtocolError(f"expected a setup message, got {kind!r}")
         name = self.name = str(body["executor"])
@@ -126,98 +181,245 @@ class _Worker:
         else:
             registry = Registry.discover(settings=settings)
         self.registry = registry
-        executor = registry.get(name)
-        self.send("hello", "", {
+        executor = self.executor = registry.get(name)
+        algorithms = list(registry.executors()[registry.names().index(name)].algorithms.values())
+        self.algorithms = {a.name: a for a in algorithms}
+        self.threaded = callable(getattr(executor, "blocking", None))
+        self.hello({
             "protocol": VERSION,
             "executor": name,
             "version": executor.version,
-            "algorithms": list(registry.executors()[registry.names().index(name)].algorithms.values()),
+            "algorithms": algorithms,
             "executors": registry.names(),
             "pid": os.getpid(),
             "python": sys.executable,
         })
-        # the worker's scheduler runs the executor behind a shim whose context sends chunks and
-        # progress straight to the host: no stream reader per task
-        self.scheduler = Scheduler(Registry([_Forwarding(executor, self)]), capacity=_UNBOUNDED, config=Config(),
-                                   retries=0, max_queue=1 << 30, threads=max(4, os.cpu_count() or 1))
-        await self.scheduler.start()
-        return str(name)
 
-    async def serve(self) -> None:
+    def hello(self, body: Any, kind: str = "hello") -> None:
+        frame, _ = encode(kind, "", body, self.arena)
+        self.sock.sendall(frame)
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.threaded:
+            for _ in range(_READERS):
+                self.add_reader()
+        else:
+            # the socket stays blocking for the sends (from pool threads too); the loop's reads
+            # pass MSG_DONTWAIT instead
+            self.buffer = bytearray(MAX_MESSAGE)
+            self.view = memoryview(self.buffer)
+            self.loop.add_reader(self.sock.fileno(), self.readable)
+            self.reading_on_loop = True
+
+    def add_reader(self) -> None:
+        thread = threading.Thread(target=self.read, name=f"edgecompute-reader-{len(self.readers)}", daemon=True)
+        self.readers.append(thread)
+        thread.start()
+
+    def read(self) -> None:
+        """A reader thread: block in recv, handle the message (maybe running it), again."""
+        buffer = bytearray(MAX_MESSAGE)
+        view = memoryview(buffer)
+        recv_into = self.sock.recv_into
+        idle = self.idle
         while True:
+            idle.append(None)
             try:
-                kind, task, body, segment = await self.receive()
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the host went away or closed us: stop
-            if kind == "run":
-                self.run(task, body, segment)
-            elif kind == "cancel":
-                handle = self.handles.get(task)
-                if handle is not None:
-                    handle.cancel()
-            elif kind == "release":
-                self.arena.give_back(body)
-            elif kind == "health":
-                self.spawn(self.health(task))
-            elif kind == "close":
+                size = recv_into(buffer)
+            except OSError:
+                size = 0
+            finally:
+                idle.pop()
+            if size == 0 or size >= MAX_MESSAGE:  # the host went away (or broke the protocol)
+                with contextlib.suppress(RuntimeError):  # the loop has closed: we are stopping
+                    self.loop.call_soon_threadsafe(self.stop)
                 return
-            else:
-                raise ProtocolError(f"unknown message kind {kind!r}")
+            self.handle(view[:size], on_loop=False)
 
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def readable(self) -> None:
+        """The loop's reader: one packet per call (the selector calls again while more wait)."""
+        try:
+            size = self.sock.recv_into(self.buffer, MAX_MESSAGE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if size == 0 or size >= MAX_MESSAGE:
+            self.reading_on_loop = False
+            self.loop.remove_reader(self.sock.fileno())
+            self.stop()
+            return
+        self.handle(self.view[:size], on_loop=True)
+
+    def handle(self, frame: memoryview, *, on_loop: bool) -> None:
+        try:
+            kind, task, body, segment = unpack(frame, self.attachments, copy=False)
+        except ProtocolError:
+            self.on_loop(self.stop, on_loop)
+            return
+        if kind == "run":
+            self.run(task, body, segment, on_loop)
+        elif kind == "cancel":
+            with self.cancel_lock:
+                ctx = self.contexts.get(task)
+                if ctx is None:
+                    if len(self.early_cancels) > 10_000:  # cancels of tasks that had already ended
+                        self.early_cancels.clear()
+                    self.early_cancels.add(task)
+                    return
+                ctx._cancelled = True  # what blocking code polls
+            if ctx.asyncio_task is not None:
+                self.on_loop(self.cancel_task, on_loop, ctx)
+        elif kind == "release":
+            self.arena.give_back(body)
+        elif kind == "health":
+            self.on_loop(self.spawn, on_loop, self.health(task))
+        elif kind == "close":
+            self.on_loop(self.stop, on_loop)
+
+    def cancel_task(self, ctx: _Context) -> None:
+        task = ctx.asyncio_task
+        assert task is not None
+        task.cancel()
+        # a task cancelled before its first step never runs its finally: clean up for it
+        task.add_done_callback(lambda _: self.finish(ctx))
+
+    def on_loop(self, fn: Callable[..., Any], on_loop: bool, *args: Any) -> None:
+        if on_loop:
+            fn(*args)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are stopping
+                self.loop.call_soon_threadsafe(fn, *args)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
-    def run(self, task: str, request: Any, segment: str | None) -> None:
-        assert self.scheduler is not None
+    def stop(self) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def run(self, task: int, body: Any, segment: str | None, on_loop: bool) -> None:
+        executor = self.executor
+        assert executor is not None
         try:
-            if isinstance(request, Unreadable):
-                raise ExecutorError(f"the worker cannot read this request: {request.error}")
-            algorithm, inputs, params, priority, metadata = request
-            handle = self.scheduler.submit(Request(algorithm, inputs, params, priority, None, NO_RESOURCES,
-                                                   metadata, retries=0, id=task))
-        except EdgeComputeError as exc:
-            self.send("error", task, portable(exc))
+            if isinstance(body, Unreadable):
+                raise ExecutorError(f"the worker cannot read this request: {body.error}")
+            algorithm, inputs, params, priority, metadata, request_id, deadline = body
+            request = Request(algorithm, inputs, params or _EMPTY, priority, None, None, metadata or _EMPTY,
+                              retries=0, id=request_id)
+            bare = algorithm.rpartition("/")[2]
+            found = self.algorithms.get(bare)
+            call = blocking_call(executor, request) if self.threaded else None
+        except Exception as exc:  # noqa: BLE001 - a request we cannot even start fails, we go on
             self.release(segment)
+            self.send("error", task, portable(exc))
             return
-        self.handles[task] = handle
-        handle.add_done_callback(lambda handle: self.finished(task, handle, segment))
+        ctx = _Context(self, task, request.id, found or Algorithm(bare), deadline)
+        ctx.segment = segment
+        with self.cancel_lock:
+            self.contexts[task] = ctx
+            if self.early_cancels and task in self.early_cancels:
+                self.early_cancels.discard(task)
+                ctx._cancelled = True
+        if call is not None and not on_loop:
+            if not self.idle:
+                self.add_reader()  # the last free reader takes this call: someone must read meanwhile
+            self.run_blocking(call, request, ctx)
+        elif on_loop:
+            self.start_async(request, ctx)
+        else:
+            self.on_loop(self.start_async, False, request, ctx)
 
-    def finished(self, task: str, handle: TaskHandle, segment: str | None) -> None:
-        self.handles.pop(task, None)
-        error = handle.exception()
+    def start_async(self, request: Request, ctx: _Context) -> None:
+        if ctx._cancelled:  # cancelled before it started
+            self.finish(ctx)
+            return
+        # no done callback (it would cost the loop a step per task): run_async finishes itself
+        ctx.asyncio_task = self.loop.create_task(self.run_async(request, ctx))
+        self.tasks.add(ctx.asyncio_task)
+
+    def run_blocking(self, call: Callable[[Request, TaskContext], Any], request: Request, ctx: _Context) -> None:
+        try:
+            outputs = call(request, ctx)
+            response = outputs if isinstance(outputs, Response) else Response(outputs)
+            frame = pack("done", ctx._task, (response.outputs, dict(response.timings) or None), self.arena)
+        except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
+            frame = pack("error", ctx._task, portable(exc), self.arena)
+        finally:
+            self.finish(ctx)
+        self.answer(frame)
+
+    async def run_async(self, request: Request, ctx: _Context) -> None:
+        executor = self.executor
+        assert executor is not None
         frame = None
         try:
-            if error is None:
-                response = handle._response
-                assert response is not None
-                frame, _ = encode("done", task, (response.outputs, dict(response.timings)), self.arena)
-        except Exception as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
-            error = exc
-        if error is not None:
-            frame, _ = encode("error", task, portable(error), self.arena)
-        # the outputs are copied into our own segment now, so the input's may go back, and before
-        # the answer: the host's next request can then reuse it instead of mapping a new one
+            response = await executor.execute(request, ctx)
+            if not isinstance(response, Response):
+                raise ExecutorError(f"{request.algorithm} returned {type(response).__name__}, not a Response")
+            frame = pack("done", ctx._task, (response.outputs, dict(response.timings) or None), self.arena)
+        except asyncio.CancelledError:
+            pass  # the host stopped waiting: it wants no answer
+        except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
+            frame = pack("error", ctx._task, portable(exc), self.arena)
+        finally:
+            self.finish(ctx)
+        if frame is not None:
+            self.answer(frame)
+
+    def finish(self, ctx: _Context) -> None:
+        """The task has ended (may be called twice): forget it, hand its input segment back.
+
+        The outputs are copied into our own segment by now, so the input's may go back, and before
+        the answer: the host's next request can then reuse it instead of mapping a new one."""
+        self.contexts.pop(ctx._task, None)
+        if ctx.asyncio_task is not None:
+            self.tasks.discard(ctx.asyncio_task)
+        segment, ctx.segment = ctx.segment, None
         self.release(segment)
-        assert frame is not None
-        self.writer.write(frame)
 
-    def release(self, segment: str | None) -> None:
-        if segment is not None:
-            self.send("release", "", segment)
-
-    async def health(self, task: str) -> None:
-        assert self.registry is not None
+    def answer(self, frame: bytes) -> None:
         try:
-            health = await self.registry.get(self.name).health()
+            self.sock.sendall(frame)
+        except OSError:
+            pass
+
+    def wait_calls(self, end: float) -> None:
+        while self.contexts and time.monotonic() < end:
+            time.sleep(0.01)
+
+    async def health(self, task: int) -> None:
+        assert self.executor is not None
+        try:
+            health = await self.executor.health()
         except Exception as exc:  # noqa: BLE001 - health must answer
             health = Health(HealthStatus.DOWN, f"{type(exc).__name__}: {exc}")
         self.send("health", task, health)
 
-    async def close(self) -> None:
-        if self.scheduler is not None:
-            await self.scheduler.aclose(cancel=True, timeout=5)
+    # -- ending -----------------------------------------------------------------------------------
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Cancel what runs, give it ``grace`` seconds to end, release everything."""
+        if self.reading_on_loop:
+            self.reading_on_loop = False
+            self.loop.remove_reader(self.sock.fileno())
+        for ctx in list(self.contexts.values()):
+            ctx._cancelled = True
+            if ctx.asyncio_task is not None:
+                ctx.asyncio_task.cancel()
+        end = time.monotonic() + grace
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=grace)
+        if self.contexts:  # blocking calls still running on reader threads
+            await asyncio.to_thread(self.wait_calls, end)
+        self.pool.close(wait=False)
         if self.registry is not None:
             await self.registry.aclose()
         self.attachments.close()
@@ -226,19 +428,18 @@ class _Worker:
 
 async def _main(fd: int, prefix: str) -> int:
     sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    worker = _Worker(reader, writer, prefix)
+    sock.set_inheritable(False)  # children the executor starts must not hold the host's socket open
+    worker = _Worker(sock, prefix)
     try:
         try:
-            await worker.setup()
+            worker.setup()
         except Exception as exc:  # noqa: BLE001 - tell the host why, then stop
-            worker.send("fail", "", f"{type(exc).__name__}: {exc}")
-            await writer.drain()
+            worker.hello(f"{type(exc).__name__}: {exc}", kind="fail")
             return 1
-        await worker.serve()
+        worker.start()
+        await worker.stopped
     finally:
         await worker.close()
-        writer.close()
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from hypothesis.extra import numpy as hnp
 
 from edgecompute.placement.protocol import (
     HEADER,
+    INBAND_MAX,
+    KINDS,
+    MAX_MESSAGE,
     OUT_OF_BAND,
     Arena,
     Attachments,
@@ -22,8 +27,10 @@ from edgecompute.placement.protocol import (
     decode,
     encode,
     frame_length,
+    pack,
     remove_segments,
     shm_folder,
+    unpack,
 )
 
 arrays = hnp.arrays(
@@ -34,7 +41,9 @@ big_arrays = st.builds(lambda n, dtype: np.arange(n).astype(dtype), st.integers(
                        st.sampled_from([np.float64, np.int64, np.uint8]))
 leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
           | st.binary(max_size=64) | st.binary(min_size=OUT_OF_BAND, max_size=OUT_OF_BAND + 100)
-          | arrays | big_arrays)
+          | arrays | big_arrays
+          # in band, but too much of it for one packet: the pickle itself goes to shared memory
+          | st.builds(lambda n: "é" * n, st.integers(INBAND_MAX // 2, INBAND_MAX)))
 payloads = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
                         | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
@@ -113,3 +122,82 @@ def test_remove_segments_clears_what_a_dead_process_left() -> None:
     left.take(OUT_OF_BAND * 40)
     assert remove_segments(prefix) == 2
     assert not [n for n in os.listdir(shm_folder()) if n.startswith(prefix)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(payload=payloads, copy=st.booleans(), kind=st.sampled_from(KINDS), task=st.integers(0, 2**64 - 1))
+def test_compact_frames_round_trip_any_payload_in_one_packet(arena: Arena, payload: object, copy: bool, kind: str,
+                                                             task: int) -> None:
+    attachments = Attachments()
+    frame = pack(kind, task, payload, arena)
+    assert len(frame) < MAX_MESSAGE  # always one packet
+    got_kind, got_task, body, segment = unpack(memoryview(frame), attachments, copy=copy)
+    assert (got_kind, got_task) == (kind, task)
+    assert same(payload, body)
+    if segment is not None:
+        arena.give_back(segment)
+    del body
+    attachments.close()
+
+
+def test_a_small_message_is_a_header_and_one_pickle(arena: Arena) -> None:
+    frame = pack("run", 7, ("apps/echo", 1, None), arena)
+    assert len(frame) == 10 + len(pickle.dumps(("apps/echo", 1, None), 5))
+    assert unpack(memoryview(frame), Attachments(), copy=True) == ("run", 7, ("apps/echo", 1, None), None)
+
+
+def test_many_buffers_still_fit_one_packet(arena: Arena) -> None:
+    arrays = [np.full(OUT_OF_BAND // 8, i, dtype=np.float64) for i in range(300)]  # 300 spans, 20 MB
+    frame = pack("done", 1, arrays, arena)
+    assert len(frame) < 300 * 40  # the span table is in the segment: the packet holds ~20 bytes an array
+    attachments = Attachments()
+    _, _, body, segment = unpack(memoryview(frame), attachments, copy=True)
+    assert segment is not None and all((a == i).all() for i, a in enumerate(body))
+    arena.give_back(segment)
+    attachments.close()
+
+
+def test_a_bad_compact_frame_is_a_protocol_error_and_an_unreadable_body_is_kept_apart() -> None:
+    with pytest.raises(ProtocolError, match="not a frame"):
+        unpack(memoryview(b"\xff" * 12), Attachments(), copy=True)
+    with pytest.raises(ProtocolError, match="not a frame"):
+        unpack(memoryview(b"\x00"), Attachments(), copy=True)
+    with pytest.raises(ProtocolError, match="bad segment"):
+        unpack(memoryview(b"\x03\x01" + bytes(8) + b"\x05nope!"), Attachments(), copy=True)
+    frame = b"\x04\x00" + (9).to_bytes(8, "big") + b"\x80\x05cnowhere\nThing\n\x94."
+    kind, task, body, _ = unpack(memoryview(frame), Attachments(), copy=True)
+    assert (kind, task) == ("error", 9) and isinstance(body, Unreadable)
+
+
+def test_threads_share_one_seqpacket_socket_without_a_lock(arena: Arena) -> None:
+    """Four threads send and four receive at once: every message arrives whole, exactly once."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    received: list[tuple[int, object]] = []
+    lock = threading.Lock()
+
+    def send(start: int) -> None:
+        for task in range(start, start + 250):
+            left.sendall(pack("chunk", task, [task] * (task % 50), arena))
+
+    def receive() -> None:
+        buffer = bytearray(MAX_MESSAGE)
+        while True:
+            size = right.recv_into(buffer)
+            if size == 0:
+                return
+            _, task, body, _ = unpack(memoryview(buffer)[:size], Attachments(), copy=True)
+            with lock:
+                received.append((task, body))
+
+    receivers = [threading.Thread(target=receive) for _ in range(4)]
+    senders = [threading.Thread(target=send, args=(start,)) for start in range(0, 1000, 250)]
+    for thread in [*receivers, *senders]:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    left.shutdown(socket.SHUT_WR)
+    for thread in receivers:
+        thread.join(10)
+    left.close()
+    right.close()
+    assert sorted(received, key=lambda item: item[0]) == [(task, [task] * (task % 50)) for task in range(1000)]

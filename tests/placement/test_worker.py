@@ -1,0 +1,118 @@
+"""The worker's request paths: blocking calls run on the thread that read them, several at once,
+with a reader always free for cancels; coroutines run on the worker's event loop; the task's
+context (id, deadline) crosses; bodies too large for one packet cross through shared memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from edgecompute import Placement, Registry, Request, Resources, Scheduler
+from edgecompute.errors import TaskCancelled
+
+from .apps import Coroutines, Doubler, apps
+from .conftest import our_segments, running
+
+pytestmark = pytest.mark.anyio
+CAPACITY = Resources(cpu=8, memory_mb=1 << 16)
+
+
+@pytest.fixture
+async def scheduler() -> AsyncIterator[Scheduler]:
+    registry = Registry(placement=dict.fromkeys(("apps", "doubler", "coroutines"), Placement.process()))
+    registry.register(apps)
+    registry.register(Doubler)
+    registry.register(Coroutines)
+    async with Scheduler(registry, capacity=CAPACITY, retries=0) as scheduler:
+        yield scheduler
+    await registry.aclose()
+    assert not our_segments()
+
+
+async def test_blocking_calls_run_on_the_reading_thread_several_at_once(scheduler: Scheduler) -> None:
+    where = (await scheduler.run("apps/context")).outputs["thread"]
+    assert where.startswith("edgecompute-reader-")  # no hop to a pool thread
+    assert (await scheduler.run("doubler/where")).outputs.startswith("edgecompute-reader-")
+    assert (await scheduler.run("doubler/double", 21)).outputs == 42
+    # six calls that each wait until all six are inside: they only return if none waits for another
+    results = await asyncio.gather(*(scheduler.run("apps/meet", 6) for _ in range(6)))
+    assert sorted(r.outputs for r in results) == list(range(6))
+
+
+async def test_a_cancel_reaches_a_call_while_every_reader_is_busy(scheduler: Scheduler) -> None:
+    handles = [scheduler.submit(Request("apps/sleep", 30.0)) for _ in range(4)]
+    for handle in handles:
+        await running(handle)
+    await asyncio.sleep(0.2)
+    for handle in handles:
+        handle.cancel()
+        with pytest.raises(TaskCancelled):
+            await handle.result()
+    ids = {handle.id for handle in handles}
+    assert await seen_cancelled(scheduler, ids) == ids  # each sleep saw its cancel in the worker
+
+
+async def seen_cancelled(scheduler: Scheduler, ids: set[str]) -> set[str]:
+    """Which of ``ids`` the worker's tasks saw cancelled (waiting up to 5 s for all of them)."""
+    for _ in range(100):
+        seen = ids & set((await scheduler.run("apps/cancelled_ids")).outputs)
+        if seen == ids:
+            break
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def test_coroutines_run_on_the_worker_loop_with_chunks_and_progress(scheduler: Scheduler) -> None:
+    progress: list[float] = []
+    scheduler.subscribe(lambda event: progress.append(event.progress) if event.kind == "progress" else None)
+    handle = scheduler.submit(Request("apps/countdown", 4))
+    assert [chunk async for chunk in handle.stream()] == [4, 3, 2, 1]
+    outputs = (await handle.result()).outputs
+    assert outputs["pid"] != os.getpid() and outputs["thread"] == "MainThread"
+    assert progress == [0.25, 0.5, 0.75, 1.0]
+
+
+async def test_a_coroutine_executor_runs_on_the_loop_that_reads_and_blocks_on_its_pool(
+        scheduler: Scheduler) -> None:
+    where = (await scheduler.run("coroutines/where")).outputs
+    assert where["loop"] == "MainThread" and where["run_sync"].startswith("edgecompute-worker")
+    results = await asyncio.gather(*(scheduler.run("coroutines/echo", i) for i in range(500)))
+    assert [r.outputs for r in results] == list(range(500))
+
+
+async def test_cancelling_a_coroutine_cancels_it_in_the_worker(scheduler: Scheduler) -> None:
+    handle = scheduler.submit(Request("apps/wait_forever"))
+    await running(handle)
+    await asyncio.sleep(0.2)
+    handle.cancel()
+    with pytest.raises(TaskCancelled):
+        await handle.result()
+    assert await seen_cancelled(scheduler, {handle.id}) == {handle.id}
+
+
+async def test_the_task_id_and_deadline_cross_to_the_worker(scheduler: Scheduler) -> None:
+    handle = scheduler.submit(Request("apps/context", timeout=30))
+    seen = (await handle.result()).outputs
+    assert seen["task_id"] == handle.id and seen["algorithm"] == "context"
+    assert 20 < seen["time_left"] <= 30
+    assert (await scheduler.run("apps/context")).outputs["time_left"] is None
+
+
+async def test_bodies_larger_than_a_packet_cross_through_shared_memory(scheduler: Scheduler) -> None:
+    numbers = list(range(200_000))  # a ~1 MB pickle of small objects: no buffer to take out of band
+    assert (await scheduler.run("apps/echo", numbers)).outputs == numbers
+    many = {f"a{i}": np.full(20_000, i, dtype=np.float32) for i in range(300)}  # 300 buffers, 80 kB each
+    echoed = (await scheduler.run("apps/echo", many)).outputs
+    assert echoed.keys() == many.keys() and all((echoed[k] == v).all() for k, v in many.items())
+    text = "x" * 300_000
+    assert (await scheduler.run("apps/echo", {"text": text, "bytes": text.encode()})).outputs == {
+        "text": text, "bytes": text.encode()}
+
+
+async def test_many_small_requests_in_flight_each_get_their_answer(scheduler: Scheduler) -> None:
+    results = await asyncio.gather(*(scheduler.run("apps/echo", i) for i in range(2000)))
+    assert [r.outputs for r in results] == list(range(2000))
