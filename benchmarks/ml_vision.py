@@ -134,7 +134,7 @@ def report(args: argparse.Namespace, vision: dict[str, Any], number: int) -> Non
     one = vision["model_ms_per_image_threads1_batch1"]
     print("   model alone, ms per image (forward only; same thread count on both sides of each ratio):")
     print(f"     1 thread      : batch 1 {one:6.1f}   batch 16 {vision['model_ms_per_image_threads1_batch16']:6.1f}  "
-          f"({one / vision['model_ms_per_image_threads1_batch16']:.2f}x: the work per image does not shrink)")
+          f"({one / vision['model_ms_per_image_threads1_batch16']:.2f}x: what batching saves in work per image)")
     many, many16 = vision[f"model_ms_per_image_threads{n}_batch1"], vision[f"model_ms_per_image_threads{n}_batch16"]
     print(f"     {n} threads     : batch 1 {many:6.1f}   batch 16 {many16:6.1f}  ({many / many16:.2f}x)")
     split = vision["model_ms_per_image_split_batch16"]
