@@ -72,7 +72,7 @@ async def bench_vision(args: argparse.Namespace) -> dict[str, Any]:
             unbatched.append(u)
             ratios.append(b / u)
         sizes = dict(sorted(executor._batchers["mobilenet-v2"][1].batch_sizes.items()))
-    result |= _model_alone(executor, args.repeats)
+    result |= _model_alone(executor, max(args.repeats, 5))
     result |= {"clients": 16, "batched_per_s": statistics.median(batched),
                "unbatched_per_s": statistics.median(unbatched), "batching_gain": statistics.median(ratios),
                "batch_sizes": sizes}
@@ -109,6 +109,8 @@ def _model_alone(executor: MLExecutor, repeats: int) -> dict[str, float]:
                 if round_:
                     times[(mode, batch)].append((time.perf_counter() - start) / count / batch)
         torch.set_num_threads(threads)
+        out["split_gain"] = statistics.median(a / b for a, b in zip(times[(threads, 16)], times[("split", 16)],
+                                                                      strict=True))
         for (mode, batch), values in times.items():
             name = "split" if mode == "split" else f"threads{mode}"
             out[f"model_ms_per_image_{name}_batch{batch}"] = statistics.median(values) * 1e3
@@ -139,7 +141,8 @@ def report(args: argparse.Namespace, vision: dict[str, Any], number: int) -> Non
     print(f"     {n} threads     : batch 1 {many:6.1f}   batch 16 {many16:6.1f}  ({many / many16:.2f}x)")
     split = vision["model_ms_per_image_split_batch16"]
     print(f"     batcher       : batch 16 as {n} single-thread slices {split:6.1f}  ({many / split:.2f}x against "
-          f"batch 1 on {n} threads; {one / split:.2f}x against one thread, ideal {n}x)")
+          f"batch 1 on {n} threads; {one / split:.2f}x against one thread, ideal {n}x; "
+          f"{vision['split_gain']:.2f}x against batch 16 on {n} threads, per-round ratio)")
 
 
 async def main() -> None:
