@@ -72,7 +72,7 @@ async def bench_vision(args: argparse.Namespace) -> dict[str, Any]:
             unbatched.append(u)
             ratios.append(b / u)
         sizes = dict(sorted(executor._batchers["mobilenet-v2"][1].batch_sizes.items()))
-    result |= _model_alone(executor, args.repeats)
+    result |= _model_alone(executor, max(args.repeats, 5))
     result |= {"clients": 16, "batched_per_s": statistics.median(batched),
                "unbatched_per_s": statistics.median(unbatched), "batching_gain": statistics.median(ratios),
                "batch_sizes": sizes}
@@ -80,30 +80,45 @@ async def bench_vision(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _model_alone(executor: MLExecutor, repeats: int) -> dict[str, float]:
-    """Forward passes alone, on one thread as the batcher runs them: ms per image at batch 1 and 16."""
+    """Forward passes alone, on a thread of their own as the batcher runs them: ms per image at
+    batch 1 and 16 on one intra-op thread (the cost of the work itself), on all of them (one forward
+    split across the cores), and at batch 16 as the batcher runs it (one slice per core)."""
     import threading
 
     import torch
 
+    from edgecompute_ml.cpu_split import shared_runner
+
     lm = executor.load("mobilenet-v2")
+    threads = torch.get_num_threads()
+    runner = shared_runner()
     out: dict[str, float] = {}
+    sides = {(1, 1): lm.model.forward, (1, 16): lm.model.forward, (threads, 1): lm.model.forward,
+             (threads, 16): lm.model.forward, ("split", 16): lambda x: runner(lm.model.forward, x)}
 
     def run() -> None:
-        for batch in (1, 16):
-            pixels = torch.randn(batch, 3, 224, 224)
-            lm.model.forward(pixels)
-            times = []
-            for _ in range(repeats):
+        times: dict[tuple[Any, int], list[float]] = {key: [] for key in sides}
+        pixels = {batch: torch.randn(batch, 3, 224, 224) for batch in (1, 16)}
+        for round_ in range(repeats + 1):  # the first round warms up
+            for (mode, batch), fn in sides.items():
+                torch.set_num_threads(1 if mode == 1 else threads)
                 count = max(2, 32 // batch)
                 start = time.perf_counter()
                 for _ in range(count):
-                    lm.model.forward(pixels)
-                times.append((time.perf_counter() - start) / count / batch)
-            out[f"model_ms_per_image_batch{batch}"] = statistics.median(times) * 1e3
+                    fn(pixels[batch])
+                if round_:
+                    times[(mode, batch)].append((time.perf_counter() - start) / count / batch)
+        torch.set_num_threads(threads)
+        out["split_gain"] = statistics.median(a / b for a, b in zip(times[(threads, 16)], times[("split", 16)],
+                                                                      strict=True))
+        for (mode, batch), values in times.items():
+            name = "split" if mode == "split" else f"threads{mode}"
+            out[f"model_ms_per_image_{name}_batch{batch}"] = statistics.median(values) * 1e3
 
     thread = threading.Thread(target=run)
     thread.start()
     thread.join()
+    out["threads"] = threads
     return out
 
 
@@ -117,9 +132,17 @@ def report(args: argparse.Namespace, vision: dict[str, Any], number: int) -> Non
     print(f"   with batching    : {vision['batched_per_s']:7.1f} images/s  {vision['batching_gain']:.2f}x  "
           "(median of per-round ratios; target >= 2x)")
     print(f"   batch sizes seen : {vision['batch_sizes']}")
-    one, sixteen = vision["model_ms_per_image_batch1"], vision["model_ms_per_image_batch16"]
-    print(f"   model alone      : {one:.1f} ms/image at batch 1, {sixteen:.1f} at batch 16 "
-          f"({one / sixteen:.2f}x: the most batching can gain here)")
+    n = vision["threads"]
+    one = vision["model_ms_per_image_threads1_batch1"]
+    print("   model alone, ms per image (forward only; same thread count on both sides of each ratio):")
+    print(f"     1 thread      : batch 1 {one:6.1f}   batch 16 {vision['model_ms_per_image_threads1_batch16']:6.1f}  "
+          f"({one / vision['model_ms_per_image_threads1_batch16']:.2f}x: what batching saves in work per image)")
+    many, many16 = vision[f"model_ms_per_image_threads{n}_batch1"], vision[f"model_ms_per_image_threads{n}_batch16"]
+    print(f"     {n} threads     : batch 1 {many:6.1f}   batch 16 {many16:6.1f}  ({many / many16:.2f}x)")
+    split = vision["model_ms_per_image_split_batch16"]
+    print(f"     batcher       : batch 16 as {n} single-thread slices {split:6.1f}  ({many / split:.2f}x against "
+          f"batch 1 on {n} threads; {one / split:.2f}x against one thread, ideal {n}x; "
+          f"{vision['split_gain']:.2f}x against batch 16 on {n} threads, per-round ratio)")
 
 
 async def main() -> None:

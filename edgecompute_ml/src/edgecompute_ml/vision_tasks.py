@@ -53,11 +53,18 @@ def _count(params: Mapping[str, Any], key: str, default: int) -> int:
     return value
 
 
-def classify_pixels(lm: Any, pixels: Sequence[Any]) -> list[Any]:
-    """CHW pixel tensors -> class probabilities, one row per image (one forward pass)."""
+def classify_pixels(lm: Any, pixels: Sequence[Any], *, split: bool = False) -> list[Any]:
+    """CHW pixel tensors -> class probabilities, one row per image (one forward pass; with
+    ``split``, on CPU, one forward per core over slices of the batch: see ``cpu_split``)."""
     import torch
 
-    logits = lm.model.forward(torch.stack(list(pixels)))
+    batch = torch.stack(list(pixels))
+    if split and len(pixels) > 1 and str(lm.model.device) == "cpu":
+        from .cpu_split import shared_runner
+
+        logits = shared_runner()(lm.model.forward, batch)
+    else:
+        logits = lm.model.forward(batch)
     return list(logits.softmax(-1).cpu())
 
 
@@ -92,7 +99,7 @@ async def _image_classification(executor: Any, lm: Any, request: Any, params: di
 
     pixels, single = await ctx.run_sync(prepare)
     if executor.batching and batch and lm.preprocessing.output_size is not None:
-        probs = await executor._batcher(lm, lambda items: classify_pixels(lm, items)).submit(pixels)
+        probs = await executor._batcher(lm, lambda items: classify_pixels(lm, items, split=True)).submit(pixels)
     elif lm.preprocessing.output_size is not None:
         probs = await ctx.run_sync(classify_pixels, lm, pixels)
     else:  # sizes vary with the image: one forward pass each

@@ -1,0 +1,78 @@
+"""The CPU batch splitter: same results as one forward, one intra-op thread per worker, errors
+surface on the caller, and the process's thread setting is left as it was."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgecompute_ml.cpu_split import SplitRunner
+
+
+@pytest.fixture(scope="module")
+def runners():
+    made = {n: SplitRunner(n) for n in (1, 2, 3)}
+    yield made
+    for runner in made.values():
+        runner.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), workers=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_split_equals_one_call_row_for_row(runners, rows, workers, seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(rows, 3, 5, 5, generator=generator)
+    weight = torch.randn(4, 3, 3, 3, generator=generator)
+
+    def fn(x):  # rows are independent, as in a classifier's forward pass
+        return torch.nn.functional.conv2d(x, weight).relu().mean(dim=(2, 3))
+
+    out = runners[workers](fn, batch)
+    assert out.shape == (rows, 4)
+    torch.testing.assert_close(out, fn(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_workers_run_one_intra_op_thread_and_the_default_is_kept(runners):
+    before = torch.get_num_threads()
+    seen: list[tuple[str, int]] = []
+
+    def fn(x):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return x
+
+    out = runners[2](fn, torch.arange(6.0))
+    assert out.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sorted(name for name, _ in seen) == ["ml-split-0", "ml-split-1"]
+    assert all(count == 1 for _, count in seen)
+    assert torch.get_num_threads() == before
+    fresh: list[int] = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert fresh == [before]  # threads that start later still get the process's setting
+
+
+def test_a_single_row_runs_on_the_callers_thread(runners):
+    names: list[str] = []
+    runners[2](lambda x: names.append(threading.current_thread().name) or x, torch.zeros(1, 2))
+    assert names == [threading.current_thread().name]
+
+
+def test_an_error_in_a_worker_is_raised_to_the_caller_and_the_runner_still_works(runners):
+    def fn(x):
+        if float(x[0]) >= 3:
+            raise ValueError(f"bad row {float(x[0])}")
+        return x * 2
+
+    with pytest.raises(ValueError, match="bad row 3"):
+        runners[2](fn, torch.arange(6.0))
+    assert runners[2](fn, torch.arange(2.0)).tolist() == [0.0, 2.0]
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        SplitRunner(0)
