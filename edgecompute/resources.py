@@ -7,8 +7,7 @@ requests many times never drifts: every reservation comes back exactly.
 from __future__ import annotations
 
 import os
-
-import attrs
+from typing import NamedTuple
 
 from .models import Resources
 
@@ -32,9 +31,12 @@ def _milli(value: float) -> int:
     return round(value * 1000)
 
 
-@attrs.frozen
-class Allocation:
-    """What one admitted task holds; ``devices`` are the GPU indices it was given."""
+class Allocation(NamedTuple):
+    """What one admitted task holds; ``devices`` are the GPU indices it was given.
+
+    A named tuple rather than a frozen attrs class: one is built per admitted task, and a tuple
+    is built several times faster.
+    """
 
     cpu: int
     memory: int
@@ -57,6 +59,9 @@ class ResourcePool:
         self._gpu_free = [device_memory] * capacity.gpus
         self._cpu_free = self._cpu
         self._memory_free = self._memory
+        # executors mostly hand back the same Resources object: convert it once
+        self._last_need: Resources | None = None
+        self._last_amounts: tuple[int, int, int] = (0, 0, 0)
 
     def feasible(self, need: Resources) -> bool:
         """Whether ``need`` could ever be admitted (when nothing else runs)."""
@@ -64,14 +69,17 @@ class ResourcePool:
 
     def try_acquire(self, need: Resources) -> Allocation | None:
         """Reserve ``need`` now, or return None when it does not fit at the moment."""
-        if not (need.cpu or need.memory_mb or need.gpus or need.gpu_memory_mb):
-            return _NOTHING
-        cpu, memory = _milli(need.cpu), _milli(need.memory_mb)
+        if need is self._last_need:
+            cpu, memory, count = self._last_amounts
+        else:
+            if not (need.cpu or need.memory_mb or need.gpus or need.gpu_memory_mb):
+                return _NOTHING
+            cpu, memory, count = _milli(need.cpu), _milli(need.memory_mb), need.devices_needed
+            self._last_need, self._last_amounts = need, (cpu, memory, count)
         if cpu > self._cpu_free or memory > self._memory_free:
             return None
         devices: tuple[int, ...] = ()
         per_device: tuple[int, ...] = ()
-        count = need.devices_needed
         if count:
             # gpus without gpu_memory_mb means whole devices
             want = _milli(need.gpu_memory_mb) if need.gpu_memory_mb else self._device_total
@@ -92,8 +100,9 @@ class ResourcePool:
             return
         self._cpu_free += allocation.cpu
         self._memory_free += allocation.memory
-        for index, amount in zip(allocation.devices, allocation.gpu_memory, strict=True):
-            self._gpu_free[index] += amount
+        if allocation.devices:
+            for index, amount in zip(allocation.devices, allocation.gpu_memory, strict=True):
+                self._gpu_free[index] += amount
 
     def short_of(self, need: Resources) -> frozenset[str]:
         """The dimensions in which ``need`` does not fit right now."""

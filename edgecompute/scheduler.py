@@ -425,10 +425,11 @@ class Scheduler:
         ``options`` are the other ``Request`` fields: ``params``, ``priority``, ``timeout``,
         ``resources``, ``metadata``, ``retries``.
         """
-        unknown = set(options) - _REQUEST_OPTIONS
-        if unknown:
-            raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))}; "
-                                 f"valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
+        if options:
+            unknown = set(options) - _REQUEST_OPTIONS
+            if unknown:
+                raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))}; "
+                                     f"valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
         try:
             request = Request(algorithm, inputs, **options)
         except (TypeError, ValueError) as exc:
@@ -440,9 +441,15 @@ class Scheduler:
         try:
             if handle._inline:
                 await self._execute(handle)
+            if handle._ended:  # the usual case after an inline run: no coroutine for result()
+                if handle._error is not None:
+                    raise handle._error
+                assert handle._response is not None
+                return handle._response
             return await handle.result()
         finally:
-            handle.cancel()  # nothing once it has ended; if our caller gave up, so does the task
+            if not handle._ended:
+                handle.cancel()  # our caller gave up, so does the task
 
     def _enqueue(self, request: Request, caller: asyncio.Task[Any] | None = None) -> TaskHandle:
         """Queue a request, or start it at once when nothing waits and it fits.

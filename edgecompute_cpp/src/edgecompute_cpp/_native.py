@@ -59,7 +59,7 @@ SUPPORTED = ", ".join(_DTYPES)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _NOT_CANCELLED = ffi.new("int32_t*")  # shared, always 0, for calls nobody can cancel
-_EMPTY_PARAMS = b"{}"
+EMPTY_PARAMS = _EMPTY_PARAMS = b"{}"
 _scratch = threading.local()
 _gc = ffi.gc
 

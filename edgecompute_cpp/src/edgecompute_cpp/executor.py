@@ -55,7 +55,7 @@ class _Plugin:
 
 
 class _Entry:
-    __slots__ = ("algorithm", "metrics", "native_name", "plugin", "qualified")
+    __slots__ = ("algorithm", "fast", "metrics", "native_name", "plugin", "qualified")
 
     def __init__(self, algorithm: Algorithm, plugin: _Plugin, native_name: str) -> None:
         self.algorithm = algorithm
@@ -64,6 +64,8 @@ class _Entry:
         self.qualified = f"cpp/{algorithm.name}"
         # calls, errors, crashes, timeouts, total seconds, max seconds
         self.metrics = [0, 0, 0, 0, 0.0, 0.0]
+        #: the last in-process call's seconds, by the bit length of the input size
+        self.fast: dict[int, float] = {}
 
 
 class _Loaded:
@@ -129,7 +131,6 @@ class CppExecutor:
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
         self._pool: WorkerPool | None = None
-        self._fast: dict[tuple[str, int], float] = {}
         self._metrics_lock = threading.Lock()
         self._closed = False
 
@@ -230,7 +231,9 @@ class CppExecutor:
         return [entry.algorithm for entry in self._ensure().entries.values()]
 
     def requirements(self, request: Request) -> Resources:
-        return self._lookup(request.algorithm.rpartition("/")[2]).algorithm.resources
+        name = request.algorithm.rpartition("/")[2]
+        entry = (self._loaded or self._ensure()).entries.get(name) or self._lookup(name)
+        return entry.algorithm.resources
 
     def _lookup(self, name: str) -> _Entry:
         entries = self._ensure().entries
@@ -240,22 +243,28 @@ class CppExecutor:
         return entry
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
-        entry = self._lookup(ctx.algorithm.name)
-        native = _native()
-        inputs = native.normalise_inputs(request.inputs, entry.qualified)
-        params = native.encode_params(request.params, entry.qualified)
+        entry = (self._loaded or self._ensure()).entries.get(ctx.algorithm.name)
+        if entry is None:
+            entry = self._lookup(ctx.algorithm.name)  # raises the error that lists what there is
+        native = _native_module or _native()
+        inputs = request.inputs
+        if type(inputs) is np_ndarray and inputs.flags.c_contiguous and inputs.dtype in native.DTYPE_CODES:
+            arrays = [(None, inputs)]  # the common case, without the general conversion
+        else:
+            arrays = native.normalise_inputs(inputs, entry.qualified)
+        params = native.encode_params(request.params, entry.qualified) if request.params else native.EMPTY_PARAMS
         if self._pool is None:
             size = 0
-            for _, array in inputs:
+            for _, array in arrays:
                 size += array.nbytes
-            key = (entry.native_name, size.bit_length())
-            last = self._fast.get(key)
+            key = size.bit_length()
+            last = entry.fast.get(key)
             if last is not None and last < self._inline_s:
-                outputs = self._run_inprocess(entry, inputs, params, None, key)  # cheaper than a thread hop
+                outputs = self._run_inprocess(entry, arrays, params, None, key)  # cheaper than a thread hop
             else:
                 flag = native.ffi.new("int32_t*")
                 try:
-                    outputs = await ctx.run_sync(self._run_inprocess, entry, inputs, params, flag, key)
+                    outputs = await ctx.run_sync(self._run_inprocess, entry, arrays, params, flag, key)
                 except asyncio.CancelledError:
                     flag[0] = 1  # the plugin may poll result->cancelled and stop early
                     raise
@@ -264,7 +273,7 @@ class CppExecutor:
 
             ticket = Ticket()
             try:
-                outputs = await ctx.run_sync(self._run_process, entry, inputs, params, ticket, ctx.deadline)
+                outputs = await ctx.run_sync(self._run_process, entry, arrays, params, ticket, ctx.deadline)
             except asyncio.CancelledError:
                 ticket.cancel()  # kills the worker running it; the next call starts a fresh one
                 raise
@@ -284,8 +293,7 @@ class CppExecutor:
         deadline = None if timeout is None else time.monotonic() + timeout
         return _shape_outputs(self._run_process(entry, arrays, encoded, Ticket(), deadline))
 
-    def _run_inprocess(self, entry: _Entry, inputs: Any, params: bytes, flag: Any,
-                       key: tuple[str, int] | None) -> Any:
+    def _run_inprocess(self, entry: _Entry, inputs: Any, params: bytes, flag: Any, key: int | None) -> Any:
         native = entry.plugin.native
         assert native is not None
         start = time.perf_counter()
@@ -299,8 +307,8 @@ class CppExecutor:
             # The estimate falls at once but at most doubles per call: one call that the OS
             # preempted must not send the next thousand through a thread hop, while an algorithm
             # that really got slower leaves the event loop within a few calls.
-            last = self._fast.get(key)
-            self._fast[key] = elapsed if last is None else min(elapsed, 2 * last)
+            last = entry.fast.get(key)
+            entry.fast[key] = elapsed if last is None else min(elapsed, 2 * last)
         self._record(entry, elapsed, None)
         return outputs
 
@@ -374,14 +382,16 @@ class CppExecutor:
 
 
 _native_module: Any = None
+np_ndarray: Any = None  # numpy.ndarray once the cffi/numpy layer is imported
 
 
 def _native() -> Any:
     """The cffi/numpy layer, imported on first use (a global lookup afterwards)."""
-    global _native_module
+    global _native_module, np_ndarray
     if _native_module is None:
         from . import _native as module
 
+        np_ndarray = module.np.ndarray
         _native_module = module
     return _native_module
 
