@@ -280,3 +280,22 @@ def test_the_demo_hook_runs_through_a_runtime() -> None:
         plugin.demo(runtime=rt, echo=lines.append)
     assert any("cpp/gaussian_blur" in line for line in lines)
     assert lines[-1].endswith("peak at bin 100")
+
+
+def test_blocking_call_runs_in_process_calls_on_the_callers_thread() -> None:
+    # what a placement worker uses to run a call on the thread that read it (no hop to a pool)
+    from edgecompute.executor import blocking_call
+
+    executor = CppExecutor()
+    image = np.random.default_rng(3).random((32, 48), dtype=np.float32)
+    request = Request("cpp/gaussian_blur", image, params={"sigma": 1.5})
+    call = blocking_call(executor, request)
+    assert call is not None
+
+    class Ctx:
+        algorithm = next(a for a in executor.algorithms() if a.name == "gaussian_blur")
+
+    response = call(request, Ctx())  # type: ignore[arg-type]
+    np.testing.assert_array_equal(response.outputs, executor.call("gaussian_blur", image, {"sigma": 1.5}))
+    assert executor.metrics()["gaussian_blur"]["calls"] == 2
+    assert blocking_call(CppExecutor(isolation="process"), request) is None  # it has workers of its own
