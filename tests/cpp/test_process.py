@@ -33,7 +33,8 @@ async def test_results_match_inprocess_for_large_arrays(isolated: tuple[Schedule
     image = np.random.default_rng(5).random((1080, 1920), dtype=np.float32)  # 8 MB: the arena grows
     blurred = (await s.run("cpp/gaussian_blur", image, params={"sigma": 2})).outputs
     np.testing.assert_array_equal(blurred, cpp.call("gaussian_blur", image, {"sigma": 2}))
-    # an output far larger than the input: sent back through the socket once, then the arena grows
+    # an output far larger than the input: the worker writes it to a larger arena of its own, which
+    # the host adopts
     small = image[:100, :100].copy()
     for _ in range(2):
         big = (await s.run("cpp/resize", small, params={"width": 1500, "height": 1500})).outputs
@@ -45,6 +46,15 @@ async def test_results_match_inprocess_for_large_arrays(isolated: tuple[Schedule
     assert (await s.run("cpp/sum", np.float64(2.5))).outputs == 2.5  # 0-d input
     workers = (await executor.health()).details["workers"]
     assert workers[0]["arena_mb"] >= 16 and workers[0]["starts"] == 1
+
+
+async def test_large_params_travel_through_the_arena(isolated: tuple[Scheduler, CppExecutor]) -> None:
+    # a message must fit one socket packet; 200 KB of JSON params does not
+    s, executor = isolated
+    params = {"ms": 0, "padding": "x" * 200_000}
+    for _ in range(2):
+        await s.run("testplug.spin", None, params=params)
+    assert (await executor.health()).details["workers"][0]["starts"] == 1
 
 
 async def test_a_segfault_fails_only_its_task_and_the_worker_restarts(isolated: tuple[Scheduler, CppExecutor]) -> None:
@@ -111,7 +121,8 @@ async def test_errors_cross_the_process_boundary_typed(isolated: tuple[Scheduler
 async def test_two_workers_run_side_by_side(testplug: Path) -> None:
     executor = CppExecutor({"isolation": "process", "workers": 2, "plugins": [str(testplug)], "builtin": False})
     async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
-        await asyncio.gather(*(s.run("cpp/testplug.echo", np.ones(2)) for _ in range(2)))  # start both workers
+        # start both workers: the second call finds the first worker busy for 0.2 s
+        await asyncio.gather(*(s.run("cpp/testplug.spin", params={"ms": 200}) for _ in range(2)))
         start = time.monotonic()
         await asyncio.gather(*(s.run("cpp/testplug.spin", params={"ms": 400}) for _ in range(2)))
         elapsed = time.monotonic() - start

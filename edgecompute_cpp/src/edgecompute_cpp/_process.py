@@ -3,14 +3,19 @@
 Each worker owns an arena: a file in ``/dev/shm`` mapped by the host and the worker and unlinked
 once both have mapped it (so nothing is left behind, even after a crash). The host copies inputs
 into it, the worker runs the plugin on views of them and copies the outputs in after the inputs,
-and the host copies them out. A worker that dies (segfault, abort, kill) fails only the call it
-was running; the next call starts a fresh worker. A call past its deadline kills its worker.
+and the host copies them out. Messages are small pickled tuples, one per ``SOCK_SEQPACKET``
+packet (see ``_worker``): a call costs one ``send`` and one ``recv`` on each side. A worker that
+dies (segfault, abort, kill) fails only the call it was running; the next call starts a fresh
+worker. A call past its deadline kills its worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
+import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -19,7 +24,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -35,7 +39,7 @@ from edgecompute.errors import (
 
 from . import ABI_VERSION, MIN_ABI_VERSION
 from ._native import PluginCallError
-from ._worker import align
+from ._worker import MAX_MESSAGE, align, new_arena_file
 from .errors import PluginABIError
 
 __all__ = ["Ticket", "Worker", "WorkerPool"]
@@ -44,26 +48,27 @@ _START_TIMEOUT = 60.0
 _MIN_ARENA = 8 << 20
 
 
-def _shm_dir() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-
-
 def _new_arena(size: int) -> tuple[str, mmap.mmap]:
-    # reserve the pages now: a sparse file in a full /dev/shm (64 MB in a default Docker
-    # container) would kill the host with SIGBUS on first write, not raise
-    for directory in dict.fromkeys((_shm_dir(), None)):
-        fd, path = tempfile.mkstemp(prefix="edgecompute-cpp-", dir=directory)
-        try:
-            os.ftruncate(fd, size)
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)
-            return path, mmap.mmap(fd, size)
-        except OSError as exc:
-            os.unlink(path)
-            error = exc
-        finally:
-            os.close(fd)
-    raise ExecutorError(f"cannot allocate a {size / 2**20:.0f} MiB shared-memory arena for a cpp worker: {error}")
+    try:
+        path = new_arena_file(size)
+    except OSError as exc:
+        raise ExecutorError(f"cannot start a cpp worker: {exc}") from exc
+    return path, _map(path)
+
+
+def _map(path: str) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+#: Inputs up to this size are copied into the arena on the event loop (~0.3 ms here); larger ones
+#: on a worker thread, so that the loop never stalls for long.
+_LOOP_COPY_MAX = 4 << 20
+#: Params larger than this travel in the arena, not in the message (which must fit one packet).
+_INLINE_PARAMS = 16 << 10
 
 
 def _signal_name(returncode: int | None) -> str:
@@ -75,6 +80,11 @@ def _signal_name(returncode: int | None) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit status {returncode}"
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 class Ticket:
@@ -104,7 +114,7 @@ class Worker:
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: Connection | None = None
+        self.sock: socket.socket | None = None
         self.map: mmap.mmap | None = None
         self.size = 0
         self.calls = 0
@@ -129,7 +139,7 @@ class Worker:
     def start(self, arena_size: int) -> None:
         self.stop()
         path, arena = _new_arena(max(arena_size, _MIN_ARENA))
-        parent, child = socket.socketpair()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker
         try:
             self.proc = subprocess.Popen(
@@ -141,13 +151,13 @@ class Worker:
             raise ExecutorCrashed(f"cannot start a cpp worker process: {exc}") from exc
         finally:
             child.close()
-        self.conn = Connection(parent.detach())
+        self.sock = parent
         self.map, self.size = arena, arena.size()
         self.starts += 1
         try:
-            if not self.conn.poll(_START_TIMEOUT):
+            if not select.select([parent], [], [], _START_TIMEOUT)[0]:
                 raise ExecutorCrashed(f"cpp worker {self.index} did not start within {_START_TIMEOUT:g} s")
-            self.conn.recv()
+            self._recv()
         except (EOFError, OSError) as exc:
             raise self.crashed("while starting") from exc
         finally:
@@ -162,27 +172,74 @@ class Worker:
             self.request(("arena", path), None)
         finally:
             os.unlink(path)
-        old, self.map, self.size = self.map, arena, size
+        self.adopt(arena)
+
+    def adopt(self, arena: mmap.mmap) -> None:
+        old, self.map, self.size = self.map, arena, arena.size()
         if old is not None:
-            old.close()
+            try:
+                old.close()
+            except BufferError:
+                pass  # a view is still alive; the mapping goes with it
+
+    def _recv(self) -> Any:
+        sock = self.sock
+        assert sock is not None
+        packet = sock.recv(MAX_MESSAGE)
+        if not packet:
+            raise EOFError
+        return pickle.loads(packet)
 
     def request(self, message: tuple[Any, ...], deadline: float | None, what: str = "") -> Any:
-        conn = self.conn
-        assert conn is not None
+        sock = self.sock
+        assert sock is not None
         try:
-            conn.send(message)
+            sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
             expired = False
             if deadline is not None:
                 left = deadline - time.monotonic()
-                expired = left <= 0 or not conn.poll(left)
+                expired = left <= 0 or not select.select([sock], [], [], left)[0]
             if not expired:
-                return conn.recv()
+                return self._recv()
         except (EOFError, OSError) as exc:
             raise self.crashed(what) from exc
         pid = self.pid
         self.stop()
         self.last_exit = "killed: deadline passed"
         # TaskTimeout is an OSError (via TimeoutError): raised outside the handler above on purpose
+        raise TaskTimeout(f"cpp worker {self.index} (pid {pid}) was killed: {what} passed its deadline")
+
+    async def arequest(self, message: tuple[Any, ...], deadline: float | None, what: str = "") -> Any:
+        """:meth:`request` from the event loop: waits for the reply as the loop waits for any
+        socket. A worker that dies or passes the deadline is handled on a thread (it may take a
+        moment to reap)."""
+        sock = self.sock
+        assert sock is not None
+        loop = asyncio.get_running_loop()
+        try:
+            sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        except OSError as exc:
+            raise await asyncio.to_thread(self.crashed, what) from exc
+        ready: asyncio.Future[bool] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, _settle, ready, True)
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), _settle, ready, False)
+        try:
+            answered = await ready
+        finally:
+            loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+        if answered:
+            try:
+                return self._recv()
+            except (EOFError, OSError) as exc:
+                raise await asyncio.to_thread(self.crashed, what) from exc
+        pid = self.pid
+        await asyncio.to_thread(self.stop)
+        self.last_exit = "killed: deadline passed"
         raise TaskTimeout(f"cpp worker {self.index} (pid {pid}) was killed: {what} passed its deadline")
 
     def crashed(self, what: str) -> ExecutorCrashed:
@@ -221,9 +278,9 @@ class Worker:
                 pass
 
     def stop(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
         if self.proc is not None:
             self.kill()
             try:
@@ -268,6 +325,15 @@ class WorkerPool:
                     return worker
                 self._cond.wait()
 
+    def _try_checkout(self) -> Worker | None:
+        """An idle worker that is running, or None (never waits, never starts one)."""
+        with self._cond:
+            if self._closed:
+                raise ExecutorCrashed("the cpp executor is closed", retryable=False)
+            if self._idle and self._idle[-1].alive:
+                return self._idle.pop()
+            return None
+
     def _checkin(self, worker: Worker) -> None:
         with self._cond:
             self._idle.append(worker)
@@ -292,6 +358,7 @@ class WorkerPool:
 
     def call(self, ticket: Ticket, path: str, qualified: str, algorithm: str, params: bytes,
              inputs: Sequence[tuple[bytes | None, np.ndarray]], deadline: float | None) -> list[tuple[str, np.ndarray]]:
+        """Run one call on a worker, blocking this thread (starting or growing the worker as needed)."""
         worker = self._checkout()
         try:
             ticket.assign(worker)
@@ -299,40 +366,9 @@ class WorkerPool:
                 raise TaskCancelled(f"{qualified} was cancelled")
             if not worker.alive:
                 worker.start(_MIN_ARENA)
-            specs = []
-            offset = 0
-            for name, array in inputs:
-                specs.append((name, array.dtype.str, array.shape, offset))
-                offset = align(offset + array.nbytes)
-            hint = self._output_hint.get(qualified, 0)
-            worker.ensure_arena(offset + max(offset, hint, 1 << 16))
-            arena = worker.map
-            assert arena is not None
-            for (_, array), spec in zip(inputs, specs, strict=True):
-                if array.nbytes:
-                    arena[spec[3]:spec[3] + array.nbytes] = array.data.cast("B") if array.ndim else array.tobytes()
-            worker.calls += 1
-            reply = worker.request(("call", path, algorithm, params, specs, offset), deadline, f"running {qualified}")
-            if reply[0] != "ok":
-                kind, message = reply[1], reply[2]
-                if kind == "invalid":
-                    raise InvalidRequest(message)
-                raise PluginCallError(message, 3)
-            outputs = []
-            total = 0
-            for item in reply[1]:
-                if len(item) == 4:
-                    name, dtype, shape, start = item
-                    count = 1
-                    for s in shape:
-                        count *= s
-                    array = np.frombuffer(arena, dtype=dtype, count=count, offset=start).reshape(shape).copy()
-                else:
-                    name, array = item
-                total += array.nbytes
-                outputs.append((name, array))
-            self._output_hint[qualified] = total
-            return outputs
+            message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=True)
+            assert message is not None
+            return self._finish(worker, qualified, worker.request(message, deadline, f"running {qualified}"))
         except ExecutorCrashed as exc:
             if ticket.cancelled:
                 raise TaskCancelled(f"{qualified} was cancelled; its worker was killed") from exc
@@ -340,6 +376,88 @@ class WorkerPool:
         finally:
             ticket.assign(None)
             self._checkin(worker)
+
+    async def acall(self, path: str, qualified: str, algorithm: str, params: bytes,
+                    inputs: Sequence[tuple[bytes | None, np.ndarray]],
+                    deadline: float | None) -> list[tuple[str, np.ndarray]] | None:
+        """The same call from the event loop, with no thread hop: the loop copies the inputs in,
+        sends the message and waits for the reply's packet like any socket.
+
+        Answers None, having done nothing, when this cannot be quick: no idle worker running,
+        inputs too large to copy on the loop, or an arena to grow. The caller then takes the
+        thread path (:meth:`call`). A cancelled call kills its worker, as there.
+        """
+        size = 0
+        for _, array in inputs:
+            size += array.nbytes
+        if size > _LOOP_COPY_MAX:
+            return None
+        worker = self._try_checkout()
+        if worker is None:
+            return None
+        try:
+            message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
+            if message is None:
+                return None
+            return self._finish(worker, qualified, await worker.arequest(message, deadline, f"running {qualified}"))
+        except asyncio.CancelledError:
+            worker.stop()  # it may be running our call still: the next call starts a fresh one
+            worker.last_exit = "killed: its task was cancelled"
+            raise
+        finally:
+            self._checkin(worker)
+
+    def _prepare(self, worker: Worker, path: str, qualified: str, algorithm: str, params: bytes,
+                 inputs: Sequence[tuple[bytes | None, np.ndarray]], *, grow: bool) -> tuple[Any, ...] | None:
+        """Copy the inputs (and large params) into the worker's arena; the message that runs the call."""
+        specs = []
+        offset = 0
+        for name, array in inputs:
+            specs.append((name, array.dtype.str, array.shape, offset))
+            offset = align(offset + array.nbytes)
+        sent_params: bytes | tuple[int, int] = params
+        if len(params) > _INLINE_PARAMS:
+            sent_params, offset = (offset, len(params)), align(offset + len(params))
+        needed = offset + max(self._output_hint.get(qualified, 0), 1 << 16)
+        if needed > worker.size:
+            if not grow:
+                return None
+            worker.ensure_arena(needed)
+        arena = worker.map
+        assert arena is not None
+        for (_, array), spec in zip(inputs, specs, strict=True):
+            if array.nbytes:
+                arena[spec[3]:spec[3] + array.nbytes] = array.data.cast("B") if array.ndim else array.tobytes()
+        if type(sent_params) is tuple:
+            arena[sent_params[0]:sent_params[0] + len(params)] = params
+        worker.calls += 1
+        return ("call", path, algorithm, sent_params, specs, offset)
+
+    def _finish(self, worker: Worker, qualified: str, reply: Any) -> list[tuple[str, np.ndarray]]:
+        """The outputs of a reply, copied out of the arena."""
+        if reply[0] != "ok":
+            kind, message = reply[1], reply[2]
+            if kind == "invalid":
+                raise InvalidRequest(message)
+            raise PluginCallError(message, 3)
+        if reply[2] is not None:  # the outputs did not fit: the worker made a larger arena
+            try:
+                worker.adopt(_map(reply[2]))
+            finally:
+                os.unlink(reply[2])
+        arena = worker.map
+        assert arena is not None
+        outputs = []
+        total = 0
+        for name, dtype, shape, start in reply[1]:
+            count = 1
+            for n in shape:
+                count *= n
+            array = np.frombuffer(arena, dtype=dtype, count=count, offset=start).reshape(shape).copy()
+            total += array.nbytes
+            outputs.append((name, array))
+        self._output_hint[qualified] = total
+        return outputs
 
     def close(self) -> None:
         with self._cond:

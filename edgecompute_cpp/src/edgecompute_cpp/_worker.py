@@ -1,27 +1,34 @@
 """The worker process of ``process`` isolation: loads plugins and runs calls sent by the host.
 
-Started as ``python -m edgecompute_cpp._worker FD ARENA``: FD is its end of a socket pair, ARENA
-the path of the shared-memory file through which arrays cross. Messages are pickled tuples:
+Started as ``python -m edgecompute_cpp._worker FD ARENA``: FD is its end of a ``SOCK_SEQPACKET``
+socket pair, ARENA the path of the shared-memory file through which arrays cross. Each message is
+one pickled tuple in one packet (one ``send`` and one ``recv`` a message, no length prefix):
 
     ("describe", path)                                    -> ("ok", info) | ("error", kind, message)
-    ("call", path, algorithm, params, inputs, out_offset) -> ("ok", outputs) | ("error", kind, message)
+    ("call", path, algorithm, params, inputs, out_offset) -> ("ok", outputs, arena) | ("error", ...)
     ("arena", path)                                       -> ("ok", None)   (the host grew the arena)
 
+``params`` is the JSON bytes, or ``(offset, length)`` of them in the arena when they are large.
 ``inputs`` are ``(name, dtype, shape, offset)`` in the arena; each output comes back as
-``(name, dtype, shape, offset)`` when it fits in the arena after ``out_offset``, else as
-``(name, array)`` (pickled through the socket).
+``(name, dtype, shape, offset)``, written after ``out_offset``. When the outputs do not fit, the
+worker makes a larger arena itself, writes them there from offset 0 and returns its path as
+``arena`` (else None): the host maps it and unlinks it, and both use it from then on. Nothing
+large ever crosses the socket, so every packet fits its buffer.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import socket
 import sys
-from multiprocessing.connection import Connection
+import tempfile
 from typing import Any
 
 ALIGN = 64
+#: No message is larger (the host's receive buffer); pickled tuples of names and shapes are tiny.
+MAX_MESSAGE = 1 << 16
 
 
 def align(n: int) -> int:
@@ -38,6 +45,32 @@ class Arena:
             os.close(fd)
 
 
+def shm_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def new_arena_file(size: int) -> str:
+    """A shared-memory file of ``size`` bytes with its pages reserved, in /dev/shm if possible.
+
+    Reserved now: a sparse file in a full /dev/shm (64 MB in a default Docker container) would
+    kill the process that first writes to it with SIGBUS instead of raising.
+    """
+    error: OSError | None = None
+    for directory in dict.fromkeys((shm_dir(), None)):
+        fd, path = tempfile.mkstemp(prefix="edgecompute-cpp-", dir=directory)
+        try:
+            os.ftruncate(fd, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            return path
+        except OSError as exc:
+            os.unlink(path)
+            error = exc
+        finally:
+            os.close(fd)
+    raise OSError(f"cannot allocate a {size / 2**20:.0f} MiB shared-memory arena: {error}")
+
+
 def main(argv: list[str]) -> None:
     import numpy as np
 
@@ -46,8 +79,6 @@ def main(argv: list[str]) -> None:
     from ._native import NativePlugin, PluginCallError
 
     sock = socket.socket(fileno=int(argv[0]))
-    conn = Connection(os.dup(sock.fileno()))
-    sock.close()
     arena = Arena(argv[1])
     plugins: dict[str, NativePlugin] = {}
 
@@ -57,55 +88,69 @@ def main(argv: list[str]) -> None:
             plugin = plugins[path] = NativePlugin(path)
         return plugin
 
-    conn.send(("ready", os.getpid()))
+    def send(message: tuple[Any, ...]) -> None:
+        sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def call(path: str, algorithm: str, params: bytes | tuple[int, int], specs: list[Any],
+             out_offset: int) -> tuple[Any, ...]:
+        nonlocal arena
+        buf = arena.map
+        if type(params) is tuple:  # large params travel in the arena
+            params = bytes(buf[params[0]:params[0] + params[1]])
+        inputs = []
+        for name, dtype, shape, offset in specs:
+            count = 1
+            for s in shape:
+                count *= s
+            inputs.append((name, np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)))
+        outputs = load(path).call(algorithm, inputs, params)
+        del inputs
+        end = out_offset
+        for _, array in outputs:
+            end = align(end + array.nbytes)
+        grown = None
+        if end > arena.size:
+            # they do not fit after the inputs: a new arena of our own, outputs from its start
+            grown = new_arena_file(max(align((end - out_offset) * 2), arena.size * 2))
+            arena, out_offset = Arena(grown), 0
+        replies = []
+        cursor = out_offset
+        for name, array in outputs:
+            if array.nbytes:
+                target = np.frombuffer(arena.map, dtype=array.dtype, count=array.size, offset=cursor)
+                target[...] = array.reshape(-1)
+            replies.append((name, array.dtype.str, array.shape, cursor))
+            cursor = align(cursor + array.nbytes)
+        return ("ok", replies, grown)
+
+    send(("ready", os.getpid()))
     while True:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
+            packet = sock.recv(MAX_MESSAGE)
+        except OSError:
             return
+        if not packet:
+            return  # the host closed its end
+        message = pickle.loads(packet)
         kind = message[0]
         try:
-            if kind == "describe":
-                conn.send(("ok", load(message[1]).describe()))
+            if kind == "call":
+                send(call(*message[1:]))
+            elif kind == "describe":
+                send(("ok", load(message[1]).describe()))
             elif kind == "arena":
                 arena = Arena(message[1])
-                conn.send(("ok", None))
-            elif kind == "call":
-                _, path, algorithm, params, specs, out_offset = message
-                buf = arena.map
-                inputs = []
-                for name, dtype, shape, offset in specs:
-                    count = 1
-                    for s in shape:
-                        count *= s
-                    array = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
-                    inputs.append((name, array))
-                outputs = load(path).call(algorithm, inputs, params)
-                del inputs
-                replies: list[Any] = []
-                cursor = out_offset
-                for name, array in outputs:
-                    end = cursor + array.nbytes
-                    if end <= arena.size:
-                        target = np.frombuffer(buf, dtype=array.dtype, count=array.size, offset=cursor)
-                        target[...] = array.reshape(-1)
-                        replies.append((name, array.dtype.str, array.shape, cursor))
-                        cursor = align(end)
-                    else:
-                        replies.append((name, np.ascontiguousarray(array)))
-                del outputs
-                conn.send(("ok", replies))
+                send(("ok", None))
             else:
-                conn.send(("error", "internal", f"unknown message {kind!r}"))
+                send(("error", "internal", f"unknown message {kind!r}"))
         except InvalidRequest as exc:
-            conn.send(("error", "invalid", str(exc)))
+            send(("error", "invalid", str(exc)))
         except PluginCallError as exc:
-            conn.send(("error", "plugin", str(exc)))
+            send(("error", "plugin", str(exc)))
         except EdgeComputeError as exc:
-            conn.send(("error", type(exc).__name__, getattr(exc, "reason", str(exc)), getattr(exc, "found", None)))
+            send(("error", type(exc).__name__, getattr(exc, "reason", str(exc)), getattr(exc, "found", None)))
         except Exception as exc:  # noqa: BLE001 - reported to the host, the worker lives on
-            conn.send(("error", "internal", f"{type(exc).__name__}: {exc}"))
-
+            send(("error", "internal", f"{type(exc).__name__}: {exc}"))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

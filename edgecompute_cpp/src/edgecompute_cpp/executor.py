@@ -269,15 +269,30 @@ class CppExecutor:
                     flag[0] = 1  # the plugin may poll result->cancelled and stop early
                     raise
         else:
-            from ._process import Ticket
-
-            ticket = Ticket()
-            try:
-                outputs = await ctx.run_sync(self._run_process, entry, arrays, params, ticket, ctx.deadline)
-            except asyncio.CancelledError:
-                ticket.cancel()  # kills the worker running it; the next call starts a fresh one
-                raise
+            outputs = await self._run_process_async(entry, arrays, params, ctx)
         return Response(_shape_outputs(outputs))
+
+    async def _run_process_async(self, entry: _Entry, arrays: Any, params: bytes, ctx: TaskContext) -> Any:
+        assert self._pool is not None
+        start = time.perf_counter()
+        try:
+            # on the loop when a worker is idle and the inputs are small: no thread hop each way
+            outputs = await self._pool.acall(entry.plugin.path, entry.qualified, entry.native_name, params, arrays,
+                                             ctx.deadline)
+        except BaseException as exc:
+            self._record(entry, time.perf_counter() - start, exc)
+            raise
+        if outputs is not None:
+            self._record(entry, time.perf_counter() - start, None)
+            return outputs
+        from ._process import Ticket
+
+        ticket = Ticket()
+        try:
+            return await ctx.run_sync(self._run_process, entry, arrays, params, ticket, ctx.deadline)
+        except asyncio.CancelledError:
+            ticket.cancel()  # kills the worker running it; the next call starts a fresh one
+            raise
 
     def blocking(self, request: Request) -> Callable[[Request, TaskContext], Response] | None:
         """The in-process call as a plain function, for callers with a thread that may block.
