@@ -186,7 +186,7 @@ def test_every_codec_is_there_though_only_common_ones_are_precompiled(wasm) -> N
     assert argv == ["-c"] and boot == []  # the precompiled bootstrap leaves no trace
 
 
-def test_without_the_precompiled_stdlib_the_bootstrap_is_sent_as_source(wasm) -> None:
+def test_the_bootstrap_is_sent_as_source_without_the_precompiled_stdlib(wasm) -> None:
     from edgecompute_wasm._python import BOOT_MODULE, PythonRunner
     from edgecompute_wasm.settings import WasmSettings
 
@@ -199,3 +199,11 @@ def test_without_the_precompiled_stdlib_the_bootstrap_is_sent_as_source(wasm) ->
     result = runner.run("import sys\ndef main(x):\n    return x + 1, 'json' in sys.modules, sys.path[0]", "main", 41,
                         limits)
     assert result.value == (42, True, "/usr/local/lib/python312.zip")
+    # and with it, the precompiled bootstrap takes the same preload
+    folder = precompiled.base_mounts[0][0]
+    runner = PythonRunner(runtime.engine, precompiled.module, pool_size=0, prestart=False, preload=("json",),
+                          stdlib=folder)
+    assert runner.argv[-1] == f"__import__({BOOT_MODULE!r}).main(('json',))"
+    result = runner.run("import sys\ndef main(x):\n    return x + 1, 'json' in sys.modules, sys.path[0]", "main", 41,
+                        limits)
+    assert result.value == (42, True, "/.stdlib")
