@@ -48,10 +48,11 @@ def main(preload):
     sys.modules.pop("_edgecompute_boot", None)  # guest code finds no trace of it in sys.modules
     pread, write, exit_ = os.pread, os.write, os._exit
     os.environ.clear()  # PYTHONPATH was for start-up only: guests see no environment
-    codecs = sys.modules.get("encodings")
-    if codecs is not None and list(codecs.__path__) == ["/.stdlib/encodings"]:
-        # the precompiled stdlib holds the common codecs only; the others come from the runtime's archive
-        codecs.__path__.extend([folder + "/encodings" for folder in sys.path[1:]])
+    package = sys.modules.get("encodings")
+    if package is not None and list(package.__path__) == ["/.stdlib/encodings"]:
+        # the precompiled stdlib (_stdlib.ENCODINGS) holds the common codecs only; the others come
+        # from the runtime's own archive, on first use
+        package.__path__.extend([folder + "/encodings" for folder in sys.path[1:]])
     for name in preload:
         __import__(name)
     def take(n):

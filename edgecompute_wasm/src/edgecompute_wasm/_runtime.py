@@ -12,14 +12,7 @@ from typing import Any
 import wasmtime
 
 from . import _runtime_pin as pin
-from ._cache import (
-    CacheStats,
-    Verification,
-    cache_key,
-    ensure_private_dir,
-    load_or_compile,
-    wasmtime_version,
-)
+from ._cache import CacheStats, Verification, cache_key, ensure_private_dir, load_or_compile, wasmtime_version
 from ._python import BOOT_MODULE, BOOTSTRAP, PythonRunner
 from ._sandbox import Engine
 from .errors import RuntimeIntegrityError
