@@ -130,3 +130,32 @@ def test_first_request_in_a_new_process_uses_the_disk_cache(wasm, cache_dir: Pat
     outputs, hits, misses, _seconds = out.stdout.rsplit(" ", 3)
     assert (hits, misses) == ("1", "0")
     assert outputs == "{'a': 1}"
+
+
+def test_sha256_and_wasmtime_version_match_the_standard_ways() -> None:
+    import hashlib
+    from importlib.metadata import version
+
+    from edgecompute_wasm import _cache
+
+    for data in (b"", b"abc", os.urandom(100_000)):
+        assert _cache.sha256(data) == hashlib.sha256(data).digest()
+    assert _cache.wasmtime_version() == version("wasmtime")
+
+
+def test_a_new_process_checks_its_cache_entry_before_importing_anything_heavy() -> None:
+    # the check starts before wasmtime's import, on the first request's path: OpenSSL (hashlib) and
+    # tempfile/shutil/random would add 10-15 ms there
+    code = textwrap.dedent("""
+        import sys
+        from edgecompute import Registry, Resources, Scheduler
+        from edgecompute_wasm.executor import WasmExecutor
+        before = set(sys.modules)
+        verification = WasmExecutor({})._verify_runtime_entry()
+        verification.result()
+        heavy = {"hashlib", "_hashlib", "tempfile", "shutil", "random", "wasmtime", "importlib"}
+        print(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

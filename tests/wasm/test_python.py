@@ -169,3 +169,41 @@ def test_read_only_mount_for_model_files(wasm, tmp_path) -> None:
               "    return sum(a * b for a, b in zip(w, x))")
     response = run(wasm, inputs=[2, 4], source=source, mounts={"/model": str(tmp_path)})
     assert response.outputs == 2.0
+
+
+def test_every_codec_is_there_though_only_common_ones_are_precompiled(wasm) -> None:
+    source = (
+        "import codecs, encodings, sys\n"
+        "def main(x):\n"
+        "    names = [codecs.lookup(n).name for n in ('utf-8', 'latin-1', 'cp037', 'shift_jis', 'koi8_r', 'rot13')]\n"
+        "    boot = [m for m in sys.modules if 'edgecompute' in m]\n"
+        "    return names, 'h\\u00e9'.encode('cp037'), encodings.__path__[0], sys.argv, boot\n"
+    )
+    names, encoded, first, argv, boot = run(wasm, source=source).outputs
+    assert names == ["utf-8", "iso8859-1", "cp037", "shift_jis", "koi8-r", "rot-13"]
+    assert encoded == "h\u00e9".encode("cp037")
+    assert first == "/.stdlib/encodings"
+    assert argv == ["-c"] and boot == []  # the precompiled bootstrap leaves no trace
+
+
+def test_the_bootstrap_is_sent_as_source_without_the_precompiled_stdlib(wasm) -> None:
+    from edgecompute_wasm._python import BOOT_MODULE, PythonRunner
+    from edgecompute_wasm.settings import WasmSettings
+
+    runtime = wasm.runtime()
+    precompiled = runtime.python
+    assert precompiled.argv[-1] == f"__import__({BOOT_MODULE!r}).main(())"
+    runner = PythonRunner(runtime.engine, precompiled.module, pool_size=0, prestart=False, preload=("json",))
+    assert "-I" in runner.argv and runner.base_mounts == [] and runner.env == []
+    limits = WasmSettings().limits({}, None)
+    result = runner.run("import sys\ndef main(x):\n    return x + 1, 'json' in sys.modules, sys.path[0]", "main", 41,
+                        limits)
+    assert result.value == (42, True, "/usr/local/lib/python312.zip")
+    # and with it, the precompiled bootstrap takes the same preload
+    folder = precompiled.base_mounts[0][0]
+    runner = PythonRunner(runtime.engine, precompiled.module, pool_size=0, prestart=False, preload=("json",),
+                          stdlib=folder)
+    assert runner.argv[-1] == f"__import__({BOOT_MODULE!r}).main(('json',))"
+    result = runner.run("import sys\ndef main(x):\n    return x + 1, 'json' in sys.modules, sys.path[0]", "main", 41,
+                        limits)
+    assert result.value == (42, True, "/.stdlib")

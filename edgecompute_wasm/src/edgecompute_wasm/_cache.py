@@ -12,18 +12,17 @@ then rename).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import mmap
 import os
 import stat
 import struct
-import tempfile
+import sys
 import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from edgecompute.errors import ConfigError
 
@@ -33,7 +32,7 @@ MAGIC = b"ECWASM\x00\x01"
 _HEADER = struct.Struct("<8s32sQI")
 FORMAT = "edgecompute-wasm-cache/1"
 
-__all__ = ["CacheStats", "Verification", "cache_key", "engine_key", "ensure_private_dir", "load_or_compile",
+__all__ = ["CacheStats", "Verification", "cache_key", "engine_key", "ensure_private_dir", "load_or_compile", "sha256",
            "wasmtime_version"]
 
 
@@ -71,15 +70,22 @@ _VERSION: str | None = None
 
 def wasmtime_version() -> str:
     """wasmtime's installed version, found without importing it (importlib.metadata costs ~40 ms;
-    the dist-info folder's name is enough)."""
+    the dist-info folder's name next to the package is enough). This runs on a new process's
+    first request before wasmtime is imported, so it imports nothing (not even importlib.util)."""
     global _VERSION
     if _VERSION is None:
-        spec = importlib.util.find_spec("wasmtime")
-        found = []
-        if spec is not None and spec.origin is not None:
-            found = sorted(Path(spec.origin).resolve().parent.parent.glob("wasmtime-*.dist-info"))
+        found: list[str] = []
+        for entry in sys.path:
+            folder = entry or os.getcwd()
+            if os.path.isfile(os.path.join(folder, "wasmtime", "__init__.py")):
+                try:
+                    found = [name for name in os.listdir(folder)
+                             if name.startswith("wasmtime-") and name.endswith(".dist-info")]
+                except OSError:
+                    pass
+                break
         if len(found) == 1:
-            _VERSION = found[0].name[len("wasmtime-"):-len(".dist-info")]
+            _VERSION = found[0][len("wasmtime-"):-len(".dist-info")]
         else:
             from importlib.metadata import version
 
@@ -87,8 +93,24 @@ def wasmtime_version() -> str:
     return _VERSION
 
 
+def sha256(data: bytes) -> bytes:
+    """sha256 from the interpreter's built-in module: ``import hashlib`` loads OpenSSL (3-6 ms),
+    which a new process's first request would wait for before it can start importing wasmtime."""
+    new: Any = None
+    for name in ("_sha2", "_sha256"):  # Python 3.12+, 3.11
+        try:
+            new = __import__(name).sha256
+            break
+        except (ImportError, AttributeError):
+            continue
+    if new is None:
+        from hashlib import sha256 as new
+    digest: bytes = new(data).digest()
+    return digest
+
+
 def _entry(key: str, cache_dir: Path) -> tuple[bytes, Path, Path]:
-    digest = hashlib.sha256(key.encode()).digest()
+    digest = sha256(key.encode())
     name = digest.hex()[:48]
     return digest, Path(cache_dir) / f"{name}.cwasm", Path(cache_dir) / f"{name}.meta"
 
@@ -154,6 +176,8 @@ def load_or_compile(engine: object, key: str, cache_dir: Path, compile_fn: Calla
 
 
 def _write_atomic(path: Path, data: bytes, folder: Path) -> None:
+    import tempfile  # only when writing: it costs a first request 5-9 ms of imports (random, shutil)
+
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as out:

@@ -32,15 +32,27 @@ from .settings import Limits
 
 log = logging.getLogger("edgecompute_wasm.python")
 
-__all__ = ["BOOTSTRAP", "PythonResult", "PythonRunner"]
+__all__ = ["BOOTSTRAP", "BOOT_MODULE", "PythonResult", "PythonRunner"]
 
-# Runs in the guest as ``python -S -I -c BOOTSTRAP``. Only built-in modules at start-up (marshal, os,
-# sys): every stdlib import costs milliseconds of a fresh interpreter. fd 0 is the host's channel.
+# The guest's side: module ``_edgecompute_boot``, whose ``main(preload)`` runs in every interpreter.
+# Only built-in modules at start-up (builtins, marshal, os, sys): every stdlib import costs
+# milliseconds of a fresh interpreter. fd 0 is the host's channel. Compiling this text costs a fresh
+# interpreter 5-7 ms, so it is compiled once per cache folder, by the trusted run that precompiles
+# the stdlib, into ``/.stdlib/_edgecompute_boot.pyc``; a sandbox then starts with
+# ``python -S -s -P -c "__import__('_edgecompute_boot').main(PRELOAD)"``. Without that folder it is
+# sent as source: ``python -S -I -c "BOOTSTRAP\nmain(PRELOAD)"``.
+BOOT_MODULE = "_edgecompute_boot"
 BOOTSTRAP = r'''
-import os, sys, marshal
-def _edgecompute(preload):
+import builtins, os, sys, marshal
+def main(preload):
+    sys.modules.pop("_edgecompute_boot", None)  # guest code finds no trace of it in sys.modules
     pread, write, exit_ = os.pread, os.write, os._exit
     os.environ.clear()  # PYTHONPATH was for start-up only: guests see no environment
+    package = sys.modules.get("encodings")
+    if package is not None and list(package.__path__) == ["/.stdlib/encodings"]:
+        # the precompiled stdlib (_stdlib.ENCODINGS) holds the common codecs only; the others come
+        # from the runtime's own archive, on first use
+        package.__path__.extend([folder + "/encodings" for folder in sys.path[1:]])
     for name in preload:
         __import__(name)
     def take(n):
@@ -72,7 +84,7 @@ def _edgecompute(preload):
     sys.path[:0] = paths
     del take
     try:
-        scope = {"__name__": "__main__", "__builtins__": __builtins__}
+        scope = {"__name__": "__main__", "__builtins__": builtins}
         # exec and map call from C: guest code runs in interpreter loops entered after the
         # request's deadline was armed (wasm code caches its epoch deadline on function entry).
         # exec(str), not compile(): compile() first sets up the ast module's ~120 classes, which
@@ -102,7 +114,6 @@ def _edgecompute(preload):
     except BaseException as exc:
         answer(("unserializable", type(result).__name__, str(exc)[:1000], ""))
     send(data)
-_edgecompute(PRELOAD)
 '''
 
 
@@ -144,11 +155,14 @@ class PythonRunner:
         self.module = module
         self.pool_size = pool_size
         self.prestart = prestart and pool_size > 0
-        boot = BOOTSTRAP.replace("PRELOAD", repr(tuple(preload)))
+        preload = tuple(preload)
         # -S: no site; -s: no user site; -P: no script folder on sys.path. Not -I/-E: PYTHONPATH puts
-        # the precompiled stdlib first (the environment is cleared again before guest code runs).
-        flags = ["python", "-S", "-s", "-P", "-c"] if stdlib else ["python", "-S", "-I", "-c"]
-        self.argv = [*flags, boot]
+        # the precompiled stdlib (and the precompiled bootstrap) first; the environment is cleared
+        # again before guest code runs.
+        if stdlib:
+            self.argv = ["python", "-S", "-s", "-P", "-c", f"__import__({BOOT_MODULE!r}).main({preload!r})"]
+        else:
+            self.argv = ["python", "-S", "-I", "-c", f"{BOOTSTRAP}main({preload!r})\n"]
         self.env = [("PYTHONPATH", _stdlib.GUEST_PATH)] if stdlib else []
         self.base_mounts = [(stdlib, _stdlib.GUEST_PATH)] if stdlib else []
         self._pools: collections.OrderedDict[tuple[Any, ...], _Pool] = collections.OrderedDict()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import threading
 import time
@@ -14,7 +13,7 @@ import wasmtime
 
 from . import _runtime_pin as pin
 from ._cache import CacheStats, Verification, cache_key, ensure_private_dir, load_or_compile, wasmtime_version
-from ._python import PythonRunner
+from ._python import BOOT_MODULE, BOOTSTRAP, PythonRunner
 from ._sandbox import Engine
 from .errors import RuntimeIntegrityError
 from .settings import WasmSettings
@@ -39,6 +38,8 @@ def _verified_runtime_bytes() -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise RuntimeIntegrityError(f"cannot read the CPython-for-WASI runtime at {path}: {exc}") from exc
+    import hashlib  # only when compiling: a cached runtime is checked by its cache entry
+
     digest = hashlib.sha256(data).hexdigest()
     if digest != pin.RUNTIME_SHA256 or len(data) != pin.RUNTIME_SIZE:
         raise RuntimeIntegrityError(f"{path} has sha256 {digest}, not the pinned {pin.RUNTIME_SHA256}; refusing to "
@@ -78,7 +79,7 @@ class Runtime:
                 self._verification = None
                 from . import _stdlib
 
-                stdlib = _stdlib.ensure(self, module)
+                stdlib = _stdlib.ensure(self, module, BOOT_MODULE, BOOTSTRAP)
                 self._python = PythonRunner(self.engine, module, pool_size=self.settings.pool_size,
                                             prestart=self.settings.prestart, preload=self.settings.preload,
                                             stdlib=str(stdlib) if stdlib is not None else None)
@@ -91,6 +92,8 @@ class Runtime:
 
     def user_module(self, wasm: bytes) -> Any:
         """Compile (or fetch from memory or disk cache) a user's module."""
+        import hashlib  # OpenSSL's sha256 is the fast one for large modules
+
         digest = hashlib.sha256(wasm).hexdigest()
         with self._modules_lock:
             module = self._modules.get(digest)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from edgecompute.context import TaskContext
 
     from ._cache import Verification
+    from ._python import PythonResult
     from ._runtime import Runtime
 
 __all__ = ["WasmExecutor"]
@@ -140,16 +141,13 @@ class WasmExecutor:
         limits = self.settings.limits(params, ctx.time_left())
         mounts = self._mounts(params)
         requirements = params.get("requirements", ())
-        runtime = self._runtime or await ctx.run_sync(self.runtime)
-        if runtime._python is None:
-            await ctx.run_sync(lambda: runtime.python)
         paths: list[str] = []
         if requirements:
             from .deps import resolve
 
             site_mounts, paths = await ctx.run_sync(resolve, requirements, self.settings)
             mounts = sorted(set(mounts) | set(site_mounts), key=lambda m: m[1])
-        result = await ctx.run_sync(runtime.python.run, source, function, request.inputs, limits, mounts, paths)
+        result = await ctx.run_sync(self._run_python, source, function, request.inputs, limits, mounts, paths)
         timings = {"sandbox_start": result.startup, "sandbox_run": result.run}
         if params.get("capture"):
             return Response({"result": result.value, "stdout": result.stdout, "stderr": result.stderr},
@@ -157,6 +155,13 @@ class WasmExecutor:
         if result.stdout or result.stderr:
             await ctx.emit({"stdout": result.stdout, "stderr": result.stderr})
         return Response(result.value, timings=timings)
+
+    def _run_python(self, *args: Any) -> PythonResult:
+        # blocking; the first request loads the runtime here too, in the same worker hop
+        runtime = self._runtime
+        if runtime is None or runtime._python is None:
+            runtime = self.runtime()
+        return runtime.python.run(*args)
 
     # -- wasm/module ----------------------------------------------------------------------------------------
 
