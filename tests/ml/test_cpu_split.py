@@ -76,3 +76,37 @@ def test_an_error_in_a_worker_is_raised_to_the_caller_and_the_runner_still_works
 def test_workers_must_be_positive():
     with pytest.raises(ValueError, match="workers must be >= 1"):
         SplitRunner(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 128), min_size=1, max_size=16), workers=st.integers(1, 4))
+def test_length_groups_cover_every_row_once_sorted_and_balanced(lengths, workers):
+    from edgecompute_ml.embeddings import length_groups
+
+    groups = length_groups(lengths, workers)
+    assert 1 <= len(groups) <= min(workers, len(lengths)) and all(groups)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(flat)  # groups of similar length: consecutive in length order
+    if len(groups) == 2:  # the best cut: no other split of the sorted rows has a smaller largest group
+        ordered = sorted(lengths)
+        n = len(ordered)
+        best = min(max(i * ordered[i - 1], (n - i) * ordered[-1]) for i in range(1, n))
+        assert max(len(g) * max(lengths[i] for i in g) for g in groups) == best
+
+
+def test_split_embeddings_equal_one_padded_batch(tiny_bert, monkeypatch):
+    from edgecompute_ml import cpu_split
+    from edgecompute_ml.embeddings import embed_texts
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+
+    lm = load_model(inspect_model(ModelSource("bert", str(tiny_bert))), "float32", "cpu")
+    runner = SplitRunner(2)
+    monkeypatch.setattr(cpu_split, "_shared", runner)
+    texts = ["hi", "the quick brown fox jumps over the lazy dog again and again", "Paris", "a b c d e f",
+             "one more sentence of middling length here"]
+    try:
+        split = embed_texts(lm, texts, split=True)
+    finally:
+        runner.close()
+    torch.testing.assert_close(split, embed_texts(lm, texts), atol=1e-5, rtol=0)

@@ -7,6 +7,9 @@ cores (torch's intra-op threads) pays a barrier per layer, about 50 of them, and
 for the slowest core: costly on a shared machine where a core is often busy elsewhere. Independent
 slices of a batch need no barrier at all: each worker runs its slice start to end on one thread.
 
+Text batches (``embeddings.embed_texts``) go through :meth:`SplitRunner.map` instead, as groups of
+sentences of similar length, each padded only to its own longest.
+
 The workers are long-lived threads whose intra-op thread count is 1 (set once, when they start);
 the process-wide setting that other threads use is restored right after.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["SplitRunner", "shared_runner"]
@@ -72,7 +75,15 @@ class SplitRunner:
         rows = int(batch.shape[0])
         if self.workers == 1 or rows < 2 or not self._inboxes:
             return fn(batch)
-        parts = torch.tensor_split(batch, min(self.workers, rows))
+        return torch.cat(self.map(fn, list(torch.tensor_split(batch, min(self.workers, rows)))))
+
+    def map(self, fn: Callable[[Any], Any], parts: Sequence[Any]) -> list[Any]:
+        """``[fn(part) for part in parts]``, one part per worker at the same time (at most
+        ``workers`` parts; with one part, or one worker, on the caller's thread)."""
+        if len(parts) > max(1, len(self._inboxes)):
+            raise ValueError(f"{len(parts)} parts for {self.workers} workers")
+        if len(parts) == 1 or not self._inboxes:
+            return [fn(part) for part in parts]
         with self._lock:
             done = threading.Semaphore(0)
             outs: list[list[Any]] = [[] for _ in parts]
@@ -84,7 +95,7 @@ class SplitRunner:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return torch.cat(results)
+        return results
 
     def close(self) -> None:
         for inbox in self._inboxes:

@@ -8,19 +8,43 @@ from typing import Any
 __all__ = ["embed_texts"]
 
 
-def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None) -> Any:
-    """Pooled (not normalised) embeddings of ``texts`` as a float32 tensor [N, H]."""
+def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, split: bool = False) -> Any:
+    """Pooled (not normalised) embeddings of ``texts`` as a float32 tensor [N, H].
+
+    With ``split`` (the batcher's batches), a batch on CPU runs as one forward per core over
+    groups of texts of similar length, each padded only to its own longest text and run on one
+    intra-op thread (see ``cpu_split``): less padding, and no barrier between the cores.
+    """
     import torch
 
-    tokenizer = lm.tokenizer
-    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+    encodings = lm.tokenizer.encode_batch(list(texts), add_special_tokens=True)
     limit = lm.max_length
     lengths = [min(sum(e.attention_mask), limit) for e in encodings]
+    device = lm.model.device
+    method = pooling or lm.pooling
+    if split and len(texts) > 1 and device.type == "cpu":
+        from .cpu_split import shared_runner
+
+        runner = shared_runner()
+        if runner.workers > 1:
+            groups = length_groups(lengths, runner.workers)
+            parts = runner.map(lambda rows: _embed(lm, [encodings[i] for i in rows], [lengths[i] for i in rows],
+                                                   method), groups)
+            out = torch.empty((len(texts), parts[0].shape[1]), dtype=parts[0].dtype)
+            for rows, part in zip(groups, parts, strict=True):
+                out[rows] = part
+            return out
+    return _embed(lm, encodings, lengths, method)
+
+
+def _embed(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: str) -> Any:
+    import torch
+
     width = max(lengths)
     pad = lm.model.config.pad_token_id
-    ids = torch.full((len(texts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    types = torch.zeros((len(texts), width), dtype=torch.long)
+    ids = torch.full((len(encodings), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encodings), width), dtype=torch.long)
+    types = torch.zeros((len(encodings), width), dtype=torch.long)
     for row, (e, n) in enumerate(zip(encodings, lengths, strict=True)):
         ids[row, :n] = torch.tensor(e.ids[:n])
         types[row, :n] = torch.tensor(e.type_ids[:n])
@@ -28,7 +52,26 @@ def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None) -> An
     device = lm.model.device
     with torch.inference_mode():
         hidden = lm.model.forward(ids.to(device), mask.to(device), types.to(device))
-        return pool(hidden, mask.to(device), pooling or lm.pooling).cpu()
+        return pool(hidden, mask.to(device), pooling).cpu()
+
+
+def length_groups(lengths: Sequence[int], workers: int) -> list[list[int]]:
+    """Row indices in at most ``workers`` groups of similar length, whose padded sizes (rows x
+    longest) are as even as a cut of the rows sorted by length can make them: the longest group
+    bounds the batch's time. Two groups: the best cut; more: equal counts of sorted rows."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    k = min(workers, len(order))
+    if k == 2:
+        n = len(order)
+        cut = min(range(1, n), key=lambda i: max(i * lengths[order[i - 1]], (n - i) * lengths[order[-1]]))
+        return [order[:cut], order[cut:]]
+    size, extra = divmod(len(order), k)
+    groups, start = [], 0
+    for g in range(k):
+        end = start + size + (g < extra)
+        groups.append(order[start:end])
+        start = end
+    return groups
 
 
 def pool(hidden: Any, mask: Any, pooling: str) -> Any:

@@ -336,7 +336,7 @@ class MLExecutor:
                 from .batching import Batcher
                 from .embeddings import embed_texts
 
-                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts)), max_batch=self.max_batch,
+                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts, split=True)), max_batch=self.max_batch,
                                   max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
                 if entry is not None:
                     entry[1].close()
