@@ -52,6 +52,8 @@ log = logging.getLogger("edgecompute.scheduler")
 
 _QUEUED = TaskState.QUEUED
 _RUNNING = TaskState.RUNNING
+_SUCCEEDED = TaskState.SUCCEEDED
+_current_task = asyncio.current_task
 _BACKFILL_WINDOW = 32
 _REQUEST_OPTIONS = frozenset({"params", "priority", "timeout", "resources", "metadata", "retries", "id"})
 
@@ -435,17 +437,53 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
         if self._state == "running" and self._queued < self.max_queue:
-            handle = self._enqueue(request, caller=asyncio.current_task())
+            handle = self._enqueue(request, caller=_current_task())
         else:
             handle = await self.asubmit(request)
+        if handle._inline and handle._task is not None:
+            # _execute's body, inlined: a coroutine less per call. A task that ended before this
+            # step (an observer of "started" cancelled it) has no task any more: nothing to run.
+            ctx = handle._ctx
+            assert ctx is not None
+            ctx._entered = True
+            try:
+                response = await handle._selection.executor.execute(request, ctx)
+                if type(response) is not Response and not isinstance(response, Response):
+                    raise ExecutorError(f"{handle._selection.qualified_name} returned "
+                                        f"{type(response).__name__}, not a Response")
+            except asyncio.CancelledError:
+                if not self._absorb_cancel(handle):
+                    raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
+                self._failed(handle, exc)
+            except BaseException as exc:
+                if not handle._ended:
+                    self._finish(handle, TaskState.FAILED, error=exc)
+                raise
+            else:
+                if not handle._ended:
+                    self._succeed(handle, response)
+            finally:
+                ctx = handle._ctx
+                if ctx is not None and ctx._threads_open == 0 and not handle._limits and handle._task is not None:
+                    # _stopped's common case, without its call
+                    del self._tasks[handle._task]
+                    handle._task = None
+                    allocation, handle._allocation = handle._allocation, None
+                    if allocation is not None:
+                        self._pool.release(allocation)
+                    if self._heap:
+                        self._dispatch()
+                    if self._idle_waiters:
+                        self._check_idle()
+                else:
+                    self._stopped(handle)
+        if handle._ended:  # the usual case after an inline run: no coroutine for result()
+            if handle._error is not None:
+                raise handle._error
+            assert handle._response is not None
+            return handle._response
         try:
-            if handle._inline:
-                await self._execute(handle)
-            if handle._ended:  # the usual case after an inline run: no coroutine for result()
-                if handle._error is not None:
-                    raise handle._error
-                assert handle._response is not None
-                return handle._response
             return await handle.result()
         finally:
             if not handle._ended:
@@ -497,7 +535,7 @@ class Scheduler:
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
                 self._queued += 1
-                self._start(handle, allocation, caller)
+                self._start(handle, allocation, caller, now)
                 return handle
         self._push(handle, now - request.priority * self._aging)
         self._dispatch()
@@ -570,13 +608,15 @@ class Scheduler:
     def _limit_of(self, key: str) -> int:
         return self._limits.get(key, 1)  # qualified names are non-thread-safe algorithms: one at a time
 
-    def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None) -> None:
+    def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
+               now: float | None = None) -> None:
         self._queued -= 1
         self._active += 1
         handle.state = _RUNNING
         handle.attempts += 1
         handle._allocation = allocation
-        handle._started_at = time.monotonic()
+        # admitted as it was submitted: the same moment, and one clock read less
+        handle._started_at = time.monotonic() if now is None else now
         for key in handle._limits:
             self._running[key] += 1
         handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
@@ -593,6 +633,7 @@ class Scheduler:
     # -- running ----------------------------------------------------------------------------------
 
     async def _execute(self, handle: TaskHandle) -> None:
+        # Scheduler.run runs a copy of this body inline; a change here belongs there too
         if handle._task is None:
             return  # it ended before its first step (cancelled at once); already cleaned up
         selection = handle._selection
@@ -601,21 +642,12 @@ class Scheduler:
         ctx._entered = True
         try:
             response = await selection.executor.execute(handle.request, ctx)
-            if not isinstance(response, Response):
+            if type(response) is not Response and not isinstance(response, Response):
                 raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
                                     "not a Response")
         except asyncio.CancelledError:
-            # We cancel a task only after _cancel gave the handle its terminal state. Our own
-            # tasks swallow that cancellation and end cleanly. Run inline, the task is our
-            # caller's: absorb only our own request, and let any other cancellation through.
-            if handle._inline:
-                task = handle._task
-                ours = handle._ended and task is not None and task.uncancel() == 0
-                if not ours:
-                    if not handle._ended:
-                        self._finish(handle, TaskState.CANCELLED,
-                                     error=TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled"))
-                    raise
+            if not self._absorb_cancel(handle):
+                raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
             self._failed(handle, exc)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
@@ -624,18 +656,47 @@ class Scheduler:
             raise
         else:
             if not handle._ended:
-                now = time.monotonic()
-                timings = {
-                    "queued": handle._started_at - handle._submitted_at,
-                    "run": now - handle._started_at,
-                    "total": now - handle._submitted_at,
-                }
-                if response.timings:
-                    timings = {**response.timings, **timings}
-                self._finish(handle, TaskState.SUCCEEDED,
-                             response=Response(response.outputs, selection.executor.name, timings))
+                self._succeed(handle, response)
         finally:
             self._stopped(handle)
+
+    def _absorb_cancel(self, handle: TaskHandle) -> bool:
+        """Whether the task's code may swallow the CancelledError it got.
+
+        We cancel a task only after _cancel gave the handle its terminal state. Our own tasks
+        swallow that cancellation and end cleanly. Run inline, the task is our caller's: absorb
+        only our own request, and let any other cancellation through.
+        """
+        if not handle._inline:
+            return True
+        task = handle._task
+        if handle._ended and task is not None and task.uncancel() == 0:
+            return True
+        if not handle._ended:
+            self._finish(handle, TaskState.CANCELLED,
+                         error=TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled"))
+        return False
+
+    def _succeed(self, handle: TaskHandle, response: Response) -> None:
+        now = time.monotonic()
+        started = handle._started_at
+        submitted = handle._submitted_at
+        timings = {"queued": started - submitted, "run": now - started, "total": now - submitted}
+        if response.timings:
+            timings = {**response.timings, **timings}
+        response = Response(response.outputs, handle._selection.executor.name, timings)
+        if (handle._timer is None and handle._waiters is None and handle._chunk_waiter is None
+                and handle._callbacks is None and not self._observers and not self._idle_waiters):
+            # _finish for the usual task: nobody waits on it or watches it
+            self._active -= 1
+            handle.state = _SUCCEEDED
+            handle._ended = True
+            handle._response = response
+            handle._error = None
+            self._finished["succeeded"] += 1
+            self._live -= 1
+        else:
+            self._finish(handle, _SUCCEEDED, response=response)
 
     def _failed(self, handle: TaskHandle, exc: Exception) -> None:
         if handle._ended:

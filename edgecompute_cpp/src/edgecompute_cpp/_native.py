@@ -62,6 +62,12 @@ _NOT_CANCELLED = ffi.new("int32_t*")  # shared, always 0, for calls nobody can c
 EMPTY_PARAMS = _EMPTY_PARAMS = b"{}"
 _scratch = threading.local()
 _gc = ffi.gc
+# cffi's FFI methods are Python wrappers around its C backend: the hot path calls the backend
+_backend = ffi._backend  # type: ignore[attr-defined]
+_backend_from_buffer = _backend.from_buffer
+_backend_cast = _backend.cast
+_backend_memmove = _backend.memmove
+_CHAR_ARRAY = ffi.typeof("char[]")
 
 
 class PluginCallError(ExecutorError):
@@ -168,7 +174,7 @@ class NativePlugin:
             ndim = array.ndim
             _HEADS[ndim].pack_into(view, i * _BUFFER_SIZE, 0, DTYPE_CODES[array.dtype], ndim, *array.shape)
             b = buffers[i]
-            data = ffi.from_buffer(array, require_writable=False)
+            data = _backend_from_buffer(_CHAR_ARRAY, array, False)
             keep.append(data)
             b.data = data
             if input_name is not None:
@@ -227,7 +233,7 @@ class NativePlugin:
                     # tying the memory's lifetime to an array.
                     array = np.empty(shape, dtype)
                     if nbytes:
-                        ffi.memmove(array, ffi.cast(_CHAR_P, data), nbytes)
+                        _backend_memmove(array, _backend_cast(_CHAR_P, data), nbytes)
                 else:
                     if shared is None and owner_cdata is not None:
                         shared = _gc(owner_cdata, self._release)

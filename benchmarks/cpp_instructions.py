@@ -1,0 +1,135 @@
+"""Instructions per call of the cpp/sum hot paths, counted under callgrind.
+
+    python benchmarks/cpp_instructions.py [--root .] [--paths direct,execute,sched,noop] [--n 300,1300]
+
+Each path runs in a fresh interpreter under ``valgrind --tool=callgrind`` twice, with N1 and N2
+calls after 200 warm-up calls; instructions per call = (I(N2) - I(N1)) / (N2 - N1), so start-up,
+imports and plugin loading cancel out. The executor gets inline_below_us=1e9: under valgrind the
+call is ~50x slower and would otherwise leave the loop for a worker thread, unlike at native speed.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+CHILD = r'''
+import asyncio, sys, time
+import numpy as np
+from edgecompute import Config, Registry, Request, Resources, Response, Scheduler
+from edgecompute.models import Algorithm
+from edgecompute_cpp import CppExecutor
+
+path, n = sys.argv[1], int(sys.argv[2])
+cpp = CppExecutor(inline_below_us=1e9)
+x = np.ones(16, np.float32)
+
+class Ctx:
+    def __init__(self):
+        self.algorithm = next(a for a in cpp.algorithms() if a.name == "sum")
+        self.deadline = None
+    async def run_sync(self, fn, *args):
+        return fn(*args)
+
+class Noop:
+    name = "noop"
+    version = "0"
+    def algorithms(self):
+        return [Algorithm("sum", resources=Resources(cpu=1.0))]
+    def requirements(self, request):
+        return self._res
+    _res = Resources(cpu=1.0)
+    async def execute(self, request, ctx):
+        return Response(None)
+    async def health(self):
+        pass
+    async def aclose(self):
+        pass
+
+if path == "direct":
+    from edgecompute_cpp._native import ffi
+    lib = cpp._ensure().plugins["builtin"].native.lib
+    name = b"sum"
+    def direct():
+        buffers = ffi.new("ec_buffer[1]")
+        b = buffers[0]
+        b.dtype = 10
+        b.ndim = 1
+        b.shape[0] = x.shape[0]
+        data = ffi.from_buffer(x)
+        b.data = data
+        result = ffi.new("ec_result*")
+        flag = ffi.new("int32_t*")
+        result.cancelled = flag
+        if lib.ec_execute(name, buffers, 1, b"{}", result) != 0:
+            raise RuntimeError(ffi.string(result.error_message))
+        out = np.frombuffer(ffi.buffer(result.outputs[0].data, 8), np.float64).copy()
+        lib.ec_release(result.owner)
+        return out
+    for _ in range(200 + n):
+        direct()
+elif path == "execute":
+    async def main():
+        ctx = Ctx()
+        request = Request("cpp/sum", x)
+        for _ in range(200 + n):
+            await cpp.execute(request, ctx)
+    asyncio.run(main())
+else:
+    ex = cpp if path == "sched" else Noop()
+    algo = "cpp/sum" if path == "sched" else "noop/sum"
+    async def main():
+        async with Scheduler(Registry([ex]), capacity=Resources(cpu=2, memory_mb=1024), config=Config()) as s:
+            for _ in range(200 + n):
+                await s.run(algo, x)
+    asyncio.run(main())
+'''
+
+
+def instructions(python: str, script: str, path: str, n: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        env = dict(os.environ, PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                               python, script, path, str(n)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{path} N={n} failed:\n{proc.stderr[-3000:]}")
+        match = re.search(r"Collected : (\d+)", proc.stderr)
+        assert match, proc.stderr[-2000:]
+        return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default=os.getcwd())
+    parser.add_argument("--paths", default="direct,execute,sched,noop")
+    parser.add_argument("--n", default="300,1300")
+    args = parser.parse_args()
+    n1, n2 = (int(v) for v in args.n.split(","))
+    python = os.path.join(args.root, ".venv", "bin", "python")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(CHILD)
+        script = f.name
+    try:
+        results = {}
+        for path in args.paths.split(","):
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the two runs in parallel
+                fa = pool.submit(instructions, python, script, path, n1)
+                fb = pool.submit(instructions, python, script, path, n2)
+                a, b = fa.result(), fb.result()
+            results[path] = (b - a) / (n2 - n1)
+            print(f"{path:8} {results[path]:10.0f} instructions/call", flush=True)
+        if "direct" in results:
+            for path, value in results.items():
+                if path != "direct":
+                    print(f"{path:8} {value - results['direct']:+10.0f} above direct")
+    finally:
+        os.unlink(script)
+
+
+if __name__ == "__main__":
+    main()
