@@ -37,6 +37,11 @@ from edgecompute.errors import ExecutorCrashed  # noqa: E402
 from edgecompute_cpp import CppExecutor, build_plugin  # noqa: E402
 
 try:
+    from cffi_direct import direct_sum
+except ImportError:  # run as benchmarks.cpp
+    from benchmarks.cffi_direct import direct_sum  # type: ignore[no-redef]
+
+try:
     import cv2
 except ImportError:  # the table says so
     cv2 = None
@@ -184,31 +189,10 @@ class _Ctx:
 
 
 def overhead_table(cpp: CppExecutor, calls: int) -> list[str]:
-    from edgecompute_cpp._native import ffi
-
     plugin = cpp._ensure().plugins["builtin"].native
     assert plugin is not None
-    lib = plugin.lib
     x = np.ones(16, np.float32)
-    name = b"sum"
-
-    def direct() -> np.ndarray:
-        # the minimum a hand-written cffi caller does: describe the input, call, wrap the output, free it
-        buffers = ffi.new("ec_buffer[1]")
-        b = buffers[0]
-        b.dtype = 10
-        b.ndim = 1
-        b.shape[0] = x.shape[0]
-        data = ffi.from_buffer(x)
-        b.data = data
-        result = ffi.new("ec_result*")
-        flag = ffi.new("int32_t*")
-        result.cancelled = flag
-        if lib.ec_execute(name, buffers, 1, b"{}", result) != 0:
-            raise RuntimeError(ffi.string(result.error_message))
-        out = np.frombuffer(ffi.buffer(result.outputs[0].data, 8), np.float64).copy()
-        lib.ec_release(result.owner)
-        return out
+    direct = direct_sum(plugin.lib, x)
 
     direct_us = per_call_us(direct, calls)
     call_us = per_call_us(lambda: cpp.call("sum", x), calls)
