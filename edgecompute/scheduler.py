@@ -464,20 +464,7 @@ class Scheduler:
                 if not handle._ended:
                     self._succeed(handle, response)
             finally:
-                ctx = handle._ctx
-                if ctx is not None and ctx._threads_open == 0 and not handle._limits and handle._task is not None:
-                    # _stopped's common case, without its call
-                    del self._tasks[handle._task]
-                    handle._task = None
-                    allocation, handle._allocation = handle._allocation, None
-                    if allocation is not None:
-                        self._pool.release(allocation)
-                    if self._heap:
-                        self._dispatch()
-                    if self._idle_waiters:
-                        self._check_idle()
-                else:
-                    self._stopped(handle)
+                self._stopped(handle)
         if handle._ended:  # the usual case after an inline run: no coroutine for result()
             if handle._error is not None:
                 raise handle._error
