@@ -63,11 +63,19 @@ EMPTY_PARAMS = _EMPTY_PARAMS = b"{}"
 _scratch = threading.local()
 _gc = ffi.gc
 # cffi's FFI methods are Python wrappers around its C backend: the hot path calls the backend
-_backend = ffi._backend  # type: ignore[attr-defined]
-_backend_from_buffer = _backend.from_buffer
-_backend_cast = _backend.cast
-_backend_memmove = _backend.memmove
+# directly (a private attribute, stable since cffi 1.0; the public methods stand in without it)
+_backend = getattr(ffi, "_backend", None)
 _CHAR_ARRAY = ffi.typeof("char[]")
+if all(hasattr(_backend, name) for name in ("from_buffer", "cast", "memmove")):
+    _backend_from_buffer = _backend.from_buffer
+    _backend_cast = _backend.cast
+    _backend_memmove = _backend.memmove
+else:  # pragma: no cover - a cffi without the backend attribute
+    def _backend_from_buffer(cdecl: Any, obj: Any, require_writable: bool) -> Any:
+        return ffi.from_buffer(cdecl, obj, require_writable=require_writable)
+
+    _backend_cast = ffi.cast
+    _backend_memmove = ffi.memmove
 
 
 class PluginCallError(ExecutorError):
