@@ -97,18 +97,20 @@ class ThreadPool:
             thread.start()
 
     def _next(self, parked: _Parked) -> Any:
+        """The next call for this thread: a queued one, else park and wait to be handed one."""
         with self._lock:
             if self._backlog:
                 return self._backlog.popleft()
             self._idle.append(parked)
-        parked.wake.acquire()
-        item, parked.item = parked.item, None
-        return item
+        return None
 
     def _worker(self) -> None:
         parked = _Parked()
+        item = self._next(parked)
         while True:
-            item = self._next(parked)
+            if item is None:
+                parked.wake.acquire()
+                item, parked.item = parked.item, None
             if item is _STOP:
                 return
             future, fn, args, on_done = item
@@ -116,6 +118,9 @@ class ThreadPool:
                 result = (True, fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task as is
                 result = (False, exc)
+            # idle (or holding the next queued call) before the result goes back: the caller's next
+            # call, made as soon as it has this result, must find this thread on top of the stack
+            item = self._next(parked)
             self._done.append((future, *result, on_done))
             if not self._drain_pending:
                 self._drain_pending = True
@@ -124,7 +129,7 @@ class ThreadPool:
                 try:
                     loop.call_soon_threadsafe(self._drain)
                 except RuntimeError:  # the loop closed under us: nobody is waiting any more
-                    return
+                    pass
 
     def _drain(self) -> None:
         self._drain_pending = False
