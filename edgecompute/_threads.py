@@ -130,6 +130,8 @@ class ThreadPool:
                     loop.call_soon_threadsafe(self._drain)
                 except RuntimeError:  # the loop closed under us: nobody is waiting any more
                     pass
+            # a parked thread must not keep its last call's arguments (a request's arrays) alive
+            del future, fn, args, on_done, result
 
     def _drain(self) -> None:
         self._drain_pending = False

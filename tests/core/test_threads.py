@@ -4,8 +4,10 @@ completion, a sequential caller stays on one thread, and close() runs what was q
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 from hypothesis import given, settings
@@ -72,3 +74,21 @@ def test_every_call_runs_exactly_once_and_close_waits_for_queued_ones(size: int,
         return results
 
     assert asyncio.run(main()) == [i * 2 for i in range(len(delays))]
+
+
+class _Payload:
+    pass
+
+
+async def test_a_parked_thread_keeps_nothing_of_its_last_call() -> None:
+    # a request's arrays must be freed when its task ends, not when the thread runs its next call
+    pool = ThreadPool(1)
+    try:
+        payload = _Payload()
+        gone = weakref.ref(payload)
+        await pool.run(len, [payload])
+        del payload
+        gc.collect()
+        assert gone() is None
+    finally:
+        pool.close()

@@ -3,10 +3,11 @@
 Each worker owns an arena: a file in ``/dev/shm`` mapped by the host and the worker and unlinked
 once both have mapped it (so nothing is left behind, even after a crash). The host copies inputs
 into it, the worker runs the plugin on views of them and copies the outputs in after the inputs,
-and the host copies them out. Messages are small pickled tuples, one per ``SOCK_SEQPACKET``
-packet (see ``_worker``): a call costs one ``send`` and one ``recv`` on each side. A worker that
-dies (segfault, abort, kill) fails only the call it was running; the next call starts a fresh
-worker. A call past its deadline kills its worker.
+and the host copies them out. Inputs that the caller made in shared memory (``_shared``,
+:meth:`CppExecutor.empty`) are not copied: the worker maps their segment. Messages are small
+pickled tuples, one per ``SOCK_SEQPACKET`` packet (see ``_worker``): a call costs one ``send``
+and one ``recv`` on each side. A worker that dies (segfault, abort, kill) fails only the call it
+was running; the next call starts a fresh worker. A call past its deadline kills its worker.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edgecompute.errors import (
 
 from . import ABI_VERSION, MIN_ABI_VERSION
 from ._native import PluginCallError
+from ._shared import SharedHeap
 from ._worker import MAX_MESSAGE, align, new_arena_file
 from .errors import PluginABIError
 
@@ -122,6 +124,9 @@ class Worker:
         self.crashes = 0
         self.last_exit: str | None = None
         self._stderr: Any = None
+        #: shared segments this process has mapped, as of the heap's generation
+        self.mapped: set[int] = set()
+        self.generation = 0
 
     @property
     def alive(self) -> bool:
@@ -153,6 +158,7 @@ class Worker:
             child.close()
         self.sock = parent
         self.map, self.size = arena, arena.size()
+        self.mapped = set()
         self.starts += 1
         try:
             if not select.select([parent], [], [], _START_TIMEOUT)[0]:
@@ -181,6 +187,25 @@ class Worker:
                 old.close()
             except BufferError:
                 pass  # a view is still alive; the mapping goes with it
+
+    def share(self, heap: SharedHeap, needed: list[int]) -> None:
+        """Make the worker map the segments ``needed`` and unmap those the heap gave back."""
+        sock = self.sock
+        assert sock is not None
+        try:
+            if self.generation != heap.generation:
+                gone = [ident for ident in self.mapped if ident not in heap.segments]
+                if gone:
+                    sock.send(pickle.dumps(("forget", gone), pickle.HIGHEST_PROTOCOL))
+                    self.mapped.difference_update(gone)
+                self.generation = heap.generation
+            new = [heap.segments[ident] for ident in dict.fromkeys(needed) if ident not in self.mapped]
+            if new:
+                sock.send(pickle.dumps(("segments", [(s.id, s.size) for s in new]), pickle.HIGHEST_PROTOCOL))
+                socket.send_fds(sock, [b"fds"], [s.fd for s in new])
+                self.mapped.update(s.id for s in new)
+        except OSError as exc:
+            raise self.crashed("receiving shared memory") from exc
 
     def _recv(self) -> Any:
         sock = self.sock
@@ -308,6 +333,17 @@ class WorkerPool:
         self._cond = threading.Condition()
         self._closed = False
         self._output_hint: dict[str, int] = {}
+        #: the arrays of :meth:`empty`, made on first use
+        self.heap: SharedHeap | None = None
+
+    def empty(self, shape: Any, dtype: Any) -> np.ndarray:
+        heap = self.heap
+        if heap is None:
+            with self._cond:
+                if self.heap is None:
+                    self.heap = SharedHeap()
+                heap = self.heap
+        return heap.empty(shape, dtype)
 
     def states(self) -> list[dict[str, Any]]:
         return [w.state() for w in self._workers]
@@ -410,11 +446,18 @@ class WorkerPool:
     def _prepare(self, worker: Worker, path: str, qualified: str, algorithm: str, params: bytes,
                  inputs: Sequence[tuple[bytes | None, np.ndarray]], *, grow: bool) -> tuple[Any, ...] | None:
         """Copy the inputs (and large params) into the worker's arena; the message that runs the call."""
-        specs = []
+        specs: list[tuple[Any, ...]] = []
         offset = 0
+        heap = self.heap
+        shared: list[int] = []
         for name, array in inputs:
-            specs.append((name, array.dtype.str, array.shape, offset))
-            offset = align(offset + array.nbytes)
+            where = heap.locate(array) if heap is not None and array.base is not None else None
+            if where is None:
+                specs.append((name, array.dtype.str, array.shape, offset, None))
+                offset = align(offset + array.nbytes)
+            else:
+                specs.append((name, array.dtype.str, array.shape, where[1], where[0]))
+                shared.append(where[0])
         sent_params: bytes | tuple[int, int] = params
         if len(params) > _INLINE_PARAMS:
             sent_params, offset = (offset, len(params)), align(offset + len(params))
@@ -423,10 +466,12 @@ class WorkerPool:
             if not grow:
                 return None
             worker.ensure_arena(needed)
+        if heap is not None:
+            worker.share(heap, shared)
         arena = worker.map
         assert arena is not None
         for (_, array), spec in zip(inputs, specs, strict=True):
-            if array.nbytes:
+            if array.nbytes and spec[4] is None:
                 arena[spec[3]:spec[3] + array.nbytes] = array.data.cast("B") if array.ndim else array.tobytes()
         if type(sent_params) is tuple:
             arena[sent_params[0]:sent_params[0] + len(params)] = params
@@ -465,3 +510,5 @@ class WorkerPool:
             self._cond.notify_all()
         for worker in self._workers:
             worker.stop()
+        if self.heap is not None:
+            self.heap.close()

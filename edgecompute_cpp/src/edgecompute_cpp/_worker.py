@@ -7,9 +7,12 @@ one pickled tuple in one packet (one ``send`` and one ``recv`` a message, no len
     ("describe", path)                                    -> ("ok", info) | ("error", kind, message)
     ("call", path, algorithm, params, inputs, out_offset) -> ("ok", outputs, arena) | ("error", ...)
     ("arena", path)                                       -> ("ok", None)   (the host grew the arena)
+    ("segments", [(id, size), ...])                       -> no reply; the next packet carries their fds
+    ("forget", [id, ...])                                 -> no reply; unmap those shared segments
 
 ``params`` is the JSON bytes, or ``(offset, length)`` of them in the arena when they are large.
-``inputs`` are ``(name, dtype, shape, offset)`` in the arena; each output comes back as
+``inputs`` are ``(name, dtype, shape, offset, segment)``: in the arena when ``segment`` is
+None, else in that shared segment (``_shared``: arrays the caller made there are not copied); each output comes back as
 ``(name, dtype, shape, offset)``, written after ``out_offset``. When the outputs do not fit, the
 worker makes a larger arena itself, writes them there from offset 0 and returns its path as
 ``arena`` (else None): the host maps it and unlinks it, and both use it from then on. Nothing
@@ -81,6 +84,8 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
     arena = Arena(argv[1])
     plugins: dict[str, NativePlugin] = {}
+    segments: dict[int, mmap.mmap] = {}
+    unmapped: dict[int, str] = {}
 
     def load(path: str) -> NativePlugin:
         plugin = plugins.get(path)
@@ -98,11 +103,15 @@ def main(argv: list[str]) -> None:
         if type(params) is tuple:  # large params travel in the arena
             params = bytes(buf[params[0]:params[0] + params[1]])
         inputs = []
-        for name, dtype, shape, offset in specs:
+        for name, dtype, shape, offset, segment in specs:
             count = 1
             for s in shape:
                 count *= s
-            inputs.append((name, np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)))
+            source = buf if segment is None else segments.get(segment)
+            if source is None:
+                raise OSError(f"shared segment {segment} is not mapped in the worker: "
+                              f"{unmapped.get(segment, 'its file descriptor never arrived')}")
+            inputs.append((name, np.frombuffer(source, dtype=dtype, count=count, offset=offset).reshape(shape)))
         outputs = load(path).call(algorithm, inputs, params)
         del inputs
         end = out_offset
@@ -133,6 +142,25 @@ def main(argv: list[str]) -> None:
             return  # the host closed its end
         message = pickle.loads(packet)
         kind = message[0]
+        if kind == "segments":  # no reply: a failure shows on the call that needs the segment
+            _, fds, _, _ = socket.recv_fds(sock, 16, len(message[1]))
+            for (ident, size), fd in zip(message[1], fds, strict=False):
+                try:
+                    segments[ident] = mmap.mmap(fd, size)
+                except OSError as exc:
+                    unmapped[ident] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    os.close(fd)
+            continue
+        if kind == "forget":
+            for ident in message[1]:
+                view = segments.pop(ident, None)
+                if view is not None:
+                    try:
+                        view.close()
+                    except BufferError:
+                        pass  # an array over it is still alive; the mapping goes with it
+            continue
         try:
             if kind == "call":
                 send(call(*message[1:]))

@@ -325,6 +325,33 @@ class CppExecutor:
         deadline = None if timeout is None else time.monotonic() + timeout
         return _shape_outputs(self._run_process(entry, arrays, encoded, Ticket(), deadline))
 
+    def empty(self, shape: int | Sequence[int], dtype: Any = "float32") -> Any:
+        """A new, uninitialised numpy array for inputs: fill it, then pass it to calls.
+
+        In ``process`` isolation the array lives in memory that the worker processes share, so a
+        call reads it where it is instead of getting a copy (1 MiB costs ~70-200 us to copy). It is
+        an ordinary array otherwise; its memory returns to the executor when it is collected. In
+        ``inprocess`` isolation it is plain ``numpy.empty``.
+        """
+        import numpy as np
+
+        if self.isolation == "inprocess":
+            try:
+                return np.empty(shape, dtype)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequest(f"cpp.empty: {exc}") from exc
+        self._ensure()
+        assert self._pool is not None
+        native = _native()
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise InvalidRequest(f"cpp.empty: {exc}") from exc
+        if dtype not in native.DTYPE_CODES:
+            raise InvalidRequest(f"cpp.empty: dtype {dtype} is not one the plugin ABI carries; "
+                                 f"use one of {', '.join(sorted(str(d) for d in native.DTYPE_CODES))}")
+        return self._pool.empty(shape, dtype)
+
     def _run_inprocess(self, entry: _Entry, inputs: Any, params: bytes, flag: Any, key: int | None) -> Any:
         native = entry.plugin.native
         assert native is not None
