@@ -98,6 +98,29 @@ async def test_a_task_past_its_deadline_kills_its_worker(isolated: tuple[Schedul
     assert worker["pid"] != pid and worker["starts"] == 2
 
 
+async def test_a_quick_call_waits_on_the_loop_and_still_keeps_its_deadline(
+        isolated: tuple[Scheduler, CppExecutor]) -> None:
+    # spin with ms=0 comes back quickly, so the next calls of it wait for their reply in recv on
+    # the event loop; a long one then must still end at its deadline, and a crash still be a crash
+    s, executor = isolated
+    for _ in range(3):
+        await s.run("cpp/testplug.spin", params={"ms": 0})
+    pool = executor._pool
+    assert pool is not None and pool._round_trip["cpp/testplug.spin"] < pool.wait_below_s
+    start = time.monotonic()
+    with pytest.raises(TaskTimeout, match="passed its deadline"):
+        await s.run("cpp/testplug.spin", params={"ms": 60_000}, timeout=0.3)
+    assert time.monotonic() - start < 5
+    assert (await s.run("cpp/testplug.spin", params={"ms": 0})).outputs is None
+    assert pool._round_trip["cpp/testplug.spin"] < pool.wait_below_s
+    with pytest.raises(ExecutorCrashed, match="SIGSEGV"):
+        await s.run("cpp/testplug.spin", params={"ms": 0, "crash": 1})
+    x = np.arange(10.0)
+    np.testing.assert_array_equal((await s.run("cpp/testplug.echo", x)).outputs, x)
+    worker = (await executor.health()).details["workers"][0]
+    assert worker["starts"] == 3 and worker["crashes"] == 1
+
+
 def test_the_synchronous_call_honours_its_timeout(testplug: Path) -> None:
     executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)], "builtin": False})
     try:

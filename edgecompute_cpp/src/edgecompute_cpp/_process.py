@@ -326,8 +326,12 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, wait_below_us: float = 0.0) -> None:
         self.size = size
+        #: calls from the event loop whose last round trip took less than this block the loop
+        #: until their reply instead of waiting through its selector (see acall)
+        self.wait_below_s = wait_below_us / 1e6
+        self._round_trip: dict[str, float] = {}
         self._workers: list[Worker] = []
         self._idle: list[Worker] = []
         self._cond = threading.Condition()
@@ -417,7 +421,12 @@ class WorkerPool:
                     inputs: Sequence[tuple[bytes | None, np.ndarray]],
                     deadline: float | None) -> list[tuple[str, np.ndarray]] | None:
         """The same call from the event loop, with no thread hop: the loop copies the inputs in,
-        sends the message and waits for the reply's packet like any socket.
+        sends the message and waits for the reply.
+
+        A call whose last round trip took less than ``wait_below_s`` waits in ``recv``, blocking
+        the loop as a short in-process call does: registering the socket with the loop, one loop
+        iteration and unregistering cost more than such a call (~100 us on the development VM).
+        Others wait as the loop waits for any socket, and can be cancelled meanwhile.
 
         Answers None, having done nothing, when this cannot be quick: no idle worker running,
         inputs too large to copy on the loop, or an arena to grow. The caller then takes the
@@ -435,7 +444,14 @@ class WorkerPool:
             message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
             if message is None:
                 return None
-            return self._finish(worker, qualified, await worker.arequest(message, deadline, f"running {qualified}"))
+            what = f"running {qualified}"
+            start = time.perf_counter()
+            if self._round_trip.get(qualified, 1.0) < self.wait_below_s:
+                reply = worker.request(message, deadline, what)
+            else:
+                reply = await worker.arequest(message, deadline, what)
+            self._round_trip[qualified] = time.perf_counter() - start
+            return self._finish(worker, qualified, reply)
         except asyncio.CancelledError:
             worker.stop()  # it may be running our call still: the next call starts a fresh one
             worker.last_exit = "killed: its task was cancelled"

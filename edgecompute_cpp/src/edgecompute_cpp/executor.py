@@ -35,7 +35,7 @@ log = logging.getLogger("edgecompute.cpp")
 ENTRY_POINT_GROUP = "edgecompute_cpp.plugins"
 PLUGIN_PATH_ENV = "EDGECOMPUTE_CPP_PLUGIN_PATH"
 ISOLATIONS = ("inprocess", "process")
-_CONFIG_KEYS = {"isolation", "workers", "plugins", "builtin", "inline_below_us", "compile_flags",
+_CONFIG_KEYS = {"isolation", "workers", "plugins", "builtin", "inline_below_us", "wait_below_us", "compile_flags",
                 # read by the core (registry, scheduler), not by the executor
                 "enabled", "max_concurrency"}
 
@@ -127,6 +127,10 @@ class CppExecutor:
         if isinstance(inline, bool) or not isinstance(inline, (int, float)) or inline < 0:
             raise ConfigError(f"[executors.cpp] inline_below_us must be a number >= 0, not {inline!r}")
         self._inline_s = float(inline) / 1e6
+        wait = config.get("wait_below_us", 1000.0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+            raise ConfigError(f"[executors.cpp] wait_below_us must be a number >= 0, not {wait!r}")
+        self.wait_below_us = float(wait)
         self.compile_flags = list(config.get("compile_flags", []))
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
@@ -181,7 +185,7 @@ class CppExecutor:
         if self.isolation == "process" and self._pool is None:
             from ._process import WorkerPool
 
-            self._pool = WorkerPool(self.workers)
+            self._pool = WorkerPool(self.workers, self.wait_below_us)
         for source, target in self._sources(loaded.problems):
             label = "the bundled plugin" if source == "builtin" else f"{target} (from {source})"
             try:

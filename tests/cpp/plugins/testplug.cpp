@@ -22,7 +22,8 @@ const ec_algorithm_info algorithms[] = {
     {"echo", "copy the first input", 0.5, 1.0, 1},
     {"segfault", "dereference a null pointer", 0.1, 0.0, 1},
     {"abort", "call abort()", 0.1, 0.0, 1},
-    {"spin", "busy-wait params.ms milliseconds without the GIL; stops early when cancelled", 0.1, 0.0, 1},
+    {"spin", "busy-wait params.ms milliseconds without the GIL; stops early when cancelled; "
+             "segfaults if params.crash", 0.1, 0.0, 1},
     {"fail", "report an internal error", 0.1, 0.0, 1},
     {"live", "how many outputs the host still holds", 0.1, 0.0, 0},
 };
@@ -56,6 +57,10 @@ extern "C" EC_EXPORT int32_t ec_execute(const char* algorithm, const ec_buffer* 
         } else if (name == "abort") {
             std::abort();
         } else if (name == "spin") {
+            if (params.number("crash", 0) != 0) {
+                volatile int* p = nullptr;
+                *p = 42;
+            }
             auto stop = std::chrono::steady_clock::now() + std::chrono::microseconds(static_cast<int64_t>(params.number("ms", 10) * 1000));
             while (std::chrono::steady_clock::now() < stop) {
                 if (ec::cancelled(result)) throw ec::Error(EC_CANCELLED, "spin was cancelled");
