@@ -4,6 +4,8 @@ deadlines that fail only their own task."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -181,3 +183,26 @@ async def test_cancelling_a_running_task_kills_its_worker(isolated: tuple[Schedu
         await asyncio.sleep(0.02)
     assert (await s.run("cpp/testplug.echo", np.arange(3.0))).outputs.tolist() == [0.0, 1.0, 2.0]
     assert (await executor.health()).details["workers"][0]["starts"] == 2
+
+
+async def test_a_worker_killed_while_idle_is_replaced_without_failing_a_call(
+        isolated: tuple[Scheduler, CppExecutor]) -> None:
+    s, executor = isolated
+    x = np.arange(50.0)
+    for kill_before in ("scheduler", "sync call"):
+        for _ in range(3):  # quick calls: the next one waits for its reply on the loop
+            np.testing.assert_array_equal((await s.run("cpp/testplug.echo", x)).outputs, x)
+        pid = (await executor.health()).details["workers"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if (await executor.health()).details["workers"][0]["state"] != "running":
+                break
+            await asyncio.sleep(0.01)
+        if kill_before == "scheduler":
+            np.testing.assert_array_equal((await s.run("cpp/testplug.echo", x)).outputs, x)
+        else:
+            np.testing.assert_array_equal(executor.call("testplug.echo", x), x)
+        worker = (await executor.health()).details["workers"][0]
+        assert worker["pid"] != pid and worker["state"] == "running"
+    worker = (await executor.health()).details["workers"][0]
+    assert worker["starts"] == 3 and worker["crashes"] == 2 and worker["last_exit"] == "signal SIGKILL"

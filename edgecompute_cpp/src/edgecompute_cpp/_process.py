@@ -89,6 +89,11 @@ def _settle(future: asyncio.Future[bool], value: bool) -> None:
         future.set_result(value)
 
 
+class WorkerGone(ExecutorCrashed):
+    """The worker had died (killed while idle) before a call reached it: nothing ran, so the pool
+    hands the call to a fresh worker. Found when sending fails, which spares each call a check."""
+
+
 class Ticket:
     """One call in flight; the event loop cancels it by killing the worker running it."""
 
@@ -205,7 +210,7 @@ class Worker:
                 socket.send_fds(sock, [b"fds"], [s.fd for s in new])
                 self.mapped.update(s.id for s in new)
         except OSError as exc:
-            raise self.crashed("receiving shared memory") from exc
+            raise self.gone() from exc
 
     def _recv(self) -> Any:
         sock = self.sock
@@ -220,6 +225,9 @@ class Worker:
         assert sock is not None
         try:
             sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        except OSError as exc:
+            raise self.gone() from exc
+        try:
             expired = False
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -244,7 +252,7 @@ class Worker:
         try:
             sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
         except OSError as exc:
-            raise await asyncio.to_thread(self.crashed, what) from exc
+            raise await asyncio.to_thread(self.gone) from exc
         ready: asyncio.Future[bool] = loop.create_future()
         fd = sock.fileno()
         loop.add_reader(fd, _settle, ready, True)
@@ -293,6 +301,9 @@ class Worker:
             message += f"; its last output:\n{tail}"
         self.stop()
         return ExecutorCrashed(message)
+
+    def gone(self) -> WorkerGone:
+        return WorkerGone(str(self.crashed("idle")))
 
     def kill(self) -> None:
         proc = self.proc
@@ -370,7 +381,7 @@ class WorkerPool:
         with self._cond:
             if self._closed:
                 raise ExecutorCrashed("the cpp executor is closed", retryable=False)
-            if self._idle and self._idle[-1].alive:
+            if self._idle and self._idle[-1].sock is not None:  # running, as far as we know
                 return self._idle.pop()
             return None
 
@@ -404,11 +415,19 @@ class WorkerPool:
             ticket.assign(worker)
             if ticket.cancelled:
                 raise TaskCancelled(f"{qualified} was cancelled")
-            if not worker.alive:
-                worker.start(_MIN_ARENA)
-            message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=True)
-            assert message is not None
-            return self._finish(worker, qualified, worker.request(message, deadline, f"running {qualified}"))
+            for attempt in (1, 2):
+                if worker.sock is None:
+                    worker.start(_MIN_ARENA)
+                try:
+                    message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=True)
+                    assert message is not None
+                    reply = worker.request(message, deadline, f"running {qualified}")
+                except WorkerGone:
+                    if attempt == 2:
+                        raise
+                    continue  # it died while idle; the call never reached it: a fresh one runs it
+                return self._finish(worker, qualified, reply)
+            raise AssertionError("unreachable")
         except ExecutorCrashed as exc:
             if ticket.cancelled:
                 raise TaskCancelled(f"{qualified} was cancelled; its worker was killed") from exc
@@ -441,15 +460,18 @@ class WorkerPool:
         if worker is None:
             return None
         try:
-            message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
-            if message is None:
-                return None
             what = f"running {qualified}"
             start = time.perf_counter()
-            if self._round_trip.get(qualified, 1.0) < self.wait_below_s:
-                reply = worker.request(message, deadline, what)
-            else:
-                reply = await worker.arequest(message, deadline, what)
+            try:
+                message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
+                if message is None:
+                    return None
+                if self._round_trip.get(qualified, 1.0) < self.wait_below_s:
+                    reply = worker.request(message, deadline, what)
+                else:
+                    reply = await worker.arequest(message, deadline, what)
+            except WorkerGone:
+                return None  # it died while idle; the thread path starts a fresh one
             self._round_trip[qualified] = time.perf_counter() - start
             return self._finish(worker, qualified, reply)
         except asyncio.CancelledError:
@@ -511,10 +533,7 @@ class WorkerPool:
         outputs = []
         total = 0
         for name, dtype, shape, start in reply[1]:
-            count = 1
-            for n in shape:
-                count *= n
-            array = np.frombuffer(arena, dtype=dtype, count=count, offset=start).reshape(shape).copy()
+            array = np.ndarray(shape, dtype, arena, start).copy()
             total += array.nbytes
             outputs.append((name, array))
         self._output_hint[qualified] = total

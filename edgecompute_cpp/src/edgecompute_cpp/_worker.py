@@ -104,14 +104,11 @@ def main(argv: list[str]) -> None:
             params = bytes(buf[params[0]:params[0] + params[1]])
         inputs = []
         for name, dtype, shape, offset, segment in specs:
-            count = 1
-            for s in shape:
-                count *= s
             source = buf if segment is None else segments.get(segment)
             if source is None:
                 raise OSError(f"shared segment {segment} is not mapped in the worker: "
                               f"{unmapped.get(segment, 'its file descriptor never arrived')}")
-            inputs.append((name, np.frombuffer(source, dtype=dtype, count=count, offset=offset).reshape(shape)))
+            inputs.append((name, np.ndarray(shape, dtype, source, offset)))
         outputs = load(path).call(algorithm, inputs, params)
         del inputs
         end = out_offset
@@ -124,12 +121,13 @@ def main(argv: list[str]) -> None:
             arena, out_offset = Arena(grown), 0
         replies = []
         cursor = out_offset
+        target = arena.map
         for name, array in outputs:
-            if array.nbytes:
-                target = np.frombuffer(arena.map, dtype=array.dtype, count=array.size, offset=cursor)
-                target[...] = array.reshape(-1)
+            nbytes = array.nbytes
+            if nbytes:  # plugin outputs are C-contiguous
+                target[cursor:cursor + nbytes] = array.data.cast("B") if array.ndim else array.tobytes()
             replies.append((name, array.dtype.str, array.shape, cursor))
-            cursor = align(cursor + array.nbytes)
+            cursor = align(cursor + nbytes)
         return ("ok", replies, grown)
 
     send(("ready", os.getpid()))
