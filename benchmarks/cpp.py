@@ -63,19 +63,6 @@ def best_s(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
     return min(times)
 
 
-def per_call_us(fn: Callable[[], Any], calls: int, rounds: int = 5) -> float:
-    """The best over rounds of the mean time per call, in microseconds."""
-    for _ in range(min(calls, 200)):
-        fn()
-    results = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        results.append((time.perf_counter() - start) / calls * 1e6)
-    return min(results)
-
-
 def cv(fn: Callable[[], Any], threads: int = 1) -> Callable[[], Any] | None:
     if cv2 is None:
         return None
@@ -188,49 +175,56 @@ class _Ctx:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def overhead_table(cpp: CppExecutor, calls: int) -> list[str]:
+def overhead_table(cpp: CppExecutor, calls: int, rounds: int = 7) -> list[str]:
+    """Rounds of ``calls`` calls of each path, the paths taking turns round by round (so a drift in
+    the machine's speed hits them all alike); each path's figure is its best round's mean."""
     plugin = cpp._ensure().plugins["builtin"].native
     assert plugin is not None
     x = np.ones(16, np.float32)
     direct = direct_sum(plugin.lib, x)
+    ctx = _Ctx(cpp, "sum")
+    request = Request("cpp/sum", x)
 
-    direct_us = per_call_us(direct, calls)
-    call_us = per_call_us(lambda: cpp.call("sum", x), calls)
-
-    async def through_execute() -> float:
-        ctx = _Ctx(cpp, "sum")
-        request = Request("cpp/sum", x)
-        for _ in range(200):
-            await cpp.execute(request, ctx)  # type: ignore[arg-type]
-        rounds = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(calls):
-                await cpp.execute(request, ctx)  # type: ignore[arg-type]
-            rounds.append((time.perf_counter() - start) / calls * 1e6)
-        return min(rounds)
-
-    async def through_scheduler() -> float:
+    async def measure() -> dict[str, float]:
         async with Scheduler(Registry([cpp]), capacity=Resources(cpu=2, memory_mb=1024), config=Config()) as s:
-            for _ in range(200):
-                await s.run("cpp/sum", x)
-            rounds = []
-            for _ in range(5):
-                start = time.perf_counter()
+            async def direct_round() -> None:
+                for _ in range(calls):
+                    direct()
+
+            async def call_round() -> None:
+                for _ in range(calls):
+                    cpp.call("sum", x)
+
+            async def execute_round() -> None:
+                for _ in range(calls):
+                    await cpp.execute(request, ctx)  # type: ignore[arg-type]
+
+            async def scheduler_round() -> None:
                 for _ in range(calls):
                     await s.run("cpp/sum", x)
-                rounds.append((time.perf_counter() - start) / calls * 1e6)
-            return min(rounds)
 
-    execute_us = asyncio.run(through_execute())
-    scheduler_us = asyncio.run(through_scheduler())
+            paths = {"direct": direct_round, "call": call_round, "execute": execute_round,
+                     "scheduler": scheduler_round}
+            best = dict.fromkeys(paths, float("inf"))
+            for fn in paths.values():  # warm-up
+                await fn()
+            for _ in range(rounds):
+                for name, fn in paths.items():
+                    start = time.perf_counter()
+                    await fn()
+                    best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+            return best
+
+    us = asyncio.run(measure())
     return [
         f"{'path (trivial algorithm: sum of 16 float32)':48} {'us/call':>9} {'above direct':>13}  target",
         "-" * 90,
-        f"{'direct cffi call (hand-written)':48} {direct_us:9.1f} {'':>13}",
-        f"{'CppExecutor.call (sync API)':48} {call_us:9.1f} {call_us - direct_us:12.1f}   ",
-        f"{'await CppExecutor.execute(request, ctx)':48} {execute_us:9.1f} {execute_us - direct_us:12.1f}   <= 10",
-        f"{'await Scheduler.run(...) (whole path)':48} {scheduler_us:9.1f} {scheduler_us - direct_us:12.1f}   <= 35",
+        f"{'direct cffi call (hand-written)':48} {us['direct']:9.1f} {'':>13}",
+        f"{'CppExecutor.call (sync API)':48} {us['call']:9.1f} {us['call'] - us['direct']:12.1f}   ",
+        f"{'await CppExecutor.execute(request, ctx)':48} {us['execute']:9.1f} "
+        f"{us['execute'] - us['direct']:12.1f}   <= 10",
+        f"{'await Scheduler.run(...) (whole path)':48} {us['scheduler']:9.1f} "
+        f"{us['scheduler'] - us['direct']:12.1f}   <= 35",
     ]
 
 

@@ -148,3 +148,59 @@ def test_the_heap_never_hands_out_overlapping_blocks(steps: list[tuple[int, bool
         assert segment.empty and segment._free == [(0, segment.size)]
     finally:
         heap.close()
+
+
+def _used(executor: CppExecutor) -> int:
+    pool = executor._pool
+    assert pool is not None and pool.heap is not None
+    return sum(segment._used for segment in pool.heap.segments.values())
+
+
+async def test_large_outputs_come_back_in_shared_memory_and_go_on_uncopied(
+        isolated: tuple[Scheduler, CppExecutor], cpp: CppExecutor) -> None:
+    s, executor = isolated
+    image = executor.empty((1080, 1920), "float32")  # 8 MB in, 8 MB out
+    image[...] = np.random.default_rng(2).random(image.shape, dtype=np.float32)
+    await s.run("cpp/gaussian_blur", image, params={"sigma": 2})  # the first call learns the size
+    blurred = (await s.run("cpp/gaussian_blur", image, params={"sigma": 2})).outputs
+    np.testing.assert_array_equal(blurred, cpp.call("gaussian_blur", image, {"sigma": 2}))
+    pool = executor._pool
+    assert pool is not None and pool.heap is not None and pool.heap.locate(blurred) is not None
+    # the output is the next call's input, and nothing was copied through the (8 MB) arena
+    edges = (await s.run("cpp/sobel", blurred)).outputs
+    np.testing.assert_allclose(edges, cpp.call("sobel", blurred), rtol=1e-6)
+    assert await arena_mb(executor) == 8.0
+    before = _used(executor)
+    del blurred
+    gc.collect()
+    assert _used(executor) == before - image.nbytes  # the output's block went back
+
+
+async def test_outputs_sharing_a_block_free_it_together(isolated: tuple[Scheduler, CppExecutor],
+                                                         cpp: CppExecutor) -> None:
+    s, executor = isolated
+    image = np.random.default_rng(3).random((300, 400), dtype=np.float32)
+    for _ in range(2):
+        parts = (await s.run("cpp/sobel", image, params={"output": "all"})).outputs
+    expected = cpp.call("sobel", image, {"output": "all"})
+    for name in ("magnitude", "gx", "gy"):
+        np.testing.assert_array_equal(parts[name], expected[name])
+    used = _used(executor)
+    assert used >= 3 * image.nbytes
+    gx = parts["gx"]
+    del parts
+    gc.collect()
+    assert _used(executor) == used  # gx still holds the block of all three
+    np.testing.assert_array_equal(gx, expected["gx"])
+    del gx
+    gc.collect()
+    assert _used(executor) < used
+
+
+async def test_outputs_larger_than_the_reserved_block_come_back_copied(
+        isolated: tuple[Scheduler, CppExecutor], cpp: CppExecutor) -> None:
+    s, _ = isolated
+    small = np.random.default_rng(4).random((200, 200), dtype=np.float32)
+    for size in (300, 300, 900, 900):  # the third call's output outgrows the reserved block
+        out = (await s.run("cpp/resize", small, params={"width": size, "height": size})).outputs
+        np.testing.assert_array_equal(out, cpp.call("resize", small, {"width": size, "height": size}))

@@ -40,7 +40,7 @@ from edgecompute.errors import (
 
 from . import ABI_VERSION, MIN_ABI_VERSION
 from ._native import PluginCallError
-from ._shared import SharedHeap
+from ._shared import Reservation, SharedHeap
 from ._worker import MAX_MESSAGE, align, new_arena_file
 from .errors import PluginABIError
 
@@ -71,6 +71,9 @@ def _map(path: str) -> mmap.mmap:
 _LOOP_COPY_MAX = 4 << 20
 #: Params larger than this travel in the arena, not in the message (which must fit one packet).
 _INLINE_PARAMS = 16 << 10
+#: Outputs expected to total at least this come back in a shared block, as arrays over it; smaller
+#: ones are copied out of the arena (cheaper than a block whose release waits for the arrays).
+_SHARED_OUTPUTS_MIN = 64 << 10
 
 
 def _signal_name(returncode: int | None) -> str:
@@ -352,13 +355,16 @@ class WorkerPool:
         self.heap: SharedHeap | None = None
 
     def empty(self, shape: Any, dtype: Any) -> np.ndarray:
+        return self._heap().empty(shape, dtype)
+
+    def _heap(self) -> SharedHeap:
         heap = self.heap
         if heap is None:
             with self._cond:
                 if self.heap is None:
                     self.heap = SharedHeap()
                 heap = self.heap
-        return heap.empty(shape, dtype)
+        return heap
 
     def states(self) -> list[dict[str, Any]]:
         return [w.state() for w in self._workers]
@@ -419,14 +425,14 @@ class WorkerPool:
                 if worker.sock is None:
                     worker.start(_MIN_ARENA)
                 try:
-                    message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=True)
-                    assert message is not None
-                    reply = worker.request(message, deadline, f"running {qualified}")
+                    prepared = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=True)
+                    assert prepared is not None
+                    reply = worker.request(prepared[0], deadline, f"running {qualified}")
                 except WorkerGone:
                     if attempt == 2:
                         raise
                     continue  # it died while idle; the call never reached it: a fresh one runs it
-                return self._finish(worker, qualified, reply)
+                return self._finish(worker, qualified, reply, prepared[1])
             raise AssertionError("unreachable")
         except ExecutorCrashed as exc:
             if ticket.cancelled:
@@ -463,17 +469,17 @@ class WorkerPool:
             what = f"running {qualified}"
             start = time.perf_counter()
             try:
-                message = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
-                if message is None:
+                prepared = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
+                if prepared is None:
                     return None
                 if self._round_trip.get(qualified, 1.0) < self.wait_below_s:
-                    reply = worker.request(message, deadline, what)
+                    reply = worker.request(prepared[0], deadline, what)
                 else:
-                    reply = await worker.arequest(message, deadline, what)
+                    reply = await worker.arequest(prepared[0], deadline, what)
             except WorkerGone:
                 return None  # it died while idle; the thread path starts a fresh one
             self._round_trip[qualified] = time.perf_counter() - start
-            return self._finish(worker, qualified, reply)
+            return self._finish(worker, qualified, reply, prepared[1])
         except asyncio.CancelledError:
             worker.stop()  # it may be running our call still: the next call starts a fresh one
             worker.last_exit = "killed: its task was cancelled"
@@ -482,8 +488,10 @@ class WorkerPool:
             self._checkin(worker)
 
     def _prepare(self, worker: Worker, path: str, qualified: str, algorithm: str, params: bytes,
-                 inputs: Sequence[tuple[bytes | None, np.ndarray]], *, grow: bool) -> tuple[Any, ...] | None:
-        """Copy the inputs (and large params) into the worker's arena; the message that runs the call."""
+                 inputs: Sequence[tuple[bytes | None, np.ndarray]], *,
+                 grow: bool) -> tuple[tuple[Any, ...], Reservation | None] | None:
+        """Copy the inputs (and large params) into the worker's arena: the message that runs the
+        call, and the block reserved for its outputs if they are expected to be large."""
         specs: list[tuple[Any, ...]] = []
         offset = 0
         heap = self.heap
@@ -499,11 +507,19 @@ class WorkerPool:
         sent_params: bytes | tuple[int, int] = params
         if len(params) > _INLINE_PARAMS:
             sent_params, offset = (offset, len(params)), align(offset + len(params))
-        needed = offset + max(self._output_hint.get(qualified, 0), 1 << 16)
+        hint = self._output_hint.get(qualified, 0)
+        needed = offset + max(hint, 1 << 16)
         if needed > worker.size:
             if not grow:
                 return None
             worker.ensure_arena(needed)
+        reservation = None
+        out_block = None
+        if hint >= _SHARED_OUTPUTS_MIN:
+            heap = self._heap()
+            reservation = heap.reserve(hint)
+            out_block = (reservation.segment.id, reservation.offset, reservation.size)
+            shared.append(reservation.segment.id)
         if heap is not None:
             worker.share(heap, shared)
         arena = worker.map
@@ -514,10 +530,11 @@ class WorkerPool:
         if type(sent_params) is tuple:
             arena[sent_params[0]:sent_params[0] + len(params)] = params
         worker.calls += 1
-        return ("call", path, algorithm, sent_params, specs, offset)
+        return ("call", path, algorithm, sent_params, specs, offset, out_block), reservation
 
-    def _finish(self, worker: Worker, qualified: str, reply: Any) -> list[tuple[str, np.ndarray]]:
-        """The outputs of a reply, copied out of the arena."""
+    def _finish(self, worker: Worker, qualified: str, reply: Any,
+                reservation: Reservation | None) -> list[tuple[str, np.ndarray]]:
+        """The outputs of a reply: arrays over the reserved block, or copied out of the arena."""
         if reply[0] != "ok":
             kind, message = reply[1], reply[2]
             if kind == "invalid":
@@ -532,11 +549,15 @@ class WorkerPool:
         assert arena is not None
         outputs = []
         total = 0
-        for name, dtype, shape, start in reply[1]:
-            array = np.ndarray(shape, dtype, arena, start).copy()
-            total += array.nbytes
+        for name, dtype, shape, start, in_block in reply[1]:
+            if in_block:
+                assert reservation is not None
+                array = SharedHeap.view(reservation, start, shape, dtype)
+            else:
+                array = np.ndarray(shape, dtype, arena, start).copy()
+            total += align(array.nbytes)
             outputs.append((name, array))
-        self._output_hint[qualified] = total
+        self._output_hint[qualified] = total  # as the worker lays them out
         return outputs
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 :meth:`CppExecutor.empty <edgecompute_cpp.CppExecutor.empty>` hands out numpy arrays carved out
 of shared-memory segments (``memfd`` files). When such an array is an input of a call, the host
-sends its segment and offset instead of copying it into the worker's arena. A worker maps a
+sends its segment and offset instead of copying it into the worker's arena. Large outputs come
+back the same way: the host reserves a block before the call, the worker writes the outputs into
+it, and the host returns arrays over it (which can be the next call's inputs, again uncopied). A worker maps a
 segment the first time a call needs it; the file descriptor travels over the worker's socket, so
 nothing is ever named in ``/dev/shm`` and nothing is left behind if a process dies.
 
@@ -89,14 +91,26 @@ class Segment:
         os.close(self.fd)
 
 
-class SharedBlock:
-    """The owner of one block: numpy arrays over it keep it alive; collected, it frees the block."""
+class Reservation:
+    """A block reserved for a call's outputs. The arrays over it keep it; collected, it is freed."""
 
-    __slots__ = ("__array_interface__", "__weakref__", "offset", "segment")
+    __slots__ = ("__weakref__", "offset", "segment", "size")
 
-    def __init__(self, segment: Segment, offset: int, interface: dict[str, Any]) -> None:
+    def __init__(self, segment: Segment, offset: int, size: int) -> None:
         self.segment = segment
         self.offset = offset
+        self.size = size
+
+
+class SharedBlock:
+    """What a numpy array over shared memory has as its base: it keeps the memory's owner alive
+    (itself, for an array from :meth:`SharedHeap.empty`; a :class:`Reservation` for outputs)."""
+
+    __slots__ = ("__array_interface__", "__weakref__", "owner", "segment")
+
+    def __init__(self, segment: Segment, interface: dict[str, Any], owner: Reservation | None = None) -> None:
+        self.segment = segment
+        self.owner = owner
         self.__array_interface__ = interface
 
 
@@ -125,10 +139,26 @@ class SharedHeap:
         size = _round(max(nbytes, 1), ALIGN)
         with self._lock:
             segment, offset = self._allocate(size)
-        block = SharedBlock(segment, offset, {"data": (segment.address + offset, False), "shape": shape,
-                                              "typestr": dtype.str, "version": 3})
+        block = SharedBlock(segment, {"data": (segment.address + offset, False), "shape": shape,
+                                      "typestr": dtype.str, "version": 3})
         weakref.finalize(block, self._release, segment, offset, size)
         return np.asarray(block)
+
+    def reserve(self, size: int) -> Reservation:
+        """A block of ``size`` bytes for a call's outputs (see :meth:`view`)."""
+        size = _round(max(size, 1), ALIGN)
+        with self._lock:
+            segment, offset = self._allocate(size)
+        reservation = Reservation(segment, offset, size)
+        weakref.finalize(reservation, self._release, segment, offset, size)
+        return reservation
+
+    @staticmethod
+    def view(reservation: Reservation, offset: int, shape: tuple[int, ...], typestr: str) -> np.ndarray:
+        """An array at ``offset`` of the reservation's segment, keeping the reservation."""
+        segment = reservation.segment
+        return np.asarray(SharedBlock(segment, {"data": (segment.address + offset, False), "shape": shape,
+                                                "typestr": typestr, "version": 3}, reservation))
 
     def _allocate(self, size: int) -> tuple[Segment, int]:
         for segment in self.segments.values():

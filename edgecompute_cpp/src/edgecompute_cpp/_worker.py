@@ -4,19 +4,23 @@ Started as ``python -m edgecompute_cpp._worker FD ARENA``: FD is its end of a ``
 socket pair, ARENA the path of the shared-memory file through which arrays cross. Each message is
 one pickled tuple in one packet (one ``send`` and one ``recv`` a message, no length prefix):
 
-    ("describe", path)                                    -> ("ok", info) | ("error", kind, message)
-    ("call", path, algorithm, params, inputs, out_offset) -> ("ok", outputs, arena) | ("error", ...)
-    ("arena", path)                                       -> ("ok", None)   (the host grew the arena)
-    ("segments", [(id, size), ...])                       -> no reply; the next packet carries their fds
-    ("forget", [id, ...])                                 -> no reply; unmap those shared segments
+    ("describe", path)                     -> ("ok", info) | ("error", kind, message)
+    ("call", path, algorithm, params,
+     inputs, out_offset, out_block)        -> ("ok", outputs, arena) | ("error", kind, message)
+    ("arena", path)                        -> ("ok", None)   (the host grew the arena)
+    ("segments", [(id, size), ...])        -> no reply; the next packet carries their fds
+    ("forget", [id, ...])                  -> no reply; unmap those shared segments
 
 ``params`` is the JSON bytes, or ``(offset, length)`` of them in the arena when they are large.
 ``inputs`` are ``(name, dtype, shape, offset, segment)``: in the arena when ``segment`` is
-None, else in that shared segment (``_shared``: arrays the caller made there are not copied); each output comes back as
-``(name, dtype, shape, offset)``, written after ``out_offset``. When the outputs do not fit, the
-worker makes a larger arena itself, writes them there from offset 0 and returns its path as
-``arena`` (else None): the host maps it and unlinks it, and both use it from then on. Nothing
-large ever crosses the socket, so every packet fits its buffer.
+None, else in that shared segment (``_shared``: arrays the caller made there are not copied).
+``out_block`` is None or ``(segment, offset, size)``, a block the host reserved for the outputs:
+if they fit, each comes back as ``(name, dtype, shape, offset, True)``, written in that segment
+from that offset; otherwise as ``(name, dtype, shape, offset, False)``, written in the arena
+after ``out_offset``. When they do not fit there either, the worker makes a larger arena itself,
+writes them there from offset 0 and returns its path as ``arena`` (else None): the host maps it
+and unlinks it, and both use it from then on. Nothing large ever crosses the socket, so every
+packet fits its buffer.
 """
 
 from __future__ import annotations
@@ -97,38 +101,45 @@ def main(argv: list[str]) -> None:
         sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
 
     def call(path: str, algorithm: str, params: bytes | tuple[int, int], specs: list[Any],
-             out_offset: int) -> tuple[Any, ...]:
+             out_offset: int, out_block: tuple[int, int, int] | None) -> tuple[Any, ...]:
         nonlocal arena
         buf = arena.map
         if type(params) is tuple:  # large params travel in the arena
             params = bytes(buf[params[0]:params[0] + params[1]])
         inputs = []
         for name, dtype, shape, offset, segment in specs:
-            source = buf if segment is None else segments.get(segment)
-            if source is None:
-                raise OSError(f"shared segment {segment} is not mapped in the worker: "
-                              f"{unmapped.get(segment, 'its file descriptor never arrived')}")
-            inputs.append((name, np.ndarray(shape, dtype, source, offset)))
+            inputs.append((name, np.ndarray(shape, dtype, buf if segment is None else mapped(segment), offset)))
         outputs = load(path).call(algorithm, inputs, params)
         del inputs
-        end = out_offset
+        size = 0
         for _, array in outputs:
-            end = align(end + array.nbytes)
+            size = align(size + array.nbytes)
         grown = None
-        if end > arena.size:
-            # they do not fit after the inputs: a new arena of our own, outputs from its start
-            grown = new_arena_file(max(align((end - out_offset) * 2), arena.size * 2))
-            arena, out_offset = Arena(grown), 0
+        in_block = out_block is not None and size <= out_block[2]
+        if in_block:
+            assert out_block is not None
+            target, cursor = mapped(out_block[0]), out_block[1]
+        else:
+            if out_offset + size > arena.size:
+                # they do not fit after the inputs: a new arena of our own, outputs from its start
+                grown = new_arena_file(max(align(size * 2), arena.size * 2))
+                arena, out_offset = Arena(grown), 0
+            target, cursor = arena.map, out_offset
         replies = []
-        cursor = out_offset
-        target = arena.map
         for name, array in outputs:
             nbytes = array.nbytes
             if nbytes:  # plugin outputs are C-contiguous
                 target[cursor:cursor + nbytes] = array.data.cast("B") if array.ndim else array.tobytes()
-            replies.append((name, array.dtype.str, array.shape, cursor))
+            replies.append((name, array.dtype.str, array.shape, cursor, in_block))
             cursor = align(cursor + nbytes)
         return ("ok", replies, grown)
+
+    def mapped(segment: int) -> mmap.mmap:
+        view = segments.get(segment)
+        if view is None:
+            raise OSError(f"shared segment {segment} is not mapped in the worker: "
+                          f"{unmapped.get(segment, 'its file descriptor never arrived')}")
+        return view
 
     send(("ready", os.getpid()))
     while True:
