@@ -7,8 +7,10 @@ to one thread unless a row says otherwise: every bundled algorithm runs on one t
 
 Tables:
   1. each bundled algorithm against OpenCV and numpy/scipy (best-of-N ms, ratios, max difference);
-  2. call overhead: direct cffi call vs the executor vs the scheduler (trivial algorithm);
-  3. process isolation: extra cost per call for 1 MB inputs;
+  2. call overhead: direct cffi call vs the executor vs the scheduler (trivial algorithm), the
+     paths taking turns round by round;
+  3. process isolation: extra cost per call for 1 MB inputs, plain numpy arrays (copied into the
+     worker's arena) and arrays made with executor.empty() (in shared memory, not copied);
   4. two threads running blurs vs one after the other;
   5. a segfaulting plugin in process mode, then 100 tasks.
 """
@@ -235,12 +237,15 @@ def process_table(repeat: int) -> list[str]:
     isolated = CppExecutor({"isolation": "process", "workers": 1})
     shared = isolated.empty(one_mb.shape, one_mb.dtype)  # the same data, made in shared memory
     shared[...] = one_mb
+    shared_square = isolated.empty(square.shape, square.dtype)
+    shared_square[...] = square
     lines = [f"{'1 MiB input':52} {'inprocess us':>13} {'process us':>11} {'added us':>9}  target", "-" * 98]
     try:
         for title, algorithm, data, params in (
             ("sum (1 MiB in, 8 B out)", "sum", one_mb, {}),
             ("sum, input made with executor.empty() (not copied)", "sum", shared, {}),
             ("gaussian_blur 512x512 f32 (1 MiB in and out)", "gaussian_blur", square, {"sigma": 2.0}),
+            ("gaussian_blur, input made with executor.empty()", "gaussian_blur", shared_square, {"sigma": 2.0}),
         ):
             a = best_s(lambda a=algorithm, d=data, p=params: inprocess.call(a, d, p), repeat * 10, warmup=5) * 1e6
             b = best_s(lambda a=algorithm, d=data, p=params: isolated.call(a, d, p), repeat * 10, warmup=5) * 1e6
