@@ -153,7 +153,7 @@ def test_the_heap_never_hands_out_overlapping_blocks(steps: list[tuple[int, bool
 def _used(executor: CppExecutor) -> int:
     pool = executor._pool
     assert pool is not None and pool.heap is not None
-    return sum(segment._used for segment in pool.heap.segments.values())
+    return sum(segment.used for segment in pool.heap.segments.values())
 
 
 async def test_large_outputs_come_back_in_shared_memory_and_go_on_uncopied(
@@ -171,6 +171,8 @@ async def test_large_outputs_come_back_in_shared_memory_and_go_on_uncopied(
     np.testing.assert_allclose(edges, cpp.call("sobel", blurred), rtol=1e-6)
     assert await arena_mb(executor) == 8.0
     before = _used(executor)
+    assert (await executor.health()).details["shared_memory"] == {
+        "segments": 1, "mapped_mb": 64.0, "in_use_mb": round(before / 2**20, 3)}
     del blurred
     gc.collect()
     assert _used(executor) == before - image.nbytes  # the output's block went back

@@ -357,6 +357,11 @@ class WorkerPool:
     def empty(self, shape: Any, dtype: Any) -> np.ndarray:
         return self._heap().empty(shape, dtype)
 
+    def shared_memory(self) -> dict[str, float]:
+        """The shared segments' size and the part of it that arrays (inputs, outputs) hold."""
+        heap = self.heap
+        return {"segments": 0, "mapped_mb": 0.0, "in_use_mb": 0.0} if heap is None else heap.usage()
+
     def _heap(self) -> SharedHeap:
         heap = self.heap
         if heap is None:

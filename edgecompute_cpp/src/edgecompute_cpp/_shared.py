@@ -82,6 +82,10 @@ class Segment:
             free.insert(i, (offset, nbytes))
 
     @property
+    def used(self) -> int:
+        return self._used
+
+    @property
     def empty(self) -> bool:
         return self._used == 0
 
@@ -181,6 +185,12 @@ class SharedHeap:
                 del self.segments[segment.id]
                 segment.close()
                 self.generation += 1
+
+    def usage(self) -> dict[str, float]:
+        with self._lock:
+            segments = list(self.segments.values())
+        return {"segments": len(segments), "mapped_mb": round(sum(s.size for s in segments) / 2**20, 1),
+                "in_use_mb": round(sum(s.used for s in segments) / 2**20, 3)}
 
     def locate(self, array: np.ndarray) -> tuple[int, int] | None:
         """(segment id, offset) of an array that lies in one of our segments, else None."""

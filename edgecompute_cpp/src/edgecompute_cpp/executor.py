@@ -437,6 +437,7 @@ class CppExecutor:
         }
         if self._pool is not None:
             details["workers"] = self._pool.states()
+            details["shared_memory"] = self._pool.shared_memory()
         if not loaded.entries:
             return Health(HealthStatus.DOWN, "no C++ plugin loaded", details)
         if loaded.problems:
