@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from edgecompute import Config, Registry, Resources, Scheduler
 from edgecompute_cpp import CppExecutor, build_plugin
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -28,3 +30,11 @@ def cpp() -> CppExecutor:
     executor = CppExecutor(builtin=True, plugins=[])
     executor.algorithms()
     return executor
+
+
+@pytest.fixture
+async def isolated(testplug: Path) -> AsyncIterator[tuple[Scheduler, CppExecutor]]:
+    """A scheduler over a ``process`` executor with one worker and the test plugin."""
+    executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
+    async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
+        yield s, executor

@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,6 @@ from edgecompute_cpp import CppExecutor, PluginABIError
 from .conftest import PLUGINS
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def isolated(testplug: Path) -> AsyncIterator[tuple[Scheduler, CppExecutor]]:
-    executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
-    async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
-        yield s, executor
 
 
 async def test_results_match_inprocess_for_large_arrays(isolated: tuple[Scheduler, CppExecutor],

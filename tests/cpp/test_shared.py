@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgecompute import Config, Registry, Resources, Scheduler
+from edgecompute import Scheduler
 from edgecompute.errors import ExecutorCrashed, InvalidRequest
 from edgecompute_cpp import CppExecutor
 from edgecompute_cpp._shared import ALIGN, SharedHeap
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def isolated(testplug: Path) -> AsyncIterator[tuple[Scheduler, CppExecutor]]:
-    executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
-    async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
-        yield s, executor
 
 
 async def arena_mb(executor: CppExecutor) -> float:
