@@ -200,6 +200,7 @@ class Worker:
         """Make the worker map the segments ``needed`` and unmap those the heap gave back."""
         sock = self.sock
         assert sock is not None
+        heap.collect()  # segments emptied since the last call are given back, and forgotten below
         try:
             if self.generation != heap.generation:
                 gone = [ident for ident in self.mapped if ident not in heap.segments]

@@ -16,6 +16,7 @@ workers told to unmap it on their next call).
 from __future__ import annotations
 
 import bisect
+import collections
 import mmap
 import os
 import threading
@@ -128,6 +129,10 @@ class SharedHeap:
         self.generation = 0
         self._next_id = 0
         self._lock = threading.Lock()
+        # Blocks are freed by finalizers, which the cyclic GC may run in any thread at any moment,
+        # even inside our own locked code: they only queue the block (an atomic append), and the
+        # next call that takes the lock frees what is queued.
+        self._freed: collections.deque[tuple[Segment, int, int]] = collections.deque()
 
     def empty(self, shape: Any, dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -142,19 +147,21 @@ class SharedHeap:
             nbytes *= n
         size = _round(max(nbytes, 1), ALIGN)
         with self._lock:
+            self._free_queued()
             segment, offset = self._allocate(size)
         block = SharedBlock(segment, {"data": (segment.address + offset, False), "shape": shape,
                                       "typestr": dtype.str, "version": 3})
-        weakref.finalize(block, self._release, segment, offset, size)
+        weakref.finalize(block, self._freed.append, (segment, offset, size))
         return np.asarray(block)
 
     def reserve(self, size: int) -> Reservation:
         """A block of ``size`` bytes for a call's outputs (see :meth:`view`)."""
         size = _round(max(size, 1), ALIGN)
         with self._lock:
+            self._free_queued()
             segment, offset = self._allocate(size)
         reservation = Reservation(segment, offset, size)
-        weakref.finalize(reservation, self._release, segment, offset, size)
+        weakref.finalize(reservation, self._freed.append, (segment, offset, size))
         return reservation
 
     @staticmethod
@@ -176,8 +183,11 @@ class SharedHeap:
         assert offset is not None
         return segment, offset
 
-    def _release(self, segment: Segment, offset: int, size: int) -> None:
-        with self._lock:
+    def _free_queued(self) -> None:
+        """Free the blocks whose arrays are gone (under the lock)."""
+        freed = self._freed
+        while freed:
+            segment, offset, size = freed.popleft()
             segment.release(offset, size)
             # keep one segment of the usual size for reuse; give any other back once it is empty
             if segment.empty and self.segments.get(segment.id) is segment and (
@@ -186,8 +196,15 @@ class SharedHeap:
                 segment.close()
                 self.generation += 1
 
+    def collect(self) -> None:
+        """Free now what the collected arrays held (calls that allocate do it anyway)."""
+        if self._freed:
+            with self._lock:
+                self._free_queued()
+
     def usage(self) -> dict[str, float]:
         with self._lock:
+            self._free_queued()
             segments = list(self.segments.values())
         return {"segments": len(segments), "mapped_mb": round(sum(s.size for s in segments) / 2**20, 1),
                 "in_use_mb": round(sum(s.used for s in segments) / 2**20, 3)}
