@@ -4,7 +4,8 @@ Each worker owns an arena: a file in ``/dev/shm`` mapped by the host and the wor
 once both have mapped it (so nothing is left behind, even after a crash). The host copies inputs
 into it, the worker runs the plugin on views of them and copies the outputs in after the inputs,
 and the host copies them out. Inputs that the caller made in shared memory (``_shared``,
-:meth:`CppExecutor.empty`) are not copied: the worker maps their segment. Messages are small
+:meth:`CppExecutor.empty`) are not copied: the worker maps their segment. Large outputs go to a
+shared block that the host reserved, and come back as arrays over it. Messages are small
 pickled tuples, one per ``SOCK_SEQPACKET`` packet (see ``_worker``): a call costs one ``send``
 and one ``recv`` on each side. A worker that dies (segfault, abort, kill) fails only the call it
 was running; the next call starts a fresh worker. A call past its deadline kills its worker.
@@ -514,14 +515,17 @@ class WorkerPool:
         if len(params) > _INLINE_PARAMS:
             sent_params, offset = (offset, len(params)), align(offset + len(params))
         hint = self._output_hint.get(qualified, 0)
-        needed = offset + max(hint, 1 << 16)
+        shared_outputs = hint >= _SHARED_OUTPUTS_MIN
+        # room for the outputs too, unless they go to a shared block (the worker grows the arena
+        # itself for outputs that fit neither)
+        needed = offset + (1 << 16 if shared_outputs else max(hint, 1 << 16))
         if needed > worker.size:
             if not grow:
                 return None
             worker.ensure_arena(needed)
         reservation = None
         out_block = None
-        if hint >= _SHARED_OUTPUTS_MIN:
+        if shared_outputs:
             heap = self._heap()
             reservation = heap.reserve(hint)
             out_block = (reservation.segment.id, reservation.offset, reservation.size)
