@@ -420,9 +420,12 @@ class WorkerPool:
             raise PluginABIError(label, int(reply[3]), (MIN_ABI_VERSION, ABI_VERSION))
         raise PluginError(label, reply[2])
 
-    def call(self, ticket: Ticket, path: str, qualified: str, algorithm: str, params: bytes,
+    def call(self, ticket: Ticket | None, path: str, qualified: str, algorithm: str, params: bytes,
              inputs: Sequence[tuple[bytes | None, np.ndarray]], deadline: float | None) -> list[tuple[str, np.ndarray]]:
-        """Run one call on a worker, blocking this thread (starting or growing the worker as needed)."""
+        """Run one call on a worker, blocking this thread (starting or growing the worker as needed).
+        ``ticket`` lets another thread cancel it; None when nobody can."""
+        if ticket is None:
+            ticket = Ticket()
         worker = self._checkout()
         try:
             ticket.assign(worker)

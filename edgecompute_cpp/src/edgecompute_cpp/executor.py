@@ -324,10 +324,8 @@ class CppExecutor:
         encoded = native.encode_params(params or {}, entry.qualified)
         if self._pool is None:
             return _shape_outputs(self._run_inprocess(entry, arrays, encoded, None, None))
-        from ._process import Ticket
-
         deadline = None if timeout is None else time.monotonic() + timeout
-        return _shape_outputs(self._run_process(entry, arrays, encoded, Ticket(), deadline))
+        return _shape_outputs(self._run_process(entry, arrays, encoded, None, deadline))
 
     def empty(self, shape: int | Sequence[int], dtype: Any = "float32") -> Any:
         """A new, uninitialised numpy array for inputs: fill it, then pass it to calls.
