@@ -92,6 +92,11 @@ def test_config_is_validated_cheaply() -> None:
         CppExecutor({"workers": 0})
     with pytest.raises(ConfigError, match="plugins must be a list of paths"):
         CppExecutor({"plugins": "/x.so"})
+    with pytest.raises(ConfigError, match="wait_below_us must be a number >= 0"):
+        CppExecutor({"isolation": "process", "wait_below_us": -1})
+    with pytest.raises(ConfigError, match="wait_below_us must be a number >= 0"):
+        CppExecutor(isolation="process", wait_below_us=True)
+    assert CppExecutor(isolation="process", wait_below_us=0).wait_below_us == 0.0
 
 
 def test_discovery_registers_cpp_and_passes_its_settings() -> None:

@@ -106,7 +106,8 @@ class CppExecutor:
 
     def __init__(self, config: Mapping[str, Any] | None = None, *, isolation: str | None = None,
                  workers: int | None = None, plugins: Sequence[str | os.PathLike[str]] | None = None,
-                 builtin: bool | None = None, inline_below_us: float | None = None) -> None:
+                 builtin: bool | None = None, inline_below_us: float | None = None,
+                 wait_below_us: float | None = None) -> None:
         config = dict(config or {})
         _check_config(config)
         self.isolation = isolation if isolation is not None else config.get("isolation", "inprocess")
@@ -127,7 +128,7 @@ class CppExecutor:
         if isinstance(inline, bool) or not isinstance(inline, (int, float)) or inline < 0:
             raise ConfigError(f"[executors.cpp] inline_below_us must be a number >= 0, not {inline!r}")
         self._inline_s = float(inline) / 1e6
-        wait = config.get("wait_below_us", 1000.0)
+        wait = wait_below_us if wait_below_us is not None else config.get("wait_below_us", 1000.0)
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
             raise ConfigError(f"[executors.cpp] wait_below_us must be a number >= 0, not {wait!r}")
         self.wait_below_us = float(wait)
