@@ -94,11 +94,17 @@ class CppExecutor:
     * ``builtin``: load the bundled plugin (default true).
     * ``inline_below_us``: in-process calls that took less than this last time (for inputs of the
       same size) run on the event loop instead of a worker thread; 0 disables (default 100).
+    * ``wait_below_us``: in ``process`` mode, calls from the event loop whose last round trip took
+      less than this block the loop until their reply instead of waiting through its selector;
+      0 disables (default 1000).
     * ``compile_flags``: extra compiler flags for plugins given as source.
 
     Plugins come from the bundled plugin, ``plugins``, the ``edgecompute_cpp.plugins`` entry points
     and ``$EDGECOMPUTE_CPP_PLUGIN_PATH``. The bundled plugin's algorithms have bare names
     (``cpp/gaussian_blur``); every other plugin's are ``<plugin>.<algorithm>``.
+
+    In ``process`` mode, arrays made with :meth:`empty` and large outputs live in memory that the
+    workers share, and cross to them without a copy.
     """
 
     name = "cpp"
