@@ -731,15 +731,27 @@ class Scheduler:
         ctx = handle._ctx
         assert ctx is not None
         allocation, handle._allocation = handle._allocation, None
+        if ctx._threads_open == 0:
+            # The context refers back to its handle. Without this cycle both are freed by
+            # reference counting as soon as the caller lets go, instead of piling up (with their
+            # request and response) for the cyclic GC, which then ran every ~100 tasks. Nothing
+            # reads a stopped attempt's context: it is only lent to the executor for one attempt.
+            handle._ctx = None
+            if not handle._limits:  # the common case, without a closure
+                if allocation is not None:
+                    self._pool.release(allocation)
+                if self._heap:
+                    self._dispatch()
+                if self._idle_waiters:
+                    self._check_idle()
+                return
+        self._stopped_slowly(handle, ctx, allocation)
 
-        if ctx._threads_open == 0 and not handle._limits:  # the common case, without a closure
-            if allocation is not None:
-                self._pool.release(allocation)
-            if self._heap:
-                self._dispatch()
-            if self._idle_waiters:
-                self._check_idle()
-            return
+    def _stopped_slowly(self, handle: TaskHandle, ctx: TaskContext, allocation: Allocation | None) -> None:
+        """_stopped's other cases: concurrency limits, or blocking code still on a worker thread.
+
+        A method of its own so that _stopped does not make the closure's cells on every call.
+        """
         lingering = ctx._threads_open > 0
         if lingering:
             self._lingering += 1
