@@ -437,7 +437,9 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
         if self._state == "running" and self._queued < self.max_queue:
-            handle = self._enqueue(request, caller=_current_task())
+            # our loop, not asyncio's look-up of the running one: the same loop while running
+            # (its futures could not be awaited from another), and a call less per task
+            handle = self._enqueue(request, _current_task(self._loop))
         else:
             handle = await self.asubmit(request)
         if handle._inline and handle._task is not None:
@@ -495,12 +497,13 @@ class Scheduler:
             except Exception as exc:
                 raise InvalidRequest(f"{selection.qualified_name}: requirements() failed for request "
                                      f"{request.id}: {type(exc).__name__}: {exc}") from exc
-        if needs is not self._last_feasible and not self._pool.feasible(needs):
-            raise InfeasibleRequest(
-                f"request {request.id} for {selection.qualified_name} needs {needs}, "
-                f"more than the scheduler's whole capacity ({self.capacity}); it could never run"
-            )
-        self._last_feasible = needs  # executors mostly hand back the same object: skip the re-check
+        if needs is not self._last_feasible:  # executors mostly hand back the same object: check it once
+            if not self._pool.feasible(needs):
+                raise InfeasibleRequest(
+                    f"request {request.id} for {selection.qualified_name} needs {needs}, "
+                    f"more than the scheduler's whole capacity ({self.capacity}); it could never run"
+                )
+            self._last_feasible = needs
         limits: tuple[str, ...] = ()
         name = executor.name
         if name in self._limits:
