@@ -505,9 +505,8 @@ class Scheduler:
                 )
             self._last_feasible = needs
         limits: tuple[str, ...] = ()
-        name = executor.name
-        if name in self._limits:
-            limits = (name,)
+        if self._limits and executor.name in self._limits:  # mostly no executor has a limit set
+            limits = (executor.name,)
         if not selection.algorithm.thread_safe:
             limits += (selection.qualified_name,)
         now = time.monotonic()
@@ -524,8 +523,7 @@ class Scheduler:
             # nothing waits ahead of it: admit straight away if it fits, skipping the heap
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
-                self._queued += 1
-                self._start(handle, allocation, caller, now)
+                self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
         self._push(handle, now - request.priority * self._aging)
         self._dispatch()
@@ -569,6 +567,7 @@ class Scheduler:
                 allocation = pool.try_acquire(handle._needs)
                 if allocation is not None:
                     heapq.heappop(heap)
+                    self._queued -= 1
                     self._start(handle, allocation)
                     continue
                 blocked = set(blocked) | pool.short_of(handle._needs)
@@ -600,15 +599,17 @@ class Scheduler:
 
     def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
                now: float | None = None) -> None:
-        self._queued -= 1
+        # a task taken off the heap has left the queue count already; one admitted as it was
+        # submitted never entered it
         self._active += 1
         handle.state = _RUNNING
         handle.attempts += 1
         handle._allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
         handle._started_at = time.monotonic() if now is None else now
-        for key in handle._limits:
-            self._running[key] += 1
+        if handle._limits:  # mostly none: no iterator over an empty tuple
+            for key in handle._limits:
+                self._running[key] += 1
         handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
         handle._inline = caller is not None
         # inline, run() awaits _execute itself in the caller's task right after this returns
