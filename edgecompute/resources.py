@@ -59,9 +59,12 @@ class ResourcePool:
         self._gpu_free = [device_memory] * capacity.gpus
         self._cpu_free = self._cpu
         self._memory_free = self._memory
-        # executors mostly hand back the same Resources object: convert it once
+        # executors mostly hand back the same Resources object: convert it once, and hand out one
+        # Allocation for it while it needs no devices (a named tuple, immutable: tasks can share it;
+        # building one per task cost more than the rest of try_acquire)
         self._last_need: Resources | None = None
-        self._last_amounts: tuple[int, int, int] = (0, 0, 0)
+        self._last_allocation = _NOTHING
+        self._last_count = 0
 
     def feasible(self, need: Resources) -> bool:
         """Whether ``need`` could ever be admitted (when nothing else runs)."""
@@ -70,16 +73,16 @@ class ResourcePool:
     def try_acquire(self, need: Resources) -> Allocation | None:
         """Reserve ``need`` now, or return None when it does not fit at the moment."""
         if need is self._last_need:
-            cpu, memory, count = self._last_amounts
+            allocation, count = self._last_allocation, self._last_count
         else:
             if not (need.cpu or need.memory_mb or need.gpus or need.gpu_memory_mb):
                 return _NOTHING
-            cpu, memory, count = _milli(need.cpu), _milli(need.memory_mb), need.devices_needed
-            self._last_need, self._last_amounts = need, (cpu, memory, count)
+            allocation = Allocation(_milli(need.cpu), _milli(need.memory_mb), (), ())
+            count = need.devices_needed
+            self._last_need, self._last_allocation, self._last_count = need, allocation, count
+        cpu, memory = allocation.cpu, allocation.memory
         if cpu > self._cpu_free or memory > self._memory_free:
             return None
-        devices: tuple[int, ...] = ()
-        per_device: tuple[int, ...] = ()
         if count:
             # gpus without gpu_memory_mb means whole devices
             want = _milli(need.gpu_memory_mb) if need.gpu_memory_mb else self._device_total
@@ -88,12 +91,12 @@ class ResourcePool:
             if len(fitting) < count:
                 return None
             devices = tuple(sorted(index for _, index in fitting[:count]))
-            per_device = (want,) * count
             for index in devices:
                 self._gpu_free[index] -= want
+            allocation = Allocation(cpu, memory, (want,) * count, devices)
         self._cpu_free -= cpu
         self._memory_free -= memory
-        return Allocation(cpu, memory, per_device, devices)
+        return allocation
 
     def release(self, allocation: Allocation) -> None:
         if allocation is _NOTHING:

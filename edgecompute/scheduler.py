@@ -437,7 +437,9 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
         if self._state == "running" and self._queued < self.max_queue:
-            handle = self._enqueue(request, caller=_current_task())
+            # our loop, not asyncio's look-up of the running one: the same loop while running
+            # (its futures could not be awaited from another), and a call less per task
+            handle = self._enqueue(request, _current_task(self._loop))
         else:
             handle = await self.asubmit(request)
         if handle._inline and handle._task is not None:
@@ -495,16 +497,16 @@ class Scheduler:
             except Exception as exc:
                 raise InvalidRequest(f"{selection.qualified_name}: requirements() failed for request "
                                      f"{request.id}: {type(exc).__name__}: {exc}") from exc
-        if needs is not self._last_feasible and not self._pool.feasible(needs):
-            raise InfeasibleRequest(
-                f"request {request.id} for {selection.qualified_name} needs {needs}, "
-                f"more than the scheduler's whole capacity ({self.capacity}); it could never run"
-            )
-        self._last_feasible = needs  # executors mostly hand back the same object: skip the re-check
+        if needs is not self._last_feasible:  # executors mostly hand back the same object: check it once
+            if not self._pool.feasible(needs):
+                raise InfeasibleRequest(
+                    f"request {request.id} for {selection.qualified_name} needs {needs}, "
+                    f"more than the scheduler's whole capacity ({self.capacity}); it could never run"
+                )
+            self._last_feasible = needs
         limits: tuple[str, ...] = ()
-        name = executor.name
-        if name in self._limits:
-            limits = (name,)
+        if self._limits and executor.name in self._limits:  # mostly no executor has a limit set
+            limits = (executor.name,)
         if not selection.algorithm.thread_safe:
             limits += (selection.qualified_name,)
         now = time.monotonic()
@@ -521,8 +523,7 @@ class Scheduler:
             # nothing waits ahead of it: admit straight away if it fits, skipping the heap
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
-                self._queued += 1
-                self._start(handle, allocation, caller, now)
+                self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
         self._push(handle, now - request.priority * self._aging)
         self._dispatch()
@@ -566,6 +567,7 @@ class Scheduler:
                 allocation = pool.try_acquire(handle._needs)
                 if allocation is not None:
                     heapq.heappop(heap)
+                    self._queued -= 1
                     self._start(handle, allocation)
                     continue
                 blocked = set(blocked) | pool.short_of(handle._needs)
@@ -597,15 +599,17 @@ class Scheduler:
 
     def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
                now: float | None = None) -> None:
-        self._queued -= 1
+        # a task taken off the heap has left the queue count already; one admitted as it was
+        # submitted never entered it
         self._active += 1
         handle.state = _RUNNING
         handle.attempts += 1
         handle._allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
         handle._started_at = time.monotonic() if now is None else now
-        for key in handle._limits:
-            self._running[key] += 1
+        if handle._limits:  # mostly none: no iterator over an empty tuple
+            for key in handle._limits:
+                self._running[key] += 1
         handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
         handle._inline = caller is not None
         # inline, run() awaits _execute itself in the caller's task right after this returns
@@ -731,15 +735,27 @@ class Scheduler:
         ctx = handle._ctx
         assert ctx is not None
         allocation, handle._allocation = handle._allocation, None
+        if ctx._threads_open == 0:
+            # The context refers back to its handle. Without this cycle both are freed by
+            # reference counting as soon as the caller lets go, instead of piling up (with their
+            # request and response) for the cyclic GC, which then ran every ~100 tasks. Nothing
+            # reads a stopped attempt's context: it is only lent to the executor for one attempt.
+            handle._ctx = None
+            if not handle._limits:  # the common case, without a closure
+                if allocation is not None:
+                    self._pool.release(allocation)
+                if self._heap:
+                    self._dispatch()
+                if self._idle_waiters:
+                    self._check_idle()
+                return
+        self._stopped_slowly(handle, ctx, allocation)
 
-        if ctx._threads_open == 0 and not handle._limits:  # the common case, without a closure
-            if allocation is not None:
-                self._pool.release(allocation)
-            if self._heap:
-                self._dispatch()
-            if self._idle_waiters:
-                self._check_idle()
-            return
+    def _stopped_slowly(self, handle: TaskHandle, ctx: TaskContext, allocation: Allocation | None) -> None:
+        """_stopped's other cases: concurrency limits, or blocking code still on a worker thread.
+
+        A method of its own so that _stopped does not make the closure's cells on every call.
+        """
         lingering = ctx._threads_open > 0
         if lingering:
             self._lingering += 1
