@@ -75,6 +75,14 @@ class _Loaded:
         self.problems: list[PluginError] = []
 
 
+def _microseconds(key: str, given: float | None, config: Mapping[str, Any], default: float) -> float:
+    """A duration setting: the keyword argument, else the config's, else the default; >= 0."""
+    value = given if given is not None else config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"[executors.cpp] {key} must be a number >= 0, not {value!r}")
+    return float(value)
+
+
 def _check_config(config: Mapping[str, Any]) -> None:
     unknown = set(config) - _CONFIG_KEYS
     if unknown:
@@ -130,14 +138,8 @@ class CppExecutor:
         self.builtin = builtin if builtin is not None else config.get("builtin", True)
         if not isinstance(self.builtin, bool):
             raise ConfigError(f"[executors.cpp] builtin must be true or false, not {self.builtin!r}")
-        inline = inline_below_us if inline_below_us is not None else config.get("inline_below_us", 100.0)
-        if isinstance(inline, bool) or not isinstance(inline, (int, float)) or inline < 0:
-            raise ConfigError(f"[executors.cpp] inline_below_us must be a number >= 0, not {inline!r}")
-        self._inline_s = float(inline) / 1e6
-        wait = wait_below_us if wait_below_us is not None else config.get("wait_below_us", 1000.0)
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
-            raise ConfigError(f"[executors.cpp] wait_below_us must be a number >= 0, not {wait!r}")
-        self.wait_below_us = float(wait)
+        self._inline_s = _microseconds("inline_below_us", inline_below_us, config, 100.0) / 1e6
+        self.wait_below_us = _microseconds("wait_below_us", wait_below_us, config, 1000.0)
         self.compile_flags = list(config.get("compile_flags", []))
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
