@@ -443,30 +443,9 @@ class Scheduler:
         else:
             handle = await self.asubmit(request)
         if handle._inline and handle._task is not None:
-            # _execute's body, inlined: a coroutine less per call. A task that ended before this
-            # step (an observer of "started" cancelled it) has no task any more: nothing to run.
-            ctx = handle._ctx
-            assert ctx is not None
-            ctx._entered = True
-            try:
-                response = await handle._selection.executor.execute(request, ctx)
-                if type(response) is not Response and not isinstance(response, Response):
-                    raise ExecutorError(f"{handle._selection.qualified_name} returned "
-                                        f"{type(response).__name__}, not a Response")
-            except asyncio.CancelledError:
-                if not self._absorb_cancel(handle):
-                    raise
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
-                self._failed(handle, exc)
-            except BaseException as exc:
-                if not handle._ended:
-                    self._finish(handle, TaskState.FAILED, error=exc)
-                raise
-            else:
-                if not handle._ended:
-                    self._succeed(handle, response)
-            finally:
-                self._stopped(handle)
+            # admitted at once: the task runs here, in the caller's task (a task that ended before
+            # this step, because an observer of "started" cancelled it, has no task to run)
+            await self._execute(handle)
         if handle._ended:  # the usual case after an inline run: no coroutine for result()
             if handle._error is not None:
                 raise handle._error
@@ -624,7 +603,6 @@ class Scheduler:
     # -- running ----------------------------------------------------------------------------------
 
     async def _execute(self, handle: TaskHandle) -> None:
-        # Scheduler.run runs a copy of this body inline; a change here belongs there too
         if handle._task is None:
             return  # it ended before its first step (cancelled at once); already cleaned up
         selection = handle._selection
