@@ -109,9 +109,19 @@ def test_sharded_checkpoint_equals_single_file(tiny_llama, tiny_llama_sharded):
     assert (tiny_llama_sharded / "model.safetensors.index.json").is_file()
     assert len(list(tiny_llama_sharded.glob("model-*.safetensors"))) > 1
     a, b = _load(tiny_llama), _load(tiny_llama_sharded)
+
+    def weights(lm):
+        return [lm.model.embed, lm.model.norm, lm.model.lm_head] + [
+            getattr(layer, name) for layer in lm.model.layers for name in type(layer).__slots__]
+
+    for x, y in zip(weights(a), weights(b), strict=True):  # the same tensors, bit for bit
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
     ids = a.tokenizer.encode("hello world").ids
+    # Not bit-identical outputs: where a tensor lies in memory (its alignment differs between the
+    # two files) can pick another vector kernel, which sums in another order (seen with AVX-512).
     torch.testing.assert_close(a.model.forward(torch.tensor([ids]), a.model.new_cache(32)),
-                               b.model.forward(torch.tensor([ids]), b.model.new_cache(32)), atol=0, rtol=0)
+                               b.model.forward(torch.tensor([ids]), b.model.new_cache(32)), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

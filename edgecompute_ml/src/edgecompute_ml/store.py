@@ -7,6 +7,7 @@ pluggable: :func:`register_family` adds one (a config parser, the tensors it nee
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -40,50 +41,32 @@ class Family:
     build: Callable[..., Any]
     load: Callable[..., Any] | None = None
 
+    @classmethod
+    def lazy(cls, name: str, task: str, model_types: tuple[str, ...], architectures: tuple[str, ...], *,
+             module: str, config: str, model: str, prefixed: bool = False,
+             load: Callable[..., Any] | None = None) -> Family:
+        """A family of this package whose module is imported on first use, so that importing
+        ``edgecompute_ml`` stays light. ``config`` and ``model`` name the module's classes
+        (``config.from_hf(dict, source)``, ``model(config, weights, dtype, device)``); with
+        ``prefixed``, the config learns the checkpoint's tensor-name prefix (``with_prefix``)."""
 
-def _llama_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .llama import LlamaConfig
+        def parse(raw: Mapping[str, Any], source: str, names: Any) -> Any:
+            parsed = getattr(importlib.import_module(f".{module}", __package__), config).from_hf(raw, source)
+            return parsed.with_prefix(names) if prefixed else parsed
 
-    return LlamaConfig.from_hf(config, source)
+        def build(parsed: Any, weights: Any, dtype: Any, device: Any) -> Any:
+            return getattr(importlib.import_module(f".{module}", __package__), model)(parsed, weights, dtype, device)
 
-
-def _llama_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .llama import LlamaModel
-
-    return LlamaModel(config, weights, dtype, device)
-
-
-def _bert_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .bert import BertConfig
-
-    return BertConfig.from_hf(config, source).with_prefix(names)
-
-
-def _bert_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .bert import BertModel
-
-    return BertModel(config, weights, dtype, device)
-
-
-def _whisper_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .whisper import WhisperConfig
-
-    return WhisperConfig.from_hf(config, source)
-
-
-def _whisper_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .whisper import WhisperModel
-
-    return WhisperModel(config, weights, dtype, device)
+        return cls(name, task, model_types, architectures, parse, build, load)
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "text-generation", ("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM"),
-                    _llama_parse, _llama_build),
-    "bert": Family("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
-                   _bert_parse, _bert_build),
-    "whisper": Family("whisper", "speech-recognition", ("whisper",), ("WhisperForConditionalGeneration",),
-                      _whisper_parse, _whisper_build),
+    "llama": Family.lazy("llama", "text-generation", ("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM"),
+                         module="llama", config="LlamaConfig", model="LlamaModel"),
+    "bert": Family.lazy("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
+                        module="bert", config="BertConfig", model="BertModel", prefixed=True),
+    "whisper": Family.lazy("whisper", "speech-recognition", ("whisper",), ("WhisperForConditionalGeneration",),
+                           module="whisper", config="WhisperConfig", model="WhisperModel"),
 }
 
 

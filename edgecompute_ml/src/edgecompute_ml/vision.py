@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,65 +52,19 @@ class LoadedVisionModel:
         return int(getattr(self.model.config, "max_position_embeddings", 77))
 
 
-def _vit_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .vit import ViTConfig
-
-    return ViTConfig.from_hf(config, source).with_prefix(names)
-
-
-def _vit_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .vit import ViTClassifier
-
-    return ViTClassifier(config, weights, dtype, device)
-
-
-def _mobilenet_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .mobilenet import MobileNetV2Config
-
-    return MobileNetV2Config.from_hf(config, source)
-
-
-def _mobilenet_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .mobilenet import MobileNetV2Classifier
-
-    return MobileNetV2Classifier(config, weights, dtype, device)
-
-
-def _clip_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .clip import CLIPConfig
-
-    return CLIPConfig.from_hf(config, source)
-
-
-def _clip_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .clip import CLIPModel
-
-    return CLIPModel(config, weights, dtype, device)
-
-
-def _yolos_parse(config: Mapping[str, Any], source: str, names: Any) -> Any:
-    from .detection import YolosConfig
-
-    return YolosConfig.from_hf(config, source)
-
-
-def _yolos_build(config: Any, weights: Any, dtype: Any, device: Any) -> Any:
-    from .detection import YolosDetector
-
-    return YolosDetector(config, weights, dtype, device)
-
-
 def vision_families() -> list[Any]:
     from .store import Family
 
     return [
-        Family("vit", IMAGE_CLASSIFICATION, ("vit",), ("ViTForImageClassification",), _vit_parse, _vit_build,
-               load_vision_model),
-        Family("mobilenet_v2", IMAGE_CLASSIFICATION, ("mobilenet_v2",), ("MobileNetV2ForImageClassification",),
-               _mobilenet_parse, _mobilenet_build, load_vision_model),
-        Family("clip", ZERO_SHOT, ("clip",), ("CLIPModel",), _clip_parse, _clip_build, load_vision_model),
-        Family("yolos", OBJECT_DETECTION, ("yolos",), ("YolosForObjectDetection",), _yolos_parse, _yolos_build,
-               load_vision_model),
+        Family.lazy("vit", IMAGE_CLASSIFICATION, ("vit",), ("ViTForImageClassification",),
+                    module="vit", config="ViTConfig", model="ViTClassifier", prefixed=True, load=load_vision_model),
+        Family.lazy("mobilenet_v2", IMAGE_CLASSIFICATION, ("mobilenet_v2",), ("MobileNetV2ForImageClassification",),
+                    module="mobilenet", config="MobileNetV2Config", model="MobileNetV2Classifier",
+                    load=load_vision_model),
+        Family.lazy("clip", ZERO_SHOT, ("clip",), ("CLIPModel",),
+                    module="clip", config="CLIPConfig", model="CLIPModel", load=load_vision_model),
+        Family.lazy("yolos", OBJECT_DETECTION, ("yolos",), ("YolosForObjectDetection",),
+                    module="detection", config="YolosConfig", model="YolosDetector", load=load_vision_model),
     ]
 
 
