@@ -22,28 +22,10 @@ import os
 import statistics
 import subprocess
 import sys
-import textwrap
 
-SMALL = "def main(inputs):\n    return {'sum': inputs['a'] + inputs['b'], 'tag': inputs['tag']}\n"
-INPUTS = {"a": 2, "b": 3, "tag": "bench"}
-CODE = textwrap.dedent(f"""
-    import time
-    import asyncio
-    from edgecompute import Registry, Resources, Scheduler
-    from edgecompute.config import Config
-    from edgecompute_wasm.executor import WasmExecutor
-    async def main():
-        t1 = time.perf_counter()
-        ex = WasmExecutor({{"pool_size": 8, "memory_mb": 128}})
-        async with Scheduler(Registry([ex]), capacity=Resources(cpu=2, memory_mb=10**6), config=Config()) as s:
-            r = await s.run("wasm/python", {INPUTS!r}, params={{"source": {SMALL!r}}})
-        t2 = time.perf_counter()
-        assert r.outputs == {{"sum": 5, "tag": "bench"}}, r.outputs
-        hits = ex._runtime.cache_stats.hits
-        await ex.aclose()
-        return t2 - t1, hits, r.timings["sandbox_start"]
-    print(*asyncio.run(main()))
-""")
+from wasm import first_request_code  # the script of benchmarks/wasm.py section 2
+
+CODE = first_request_code({"pool_size": 8, "memory_mb": 128})
 
 
 def once(pythonpath: str) -> tuple[float, float]:
@@ -54,7 +36,7 @@ def once(pythonpath: str) -> tuple[float, float]:
     else:
         env.pop("PYTHONPATH", None)
     out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, check=True, env=env)
-    first, hits, start = out.stdout.split()
+    first, _, hits, start = out.stdout.split()
     if hits != "1":
         raise SystemExit("the disk cache was not used: run benchmarks/wasm.py once to fill it")
     return float(first) * 1e3, float(start) * 1e3
