@@ -70,6 +70,13 @@ class ResourcePool:
         """Whether ``need`` could ever be admitted (when nothing else runs)."""
         return need.fits(self.capacity)
 
+    def fits(self, need: Resources) -> bool:
+        """Whether ``need`` would fit right now: :meth:`try_acquire`'s answer, taking nothing."""
+        if need is self._last_need and not self._last_count:
+            allocation = self._last_allocation
+            return allocation.cpu <= self._cpu_free and allocation.memory <= self._memory_free
+        return not self.short_of(need)
+
     def try_acquire(self, need: Resources) -> Allocation | None:
         """Reserve ``need`` now, or return None when it does not fit at the moment."""
         if need is self._last_need:

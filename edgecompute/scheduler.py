@@ -505,6 +505,12 @@ class Scheduler:
                 self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
         self._push(handle, now - request.priority * self._aging)
+        if not limits and self._heap and not self._pool.fits(needs):
+            # Admission is settled for the tasks that wait (whatever could let one start, a
+            # release or a queued task ending, dispatches at once). One that does not fit cannot
+            # start, nor let another start: scanning the queue again would only cost time
+            # (~30 us per submission with a backlog).
+            return handle
         self._dispatch()
         return handle
 
@@ -783,6 +789,8 @@ class Scheduler:
                 self._queued -= 1  # the heap entry goes stale and is dropped when reached
                 self._wake_space()
         self._finish(handle, state, error=error)
+        if was_queued and self._heap:
+            self._dispatch()  # it may have held back tasks behind it (see _admit's backfill)
         ctx, task = handle._ctx, handle._task
         if not was_queued:
             if ctx is not None:

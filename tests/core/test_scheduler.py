@@ -159,6 +159,40 @@ async def test_a_task_waiting_for_gpu_does_not_hold_up_cpu_only_work() -> None:
         await asyncio.gather(gpu_a.result(), gpu_b.result())
 
 
+async def test_cancelling_a_queued_task_lets_the_ones_it_held_back_start_at_once() -> None:
+    scheduler, ctl = make(cpu=2)
+    async with scheduler:
+        running = scheduler.submit(Request("ctl/gate", "running", resources=Resources(cpu=1)))
+        big = scheduler.submit(Request("ctl/gate", "big", resources=Resources(cpu=2), priority=5))
+        small = scheduler.submit(Request("ctl/gate", "small", resources=Resources(cpu=1)))
+        await settle()
+        # one cpu is free, but the waiting big task is short of cpu, so the small one may not take it
+        assert (running.state, big.state, small.state) == (TaskState.RUNNING, TaskState.QUEUED, TaskState.QUEUED)
+        big.cancel()
+        await settle()
+        assert small.state is TaskState.RUNNING  # no other event needed: nothing ended or arrived
+        ctl.release("running")
+        ctl.release("small")
+        await asyncio.gather(running.result(), small.result())
+
+
+async def test_with_a_backlog_a_new_task_that_fits_beside_it_still_starts() -> None:
+    scheduler, ctl = make(cpu=2)
+    async with scheduler:
+        running = [scheduler.submit(Request("ctl/gate", f"r{i}", resources=Resources(cpu=1))) for i in range(2)]
+        waiting = [scheduler.submit(Request("ctl/gate", f"w{i}", resources=Resources(cpu=1))) for i in range(5)]
+        await settle()
+        assert all(h.state is TaskState.QUEUED for h in waiting)
+        # needs only memory, of which there is room: the full cpu does not hold it back
+        memory_only = scheduler.submit(Request("ctl/echo", "m", resources=Resources(cpu=0, memory_mb=100)))
+        assert (await asyncio.wait_for(memory_only.result(), 5)).outputs == "m"
+        for i in range(2):
+            ctl.release(f"r{i}")
+        for i in range(5):
+            ctl.release(f"w{i}")
+        await asyncio.gather(*(h.result() for h in running + waiting))
+
+
 async def test_executor_concurrency_cap_from_config() -> None:
     config = Config(executors={"ctl": {"max_concurrency": 2}})
     scheduler, ctl = make(cpu=8, config=config)
