@@ -147,6 +147,29 @@ async def test_two_workers_run_side_by_side(testplug: Path) -> None:
     assert len(executor._pool.states()) == 2  # type: ignore[union-attr]
 
 
+async def test_a_thread_waiting_for_a_worker_is_not_starved_by_calls_from_the_loop(
+    isolated: tuple[Scheduler, CppExecutor],
+) -> None:
+    s, executor = isolated
+    x = np.ones(16, np.float32)
+    await s.run("cpp/sum", x)  # the worker is up, and its round trips are short
+    stop = time.monotonic() + 1.5
+
+    async def stream() -> None:  # calls from the loop, one after the other, for 1.5 s
+        while time.monotonic() < stop:
+            await s.run("cpp/testplug.spin", params={"ms": 2})
+
+    def from_a_thread() -> float:
+        time.sleep(0.1)  # the streams hold the worker by now
+        started = time.monotonic()
+        assert float(executor.call("sum", x)) == 16
+        return time.monotonic() - started
+
+    waited, *_ = await asyncio.gather(asyncio.to_thread(from_a_thread), stream(), stream())
+    # it waits behind a call or two, not until the loop's calls stop coming (1.4 s)
+    assert waited < 0.7, waited
+
+
 async def test_plugins_that_fail_to_load_in_the_worker_are_reported(testplug: Path) -> None:
     executor = CppExecutor({"isolation": "process", "workers": 1,
                             "plugins": [str(testplug), str(PLUGINS / "future.cpp")]})

@@ -351,6 +351,7 @@ class WorkerPool:
         self._workers: list[Worker] = []
         self._idle: list[Worker] = []
         self._cond = threading.Condition()
+        self._waiting = 0  # threads waiting in _checkout
         self._closed = False
         self._output_hint: dict[str, int] = {}
         #: the arrays of :meth:`empty`, made on first use
@@ -387,14 +388,20 @@ class WorkerPool:
                     worker = Worker(len(self._workers))
                     self._workers.append(worker)
                     return worker
-                self._cond.wait()
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
 
     def _try_checkout(self) -> Worker | None:
         """An idle worker that is running, or None (never waits, never starts one)."""
         with self._cond:
             if self._closed:
                 raise ExecutorCrashed("the cpp executor is closed", retryable=False)
-            if self._idle and self._idle[-1].sock is not None:  # running, as far as we know
+            # a thread waiting for a worker goes first: the loop's calls would otherwise take
+            # every worker that comes back, and starve it for as long as they keep coming
+            if self._idle and self._idle[-1].sock is not None and not self._waiting:
                 return self._idle.pop()
             return None
 
