@@ -46,6 +46,11 @@ def blocking_nothing(inputs: object) -> None:
     return None
 
 
+@noop.algorithm(resources=Resources(cpu=1))
+async def one_core(inputs: object) -> None:
+    return None
+
+
 async def _noop() -> None:
     return None
 
@@ -83,9 +88,10 @@ def _config() -> Config:
     return Config(max_queue=10**7)
 
 
-def edgecompute_path(algorithm: str, prebuilt: bool) -> Callable[[int], Awaitable[None]]:
+def edgecompute_path(algorithm: str, prebuilt: bool,
+                     capacity: Resources | None = None) -> Callable[[int], Awaitable[None]]:
     async def run(n: int) -> None:
-        async with Scheduler(Registry([noop]), config=_config(), threads=4) as scheduler:
+        async with Scheduler(Registry([noop]), capacity=capacity, config=_config(), threads=4) as scheduler:
             if prebuilt:
                 requests = [Request(algorithm) for _ in range(n)]
                 start = time.perf_counter()
@@ -193,6 +199,9 @@ async def main() -> None:
         ("edgecompute async executor", edgecompute_path("bench/nothing", prebuilt=True), 20.0),
         ("edgecompute async, incl. Request()", edgecompute_path("bench/nothing", prebuilt=False), None),
         ("edgecompute blocking (thread) executor", edgecompute_path("bench/blocking_nothing", prebuilt=True), 25.0),
+        # each task needs a core and two are free: all but two wait in the queue, for admission
+        ("edgecompute async, queued (2 cores)", edgecompute_path("bench/one_core", prebuilt=True,
+                                                                  capacity=Resources(cpu=2)), None),
     ]
     results = {}
     for name, fn, _ in rows:
