@@ -172,6 +172,7 @@ class _Ctx:
     def __init__(self, executor: CppExecutor, name: str) -> None:
         self.algorithm = next(a for a in executor.algorithms() if a.name == name)
         self.deadline = None
+        self.running = 1
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -34,6 +34,7 @@ class Ctx:
     def __init__(self):
         self.algorithm = next(a for a in cpp.algorithms() if a.name == "sum")
         self.deadline = None
+        self.running = 1
     async def run_sync(self, fn, *args):
         return fn(*args)
 

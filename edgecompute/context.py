@@ -61,6 +61,13 @@ class TaskContext:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     @property
+    def running(self) -> int:
+        """How many tasks the scheduler is running right now, this one included. An executor may
+        block the event loop for a short wait when its task is the only one: nothing else then
+        needs the loop (edgecompute-cpp's ``wait_below_us`` does)."""
+        return self._handle._scheduler._active
+
+    @property
     def cancelled(self) -> bool:
         """True once the task is cancelled or timed out; blocking code should poll it and stop."""
         return self._cancelled

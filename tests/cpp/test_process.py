@@ -170,6 +170,22 @@ async def test_a_thread_waiting_for_a_worker_is_not_starved_by_calls_from_the_lo
     assert waited < 0.7, waited
 
 
+async def test_quick_calls_of_a_burst_spread_over_the_workers(testplug: Path) -> None:
+    # calls of 2 ms count as quick here (wait_below_us), so that the workers' time dominates
+    executor = CppExecutor({"isolation": "process", "workers": 2, "plugins": [str(testplug)], "builtin": False,
+                            "wait_below_us": 20_000})
+    async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
+        await asyncio.gather(*(s.run("cpp/testplug.spin", params={"ms": 200}) for _ in range(2)))  # both up
+        await s.run("cpp/testplug.spin", params={"ms": 2})  # alone, and quick: it waited in recv
+        before = [w["calls"] for w in executor._pool.states()]  # type: ignore[union-attr]
+        await asyncio.gather(*(s.run("cpp/testplug.spin", params={"ms": 2}) for _ in range(20)))
+        after = [w["calls"] for w in executor._pool.states()]  # type: ignore[union-attr]
+    # Had each call blocked the loop until its reply, the next one would find the same worker
+    # idle again, and one worker would serve the whole burst.
+    served = [b - a for a, b in zip(before, after, strict=True)]
+    assert sum(served) == 20 and min(served) >= 4, served
+
+
 async def test_plugins_that_fail_to_load_in_the_worker_are_reported(testplug: Path) -> None:
     executor = CppExecutor({"isolation": "process", "workers": 1,
                             "plugins": [str(testplug), str(PLUGINS / "future.cpp")]})

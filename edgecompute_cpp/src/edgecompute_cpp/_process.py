@@ -461,13 +461,15 @@ class WorkerPool:
 
     async def acall(self, path: str, qualified: str, algorithm: str, params: bytes,
                     inputs: Sequence[tuple[bytes | None, np.ndarray]],
-                    deadline: float | None) -> list[tuple[str, np.ndarray]] | None:
+                    deadline: float | None, *, alone: bool = True) -> list[tuple[str, np.ndarray]] | None:
         """The same call from the event loop, with no thread hop: the loop copies the inputs in,
         sends the message and waits for the reply.
 
         A call whose last round trip took less than ``wait_below_s`` waits in ``recv``, blocking
         the loop as a short in-process call does: registering the socket with the loop, one loop
         iteration and unregistering cost more than such a call (~100 us on the development VM).
+        Only when it is ``alone`` (no other task running) though: with others, the loop would
+        stall them, and the calls of a burst would run one at a time instead of on every worker.
         Others wait as the loop waits for any socket, and can be cancelled meanwhile.
 
         Answers None, having done nothing, when this cannot be quick: no idle worker running,
@@ -489,7 +491,7 @@ class WorkerPool:
                 prepared = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
                 if prepared is None:
                     return None
-                if self._round_trip.get(qualified, 1.0) < self.wait_below_s:
+                if alone and self._round_trip.get(qualified, 1.0) < self.wait_below_s:
                     reply = worker.request(prepared[0], deadline, what)
                 else:
                     reply = await worker.arequest(prepared[0], deadline, what)

@@ -90,6 +90,14 @@ def _check_config(config: Mapping[str, Any]) -> None:
                           f"valid: {', '.join(sorted(_CONFIG_KEYS - {'enabled', 'max_concurrency'}))}")
 
 
+def _loop_is_idle() -> bool:
+    """Whether nothing else waits to run on this event loop: the tasks of an ``asyncio.gather``,
+    say, that have not taken their first step yet, so the scheduler does not count them. asyncio
+    keeps them in a private queue; a loop without it (uvloop) is taken to be idle."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return not ready
+
+
 class CppExecutor:
     """Runs the algorithms of native C++ plugins.
 
@@ -102,9 +110,10 @@ class CppExecutor:
     * ``builtin``: load the bundled plugin (default true).
     * ``inline_below_us``: in-process calls that took less than this last time (for inputs of the
       same size) run on the event loop instead of a worker thread; 0 disables (default 100).
-    * ``wait_below_us``: in ``process`` mode, calls from the event loop whose last round trip took
-      less than this block the loop until their reply instead of waiting through its selector;
-      0 disables (default 1000).
+    * ``wait_below_us``: in ``process`` mode, a call from the event loop whose last round trip took
+      less than this, made while nothing else runs (no other task of the scheduler, nothing else
+      ready on the loop), blocks the loop until its reply instead of waiting through its
+      selector; 0 disables (default 1000).
     * ``compile_flags``: extra compiler flags for plugins given as source.
 
     Plugins come from the bundled plugin, ``plugins``, the ``edgecompute_cpp.plugins`` entry points
@@ -292,7 +301,7 @@ class CppExecutor:
         try:
             # on the loop when a worker is idle and the inputs are small: no thread hop each way
             outputs = await self._pool.acall(entry.plugin.path, entry.qualified, entry.native_name, params, arrays,
-                                             ctx.deadline)
+                                             ctx.deadline, alone=ctx.running == 1 and _loop_is_idle())
         except BaseException as exc:
             self._record(entry, time.perf_counter() - start, exc)
             raise
