@@ -97,6 +97,10 @@ class _Context(TaskContext):
         deadline = self._deadline
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+    @property
+    def running(self) -> int:
+        return len(self._worker.contexts)  # the calls this worker process has in hand
+
     async def emit(self, chunk: Any) -> None:
         self._worker.send("chunk", self._task, chunk)
 

@@ -465,6 +465,33 @@ async def test_result_waiters_are_independent_of_each_other() -> None:
         assert handle.state is TaskState.SUCCEEDED
 
 
+async def test_the_context_counts_the_tasks_running_beside_it() -> None:
+    from edgecompute import FunctionExecutor, TaskContext
+
+    app = FunctionExecutor("app")
+    both_in, both_read = asyncio.Event(), asyncio.Event()
+    arrived = 0
+    readings: list[int] = []
+
+    @app.algorithm(resources=Resources(cpu=1))
+    async def count(inputs: None, ctx: TaskContext) -> int:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 2:
+            both_in.set()
+        await both_in.wait()  # the first one waits for the second
+        readings.append(ctx.running)
+        if len(readings) == 2:
+            both_read.set()
+        await both_read.wait()  # neither ends before both have looked
+        return readings[-1]
+
+    async with Scheduler(Registry([app]), capacity=Resources(cpu=4, memory_mb=1024), config=Config()) as scheduler:
+        await asyncio.gather(scheduler.run("app/count"), scheduler.run("app/count"))
+        assert readings == [2, 2]
+        assert (await scheduler.run("app/count")).outputs == 1
+
+
 async def test_executor_threads_can_stream_and_report_progress() -> None:
     from edgecompute import FunctionExecutor
 

@@ -88,7 +88,7 @@ def meet(inputs: int) -> int:
 def context(inputs: Any, ctx: TaskContext) -> dict[str, Any]:
     """What the task's context says, seen from where the executor runs."""
     return {"task_id": ctx.task_id, "time_left": ctx.time_left(), "algorithm": ctx.algorithm.name,
-            "thread": threading.current_thread().name}
+            "thread": threading.current_thread().name, "running": ctx.running}
 
 
 @apps.algorithm(resources=Resources(cpu=0.1))

@@ -99,6 +99,7 @@ async def test_the_task_id_and_deadline_cross_to_the_worker(scheduler: Scheduler
     seen = (await handle.result()).outputs
     assert seen["task_id"] == handle.id and seen["algorithm"] == "context"
     assert 20 < seen["time_left"] <= 30
+    assert seen["running"] == 1  # the calls the worker has in hand
     assert (await scheduler.run("apps/context")).outputs["time_left"] is None
 
 
