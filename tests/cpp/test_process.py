@@ -170,6 +170,24 @@ async def test_a_thread_waiting_for_a_worker_is_not_starved_by_calls_from_the_lo
     assert waited < 0.7, waited
 
 
+async def test_the_first_call_starts_the_other_workers_in_the_background(testplug: Path) -> None:
+    executor = CppExecutor({"isolation": "process", "workers": 3, "plugins": [str(testplug)], "builtin": False})
+    try:
+        np.testing.assert_array_equal(executor.call("testplug.echo", np.ones(4)), np.ones(4))  # starts them
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = executor._pool.states()  # type: ignore[union-attr]
+            if len(states) == 3 and all(w["state"] == "running" for w in states):
+                break
+            await asyncio.sleep(0.05)
+        assert [w["state"] for w in states] == ["running"] * 3, states
+        assert sorted(w["index"] for w in states) == [0, 1, 2]
+        assert sum(w["calls"] for w in states) == 1  # nobody had to call to start them
+    finally:
+        await executor.aclose()
+    assert all(w["pid"] is None for w in executor._pool.states())  # type: ignore[union-attr]
+
+
 async def test_quick_calls_of_a_burst_spread_over_the_workers(testplug: Path) -> None:
     # calls of 2 ms count as quick here (wait_below_us), so that the workers' time dominates
     executor = CppExecutor({"isolation": "process", "workers": 2, "plugins": [str(testplug)], "builtin": False,
