@@ -72,6 +72,10 @@ def _map(path: str) -> mmap.mmap:
 _LOOP_COPY_MAX = 4 << 20
 #: Params larger than this travel in the arena, not in the message (which must fit one packet).
 _INLINE_PARAMS = 16 << 10
+#: A call whose round trip is shorter than this waits in recv even while other tasks run: the
+#: selector would cost the loop about as much as the call takes (~100 us on the development VM),
+#: and the loop, not the workers, is what limits a burst of such calls.
+_TINY_ROUND_TRIP = 150e-6
 #: Outputs expected to total at least this come back in a shared block, as arrays over it; smaller
 #: ones are copied out of the arena (cheaper than a block whose release waits for the arrays).
 _SHARED_OUTPUTS_MIN = 64 << 10
@@ -501,8 +505,9 @@ class WorkerPool:
         A call whose last round trip took less than ``wait_below_s`` waits in ``recv``, blocking
         the loop as a short in-process call does: registering the socket with the loop, one loop
         iteration and unregistering cost more than such a call (~100 us on the development VM).
-        Only when it is ``alone`` (no other task running) though: with others, the loop would
-        stall them, and the calls of a burst would run one at a time instead of on every worker.
+        Only when it is ``alone`` (no other task running) or tiny though: with others, the loop
+        would stall them, and the calls of a burst would run one at a time instead of on every
+        worker.
         Others wait as the loop waits for any socket, and can be cancelled meanwhile.
 
         Answers None, having done nothing, when this cannot be quick: no idle worker running,
@@ -524,7 +529,8 @@ class WorkerPool:
                 prepared = self._prepare(worker, path, qualified, algorithm, params, inputs, grow=False)
                 if prepared is None:
                     return None
-                if alone and self._round_trip.get(qualified, 1.0) < self.wait_below_s:
+                round_trip = self._round_trip.get(qualified, 1.0)
+                if round_trip < self.wait_below_s and (alone or round_trip < _TINY_ROUND_TRIP):
                     reply = worker.request(prepared[0], deadline, what)
                 else:
                     reply = await worker.arequest(prepared[0], deadline, what)
