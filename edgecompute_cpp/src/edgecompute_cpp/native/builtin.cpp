@@ -355,6 +355,7 @@ constexpr bool kPreferRadix8 = true;
 // arrays that stages stream through together start kPad doubles (1 KiB) apart modulo 4 KiB, so
 // power-of-two strides do not map them all onto the same L1 sets
 constexpr int64_t kPad = 128;
+constexpr int64_t kAhead = 16;  // rows a four-step gather prefetches ahead
 
 // exp(-2 pi i t / N) for 0 <= t, computed in the first octant
 cd unit_root(int64_t t, int64_t N) {
@@ -740,6 +741,57 @@ std::shared_ptr<const Plan> make_plan(int64_t n) {
     return plan;
 }
 
+// four-step helpers; NB: the batch width when known at compile time (else nb)
+// d[r nb + b] = s[r ld + b] for r < rows, b < nb, prefetching kAhead rows ahead
+template <int64_t NB>
+inline __attribute__((always_inline)) void gather_block(double* RESTRICT dr, double* RESTRICT di, const double* RESTRICT sr,
+                                                        const double* RESTRICT si, int64_t rows, int64_t ld, int64_t nb_) {
+    const int64_t nb = NB ? NB : nb_;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t ahead = std::min(r + kAhead, rows - 1) * ld;
+        __builtin_prefetch(sr + ahead);
+        __builtin_prefetch(si + ahead);
+        for (int64_t b = 0; b < nb; ++b) {
+            dr[r * nb + b] = sr[r * ld + b];
+            di[r * nb + b] = si[r * ld + b];
+        }
+    }
+}
+
+// d[r ld + b] = s[r nb + b]
+template <int64_t NB>
+inline __attribute__((always_inline)) void scatter_block(double* RESTRICT dr, double* RESTRICT di, const double* RESTRICT sr,
+                                                         const double* RESTRICT si, int64_t rows, int64_t ld, int64_t nb_) {
+    const int64_t nb = NB ? NB : nb_;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t ahead = std::min(r + kAhead, rows - 1) * ld;
+        __builtin_prefetch(dr + ahead, 1);
+        __builtin_prefetch(di + ahead, 1);
+        for (int64_t b = 0; b < nb; ++b) {
+            dr[r * ld + b] = sr[r * nb + b];
+            di[r * ld + b] = si[r * nb + b];
+        }
+    }
+}
+
+// z[k nb + b] *= d[k] c[k kBatch + b]
+template <int64_t NB>
+inline __attribute__((always_inline)) void twiddle_block(double* RESTRICT zr, double* RESTRICT zi, const double* RESTRICT dr,
+                                                         const double* RESTRICT di, const double* RESTRICT cr,
+                                                         const double* RESTRICT ci, int64_t rows, int64_t nb_) {
+    const int64_t nb = NB ? NB : nb_;
+    for (int64_t k = 0; k < rows; ++k) {
+        const double ar = dr[k], ai = di[k];
+        for (int64_t b = 0; b < nb; ++b) {
+            const double tr = ar * cr[k * kBatch + b] - ai * ci[k * kBatch + b];
+            const double ti = ar * ci[k * kBatch + b] + ai * cr[k * kBatch + b];
+            const double xr = zr[k * nb + b], xi = zi[k * nb + b];
+            zr[k * nb + b] = xr * tr - xi * ti;
+            zi[k * nb + b] = xr * ti + xi * tr;
+        }
+    }
+}
+
 void Plan::transform(double* re, double* im, double* buf) const {
     if (n <= 1) return;
     if (kind == kDirect) {
@@ -786,20 +838,10 @@ void Plan::transform(double* re, double* im, double* buf) const {
     double* RESTRICT dr = b1i + big;
     double* RESTRICT di = dr + n1;
     const int64_t mask = (int64_t{1} << lo_bits) - 1;
-    for (int64_t j2 = 0; j2 < n2; j2 += kBatch) {
+    for (int64_t j2 = 0; j2 < n2; j2 += kBatch) {  // columns j2 .. j2 + nb: FFT over j1, twiddle
         const int64_t nb = std::min(kBatch, n2 - j2);
-        {
-            double* RESTRICT gr = b0r;
-            double* RESTRICT gi = b0i;
-            for (int64_t j1 = 0; j1 < n1; ++j1) {
-                __builtin_prefetch(re + j1 * n2 + j2 + kBatch);  // the next batch, one block ahead
-                __builtin_prefetch(im + j1 * n2 + j2 + kBatch);
-                for (int64_t b = 0; b < nb; ++b) {
-                    gr[j1 * nb + b] = re[j1 * n2 + j2 + b];
-                    gi[j1 * nb + b] = im[j1 * n2 + j2 + b];
-                }
-            }
-        }
+        if (nb == kBatch) gather_block<kBatch>(b0r, b0i, re + j2, im + j2, n1, n2, nb);
+        else gather_block<0>(b0r, b0i, re + j2, im + j2, n1, n2, nb);
         const bool other = cols->run(b0r, b0i, b1r, b1i, nb);
         double* RESTRICT zr = other ? b1r : b0r;
         double* RESTRICT zi = other ? b1i : b0i;
@@ -810,50 +852,31 @@ void Plan::transform(double* re, double* im, double* buf) const {
             dr[k1] = hr * lr - hi_ * li;
             di[k1] = hr * li + hi_ * lr;
         }
-        const double* RESTRICT wr = cb_re.data();
-        const double* RESTRICT wi = cb_im.data();
-        for (int64_t k1 = 0; k1 < n1; ++k1) {
-            const double ar = dr[k1], ai = di[k1];
-            for (int64_t b = 0; b < nb; ++b) {
-                const double tr = ar * wr[k1 * kBatch + b] - ai * wi[k1 * kBatch + b];
-                const double ti = ar * wi[k1 * kBatch + b] + ai * wr[k1 * kBatch + b];
-                const double xr = zr[k1 * nb + b], xi = zi[k1 * nb + b];
-                zr[k1 * nb + b] = xr * tr - xi * ti;
-                zi[k1 * nb + b] = xr * ti + xi * tr;
-            }
-        }
+        if (nb == kBatch) twiddle_block<kBatch>(zr, zi, dr, di, cb_re.data(), cb_im.data(), n1, nb);
+        else twiddle_block<0>(zr, zi, dr, di, cb_re.data(), cb_im.data(), n1, nb);
+        int64_t k1 = 0;
+        if (nb == kBatch)  // whole 8 x 8 tiles
+            for (; k1 + kBatch <= n1; k1 += kBatch)
+                for (int64_t b = 0; b < kBatch; ++b)
+                    for (int64_t kk = 0; kk < kBatch; ++kk) {
+                        yr[(j2 + b) * n1 + k1 + kk] = zr[(k1 + kk) * kBatch + b];
+                        yi[(j2 + b) * n1 + k1 + kk] = zi[(k1 + kk) * kBatch + b];
+                    }
         for (int64_t b = 0; b < nb; ++b)
-            for (int64_t k1 = 0; k1 < n1; ++k1) {
-                yr[(j2 + b) * n1 + k1] = zr[k1 * nb + b];
-                yi[(j2 + b) * n1 + k1] = zi[k1 * nb + b];
+            for (int64_t k = k1; k < n1; ++k) {
+                yr[(j2 + b) * n1 + k] = zr[k * nb + b];
+                yi[(j2 + b) * n1 + k] = zi[k * nb + b];
             }
     }
-    for (int64_t k1 = 0; k1 < n1; k1 += kBatch) {
+    for (int64_t k1 = 0; k1 < n1; k1 += kBatch) {  // rows k1 .. k1 + nb of Y^T: FFT over j2
         const int64_t nb = std::min(kBatch, n1 - k1);
-        {
-            double* RESTRICT gr = b0r;
-            double* RESTRICT gi = b0i;
-            for (int64_t j2 = 0; j2 < n2; ++j2) {
-                __builtin_prefetch(yr + j2 * n1 + k1 + kBatch);
-                __builtin_prefetch(yi + j2 * n1 + k1 + kBatch);
-                for (int64_t b = 0; b < nb; ++b) {
-                    gr[j2 * nb + b] = yr[j2 * n1 + k1 + b];
-                    gi[j2 * nb + b] = yi[j2 * n1 + k1 + b];
-                }
-            }
-        }
+        if (nb == kBatch) gather_block<kBatch>(b0r, b0i, yr + k1, yi + k1, n2, n1, nb);
+        else gather_block<0>(b0r, b0i, yr + k1, yi + k1, n2, n1, nb);
         const bool other = rows->run(b0r, b0i, b1r, b1i, nb);
-        const double* RESTRICT zr = other ? b1r : b0r;
-        const double* RESTRICT zi = other ? b1i : b0i;
-        for (int64_t k2 = 0; k2 < n2; ++k2)
-            for (int64_t b = 0; b < nb; ++b) {
-                if (b == 0) {
-                    __builtin_prefetch(re + k1 + kBatch + n1 * k2, 1);
-                    __builtin_prefetch(im + k1 + kBatch + n1 * k2, 1);
-                }
-                re[k1 + b + n1 * k2] = zr[k2 * nb + b];
-                im[k1 + b + n1 * k2] = zi[k2 * nb + b];
-            }
+        const double* zr = other ? b1r : b0r;
+        const double* zi = other ? b1i : b0i;
+        if (nb == kBatch) scatter_block<kBatch>(re + k1, im + k1, zr, zi, n2, n1, nb);
+        else scatter_block<0>(re + k1, im + k1, zr, zi, n2, n1, nb);
     }
 }
 
