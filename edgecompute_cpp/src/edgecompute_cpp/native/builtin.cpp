@@ -977,6 +977,24 @@ void real_spectrum(const double* RESTRICT re, const double* RESTRICT im, int64_t
     }
 }
 
+// two real rows a, b as one transform of z = a + i b: A[k] = (Z[k] + conj Z[-k]) / 2,
+// B[k] = (Z[k] - conj Z[-k]) / 2i; both times (scale, iscale)
+template <class T>
+void pair_spectra(const double* RESTRICT re, const double* RESTRICT im, int64_t n, double scale, double iscale,
+                  T* RESTRICT oa, T* RESTRICT ob) {
+    oa[0] = static_cast<T>(re[0] * scale);
+    oa[1] = static_cast<T>(0.0);
+    ob[0] = static_cast<T>(im[0] * scale);
+    ob[1] = static_cast<T>(0.0);
+    for (int64_t k = 1; k < n; ++k) {
+        const double ar = re[k], ai = im[k], br = re[n - k], bi = im[n - k];
+        oa[2 * k] = static_cast<T>(0.5 * (ar + br) * scale);
+        oa[2 * k + 1] = static_cast<T>(0.5 * (ai - bi) * iscale);
+        ob[2 * k] = static_cast<T>(0.5 * (ai + bi) * scale);
+        ob[2 * k + 1] = static_cast<T>(-0.5 * (ar - br) * iscale);
+    }
+}
+
 void run_fft(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
     const ec_buffer& x = in.get("signal", 0);
     ec::require_dtype(x, "fft input 'signal'", {EC_FLOAT32, EC_FLOAT64, EC_COMPLEX64, EC_COMPLEX128});
@@ -1009,9 +1027,30 @@ void run_fft(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
     const double sign = inverse ? -1.0 : 1.0;
     const double scale = inverse ? 1.0 / static_cast<double>(n) : 1.0;
     const double iscale = sign * scale;
+    const bool paired = real && !packed;  // odd n: two rows a transform (see pair_spectra)
     for (int64_t row = 0; row < rows; ++row) {
         if (ec::cancelled(r)) throw Error(EC_CANCELLED, "cancelled");
         const int64_t base = row * n;
+        if (paired && row + 1 < rows) {
+            if (ec::cancelled(r)) throw Error(EC_CANCELLED, "cancelled");  // (the second row's check)
+            if (x.dtype == EC_FLOAT32) {
+                const float* RESTRICT p = static_cast<const float*>(x.data) + base;
+                for (int64_t i = 0; i < n; ++i) { re[i] = p[i]; im[i] = p[n + i]; }
+            } else {
+                const double* RESTRICT p = static_cast<const double*>(x.data) + base;
+                for (int64_t i = 0; i < n; ++i) { re[i] = p[i]; im[i] = p[n + i]; }
+            }
+            plan->transform(re, im, buf);
+            if (single) {
+                float* o = static_cast<float*>(out) + 2 * base;
+                pair_spectra(re, im, n, scale, iscale, o, o + 2 * n);
+            } else {
+                double* o = static_cast<double*>(out) + 2 * base;
+                pair_spectra(re, im, n, scale, iscale, o, o + 2 * n);
+            }
+            ++row;
+            continue;
+        }
         switch (x.dtype) {
             case EC_FLOAT32: {
                 const float* RESTRICT p = static_cast<const float*>(x.data) + base;
