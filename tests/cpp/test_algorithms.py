@@ -218,8 +218,9 @@ def check_fft(cpp: CppExecutor, signal: np.ndarray, inverse: bool) -> None:
     assert relative_error(got, expected) <= (1e-6 if single else 1e-13)
 
 
-# every butterfly (8, 4, 2, 5, 3 and the generic odd one for 7, 11, 13, ... 61), the four-step
-# split (n > 4096) and Bluestein (a prime factor above 61), real and complex, rows, both directions
+# every butterfly (8, 4, 2, 5, 3 and the generic odd one for 7, 11, 13, ... 61) and Bluestein (a
+# prime factor above 61), real (packed two samples a point, or two odd rows a transform) and
+# complex, rows, both directions
 @SETTINGS
 @given(factors=st.lists(st.sampled_from([2, 3, 4, 5, 7, 8, 11, 13, 61, 67, 101]), min_size=0, max_size=6),
        rows=st.sampled_from([None, 1, 2, 3]), dtype=st.sampled_from(FFT_DTYPES), inverse=st.booleans(),
@@ -247,6 +248,15 @@ def test_fft_two_to_the_twenty(cpp: CppExecutor) -> None:
     rng = np.random.default_rng(20)
     check_fft(cpp, fft_signal(rng, (1 << 20,), np.float64), False)
     check_fft(cpp, fft_signal(rng, (1 << 20,), np.complex128), True)
+
+
+def test_fft_four_step_lengths(cpp: CppExecutor) -> None:
+    """Above 2^20 points a transform is split n = n1 n2 (here 1400 x 750 and, inside Bluestein for
+    the prime 600011, 1350 x 900: batches of 8 columns with partial last ones)."""
+    rng = np.random.default_rng(21)
+    for inverse in (False, True):
+        check_fft(cpp, fft_signal(rng, (1050000,), np.complex128), inverse)
+    check_fft(cpp, fft_signal(rng, (600011,), np.complex64), False)
 
 
 @SETTINGS

@@ -338,18 +338,22 @@ void run_fir(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
 //     kMaxGenericRadix (a generic odd-radix butterfly). A stage of radix r with sub-length N = r m
 //     and stride s reads x[q + s (p + j m)] and writes y[q + s (r p + k)] = DFT_r(x)_k w_N^(p k);
 //     the innermost loop runs over q (contiguous, vectorised), twiddles are precomputed per stage.
+//     The arrays a stage streams through are kPad doubles apart modulo 4 KiB (no L1 set conflicts).
 //   * Several transforms laid out [i][b] (b innermost) are one transform with stride starting at
 //     the batch size: the four-step path below runs its sub-transforms 8 at a time that way.
-//   * Long lengths (n > kDirectMax) use the four-step split n = n1 n2: n2 column FFTs of length
-//     n1 (8 columns per batch), twiddle w_n^(j2 k1), n1 row FFTs of length n2. Every sub-transform
-//     works in cache; the whole array is read and written twice.
+//   * Lengths above kDirectMax use the four-step split n = n1 n2: n2 column FFTs of length n1
+//     (8 columns a batch), twiddle w_n^(j2 k1), n1 row FFTs of length n2, every sub-transform in
+//     cache and the whole array read and written twice (prefetched, in huge pages).
 //   * Lengths with a prime factor above kMaxGenericRadix use Bluestein's chirp-z algorithm with an
 //     inner length of the form 2^a 3^b 5^c >= 2n - 1.
+//   * Real input (run_fft): an even length n goes through one transform of n / 2 (two samples a
+//     point, see RealPost); rows of an odd length go two to a transform (see pair_spectra).
 // Every twiddle is computed from an exactly reduced angle (integer arithmetic, then a reduction to
 // the first octant), which keeps the accuracy of large transforms at numpy's level.
 
 constexpr int kMaxGenericRadix = 61;
-constexpr int64_t kDirectMax = int64_t{1} << 12;
+constexpr int kGenericLanes = 8;  // the generic butterfly runs 8 columns q at a time
+constexpr int64_t kDirectMax = int64_t{1} << 20;
 constexpr int64_t kBatch = 8;  // columns per four-step sub-transform batch
 constexpr bool kPreferRadix8 = true;
 // arrays that stages stream through together start kPad doubles (1 KiB) apart modulo 4 KiB, so
@@ -499,16 +503,73 @@ void stage(const double* RESTRICT xr, const double* RESTRICT xi, double* RESTRIC
     }
 }
 
-// one stage of an odd prime radix r <= kMaxGenericRadix; cs, sn: cos / sin(2 pi t / r), t < r
-void stage_generic(const double* RESTRICT xr, const double* RESTRICT xi, double* RESTRICT yr, double* RESTRICT yi,
+// one stage of an odd prime radix r <= kMaxGenericRadix, for q0 <= q < q0 + qn (QN: qn when known
+// at compile time); cs, sn: cos / sin(2 pi t / r), t < r
+template <int QN>
+inline __attribute__((always_inline)) void generic_block(const double* RESTRICT xr, const double* RESTRICT xi,
+                                                         double* RESTRICT yr, double* RESTRICT yi, int r, int64_t m,
+                                                         int64_t s, int64_t p, int64_t q0, int64_t qn_,
+                                                         const double* RESTRICT wr, const double* RESTRICT wi,
+                                                         const double* RESTRICT cs, const double* RESTRICT sn) {
+    constexpr int Q = kGenericLanes;
+    const int64_t qn = QN ? QN : qn_;
+    const int h = (r - 1) / 2;
+    const int64_t sm = s * m;
+    double ur[kMaxGenericRadix / 2 + 1][Q], ui[kMaxGenericRadix / 2 + 1][Q];
+    double vr[kMaxGenericRadix / 2 + 1][Q], vi[kMaxGenericRadix / 2 + 1][Q];
+    double a0r[Q], a0i[Q], sr[Q], si[Q];
+    const double* RESTRICT xrp = xr + s * p + q0;
+    const double* RESTRICT xip = xi + s * p + q0;
+    double* RESTRICT yrp = yr + s * r * p + q0;
+    double* RESTRICT yip = yi + s * r * p + q0;
+    for (int64_t q = 0; q < qn; ++q) { a0r[q] = sr[q] = xrp[q]; a0i[q] = si[q] = xip[q]; }
+    for (int j = 1; j <= h; ++j)
+        for (int64_t q = 0; q < qn; ++q) {
+            const double pr = xrp[j * sm + q], pi = xip[j * sm + q];
+            const double nr = xrp[(r - j) * sm + q], ni = xip[(r - j) * sm + q];
+            ur[j][q] = pr + nr; ui[j][q] = pi + ni; vr[j][q] = pr - nr; vi[j][q] = pi - ni;
+            sr[q] += ur[j][q]; si[q] += ui[j][q];
+        }
+    for (int64_t q = 0; q < qn; ++q) { yrp[q] = sr[q]; yip[q] = si[q]; }
+    for (int k = 1; k <= h; ++k) {
+        double acr[Q], aci[Q], bcr[Q], bci[Q];
+        for (int64_t q = 0; q < qn; ++q) { acr[q] = a0r[q]; aci[q] = a0i[q]; bcr[q] = 0; bci[q] = 0; }
+        int t = 0;
+        for (int j = 1; j <= h; ++j) {
+            t += k;
+            if (t >= r) t -= r;
+            const double c = cs[t], sv = sn[t];
+            for (int64_t q = 0; q < qn; ++q) {
+                acr[q] += ur[j][q] * c; aci[q] += ui[j][q] * c;
+                bcr[q] += vi[j][q] * sv; bci[q] -= vr[j][q] * sv;
+            }
+        }
+        double w1r = 1, w1i = 0, w2r = 1, w2i = 0;  // twiddles of outputs k and r - k
+        if (m > 1) {
+            w1r = wr[(k - 1) * m + p]; w1i = wi[(k - 1) * m + p];
+            w2r = wr[(r - k - 1) * m + p]; w2i = wi[(r - k - 1) * m + p];
+        }
+        for (int64_t q = 0; q < qn; ++q) {
+            const double b1r = acr[q] + bcr[q], b1i = aci[q] + bci[q];
+            const double b2r = acr[q] - bcr[q], b2i = aci[q] - bci[q];
+            yrp[k * s + q] = b1r * w1r - b1i * w1i;
+            yip[k * s + q] = b1r * w1i + b1i * w1r;
+            yrp[(r - k) * s + q] = b2r * w2r - b2i * w2i;
+            yip[(r - k) * s + q] = b2r * w2i + b2i * w2r;
+        }
+    }
+}
+
+// columns q_begin <= q < s of one p of a stage of odd prime radix (scalar; for short columns)
+void generic_scalar(const double* RESTRICT xr, const double* RESTRICT xi, double* RESTRICT yr, double* RESTRICT yi,
                    int r, int64_t m, int64_t s, const double* RESTRICT wr, const double* RESTRICT wi,
-                   const double* RESTRICT cs, const double* RESTRICT sn) {
+                   const double* RESTRICT cs, const double* RESTRICT sn, int64_t p, int64_t q_begin) {
     const int h = (r - 1) / 2;
     const int64_t sm = s * m;
     double ur[kMaxGenericRadix], ui[kMaxGenericRadix], vr[kMaxGenericRadix], vi[kMaxGenericRadix];
     double br[kMaxGenericRadix], bi[kMaxGenericRadix];
-    for (int64_t p = 0; p < m; ++p) {
-        for (int64_t q = 0; q < s; ++q) {
+    {
+        for (int64_t q = q_begin; q < s; ++q) {
             const double* RESTRICT xrp = xr + s * p + q;
             const double* RESTRICT xip = xi + s * p + q;
             const double a0r = xrp[0], a0i = xip[0];
@@ -544,6 +605,17 @@ void stage_generic(const double* RESTRICT xr, const double* RESTRICT xi, double*
                 }
             }
         }
+    }
+}
+
+void stage_generic(const double* RESTRICT xr, const double* RESTRICT xi, double* RESTRICT yr, double* RESTRICT yi,
+                   int r, int64_t m, int64_t s, const double* RESTRICT wr, const double* RESTRICT wi,
+                   const double* RESTRICT cs, const double* RESTRICT sn) {
+    for (int64_t p = 0; p < m; ++p) {
+        int64_t q0 = 0;
+        for (; q0 + kGenericLanes <= s; q0 += kGenericLanes)
+            generic_block<kGenericLanes>(xr, xi, yr, yi, r, m, s, p, q0, kGenericLanes, wr, wi, cs, sn);
+        if (q0 < s) generic_scalar(xr, xi, yr, yi, r, m, s, wr, wi, cs, sn, p, q0);
     }
 }
 
