@@ -608,9 +608,74 @@ void generic_scalar(const double* RESTRICT xr, const double* RESTRICT xi, double
     }
 }
 
+// a stage of odd prime radix r with short columns (s < kGenericLanes): the points c = q + s p,
+// c0 <= c < c0 + kGenericLanes, at once (their inputs x[c + j s m] are contiguous; twiddles and
+// outputs are gathered / scattered per lane)
+inline void generic_block_c(const double* RESTRICT xr, const double* RESTRICT xi, double* RESTRICT yr,
+                            double* RESTRICT yi, int r, int64_t m, int64_t s, int64_t c0, const double* RESTRICT wr,
+                            const double* RESTRICT wi, const double* RESTRICT cs, const double* RESTRICT sn) {
+    constexpr int Q = kGenericLanes;
+    const int h = (r - 1) / 2;
+    const int64_t sm = s * m;
+    double ur[kMaxGenericRadix / 2 + 1][Q], ui[kMaxGenericRadix / 2 + 1][Q];
+    double vr[kMaxGenericRadix / 2 + 1][Q], vi[kMaxGenericRadix / 2 + 1][Q];
+    double a0r[Q], a0i[Q], sr[Q], si[Q];
+    int64_t pl[Q], out[Q];  // p of each lane; its output offset (k = 0)
+    for (int q = 0; q < Q; ++q) {
+        const int64_t c = c0 + q, p = c / s;
+        pl[q] = p;
+        out[q] = c - s * p + s * r * p;
+    }
+    const double* RESTRICT xrp = xr + c0;
+    const double* RESTRICT xip = xi + c0;
+    for (int q = 0; q < Q; ++q) { a0r[q] = sr[q] = xrp[q]; a0i[q] = si[q] = xip[q]; }
+    for (int j = 1; j <= h; ++j)
+        for (int q = 0; q < Q; ++q) {
+            const double pr = xrp[j * sm + q], pi = xip[j * sm + q];
+            const double nr = xrp[(r - j) * sm + q], ni = xip[(r - j) * sm + q];
+            ur[j][q] = pr + nr; ui[j][q] = pi + ni; vr[j][q] = pr - nr; vi[j][q] = pi - ni;
+            sr[q] += ur[j][q]; si[q] += ui[j][q];
+        }
+    for (int q = 0; q < Q; ++q) { yr[out[q]] = sr[q]; yi[out[q]] = si[q]; }
+    for (int k = 1; k <= h; ++k) {
+        double acr[Q], aci[Q], bcr[Q], bci[Q];
+        for (int q = 0; q < Q; ++q) { acr[q] = a0r[q]; aci[q] = a0i[q]; bcr[q] = 0; bci[q] = 0; }
+        int t = 0;
+        for (int j = 1; j <= h; ++j) {
+            t += k;
+            if (t >= r) t -= r;
+            const double c = cs[t], sv = sn[t];
+            for (int q = 0; q < Q; ++q) {
+                acr[q] += ur[j][q] * c; aci[q] += ui[j][q] * c;
+                bcr[q] += vi[j][q] * sv; bci[q] -= vr[j][q] * sv;
+            }
+        }
+        for (int q = 0; q < Q; ++q) {
+            double b1r = acr[q] + bcr[q], b1i = aci[q] + bci[q];
+            double b2r = acr[q] - bcr[q], b2i = aci[q] - bci[q];
+            if (m > 1) {
+                const int64_t t1 = (k - 1) * m + pl[q], t2 = (r - k - 1) * m + pl[q];
+                const double c1r = b1r * wr[t1] - b1i * wi[t1], c1i = b1r * wi[t1] + b1i * wr[t1];
+                const double c2r = b2r * wr[t2] - b2i * wi[t2], c2i = b2r * wi[t2] + b2i * wr[t2];
+                b1r = c1r; b1i = c1i; b2r = c2r; b2i = c2i;
+            }
+            yr[out[q] + k * s] = b1r; yi[out[q] + k * s] = b1i;
+            yr[out[q] + (r - k) * s] = b2r; yi[out[q] + (r - k) * s] = b2i;
+        }
+    }
+}
+
 void stage_generic(const double* RESTRICT xr, const double* RESTRICT xi, double* RESTRICT yr, double* RESTRICT yi,
                    int r, int64_t m, int64_t s, const double* RESTRICT wr, const double* RESTRICT wi,
                    const double* RESTRICT cs, const double* RESTRICT sn) {
+    if (s < kGenericLanes) {
+        const int64_t points = s * m;
+        int64_t c0 = 0;
+        for (; c0 + kGenericLanes <= points; c0 += kGenericLanes)
+            generic_block_c(xr, xi, yr, yi, r, m, s, c0, wr, wi, cs, sn);
+        for (int64_t p = c0 / s; p < m; ++p) generic_scalar(xr, xi, yr, yi, r, m, s, wr, wi, cs, sn, p, p == c0 / s ? c0 % s : 0);
+        return;
+    }
     for (int64_t p = 0; p < m; ++p) {
         int64_t q0 = 0;
         for (; q0 + kGenericLanes <= s; q0 += kGenericLanes)
