@@ -352,10 +352,9 @@ void run_fir(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
 // the first octant), which keeps the accuracy of large transforms at numpy's level.
 
 constexpr int kMaxGenericRadix = 61;
-constexpr int kGenericLanes = 8;  // the generic butterfly runs 8 columns q at a time
+constexpr int kGenericLanes = 8;  // the generic butterfly runs 8 columns (or points) at a time
 constexpr int64_t kDirectMax = int64_t{1} << 20;
 constexpr int64_t kBatch = 8;  // columns per four-step sub-transform batch
-constexpr bool kPreferRadix8 = true;
 // arrays that stages stream through together start kPad doubles (1 KiB) apart modulo 4 KiB, so
 // power-of-two strides do not map them all onto the same L1 sets
 constexpr int64_t kPad = 128;
@@ -718,7 +717,7 @@ struct Stockham {
         std::vector<int64_t> f = prime_factors(n);
         int twos = static_cast<int>(std::count(f.begin(), f.end(), 2));
         std::vector<int> radices;
-        if (kPreferRadix8) for (; twos >= 3; twos -= 3) radices.push_back(8);
+        for (; twos >= 3; twos -= 3) radices.push_back(8);  // fewest passes
         for (; twos >= 2; twos -= 2) radices.push_back(4);
         if (twos == 1) radices.push_back(2);
         for (int64_t p : f)
