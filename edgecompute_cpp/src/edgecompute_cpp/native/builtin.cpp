@@ -773,6 +773,11 @@ struct Stockham {
     }
 };
 
+struct Spectrum {
+    const double* re;
+    const double* im;
+};
+
 struct Plan {
     enum Kind { kDirect, kFourStep, kBluestein };
     int64_t n = 0;
@@ -791,8 +796,9 @@ struct Plan {
     std::vector<double> chirp_re, chirp_im;    // exp(-pi i k^2 / n)
     std::vector<double> filter_re, filter_im;  // FFT of the conjugate chirp filter, divided by m
 
-    // forward DFT of re / im [0, n) in place
-    void transform(double* re, double* im, double* scratch_buf) const;
+    // forward DFT of re / im [0, n): the result stays in re / im or, for a direct plan with an odd
+    // number of stages, lands in the scratch (no copy back); the return value says where
+    Spectrum transform(double* re, double* im, double* scratch_buf) const;
 };
 
 std::shared_ptr<const Plan> fft_plan(int64_t n);
@@ -834,7 +840,11 @@ std::shared_ptr<const Plan> make_plan(int64_t n) {
             plan->filter_im[k] = plan->filter_im[m - k] = -plan->chirp_im[k] * scale;
         }
         std::vector<double> buf(plan->inner->scratch);
-        plan->inner->transform(plan->filter_re.data(), plan->filter_im.data(), buf.data());
+        const Spectrum z = plan->inner->transform(plan->filter_re.data(), plan->filter_im.data(), buf.data());
+        if (z.re != plan->filter_re.data()) {
+            std::copy_n(z.re, m, plan->filter_re.data());
+            std::copy_n(z.im, m, plan->filter_im.data());
+        }
         plan->scratch = 2 * m + 2 * kPad + plan->inner->scratch;
     } else if (n <= kDirectMax) {
         plan->kind = Plan::kDirect;
@@ -928,18 +938,15 @@ inline __attribute__((always_inline)) void twiddle_block(double* RESTRICT zr, do
     }
 }
 
-void Plan::transform(double* re, double* im, double* buf) const {
-    if (n <= 1) return;
+Spectrum Plan::transform(double* re, double* im, double* buf) const {
+    if (n <= 1) return {re, im};
     if (kind == kDirect) {
-        if (direct->run(re, im, buf, buf + n + kPad, 1)) {
-            std::copy_n(buf, n, re);
-            std::copy_n(buf + n + kPad, n, im);
-        }
-        return;
+        if (direct->run(re, im, buf, buf + n + kPad, 1)) return {buf, buf + n + kPad};
+        return {re, im};
     }
     if (kind == kBluestein) {
-        double* RESTRICT wr = buf;
-        double* RESTRICT wi = buf + m + kPad;
+        double* wr = buf;  // (the inner transforms' results may land here or in their scratch)
+        double* wi = buf + m + kPad;
         const double* RESTRICT cr = chirp_re.data();
         const double* RESTRICT ci = chirp_im.data();
         for (int64_t k = 0; k < n; ++k) {
@@ -948,20 +955,22 @@ void Plan::transform(double* re, double* im, double* buf) const {
         }
         std::fill(wr + n, wr + m, 0.0);
         std::fill(wi + n, wi + m, 0.0);
-        inner->transform(wr, wi, wi + m + kPad);
+        const Spectrum z = inner->transform(wr, wi, wi + m + kPad);
         const double* RESTRICT fr = filter_re.data();
         const double* RESTRICT fi = filter_im.data();
         for (int64_t k = 0; k < m; ++k) {  // times the filter, then conjugated (inverse by conjugation)
-            const double xr = wr[k], xi = wi[k];
+            const double xr = z.re[k], xi = z.im[k];
             wr[k] = xr * fr[k] - xi * fi[k];
             wi[k] = -(xr * fi[k] + xi * fr[k]);
         }
-        inner->transform(wr, wi, wi + m + kPad);
-        for (int64_t k = 0; k < n; ++k) {  // conj(w) chirp
-            re[k] = wr[k] * cr[k] + wi[k] * ci[k];
-            im[k] = wr[k] * ci[k] - wi[k] * cr[k];
+        const Spectrum y = inner->transform(wr, wi, wi + m + kPad);
+        const double* RESTRICT yr = y.re;
+        const double* RESTRICT yi = y.im;
+        for (int64_t k = 0; k < n; ++k) {  // conj(y) chirp
+            re[k] = yr[k] * cr[k] + yi[k] * ci[k];
+            im[k] = yr[k] * ci[k] - yi[k] * cr[k];
         }
-        return;
+        return {re, im};
     }
     // four-step
     double* RESTRICT yr = buf;  // Y[j2 n1 + k1]
@@ -1014,6 +1023,7 @@ void Plan::transform(double* re, double* im, double* buf) const {
         if (nb == kBatch) scatter_block<kBatch>(re + k1, im + k1, zr, zi, n2, n1, nb);
         else scatter_block<0>(re + k1, im + k1, zr, zi, n2, n1, nb);
     }
+    return {re, im};
 }
 
 std::mutex plans_lock;
@@ -1176,13 +1186,13 @@ void run_fft(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
                 const double* RESTRICT p = static_cast<const double*>(x.data) + base;
                 for (int64_t i = 0; i < n; ++i) { re[i] = p[i]; im[i] = p[n + i]; }
             }
-            plan->transform(re, im, buf);
+            const Spectrum z = plan->transform(re, im, buf);
             if (single) {
                 float* o = static_cast<float*>(out) + 2 * base;
-                pair_spectra(re, im, n, scale, iscale, o, o + 2 * n);
+                pair_spectra(z.re, z.im, n, scale, iscale, o, o + 2 * n);
             } else {
                 double* o = static_cast<double*>(out) + 2 * base;
-                pair_spectra(re, im, n, scale, iscale, o, o + 2 * n);
+                pair_spectra(z.re, z.im, n, scale, iscale, o, o + 2 * n);
             }
             ++row;
             continue;
@@ -1214,21 +1224,23 @@ void run_fft(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
                 for (int64_t i = 0; i < n; ++i) { re[i] = p[2 * i]; im[i] = sign * p[2 * i + 1]; }
             }
         }
-        plan->transform(re, im, buf);
+        const Spectrum z = plan->transform(re, im, buf);
+        const double* RESTRICT zr = z.re;
+        const double* RESTRICT zi = z.im;
         if (packed) {
-            if (single) real_spectrum(re, im, len, *post, scale, iscale, static_cast<float*>(out) + 2 * base);
-            else real_spectrum(re, im, len, *post, scale, iscale, static_cast<double*>(out) + 2 * base);
+            if (single) real_spectrum(zr, zi, len, *post, scale, iscale, static_cast<float*>(out) + 2 * base);
+            else real_spectrum(zr, zi, len, *post, scale, iscale, static_cast<double*>(out) + 2 * base);
         } else if (single) {
             float* RESTRICT o = static_cast<float*>(out) + 2 * base;
             for (int64_t i = 0; i < n; ++i) {
-                o[2 * i] = static_cast<float>(re[i] * scale);
-                o[2 * i + 1] = static_cast<float>(im[i] * iscale);
+                o[2 * i] = static_cast<float>(zr[i] * scale);
+                o[2 * i + 1] = static_cast<float>(zi[i] * iscale);
             }
         } else {
             double* RESTRICT o = static_cast<double*>(out) + 2 * base;
             for (int64_t i = 0; i < n; ++i) {
-                o[2 * i] = re[i] * scale;
-                o[2 * i + 1] = im[i] * iscale;
+                o[2 * i] = zr[i] * scale;
+                o[2 * i + 1] = zi[i] * iscale;
             }
         }
     }
