@@ -85,6 +85,7 @@ def algorithm_table(cpp: CppExecutor, repeat: int) -> list[str]:
     taps = scipy.signal.firwin(63, 0.2).astype(np.float32)
     spectrum_in = rng.standard_normal(1 << 20)
     odd_in = rng.standard_normal((1000, 1000))
+    prime_in = np.random.default_rng(1).standard_normal((100, 10007))  # own generator: other inputs unchanged
     a = rng.standard_normal((512, 512)).astype(np.float32)
     b = rng.standard_normal((512, 512)).astype(np.float32)
     reflect = getattr(cv2, "BORDER_REFLECT", 2)
@@ -138,6 +139,12 @@ def algorithm_table(cpp: CppExecutor, repeat: int) -> list[str]:
           ("numpy.fft.fft", lambda: np.fft.fft(odd_in, axis=-1))],
          lambda out: float(np.abs(out - np.fft.fft(odd_in, axis=-1)).max()
                            / np.abs(np.fft.fft(odd_in, axis=-1)).max())),
+        ("fft 100 rows x 10007 (prime)",
+         lambda: cpp.call("fft", prime_in),
+         [("OpenCV dft rows", cv(lambda: cv2.dft(prime_in, flags=cv2.DFT_COMPLEX_OUTPUT | cv2.DFT_ROWS))),
+          ("numpy.fft.fft", lambda: np.fft.fft(prime_in, axis=-1))],
+         lambda out: float(np.abs(out - np.fft.fft(prime_in, axis=-1)).max()
+                           / np.abs(np.fft.fft(prime_in, axis=-1)).max())),
         ("matmul 512x512 f32",
          lambda: cpp.call("matmul", {"a": a, "b": b}),
          [("OpenCV gemm", cv(lambda: cv2.gemm(a, b, 1.0, None, 0.0))),
