@@ -133,7 +133,7 @@ def algorithm_table(cpp: CppExecutor, repeat: int) -> list[str]:
          [("OpenCV dft (complex output)", cv(lambda: cv2.dft(spectrum_in[None, :], flags=cv2.DFT_COMPLEX_OUTPUT))),
           ("numpy.fft.fft", lambda: np.fft.fft(spectrum_in))],
          lambda out: float(np.abs(out - np.fft.fft(spectrum_in)).max() / np.abs(np.fft.fft(spectrum_in)).max())),
-        ("fft 1000 rows x 1000 (Bluestein)",
+        ("fft 1000 rows x 1000",
          lambda: cpp.call("fft", odd_in),
          [("OpenCV dft rows", cv(lambda: cv2.dft(odd_in, flags=cv2.DFT_COMPLEX_OUTPUT | cv2.DFT_ROWS))),
           ("numpy.fft.fft", lambda: np.fft.fft(odd_in, axis=-1))],

@@ -18,10 +18,11 @@ from edgecompute.errors import ConfigError
 
 from .errors import CompileError
 
-__all__ = ["BUILTIN_SOURCE", "DEFAULT_FLAGS", "build_builtin", "build_plugin", "cache_dir", "compiler", "include_dir"]
+__all__ = ["BUILTIN_SOURCES", "DEFAULT_FLAGS", "build_builtin", "build_plugin", "cache_dir", "compiler", "include_dir"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-BUILTIN_SOURCE = PACKAGE_DIR / "native" / "builtin.cpp"
+#: the bundled plugin: builtin.cpp holds the plugin table and most algorithms, fft.cpp the FFT
+BUILTIN_SOURCES = (PACKAGE_DIR / "native" / "builtin.cpp", PACKAGE_DIR / "native" / "fft.cpp")
 DEFAULT_FLAGS: tuple[str, ...] = (
     "-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-math-errno",
 )
@@ -153,4 +154,4 @@ def build_plugin(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 def build_builtin() -> Path:
     """The bundled plugin's library, compiled on first use."""
-    return build_plugin(BUILTIN_SOURCE, name="builtin")
+    return build_plugin(BUILTIN_SOURCES, name="builtin")
