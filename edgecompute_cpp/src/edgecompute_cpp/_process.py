@@ -435,8 +435,8 @@ class WorkerPool:
                 self._starting += 1
             try:
                 worker.start(_MIN_ARENA)
-            except ExecutorCrashed:
-                worker.stop()  # left stopped: the call that takes it starts it again, and says why
+            except Exception:  # noqa: BLE001 - nobody to tell here: the call that takes it
+                worker.stop()  # starts it again, and reports why it cannot start
             with self._cond:
                 self._starting -= 1
                 if not self._closed:
