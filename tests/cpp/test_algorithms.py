@@ -74,6 +74,17 @@ def test_grayscale_every_dtype_and_channel_count(cpp: CppExecutor, height: int, 
         np.testing.assert_allclose(got, expected, atol=1e-4 * scale(image), rtol=0)
 
 
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+def test_grayscale_full_hd(cpp: CppExecutor, order: str) -> None:
+    """Large enough for the streamed (non-temporal) stores of the float RGB path."""
+    image = np.random.default_rng(6).random((1080, 1921, 3), dtype=np.float32)
+    weights = np.array([0.299, 0.587, 0.114])
+    if order == "bgr":
+        weights = weights[::-1]
+    got = cpp.call("grayscale", image, {"order": order})
+    assert got.dtype == np.float32 and got.shape == (1080, 1921)
+    assert np.abs(got - image.astype(np.float64) @ weights).max() <= 1e-6
+
 # -- gaussian blur -----------------------------------------------------------------------------
 
 @SETTINGS

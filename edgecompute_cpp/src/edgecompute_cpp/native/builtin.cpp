@@ -45,18 +45,31 @@ void grayscale(const T* RESTRICT in, T* RESTRICT out, int64_t pixels, float w0, 
 
 #if defined(__GNUC__) && !defined(__clang__)
 // float RGB: W pixels (3 vectors) at a time, each channel gathered by two two-vector shuffles
-// (one vpermt2ps each with AVX-512); the same arithmetic as the scalar loop, lane by lane
+// (one vpermt2ps each with AVX-512); the same arithmetic as the scalar loop, lane by lane. Large
+// images are memory-bound: there the output goes out with non-temporal stores (no read for
+// ownership, and the input is not evicted), where the target has them.
 #if defined(__AVX512F__)
 constexpr int kGrayVectorBytes = 64;
 #else
 constexpr int kGrayVectorBytes = 32;
 #endif
+typedef float GrayVec __attribute__((vector_size(kGrayVectorBytes)));
+typedef int32_t GrayIdx __attribute__((vector_size(kGrayVectorBytes)));
+#if defined(__AVX512F__)
+constexpr bool kGrayStream = true;
+inline void gray_stream(float* p, GrayVec v) { __builtin_ia32_movntps512(p, v); }
+#elif defined(__AVX__)
+constexpr bool kGrayStream = true;
+inline void gray_stream(float* p, GrayVec v) { __builtin_ia32_movntps256(p, v); }
+#else
+constexpr bool kGrayStream = false;
+inline void gray_stream(float* p, GrayVec v) { std::memcpy(p, &v, sizeof(v)); }
+#endif
+constexpr int64_t kGrayStreamBytes = int64_t{16} << 20;  // input + output at least this: stream
 
 void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pixels, float w0, float wg, float w2) {
     constexpr int W = kGrayVectorBytes / static_cast<int>(sizeof(float));
-    typedef float vec __attribute__((vector_size(kGrayVectorBytes)));
-    typedef int32_t ivec __attribute__((vector_size(kGrayVectorBytes)));
-    ivec first[3], second[3];  // channel c of pixel j is element 3 j + c of the 3 W loaded
+    GrayIdx first[3], second[3];  // channel c of pixel j is element 3 j + c of the 3 W loaded
     for (int c = 0; c < 3; ++c) {
         for (int j = 0; j < W; ++j) {
             const int e = 3 * j + c;
@@ -64,18 +77,30 @@ void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pi
             second[c][j] = e < 2 * W ? j : W + e - 2 * W;  // keep that lane, else from the third
         }
     }
+    const bool stream = kGrayStream && pixels * 16 >= kGrayStreamBytes;
     int64_t i = 0;
-    for (; i + W <= pixels; i += W) {
-        vec a, b, c;
-        std::memcpy(&a, in + 3 * i, sizeof(vec));
-        std::memcpy(&b, in + 3 * i + W, sizeof(vec));
-        std::memcpy(&c, in + 3 * i + 2 * W, sizeof(vec));
-        const vec p0 = __builtin_shuffle(__builtin_shuffle(a, b, first[0]), c, second[0]);
-        const vec p1 = __builtin_shuffle(__builtin_shuffle(a, b, first[1]), c, second[1]);
-        const vec p2 = __builtin_shuffle(__builtin_shuffle(a, b, first[2]), c, second[2]);
-        const vec v = w0 * p0 + wg * p1 + w2 * p2;
-        std::memcpy(out + i, &v, sizeof(vec));
+    if (stream) {  // scalar pixels up to an aligned output address
+        const auto misaligned = reinterpret_cast<uintptr_t>(out) % kGrayVectorBytes;
+        if (misaligned % sizeof(float) == 0) {
+            i = std::min(pixels, static_cast<int64_t>((kGrayVectorBytes - misaligned) % kGrayVectorBytes / sizeof(float)));
+            grayscale<float, 3>(in, out, i, w0, wg, w2);
+        }
     }
+    for (; i + W <= pixels; i += W) {
+        GrayVec a, b, c;
+        std::memcpy(&a, in + 3 * i, sizeof(GrayVec));
+        std::memcpy(&b, in + 3 * i + W, sizeof(GrayVec));
+        std::memcpy(&c, in + 3 * i + 2 * W, sizeof(GrayVec));
+        const GrayVec p0 = __builtin_shuffle(__builtin_shuffle(a, b, first[0]), c, second[0]);
+        const GrayVec p1 = __builtin_shuffle(__builtin_shuffle(a, b, first[1]), c, second[1]);
+        const GrayVec p2 = __builtin_shuffle(__builtin_shuffle(a, b, first[2]), c, second[2]);
+        const GrayVec v = w0 * p0 + wg * p1 + w2 * p2;
+        if (stream && reinterpret_cast<uintptr_t>(out + i) % kGrayVectorBytes == 0) gray_stream(out + i, v);
+        else std::memcpy(out + i, &v, sizeof(GrayVec));
+    }
+#if defined(__SSE__)
+    if (stream) __builtin_ia32_sfence();  // order the streamed stores before the result is handed on
+#endif
     grayscale<float, 3>(in + 3 * i, out + i, pixels - i, w0, wg, w2);
 }
 #endif
@@ -593,8 +618,10 @@ void run_fir(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
             taps[i] = h.dtype == EC_FLOAT32 ? static_cast<T>(static_cast<const float*>(h.data)[i])
                                             : static_cast<T>(static_cast<const double*>(h.data)[i]);
         T* y = x.ndim == 2 ? ec::output<T>(r, "signal", dtype, {rows, ny}) : ec::output<T>(r, "signal", dtype, {ny});
-        for (int64_t row = 0; row < rows; ++row)
+        for (int64_t row = 0; row < rows; ++row) {
+            if (ec::cancelled(r)) throw Error(EC_CANCELLED, "cancelled");
             fir(static_cast<const T*>(x.data) + row * n, n, taps, y + row * ny, ny);
+        }
     };
     if (x.dtype == EC_FLOAT32) go(float{}, EC_FLOAT32); else go(double{}, EC_FLOAT64);
 }
