@@ -44,8 +44,8 @@ void grayscale(const T* RESTRICT in, T* RESTRICT out, int64_t pixels, float w0, 
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
-// float RGB: W pixels (3 vectors) at a time, each channel gathered by two two-vector shuffles
-// (one vpermt2ps each with AVX-512); the same arithmetic as the scalar loop, lane by lane. Large
+// float RGB: W pixels (3 vectors) at a time, each channel gathered by two blends and one
+// shuffle; the same arithmetic as the scalar loop, lane by lane. Large
 // images are memory-bound: there the output goes out with non-temporal stores (no read for
 // ownership, and the input is not evicted), where the target has them.
 #if defined(__AVX512F__)
@@ -69,12 +69,19 @@ constexpr int64_t kGrayStreamBytes = int64_t{16} << 20;  // input + output at le
 
 void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pixels, float w0, float wg, float w2) {
     constexpr int W = kGrayVectorBytes / static_cast<int>(sizeof(float));
-    GrayIdx first[3], second[3];  // channel c of pixel j is element 3 j + c of the 3 W loaded
+    static_assert(W % 3 != 0, "each lane must hold every channel in exactly one of the 3 vectors");
+    // W pixels are 3 W elements in 3 vectors; lane l of vector s holds element e = W s + l, the
+    // channel e % 3 of pixel e / 3. For each channel, blending the 3 vectors lane by lane (lane l
+    // from the one vector whose element there has that channel) gathers all W values of it, and
+    // one single-vector shuffle puts them in pixel order: pixel j's value is at lane (3 j + c) % W.
+    GrayIdx from_a[3], from_b[3], order[3];
     for (int c = 0; c < 3; ++c) {
-        for (int j = 0; j < W; ++j) {
-            const int e = 3 * j + c;
-            first[c][j] = e < 2 * W ? e : 0;             // from the first two vectors
-            second[c][j] = e < 2 * W ? j : W + e - 2 * W;  // keep that lane, else from the third
+        for (int l = 0; l < W; ++l) {
+            int s = 0;
+            while ((W * s + l) % 3 != c) ++s;
+            from_a[c][l] = s == 0 ? -1 : 0;
+            from_b[c][l] = s == 1 ? -1 : 0;
+            order[c][l] = (3 * l + c) % W;
         }
     }
     const bool stream = kGrayStream && pixels * 16 >= kGrayStreamBytes;
@@ -91,9 +98,13 @@ void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pi
         std::memcpy(&a, in + 3 * i, sizeof(GrayVec));
         std::memcpy(&b, in + 3 * i + W, sizeof(GrayVec));
         std::memcpy(&c, in + 3 * i + 2 * W, sizeof(GrayVec));
-        const GrayVec p0 = __builtin_shuffle(__builtin_shuffle(a, b, first[0]), c, second[0]);
-        const GrayVec p1 = __builtin_shuffle(__builtin_shuffle(a, b, first[1]), c, second[1]);
-        const GrayVec p2 = __builtin_shuffle(__builtin_shuffle(a, b, first[2]), c, second[2]);
+#if defined(__x86_64__) || defined(__i386__)
+        // keep the three in registers: else GCC folds a load into every blend, 9 loads, not 3
+        __asm__("" : "+v"(a), "+v"(b), "+v"(c));
+#endif
+        const GrayVec p0 = __builtin_shuffle(from_a[0] ? a : from_b[0] ? b : c, order[0]);
+        const GrayVec p1 = __builtin_shuffle(from_a[1] ? a : from_b[1] ? b : c, order[1]);
+        const GrayVec p2 = __builtin_shuffle(from_a[2] ? a : from_b[2] ? b : c, order[2]);
         const GrayVec v = w0 * p0 + wg * p1 + w2 * p2;
         if (stream && reinterpret_cast<uintptr_t>(out + i) % kGrayVectorBytes == 0) gray_stream(out + i, v);
         else std::memcpy(out + i, &v, sizeof(GrayVec));
