@@ -388,8 +388,13 @@ void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTR
 #ifdef EC_RESIZE_SHUFFLE
     constexpr int64_t W = kResizeW;
     const int64_t blocks = p.n / W;
+    // (locals: the vector stores below may alias anything, members would be reloaded each time)
+    const int32_t* RESTRICT bases = p.base.data();
+    const uint8_t* RESTRICT wides = p.wide.data();
+    const int32_t* RESTRICT s0 = p.m0.data();
+    const int32_t* RESTRICT s1 = p.m1.data();
     for (int64_t b = 0; b < blocks; ++b, e += W) {
-        const int32_t base = p.base[b];
+        const int32_t base = bases[b];
         if (base < 0) {
             for (int64_t j = e; j < e + W; ++j) out[j] = row[i0[j]] + f[j] * (row[i1[j]] - row[i0[j]]);
             continue;
@@ -398,13 +403,19 @@ void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTR
         ResizeIdx m0, m1;
         std::memcpy(&v0, row + base, sizeof(ResizeVec));
         std::memcpy(&v1, row + base + W, sizeof(ResizeVec));
-        std::memcpy(&m0, p.m0.data() + e, sizeof(ResizeIdx));
-        std::memcpy(&m1, p.m1.data() + e, sizeof(ResizeIdx));
+        std::memcpy(&m0, s0 + e, sizeof(ResizeIdx));
+        std::memcpy(&m1, s1 + e, sizeof(ResizeIdx));
         std::memcpy(&fv, f + e, sizeof(ResizeVec));
-        if (p.wide[b]) {  // indices are taken modulo 2 W by each shuffle, then the right half picked
+#if defined(__x86_64__) || defined(__i386__)
+        __asm__("" : "+v"(v0), "+v"(v1));  // load each once: else GCC folds a load into both shuffles
+#endif
+        if (wides[b]) {  // indices are taken modulo 2 W by each shuffle, then the right half picked
             ResizeVec v2, v3;
             std::memcpy(&v2, row + base + 2 * W, sizeof(ResizeVec));
             std::memcpy(&v3, row + base + 3 * W, sizeof(ResizeVec));
+#if defined(__x86_64__) || defined(__i386__)
+            __asm__("" : "+v"(v2), "+v"(v3));
+#endif
             constexpr int32_t half = 2 * W;
             a = m0 < half ? __builtin_shuffle(v0, v1, m0) : __builtin_shuffle(v2, v3, m0);
             bv = m1 < half ? __builtin_shuffle(v0, v1, m1) : __builtin_shuffle(v2, v3, m1);
