@@ -50,8 +50,10 @@ void grayscale(const T* RESTRICT in, T* RESTRICT out, int64_t pixels, float w0, 
 // ownership, and the input is not evicted), where the target has them.
 #if defined(__AVX512F__)
 constexpr int kGrayVectorBytes = 64;
-#else
+#elif defined(__AVX__)
 constexpr int kGrayVectorBytes = 32;
+#else
+constexpr int kGrayVectorBytes = 16;
 #endif
 typedef float GrayVec __attribute__((vector_size(kGrayVectorBytes)));
 typedef int32_t GrayIdx __attribute__((vector_size(kGrayVectorBytes)));
@@ -98,7 +100,7 @@ void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pi
         std::memcpy(&a, in + 3 * i, sizeof(GrayVec));
         std::memcpy(&b, in + 3 * i + W, sizeof(GrayVec));
         std::memcpy(&c, in + 3 * i + 2 * W, sizeof(GrayVec));
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX__)  // (a vector register holds a whole vector)
         // keep the three in registers: else GCC folds a load into every blend, 9 loads, not 3
         __asm__("" : "+v"(a), "+v"(b), "+v"(c));
 #endif
@@ -323,8 +325,10 @@ Taps linear_taps(int64_t src, int64_t dst) {
 #define EC_RESIZE_SHUFFLE 1
 #if defined(__AVX512F__)
 constexpr int kResizeVectorBytes = 64;
-#else
+#elif defined(__AVX__)
 constexpr int kResizeVectorBytes = 32;
+#else
+constexpr int kResizeVectorBytes = 16;
 #endif
 constexpr int64_t kResizeW = kResizeVectorBytes / static_cast<int>(sizeof(float));
 typedef float ResizeVec __attribute__((vector_size(kResizeVectorBytes)));
@@ -406,14 +410,14 @@ void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTR
         std::memcpy(&m0, s0 + e, sizeof(ResizeIdx));
         std::memcpy(&m1, s1 + e, sizeof(ResizeIdx));
         std::memcpy(&fv, f + e, sizeof(ResizeVec));
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX__)  // (a vector register holds a whole vector)
         __asm__("" : "+v"(v0), "+v"(v1));  // load each once: else GCC folds a load into both shuffles
 #endif
         if (wides[b]) {  // indices are taken modulo 2 W by each shuffle, then the right half picked
             ResizeVec v2, v3;
             std::memcpy(&v2, row + base + 2 * W, sizeof(ResizeVec));
             std::memcpy(&v3, row + base + 3 * W, sizeof(ResizeVec));
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX__)  // (a vector register holds a whole vector)
             __asm__("" : "+v"(v2), "+v"(v3));
 #endif
             constexpr int32_t half = 2 * W;
