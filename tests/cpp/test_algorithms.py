@@ -262,6 +262,15 @@ def test_fir_filter_long_signals(cpp: CppExecutor, rows: int | None, n: int, k: 
     np.testing.assert_allclose(got, expected, atol=eps * scale(signal) * k, rtol=0)
 
 
+@pytest.mark.parametrize(("n", "k"), [(1, 5000), (50, 20000), (3000, 2999), (129, 128), (1000, 1000)])
+@pytest.mark.parametrize("mode", ["causal", "full"])
+def test_fir_filter_taps_as_long_as_or_longer_than_the_signal(cpp: CppExecutor, n: int, k: int, mode: str) -> None:
+    rng = np.random.default_rng(n + k)
+    signal, taps = rng.standard_normal(n), rng.standard_normal(k)
+    full = np.convolve(signal, taps)
+    got = cpp.call("fir_filter", {"signal": signal, "taps": taps}, {"mode": mode})
+    np.testing.assert_allclose(got, full if mode == "full" else full[:n], atol=1e-10 * np.sqrt(k), rtol=0)
+
 def test_fir_filter_a_million_samples(cpp: CppExecutor) -> None:
     rng = np.random.default_rng(5)
     signal = rng.standard_normal(1 << 20).astype(np.float32)

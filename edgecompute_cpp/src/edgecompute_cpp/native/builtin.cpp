@@ -45,9 +45,9 @@ void grayscale(const T* RESTRICT in, T* RESTRICT out, int64_t pixels, float w0, 
 
 #if defined(__GNUC__) && !defined(__clang__)
 // float RGB: W pixels (3 vectors) at a time, each channel gathered by two blends and one
-// shuffle; the same arithmetic as the scalar loop, lane by lane. Large
-// images are memory-bound: there the output goes out with non-temporal stores (no read for
-// ownership, and the input is not evicted), where the target has them.
+// shuffle; the same arithmetic as the scalar loop, lane by lane. Images too large for the caches
+// send the output out with non-temporal stores where the target has them (no read for
+// ownership, the input is not evicted): 0.8 -> 0.6 ms for 1920x1080.
 #if defined(__AVX512F__)
 constexpr int kGrayVectorBytes = 64;
 #elif defined(__AVX__)
@@ -313,10 +313,12 @@ Taps linear_taps(int64_t src, int64_t dst) {
     return t;
 }
 
-// Horizontal-first (as OpenCV does it): every source row that an output row needs is resized
-// horizontally once into a float row, the last two such rows are kept, and each output row is a
-// contiguous (vectorised) blend of two of them. The horizontal pass works on elements (pixel x
-// channel): output element e = a + f (b - a) with a = row[i0[e]], b = row[i1[e]]. Where GCC's
+// Two orders, chosen per call (see resize): horizontal-first (as OpenCV does it) resizes every
+// source row that an output row needs once into a float row, keeps the last two such rows, and
+// makes each output row a contiguous (vectorised) blend of two of them; vertical-first blends two
+// source rows at full width and resizes that one row. The horizontal pass works on elements
+// (pixel x channel; indices are int32, as before for 1 channel): output element
+// e = a + f (b - a) with a = row[i0[e]], b = row[i1[e]]. Where GCC's
 // vector extensions are there, W consecutive output elements whose sources all lie within 2 W
 // consecutive row elements (any upscale, downscales to about 1/2) come from two loads and two
 // two-vector shuffles (vpermt2ps with AVX-512), those within 4 W (downscales to about 1/4) from
@@ -560,7 +562,7 @@ void run_resize(const ec::Inputs& in, const ec::Params& params, ec_result* r) {
 // Register blocking: a block of kFirAcc vectors of consecutive outputs lives in registers while
 // the taps run past it (one broadcast tap, kFirAcc unaligned loads and multiply-adds per tap), so
 // the inner loop neither loads nor stores outputs. Blocks whose input window runs off either end
-// of the signal (the first k - 1 outputs, the tail, `full` mode) read a zero-padded copy instead.
+// of the signal (the first k - 1 outputs, the tail, `full` mode) take the direct loop.
 // 256-bit vectors measured a little faster than 512-bit ones (fewer loads crossing cache lines);
 // with AVX-512's 32 registers, 16 accumulators fit beside the broadcast tap and a load, else 8
 constexpr int kFirVectorBytes = 32;
@@ -603,24 +605,19 @@ template <class T>
 void fir(const T* RESTRICT x, int64_t n, const std::vector<T>& taps, T* RESTRICT y, int64_t ny) {
     constexpr int64_t B = FirVec<T>::B;
     const int64_t k = static_cast<int64_t>(taps.size());
-    std::vector<T> window(static_cast<size_t>(k - 1 + B)), spill(static_cast<size_t>(B));
     for (int64_t i0 = 0; i0 < ny; i0 += B) {
         if (i0 >= k - 1 && i0 + B <= n) {  // the whole input window lies inside the signal
             fir_block(x + i0, taps.data(), k, y + i0);
             continue;
         }
-        // x[i0 - (k - 1), i0 + B), zero outside [0, n)
-        const int64_t lo = i0 - (k - 1);
-        for (int64_t j = 0; j < k - 1 + B; ++j) {
-            const int64_t s = lo + j;
-            window[j] = s >= 0 && s < n ? x[s] : T(0);
-        }
-        const int64_t count = std::min(B, ny - i0);
-        if (count == B) {
-            fir_block(window.data() + (k - 1), taps.data(), k, y + i0);
-        } else {
-            fir_block(window.data() + (k - 1), taps.data(), k, spill.data());
-            std::copy_n(spill.data(), count, y + i0);
+        // a block at either end (or all of them when k > n): only the products of samples that
+        // exist, tap by tap, so the work stays n k however long the taps are
+        const int64_t stop = std::min(ny, i0 + B);
+        for (int64_t i = i0; i < stop; ++i) y[i] = 0;
+        for (int64_t t = std::max<int64_t>(0, i0 - n + 1); t < std::min(k, stop); ++t) {
+            const T ht = taps[t];
+            const int64_t lo = std::max(i0, t), hi = std::min(stop, n + t);  // 0 <= i - t < n
+            for (int64_t i = lo; i < hi; ++i) y[i] += ht * x[i - t];
         }
     }
 }
