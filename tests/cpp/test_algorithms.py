@@ -85,6 +85,7 @@ def test_grayscale_full_hd(cpp: CppExecutor, order: str) -> None:
     assert got.dtype == np.float32 and got.shape == (1080, 1921)
     assert np.abs(got - image.astype(np.float64) @ weights).max() <= 1e-6
 
+
 # -- gaussian blur -----------------------------------------------------------------------------
 
 @SETTINGS
@@ -248,8 +249,8 @@ def test_fir_filter_full_mode_matches_convolve(cpp: CppExecutor, signal: np.ndar
        seed=st.integers(0, 2**32 - 1))
 def test_fir_filter_long_signals(cpp: CppExecutor, rows: int | None, n: int, k: int, dtype: type, mode: str,
                                  seed: int) -> None:
-    """Signals long enough for whole register blocks inside the signal, beside the zero-padded
-    blocks at both ends (and the partial last one), in both modes and dtypes."""
+    """Signals long enough for whole register blocks inside the signal, beside the blocks at both
+    ends that run off it (and the partial last one), in both modes and dtypes."""
     rng = np.random.default_rng(seed)
     signal = rng.uniform(-1000, 1000, (n,) if rows is None else (rows, n)).astype(dtype)
     taps = rng.uniform(-2, 2, k).astype(dtype)
@@ -270,6 +271,7 @@ def test_fir_filter_taps_as_long_as_or_longer_than_the_signal(cpp: CppExecutor, 
     full = np.convolve(signal, taps)
     got = cpp.call("fir_filter", {"signal": signal, "taps": taps}, {"mode": mode})
     np.testing.assert_allclose(got, full if mode == "full" else full[:n], atol=1e-10 * np.sqrt(k), rtol=0)
+
 
 def test_fir_filter_a_million_samples(cpp: CppExecutor) -> None:
     rng = np.random.default_rng(5)
