@@ -52,6 +52,40 @@ def test_grayscale_uint8_rounds_like_numpy(cpp: CppExecutor, image: np.ndarray) 
     assert np.abs(got.astype(int) - expected.astype(int)).max(initial=0) <= 1
 
 
+@SETTINGS
+@given(height=st.integers(1, 3), width=st.integers(1, 120), channels=st.sampled_from([3, 4]),
+       dtype=st.sampled_from([np.uint8, np.float32, np.float64]), order=st.sampled_from(["rgb", "bgr"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_grayscale_every_dtype_and_channel_count(cpp: CppExecutor, height: int, width: int, channels: int,
+                                                 dtype: type, order: str, seed: int) -> None:
+    """Rows long enough for the vectorised blocks and their scalar tails, all layouts."""
+    rng = np.random.default_rng(seed)
+    image = (rng.integers(0, 256, (height, width, channels)) if dtype == np.uint8
+             else rng.uniform(-1000, 1000, (height, width, channels))).astype(dtype)
+    weights = np.array([0.299, 0.587, 0.114])
+    if order == "bgr":
+        weights = weights[::-1]
+    expected = image[..., :3].astype(np.float64) @ weights
+    got = cpp.call("grayscale", image, {"order": order})
+    assert got.dtype == dtype and got.shape == (height, width)
+    if dtype == np.uint8:
+        assert np.abs(got.astype(int) - np.clip(np.rint(expected), 0, 255).astype(int)).max(initial=0) <= 1
+    else:
+        np.testing.assert_allclose(got, expected, atol=1e-4 * scale(image), rtol=0)
+
+
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+def test_grayscale_full_hd(cpp: CppExecutor, order: str) -> None:
+    """Large enough for the streamed (non-temporal) stores of the float RGB path."""
+    image = np.random.default_rng(6).random((1080, 1921, 3), dtype=np.float32)
+    weights = np.array([0.299, 0.587, 0.114])
+    if order == "bgr":
+        weights = weights[::-1]
+    got = cpp.call("grayscale", image, {"order": order})
+    assert got.dtype == np.float32 and got.shape == (1080, 1921)
+    assert np.abs(got - image.astype(np.float64) @ weights).max() <= 1e-6
+
+
 # -- gaussian blur -----------------------------------------------------------------------------
 
 @SETTINGS
@@ -148,6 +182,43 @@ def test_resize_agrees_with_scipy_zoom_on_a_2x_upscale(cpp: CppExecutor) -> None
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@SETTINGS
+@given(height=st.integers(1, 6), width=st.integers(1, 300), channels=st.sampled_from([0, 1, 2, 3, 4]),
+       out_height=st.integers(1, 12), out_width=st.integers(1, 300), dtype=st.sampled_from([np.float32, np.uint8]),
+       seed=st.integers(0, 2**32 - 1))
+def test_resize_long_rows_at_every_scale(cpp: CppExecutor, height: int, width: int, channels: int, out_height: int,
+                                         out_width: int, dtype: type, seed: int) -> None:
+    """Rows long enough for the vectorised horizontal blocks (2 W and 4 W source elements wide) and
+    the scalar ones (strong downscales, row ends), horizontal-first (upscales) and vertical-first
+    (downscales), 2-D and (h, w, c) images."""
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if channels == 0 else (height, width, channels)
+    image = (rng.integers(0, 256, shape) if dtype == np.uint8 else rng.uniform(-1000, 1000, shape)).astype(dtype)
+    got = cpp.call("resize", image, {"width": out_width, "height": out_height})
+    expected = reference_resize(image, out_height, out_width)
+    assert got.dtype == dtype and got.shape == expected.shape
+    if dtype == np.uint8:
+        assert np.abs(got.astype(int) - np.clip(np.rint(expected), 0, 255).astype(int)).max(initial=0) <= 1
+    else:
+        np.testing.assert_allclose(got, expected, atol=1e-4 * scale(image), rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((1080, 1920), (720, 1280)), ((270, 480, 3), (1080, 1920)),
+                                             ((1080, 1920), (270, 480)), ((600, 800, 4), (100, 130)),
+                                             ((1, 700), (5, 333)), ((700, 1), (333, 5))])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_resize_large_images(cpp: CppExecutor, shape: tuple[int, ...], size: tuple[int, int], dtype: type) -> None:
+    rng = np.random.default_rng(sum(shape))
+    image = (rng.integers(0, 256, shape) if dtype == np.uint8 else rng.random(shape)).astype(dtype)
+    got = cpp.call("resize", image, {"width": size[1], "height": size[0]})
+    expected = reference_resize(image, *size)
+    assert got.dtype == dtype and got.shape == expected.shape
+    if dtype == np.uint8:
+        assert np.abs(got.astype(int) - np.clip(np.rint(expected), 0, 255).astype(int)).max(initial=0) <= 1
+    else:
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
 # -- FIR filter ---------------------------------------------------------------------------------
 
 @SETTINGS
@@ -170,6 +241,45 @@ def test_fir_filter_full_mode_matches_convolve(cpp: CppExecutor, signal: np.ndar
     got = cpp.call("fir_filter", [signal, taps], {"mode": "full"})
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5 * scale(signal) * taps.size, rtol=0)
+
+
+@SETTINGS
+@given(rows=st.sampled_from([None, 1, 2, 3]), n=st.integers(0, 3000), k=st.integers(1, 200),
+       dtype=st.sampled_from([np.float32, np.float64]), mode=st.sampled_from(["causal", "full"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_fir_filter_long_signals(cpp: CppExecutor, rows: int | None, n: int, k: int, dtype: type, mode: str,
+                                 seed: int) -> None:
+    """Signals long enough for whole register blocks inside the signal, beside the blocks at both
+    ends that run off it (and the partial last one), in both modes and dtypes."""
+    rng = np.random.default_rng(seed)
+    signal = rng.uniform(-1000, 1000, (n,) if rows is None else (rows, n)).astype(dtype)
+    taps = rng.uniform(-2, 2, k).astype(dtype)
+    full = np.apply_along_axis(lambda row: np.convolve(row, taps.astype(np.float64)), -1,
+                               signal.astype(np.float64)) if n else np.zeros(signal.shape)
+    expected = full if mode == "full" else full[..., :n]
+    got = cpp.call("fir_filter", {"signal": signal, "taps": taps}, {"mode": mode})
+    assert got.dtype == dtype and got.shape == expected.shape
+    eps = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, atol=eps * scale(signal) * k, rtol=0)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 5000), (50, 20000), (3000, 2999), (129, 128), (1000, 1000)])
+@pytest.mark.parametrize("mode", ["causal", "full"])
+def test_fir_filter_taps_as_long_as_or_longer_than_the_signal(cpp: CppExecutor, n: int, k: int, mode: str) -> None:
+    rng = np.random.default_rng(n + k)
+    signal, taps = rng.standard_normal(n), rng.standard_normal(k)
+    full = np.convolve(signal, taps)
+    got = cpp.call("fir_filter", {"signal": signal, "taps": taps}, {"mode": mode})
+    np.testing.assert_allclose(got, full if mode == "full" else full[:n], atol=1e-10 * np.sqrt(k), rtol=0)
+
+
+def test_fir_filter_a_million_samples(cpp: CppExecutor) -> None:
+    rng = np.random.default_rng(5)
+    signal = rng.standard_normal(1 << 20).astype(np.float32)
+    taps = scipy.signal.firwin(63, 0.2).astype(np.float32)
+    expected = scipy.signal.lfilter(taps.astype(np.float64), [1.0], signal.astype(np.float64))
+    got = cpp.call("fir_filter", {"signal": signal, "taps": taps})
+    assert np.abs(got - expected).max() <= 1e-5
 
 
 # -- FFT ----------------------------------------------------------------------------------------
