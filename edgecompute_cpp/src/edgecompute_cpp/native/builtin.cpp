@@ -17,6 +17,20 @@ namespace {
 using ec::Error;
 using ec::invalid;
 
+#if defined(__GNUC__) && !defined(__clang__)
+// the widest vector of the target, for the loops written with GCC's vector extensions (the
+// grayscale and resize fast paths; other compilers take their plain loops)
+#if defined(__AVX512F__)
+constexpr int kSimdBytes = 64;
+#elif defined(__AVX__)
+constexpr int kSimdBytes = 32;
+#else
+constexpr int kSimdBytes = 16;
+#endif
+typedef float FloatVec __attribute__((vector_size(kSimdBytes)));
+typedef int32_t IntVec __attribute__((vector_size(kSimdBytes)));
+#endif
+
 // scipy.ndimage's 'reflect' (= OpenCV BORDER_REFLECT): d c b a | a b c d | d c b a, repeated
 inline int64_t reflect(int64_t i, int64_t n) {
     if (i >= 0 && i < n) return i;
@@ -49,34 +63,25 @@ void grayscale(const T* RESTRICT in, T* RESTRICT out, int64_t pixels, float w0, 
 // send the output out with non-temporal stores where the target has them (no read for
 // ownership, the input is not evicted): 0.8 -> 0.6 ms for 1920x1080.
 #if defined(__AVX512F__)
-constexpr int kGrayVectorBytes = 64;
-#elif defined(__AVX__)
-constexpr int kGrayVectorBytes = 32;
-#else
-constexpr int kGrayVectorBytes = 16;
-#endif
-typedef float GrayVec __attribute__((vector_size(kGrayVectorBytes)));
-typedef int32_t GrayIdx __attribute__((vector_size(kGrayVectorBytes)));
-#if defined(__AVX512F__)
 constexpr bool kGrayStream = true;
-inline void gray_stream(float* p, GrayVec v) { __builtin_ia32_movntps512(p, v); }
+inline void gray_stream(float* p, FloatVec v) { __builtin_ia32_movntps512(p, v); }
 #elif defined(__AVX__)
 constexpr bool kGrayStream = true;
-inline void gray_stream(float* p, GrayVec v) { __builtin_ia32_movntps256(p, v); }
+inline void gray_stream(float* p, FloatVec v) { __builtin_ia32_movntps256(p, v); }
 #else
 constexpr bool kGrayStream = false;
-inline void gray_stream(float* p, GrayVec v) { std::memcpy(p, &v, sizeof(v)); }
+inline void gray_stream(float* p, FloatVec v) { std::memcpy(p, &v, sizeof(v)); }
 #endif
 constexpr int64_t kGrayStreamBytes = int64_t{16} << 20;  // input + output at least this: stream
 
 void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pixels, float w0, float wg, float w2) {
-    constexpr int W = kGrayVectorBytes / static_cast<int>(sizeof(float));
+    constexpr int W = kSimdBytes / static_cast<int>(sizeof(float));
     static_assert(W % 3 != 0, "each lane must hold every channel in exactly one of the 3 vectors");
     // W pixels are 3 W elements in 3 vectors; lane l of vector s holds element e = W s + l, the
     // channel e % 3 of pixel e / 3. For each channel, blending the 3 vectors lane by lane (lane l
     // from the one vector whose element there has that channel) gathers all W values of it, and
     // one single-vector shuffle puts them in pixel order: pixel j's value is at lane (3 j + c) % W.
-    GrayIdx from_a[3], from_b[3], order[3];
+    IntVec from_a[3], from_b[3], order[3];
     for (int c = 0; c < 3; ++c) {
         for (int l = 0; l < W; ++l) {
             int s = 0;
@@ -89,27 +94,27 @@ void grayscale_rgb_f32(const float* RESTRICT in, float* RESTRICT out, int64_t pi
     const bool stream = kGrayStream && pixels * 16 >= kGrayStreamBytes;
     int64_t i = 0;
     if (stream) {  // scalar pixels up to an aligned output address
-        const auto misaligned = reinterpret_cast<uintptr_t>(out) % kGrayVectorBytes;
+        const auto misaligned = reinterpret_cast<uintptr_t>(out) % kSimdBytes;
         if (misaligned % sizeof(float) == 0) {
-            i = std::min(pixels, static_cast<int64_t>((kGrayVectorBytes - misaligned) % kGrayVectorBytes / sizeof(float)));
+            i = std::min(pixels, static_cast<int64_t>((kSimdBytes - misaligned) % kSimdBytes / sizeof(float)));
             grayscale<float, 3>(in, out, i, w0, wg, w2);
         }
     }
     for (; i + W <= pixels; i += W) {
-        GrayVec a, b, c;
-        std::memcpy(&a, in + 3 * i, sizeof(GrayVec));
-        std::memcpy(&b, in + 3 * i + W, sizeof(GrayVec));
-        std::memcpy(&c, in + 3 * i + 2 * W, sizeof(GrayVec));
+        FloatVec a, b, c;
+        std::memcpy(&a, in + 3 * i, sizeof(FloatVec));
+        std::memcpy(&b, in + 3 * i + W, sizeof(FloatVec));
+        std::memcpy(&c, in + 3 * i + 2 * W, sizeof(FloatVec));
 #if defined(__AVX__)  // (a vector register holds a whole vector)
         // keep the three in registers: else GCC folds a load into every blend, 9 loads, not 3
         __asm__("" : "+v"(a), "+v"(b), "+v"(c));
 #endif
-        const GrayVec p0 = __builtin_shuffle(from_a[0] ? a : from_b[0] ? b : c, order[0]);
-        const GrayVec p1 = __builtin_shuffle(from_a[1] ? a : from_b[1] ? b : c, order[1]);
-        const GrayVec p2 = __builtin_shuffle(from_a[2] ? a : from_b[2] ? b : c, order[2]);
-        const GrayVec v = w0 * p0 + wg * p1 + w2 * p2;
-        if (stream && reinterpret_cast<uintptr_t>(out + i) % kGrayVectorBytes == 0) gray_stream(out + i, v);
-        else std::memcpy(out + i, &v, sizeof(GrayVec));
+        const FloatVec p0 = __builtin_shuffle(from_a[0] ? a : from_b[0] ? b : c, order[0]);
+        const FloatVec p1 = __builtin_shuffle(from_a[1] ? a : from_b[1] ? b : c, order[1]);
+        const FloatVec p2 = __builtin_shuffle(from_a[2] ? a : from_b[2] ? b : c, order[2]);
+        const FloatVec v = w0 * p0 + wg * p1 + w2 * p2;
+        if (stream && reinterpret_cast<uintptr_t>(out + i) % kSimdBytes == 0) gray_stream(out + i, v);
+        else std::memcpy(out + i, &v, sizeof(FloatVec));
     }
 #if defined(__SSE__)
     if (stream) __builtin_ia32_sfence();  // order the streamed stores before the result is handed on
@@ -325,16 +330,7 @@ Taps linear_taps(int64_t src, int64_t dst) {
 // four loads, four shuffles and two selects; other blocks, and the tail, take a scalar loop.
 #if defined(__GNUC__) && !defined(__clang__)
 #define EC_RESIZE_SHUFFLE 1
-#if defined(__AVX512F__)
-constexpr int kResizeVectorBytes = 64;
-#elif defined(__AVX__)
-constexpr int kResizeVectorBytes = 32;
-#else
-constexpr int kResizeVectorBytes = 16;
-#endif
-constexpr int64_t kResizeW = kResizeVectorBytes / static_cast<int>(sizeof(float));
-typedef float ResizeVec __attribute__((vector_size(kResizeVectorBytes)));
-typedef int32_t ResizeIdx __attribute__((vector_size(kResizeVectorBytes)));
+constexpr int64_t kResizeW = kSimdBytes / static_cast<int>(sizeof(float));
 #endif
 
 struct HorizontalPlan {
@@ -405,20 +401,20 @@ void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTR
             for (int64_t j = e; j < e + W; ++j) out[j] = row[i0[j]] + f[j] * (row[i1[j]] - row[i0[j]]);
             continue;
         }
-        ResizeVec v0, v1, fv, a, bv;
-        ResizeIdx m0, m1;
-        std::memcpy(&v0, row + base, sizeof(ResizeVec));
-        std::memcpy(&v1, row + base + W, sizeof(ResizeVec));
-        std::memcpy(&m0, s0 + e, sizeof(ResizeIdx));
-        std::memcpy(&m1, s1 + e, sizeof(ResizeIdx));
-        std::memcpy(&fv, f + e, sizeof(ResizeVec));
+        FloatVec v0, v1, fv, a, bv;
+        IntVec m0, m1;
+        std::memcpy(&v0, row + base, sizeof(FloatVec));
+        std::memcpy(&v1, row + base + W, sizeof(FloatVec));
+        std::memcpy(&m0, s0 + e, sizeof(IntVec));
+        std::memcpy(&m1, s1 + e, sizeof(IntVec));
+        std::memcpy(&fv, f + e, sizeof(FloatVec));
 #if defined(__AVX__)  // (a vector register holds a whole vector)
         __asm__("" : "+v"(v0), "+v"(v1));  // load each once: else GCC folds a load into both shuffles
 #endif
         if (wides[b]) {  // indices are taken modulo 2 W by each shuffle, then the right half picked
-            ResizeVec v2, v3;
-            std::memcpy(&v2, row + base + 2 * W, sizeof(ResizeVec));
-            std::memcpy(&v3, row + base + 3 * W, sizeof(ResizeVec));
+            FloatVec v2, v3;
+            std::memcpy(&v2, row + base + 2 * W, sizeof(FloatVec));
+            std::memcpy(&v3, row + base + 3 * W, sizeof(FloatVec));
 #if defined(__AVX__)  // (a vector register holds a whole vector)
             __asm__("" : "+v"(v2), "+v"(v3));
 #endif
@@ -429,8 +425,8 @@ void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTR
             a = __builtin_shuffle(v0, v1, m0);
             bv = __builtin_shuffle(v0, v1, m1);
         }
-        const ResizeVec o = a + fv * (bv - a);
-        std::memcpy(out + e, &o, sizeof(ResizeVec));
+        const FloatVec o = a + fv * (bv - a);
+        std::memcpy(out + e, &o, sizeof(FloatVec));
     }
 #endif
     for (; e < p.n; ++e) out[e] = row[i0[e]] + f[e] * (row[i1[e]] - row[i0[e]]);
