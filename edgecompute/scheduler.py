@@ -279,6 +279,9 @@ class Scheduler:
         }
         self._pool = ResourcePool(self.capacity)
         self._heap: list[tuple[float, int, TaskHandle]] = []
+        # id(needs) -> how many heap entries ask for that Resources object (stale ones included):
+        # a scan of the queue stops once every kind left has failed to fit (see _admit)
+        self._kinds: dict[int, int] = {}
         self._seq = 0
         self._queued = 0
         self._retrying = 0
@@ -517,7 +520,22 @@ class Scheduler:
     def _push(self, handle: TaskHandle, key: float) -> None:
         self._seq += 1
         self._queued += 1
-        heapq.heappush(self._heap, (key, self._seq, handle))
+        self._heap_push((key, self._seq, handle))
+
+    def _heap_push(self, entry: tuple[float, int, TaskHandle]) -> None:
+        heapq.heappush(self._heap, entry)
+        kind = id(entry[2]._needs)
+        self._kinds[kind] = self._kinds.get(kind, 0) + 1
+
+    def _heap_pop(self) -> tuple[float, int, TaskHandle]:
+        entry = heapq.heappop(self._heap)
+        kind = id(entry[2]._needs)
+        left = self._kinds[kind] - 1
+        if left:
+            self._kinds[kind] = left
+        else:
+            del self._kinds[kind]
+        return entry
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -535,32 +553,34 @@ class Scheduler:
         pool = self._pool
         skipped: list[tuple[float, int, TaskHandle]] = []
         blocked: frozenset[str] | set[str] = frozenset()
+        # the needs (by identity) found unable to start in this scan: they stay unable, as the
+        # pool only shrinks and ``blocked`` only grows while it runs
+        failed: set[int] = set()
         while heap:
             entry = heap[0]
             handle = entry[2]
             if handle.state is not _QUEUED:
-                heapq.heappop(heap)  # ended while queued (cancelled, timed out); already counted
+                self._heap_pop()  # ended while queued (cancelled, timed out); already counted
                 continue
             if handle._limits and self._at_limit(handle):
-                heapq.heappop(heap)
+                self._heap_pop()
                 self._parked.setdefault(handle._limits[0] if len(handle._limits) == 1
                                         else self._limiting_key(handle), collections.deque()).append(entry)
                 continue
-            if blocked and self._competes(handle._needs, blocked):
-                skipped.append(heapq.heappop(heap))
-            else:
+            if not (blocked and self._competes(handle._needs, blocked)):
                 allocation = pool.try_acquire(handle._needs)
                 if allocation is not None:
-                    heapq.heappop(heap)
+                    self._heap_pop()
                     self._queued -= 1
                     self._start(handle, allocation)
                     continue
                 blocked = set(blocked) | pool.short_of(handle._needs)
-                skipped.append(heapq.heappop(heap))
-            if len(skipped) > _BACKFILL_WINDOW:
-                break
+            skipped.append(self._heap_pop())
+            failed.add(id(handle._needs))
+            if len(skipped) > _BACKFILL_WINDOW or failed.issuperset(self._kinds):
+                break  # the window is full, or whatever is left asks for what could not start
         for entry in skipped:
-            heapq.heappush(heap, entry)
+            self._heap_push(entry)
 
     @staticmethod
     def _competes(needs: Resources, blocked: frozenset[str] | set[str]) -> bool:
@@ -707,7 +727,7 @@ class Scheduler:
         self._seq += 1
         self._queued += 1
         # a retry keeps its place: it re-enters with its original submission time and priority
-        heapq.heappush(self._heap, (handle._submitted_at - handle.request.priority * self._aging, self._seq, handle))
+        self._heap_push((handle._submitted_at - handle.request.priority * self._aging, self._seq, handle))
         self._dispatch()
 
     def _stopped(self, handle: TaskHandle) -> None:
@@ -755,7 +775,7 @@ class Scheduler:
                 while parked:  # hand the slot to the first parked task that is still queued
                     entry = parked.popleft()
                     if entry[2].state is _QUEUED:
-                        heapq.heappush(self._heap, entry)
+                        self._heap_push(entry)
                         break
             if self._heap:
                 self._dispatch()

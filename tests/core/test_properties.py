@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import pytest
@@ -18,7 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from edgecompute import Algorithm, Config, Health, Registry, Request, Resources, Response, Scheduler, TaskContext
+from edgecompute import (
+    Algorithm,
+    Config,
+    Health,
+    Registry,
+    Request,
+    Resources,
+    Response,
+    Scheduler,
+    TaskContext,
+    TaskState,
+)
 from edgecompute.errors import (
     EdgeComputeError,
     ExecutorError,
@@ -223,6 +235,35 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.probe.peak_singles <= 1
         if self.limit is not None:
             assert self.probe.peak_running <= self.limit
+
+    @invariant()
+    def no_waiting_task_could_start(self) -> None:
+        """Liveness: whatever could let a waiting task start dispatches at once, so between events
+        no task that admission may reach could start. The spec of backfill, as a reference: in
+        priority order, a task may start if it fits and needs nothing that a task ahead of it
+        (within the window) is short of; tasks held by their concurrency limit wait apart."""
+        from edgecompute.scheduler import _BACKFILL_WINDOW
+
+        scheduler = self.scheduler
+        if scheduler._state != "running":
+            return
+        pool = scheduler._pool
+        blocked: set[str] = set()
+        looked = 0
+        for _, _, handle in sorted(entry for entry in scheduler._heap if entry[2].state is TaskState.QUEUED):
+            if handle._limits and scheduler._at_limit(handle):
+                continue
+            if not (blocked and scheduler._competes(handle._needs, blocked)):
+                assert not pool.fits(handle._needs), handle
+                blocked |= pool.short_of(handle._needs)
+            looked += 1
+            if looked > _BACKFILL_WINDOW:
+                break
+
+    @invariant()
+    def the_queue_knows_what_it_holds(self) -> None:
+        scheduler = self.scheduler
+        assert Counter(id(entry[2]._needs) for entry in scheduler._heap) == scheduler._kinds
 
     @invariant()
     def at_most_one_end(self) -> None:
