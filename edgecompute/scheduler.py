@@ -508,7 +508,7 @@ class Scheduler:
                 self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
         self._push(handle, now - request.priority * self._aging)
-        if not limits and self._heap and not self._pool.fits(needs):
+        if not limits and not self._pool.fits(needs):
             # Admission is settled for the tasks that wait (whatever could let one start, a
             # release or a queued task ending, dispatches at once). One that does not fit cannot
             # start, nor let another start: scanning the queue again would only cost time
