@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -146,15 +147,25 @@ class ThreadPool:
             if on_done is not None:
                 on_done()
 
-    def close(self, wait: bool = True) -> None:
-        """Stop the workers once the queued calls have run."""
-        if self._closed:
-            return
-        self._closed = True
-        # one stop per thread, behind every queued call: idle threads (none while calls wait)
-        # get theirs now, busy ones take theirs from the backlog when they finish
-        for _ in self._threads:
-            self._hand(_STOP)
+    def close(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop the workers once the queued calls have run.
+
+        With ``wait``, join them, for at most ``timeout`` seconds in all; returns whether every
+        worker has stopped (a thread stuck in native code cannot be stopped, only waited for).
+        """
+        if not self._closed:
+            self._closed = True
+            # one stop per thread, behind every queued call: idle threads (none while calls wait)
+            # get theirs now, busy ones take theirs from the backlog when they finish
+            for _ in self._threads:
+                self._hand(_STOP)
         if wait:
-            for thread in self._threads:
-                thread.join()
+            return self.join(timeout)
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the workers of a closed pool to stop; True when none is left running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        return not any(thread.is_alive() for thread in self._threads)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from . import _atexit
 from .errors import AmbiguousAlgorithm, PluginError, UnknownAlgorithm, UnknownExecutor
 from .executor import Executor
 from .models import Algorithm, Health, HealthStatus
@@ -189,6 +190,7 @@ class Registry:
             self._routes.clear()
             if instance is not None:
                 self._adopt(entry, instance)
+                _atexit.close_at_exit(self)
 
     def _register_elsewhere(self) -> None:
         # executors placed in another environment need not be installed here: the worker there
@@ -300,6 +302,7 @@ class Registry:
                 if executor.name != entry.name:
                     raise ValueError(f"executor registered as {entry.name!r} calls itself {executor.name!r}")
                 self._adopt(entry, executor)
+                _atexit.close_at_exit(self)
             except Exception as exc:
                 entry.error = PluginError(entry.source, f"executor {entry.name!r} failed to build: "
                                                         f"{type(exc).__name__}: {exc}")
@@ -333,6 +336,7 @@ class Registry:
 
     async def aclose(self) -> None:
         """Close every executor that was built, each once, even if some fail to close."""
+        _atexit.closed(self)
         errors: list[Exception] = []
         for entry in self.executors():
             instance, entry.instance = entry.instance, None

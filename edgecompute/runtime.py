@@ -16,6 +16,7 @@ from typing import Any
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from . import _atexit
 from .config import Config
 from .errors import InvalidRequest, SchedulerClosed
 from .models import Health, Request, Response
@@ -60,6 +61,7 @@ class Runtime:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        _atexit.closed(self)
         if self._scheduler_cm is not None:
             cm, self._scheduler_cm = self._scheduler_cm, None
             try:
@@ -78,6 +80,7 @@ class Runtime:
         except BaseException:
             self._stop_portal()
             raise
+        _atexit.close_at_exit(self)
 
     def close(self) -> None:
         """Finish queued work (or cancel it, per the configuration) and stop the loop thread."""

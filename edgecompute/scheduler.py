@@ -359,7 +359,9 @@ class Scheduler:
             for waiter in self._space_waiters:
                 if not waiter.done():
                     waiter.set_exception(SchedulerClosed("the scheduler closed while waiting for queue space"))
-            self._threads.close(wait=False)
+            # idle workers stop at once and are joined; one still inside a lingering call cannot be
+            # stopped, so it is left behind (logged above) rather than waited for
+            self._threads.close(wait=self._settled(), timeout=1.0)
             if self._owns_registry and self._registry is not None:
                 await self._registry.aclose()
 

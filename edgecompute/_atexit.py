@@ -1,0 +1,75 @@
+"""Closing, at interpreter exit, what an application left running.
+
+Two things go wrong at exit when an application forgets to close:
+- a ``Runtime``'s event-loop thread is gone by the time the interpreter collects its portal, and
+  collecting it then waits for that thread for ever (the process hangs);
+- a daemon thread still inside native code (torch, wasmtime, a cffi call) when the interpreter
+  finalises is frozen mid-call, and C++ code under it can then abort the whole process
+  ("terminate called without an active exception", exit 134).
+So runtimes still running at exit are closed first (their schedulers drain or cancel), then every
+registry that still has built executors is closed (each executor joins its threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .registry import Registry
+    from .runtime import Runtime
+
+__all__ = ["close_at_exit", "closed"]
+
+log = logging.getLogger("edgecompute")
+
+_lock = threading.Lock()
+# a started Runtime owns a running thread: like a thread, it stays alive until it is closed
+_runtimes: set[Runtime] = set()
+_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+
+def close_at_exit(owner: Runtime | Registry) -> None:
+    """Close ``owner`` at interpreter exit if it is still open then.
+
+    Registering again moves the hook to the front: atexit runs hooks last-in first-out, and ours
+    must run before those of libraries imported after the first executor was built (torch's).
+    """
+    from .registry import Registry
+
+    with _lock:
+        if isinstance(owner, Registry):
+            _registries.add(owner)
+        else:
+            _runtimes.add(owner)
+        atexit.unregister(_close_all)
+        atexit.register(_close_all)
+
+
+def closed(owner: Runtime | Registry) -> None:
+    from .registry import Registry
+
+    with _lock:
+        if isinstance(owner, Registry):
+            _registries.discard(owner)
+        else:
+            _runtimes.discard(owner)
+
+
+def _close_all() -> None:
+    with _lock:
+        runtimes, registries = list(_runtimes), list(_registries)
+    for runtime in runtimes:
+        try:
+            runtime.close()
+        except BaseException as exc:  # noqa: BLE001 - exiting: report it and close the rest
+            log.warning("closing a Runtime at exit failed: %s: %s", type(exc).__name__, exc)
+    for registry in registries:
+        try:
+            asyncio.run(registry.aclose())
+        except BaseException as exc:  # noqa: BLE001
+            log.warning("closing executors at exit failed: %s: %s", type(exc).__name__, exc)
