@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +179,9 @@ def serve(config_path: str | None, serve_config: str | None, host: str | None, p
 
     config = _load_config(serve_config or config_path)
     registry = Registry.discover(settings=config.executors)
+    if extra and "" not in sys.path and os.getcwd() not in sys.path:
+        # MODULE is looked up from the current folder too, as uvicorn's APP argument is
+        sys.path.insert(0, os.getcwd())
     for spec in extra:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
-import random
+import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -128,15 +129,23 @@ class TaskState(enum.Enum):
 _TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT})
 
 
-_id_source = random.Random(random.SystemRandom().getrandbits(128))
-_random_bits = _id_source.getrandbits
+# Task ids are capabilities in the gateway (a client that knows one may ask for it), so they come
+# from the OS's CSPRNG: a seeded Mersenne Twister is predicted from 156 of its ids. One getrandom
+# call fills a pool of 256 ids (about 0.2 us an id instead of 0.7 us for secrets.token_hex(16)).
+# deque appends and pops are atomic, so threads may take ids at once; a forked child empties the
+# pool, or parent and child would hand out the same ids.
+_ID_BATCH = 256
+_id_pool: collections.deque[str] = collections.deque()
+os.register_at_fork(after_in_child=_id_pool.clear)
 
 
 def _new_id() -> str:
-    # uuid4 costs ~8 us here (a syscall per id); a PRNG seeded from the OS once is unique enough
-    # for task ids inside a process and ~10x cheaper on the scheduler's hot path. bytes.hex
-    # formats the 32 hex digits in less than half the instructions of an f-string.
-    return _random_bits(128).to_bytes(16, "little").hex()
+    try:
+        return _id_pool.popleft()
+    except IndexError:
+        digits = os.urandom(16 * _ID_BATCH).hex()
+        _id_pool.extend([digits[i:i + 32] for i in range(0, len(digits), 32)])
+        return _id_pool.popleft()
 
 
 def _mapping(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -6,6 +6,17 @@
     max_body_bytes = 67108864      # 64 MiB; larger bodies get 413
     max_wait = 60.0                # longest ?wait= a request may ask for, seconds
     keep_finished = 10000          # finished tasks kept for GET, per server (oldest dropped first)
+    keep_finished_bytes = 268435456  # 256 MiB: the kept results' outputs, in all (oldest evicted: 410)
+    max_output_bytes = 67108864    # 64 MiB: one task's outputs; more is refused (an InvalidRequest error)
+    max_depth = 64                 # arrays/objects a JSON or frame document may nest, in and out (<= 256)
+    max_header_bytes = 65536       # request line + headers; more gets 431 and the connection closes
+    max_headers = 100              # header fields per request (431)
+    max_url_bytes = 8192           # request target, path + query (414)
+    header_timeout = 10.0          # seconds from a request's first byte to the end of its headers (408)
+    body_timeout = 30.0            # seconds for a body, plus one per body_min_rate bytes received (408)
+    body_min_rate = 16384          # bytes per second a slow body must keep up after body_timeout
+    keep_alive_timeout = 5.0       # an idle connection (no request in progress) is closed after this
+    max_connections = 1000         # open connections; more are answered 503 and closed
     access_log = true              # one JSON line per request (logger edgecompute.access)
     public_metrics = true          # /metrics without a key (else it needs the "metrics" scope)
 
@@ -18,7 +29,9 @@
     max_in_flight = 64             # unfinished tasks at a time
 
 Without any key the server refuses to start unless ``allow_anonymous = true``: then requests
-without a key act as an ``anonymous`` key with the scopes of ``anonymous_scopes``.
+without a key act as an ``anonymous`` key with the scopes of ``anonymous_scopes``; each anonymous
+task is readable only through the capability its submit answer returns (docs/server.md). A
+configured key may not be named ``anonymous``.
 """
 
 from __future__ import annotations
@@ -30,19 +43,37 @@ import attrs
 
 from ..config import Config
 from ..errors import ConfigError
+from ..wire import MAX_DEPTH, MAX_DEPTH_CEILING
 from .auth import ApiKey
 
-__all__ = ["ServerSettings"]
+__all__ = ["ANONYMOUS", "ServerSettings"]
 
 _KNOWN = {"host", "port", "max_body_bytes", "max_wait", "keep_finished", "access_log", "public_metrics", "keys",
-          "allow_anonymous", "anonymous_scopes", "anonymous_rate", "anonymous_burst", "anonymous_max_in_flight"}
+          "allow_anonymous", "anonymous_scopes", "anonymous_rate", "anonymous_burst", "anonymous_max_in_flight",
+          "keep_finished_bytes", "max_output_bytes", "max_depth", "max_header_bytes", "max_headers",
+          "max_url_bytes", "header_timeout", "body_timeout", "body_min_rate", "keep_alive_timeout",
+          "max_connections"}
+#: (name, integer, least, most): the numeric settings and their bounds
+_NUMBERS: tuple[tuple[str, bool, float, float], ...] = (
+    ("max_body_bytes", True, 1, 2**40), ("keep_finished", True, 1, 10**8), ("max_wait", False, 0, 86400.0),
+    ("keep_finished_bytes", True, 1, 2**40), ("max_output_bytes", True, 1, 2**40),
+    ("max_depth", True, 1, MAX_DEPTH_CEILING), ("max_header_bytes", True, 1024, 1 << 20),
+    ("max_headers", True, 8, 1000), ("max_url_bytes", True, 256, 1 << 20),
+    ("header_timeout", False, 0.1, 3600.0), ("body_timeout", False, 0.1, 3600.0),
+    ("body_min_rate", True, 1, 2**40), ("keep_alive_timeout", False, 0.1, 3600.0),
+    ("max_connections", True, 1, 1_000_000),
+)
+#: the name requests without a key act under; no configured key may take it
+ANONYMOUS = "anonymous"
 _KEY_FIELDS = {"name", "hash", "scopes", "rate", "burst", "max_in_flight"}
 
 
-def _number(source: str, key: str, value: Any, *, integer: bool = False, least: float = 0) -> Any:
-    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and value >= least
+def _number(source: str, key: str, value: Any, *, integer: bool = False, least: float = 0,
+            most: float = float("inf")) -> Any:
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and least <= value <= most
     if not ok:
-        raise ConfigError(f"{source}: server.{key} must be {'an integer' if integer else 'a number'} >= {least}, "
+        bound = f">= {least:g}" if most == float("inf") else f"from {least:g} to {most:g}"
+        raise ConfigError(f"{source}: server.{key} must be {'an integer' if integer else 'a number'} {bound}, "
                           f"not {value!r}")
     return value
 
@@ -60,6 +91,17 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_wait: float = 60.0
     keep_finished: int = 10_000
+    keep_finished_bytes: int = 256 * 1024 * 1024
+    max_output_bytes: int = 64 * 1024 * 1024
+    max_depth: int = MAX_DEPTH
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_url_bytes: int = 8192
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    body_min_rate: int = 16 * 1024
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
     access_log: bool = True
     public_metrics: bool = True
     keys: tuple[ApiKey, ...] = ()
@@ -83,9 +125,16 @@ class ServerSettings:
             values["host"] = data["host"]
         if "port" in data:
             values["port"] = _number(source, "port", data["port"], integer=True)
-        for key, integer, least in (("max_body_bytes", True, 1), ("keep_finished", True, 1), ("max_wait", False, 0)):
+        for key, integer, least, most in _NUMBERS:
             if key in data:
-                values[key] = _number(source, key, data[key], integer=integer, least=least)
+                values[key] = _number(source, key, data[key], integer=integer, least=least, most=most)
+        defaults = attrs.fields(cls)
+        output = values.get("max_output_bytes", defaults.max_output_bytes.default)
+        budget = values.get("keep_finished_bytes", defaults.keep_finished_bytes.default)
+        if output > budget:
+            # a result the server may keep must fit the budget, or it would evict itself at once
+            raise ConfigError(f"{source}: server.max_output_bytes ({output}) must not exceed "
+                              f"server.keep_finished_bytes ({budget})")
         for key in ("access_log", "public_metrics", "allow_anonymous"):
             if key in data:
                 if not isinstance(data[key], bool):
@@ -114,12 +163,16 @@ class ServerSettings:
                                           integer=True)),
             ))
         names = [key.name for key in keys]
+        if ANONYMOUS in names:
+            # keyless requests act as "anonymous": a key of that name would share their tasks
+            raise ConfigError(f"{source}: server.keys: the name {ANONYMOUS!r} is reserved for requests "
+                              "without a key; rename the key")
         if len(set(names)) != len(names):
             raise ConfigError(f"{source}: server.keys: names must be unique, got {names}")
         values["keys"] = tuple(keys)
         if values.get("allow_anonymous"):
             values["anonymous"] = ApiKey(
-                name="anonymous", hash="",
+                name=ANONYMOUS, hash="",
                 scopes=_scopes(source, "server.anonymous_scopes", data.get("anonymous_scopes", ["*"])),
                 rate=float(_number(source, "anonymous_rate", data.get("anonymous_rate", 0.0))),
                 burst=float(_number(source, "anonymous_burst", data.get("anonymous_burst", 0.0))),

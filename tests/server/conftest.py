@@ -17,6 +17,7 @@ import uvicorn
 from edgecompute import Config, FunctionExecutor, Registry, Resources
 from edgecompute.scheduler import Scheduler
 from edgecompute.server import ServerSettings, build_app, hash_key
+from edgecompute.server.protocol import uvicorn_config
 
 KEYS = {"alice": "ec_alice-test-key-0000000000000000000000000", "bob": "ec_bob-test-key-00000000000000000000000000",
         "limited": "ec_limited-test-key-000000000000000000000", "narrow": "ec_narrow-test-key-0000000000000000000000",
@@ -99,8 +100,8 @@ class running:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.sock = sock
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on",
-                                                    ws="websockets-sansio"))
+        # the server's own uvicorn set-up (its connection limits), as `edgecompute serve` runs it
+        self.server = uvicorn.Server(uvicorn_config(self.app, server_settings, lifespan="on", ws="websockets-sansio"))
 
     def __enter__(self) -> Server:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

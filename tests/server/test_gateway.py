@@ -13,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from edgecompute import errors, wire
-from edgecompute.client import Client, Forbidden, NotFound, RateLimited, Unauthorized
+from edgecompute.client import Client, NotFound, RateLimited, Unauthorized
 
 from .conftest import KEYS, TOKENS, Server, running, settings
 
@@ -154,9 +154,10 @@ def test_another_keys_task_is_invisible(server: Server) -> None:
 
 
 def test_scopes_hold_for_qualified_and_bare_names_and_listings(server: Server) -> None:
-    is_problem(submit(server, "alice", "secret/echo2", 1), 403, "forbidden")
-    is_problem(submit(server, "alice", "echo2", 1), 403, "forbidden")  # a bare name resolves, then is checked
-    is_problem(submit(server, "narrow", "app/total", [1]), 403, "forbidden")
+    # out of scope answers exactly as unknown does: a key cannot probe what exists
+    is_problem(submit(server, "alice", "secret/echo2", 1), 404, "unknown-algorithm")
+    is_problem(submit(server, "alice", "echo2", 1), 404, "unknown-algorithm")  # a bare name resolves, is checked
+    is_problem(submit(server, "narrow", "app/total", [1]), 404, "unknown-algorithm")
     assert submit(server, "narrow", "app/echo", 1).json()["outputs"] == 1
     assert submit(server, "bob", "secret/echo2", 1).json()["outputs"] == 1
     # an unknown name leaks no list of the other keys' algorithms
@@ -269,9 +270,9 @@ def test_the_client_has_the_runtime_shape(server: Server) -> None:
             rt.run("app/fail", 1)
         with pytest.raises(errors.ExecutorError):
             list(rt.stream("app/fail", 1))
-        with pytest.raises(Forbidden):
-            rt.run("secret/echo2", 1)
-        with pytest.raises(NotFound):
+        with pytest.raises((NotFound, errors.UnknownAlgorithm)):
+            rt.run("secret/echo2", 1)  # out of scope looks like missing
+        with pytest.raises((NotFound, errors.UnknownAlgorithm)):
             rt.run("app/missing", 1)
         with pytest.raises(errors.InvalidRequest, match="unknown option"):
             rt.run("app/echo", 1, resources=None)
