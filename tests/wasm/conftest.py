@@ -58,8 +58,13 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def wasm(cache_dir: Path) -> Any:
-    executor = WasmExecutor({"cache_dir": str(cache_dir), "pool_size": 2, "timeout": 10.0, "memory_mb": 128})
+def wasm(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # request paths (mounts, wheels, module files) are refused by default: these tests name
+    # folders under pytest's own temporary folder, so the operator allows that one
+    base = str(tmp_path_factory.getbasetemp())
+    executor = WasmExecutor({"cache_dir": str(cache_dir), "pool_size": 2, "timeout": 10.0, "memory_mb": 128,
+                             "allow_request_mounts": True, "request_mount_roots": [base], "wheel_roots": [base],
+                             "module_roots": [base]})
     executor.warm()
     yield executor
     asyncio.run(executor.aclose())

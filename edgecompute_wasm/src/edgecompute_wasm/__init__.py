@@ -6,6 +6,8 @@ executor's first request, never at import or registration time.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import (
     GuestError,
     SandboxCrashed,
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "WasmExecutor":
         from .executor import WasmExecutor
 

@@ -62,7 +62,7 @@ def cache_key(wasmtime_version: str, engine_key: str, module_sha256: str) -> str
 
 def engine_key(*, fuel: bool, max_wasm_stack: int) -> str:
     """What in an engine's configuration changes compiled code (part of the cache key)."""
-    return f"epoch=1;fuel={int(fuel)};stack={max_wasm_stack}"
+    return f"epoch=1;fuel={int(fuel)};stack={max_wasm_stack};gc=0"
 
 
 _VERSION: str | None = None
@@ -165,14 +165,14 @@ def load_or_compile(engine: object, key: str, cache_dir: Path, compile_fn: Calla
             _remove(meta)
             _remove(path)
     stats.misses += 1
-    module = compile_fn()
+    compiled = compile_fn()
     try:
-        payload = bytes(module.serialize())  # type: ignore[attr-defined]
+        payload = bytes(compiled.serialize())  # type: ignore[attr-defined]
         _write_atomic(path, payload, cache_dir)
         _write_atomic(meta, _HEADER.pack(MAGIC, digest, len(payload), zlib.crc32(payload)), cache_dir)
     except OSError as exc:  # a read-only or full disk costs speed, never correctness
         log.warning("could not write wasm cache file %s: %s", path, exc)
-    return module
+    return compiled
 
 
 def _write_atomic(path: Path, data: bytes, folder: Path) -> None:

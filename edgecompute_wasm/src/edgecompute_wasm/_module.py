@@ -16,55 +16,119 @@ import wasmtime
 
 from edgecompute.errors import InvalidRequest
 
-from ._python import outcome_error
+from ._inspect import ModuleInfo, ModuleShapeError, inspect_module
+from ._python import UNSTICK_GRACE, Captured, outcome_error
 from ._sandbox import WASI, Sandbox
 from .errors import SandboxOutputExceeded, SandboxTimeout
 from .settings import Limits
 
-__all__ = ["run_module"]
+__all__ = ["UserModule", "compile_user_module", "run_module"]
 
 _NUMERIC = {"i32": int, "i64": int, "f32": float, "f64": float}
+_INT_RANGE = {"i32": (-(2**31), 2**32 - 1), "i64": (-(2**63), 2**64 - 1)}  # signed or unsigned bits
 
 
-def compile_user_module(runtime: Any, wasm: bytes | str) -> Any:
+class UserModule:
+    """A compiled user module and what its binary declares (read without wasmtime's value types)."""
+
+    __slots__ = ("info", "module")
+
+    def __init__(self, module: Any, info: ModuleInfo) -> None:
+        self.module = module
+        self.info = info
+
+
+def compile_user_module(runtime: Any, wasm: bytes | str, function: str | None = None) -> UserModule:
+    """Compile a user's module, after refusing what the sandbox cannot run safely.
+
+    Everything the host later touches is checked here, from the binary: the imports (WASI functions
+    only), the number of memories and tables, and the type of every export the host will call. A
+    ``v128`` or reference type must never reach wasmtime-py's value-type code: it aborts the host."""
     if isinstance(wasm, str):
         try:
-            wasm = wasmtime.wat2wasm(wasm)
+            binary = bytes(wasmtime.wat2wasm(wasm))
         except wasmtime.WasmtimeError as exc:
             raise InvalidRequest(f"the WAT text does not parse: {exc}") from None
+    else:
+        binary = bytes(wasm)
     try:
-        wasmtime.Module.validate(runtime.engine.engine, bytes(wasm))
+        wasmtime.Module.validate(runtime.engine.engine, binary)
     except wasmtime.WasmtimeError as exc:
         raise InvalidRequest(f"not a valid WebAssembly module: {str(exc).splitlines()[0]}") from None
-    module = runtime.user_module(bytes(wasm))
-    for imp in module.imports:
-        if imp.module != WASI:
-            raise InvalidRequest(f"the module imports {imp.module}.{imp.name}; only {WASI} is provided in the sandbox")
-    return module
-
-
-def run_module(runtime: Any, module: Any, *, function: str | None, args: Sequence[Any], argv: Sequence[str],
-               stdin: bytes, limits: Limits, mounts: Sequence[tuple[str, str]]) -> Any:
-    exports = {e.name: e.type for e in module.exports}
+    try:
+        info = inspect_module(binary)
+    except ModuleShapeError as exc:
+        raise InvalidRequest(f"the module cannot be checked before it runs: {exc}") from None
+    for module_name, name, kind in info.imports:
+        if module_name != WASI:
+            raise InvalidRequest(f"the module imports {module_name}.{name}; only {WASI} is provided in the sandbox")
+        if kind != "function":
+            raise InvalidRequest(f"the module imports {module_name}.{name} as a {kind}; only {WASI} functions are "
+                                 "provided in the sandbox")
+    if info.memories > 1:
+        raise InvalidRequest(f"the module has {info.memories} memories; a sandbox has one (memory_mb caps it)")
+    max_tables = runtime.settings.max_tables
+    if info.tables > max_tables:
+        raise InvalidRequest(f"the module has {info.tables} tables, above the ceiling max_tables = {max_tables}")
     if function is None:
-        if not isinstance(exports.get("_start"), wasmtime.FuncType):
-            raise InvalidRequest("the module exports no _start function; pass params['function'] to call an export")
-        export, call_args = "_start", []
+        _check_export(info, "_start", "the module exports no _start function; pass params['function'] to call "
+                                      "an export", no_args=True)
     else:
-        ty = exports.get(function)
-        if not isinstance(ty, wasmtime.FuncType):
-            names = sorted(n for n, t in exports.items() if isinstance(t, wasmtime.FuncType))
-            raise InvalidRequest(f"the module exports no function {function!r}; it exports: {', '.join(names)}")
-        params = [str(p) for p in ty.params]
+        _check_export(info, function, "", no_args=False)
+        if "_initialize" in info.exports:
+            _check_export(info, "_initialize", "", no_args=True)
+    return UserModule(runtime.user_module(binary), info)
+
+
+def _check_export(info: ModuleInfo, name: str, missing: str, *, no_args: bool) -> None:
+    kind, _ = info.exports.get(name, ("", -1))
+    if not kind:
+        if missing:
+            raise InvalidRequest(missing)
+        names = sorted(n for n, (k, _) in info.exports.items() if k == "function")
+        raise InvalidRequest(f"the module exports no function {name!r}; it exports: {', '.join(names)}")
+    if kind != "function":
+        raise InvalidRequest(f"the module's export {name!r} is a {kind}, not a function; only functions are called")
+    try:
+        signature = info.signature(name)
+    except ModuleShapeError as exc:
+        raise InvalidRequest(f"the module cannot be checked before it runs: {exc}") from None
+    assert signature is not None
+    params, results = signature
+    for what, types in (("takes", params), ("returns", results)):
+        for ty in types:
+            if ty not in _NUMERIC:
+                raise InvalidRequest(f"export {name!r} {what} a {ty}; only i32, i64, f32 and f64 cross the "
+                                     "sandbox")
+    if no_args and (params or results):
+        raise InvalidRequest(f"export {name!r} must take and return nothing, not ({', '.join(params)}) -> "
+                             f"({', '.join(results)})")
+
+
+def run_module(runtime: Any, user: UserModule, *, function: str | None, args: Sequence[Any], argv: Sequence[str],
+               stdin: bytes, limits: Limits, mounts: Sequence[tuple[str, str]]) -> Any:
+    info, module = user.info, user.module
+    call_args: list[Any] = []
+    if function is None:
+        export = "_start"
+    else:
+        signature = info.signature(function)
+        assert signature is not None  # compile_user_module checked it
+        params = list(signature[0])
         if len(params) != len(args):
             raise InvalidRequest(f"{function} takes {len(params)} arguments ({', '.join(params)}), not {len(args)}")
-        call_args = []
         for kind, value in zip(params, args, strict=True):
-            convert = _NUMERIC.get(kind)
-            if convert is None:
-                raise InvalidRequest(f"{function} takes a {kind}; only numeric arguments are supported")
+            convert = _NUMERIC[kind]
             wrong = isinstance(value, bool) or not isinstance(value, (int, float))
             if wrong or (convert is int and not isinstance(value, int)):
+                raise InvalidRequest(f"argument {value!r} does not fit a {kind}")
+            if convert is int:
+                low, high = _INT_RANGE[kind]
+                if not low <= value <= high:
+                    raise InvalidRequest(f"argument {value!r} does not fit a {kind}")
+                if value > high // 2:  # unsigned spelling of a negative number: wasmtime takes signed values
+                    value -= high + 1
+            elif isinstance(value, int) and abs(value) > 2**1023:
                 raise InvalidRequest(f"argument {value!r} does not fit a {kind}")
             call_args.append(convert(value))
         export = function
@@ -82,6 +146,8 @@ def run_module(runtime: Any, module: Any, *, function: str | None, args: Sequenc
             sandbox.stdin_path = stdin_file.name
         sandbox.start()
         if not sandbox.ended.wait(limits.timeout + 2.0):
+            # blocked where no epoch reaches (a FIFO's open in a mount): wake it before answering
+            sandbox.unstick(UNSTICK_GRACE)
             raise SandboxTimeout(f"the module ran past its {limits.timeout:g} s limit", limit=limits.timeout)
     finally:
         if stdin_file is not None:
@@ -89,7 +155,7 @@ def run_module(runtime: Any, module: Any, *, function: str | None, args: Sequenc
                 os.unlink(stdin_file.name)
             except OSError:
                 pass
-    captured = {"stdout": sandbox.stdout.decode("utf-8", "replace"),
+    captured: Captured = {"stdout": sandbox.stdout.decode("utf-8", "replace"),
                 "stderr": sandbox.stderr.decode("utf-8", "replace")}
     if sandbox.kill_reason == "output":
         raise SandboxOutputExceeded(f"module output passed its cap of {limits.output_bytes} bytes",

@@ -13,7 +13,7 @@ import collections
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from edgecompute.errors import ExecutorError
 
@@ -32,7 +32,9 @@ from .settings import Limits
 
 log = logging.getLogger("edgecompute_wasm.python")
 
-__all__ = ["BOOTSTRAP", "BOOT_MODULE", "PythonResult", "PythonRunner"]
+__all__ = ["BOOTSTRAP", "BOOT_MODULE", "UNSTICK_GRACE", "PythonResult", "PythonRunner"]
+
+UNSTICK_GRACE = 2.0  # seconds a sandbox past its deadline (+2 s) is given to end once woken
 
 # The guest's side: module ``_edgecompute_boot``, whose ``main(preload)`` runs in every interpreter.
 # Only built-in modules at start-up (builtins, marshal, os, sys): every stdlib import costs
@@ -117,6 +119,13 @@ def main(preload):
 '''
 
 
+class Captured(TypedDict):
+    """What the guest printed, attached to the error raised for its request."""
+
+    stdout: str
+    stderr: str
+
+
 class PythonResult:
     __slots__ = ("run", "startup", "stderr", "stdout", "value")
 
@@ -150,8 +159,10 @@ class PythonRunner:
     MAX_SHAPES = 4
 
     def __init__(self, engine: Engine, module: Any, *, pool_size: int, prestart: bool,
-                 preload: Sequence[str] = (), stdlib: str | None = None) -> None:
+                 preload: Sequence[str] = (), stdlib: str | None = None,
+                 max_request_bytes: int = 16 * 2**20) -> None:
         self.engine = engine
+        self.max_request_bytes = max_request_bytes  # the encoded (source, function, inputs, paths)
         self.module = module
         self.pool_size = pool_size
         self.prestart = prestart and pool_size > 0
@@ -254,7 +265,7 @@ class PythonRunner:
                 # start-up is background work: give a running request its few milliseconds first
                 if self._inflight:
                     self._lock.wait(0.05)
-                    if self._closed:
+                    if self._stopping():
                         return
                     if len(pool.idle) + pool.starting >= pool.size:
                         continue
@@ -277,6 +288,9 @@ class PythonRunner:
                 else:
                     pool.idle.append(sandbox)
                     self._lock.notify_all()
+
+    def _stopping(self) -> bool:
+        return self._closed  # read again after a wait: close() may have run meanwhile
 
     def close(self) -> None:
         with self._lock:
@@ -306,6 +320,11 @@ class PythonRunner:
 
             raise InvalidRequest(f"wasm/python inputs must be plain data (None, bool, int, float, str, bytes, "
                                  f"list, tuple, dict, set): {exc}") from None
+        if len(request) > self.max_request_bytes:
+            from edgecompute.errors import InvalidRequest
+
+            raise InvalidRequest(f"the encoded request (source and inputs) is {len(request)} bytes, above its "
+                                 f"ceiling max_input_bytes = {self.max_request_bytes}")
         t0 = time.perf_counter()
         key = (limits.memory_bytes, tuple(mounts))
         with self._lock:
@@ -334,9 +353,12 @@ class PythonRunner:
         t2 = time.perf_counter()
         stdout = sandbox.stdout.decode("utf-8", "replace")
         stderr = sandbox.stderr.decode("utf-8", "replace")
-        captured = {"stdout": stdout, "stderr": stderr}
+        captured: Captured = {"stdout": stdout, "stderr": stderr}
         if not finished:
             sandbox.kill_reason = sandbox.kill_reason or "timeout"
+            # the guest is blocked where no epoch reaches it (a FIFO's open in a mount): wake it,
+            # so no thread keeps working on the request past this grace
+            sandbox.unstick(UNSTICK_GRACE)
             raise SandboxTimeout(f"guest code ran past its {limits.timeout:g} s limit", limit=limits.timeout,
                                  **captured)
         reason = sandbox.kill_reason
@@ -347,7 +369,7 @@ class PythonRunner:
         raise _failure(sandbox, limits, captured)
 
 
-def _answer(sandbox: Sandbox, limits: Limits, captured: dict[str, str]) -> Any:
+def _answer(sandbox: Sandbox, limits: Limits, captured: Captured) -> Any:
     try:
         answer = _codec.decode(memoryview(sandbox.answer)[12:12 + (sandbox.answer_len or 0)])
         kind = answer[0]
@@ -369,7 +391,7 @@ def _answer(sandbox: Sandbox, limits: Limits, captured: dict[str, str]) -> Any:
     raise SandboxCrashed("the guest sent an answer of an unknown shape", **captured)
 
 
-def _failure(sandbox: Sandbox, limits: Limits, captured: dict[str, str]) -> ExecutorError:
+def _failure(sandbox: Sandbox, limits: Limits, captured: Captured) -> ExecutorError:
     import wasmtime
 
     reason = sandbox.kill_reason
@@ -384,7 +406,7 @@ def _failure(sandbox: Sandbox, limits: Limits, captured: dict[str, str]) -> Exec
     return outcome_error(sandbox, limits, captured, wasmtime)
 
 
-def outcome_error(sandbox: Sandbox, limits: Limits, captured: dict[str, str], wasmtime: Any) -> ExecutorError:
+def outcome_error(sandbox: Sandbox, limits: Limits, captured: Captured, wasmtime: Any) -> ExecutorError:
     """The typed error for a sandbox that ended without a (good) answer."""
     outcome = sandbox.outcome
     if outcome is None:

@@ -53,7 +53,8 @@ class Runtime:
         self.settings = settings
         self._verification = verification  # of the CPython runtime's cache entry, started early
         self.engine = Engine(fuel=settings.fuel_enabled, max_wasm_stack=settings.max_wasm_stack,
-                             tick=settings.epoch_tick)
+                             tick=settings.epoch_tick, table_elements=settings.max_table_elements,
+                             tables=settings.max_tables)
         self.cache_dir = ensure_private_dir(settings.cache_dir)
         self.cache_stats = CacheStats()
         self._python: PythonRunner | None = None
@@ -82,7 +83,8 @@ class Runtime:
                 stdlib = _stdlib.ensure(self, module, BOOT_MODULE, BOOTSTRAP)
                 self._python = PythonRunner(self.engine, module, pool_size=self.settings.pool_size,
                                             prestart=self.settings.prestart, preload=self.settings.preload,
-                                            stdlib=str(stdlib) if stdlib is not None else None)
+                                            stdlib=str(stdlib) if stdlib is not None else None,
+                                            max_request_bytes=self.settings.max_input_bytes)
                 self.load_seconds += time.perf_counter() - t0
             return self._python
 

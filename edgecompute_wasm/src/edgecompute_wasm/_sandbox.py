@@ -56,14 +56,22 @@ __all__ = ["Engine", "Sandbox"]
 class Engine:
     """One wasmtime engine with epoch interruption, optional fuel, and a ticker thread."""
 
-    def __init__(self, *, fuel: bool, max_wasm_stack: int, tick: float) -> None:
+    def __init__(self, *, fuel: bool, max_wasm_stack: int, tick: float, table_elements: int = 1_000_000,
+                 tables: int = 4) -> None:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.consume_fuel = fuel
         config.max_wasm_stack = max_wasm_stack
+        # No GC proposal: its heap and its reference types are more than the store limits below and
+        # the host's export checks (_inspect) are made to bound. Shared memories (threads) stay off
+        # too, as wasmtime's default: an atomic wait would block a sandbox thread past any deadline.
+        config.wasm_gc = False
+        config.shared_memory = False
         self.engine = wasmtime.Engine(config)
         self.fuel = fuel
         self.tick = tick
+        self.table_elements = table_elements  # per table: each element takes 8-16 bytes of host memory
+        self.tables = tables
         #: What in the engine's configuration changes compiled code (part of the cache key).
         self.key = engine_key(fuel=fuel, max_wasm_stack=max_wasm_stack)
         self.linker = wasmtime.Linker(self.engine)
@@ -198,7 +206,10 @@ class Sandbox:
         engine = self.engine
         try:
             store = wasmtime.Store(engine.engine)
-            store.set_limits(memory_size=self.memory_bytes)
+            # memory_size and table_elements bound each memory and each table: bounding their
+            # numbers too bounds the whole store (one memory: memory_mb is the sandbox's total)
+            store.set_limits(memory_size=self.memory_bytes, table_elements=engine.table_elements, instances=1,
+                             tables=engine.tables, memories=1)
             if self.mode == "python":
                 store.set_epoch_deadline(engine.ticks(STARTUP_SECONDS))
                 if engine.fuel:
@@ -224,8 +235,9 @@ class Sandbox:
             linker = engine.plain if self.writable_mounts else engine.linker
             instance = linker.instantiate(store, self.module)
             exports = instance.exports(store)
-            if self.mode == "call" and isinstance(exports.get("_initialize"), wasmtime.Func):
-                exports["_initialize"](store)  # a WASI reactor sets itself up first
+            initialize = exports.get("_initialize")
+            if self.mode == "call" and isinstance(initialize, wasmtime.Func):
+                initialize(store)  # a WASI reactor sets itself up first
             func = exports[self.export]
             if not isinstance(func, wasmtime.Func):
                 raise wasmtime.WasmtimeError(f"export {self.export!r} is not a function")
@@ -271,6 +283,22 @@ class Sandbox:
             err = ffi.wasmtime_context_set_fuel(ctx, fuel)
             if err:
                 wasmtime.WasmtimeError._from_ptr(err)  # frees it
+
+    def unstick(self, grace: float) -> bool:
+        """After the deadline: wake a thread blocked in a host open() or read() of a FIFO under a
+        mount (wasmtime's WASI blocks there, out of an epoch's reach), then wait ``grace`` seconds
+        for it to end. True when the sandbox thread has ended."""
+        if self.ended.wait(0):
+            return True
+        from ._paths import unstick_fifos
+
+        folders = [host for host, _ in self.mounts]
+        deadline = time.monotonic() + grace
+        while not self.ended.is_set() and time.monotonic() < deadline:
+            if folders:
+                unstick_fifos(folders, 100_000)
+            self.ended.wait(0.05)
+        return self.ended.is_set()
 
     def kill(self, caller: Any, reason: str) -> None:
         if self.kill_reason is None:
@@ -373,16 +401,29 @@ def _fd_write(caller: Any, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int)
     vecs = _iovecs(mem, iovs, iovs_len)
     if vecs is None:
         return ERRNO_FAULT
-    parts = []
-    for buf, length in vecs:
-        chunk = _read(mem, buf, length)
-        if chunk is None:
-            return ERRNO_FAULT
-        parts.append(chunk)
-    data = b"".join(parts)
+    # What the sink can still take, plus one byte to see that it overflows: iovecs may name the same
+    # guest memory 1024 times over, so copying them all would make the host allocate 1024 times the
+    # guest's memory cap.
     if fd == 0:
         if sandbox.mode != "python" or not sandbox._armed or sandbox.answered.is_set():
             return ERRNO_BADF
+        room = 12 + sandbox.result_bytes - len(sandbox.answer) + 1
+    elif sandbox.answered.is_set():
+        room = 0
+    else:
+        room = sandbox.output_bytes - sandbox.output_used + 1
+    parts, total, taken = [], 0, 0
+    for buf, length in vecs:
+        base, size = mem
+        if buf < 0 or length < 0 or buf + length > size:
+            return ERRNO_FAULT
+        total += length
+        want = min(length, max(room - taken, 0))
+        if want:
+            parts.append(ctypes.string_at(base + buf, want))
+            taken += want
+    data = b"".join(parts)
+    if fd == 0:
         sandbox.answer += data
         if sandbox.answer_len is None and len(sandbox.answer) >= 12:
             try:
@@ -403,10 +444,10 @@ def _fd_write(caller: Any, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int)
         room = sandbox.output_bytes - sandbox.output_used
         target = sandbox.stdout if fd == 1 else sandbox.stderr
         target += data[:max(room, 0)]
-        sandbox.output_used += len(data)
-        if len(data) > room:
+        sandbox.output_used += total
+        if total > room:
             sandbox.kill(caller, "output")
-    return ERRNO_SUCCESS if _write(mem, nwritten_ptr, _U32.pack(len(data))) else ERRNO_FAULT
+    return ERRNO_SUCCESS if _write(mem, nwritten_ptr, _U32.pack(total & 0xFFFFFFFF)) else ERRNO_FAULT
 
 
 @_guard

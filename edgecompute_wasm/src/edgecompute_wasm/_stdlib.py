@@ -97,7 +97,7 @@ def ensure(runtime: Any, module: Any, boot_name: str, boot_source: str) -> Path 
     from ._cache import sha256
 
     digest = sha256(repr((boot_source, MODULES, ENCODINGS, GENERATE)).encode()).hex()[:16]  # what the folder holds
-    target = runtime.cache_dir / f"stdlib-{pin.RUNTIME_SHA256[:24]}-{FORMAT}-{digest}"
+    target: Path = runtime.cache_dir / f"stdlib-{pin.RUNTIME_SHA256[:24]}-{FORMAT}-{digest}"
     if _complete(target, boot_name):
         return target
     import shutil

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from edgecompute.errors import InvalidRequest
 from edgecompute.models import Algorithm, Health, HealthStatus, Request, Resources, Response
 
 from . import __version__
+from ._paths import check_tree, read_file_under, real_path_under
 from .settings import MiB, WasmSettings
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WasmExecutor"]
 
+_stdlib_guest = "/.stdlib"  # _stdlib.GUEST_PATH (not imported here: executor.py stays light)
 _OVERHEAD_MB = 64.0  # host-side memory of one sandbox beyond its linear memory (compiled code is shared)
 
 
@@ -42,6 +44,9 @@ class WasmExecutor:
         self._lock = threading.Lock()
         self._closed = False
         self._config_mounts = _check_mounts(self.settings.mounts, "config")
+        for host, guest in self._config_mounts:
+            # the operator's folders are checked once, here; docs/wasm.md asks to keep special files out
+            check_tree(host, self.settings.max_mount_entries, f"config mount {guest!r}", _config_error)
 
     # -- the Executor protocol --------------------------------------------------------------------------
 
@@ -56,10 +61,13 @@ class WasmExecutor:
         ]
 
     def requirements(self, request: Request) -> Resources:
+        """One core, and the request's memory cap (at most the ceiling) plus the host's overhead."""
         memory_mb = request.params.get("memory_mb", self.settings.memory_mb)
         if type(memory_mb) is bool or not isinstance(memory_mb, (int, float)) or not memory_mb > 0:
             memory_mb = self.settings.memory_mb  # execute() reports the bad value
-        return Resources(cpu=1.0, memory_mb=float(min(memory_mb, 65536)) + _OVERHEAD_MB)
+        # a value above the ceiling is refused by execute(); what can run is at most the ceiling
+        memory_mb = min(float(memory_mb), float(self.settings.ceiling("memory_mb")))
+        return Resources(cpu=1.0, memory_mb=memory_mb + _OVERHEAD_MB)
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         bare = request.algorithm.rpartition("/")[2]
@@ -145,6 +153,10 @@ class WasmExecutor:
         if requirements:
             from .deps import resolve
 
+            if isinstance(requirements, (list, tuple)) and len(requirements) > self.settings.max_requirements:
+                raise InvalidRequest(f"params['requirements'] names {len(requirements)} wheels, above its ceiling "
+                                     f"max_requirements = {self.settings.max_requirements}")
+
             site_mounts, paths = await ctx.run_sync(resolve, requirements, self.settings)
             mounts = sorted(set(mounts) | set(site_mounts), key=lambda m: m[1])
         result = await ctx.run_sync(self._run_python, source, function, request.inputs, limits, mounts, paths)
@@ -169,14 +181,18 @@ class WasmExecutor:
         params = request.params
         _known(params, {"wasm", "path", "function", "args", "argv", "timeout", "memory_mb", "fuel", "output_bytes",
                         "mounts"})
+        settings = self.settings
         wasm = params.get("wasm")
         if wasm is None and params.get("path") is not None:
-            try:
-                wasm = await ctx.run_sync(Path(params["path"]).read_bytes)
-            except OSError as exc:
-                raise InvalidRequest(f"cannot read the module at {params['path']}: {exc}") from None
+            real = real_path_under(params["path"], settings.module_roots, "params['path']", "module_roots")
+            wasm = await ctx.run_sync(read_file_under, real, settings.module_roots, settings.max_module_bytes,
+                                      "params['path']", "module_roots", "max_module_bytes")
         if not isinstance(wasm, (bytes, bytearray, memoryview, str)):
             raise InvalidRequest("wasm/module needs params['wasm'] (module bytes or WAT text) or params['path']")
+        size = len(wasm.encode("utf-8", "surrogatepass")) if isinstance(wasm, str) else memoryview(wasm).nbytes
+        if size > settings.max_module_bytes:
+            raise InvalidRequest(f"the module is {size} bytes, above its ceiling max_module_bytes = "
+                                 f"{settings.max_module_bytes}")
         function = params.get("function")
         if function is not None and not isinstance(function, str):
             raise InvalidRequest(f"params['function'] must be an export name, not {function!r}")
@@ -186,6 +202,12 @@ class WasmExecutor:
         argv = params.get("argv", ["module"])
         if not isinstance(argv, (list, tuple)) or not all(isinstance(a, str) for a in argv):
             raise InvalidRequest("params['argv'] must be a list of strings")
+        if any("\x00" in a for a in argv):
+            raise InvalidRequest("params['argv'] entries may not hold NUL characters")
+        argv_bytes = sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in argv)
+        if argv_bytes > settings.max_argv_bytes:
+            raise InvalidRequest(f"params['argv'] takes {argv_bytes} bytes, above its ceiling max_argv_bytes = "
+                                 f"{settings.max_argv_bytes}")
         stdin = request.inputs
         if stdin is None:
             stdin = b""
@@ -193,12 +215,16 @@ class WasmExecutor:
             stdin = stdin.encode()
         elif not isinstance(stdin, (bytes, bytearray)):
             raise InvalidRequest("wasm/module inputs are the command's stdin: bytes, str or None")
+        if len(stdin) > settings.max_input_bytes:
+            raise InvalidRequest(f"the stdin (inputs) is {len(stdin)} bytes, above its ceiling max_input_bytes = "
+                                 f"{settings.max_input_bytes}")
         limits = self.settings.limits(params, ctx.time_left())
         mounts = self._mounts(params)
         runtime = self._runtime or await ctx.run_sync(self.runtime)
         from ._module import compile_user_module, run_module
 
-        module = await ctx.run_sync(compile_user_module, runtime, wasm if isinstance(wasm, str) else bytes(wasm))
+        module = await ctx.run_sync(compile_user_module, runtime, wasm if isinstance(wasm, str) else bytes(wasm),
+                                    function)
         outputs = await ctx.run_sync(lambda: run_module(runtime, module, function=function, args=list(args),
                                                         argv=list(argv), stdin=bytes(stdin), limits=limits,
                                                         mounts=mounts))
@@ -210,12 +236,24 @@ class WasmExecutor:
         extra = params.get("mounts")
         if not extra:
             return self._config_mounts
-        if not self.settings.allow_request_mounts:
-            raise InvalidRequest("this wasm executor does not take mounts from requests (allow_request_mounts)")
+        settings = self.settings
+        if not settings.allow_request_mounts:
+            raise InvalidRequest("params['mounts']: this wasm executor takes no mounts from requests (the operator "
+                                 "allows them with allow_request_mounts and request_mount_roots)")
         if not isinstance(extra, Mapping):
             raise InvalidRequest("params['mounts'] must map guest paths to host directories")
+        checked = {}
+        for guest, host in extra.items():
+            real = real_path_under(host, settings.request_mount_roots, f"params['mounts'][{guest!r}]",
+                                   "request_mount_roots")
+            checked[guest] = real
         mounts = dict((guest, host) for host, guest in self._config_mounts)
-        for host, guest in _check_mounts(extra, "request"):
+        for host, guest in _check_mounts(checked, "request"):
+            if guest == _stdlib_guest or guest.startswith(_stdlib_guest + "/") or guest == "/deps" \
+                    or guest.startswith("/deps/"):
+                raise InvalidRequest(f"params['mounts'] guest path {guest!r} is reserved")
+            # checked on every request: a request names the folder, and files can appear in it
+            check_tree(host, settings.max_mount_entries, f"params['mounts'][{guest!r}]")
             mounts[guest] = host
         return sorted(((host, guest) for guest, host in mounts.items()), key=lambda m: m[1])
 
