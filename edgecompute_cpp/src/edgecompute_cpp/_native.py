@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cffi
+import cffi  # type: ignore[import-untyped,unused-ignore]
 import numpy as np
 
 from edgecompute.errors import ExecutorError, InvalidRequest, PluginError
@@ -64,7 +64,7 @@ _scratch = threading.local()
 _gc = ffi.gc
 # cffi's FFI methods are Python wrappers around its C backend: the hot path calls the backend
 # directly (a private attribute, stable since cffi 1.0; the public methods stand in without it)
-_backend = getattr(ffi, "_backend", None)
+_backend: Any = getattr(ffi, "_backend", None)
 _CHAR_ARRAY = ffi.typeof("char[]")
 if all(hasattr(_backend, name) for name in ("from_buffer", "cast", "memmove")):
     _backend_from_buffer = _backend.from_buffer
@@ -180,6 +180,9 @@ class NativePlugin:
         keep = []
         for i, (input_name, array) in enumerate(inputs):
             ndim = array.ndim
+            if ndim > MAX_DIMS:  # the ABI's shape holds 8 (the executor refuses these earlier)
+                raise InvalidRequest(f"{self.name}.{algorithm}: input {i} has {ndim} dimensions; "
+                                     f"at most {MAX_DIMS} are supported")
             _HEADS[ndim].pack_into(view, i * _BUFFER_SIZE, 0, DTYPE_CODES[array.dtype], ndim, *array.shape)
             b = buffers[i]
             data = _backend_from_buffer(_CHAR_ARRAY, array, False)

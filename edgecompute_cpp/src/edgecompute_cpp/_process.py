@@ -424,6 +424,9 @@ class WorkerPool:
             if self.size > 1:
                 threading.Thread(target=self._start_the_others, name="edgecompute-cpp-workers", daemon=True).start()
 
+    def _is_closed(self) -> bool:
+        return self._closed
+
     def _start_the_others(self) -> None:
         """Start the workers not made yet, one after the other, off the calls' path: the calls
         of a first burst would otherwise each wait for a worker to start (~0.1-0.3 s)."""
@@ -439,7 +442,7 @@ class WorkerPool:
                 worker.stop()  # starts it again, and reports why it cannot start
             with self._cond:
                 self._starting -= 1
-                if not self._closed:
+                if not self._is_closed():  # (a call: mypy keeps the narrowing above)
                     self._workers.append(worker)
                     self._idle.insert(0, worker)  # under the idle ones: those are warm
                     self._cond.notify()

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
              out_offset: int, out_block: tuple[int, int, int] | None) -> tuple[Any, ...]:
         nonlocal arena
         buf = arena.map
-        if type(params) is tuple:  # large params travel in the arena
+        if isinstance(params, tuple):  # large params travel in the arena
             params = bytes(buf[params[0]:params[0] + params[1]])
         inputs = []
         for name, dtype, shape, offset, segment in specs:

@@ -21,6 +21,7 @@ from edgecompute.errors import ConfigError, EdgeComputeError, ExecutorCrashed, I
 from edgecompute.models import Algorithm, Health, HealthStatus, Request, Resources, Response
 
 from . import __version__
+from ._limits import LIMITS, Limits
 
 if TYPE_CHECKING:
     from edgecompute.context import TaskContext
@@ -36,8 +37,10 @@ ENTRY_POINT_GROUP = "edgecompute_cpp.plugins"
 PLUGIN_PATH_ENV = "EDGECOMPUTE_CPP_PLUGIN_PATH"
 ISOLATIONS = ("inprocess", "process")
 _CONFIG_KEYS = {"isolation", "workers", "plugins", "builtin", "inline_below_us", "wait_below_us", "compile_flags",
+                *LIMITS,
                 # read by the core (registry, scheduler), not by the executor
                 "enabled", "max_concurrency"}
+_MiB = float(1 << 20)
 
 
 class _Plugin:
@@ -55,13 +58,19 @@ class _Plugin:
 
 
 class _Entry:
-    __slots__ = ("algorithm", "fast", "metrics", "native_name", "plugin", "qualified")
+    __slots__ = ("algorithm", "builtin", "check", "fast", "metrics", "native_name", "plugin", "qualified")
 
-    def __init__(self, algorithm: Algorithm, plugin: _Plugin, native_name: str) -> None:
+    def __init__(self, algorithm: Algorithm, plugin: _Plugin, native_name: str,
+                 check: Callable[[Any, Mapping[str, Any], Limits, str], int], builtin: bool) -> None:
         self.algorithm = algorithm
         self.plugin = plugin
         self.native_name = native_name
         self.qualified = f"cpp/{algorithm.name}"
+        #: (arrays, params, limits, where) -> bytes the call allocates besides its inputs; raises
+        #: InvalidRequest for what the request may not ask (see _checks)
+        self.check = check
+        #: a bundled algorithm: its outputs were bounded before the call (a plugin's are after it)
+        self.builtin = builtin
         # calls, errors, crashes, timeouts, total seconds, max seconds
         self.metrics = [0, 0, 0, 0, 0.0, 0.0]
         #: the last in-process call's seconds, by the bit length of the input size
@@ -150,6 +159,11 @@ class CppExecutor:
         self._inline_s = _microseconds("inline_below_us", inline_below_us, config, 100.0) / 1e6
         self.wait_below_us = _microseconds("wait_below_us", wait_below_us, config, 1000.0)
         self.compile_flags = list(config.get("compile_flags", []))
+        #: what one request may ask (see _limits.LIMITS and docs/cpp.md, "Limits")
+        self.limits = Limits(config)
+        #: the request requirements() last checked, with its checked inputs and params, for
+        #: execute() to take instead of checking again: (request, arrays, encoded params, bytes)
+        self._checked: tuple[Request, Any, bytes, int] | None = None
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
         self._pool: WorkerPool | None = None
@@ -239,11 +253,17 @@ class CppExecutor:
             raise PluginError(label, f"a plugin named {name!r} is already loaded from {loaded.plugins[name].path}")
         plugin = _Plugin(name, info["version"], info["abi_version"], path, source, native)
         bare = source == "builtin"
+        from functools import partial
+
+        from ._checks import check_builtin, check_plugin, has_spec
+
         for a in info["algorithms"]:
             algorithm_name = a["name"] if bare else f"{name}.{a['name']}"
             algorithm = Algorithm(algorithm_name, a["description"], Resources(cpu=a["cpu"], memory_mb=a["memory_mb"]),
                                   a["thread_safe"])
-            loaded.entries[algorithm_name] = _Entry(algorithm, plugin, a["name"])
+            known = bare and has_spec(a["name"])
+            check = partial(check_builtin, a["name"]) if known else check_plugin
+            loaded.entries[algorithm_name] = _Entry(algorithm, plugin, a["name"], check, known)
             plugin.algorithms.append(algorithm_name)
         loaded.plugins[name] = plugin
 
@@ -253,9 +273,31 @@ class CppExecutor:
         return [entry.algorithm for entry in self._ensure().entries.values()]
 
     def requirements(self, request: Request) -> Resources:
+        """The declared cpu, and memory for the inputs, the outputs and the working memory that
+        the checked request will really use (computed from its shapes and params)."""
         name = request.algorithm.rpartition("/")[2]
         entry = (self._loaded or self._ensure()).entries.get(name) or self._lookup(name)
-        return entry.algorithm.resources
+        arrays, encoded, extra = self._prepare(entry, request.inputs, request.params)
+        self._checked = (request, arrays, encoded, extra)
+        declared = entry.algorithm.resources
+        size = extra
+        for _, array in arrays:
+            size += array.nbytes
+        if size <= declared.memory_mb * _MiB:
+            return declared
+        return Resources(cpu=declared.cpu, memory_mb=size / _MiB)
+
+    def _prepare(self, entry: _Entry, inputs: Any, params: Mapping[str, Any]) -> tuple[Any, bytes, int]:
+        """Checked inputs as (name, C-contiguous array) pairs, the params as JSON, and the bytes
+        the call allocates besides its inputs; raises InvalidRequest before any native code runs."""
+        native = _native_module or _native()
+        if type(inputs) is np_ndarray and inputs.flags.c_contiguous and inputs.dtype in native.DTYPE_CODES:
+            arrays = [(None, inputs)]  # the common case, without the general conversion
+        else:
+            arrays = native.normalise_inputs(inputs, entry.qualified)
+        extra = entry.check(arrays, params, self.limits, entry.qualified)
+        encoded = native.encode_params(params, entry.qualified) if params else native.EMPTY_PARAMS
+        return arrays, encoded, extra
 
     def _lookup(self, name: str) -> _Entry:
         entries = self._ensure().entries
@@ -269,17 +311,17 @@ class CppExecutor:
         if entry is None:
             entry = self._lookup(ctx.algorithm.name)  # raises the error that lists what there is
         native = _native_module or _native()
-        inputs = request.inputs
-        if type(inputs) is np_ndarray and inputs.flags.c_contiguous and inputs.dtype in native.DTYPE_CODES:
-            arrays = [(None, inputs)]  # the common case, without the general conversion
-            size = inputs.nbytes
+        checked = self._checked
+        if checked is not None and checked[0] is request:
+            # requirements() checked this very request: its inputs as it checked them
+            self._checked = None
+            arrays, params = checked[1], checked[2]
         else:
-            arrays = native.normalise_inputs(inputs, entry.qualified)
+            arrays, params, _ = self._prepare(entry, request.inputs, request.params)
+        if self._pool is None:
             size = 0
             for _, array in arrays:
                 size += array.nbytes
-        params = native.encode_params(request.params, entry.qualified) if request.params else native.EMPTY_PARAMS
-        if self._pool is None:
             key = size.bit_length()
             last = entry.fast.get(key)
             if last is not None and last < self._inline_s:
@@ -293,6 +335,8 @@ class CppExecutor:
                     raise
         else:
             outputs = await self._run_process_async(entry, arrays, params, ctx)
+        if not entry.builtin:
+            self._bound_outputs(entry, outputs)
         return Response(outputs[0][1] if len(outputs) == 1 else _shape_outputs(outputs))
 
     async def _run_process_async(self, entry: _Entry, arrays: Any, params: bytes, ctx: TaskContext) -> Any:
@@ -328,22 +372,36 @@ class CppExecutor:
 
     def _call_blocking(self, request: Request, ctx: TaskContext) -> Response:
         entry = self._lookup(ctx.algorithm.name)
-        native = _native()
-        arrays = native.normalise_inputs(request.inputs, entry.qualified)
-        params = native.encode_params(request.params, entry.qualified) if request.params else native.EMPTY_PARAMS
-        return Response(_shape_outputs(self._run_inprocess(entry, arrays, params, None, None)))
+        arrays, params, _ = self._prepare(entry, request.inputs, request.params)
+        outputs = self._run_inprocess(entry, arrays, params, None, None)
+        if not entry.builtin:
+            self._bound_outputs(entry, outputs)
+        return Response(_shape_outputs(outputs))
 
     def call(self, algorithm: str, inputs: Any = None, params: Mapping[str, Any] | None = None, *,
              timeout: float | None = None) -> Any:
         """Run an algorithm now, on this thread, without a scheduler (for scripts and benchmarks)."""
         entry = self._lookup(algorithm.rpartition("/")[2])
-        native = _native()
-        arrays = native.normalise_inputs(inputs, entry.qualified)
-        encoded = native.encode_params(params or {}, entry.qualified)
+        arrays, encoded, _ = self._prepare(entry, inputs, params or {})
         if self._pool is None:
-            return _shape_outputs(self._run_inprocess(entry, arrays, encoded, None, None))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return _shape_outputs(self._run_process(entry, arrays, encoded, None, deadline))
+            outputs = self._run_inprocess(entry, arrays, encoded, None, None)
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            outputs = self._run_process(entry, arrays, encoded, None, deadline)
+        if not entry.builtin:
+            self._bound_outputs(entry, outputs)
+        return _shape_outputs(outputs)
+
+    def _bound_outputs(self, entry: _Entry, outputs: list[tuple[str, Any]]) -> None:
+        """A plugin's outputs against max_output_bytes: the ABI lets the host bound them only
+        after the plugin allocated them (the bundled plugin's are bounded before the call)."""
+        total = 0
+        for _, array in outputs:
+            total += array.nbytes
+        if total > self.limits.max_output_bytes:
+            outputs.clear()  # drop the arrays: the plugin's memory goes back now
+            raise InvalidRequest(f"{entry.qualified}: the outputs total {total:,} bytes, above the limit "
+                                 f"{self.limits.max_output_bytes:,} ([executors.cpp] max_output_bytes)")
 
     def empty(self, shape: int | Sequence[int], dtype: Any = "float32") -> Any:
         """A new, uninitialised numpy array for inputs: fill it, then pass it to calls.
@@ -474,9 +532,11 @@ def _native() -> Any:
     """The cffi/numpy layer, imported on first use (a global lookup afterwards)."""
     global _native_module, np_ndarray
     if _native_module is None:
+        import numpy
+
         from . import _native as module
 
-        np_ndarray = module.np.ndarray
+        np_ndarray = numpy.ndarray
         _native_module = module
     return _native_module
 

@@ -322,7 +322,7 @@ Taps linear_taps(int64_t src, int64_t dst) {
 // source row that an output row needs once into a float row, keeps the last two such rows, and
 // makes each output row a contiguous (vectorised) blend of two of them; vertical-first blends two
 // source rows at full width and resizes that one row. The horizontal pass works on elements
-// (pixel x channel; indices are int32, as before for 1 channel): output element
+// (pixel x channel; 64-bit indices: a row may hold more than 2^31 elements): output element
 // e = a + f (b - a) with a = row[i0[e]], b = row[i1[e]]. Where GCC's
 // vector extensions are there, W consecutive output elements whose sources all lie within 2 W
 // consecutive row elements (any upscale, downscales to about 1/2) come from two loads and two
@@ -335,10 +335,10 @@ constexpr int64_t kResizeW = kSimdBytes / static_cast<int>(sizeof(float));
 
 struct HorizontalPlan {
     int64_t n = 0;                 // output elements: ow * ch
-    std::vector<int32_t> i0, i1;   // source elements
+    std::vector<int64_t> i0, i1;   // source elements
     std::vector<float> f;
 #ifdef EC_RESIZE_SHUFFLE
-    std::vector<int32_t> base;     // per block of W elements: first source element loaded, -1: scalar
+    std::vector<int64_t> base;     // per block of W elements: first source element loaded, -1: scalar
     std::vector<uint8_t> wide;     // per block: 4 W elements loaded, not 2 W
     std::vector<int32_t> m0, m1;   // per block: shuffle indices (into the 2 W or 4 W loaded) of a and b
 #endif
@@ -351,8 +351,8 @@ HorizontalPlan horizontal_plan(const Taps& tx, int64_t ch, int64_t rowlen) {
     p.i0.resize(p.n); p.i1.resize(p.n); p.f.resize(p.n);
     for (int64_t x = 0; x < ow; ++x) {
         for (int64_t c = 0; c < ch; ++c) {
-            p.i0[x * ch + c] = static_cast<int32_t>(tx.i0[x] * ch + c);
-            p.i1[x * ch + c] = static_cast<int32_t>(tx.i1[x] * ch + c);
+            p.i0[x * ch + c] = tx.i0[x] * ch + c;
+            p.i1[x * ch + c] = tx.i1[x] * ch + c;
             p.f[x * ch + c] = tx.f[x];
         }
     }
@@ -361,7 +361,7 @@ HorizontalPlan horizontal_plan(const Taps& tx, int64_t ch, int64_t rowlen) {
     const int64_t blocks = p.n / W;
     p.base.assign(blocks, -1); p.wide.assign(blocks, 0); p.m0.resize(blocks * W); p.m1.resize(blocks * W);
     for (int64_t b = 0; b < blocks; ++b) {
-        int32_t lo = p.i0[b * W], hi = p.i1[b * W];
+        int64_t lo = p.i0[b * W], hi = p.i1[b * W];
         for (int64_t j = 0; j < W; ++j) {
             lo = std::min(lo, p.i0[b * W + j]);
             hi = std::max(hi, p.i1[b * W + j]);
@@ -372,8 +372,8 @@ HorizontalPlan horizontal_plan(const Taps& tx, int64_t ch, int64_t rowlen) {
         p.base[b] = lo;
         p.wide[b] = wide;
         for (int64_t j = 0; j < W; ++j) {
-            p.m0[b * W + j] = p.i0[b * W + j] - lo;
-            p.m1[b * W + j] = p.i1[b * W + j] - lo;
+            p.m0[b * W + j] = static_cast<int32_t>(p.i0[b * W + j] - lo);  // < 4 W
+            p.m1[b * W + j] = static_cast<int32_t>(p.i1[b * W + j] - lo);
         }
     }
 #else
@@ -383,20 +383,20 @@ HorizontalPlan horizontal_plan(const Taps& tx, int64_t ch, int64_t rowlen) {
 }
 
 void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTRICT out) {
-    const int32_t* RESTRICT i0 = p.i0.data();
-    const int32_t* RESTRICT i1 = p.i1.data();
+    const int64_t* RESTRICT i0 = p.i0.data();
+    const int64_t* RESTRICT i1 = p.i1.data();
     const float* RESTRICT f = p.f.data();
     int64_t e = 0;
 #ifdef EC_RESIZE_SHUFFLE
     constexpr int64_t W = kResizeW;
     const int64_t blocks = p.n / W;
     // (locals: the vector stores below may alias anything, members would be reloaded each time)
-    const int32_t* RESTRICT bases = p.base.data();
+    const int64_t* RESTRICT bases = p.base.data();
     const uint8_t* RESTRICT wides = p.wide.data();
     const int32_t* RESTRICT s0 = p.m0.data();
     const int32_t* RESTRICT s1 = p.m1.data();
     for (int64_t b = 0; b < blocks; ++b, e += W) {
-        const int32_t base = bases[b];
+        const int64_t base = bases[b];
         if (base < 0) {
             for (int64_t j = e; j < e + W; ++j) out[j] = row[i0[j]] + f[j] * (row[i1[j]] - row[i0[j]]);
             continue;
@@ -435,12 +435,44 @@ void horizontal(const float* RESTRICT row, const HorizontalPlan& p, float* RESTR
 // uint8 results: round half up, clamped
 inline uint8_t to_uint8(float v) { return static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, v + 0.5f))); }
 
+// Source rows longer than this (elements) are neither converted to float nor blended whole (that
+// scratch would be 4 bytes per element of the row): resize_direct reads them in place.
+// _checks.py (_RESIZE_ROW_SCRATCH) counts the same bound.
+constexpr int64_t kMaxRowScratch = int64_t{1} << 24;
+
+// each output element straight from the two source rows, with the vertical-first arithmetic
+// (blend the rows, then the columns): no scratch beyond the plan
+template <class T>
+void resize_direct(const T* RESTRICT in, T* RESTRICT out, const Taps& ty, const HorizontalPlan& p, int64_t rowlen,
+                   int64_t oh, ec_result* r) {
+    const int64_t* RESTRICT i0 = p.i0.data();
+    const int64_t* RESTRICT i1 = p.i1.data();
+    const float* RESTRICT f = p.f.data();
+    for (int64_t y = 0; y < oh; ++y) {
+        if (ec::cancelled(r)) throw Error(EC_CANCELLED, "cancelled");  // rows are long here
+        const float fy = ty.f[y], gy = 1.0f - fy;
+        const T* RESTRICT a = in + ty.i0[y] * rowlen;
+        const T* RESTRICT b = in + ty.i1[y] * rowlen;
+        T* RESTRICT o = out + y * p.n;
+        for (int64_t e = 0; e < p.n; ++e) {
+            float va = static_cast<float>(a[i0[e]]), vb = static_cast<float>(a[i1[e]]);
+            if (fy != 0.0f) {
+                va = gy * va + fy * static_cast<float>(b[i0[e]]);
+                vb = gy * vb + fy * static_cast<float>(b[i1[e]]);
+            }
+            const float v = va + f[e] * (vb - va);
+            if constexpr (std::is_same_v<T, uint8_t>) o[e] = to_uint8(v); else o[e] = v;
+        }
+    }
+}
+
 template <class T>
 void resize(const T* RESTRICT in, T* RESTRICT out, int64_t h, int64_t w, int64_t ch, int64_t oh, int64_t ow,
             ec_result* r) {
     const Taps ty = linear_taps(h, oh), tx = linear_taps(w, ow);
     const int64_t rowlen = w * ch, orowlen = ow * ch;
     const HorizontalPlan plan = horizontal_plan(tx, ch, rowlen);
+    if (rowlen > kMaxRowScratch) return resize_direct(in, out, ty, plan, rowlen, oh, r);
     // Horizontal-first resizes each source row it needs once (`needed` of them); vertical-first
     // blends two source rows at full width and resizes that one row, once per output row. The
     // first wins when output rows share source rows (upscales, mild downscales), the second when

@@ -773,6 +773,11 @@ Spectrum Plan::transform(const Source& src, double* re, double* im, double* buf)
 
 std::mutex plans_lock;
 std::unordered_map<int64_t, std::shared_ptr<const Plan>> plans;
+// The caches hold tables of a few doubles per point. Bounded by points, not only by count: a
+// request per length could otherwise keep 64 tables of 2^24 points (GBs) alive after it ended.
+// Lengths above kCachePoints are planned per call; the caches are emptied once they hold more.
+constexpr int64_t kCachePoints = int64_t{1} << 22;
+int64_t cached_points = 0, cached_post_points = 0;
 
 std::shared_ptr<const Plan> fft_plan(int64_t n) {
     {
@@ -781,9 +786,15 @@ std::shared_ptr<const Plan> fft_plan(int64_t n) {
         if (it != plans.end()) return it->second;
     }
     auto plan = make_plan(n);  // outside the lock (Bluestein plans fetch their inner plan)
+    if (n > kCachePoints) return plan;
     std::lock_guard<std::mutex> lock(plans_lock);
-    if (plans.size() > 64) plans.clear();
-    return plans.emplace(n, plan).first->second;
+    if (plans.size() > 64 || cached_points + n > kCachePoints) {
+        plans.clear();
+        cached_points = 0;
+    }
+    auto placed = plans.emplace(n, plan);
+    if (placed.second) cached_points += n;
+    return placed.first->second;
 }
 
 // per-thread scratch, kept between calls up to kKeepScratch doubles; large ones in huge pages
@@ -840,9 +851,15 @@ std::shared_ptr<const RealPost> real_post(int64_t n) {
         post->wr[k] = w.real();
         post->wi[k] = w.imag();
     }
+    if (n > kCachePoints) return post;
     std::lock_guard<std::mutex> lock(plans_lock);
-    if (real_posts.size() > 64) real_posts.clear();
-    return real_posts.emplace(n, post).first->second;
+    if (real_posts.size() > 64 || cached_post_points + n > kCachePoints) {
+        real_posts.clear();
+        cached_post_points = 0;
+    }
+    auto placed = real_posts.emplace(n, post);
+    if (placed.second) cached_post_points += n;
+    return placed.first->second;
 }
 
 // the spectrum of a real signal of length 2h from Z (re / im, length h), times (scale, iscale)

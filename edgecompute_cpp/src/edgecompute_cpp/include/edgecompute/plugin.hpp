@@ -12,6 +12,7 @@
 
 #include <cctype>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -99,7 +100,16 @@ class JsonReader {
 
   private:
     const char* p_;
+    int depth_ = 0;  // nesting: value() recurses, so a deeply nested request would exhaust the stack
+    static constexpr int kMaxDepth = 64;
     [[noreturn]] void fail(const char* what) { throw invalid(std::string("bad params JSON: ") + what); }
+    struct Nest {
+        int& depth;
+        explicit Nest(JsonReader& r) : depth(r.depth_) {
+            if (++depth > kMaxDepth) { --depth; r.fail("nested too deeply"); }
+        }
+        ~Nest() { --depth; }
+    };
     void space() { while (*p_ && std::isspace(static_cast<unsigned char>(*p_))) ++p_; }
     bool take(const char* word) {
         size_t n = std::strlen(word);
@@ -107,6 +117,7 @@ class JsonReader {
         return false;
     }
     Value value() {
+        Nest nest(*this);
         space();
         Value v;
         if (*p_ == '{') {
@@ -161,11 +172,15 @@ class JsonReader {
                     case 'f': s += '\f'; break;
                     case 'u': {  // keep ASCII, replace the rest
                         unsigned code = 0;
-                        for (int i = 1; i <= 4 && p_[i]; ++i) code = code * 16 + (std::isdigit(p_[i]) ? p_[i] - '0' : (std::tolower(p_[i]) - 'a' + 10));
+                        int i = 1;  // never past the end of the text: "\u12" then the end is short
+                        for (; i <= 4 && std::isxdigit(static_cast<unsigned char>(p_[i])); ++i)
+                            code = code * 16 + (std::isdigit(static_cast<unsigned char>(p_[i])) ? p_[i] - '0' : (std::tolower(p_[i]) - 'a' + 10));
+                        if (i <= 4) fail("bad \\u escape");
                         s += code < 128 ? static_cast<char>(code) : '?';
                         p_ += 4;
                         break;
                     }
+                    case '\0': fail("unterminated string");
                     default: s += *p_;
                 }
                 ++p_;
@@ -373,9 +388,19 @@ T* output(ec_result* r, const char* name, int32_t dtype, std::initializer_list<i
     if (shape.size() > EC_MAX_DIMS) throw Error(EC_INTERNAL_ERROR, "too many dimensions");
     if (!r->owner) r->owner = new Owner();
     Owner* owner = static_cast<Owner*>(r->owner);
+    // a shape from a request's params must not wrap around into a small block that the plugin
+    // then writes past: negative extents and products beyond PTRDIFF_MAX are refused
     size_t count = 1;
-    for (int64_t s : shape) count *= static_cast<size_t>(s);
-    size_t bytes = count * dtype_size(dtype);
+    for (int64_t s : shape) {
+        if (s < 0) throw Error(EC_INVALID_INPUT, "an output dimension is negative");
+        if (s != 0 && count > static_cast<size_t>(PTRDIFF_MAX) / static_cast<size_t>(s))
+            throw Error(EC_OUT_OF_MEMORY, "the output is too large");
+        count *= static_cast<size_t>(s);
+    }
+    const size_t item = dtype_size(dtype);
+    if (item == 0 || count > (static_cast<size_t>(PTRDIFF_MAX) - 4096) / item)
+        throw Error(item == 0 ? EC_INTERNAL_ERROR : EC_OUT_OF_MEMORY, item == 0 ? "unknown output dtype" : "the output is too large");
+    size_t bytes = count * item;
     size_t padded = ((bytes ? bytes : 1) + 63) / 64 * 64;
     void* data;
 #if defined(MAP_ANONYMOUS)
