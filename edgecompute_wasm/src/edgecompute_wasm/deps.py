@@ -91,7 +91,7 @@ def _version_key(version: str) -> tuple[Any, ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.+-]", version))
 
 
-def unpack(wheel: Path, site_root: Path, *, max_bytes: int = 256 * 1024 * 1024,
+def unpack(wheel: Path, site_root: Path, *, max_bytes: int = 128 * 1024 * 1024,
            max_files: int = 20_000) -> tuple[str, Path]:
     """Unpack ``wheel`` once into ``site_root/<sha256>``; return (sha256, folder).
 

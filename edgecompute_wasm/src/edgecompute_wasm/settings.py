@@ -71,7 +71,7 @@ class WasmSettings:
     max_tables: int = 4
     max_mount_entries: int = 100_000  # files and folders a mount is checked for special files
     max_requirements: int = 32  # wheels a request may name
-    max_wheel_unpacked_bytes: int = 256 * MiB
+    max_wheel_unpacked_bytes: int = 128 * MiB
     max_wheel_files: int = 20_000
     max_wasm_stack: int = 1 * MiB
     epoch_tick: float = 0.005  # seconds between epoch ticks: the timeout's resolution
