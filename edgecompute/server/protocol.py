@@ -37,7 +37,10 @@ from .settings import ServerSettings
 
 __all__ = ["guarded_protocol", "problem_bytes", "uvicorn_config"]
 
-_IDLE, _HEAD, _BODY, _APP = range(4)
+_IDLE, _HEAD, _BODY, _APP, _CLOSING = range(5)
+#: after refusing a request whose bytes still arrive, read and drop them this long before closing:
+#: closing with unread data makes the kernel send a reset, which can destroy the answer in flight
+_LINGER = 2.0
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
             431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
@@ -88,6 +91,7 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
         _guard_bytes = 0
         _guard_headers = 0
         _guard_url = 0
+        _guard_head = 0
         _guard_cycle: Any = None
 
         def connection_made(self, transport: Any) -> None:
@@ -105,14 +109,18 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
 
         def data_received(self, data: bytes) -> None:
             phase = self._guard_phase
+            if phase == _CLOSING:
+                return  # refused: the rest of the request is dropped unread
             if phase == _IDLE:
                 # a request's first byte: its headers are due within header_timeout
                 self._guard_cycle = self.cycle
-                self._guard_bytes = self._guard_headers = self._guard_url = 0
+                self._guard_bytes = self._guard_headers = self._guard_url = self._guard_head = 0
                 self._guard_arm(_HEAD, header_timeout)
                 phase = _HEAD
             self._guard_bytes += len(data)
             super().data_received(data)
+            if self._guard_phase == _CLOSING:
+                return
             if self.transport.is_closing():
                 self._guard_cancel()
                 return
@@ -121,12 +129,10 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
                 return
             cycle = self.cycle
             if phase == _HEAD:
-                if cycle is self._guard_cycle:  # the headers are not complete yet
-                    if self._guard_url > max_url:
-                        self._refuse(414, f"the request target is over {max_url} bytes (server.max_url_bytes)")
-                    elif self._guard_bytes > max_head or self._guard_headers > max_headers:
-                        self._refuse(431, f"the request head is over {max_head} bytes or {max_headers} "
-                                     "fields (server.max_header_bytes, server.max_headers)")
+                if cycle is self._guard_cycle:  # the headers are not complete yet: all bytes are head
+                    detail = self._guard_head_problem(self._guard_bytes)
+                    if detail is not None:
+                        self._refuse(*detail)
                     return
                 # the head ended in this read: what followed it is body
                 self._guard_bytes = 0
@@ -140,13 +146,40 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
                     return
                 self._guard_arm(_APP, None)
 
+        # httptools' callbacks (h11 never calls them; its head limit is h11_max_incomplete_event_size)
+
         def on_url(self, url: bytes) -> None:
             self._guard_url += len(url)
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._guard_headers += 1
+            self._guard_head += len(name) + len(value) + 4
             super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            # a head that arrived in one read is checked here, before the app sees it
+            detail = self._guard_head_problem(self._guard_head + self._guard_url)
+            if detail is not None:
+                self._refuse(*detail)
+                return  # no cycle: the app never runs, the rest of the request is dropped
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if self._guard_phase != _CLOSING:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._guard_phase != _CLOSING:
+                super().on_message_complete()
+
+        def _guard_head_problem(self, size: int) -> tuple[int, str] | None:
+            if self._guard_url > max_url:
+                return 414, f"the request target is over {max_url} bytes (server.max_url_bytes)"
+            if size > max_head or self._guard_headers > max_headers:
+                return 431, (f"the request head is over {max_head} bytes or {max_headers} fields "
+                             "(server.max_header_bytes, server.max_headers)")
+            return None
 
         def on_response_complete(self) -> None:
             # uvicorn arms its keep-alive timer here; the next request's first byte re-arms ours
@@ -159,10 +192,8 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's own text/plain answer to a malformed request, as problem+json
-            self._guard_cancel()
             if not self.transport.is_closing():
-                self.transport.write(problem_bytes(400, msg))
-                self.transport.close()
+                self._refuse(400, msg)
 
         # -- the timer -------------------------------------------------------------------------
 
@@ -204,14 +235,26 @@ def guarded_protocol(settings: ServerSettings) -> type[asyncio.Protocol]:
                     self.transport.close()
 
         def _refuse(self, status: int, detail: str) -> None:
+            if self._guard_phase == _CLOSING:
+                return
             self._guard_cancel()
             self._guard_phase = _APP
             cycle = self.cycle
-            # no answer to a request whose answer has gone out while its body still arrives:
-            # the client is not reading one, so only the close tells it
-            if cycle is None or not cycle.response_started or not cycle.more_body:
-                self.transport.write(problem_bytes(status, detail))
-            self.transport.close()
+            transport = self.transport
+            if cycle is not None and not cycle.response_complete:
+                # the app is still on this request: close at once (it sees a disconnect)
+                if not cycle.response_started:
+                    transport.write(problem_bytes(status, detail))
+                transport.close()
+                return
+            # between requests: answer, send our FIN, then drop what the client still sends
+            # for a moment, so the answer is read rather than reset away
+            transport.write(problem_bytes(status, detail))
+            self._guard_phase = _CLOSING
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+            self._guard_timer = self.loop.call_later(_LINGER, transport.close)
 
     GuardedProtocol.__qualname__ = GuardedProtocol.__name__ = f"Guarded{base.__name__}"
     return GuardedProtocol

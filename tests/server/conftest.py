@@ -92,8 +92,8 @@ def server() -> Iterator[Server]:
 
 
 class running:
-    def __init__(self, server_settings: ServerSettings) -> None:
-        registry = Registry(list(functions()))  # type: ignore[arg-type]
+    def __init__(self, server_settings: ServerSettings, extra: tuple[Any, ...] = ()) -> None:
+        registry = Registry([*functions(), *extra])  # type: ignore[misc]
         scheduler = Scheduler(registry, config=Config(), capacity=Resources(cpu=2))
         self.app = build_app(server_settings, scheduler)
         sock = socket.socket()
