@@ -4,6 +4,7 @@ File (all keys optional)::
 
     max_queue = 10000          # queued tasks before submit() raises QueueFull
     timeout = 30               # default deadline per request, seconds (queue + run)
+    max_timeout = 300          # ceiling on a request's own timeout (a longer one is InvalidRequest)
     retries = 0                # default retries for errors marked retryable
     retry_backoff = 0.1        # first retry delay, doubled each time up to retry_backoff_max
     aging = 10.0               # seconds of waiting worth one priority level
@@ -64,6 +65,7 @@ class Config:
     capacity: Resources | None = None
     max_queue: int = 10_000
     timeout: float | None = None
+    max_timeout: float | None = None
     retries: int = 0
     retry_backoff: float = 0.1
     retry_backoff_max: float = 10.0
@@ -130,10 +132,11 @@ class Config:
                 value = data[key]
                 _check(_is_number(value) and value >= 0, source, key, "a number >= 0", value)
                 values[key] = float(value)
-        if "timeout" in data:
-            value = data["timeout"]
-            _check(_is_number(value) and value > 0, source, "timeout", "a number of seconds > 0", value)
-            values["timeout"] = float(value)
+        for key in ("timeout", "max_timeout"):
+            if key in data:
+                value = data[key]
+                _check(_is_number(value) and value > 0, source, key, "a number of seconds > 0", value)
+                values[key] = float(value)
         if "close" in data:
             value = data["close"]
             _check(value in _CLOSE_MODES, source, "close", " or ".join(map(repr, _CLOSE_MODES)), value)

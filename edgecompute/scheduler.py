@@ -33,6 +33,7 @@ from ._threads import ThreadPool
 from .config import Config
 from .context import TaskContext
 from .errors import (
+    ConfigError,
     EdgeComputeError,
     ExecutorError,
     InfeasibleRequest,
@@ -221,6 +222,17 @@ class TaskHandle:
             self._scheduler._event("progress", self)
 
 
+def _covering(a: Resources, b: Resources) -> Resources:
+    """The least resources that cover both ``a`` and ``b`` (one of them when it covers the other:
+    admission groups queued tasks by the identity of their needs)."""
+    if b.cpu >= a.cpu and b.memory_mb >= a.memory_mb and b.gpu_memory_mb >= a.gpu_memory_mb and b.gpus >= a.gpus:
+        return b
+    if a.cpu >= b.cpu and a.memory_mb >= b.memory_mb and a.gpu_memory_mb >= b.gpu_memory_mb and a.gpus >= b.gpus:
+        return a
+    return Resources(max(a.cpu, b.cpu), max(a.memory_mb, b.memory_mb), max(a.gpu_memory_mb, b.gpu_memory_mb),
+                     max(a.gpus, b.gpus))
+
+
 class SchedulerStats:
     """A snapshot of the scheduler's counters."""
 
@@ -269,6 +281,10 @@ class Scheduler:
         if self.max_queue < 1:
             raise InvalidRequest(f"max_queue must be >= 1, not {self.max_queue}")
         self._timeout = timeout if timeout is not None else config.timeout
+        self._max_timeout = config.max_timeout
+        if self._max_timeout is not None and self._timeout is not None and self._timeout > self._max_timeout:
+            raise ConfigError(f"the default timeout ({self._timeout:g} s) is above max_timeout "
+                              f"({self._max_timeout:g} s)")
         self._retries = retries if retries is not None else config.retries
         self._aging = config.aging
         self._threads_wanted = threads or config.threads or max(4, int(self.capacity.cpu) or 1)
@@ -471,16 +487,20 @@ class Scheduler:
         """
         selection = (self._registry or self.registry).select(request.algorithm)
         executor = selection.executor
+        try:
+            needs = executor.requirements(request)
+        except EdgeComputeError:
+            raise
+        except Exception as exc:
+            raise InvalidRequest(f"{selection.qualified_name}: requirements() failed for request "
+                                 f"{request.id}: {type(exc).__name__}: {exc}") from exc
         if request.resources is not None:
-            needs = request.resources
-        else:
-            try:
-                needs = executor.requirements(request)
-            except EdgeComputeError:
-                raise
-            except Exception as exc:
-                raise InvalidRequest(f"{selection.qualified_name}: requirements() failed for request "
-                                     f"{request.id}: {type(exc).__name__}: {exc}") from exc
+            # a request may reserve more than its executor says it needs, never less: what it costs
+            # the host must stay what the scheduler reserved (docs/security.md, rule 2)
+            needs = _covering(needs, request.resources)
+        if request.timeout is not None and self._max_timeout is not None and request.timeout > self._max_timeout:
+            raise InvalidRequest(f"request {request.id}: timeout {request.timeout:g} s is above the ceiling "
+                                 f"max_timeout = {self._max_timeout:g} s that this scheduler's operator set")
         if needs is not self._last_feasible:  # executors mostly hand back the same object: check it once
             if not self._pool.feasible(needs):
                 raise InfeasibleRequest(
@@ -495,6 +515,8 @@ class Scheduler:
             limits += (selection.qualified_name,)
         now = time.monotonic()
         timeout = request.timeout if request.timeout is not None else self._timeout
+        if timeout is None:
+            timeout = self._max_timeout
         deadline = None if timeout is None else now + timeout
         handle = TaskHandle(self, request, selection, needs, limits, deadline, now)
         if deadline is not None:

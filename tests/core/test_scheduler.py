@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edgecompute import Config, Registry, Request, Resources, Scheduler, TaskState
+from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Scheduler, TaskState
 from edgecompute.errors import (
     AmbiguousAlgorithm,
     EdgeComputeError,
@@ -105,9 +105,14 @@ async def test_resources_bound_concurrency_and_all_come_back() -> None:
 
 
 async def test_fractional_cpu_reservations_never_drift() -> None:
-    scheduler, _ = make(cpu=1)
-    async with scheduler:
-        handles = [scheduler.submit(Request("ctl/echo", i, resources=Resources(cpu=0.1))) for i in range(1000)]
+    app = FunctionExecutor("app")
+
+    @app.algorithm(resources=Resources(cpu=0.1))
+    async def echo(value: int) -> int:
+        return value
+
+    async with Scheduler(Registry([app]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        handles = [scheduler.submit(Request("app/echo", i)) for i in range(1000)]
         for handle in handles:
             await handle.result()
         await settle()
