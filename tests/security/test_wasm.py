@@ -394,3 +394,35 @@ def test_a_wheel_that_lies_about_its_sizes_is_counted_as_it_unpacks(tmp_path: Pa
     with pytest.raises(WheelRefused):
         deps.unpack(wheel, site, max_bytes=2**20)
     assert list(site.iterdir()) == []
+
+
+# -- rule 6: closing joins every thread the executor started -------------------------------------------
+
+_EXIT_SCRIPT = r"""
+import asyncio, json, os, threading
+from edgecompute import Registry, Resources, Scheduler
+from edgecompute.config import Config
+from edgecompute_wasm.executor import WasmExecutor
+
+ex = WasmExecutor({"cache_dir": os.environ["EDGECOMPUTE_WASM_TEST_CACHE"], "pool_size": 2, "timeout": 2.0})
+async def go():
+    async with Scheduler(Registry([ex]), capacity=Resources(cpu=2, memory_mb=10**6), config=Config()) as s:
+        ok = (await s.run("wasm/python", 2, params={"source": "def main(x):\n    return x + 1"})).outputs
+        loop = asyncio.ensure_future(s.run("wasm/python", None,
+                                           params={"source": "def main(x):\n    while True:\n        pass"}))
+        await asyncio.sleep(0.3)
+        await ex.aclose()  # while a guest spins and the pool is refilling
+        try:
+            await loop
+        except Exception:
+            pass
+    return ok
+ok = asyncio.run(go())
+left = [t.name for t in threading.enumerate() if t.name.startswith("edgecompute-wasm")]
+print(json.dumps({"ok": ok, "left": left}))
+"""
+
+
+def test_closing_the_executor_joins_every_thread_it_started() -> None:
+    out = child(_EXIT_SCRIPT)
+    assert out == {"ok": 3, "left": []}, out

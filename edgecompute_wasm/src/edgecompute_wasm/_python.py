@@ -292,6 +292,12 @@ class PythonRunner:
     def _stopping(self) -> bool:
         return self._closed  # read again after a wait: close() may have run meanwhile
 
+    def join(self, timeout: float) -> None:
+        """After :meth:`close`: wait for the pre-starting thread (it quits what it was starting)."""
+        refiller = self._refiller
+        if refiller is not None:
+            refiller.join(timeout)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

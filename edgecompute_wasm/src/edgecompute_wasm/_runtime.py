@@ -115,3 +115,12 @@ class Runtime:
         if self._python is not None:
             self._python.close()
         self.engine.close()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for every thread this runtime started; True when all have ended. The epoch ticker
+        runs until the last sandbox thread has ended, so joining it waits for those too."""
+        deadline = time.monotonic() + timeout
+        if self._python is not None:
+            self._python.join(max(deadline - time.monotonic(), 0.0))
+        self.engine.join(max(deadline - time.monotonic(), 0.0))
+        return self.engine.live == 0 and not self.engine.ticking()

@@ -108,6 +108,13 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
 
+    def join(self, timeout: float) -> None:
+        """After :meth:`close`: wait until the ticker (and so every sandbox thread) has ended."""
+        self._ticker.join(timeout)
+
+    def ticking(self) -> bool:
+        return self._ticker.is_alive()
+
 
 class Outcome:
     """How a sandbox's run ended."""

@@ -93,6 +93,14 @@ class WasmExecutor:
             runtime, self._runtime = self._runtime, None
         if runtime is not None:
             runtime.close()
+            # clean exit: every thread the runtime started ends (a running guest by its deadline, a
+            # blocked one by its unstick grace); waited for off the event loop
+            import anyio
+
+            from ._python import UNSTICK_GRACE
+
+            grace = float(self.settings.ceiling("timeout")) + 2.0 + UNSTICK_GRACE + 5.0
+            await anyio.to_thread.run_sync(runtime.join, grace)
 
     # -- loading ------------------------------------------------------------------------------------------
 
