@@ -90,6 +90,8 @@ def test_request_mounts_stay_under_the_operator_roots(tmp_path: Path) -> None:
         out = run(executor, "wasm/python", source="def main(x):\n    return open('/d/ok.txt').read()",
                   mounts={"/d": str(root / "data")}).outputs
         assert out == "ok"
+        with pytest.raises(InvalidRequest, match="max_request_mounts = 16"):
+            run(executor, "wasm/python", source=source, mounts={f"/d{i}": str(root / "data") for i in range(17)})
     finally:
         asyncio.run(executor.aclose())
 

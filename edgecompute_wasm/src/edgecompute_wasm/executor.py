@@ -250,6 +250,9 @@ class WasmExecutor:
                                  "allows them with allow_request_mounts and request_mount_roots)")
         if not isinstance(extra, Mapping):
             raise InvalidRequest("params['mounts'] must map guest paths to host directories")
+        if len(extra) > settings.max_request_mounts:
+            raise InvalidRequest(f"params['mounts'] names {len(extra)} mounts, above its ceiling max_request_mounts = "
+                                 f"{settings.max_request_mounts}")
         checked = {}
         for guest, host in extra.items():
             real = real_path_under(host, settings.request_mount_roots, f"params['mounts'][{guest!r}]",

@@ -70,6 +70,7 @@ class WasmSettings:
     max_table_elements: int = 1_000_000  # per table
     max_tables: int = 4
     max_mount_entries: int = 100_000  # files and folders a mount is checked for special files
+    max_request_mounts: int = 16  # mounts one request may name
     max_requirements: int = 32  # wheels a request may name
     max_wheel_unpacked_bytes: int = 128 * MiB
     max_wheel_files: int = 20_000
@@ -99,6 +100,7 @@ class WasmSettings:
         _positive("memory_mb", self.memory_mb)
         for name in ("output_bytes", "result_bytes", "max_source_bytes", "max_wasm_stack", "max_module_bytes",
                      "max_input_bytes", "max_argv_bytes", "max_table_elements", "max_tables", "max_mount_entries",
+                     "max_request_mounts",
                      "max_requirements", "max_wheel_unpacked_bytes", "max_wheel_files"):
             _positive_int(name, getattr(self, name))
         if self.fuel is not None:
