@@ -113,7 +113,9 @@ class _Spec:
     def bind(self, arrays: Arrays, where: str) -> list[np.ndarray]:
         """The inputs in declared order: by name (all named) or by position."""
         names = self.names
-        if arrays and arrays[0][0] is not None:
+        if len(arrays) == len(names) and arrays[0][0] is None:  # the common case, first
+            bound = [array for _, array in arrays]
+        elif arrays and arrays[0][0] is not None:
             found: dict[str, np.ndarray] = {}
             for raw, array in arrays:
                 name = raw.decode() if raw is not None else ""
@@ -130,11 +132,13 @@ class _Spec:
                 raise _refuse(where, f"{self.name} takes {len(names)} input(s) ({', '.join(names)}), "
                                      f"got {len(arrays)}")
             bound = [array for _, array in arrays]
-        for spec, array in zip(self.inputs, bound, strict=True):
+        for spec, array in zip(self.inputs, bound, strict=False):  # (as long as each other here)
             if array.dtype not in spec.dtypes:
                 valid = ", ".join(sorted(str(d) for d in spec.dtypes))
                 raise _refuse(where, f"{self.name} input {spec.name!r} must have dtype {valid}, not {array.dtype}")
             if not spec.lo <= array.ndim <= spec.hi:
+                if array.ndim > 8:
+                    raise _refuse(where, f"input {spec.name!r} has {array.ndim} dimensions; at most 8 are supported")
                 dims = str(spec.lo) if spec.lo == spec.hi else f"{spec.lo}-{spec.hi}"
                 raise _refuse(where, f"{self.name} input {spec.name!r} must have {dims} dimensions, "
                                      f"got shape {array.shape}")
@@ -154,6 +158,8 @@ class _Spec:
 
 
 def _is_number(value: Any) -> bool:
+    if type(value) is float or type(value) is int:  # the common case, without the tuple of types
+        return True
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -201,7 +207,7 @@ _sigma_number = _number(0.0, 1000.0)
 
 
 def _sigma(value: Any, where: str) -> tuple[float, float]:
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if type(value) is not float and type(value) is not int and isinstance(value, (list, tuple, np.ndarray)):
         items = list(value)
         if len(items) not in (1, 2):
             raise _refuse(where, "param 'sigma' must be a number or [sigma_y, sigma_x]")
@@ -328,7 +334,14 @@ def has_spec(name: str) -> bool:
 def check_builtin(name: str, arrays: Arrays, params: Mapping[str, Any], limits: Limits, where: str) -> Checked:
     """Check a request for bundled algorithm ``name`` before any native code runs; returns the
     bytes the call will allocate besides its inputs (outputs + working memory)."""
-    _generic(arrays, limits, where)
+    # (the generic checks inline: this runs on every call; bind() checks the dimensions)
+    if len(arrays) > limits.max_inputs:
+        _generic(arrays, limits, where)  # raises
+    total = 0
+    for _, array in arrays:
+        total += array.nbytes
+    if total > limits.max_input_bytes:
+        _generic(arrays, limits, where)  # raises
     spec = _SPECS[name]
     bound = spec.bind(arrays, where)
     parsed = spec.parse(params, where) if params else {}

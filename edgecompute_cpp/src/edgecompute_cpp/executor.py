@@ -124,6 +124,9 @@ class CppExecutor:
       ready on the loop), blocks the loop until its reply instead of waiting through its
       selector (a call under 150 us does so anyway); 0 disables (default 1000).
     * ``compile_flags``: extra compiler flags for plugins given as source.
+    * ``max_input_bytes``, ``max_output_bytes``, ``max_scratch_bytes``, ``max_work``,
+      ``max_fft_length``, ``max_inputs``: what one request may ask (see ``_limits.LIMITS`` and
+      docs/cpp.md, "Limits"); every request is checked against them before native code runs.
 
     Plugins come from the bundled plugin, ``plugins``, the ``edgecompute_cpp.plugins`` entry points
     and ``$EDGECOMPUTE_CPP_PLUGIN_PATH``. The bundled plugin's algorithms have bare names
