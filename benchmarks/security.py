@@ -151,7 +151,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ec-sec-") as tmp:
         cases = {name: found for name, found in all_cases(Path(tmp)).items() if args.only in name}
     print(f"{len(cases)} cases, each in a fresh process (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
-    header = f"| {'case':<58} | {'want':<17} | {'error':<17} | {'safe s':>6} | {'RSS +MB':>7} | bars |"
+    header = f"| {'case':<64} | {'want':<17} | {'error':<17} | {'safe s':>6} | {'RSS +MB':>7} | bars |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     results = {}
@@ -162,7 +162,7 @@ def main() -> int:
         failures += bool(missed)
         results[name] = {**result, "missed": missed}
         want = "ok" if case.expect is None else case.expect
-        print(f"| {name:<58} | {want:<17} | {result['error']:<17} | {result['safe']:>6.2f} | "
+        print(f"| {name:<64} | {want:<17} | {result['error']:<17} | {result['safe']:>6.2f} | "
               f"{result['over']:>7.1f} | {'ok' if not missed else 'MISS: ' + '; '.join(missed)} |", flush=True)
     print(f"\n{len(cases) - failures} of {len(cases)} cases meet every bar")
     if args.json:

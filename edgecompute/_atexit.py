@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor  # now: its module cannot be imported during shutdown
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["close_at_exit", "closed"]
 
 log = logging.getLogger("edgecompute")
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 # a started Runtime owns a running thread: like a thread, it stays alive until it is closed
@@ -70,6 +75,28 @@ def _close_all() -> None:
             log.warning("closing a Runtime at exit failed: %s: %s", type(exc).__name__, exc)
     for registry in registries:
         try:
-            asyncio.run(registry.aclose())
+            asyncio.run(_close(registry))
         except BaseException as exc:  # noqa: BLE001
             log.warning("closing executors at exit failed: %s: %s", type(exc).__name__, exc)
+
+
+async def _close(registry: Registry) -> None:
+    # by now concurrent.futures refuses new work ("cannot schedule new futures after interpreter
+    # shutdown"), and executors close with asyncio.to_thread: give them a thread per call instead
+    asyncio.get_running_loop().set_default_executor(_ThreadPerCall())
+    await registry.aclose()
+
+
+class _ThreadPerCall(ThreadPoolExecutor):  # asyncio takes nothing else as a default executor
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                    future.set_exception(exc)
+
+        threading.Thread(target=call, name="edgecompute-exit", daemon=True).start()
+        return future
