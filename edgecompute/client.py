@@ -56,6 +56,9 @@ _LIVE = frozenset({"queued", "running"})
 _STEP = 20.0
 #: how long a best-effort DELETE (a caller that gave up) may take
 _CANCEL_BUDGET = 5.0
+#: the default bound on one answer's body (a task's outputs arrive in one); a larger answer is
+#: refused before it is read, so a faulty or hostile server cannot make the client allocate more
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 _T = TypeVar("_T")
 
 
@@ -99,17 +102,20 @@ class RateLimited(RemoteError):
 
 
 class NotFound(RemoteError, LookupError):
-    """404: no such task for this key (or no such route)."""
+    """404: no such task for this key (or no such route); 410: the task's result is no longer kept."""
 
 
 # the server names the class in "error"; a problem without one falls back on its type (slug)
 _BY_SLUG: dict[str, type[EdgeComputeError]] = {
     "unknown-algorithm": errors.UnknownAlgorithm, "invalid-request": errors.InvalidRequest,
     "bad-request": errors.InvalidRequest, "payload-too-large": errors.InvalidRequest,
+    "uri-too-long": errors.InvalidRequest, "headers-too-large": errors.InvalidRequest,
     "infeasible": errors.InfeasibleRequest, "task-timeout": errors.TaskTimeout,
     "task-cancelled": errors.TaskCancelled, "task-failed": errors.ExecutorError,
 }
-_BY_STATUS: dict[int, type[RemoteError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 429: RateLimited}
+# 410: a finished task whose result the server no longer keeps (its keep_finished budgets)
+_BY_STATUS: dict[int, type[RemoteError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 408: RemoteUnavailable,
+                                           410: NotFound, 429: RateLimited}
 
 
 def _edgecompute_class(name: Any) -> type[EdgeComputeError] | None:
@@ -291,9 +297,12 @@ class _Core:
     each :class:`_Reply`; the faces only perform them.
     """
 
-    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
+    def __init__(self, url: str, api_key: str | None, timeout: float, max_answer_bytes: int) -> None:
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise InvalidRequest(f"the client's timeout must be a number of seconds > 0, not {timeout!r}")
+        if type(max_answer_bytes) is not int or max_answer_bytes < 1:
+            raise InvalidRequest(f"max_answer_bytes must be an integer >= 1, not {max_answer_bytes!r}")
+        self.max_answer_bytes = max_answer_bytes
         self.url = url.rstrip("/")
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -308,6 +317,10 @@ class _Core:
         self.headers = {"accept": f"{wire.BINARY}, {wire.JSON};q=0.5"}
         if self.api_key:
             self.headers["authorization"] = f"Bearer {self.api_key}"
+
+    def too_large(self, size: int | str) -> RemoteError:
+        return RemoteError(f"the server's answer has {size} bytes, over the client's max_answer_bytes "
+                           f"({self.max_answer_bytes}); raise it with Client(..., max_answer_bytes=N)", status=0)
 
     def ws_url(self, task_id: str) -> str:
         return f"{'wss' if self.scheme == 'https' else 'ws'}{self.url[len(self.scheme):]}/v1/tasks/{task_id}/ws"
@@ -437,10 +450,10 @@ class Client:
     """
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 100, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         import httpx
 
-        self._core = _Core(url, api_key, timeout)
+        self._core = _Core(url, api_key, timeout, max_answer_bytes)
         self._httpx = httpx
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(headers=self._core.headers, timeout=timeout, limits=limits)
@@ -469,11 +482,21 @@ class Client:
         headers = {"content-type": wire.BINARY} if call.body is not None else None
         timeout = httpx.Timeout(self._core.timeout, read=call.read)
         try:
-            response = self._http.request(call.method, self._core.origin + call.target, content=call.body,
-                                          headers=headers, timeout=timeout)
+            with self._http.stream(call.method, self._core.origin + call.target, content=call.body,
+                                   headers=headers, timeout=timeout) as response:
+                limit = self._core.max_answer_bytes
+                declared = response.headers.get("content-length", "0")
+                if not declared.isdigit() or int(declared) > limit:
+                    raise self._core.too_large(declared)  # before reading any of it
+                parts, size = [], 0
+                for part in response.iter_bytes():
+                    size += len(part)
+                    if size > limit:
+                        raise self._core.too_large(f"more than {limit}")
+                    parts.append(part)
+                return _Reply(response.status_code, dict(response.headers), b"".join(parts))
         except httpx.TransportError as exc:
             raise _transport_error(exc, self._core) from exc
-        return _Reply(response.status_code, dict(response.headers), response.content)
 
     def _drive(self, flow: _Flow[_T]) -> _T:
         reply: _Reply | None = None
@@ -722,7 +745,7 @@ class _Pool:
                     head = await connection.reader.readuntil(b"\r\n\r\n")
                     got_bytes = True
                     status, headers, keep = _parse_head(head)
-                    body = await _read_body(connection.reader, headers, status, call.method)
+                    body = await _read_body(connection.reader, headers, status, call.method, self._core)
             except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                     TimeoutError) as exc:
                 self._drop(connection)
@@ -748,12 +771,14 @@ class _Pool:
             async with asyncio.timeout(self._core.timeout):
                 status, headers, keep = _parse_head(await connection.reader.readuntil(b"\r\n\r\n"))
             if status >= 400:
-                body = await _read_body(connection.reader, headers, status, call.method)
+                body = await _read_body(connection.reader, headers, status, call.method, self._core)
                 done = keep
                 _raise_for(_Reply(status, headers, body))
             pending = b""
-            async for piece in _body_pieces(connection.reader, headers):
+            async for piece in _body_pieces(connection.reader, headers, self._core):
                 pending += piece
+                if len(pending) > self._core.max_answer_bytes:
+                    raise self._core.too_large(f"a line of more than {self._core.max_answer_bytes}")
                 *complete, pending = pending.split(b"\n")
                 for line in complete:
                     yield line.rstrip(b"\r").decode()
@@ -789,19 +814,31 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
     return status, headers, keep
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], status: int, method: str) -> bytes:
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], status: int, method: str,
+                     core: _Core) -> bytes:
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return b""
     length = headers.get("content-length")
     if length is not None:
+        if not length.isdigit() or int(length) > core.max_answer_bytes:
+            raise core.too_large(length)  # decided before allocating
         return await reader.readexactly(int(length)) if length != "0" else b""
-    return b"".join([piece async for piece in _body_pieces(reader, headers)])
+    parts, size = [], 0
+    async for piece in _body_pieces(reader, headers, core):
+        size += len(piece)
+        if size > core.max_answer_bytes:
+            raise core.too_large(f"more than {core.max_answer_bytes}")
+        parts.append(piece)
+    return b"".join(parts)
 
 
-async def _body_pieces(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+async def _body_pieces(reader: asyncio.StreamReader, headers: dict[str, str], core: _Core) -> AsyncIterator[bytes]:
+    limit = core.max_answer_bytes
     if headers.get("transfer-encoding", "").lower() == "chunked":
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
+            if size > limit:
+                raise core.too_large(f"a chunk of {size}")  # before allocating it
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass  # trailers
@@ -809,7 +846,10 @@ async def _body_pieces(reader: asyncio.StreamReader, headers: dict[str, str]) ->
             piece = await reader.readexactly(size + 2)
             yield piece[:-2]
     elif "content-length" in headers:
-        yield await reader.readexactly(int(headers["content-length"]))
+        length = int(headers["content-length"])
+        if length > limit:
+            raise core.too_large(length)
+        yield await reader.readexactly(length)
     else:
         while piece := await reader.read(65536):  # delimited by the connection's end
             yield piece
@@ -869,8 +909,8 @@ class AsyncClient:
     """
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0,
-                 max_connections: int = 100) -> None:
-        self._core = _Core(url, api_key, timeout)
+                 max_connections: int = 100, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
+        self._core = _Core(url, api_key, timeout, max_answer_bytes)
         self._pool = _Pool(self._core, max_connections)
 
     @property

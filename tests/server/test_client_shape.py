@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgecompute import errors
-from edgecompute.client import AsyncClient, AsyncRemoteTask, Client, RemoteTask, RemoteUnavailable
+from edgecompute.client import AsyncClient, AsyncRemoteTask, Client, RemoteError, RemoteTask, RemoteUnavailable
 
 from .conftest import KEYS, TOKENS, Server
 
@@ -152,3 +152,48 @@ def test_inputs_and_options_round_trip_alike_through_both_faces(server: Server, 
 
     assert asyncio.run(remote()) == (sync, sync)
     assert sync == (list(inputs) if isinstance(inputs, tuple) else inputs)
+
+
+def test_an_answer_over_max_answer_bytes_is_refused_before_it_is_read() -> None:
+    # a faulty or hostile server announces 10 GB and sends nothing more: the client must refuse
+    # from the header (a client that waited for the body would end in a timeout instead)
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 10000000000\r\n\r\n")
+                stop.wait(3)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with Client(url, "k", timeout=2, max_answer_bytes=1 << 20) as c, \
+                pytest.raises(RemoteError, match="max_answer_bytes") as caught:
+            c.run("app/echo", 1)
+        assert not isinstance(caught.value, RemoteUnavailable)
+
+        async def remote() -> None:
+            async with AsyncClient(url, "k", timeout=2, max_answer_bytes=1 << 20) as c:
+                with pytest.raises(RemoteError, match="max_answer_bytes") as caught:
+                    await c.run("app/echo", 1)
+                assert not isinstance(caught.value, RemoteUnavailable)
+
+        asyncio.run(remote())
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
