@@ -7,11 +7,17 @@
    connection (a minimal HTTP/1.1 client, so the figure is the gateway's cost, not a client
    library's), plus the same through ``edgecompute.client.Client`` (httpx) for reference;
 2. throughput: 50 concurrent keep-alive connections for ``--seconds``, every answer counted by
-   status (a server in its own process; the load generator in this one, on the same cores);
+   status (a server in its own process; the load generator in this one, on the same cores), with a
+   raw asyncio HTTP/1.1 client (the server's capacity) and then with the project's
+   ``edgecompute.client.AsyncClient`` at 50 concurrent ``run`` calls (the client's cost on top), then
+   the raw client again: the ratio is AsyncClient / the mean of the two raw runs;
 3. rate limit: a key limited to 200 requests/s (burst 20) hammered by 10 connections: admitted
    versus ``burst + rate * time``;
 4. streaming: a generated-token stream (10 tokens, 50 ms apart) over SSE and WebSocket: when the
-   first and the last token arrive.
+   first and the last token arrive;
+5. memory: ``--blobs`` (10,000) tasks whose outputs are 1 MB each (fresh bytes every time), fetched
+   by 8 connections; the server's RSS after them, against its kept-result byte budget
+   (``server.keep_finished_bytes``, default 256 MiB) + 100 MB.
 
 The server runs with its default settings except ``access_log = false`` (one JSON line per
 request costs ~10 us more; see docs/performance.md).
@@ -33,6 +39,7 @@ from typing import Any
 KEY = "ec_benchmark-key-000000000000000000000000000"
 LIMITED_KEY = "ec_benchmark-limited-key-0000000000000000000"
 TOKENS = [f" token{i}" for i in range(10)]
+BLOB_BYTES = 1 << 20
 
 
 def functions() -> Any:
@@ -43,6 +50,11 @@ def functions() -> Any:
     @app.algorithm(resources=Resources(cpu=0))
     async def echo(inputs: Any) -> Any:
         return inputs
+
+    @app.algorithm(resources=Resources(cpu=0))
+    async def blob(inputs: Any) -> Any:
+        # a fresh 1 MB every time, every page written: what a real result costs the server to keep
+        return bytes((int(inputs) % 251,)) * BLOB_BYTES
 
     @app.algorithm(resources=Resources(cpu=0))
     async def generate(inputs: Any, *, ctx: Any) -> Any:
@@ -159,6 +171,69 @@ async def load(port: int, key: str, connections: int, seconds: float) -> tuple[d
     return statuses, time.monotonic() - start
 
 
+async def client_load(port: int, concurrency: int, seconds: float) -> tuple[int, float]:
+    """The project's AsyncClient: ``concurrency`` callers of ``run`` over one client."""
+    from edgecompute.client import AsyncClient
+
+    inputs = {"text": "hello", "n": 3}
+    count = 0
+    async with AsyncClient(f"http://127.0.0.1:{port}", KEY, max_connections=concurrency) as client:
+        await asyncio.gather(*(client.run("app/echo", inputs) for _ in range(concurrency)))  # open the pool
+        stop = time.monotonic() + seconds
+
+        async def caller() -> None:
+            nonlocal count
+            while time.monotonic() < stop:
+                await client.run("app/echo", inputs)
+                count += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return count, time.monotonic() - start
+
+
+async def blobs(port: int, total: int, connections: int = 8) -> dict[int, int]:
+    """``total`` tasks with 1 MB outputs, each answer read whole (binary frames: no base64)."""
+    statuses: dict[int, int] = {}
+    left = iter(range(total))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for n in left:
+                body = json.dumps({"algorithm": "app/blob", "inputs": n}).encode()
+                request = http_request(KEY, body).replace(b"Content-Type:", b"Accept: application/x-edgecompute\r\n"
+                                                          b"Content-Type:", 1)
+                try:
+                    status = await exchange(reader, writer, request)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    status = 0  # the server closed the connection: counted, and a new one
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return statuses
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def result_budget() -> int | None:
+    """The server's kept-result byte budget (its default), or None on a server without one."""
+    from edgecompute.server import ServerSettings
+
+    budget = getattr(ServerSettings(), "keep_finished_bytes", None)
+    return budget if isinstance(budget, int) else None
+
+
 def streaming(port: int) -> dict[str, tuple[float, float, int]]:
     import httpx
     from websockets.sync.client import connect
@@ -191,6 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--blobs", type=int, default=10_000, help="tasks with 1 MB outputs for the RSS row")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
@@ -220,8 +296,13 @@ def main() -> None:
         gateway = uvloop.run(gateway_latency(port, args.requests))
         remote = client_latency(port, max(200, args.requests // 4))
         statuses, elapsed = uvloop.run(load(port, KEY, 50, args.seconds))
+        client_count, client_elapsed = uvloop.run(client_load(port, 50, args.seconds))
+        statuses_after, elapsed_after = uvloop.run(load(port, KEY, 50, args.seconds))
         limited, limited_elapsed = uvloop.run(load(port, LIMITED_KEY, 10, 3.0))
         streams = streaming(port)
+        rss_before = rss_bytes(server.pid)
+        blob_statuses = uvloop.run(blobs(port, args.blobs))
+        rss_after = rss_bytes(server.pid)
     finally:
         server.terminate()
         server.wait(10)
@@ -240,6 +321,13 @@ def main() -> None:
     rate = total / elapsed
     print(f"throughput, 50 concurrent connections, {elapsed:.1f} s: {rate:,.0f} requests/s, statuses {statuses} "
           f"(target >= 2,000/s, no errors but 429: {'met' if rate >= 2000 and not errors else 'MISSED'})")
+    raw_after = sum(statuses_after.values()) / elapsed_after
+    client_rate = client_count / client_elapsed
+    raw_mean = (rate + raw_after) / 2
+    print(f"raw client again after the AsyncClient run: {raw_after:,.0f} requests/s, statuses {statuses_after}")
+    print(f"edgecompute.client.AsyncClient, 50 concurrent run() calls, {client_elapsed:.1f} s: {client_rate:,.0f} "
+          f"requests/s = {client_rate / raw_mean:.0%} of the raw client's mean {raw_mean:,.0f}/s "
+          f"(target >= 50%: {'met' if client_rate >= 0.5 * raw_mean else 'MISSED'})")
     admitted = limited.get(200, 0)
     expected = 20 + 200.0 * limited_elapsed
     print(f"rate limit 200/s burst 20, 10 connections, {limited_elapsed:.2f} s: admitted {admitted}, expected "
@@ -247,6 +335,13 @@ def main() -> None:
     for transport, (first, last, count) in streams.items():
         print(f"stream over {transport.upper():3}: {count} tokens, first at {first * ms:.0f} ms, "
               f"last at {last * ms:.0f} ms")
+    mb = 1e6
+    budget = result_budget()
+    verdict = ("n/a: no budget setting" if budget is None else
+               f"bar {(budget + 100 * mb) / mb:,.0f} MB = keep_finished_bytes {budget / mb:,.0f} MB + 100 MB: "
+               + ("met" if rss_after <= budget + 100 * mb else "MISSED"))
+    print(f"server RSS after {args.blobs:,} tasks with {BLOB_BYTES / mb:.2f} MB outputs: {rss_after / mb:,.0f} MB "
+          f"(before them {rss_before / mb:,.0f} MB; statuses {blob_statuses}); {verdict}")
 
 
 if __name__ == "__main__":
