@@ -532,14 +532,45 @@ class Scheduler:
                 self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
         self._push(handle, now - request.priority * self._aging)
-        if not limits and not self._pool.fits(needs):
+        if not limits:
             # Admission is settled for the tasks that wait (whatever could let one start, a
-            # release or a queued task ending, dispatches at once). One that does not fit cannot
-            # start, nor let another start: scanning the queue again would only cost time
-            # (~30 us per submission with a backlog).
-            return handle
+            # release or a queued task ending, dispatches at once). A task that does not fit
+            # leaves it so if it competes with the task at the front (see _held_back): scanning
+            # the queue again would then only cost time (~30 us per submission with a backlog).
+            front = self._heap[0][2]
+            if front is not handle and front.state is _QUEUED and (not front._limits or not self._at_limit(front)):
+                if front._needs is needs:  # the usual backlog: the same needs, so they do not fit either
+                    if not self._pool.fits(needs):
+                        return handle
+                else:
+                    short = self._pool.short_of(needs)
+                    if short and self._held_back(needs, short, front._needs):
+                        return handle
         self._dispatch()
         return handle
+
+    def _held_back(self, needs: Resources, short: frozenset[str], front: Resources) -> bool:
+        """Whether a new task, with ``needs`` that are ``short`` of something, queued behind a
+        front task with needs ``front``, leaves admission as it was: true when the front task is
+        short of something this one needs.
+
+        Not fitting is not enough. A task that competes with nothing ahead of it adds what it is
+        short of to what the tasks behind it may not take (see _admit); a task behind that waited
+        for such a thing then merely competes, and what *it* was short of, which held back the
+        tasks after it, no longer counts: one of those may start now. Nor is landing behind the
+        front. But a task that competes with the front task competes wherever it lands: it
+        changes no one's ``blocked``, and nothing can start.
+        """
+        # the front task needs at least as much of something this one is short of: it is short
+        # of it too (the usual case, decided without looking at the pool again)
+        if "cpu" in short and front.cpu >= needs.cpu:
+            return True
+        if "memory" in short and front.memory_mb >= needs.memory_mb:
+            return True
+        if ("gpu" in short and front.devices_needed >= needs.devices_needed
+                and (not front.gpu_memory_mb or 0 < needs.gpu_memory_mb <= front.gpu_memory_mb)):
+            return True  # as many devices, each with at least as much free memory (or whole)
+        return self._competes(needs, self._pool.short_of(front))
 
     def _push(self, handle: TaskHandle, key: float) -> None:
         self._seq += 1

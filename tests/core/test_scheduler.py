@@ -181,6 +181,39 @@ async def test_cancelling_a_queued_task_lets_the_ones_it_held_back_start_at_once
         await asyncio.gather(running.result(), small.result())
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["at-the-front", "behind-the-front"])
+async def test_a_new_task_that_does_not_fit_can_still_let_a_waiting_one_start(behind: bool) -> None:
+    # Regression (found by TestSchedulerInvariants): submit() skipped admission for a task that
+    # does not fit, as if it could neither start nor let another start. But it changes who holds
+    # back whom: a task that waits for something the new one is short of is now merely waiting
+    # behind it, and what that task is short of no longer holds back the tasks after it.
+    ctl = Controlled()
+    capacity = Resources(cpu=4, memory_mb=1024, gpus=1, gpu_memory_mb=1000)
+    async with Scheduler(Registry([ctl]), capacity=capacity, config=Config()) as scheduler:
+        hogs = [scheduler.submit(Request("ctl/gate", "gpu", resources=Resources(gpus=1))),
+                scheduler.submit(Request("ctl/gate", "memory", resources=Resources(memory_mb=1000)))]
+        waiting = []
+        if behind:  # the front task waits for cpu, which none of the others needs
+            hogs.append(scheduler.submit(Request("ctl/gate", "cpu", resources=Resources(cpu=4))))
+            waiting.append(scheduler.submit(Request("ctl/gate", "front", resources=Resources(cpu=1),
+                                                    priority=9)))
+        big = scheduler.submit(Request("ctl/gate", "big", resources=Resources(memory_mb=500, gpus=1)))
+        small = scheduler.submit(Request("ctl/gate", "small", resources=Resources(memory_mb=10)))
+        await settle()
+        assert all(h.state is TaskState.RUNNING for h in hogs)
+        # big waits for memory (and the gpu) ahead of small, which needs memory: small may not pass
+        assert all(h.state is TaskState.QUEUED for h in [*waiting, big, small])
+        # urgent goes ahead of big and waits for the gpu only; big now waits for the gpu behind
+        # it, so big's want of memory no longer holds small back
+        urgent = scheduler.submit(Request("ctl/gate", "urgent", resources=Resources(gpus=1), priority=5))
+        await settle()
+        assert small.state is TaskState.RUNNING  # no other event needed: nothing ended
+        assert all(h.state is TaskState.QUEUED for h in [*waiting, urgent, big])
+        for key in ("small", "cpu", "front", "gpu", "urgent", "memory", "big"):
+            ctl.release(key)
+        await asyncio.gather(*(h.result() for h in [*hogs, *waiting, big, small, urgent]))
+
+
 async def test_with_a_backlog_a_new_task_that_fits_beside_it_still_starts() -> None:
     scheduler, ctl = make(cpu=2)
     async with scheduler:
