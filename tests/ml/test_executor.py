@@ -130,7 +130,7 @@ async def test_cancelling_a_streaming_task_stops_generation_promptly(executor_fo
     config = json.loads((folder / "config.json").read_text())
     config["max_position_embeddings"] = 100_000
     (folder / "config.json").write_text(json.dumps(config))
-    executor = executor_for(models={"long": str(folder)})
+    executor = executor_for(models={"long": str(folder)}, max_new_tokens_limit=50_000)
     lm = executor.load("long")
     lm.eos_token_ids = frozenset()
     async with scheduler_for(executor) as scheduler:

@@ -29,11 +29,37 @@ class AudioError(InvalidRequest):
     """Audio input that cannot be decoded or used."""
 
 
-def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
+MAX_SAMPLE_RATE = 768_000
+# the resampling kernel has (new rate) x (old rate) / gcd^2 taps: a rate sharing no factor with
+# 16 kHz (16001 Hz) would build a kernel of gigabytes. Every common rate stays far below this.
+_MAX_KERNEL = 1 << 20
+
+
+def check_rate(rate: int, what: str = "sample_rate") -> None:
+    """Refuse sample rates the resampler cannot handle in bounded memory, before decoding."""
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1000 <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{what} must be an integer from 1000 to {MAX_SAMPLE_RATE} Hz, not {rate!r}")
+    g = math.gcd(rate, SAMPLE_RATE)
+    orig, new = rate // g, SAMPLE_RATE // g
+    taps = new * (orig + 2 * math.ceil(6 * orig / (min(orig, new) * 0.99)))
+    if taps > _MAX_KERNEL:
+        raise AudioError(f"{what} {rate} Hz cannot be resampled to {SAMPLE_RATE} Hz in bounded memory (a "
+                         f"{taps}-tap kernel, the limit is {_MAX_KERNEL}); resample the audio to a common rate "
+                         "(8000, 16000, 22050, 44100, 48000 Hz...) first")
+
+
+def check_duration(samples: int, rate: int, max_seconds: float | None) -> None:
+    if max_seconds is not None and samples > max_seconds * rate:
+        raise AudioError(f"audio of {samples / rate:.1f} s exceeds the limit of {max_seconds:g} s per request "
+                         "(executors.ml max_audio_seconds); send it in parts")
+
+
+def decode_wav(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """A RIFF/WAVE file's samples as mono float32 in [-1, 1], and its sample rate.
 
     Reads PCM (8, 16, 24, 32 bit), IEEE float (32, 64 bit) and WAVE_FORMAT_EXTENSIBLE of either;
-    channels are averaged.
+    channels are averaged. The rate and the duration (``max_seconds``) are checked from the
+    header, before any sample is converted.
     """
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise AudioError("audio bytes are not a WAV file (no RIFF/WAVE header)")
@@ -57,7 +83,10 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     tag, channels, rate, _, _, bits = fmt
     if channels < 1 or rate < 1:
         raise AudioError(f"WAV file declares {channels} channels at {rate} Hz")
+    check_rate(rate, "the WAV header's sample rate")
     width = bits // 8
+    if width:
+        check_duration(len(samples) // (width * channels), rate, max_seconds)
     usable = len(samples) // (width * channels) * width * channels if width else 0
     raw = samples[:usable]
     if tag == 1 and bits == 8:
@@ -100,16 +129,33 @@ def resample(x: torch.Tensor, orig: int, new: int = SAMPLE_RATE, *, width: int =
     return out.reshape(*shape[:-1], -1)
 
 
-def to_waveform(audio: Any, sample_rate: int | None = None) -> torch.Tensor:
+def _array_samples(audio: Any) -> int | None:
+    """How many samples an array input holds, from its shape or lengths (before converting it)."""
+    shape = getattr(audio, "shape", None)
+    if shape is not None:
+        return math.prod(int(d) for d in shape)
+    if isinstance(audio, (list, tuple)):
+        first = audio[0] if audio else None
+        return len(audio) * (len(first) if isinstance(first, (list, tuple)) else 1)
+    return None
+
+
+def to_waveform(audio: Any, sample_rate: int | None = None, max_seconds: float | None = None) -> torch.Tensor:
     """Mono 16 kHz float32 samples from WAV bytes or a float array (list, numpy, torch) with its
-    ``sample_rate`` (16 kHz if not given)."""
+    ``sample_rate`` (16 kHz if not given). Audio longer than ``max_seconds`` is refused before
+    it is decoded or converted."""
     if isinstance(audio, (bytes, bytearray, memoryview)):
-        array, rate = decode_wav(bytes(audio))
+        array, rate = decode_wav(bytes(audio), max_seconds)
         if sample_rate is not None and sample_rate != rate:
             raise AudioError(f"sample_rate {sample_rate} contradicts the WAV header ({rate} Hz)")
         x = torch.from_numpy(array.copy())
     else:
         rate = SAMPLE_RATE if sample_rate is None else sample_rate
+        check_rate(rate)
+        count = _array_samples(audio)
+        if count is not None:
+            # a [channels, time] array holds channels x time samples: bounding all of them is enough
+            check_duration(count, rate, max_seconds)
         try:
             x = torch.as_tensor(np.asarray(audio, dtype=np.float32) if not isinstance(audio, torch.Tensor) else audio)
         except (TypeError, ValueError) as exc:

@@ -51,10 +51,18 @@ class Batcher:
             self._cond.notify()
         return future
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = False, timeout: float | None = None) -> bool:
+        """Take no more items; the thread runs what is queued, then ends. With ``wait``, join it
+        (at most ``timeout`` seconds). Returns whether the thread has ended (or never started)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            thread = self._thread
+        if thread is None:
+            return True
+        if wait and thread is not threading.current_thread():
+            thread.join(timeout)
+        return not thread.is_alive()
 
     def _take(self) -> list[tuple[list[Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] | None:
         with self._cond:

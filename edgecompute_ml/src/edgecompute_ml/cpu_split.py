@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ class SplitRunner:
         self.workers = workers
         self._lock = threading.Lock()  # one batch at a time: each uses every worker
         self._inboxes: list[queue.SimpleQueue[Any]] = []
+        self._threads: list[threading.Thread] = []
         if workers == 1:
             return
         threads = torch.get_num_threads()
@@ -44,8 +46,10 @@ class SplitRunner:
         for index in range(workers):
             inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
             self._inboxes.append(inbox)
-            threading.Thread(target=self._work, args=(inbox, started), name=f"ml-split-{index}",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._work, args=(inbox, started), name=f"ml-split-{index}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
         started.wait()
         # set_num_threads(1) in a worker also lowered the process default (what threads that have
         # not run torch yet start with): put it back; the workers keep their own setting
@@ -97,10 +101,20 @@ class SplitRunner:
                 raise result
         return results
 
-    def close(self) -> None:
-        for inbox in self._inboxes:
-            inbox.put(None)
-        self._inboxes = []
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the workers and join them (at most ``timeout`` seconds in all); later calls run on
+        the caller's thread. A worker must not outlive its owner: a thread still inside torch when
+        the interpreter finalises aborts the process ("terminate called without an active
+        exception"). Returns whether every worker has ended."""
+        with self._lock:  # after the batch in flight, if any: each worker then finds None next
+            for inbox in self._inboxes:
+                inbox.put(None)
+            self._inboxes = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        return not self._threads
 
 
 _shared: SplitRunner | None = None

@@ -8,12 +8,18 @@ from typing import Any
 __all__ = ["embed_texts"]
 
 
-def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, split: bool = False) -> Any:
+def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, split: bool = False,
+                runner: Any = None) -> Any:
     """Pooled (not normalised) embeddings of ``texts`` as a float32 tensor [N, H].
 
     With ``split`` (the batcher's batches), a batch on CPU runs as one forward per core over
     groups of texts of similar length, each padded only to its own longest text and run on one
     intra-op thread (see ``cpu_split``): less padding, and no barrier between the cores.
+    ``runner`` is the ``SplitRunner`` to use (the executor's own; default: the process's).
+
+    Texts longer than the model's ``max_length`` (a sentence-transformers folder's
+    ``max_seq_length``, else the position limit) are truncated to it, special tokens included,
+    as sentence-transformers truncates them.
     """
     import torch
 
@@ -23,9 +29,10 @@ def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, sp
     device = lm.model.device
     method = pooling or lm.pooling
     if split and len(texts) > 1 and device.type == "cpu":
-        from .cpu_split import shared_runner
+        if runner is None:
+            from .cpu_split import shared_runner
 
-        runner = shared_runner()
+            runner = shared_runner()
         if runner.workers > 1:
             groups = length_groups(lengths, runner.workers)
             parts = runner.map(lambda rows: _embed(lm, [encodings[i] for i in rows], [lengths[i] for i in rows],

@@ -6,11 +6,20 @@ from collections.abc import Iterable, Sequence
 
 from edgecompute.errors import ExecutorError, InvalidRequest
 
-__all__ = ["InvalidRequest", "ModelError", "ShapeMismatch", "UnknownModel", "UnsupportedArchitecture"]
+__all__ = ["InvalidModelConfig", "InvalidRequest", "ModelError", "ShapeMismatch", "UnknownModel",
+           "UnsupportedArchitecture"]
 
 
 class ModelError(ExecutorError):
     """A model could not be found, validated or loaded."""
+
+
+class InvalidModelConfig(ModelError):
+    """A model's config (``config.json`` or GGUF metadata) has a key of the wrong type or value."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key = source, key
+        super().__init__(f"{source}: config key {key!r} {problem}")
 
 
 class ShapeMismatch(ModelError):

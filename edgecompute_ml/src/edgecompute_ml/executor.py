@@ -19,6 +19,7 @@ from edgecompute.models import Algorithm, Health, Request, Resources, Response
 
 from . import __version__
 from .errors import UnknownModel
+from .limits import LIMIT_KEYS, Limits
 from .store import ModelPlan, ModelSource
 
 __all__ = ["MLExecutor", "demo_model_paths"]
@@ -27,7 +28,10 @@ TEXT_GENERATION = "text-generation"
 EMBEDDINGS = "embeddings"
 SPEECH_RECOGNITION = "speech-recognition"  # speech: transcribe.py (Whisper)
 _CONFIG_KEYS = {"models", "device", "dtype", "threads", "memory_budget_mb", "max_batch", "max_delay_ms", "batching",
-                "demo_models", "default_models"}
+                "demo_models", "default_models", *LIMIT_KEYS}
+# how long aclose() waits for the batcher and split-worker threads (each first finishes the batch
+# it is running: a forward pass, well under this on any model this executor serves)
+_CLOSE_GRACE = 30.0
 _CORE_KEYS = {"enabled", "max_concurrency"}
 _GEN_KEYS = {"model", "stream", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
              "stop", "do_sample", "ignore_eos"}
@@ -93,6 +97,10 @@ class MLExecutor:
         if self.max_batch < 1 or self.max_delay < 0:
             raise ConfigError("executors.ml: max_batch must be >= 1 and max_delay_ms >= 0")
         self.batching = bool(config.get("batching", True))
+        self.limits = Limits.from_config(config)
+        self._runner: Any = None  # this executor's SplitRunner (cpu_split), made on first use
+        self._runner_lock = threading.Lock()
+        self._retired: list[Any] = []  # batchers closed by unload/replacement, joined by aclose
         self._sources: dict[str, ModelSource] = {}
         self._plans: dict[str, ModelPlan] = {}
         self._plan_lock = threading.Lock()
@@ -179,6 +187,7 @@ class MLExecutor:
             entry = self._batchers.pop(name, None)
         if entry is not None:
             entry[1].close()
+            self._retired.append(entry[1])
         return self.cache.unload(name)
 
     # -- executor protocol ------------------------------------------------------------------------
@@ -228,19 +237,15 @@ class MLExecutor:
             raise InvalidRequest(f"model {name!r} ({plan.family.name}) serves ml/{plan.family.task}, not ml/{task}")
         element = self.devices.element_size(self._dtype_for(name))
         if task == TEXT_GENERATION:
-            max_new = request.params.get("max_new_tokens", 128) if request.params else 128
-            max_new = max_new if isinstance(max_new, int) and max_new >= 0 else 128
-            prompt_chars = len(str(request.inputs)) if request.inputs is not None else 0
-            positions = min(prompt_chars + max_new, plan.config.max_position_embeddings)
-            working = plan.config.kv_bytes_per_token(element) * positions + 4 * plan.config.vocab_size * 8
+            working = self._generation_bytes(plan, request, element)
             cpu = 1.0
         elif task in _VISION_TASKS:
             from .image import Preprocessing
             from .vision_tasks import working_bytes
 
             raw = plan.raw_config.get("preprocessor")
-            size = Preprocessing.from_config(raw).output_size if raw else None
-            working = working_bytes(task, request.inputs, size or (224, 224) if task != "object-detection" else size)
+            preprocessing = Preprocessing.from_config(raw) if raw else Preprocessing.from_folder(plan.source.path)
+            working = working_bytes(task, request.inputs, preprocessing, plan.config, self.limits)
             batched = (task == "image-classification" and self.batching
                        and (request.params or {}).get("batch", True))
             cpu = 1.0 / self.max_batch if batched else 1.0
@@ -254,10 +259,11 @@ class MLExecutor:
                        + beams * c.vocab_size * 8)
             cpu = 1.0
         else:
-            texts = request.inputs if isinstance(request.inputs, (list, tuple)) else [request.inputs]
-            working = len(texts) * 128 * plan.config.hidden_size * 4 * 16
+            working = self._embedding_bytes(plan, request)
             batched = self.batching and (request.params or {}).get("batch", True)
             cpu = 1.0 / self.max_batch if batched else 1.0
+        # what the request would make the host allocate, refused before it is admitted
+        self.limits.memory(task, working)
         working_mb = working / 2**20 + 1
         if self.devices.requested_device != "cpu" and self.devices.is_gpu:
             total = self.devices.gpu_total_mb()
@@ -267,6 +273,49 @@ class MLExecutor:
                                         f"of GPU memory; {self.devices.device_name} has {total:.0f} MB")
             return Resources(cpu=cpu, gpu_memory_mb=working_mb)
         return Resources(cpu=cpu, memory_mb=working_mb)
+
+    def _generation_bytes(self, plan: ModelPlan, request: Request, element: int) -> float:
+        """KV cache for the prompt and the new tokens, the prompt's forward pass, the logits."""
+        from .generation import prompt_chars
+
+        c = plan.config
+        max_new = request.params.get("max_new_tokens", 128) if request.params else 128
+        max_new = max_new if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new >= 0 else 128
+        max_new = min(max_new, self.limits.max_new_tokens_limit)
+        # a byte-level BPE token covers at least one UTF-8 byte; a chat template adds a few per message
+        chars = prompt_chars(request.inputs)
+        count = len(request.inputs) if isinstance(request.inputs, (list, tuple)) else 1
+        prompt = min(4 * chars + 16 * count + 16, c.max_position_embeddings)
+        positions = min(prompt + max_new, c.max_position_embeddings)
+        q = c.num_attention_heads * c.head_dim
+        prefill = prompt * (c.hidden_size * 4 + 3 * q + 3 * c.intermediate_size) * 4
+        return float(c.kv_bytes_per_token(element) * positions + prefill + 4 * c.vocab_size * 8)
+
+    def _embedding_bytes(self, plan: ModelPlan, request: Request) -> float:
+        """Each text's share of a padded batch: tokens (at most the model's positions) times the
+        activations of one layer, plus the attention scores."""
+        inputs = request.inputs
+        if isinstance(inputs, Mapping):
+            inputs = inputs.get("texts")
+        texts = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        c = plan.config
+        per_token = (c.hidden_size * 6 + c.intermediate_size * 2) * 4
+        total = 0.0
+        for text in texts:
+            tokens = min(len(text) + 2 if isinstance(text, str) else 2, c.max_position_embeddings)
+            total += tokens * per_token + c.num_attention_heads * tokens * tokens * 4 * 2
+        return total
+
+    def _split_runner(self) -> Any:
+        """This executor's CPU split workers (one per intra-op thread), joined by :meth:`aclose`."""
+        with self._runner_lock:
+            if self._runner is None:
+                import torch
+
+                from .cpu_split import SplitRunner
+
+                self._runner = SplitRunner(torch.get_num_threads())
+            return self._runner
 
     async def execute(self, request: Request, ctx: Any) -> Response:
         task = self._bare(request)
@@ -302,14 +351,17 @@ class MLExecutor:
 
     async def _text_generation(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
                                timings: dict[str, float]) -> Response:
-        from .generation import GenerationParams, build_prompt_ids, generate
+        from .generation import GenerationParams, build_prompt_ids, check_prompt_size, generate
 
-        gp = GenerationParams.from_params(params)
+        gp = GenerationParams.from_params(params, self.limits)
         stream = params.get("stream", True)
+        if not isinstance(stream, bool):
+            raise InvalidRequest(f"stream must be true or false, not {stream!r}")
         emit = ctx.emit_nowait if stream else None
+        check_prompt_size(request.inputs, self.limits)  # before a thread is taken
 
         def work() -> dict[str, Any]:
-            ids = build_prompt_ids(lm, request.inputs)
+            ids = build_prompt_ids(lm, request.inputs, self.limits)
             return generate(lm, ids, gp, on_text=emit, cancelled=lambda: ctx.cancelled)
 
         result = await ctx.run_sync(work)
@@ -324,7 +376,9 @@ class MLExecutor:
         from .transcribe import speech_inputs, transcribe
 
         audio, sp = speech_inputs(request.inputs, params)
-        result = await ctx.run_sync(lambda: transcribe(lm, audio, sp, cancelled=lambda: ctx.cancelled))
+        self.limits.new_tokens(sp.max_new_tokens)
+        result = await ctx.run_sync(lambda: transcribe(lm, audio, sp, cancelled=lambda: ctx.cancelled,
+                                                       max_seconds=self.limits.max_audio_seconds))
         timings |= result.pop("timings")
         return Response(result, timings=timings)
 
@@ -336,10 +390,11 @@ class MLExecutor:
                 from .batching import Batcher
                 from .embeddings import embed_texts
 
-                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts, split=True)), max_batch=self.max_batch,
-                                  max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
+                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts, split=True, runner=self._split_runner())),
+                                  max_batch=self.max_batch, max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
                 if entry is not None:
                     entry[1].close()
+                    self._retired.append(entry[1])
                 entry = self._batchers[lm.name] = (lm, batcher)
             return entry[1]
 
@@ -348,19 +403,27 @@ class MLExecutor:
         from .embeddings import embed_texts, normalize
 
         inputs = request.inputs
-        if isinstance(inputs, Mapping) and "texts" in inputs:
+        if isinstance(inputs, Mapping):
+            extra = set(inputs) - {"texts"}
+            if extra or "texts" not in inputs:
+                raise InvalidRequest(f"ml/embeddings inputs as a mapping take only 'texts', not "
+                                     f"{', '.join(sorted(map(str, extra))) or 'an empty mapping'}")
             inputs = inputs["texts"]
         single = isinstance(inputs, str)
         texts = [inputs] if single else inputs
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("ml/embeddings inputs must be a string or a non-empty list of strings")
+        self.limits.texts(texts, "inputs")
+        batch = params.get("batch", True)
+        if not isinstance(batch, bool):
+            raise InvalidRequest(f"batch must be true or false, not {batch!r}")
         pooling = params.get("pooling")
         if pooling is not None and pooling not in ("mean", "cls", "max"):
             raise InvalidRequest(f"pooling must be 'mean', 'cls' or 'max', not {pooling!r}")
         norm = params.get("normalize", lm.normalize)
         if not isinstance(norm, bool):
             raise InvalidRequest(f"normalize must be true or false, not {norm!r}")
-        if self.batching and params.get("batch", True) and pooling in (None, lm.pooling):
+        if self.batching and batch and pooling in (None, lm.pooling):
             vectors = await self._batcher(lm).submit(list(texts))
         else:
             vectors = await ctx.run_sync(embed_texts, lm, list(texts), pooling)
@@ -378,9 +441,39 @@ class MLExecutor:
         return Health(details=details)
 
     async def aclose(self) -> None:
+        """Stop and join every thread this executor started (batchers, split workers), so that no
+        Python thread is still inside torch when the interpreter finalises (that aborts the
+        process). Each first finishes the batch it runs; torch's own intra-op pool is torch's."""
         with self._batcher_lock:
-            batchers, self._batchers = list(self._batchers.values()), {}
-        for _, batcher in batchers:
-            batcher.close()
+            batchers = [batcher for _, batcher in self._batchers.values()] + self._retired
+            self._batchers, self._retired = {}, []
+        with self._runner_lock:
+            runner, self._runner = self._runner, None
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def stop() -> None:
+            try:
+                deadline = time.monotonic() + _CLOSE_GRACE
+                for batcher in batchers:  # batchers first: their batches use the split workers
+                    batcher.close(wait=True, timeout=max(0.0, deadline - time.monotonic()))
+                if runner is not None:
+                    runner.close(timeout=max(0.0, deadline - time.monotonic()))
+            finally:
+                loop.call_soon_threadsafe(_settle, done)
+
+        if batchers or runner is not None:
+            # joined from a thread of our own, not a pool's: a pool thread would outlive us
+            thread = threading.Thread(target=stop, name="ml-close", daemon=True)
+            thread.start()
+            await done
+            thread.join()
         if self._cache is not None:
             self._cache.clear()
+
+
+def _settle(future: Any) -> None:
+    if not future.done():
+        future.set_result(None)

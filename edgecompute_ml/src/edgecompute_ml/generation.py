@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -9,19 +10,25 @@ from typing import Any
 import attrs
 
 from .errors import InvalidRequest
+from .limits import Limits
 
 __all__ = ["GenerationParams", "build_prompt_ids", "generate"]
 
+_MAX_STOP_CHARS = 1024
+_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+
 
 def _number(params: Mapping[str, Any], key: str, default: Any, kind: type, low: float,
-            high: float | None = None) -> Any:
+            high: float | None = None, setting: str | None = None) -> Any:
     value = params.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise InvalidRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int))
+            or not math.isfinite(value)):  # NaN passes every comparison below, and poisons sampling
+        raise InvalidRequest(f"{key} must be {'an integer' if kind is int else 'a finite number'}, not {value!r}")
     if value < low or (high is not None and value > high):
-        raise InvalidRequest(f"{key} must be in [{low}, {high if high is not None else 'inf'}], not {value!r}")
+        where = f" ({setting})" if setting else ""
+        raise InvalidRequest(f"{key} must be in [{low}, {high if high is not None else 'inf'}]{where}, not {value!r}")
     return kind(value)
 
 
@@ -40,28 +47,44 @@ class GenerationParams:
             "ignore_eos")
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> GenerationParams:
+    def from_params(cls, params: Mapping[str, Any], limits: Limits | None = None) -> GenerationParams:
+        limits = limits or Limits()
         stop = params.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidRequest(f"stop must be a string or a list of non-empty strings, not {stop!r}")
+        if len(stop) > limits.max_stop_strings:
+            raise InvalidRequest(f"stop: {len(stop)} strings exceed the limit of {limits.max_stop_strings} "
+                                 "(executors.ml max_stop_strings)")
+        for i, s in enumerate(stop):
+            # the detokenizer holds back (and re-scans) as many characters as the longest stop string
+            if len(s) > _MAX_STOP_CHARS:
+                raise InvalidRequest(f"stop[{i}]: {len(s)} characters exceed the limit of {_MAX_STOP_CHARS}")
         seed = params.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidRequest(f"seed must be an integer, not {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**63), not {seed!r}")
         temperature = _number(params, "temperature", 0.0, float, 0.0)
         if params.get("do_sample") is False:
             temperature = 0.0
         return cls(
-            max_new_tokens=_number(params, "max_new_tokens", 128, int, 0, 1 << 20),
+            max_new_tokens=_number(params, "max_new_tokens", 128, int, 0, limits.max_new_tokens_limit,
+                                   "executors.ml max_new_tokens_limit"),
             temperature=temperature,
             top_k=_number(params, "top_k", 0, int, 0),
             top_p=_number(params, "top_p", 1.0, float, 0.0, 1.0),
             repetition_penalty=_number(params, "repetition_penalty", 1.0, float, 1e-6),
             seed=seed,
             stop=tuple(stop),
-            ignore_eos=bool(params.get("ignore_eos", False)),
+            ignore_eos=_flag(params, "ignore_eos"),
         )
+
+
+def _flag(params: Mapping[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{key} must be true or false, not {value!r}")
+    return value
 
 
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], tok_config: Mapping[str, Any],
@@ -94,17 +117,59 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], tok_config
 def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...}")
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise InvalidRequest(f"each message needs a string 'role' and 'content', not {m!r}")
+        extra = set(m) - _MESSAGE_KEYS
+        if extra:
+            raise InvalidRequest(f"messages[{i}]: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
+                                 f"valid: {', '.join(sorted(_MESSAGE_KEYS))}")
     return list(messages)
 
 
-def build_prompt_ids(lm: Any, inputs: Any) -> list[int]:
+def prompt_chars(inputs: Any) -> int:
+    """Characters of text a generation request carries (prompt, or every message's content)."""
+    if isinstance(inputs, str):
+        return len(inputs)
+    if isinstance(inputs, Mapping):
+        if "messages" in inputs:
+            return prompt_chars(inputs["messages"])
+        prompt = inputs.get("prompt")
+        return len(prompt) if isinstance(prompt, str) else 0
+    total = 0
+    if isinstance(inputs, (list, tuple)):
+        for m in inputs:
+            if isinstance(m, Mapping):
+                total += sum(len(v) for v in (m.get("content"), m.get("role")) if isinstance(v, str))
+    return total
+
+
+def check_prompt_size(inputs: Any, limits: Limits | None = None) -> None:
+    """Refuse a prompt of more than ``max_texts`` messages or ``max_text_chars`` characters."""
+    limits = limits or Limits()
+    count = len(inputs["messages"]) if isinstance(inputs, Mapping) and isinstance(inputs.get("messages"), list) \
+        else len(inputs) if isinstance(inputs, (list, tuple)) else 1
+    if count > limits.max_texts:
+        raise InvalidRequest(f"inputs: {count} messages exceed the limit of {limits.max_texts} "
+                             "(executors.ml max_texts)")
+    chars = prompt_chars(inputs)
+    limit = limits.max_text_chars
+    if chars > limit:
+        raise InvalidRequest(f"inputs: the prompt has {chars} characters, more than the limit of {limit} "
+                             "(executors.ml max_text_chars)")
+
+
+def build_prompt_ids(lm: Any, inputs: Any, limits: Limits | None = None) -> list[int]:
     """Token ids for a prompt string, ``{"prompt": ...}``, ``{"messages": [...]}`` or a list of
-    messages (rendered with the tokenizer's chat template)."""
+    messages (rendered with the tokenizer's chat template). The text is bounded by
+    ``max_text_chars`` before it is rendered or tokenised."""
+    check_prompt_size(inputs, limits)
     messages = None
     if isinstance(inputs, Mapping):
+        extra = set(inputs) - ({"messages"} if "messages" in inputs else {"prompt"})
+        if extra:
+            raise InvalidRequest(f"text-generation inputs: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
+                                 "send {'prompt': ...} or {'messages': [...]}")
         if "messages" in inputs:
             messages = _check_messages(inputs["messages"])
         elif isinstance(inputs.get("prompt"), str):

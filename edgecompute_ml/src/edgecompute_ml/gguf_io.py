@@ -7,6 +7,7 @@ Supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from .errors import ModelError, UnsupportedArchitecture
 __all__ = ["GGUFFile", "gguf_llama_config", "gguf_to_hf_names", "gguf_tokenizer"]
 
 _MAGIC = b"GGUF"
+_MAX_DIMS = 4
 # value types of the key/value section
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
             12: "<f8"}
@@ -133,9 +135,14 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = r.string()
             n_dims = r.scalar("<I")
+            if n_dims > _MAX_DIMS:  # ggml tensors have at most 4 dimensions; more is a hostile header
+                raise ModelError(f"{self.path}: tensor {name!r} declares {n_dims} dimensions (ggml allows "
+                                 f"{_MAX_DIMS})")
             dims = [r.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1 << 20:
+            raise ModelError(f"{self.path}: general.alignment must be an integer in [1, {1 << 20}], not {align!r}")
         start = (r.pos + align - 1) // align * align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, type_id, offset in infos:
@@ -143,7 +150,7 @@ class GGUFFile:
                 raise ModelError(f"{self.path}: tensor {name!r} has ggml type {type_id}, not supported "
                                  f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
             _, block, block_bytes = GGML_TYPES[type_id]
-            numel = int(np.prod(dims)) if dims else 1
+            numel = math.prod(dims)  # Python ints: np.prod would wrap around on hostile dimensions
             if dims and dims[0] % block:
                 raise ModelError(f"{self.path}: tensor {name!r}: row of {dims[0]} is not a multiple of {block}")
             nbytes = numel // block * block_bytes
@@ -254,6 +261,14 @@ def gguf_llama_config(g: GGUFFile) -> dict[str, Any]:
     arch = g.architecture
     if arch != "llama":
         raise UnsupportedArchitecture(g.path, arch, ["llama (GGUF)"])
+    try:
+        return _llama_config(g, arch)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        # metadata is data: a string, a list or a zero where a count belongs is a typed error
+        raise ModelError(f"{g.path}: invalid GGUF llama metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def _llama_config(g: GGUFFile, arch: str) -> dict[str, Any]:
     m = g.metadata
 
     def key(name: str, default: Any = None) -> Any:

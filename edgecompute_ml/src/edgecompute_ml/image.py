@@ -22,7 +22,8 @@ from edgecompute.errors import InvalidRequest
 
 from .errors import ModelError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InvalidImage", "Preprocessing", "decode_image", "decode_images"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InvalidImage", "Preprocessing", "decode_image", "decode_images",
+           "image_inputs", "image_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,8 +43,34 @@ def _pil() -> Any:
     return Image
 
 
-def decode_image(image: Any, what: str = "image") -> Any:
-    """Any accepted image -> an RGB PIL image. Raises :class:`InvalidImage` naming the problem."""
+def _too_large(what: str, width: int, height: int, max_pixels: int, stage: str = "") -> InvalidImage:
+    return InvalidImage(f"{what}: {stage}{width}x{height} = {width * height} pixels exceed the limit of {max_pixels} "
+                        "(executors.ml max_image_pixels)")
+
+
+def image_size(image: Any) -> tuple[int, int] | None:
+    """(width, height) of an accepted image without decoding it (the header of encoded bytes);
+    None when it cannot be told cheaply (the decoder will then say what is wrong)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            with _pil().open(io.BytesIO(bytes(image))) as opened:
+                width, height = opened.size
+                return int(width), int(height)
+        except Exception:  # noqa: BLE001 - undecodable bytes fail later, in decode_image, with the reason
+            return None
+    size = getattr(image, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:  # a PIL image
+        return int(size[0]), int(size[1])
+    shape = getattr(image, "shape", None)
+    if isinstance(shape, tuple) and len(shape) in (2, 3):
+        return int(shape[1]), int(shape[0])
+    return None
+
+
+def decode_image(image: Any, what: str = "image", max_pixels: int | None = None) -> Any:
+    """Any accepted image -> an RGB PIL image. Raises :class:`InvalidImage` naming the problem;
+    images of more than ``max_pixels`` are refused from their header, before decoding."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     Image = _pil()
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
@@ -52,11 +79,13 @@ def decode_image(image: Any, what: str = "image") -> Any:
         try:
             opened = Image.open(io.BytesIO(data))
             width, height = opened.size
-            if width * height > MAX_PIXELS:
-                raise InvalidImage(f"{what}: {width}x{height} pixels exceed the limit of {MAX_PIXELS}")
+            if width * height > max_pixels:
+                raise _too_large(what, width, height, max_pixels)
             opened.load()
         except InvalidImage:
             raise
+        except Image.DecompressionBombError as exc:  # PIL's own guard (MAX_IMAGE_PIXELS), from the header
+            raise InvalidImage(f"{what}: {exc} (executors.ml max_image_pixels is {max_pixels})") from exc
         except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
             raise InvalidImage(f"{what}: cannot decode {len(data)} bytes as an image: {exc}") from exc
         from PIL import ImageOps
@@ -66,6 +95,8 @@ def decode_image(image: Any, what: str = "image") -> Any:
         width, height = image.size
         if width < 1 or height < 1:
             raise InvalidImage(f"{what}: image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise _too_large(what, width, height, max_pixels)
         if image.mode == "RGB":
             return image
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -73,11 +104,13 @@ def decode_image(image: Any, what: str = "image") -> Any:
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # as transformers' convert_rgb
             return Image.alpha_composite(background, image).convert("RGB")
         return image.convert("RGB")
-    return Image.fromarray(_array_to_uint8(image, what), mode="RGB")
+    return Image.fromarray(_array_to_uint8(image, what, max_pixels), mode="RGB")
 
 
-def _array_to_uint8(image: Any, what: str) -> Any:
+def _array_to_uint8(image: Any, what: str, max_pixels: int | None = None) -> Any:
     import numpy as np
+
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
 
     if not isinstance(image, np.ndarray):
         kind = type(image).__name__
@@ -89,8 +122,8 @@ def _array_to_uint8(image: Any, what: str) -> Any:
                            "or HxWx4 (channels last)")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise InvalidImage(f"{what}: image has no pixels ({image.shape[1]}x{image.shape[0]})")
-    if image.shape[0] * image.shape[1] > MAX_PIXELS:
-        raise InvalidImage(f"{what}: {image.shape[1]}x{image.shape[0]} pixels exceed the limit of {MAX_PIXELS}")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise _too_large(what, image.shape[1], image.shape[0], max_pixels)
     if image.dtype == np.uint8:
         out = image
     elif np.issubdtype(image.dtype, np.floating):
@@ -110,19 +143,31 @@ def _array_to_uint8(image: Any, what: str) -> Any:
     return np.ascontiguousarray(out)
 
 
-def decode_images(inputs: Any, what: str = "inputs") -> tuple[list[Any], bool]:
-    """One image or a non-empty list of them -> (RGB PIL images, whether a single image was given)."""
+def image_inputs(inputs: Any, what: str = "inputs") -> tuple[list[Any], bool]:
+    """One image or a non-empty list of them -> (the undecoded images, whether one was given)."""
     import numpy as np
 
     if isinstance(inputs, (list, tuple)):
         if not inputs:
             raise InvalidImage(f"{what}: empty list of images")
-        return [decode_image(image, f"{what}[{i}]") for i, image in enumerate(inputs)], False
+        return list(inputs), False
     if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
-        return [decode_image(image, f"{what}[{i}]") for i, image in enumerate(inputs)], False
+        return list(inputs), False
     if inputs is None:
         raise InvalidImage(f"{what}: no image given")
-    return [decode_image(inputs, what)], True
+    return [inputs], True
+
+
+def decode_images(inputs: Any, what: str = "inputs", max_pixels: int | None = None,
+                  max_images: int | None = None) -> tuple[list[Any], bool]:
+    """One image or a non-empty list of them -> (RGB PIL images, whether a single image was given).
+    More than ``max_images`` images are refused before any is decoded."""
+    images, single = image_inputs(inputs, what)
+    if max_images is not None and len(images) > max_images:
+        raise InvalidImage(f"{what}: {len(images)} images exceed the limit of {max_images} per request "
+                           "(executors.ml max_images); send them in several requests")
+    prefix = what if single else None
+    return [decode_image(image, prefix or f"{what}[{i}]", max_pixels) for i, image in enumerate(images)], single
 
 
 def _size(value: Any, source: str, key: str) -> dict[str, int]:
@@ -205,12 +250,29 @@ class Preprocessing:
             return (new_short, new_long) if width <= height else (new_long, new_short)
         return r["width"], r["height"]
 
-    def pixels(self, image: Any) -> Any:
-        """One RGB PIL image -> a float32 CHW tensor."""
+    def check_size(self, width: int, height: int, what: str = "image", max_pixels: int | None = None) -> None:
+        """Refuse an image whose resized (or centre-padded) intermediate would exceed ``max_pixels``:
+        resizing the short side of a 1x4000 image to 256 makes it 256 x 1,024,000, so the limit
+        must hold for every image that is allocated, not only for the input."""
+        max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+        rw, rh = self.resized_size(width, height)
+        if rw < 1 or rh < 1:
+            raise InvalidImage(f"{what}: {width}x{height} resizes to {rw}x{rh}, which has no pixels")
+        if rw * rh > max_pixels:
+            raise _too_large(what, rw, rh, max_pixels, f"{width}x{height} resizes to ")
+        if self.crop is not None:
+            cw, ch = max(rw, self.crop["width"]), max(rh, self.crop["height"])
+            if cw * ch > max_pixels:
+                raise _too_large(what, cw, ch, max_pixels, "the centre crop pads to ")
+
+    def pixels(self, image: Any, what: str = "image", max_pixels: int | None = None) -> Any:
+        """One RGB PIL image -> a float32 CHW tensor (sizes checked before anything is allocated)."""
         import numpy as np
         import torch
 
-        size = self.resized_size(*image.size)
+        width, height = image.size
+        self.check_size(width, height, what=what, max_pixels=max_pixels)
+        size = self.resized_size(width, height)
         if size != image.size:
             image = image.resize(size, resample=self.resample)
         array = np.asarray(image)
@@ -226,11 +288,14 @@ class Preprocessing:
         shift_t = torch.from_numpy(shift.astype(np.float32))[:, None, None]
         return out.mul_(scale_t).add_(shift_t)
 
-    def batch(self, images: Sequence[Any]) -> Any:
+    def batch(self, images: Sequence[Any], max_pixels: int | None = None) -> Any:
         """RGB PIL images -> one float32 NCHW tensor (all images must come out the same size)."""
         import torch
 
-        tensors = [self.pixels(image) for image in images]
+        for i, image in enumerate(images):  # every image is checked before the first is resized
+            width, height = image.size
+            self.check_size(width, height, what=f"inputs[{i}]", max_pixels=max_pixels)
+        tensors = [self.pixels(image, f"inputs[{i}]", max_pixels) for i, image in enumerate(images)]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise InvalidImage(f"images preprocess to different sizes {sorted(shapes)}; send them one at a time")

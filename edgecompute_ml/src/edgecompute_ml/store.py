@@ -16,7 +16,8 @@ from typing import Any
 
 import attrs
 
-from .errors import ModelError, UnsupportedArchitecture
+from .config_check import check_model_config
+from .errors import InvalidModelConfig, ModelError, UnsupportedArchitecture
 
 __all__ = ["FAMILIES", "Family", "LoadedModel", "ModelPlan", "ModelSource", "inspect_model", "load_model",
            "register_family"]
@@ -160,6 +161,7 @@ def inspect_model(source: ModelSource) -> ModelPlan:
         g = GGUFFile(path)
         raw = gguf_llama_config(g)
         family = family_for(raw, str(path))
+        check_model_config(raw, str(path))
         config = family.parse(raw, str(path), ())
         expected = config.expected_tensors()
         names = gguf_to_hf_names(g)
@@ -185,6 +187,7 @@ def inspect_model(source: ModelSource) -> ModelPlan:
     if not config_path.is_file():
         raise ModelError(f"model {source.name!r}: {path} has no config.json")
     raw = _read_json(config_path)
+    check_model_config(raw, str(config_path))  # configs are data: typed errors naming the key, before parsing
     family = family_for(raw, str(config_path))
     from .safetensors_io import Checkpoint
 
@@ -287,10 +290,15 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel:
         eos.add(tokenizer.token_to_id(eos_token))
     tokenizer.no_padding()  # we pad batches ourselves, to their longest member
     pooling, normalize = "mean", False
-    if plan.family.task == "embeddings":
-        pooling, normalize = _sentence_transformers_settings(folder)
     max_length = int(tok_config.get("model_max_length") or 0) or 10**9
     max_length = min(max_length, int(plan.raw_config.get("max_position_embeddings", 512)))
+    if plan.family.task == "embeddings":
+        pooling, normalize = _sentence_transformers_settings(folder)
+        # sentence-transformers truncates to its own max_seq_length (256 for all-MiniLM-L6-v2),
+        # not to the 512 positions of the encoder: longer inputs must be cut there to match it
+        seq = _sentence_transformers_max_seq_length(folder)
+        if seq is not None:
+            max_length = min(max_length, seq)
     if plan.family.task == "embeddings":
         tokenizer.enable_truncation(max_length)
     return LoadedModel(
@@ -301,6 +309,19 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel:
         add_bos_token=bool(tok_config.get("add_bos_token", False)),
         bos_token_id=getattr(plan.config, "bos_token_id", None), max_length=max_length,
     )
+
+
+def _sentence_transformers_max_seq_length(folder: Path) -> int | None:
+    """``max_seq_length`` of a sentence-transformers folder's ``sentence_bert_config.json``."""
+    path = folder / "sentence_bert_config.json"
+    if not path.is_file():
+        return None
+    value = _read_json(path).get("max_seq_length")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise InvalidModelConfig(str(path), "max_seq_length", f"must be an integer >= 2, not {value!r}")
+    return value
 
 
 def _sentence_transformers_settings(folder: Path) -> tuple[str, bool]:

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from .audio import SAMPLE_RATE, AudioError, log_mel, to_waveform
+from .audio import SAMPLE_RATE, AudioError, check_rate, log_mel, to_waveform
 from .errors import InvalidRequest
 
 __all__ = ["SpeechParams", "cut_windows", "decode_window", "prompt_tokens", "transcribe"]
@@ -53,8 +53,8 @@ class SpeechParams:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InvalidRequest(f"max_new_tokens must be an integer >= 1, not {n!r}")
         rate = params.get("sample_rate")
-        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 1000):
-            raise InvalidRequest(f"sample_rate must be an integer >= 1000 Hz, not {rate!r}")
+        if rate is not None:
+            check_rate(rate)
         return cls(language.lower().strip("<|>") if language else None, task, beam, ts, n, rate)
 
 
@@ -147,7 +147,7 @@ class _Rules:
 
 @torch.inference_mode()
 def decode_window(lm: Any, mel: torch.Tensor, params: SpeechParams, *,
-                  cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+                  cancelled: Callable[[], bool] | None = None, max_seconds: float | None = None) -> dict[str, Any]:
     """Decode one window's features ``[n_mels, 3000]``: generated tokens, language and score."""
     model = lm.model
     c = model.config
@@ -265,14 +265,14 @@ def _segments(lm: Any, tokens: list[int], offset: float) -> list[dict[str, Any]]
 
 
 def transcribe(lm: Any, audio: Any, params: SpeechParams, *,
-               cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+               cancelled: Callable[[], bool] | None = None, max_seconds: float | None = None) -> dict[str, Any]:
     """Transcribe ``audio`` (WAV bytes or samples at ``params.sample_rate``) with a loaded Whisper.
 
     Returns ``text``, ``language``, ``windows`` (start, end, text of each 30 s window) and, with
     ``timestamps``, ``segments`` (start and end in seconds, text), plus ``timings``.
     """
     started = time.perf_counter()
-    wave = to_waveform(audio, params.sample_rate)
+    wave = to_waveform(audio, params.sample_rate, max_seconds)
     n_mels = lm.model.config.num_mel_bins
     features = time.perf_counter() - started
     windows, texts, segments, tokens = [], [], [], []

@@ -32,11 +32,39 @@ DESCRIPTIONS = {
 }
 
 
-def working_bytes(task: str, inputs: Any, output_size: tuple[int, int] | None) -> int:
-    """A rough bound on activations: a few dozen float32 copies of each preprocessed image."""
-    count = len(inputs) if isinstance(inputs, (list, tuple)) else 1
-    height, width = output_size or (800, 1333)
-    return count * height * width * 3 * 4 * 32
+def working_bytes(task: str, inputs: Any, preprocessing: Any, config: Any = None, limits: Any = None) -> int:
+    """What the images of a request make the host allocate, from their headers (nothing decoded):
+    the decoded image (RGBA while compositing, the EXIF turn: about 16 bytes a pixel), the resized
+    one (uint8 and float32 copies: about 30 bytes a pixel), a few dozen float32 copies of the model
+    input for the activations, and a ViT's attention scores (quadratic in its patches)."""
+    from .image import InvalidImage, image_inputs, image_size
+
+    try:
+        images, _ = image_inputs(inputs)
+    except InvalidRequest:
+        return 0  # execute() refuses it with the reason
+    if limits is not None:
+        limits.image_count(len(images))
+    vit = getattr(config, "vit", config)
+    patch, heads = getattr(vit, "patch_size", None), getattr(vit, "num_attention_heads", None)
+    extra_tokens = 1 + int(getattr(vit, "detection_tokens", 0) or 0)
+    total = 0
+    for i, image in enumerate(images):
+        size = image_size(image)
+        if size is not None and limits is not None:  # the specific limit first: it names what to change
+            what = "inputs" if len(images) == 1 and not isinstance(inputs, (list, tuple)) else f"inputs[{i}]"
+            if size[0] * size[1] > limits.max_image_pixels:
+                raise InvalidImage(f"{what}: {size[0]}x{size[1]} pixels exceed the limit of {limits.max_image_pixels} "
+                                   "(executors.ml max_image_pixels)")
+            preprocessing.check_size(size[0], size[1], what=what, max_pixels=limits.max_image_pixels)
+        width, height = size if size is not None else (1333, 800)
+        rw, rh = preprocessing.resized_size(width, height)
+        oh, ow = preprocessing.output_size or (rh, rw)
+        total += width * height * 16 + rw * rh * 30 + oh * ow * 3 * 4 * 32
+        if isinstance(patch, int) and isinstance(heads, int) and patch > 0:
+            tokens = (oh // patch) * (ow // patch) + extra_tokens
+            total += heads * tokens * tokens * 4 * 2
+    return total
 
 
 def _number(params: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
@@ -46,6 +74,25 @@ def _number(params: Mapping[str, Any], key: str, default: float, low: float, hig
     return float(value)
 
 
+def _prepare(executor: Any, lm: Any, inputs: Any) -> tuple[list[Any], bool]:
+    """Decode a request's images after checking, from their headers alone, that neither an image
+    nor its resized (or centre-padded) intermediate exceeds ``max_image_pixels``, and that there
+    are at most ``max_images``: nothing is allocated for a request that will be refused."""
+    from .image import decode_image, image_inputs, image_size
+
+    limits = executor.limits
+    raw, single = image_inputs(inputs)
+    limits.image_count(len(raw))
+    names = ["inputs"] if single else [f"inputs[{i}]" for i in range(len(raw))]
+    for image, what in zip(raw, names, strict=True):
+        size = image_size(image)
+        if size is not None:
+            if size[0] * size[1] > limits.max_image_pixels:  # the decoder's own check, ahead of the others
+                decode_image(image, what, limits.max_image_pixels)
+            lm.preprocessing.check_size(size[0], size[1], what=what, max_pixels=limits.max_image_pixels)
+    return [decode_image(image, what, limits.max_image_pixels) for image, what in zip(raw, names, strict=True)], single
+
+
 def _count(params: Mapping[str, Any], key: str, default: int) -> int:
     value = params.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -53,16 +100,18 @@ def _count(params: Mapping[str, Any], key: str, default: int) -> int:
     return value
 
 
-def classify_pixels(lm: Any, pixels: Sequence[Any], *, split: bool = False) -> list[Any]:
+def classify_pixels(lm: Any, pixels: Sequence[Any], *, split: bool = False, runner: Any = None) -> list[Any]:
     """CHW pixel tensors -> class probabilities, one row per image (one forward pass; with
     ``split``, on CPU, one forward per core over slices of the batch: see ``cpu_split``)."""
     import torch
 
     batch = torch.stack(list(pixels))
     if split and len(pixels) > 1 and str(lm.model.device) == "cpu":
-        from .cpu_split import shared_runner
+        if runner is None:
+            from .cpu_split import shared_runner
 
-        logits = shared_runner()(lm.model.forward, batch)
+            runner = shared_runner()
+        logits = runner(lm.model.forward, batch)
     else:
         logits = lm.model.forward(batch)
     return list(logits.softmax(-1).cpu())
@@ -80,26 +129,27 @@ async def run_vision_task(executor: Any, task: str, lm: Any, request: Any, param
     if task == IMAGE_CLASSIFICATION:
         return await _image_classification(executor, lm, request, params, ctx, timings)
     if task == ZERO_SHOT:
-        return await _zero_shot(lm, request, params, ctx, timings)
-    return await _object_detection(lm, request, params, ctx, timings)
+        return await _zero_shot(executor, lm, request, params, ctx, timings)
+    return await _object_detection(executor, lm, request, params, ctx, timings)
 
 
 async def _image_classification(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
                                 timings: dict[str, float]) -> Response:
-    from .image import decode_images
-
     top_k = _count(params, "top_k", 5)
     batch = params.get("batch", True)
     if not isinstance(batch, bool):
         raise InvalidRequest(f"batch must be true or false, not {batch!r}")
 
+    limit = executor.limits.max_image_pixels
+
     def prepare() -> tuple[list[Any], bool]:
-        images, single = decode_images(request.inputs)
-        return [lm.preprocessing.pixels(image) for image in images], single
+        images, single = _prepare(executor, lm, request.inputs)
+        return [lm.preprocessing.pixels(image, max_pixels=limit) for image in images], single
 
     pixels, single = await ctx.run_sync(prepare)
     if executor.batching and batch and lm.preprocessing.output_size is not None:
-        probs = await executor._batcher(lm, lambda items: classify_pixels(lm, items, split=True)).submit(pixels)
+        probs = await executor._batcher(
+            lm, lambda items: classify_pixels(lm, items, split=True, runner=executor._split_runner())).submit(pixels)
     elif lm.preprocessing.output_size is not None:
         probs = await ctx.run_sync(classify_pixels, lm, pixels)
     else:  # sizes vary with the image: one forward pass each
@@ -118,24 +168,33 @@ def _text_ids(lm: Any, texts: list[str]) -> Any:
     return torch.tensor(ids, dtype=torch.long)
 
 
-async def _zero_shot(lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+async def _zero_shot(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
                      timings: dict[str, float]) -> Response:
-    from .image import decode_images
-
+    limits = executor.limits
     labels = params.get("candidate_labels")
     if (not isinstance(labels, (list, tuple)) or not labels
             or not all(isinstance(label, str) and label for label in labels)):
         raise InvalidRequest("ml/zero-shot-image-classification needs params={'candidate_labels': [...]}, "
                              "a non-empty list of non-empty strings")
+    if len(labels) > limits.max_candidate_labels:
+        raise InvalidRequest(f"candidate_labels: {len(labels)} labels exceed the limit of "
+                             f"{limits.max_candidate_labels} (executors.ml max_candidate_labels)")
     template = params.get("hypothesis_template", "This is a photo of {}.")
-    if not isinstance(template, str) or "{}" not in template:
-        raise InvalidRequest(f"hypothesis_template must be a string containing '{{}}', not {template!r}")
+    # exactly one "{}" and no other brace: str.format would also obey "{:>1000000000}" (a
+    # gigabyte of padding) or "{0.__class__}"; the label is put in by replacement instead
+    if (not isinstance(template, str) or template.count("{}") != 1 or template.count("{") != 1
+            or template.count("}") != 1):
+        raise InvalidRequest(f"hypothesis_template must be a string containing '{{}}' once and no other braces, "
+                             f"not {template!r}")
+    for i, label in enumerate(labels):
+        limits.text(label, f"candidate_labels[{i}]")
+    limits.text(template, "hypothesis_template")
 
     def work() -> tuple[list[list[dict[str, Any]]], bool]:
-        images, single = decode_images(request.inputs)
-        pixels = lm.preprocessing.batch(images)
+        images, single = _prepare(executor, lm, request.inputs)
+        pixels = lm.preprocessing.batch(images, max_pixels=limits.max_image_pixels)
         model = lm.model
-        text = model.text_embeds(_text_ids(lm, [template.format(label) for label in labels]))
+        text = model.text_embeds(_text_ids(lm, [template.replace("{}", label) for label in labels]))
         probs = model.logits(model.image_embeds(pixels), text).softmax(-1)
         results = []
         for row in probs:
@@ -147,20 +206,21 @@ async def _zero_shot(lm: Any, request: Any, params: dict[str, Any], ctx: Any,
     return Response(results[0] if single else results, timings=timings)
 
 
-async def _object_detection(lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+async def _object_detection(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
                             timings: dict[str, float]) -> Response:
     from .detection import postprocess
-    from .image import decode_images
+
+    max_pixels = executor.limits.max_image_pixels
 
     threshold = _number(params, "threshold", 0.5, 0.0, 1.0)
     iou = _number(params, "iou_threshold", 0.5, 0.0, 1.0)
     limit = _count(params, "max_detections", 100)
 
     def work() -> tuple[list[list[dict[str, Any]]], bool]:
-        images, single = decode_images(request.inputs)
+        images, single = _prepare(executor, lm, request.inputs)
         results = []
         for image in images:  # sizes differ per image: one forward pass each
-            probs, boxes = lm.model.detect(lm.preprocessing.pixels(image)[None])
+            probs, boxes = lm.model.detect(lm.preprocessing.pixels(image, max_pixels=max_pixels)[None])
             found = postprocess(probs[0], boxes[0], lm.labels, image.size, threshold=threshold, iou_threshold=iou,
                                 max_detections=limit)
             results.append([d.as_dict() for d in found])
