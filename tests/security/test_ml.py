@@ -332,7 +332,8 @@ async def test_embeddings_longer_than_max_seq_length_equal_sentence_transformers
     import torch
 
     path = _minilm()
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "man", "eats", "bread"]
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "man", "eats",
+             "bread"]
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(words, n)) for n in (260, 300, 400, 500)]
     reference = st_module.SentenceTransformer(path, device="cpu")
