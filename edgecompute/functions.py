@@ -19,7 +19,7 @@ the event loop.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 import attrs
@@ -39,10 +39,32 @@ class _Function:
     algorithm: Algorithm
     is_async: bool
     wants_ctx: bool
+    params: frozenset[str] | None  # the keyword params the function takes; None: any (**kwargs)
+    required: frozenset[str]  # keyword-only params without a default
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        """Unknown or missing params are the request's fault: ``InvalidRequest``, never a TypeError
+        from inside the call (docs/security.md, rule 5)."""
+        if self.params is not None:
+            unknown = set(params) - self.params
+            if unknown:
+                import difflib
+
+                name = sorted(unknown)[0]
+                close = difflib.get_close_matches(name, self.params, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                known = ", ".join(sorted(self.params)) or "none"
+                raise InvalidRequest(f"{self.algorithm.name}: unknown param(s) {', '.join(sorted(unknown))}{hint}; "
+                                     f"it takes: {known}")
+        missing = self.required - set(params)
+        if missing:
+            raise InvalidRequest(f"{self.algorithm.name}: missing required param(s) {', '.join(sorted(missing))}")
 
     def call(self, request: Request, ctx: TaskContext) -> Any:
         """The plain function's call, as ``execute`` makes it on a worker thread."""
         params = request.params
+        if params or self.required:
+            self.check(params)
         if self.wants_ctx:
             return self.fn(request.inputs, **{**params, "ctx": ctx})
         return self.fn(request.inputs, **params) if params else self.fn(request.inputs)
@@ -83,9 +105,14 @@ class FunctionExecutor:
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         algorithm = Algorithm(algorithm_name, description if description is not None else (doc[0] if doc else ""),
                               resources, thread_safe)
-        parameters = inspect.signature(fn).parameters
+        parameters = list(inspect.signature(fn).parameters.values())
+        keywords = [p for p in parameters[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and p.name != "ctx"]
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
         self._functions[algorithm_name] = _Function(
-            fn, algorithm, inspect.iscoroutinefunction(fn), "ctx" in parameters
+            fn, algorithm, inspect.iscoroutinefunction(fn), any(p.name == "ctx" for p in parameters),
+            None if takes_any else frozenset(p.name for p in keywords),
+            frozenset(p.name for p in keywords if p.default is p.empty),
         )
         return algorithm
 
@@ -93,11 +120,16 @@ class FunctionExecutor:
         return [function.algorithm for function in self._functions.values()]
 
     def requirements(self, request: Request) -> Resources:
-        return self._lookup(request).algorithm.resources
+        function = self._lookup(request)
+        if request.params or function.required:
+            function.check(request.params)  # refused at submission, before anything is reserved
+        return function.algorithm.resources
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         function = self._functions.get(ctx.algorithm.name) or self._lookup(request)
         params = request.params
+        if params or function.required:
+            function.check(params)
         if function.wants_ctx:
             params = {**params, "ctx": ctx}
         if function.is_async:
