@@ -298,6 +298,8 @@ class MLExecutor:
         if isinstance(inputs, Mapping):
             inputs = inputs.get("texts")
         texts = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if all(isinstance(t, str) for t in texts):
+            self.limits.texts(texts, "inputs")  # the specific limit first: it names what to change
         c = plan.config
         per_token = (c.hidden_size * 6 + c.intermediate_size * 2) * 4
         total = 0.0
