@@ -95,8 +95,8 @@ def _measure(fn: Callable[[bytes], object], data: bytes, repeat: int) -> tuple[f
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     del value
-    if fn is decode:
-        assert peak <= memory_budget(len(data)), f"{peak} bytes traced, above the budget"
+    if fn is decode and peak > memory_budget(len(data)):
+        outcome += f" OVER THE BUDGET ({peak} > {memory_budget(len(data))} bytes)"
     return best, peak / len(data), outcome
 
 

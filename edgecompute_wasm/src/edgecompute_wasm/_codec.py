@@ -11,13 +11,18 @@ Guest bytes are hostile, so the parser is built to stay linear in time and bound
 * **Memory.** Every object is charged (its ``sys.getsizeof`` on CPython 3.11, or an upper bound
   of it) against a budget *before* it is made; the default budget is ``MEMORY_RATIO`` (8) times the
   answer's size plus ``MEMORY_SLACK`` (64 KiB, for the few fixed-size objects every answer makes).
-  Temporaries (the list a tuple or set is built from, a dict's table while it grows) are charged
-  while they live, so the budget bounds the peak, not just the result.
-* **Time.** No step costs more than a constant per input byte: ints are assembled from their
-  digits with a constant number of whole-number operations per level (no digit-by-digit
-  shifting), runs of fixed-size scalars are converted by C loops, and dict/set building is
-  protected against hash flooding (below). The clock is read every ``_CHECK_EVERY`` items, so a
-  ``deadline`` stops the decoder with :class:`CodecTimeout`.
+  Temporaries (the list a tuple or set is built from, a dict's table while it grows, the chunks
+  of a bulk conversion) are charged while they live, so the budget bounds the peak (as
+  ``tracemalloc`` sees it), not just the result. 16 KiB of it is kept back for the interpreter's
+  own short-lived objects. Not counted: the copy ``bytes(data)`` makes of a memoryview or
+  bytearray answer (1 x its size).
+* **Time.** Work is linear in the answer's size: ints are assembled from their 15-bit digits
+  with O(log n) whole-number operations (no digit-by-digit shifting), dict/set building is
+  protected against hash flooding (below), and every item costs a bounded number of steps. Runs
+  of equal-shaped items (None/True/False, int32, float, 31-60 bit ints, empty str/bytes/tuple/
+  list/dict, one-character str) are converted by C loops a chunk at a time; other items go
+  through the general loop (about 1 us of CPU each). The clock is read every ``_CHECK_EVERY``
+  items and every chunk, so a ``deadline`` stops the decoder with :class:`CodecTimeout`.
 * **Ints** have at most ``MAX_INT_DIGITS`` (4300) decimal digits: CPython refuses to turn longer
   ints into text (``sys.int_info.default_max_str_digits``), so a longer one could not be printed or
   JSON-encoded by the host anyway.
@@ -30,9 +35,10 @@ Guest bytes are hostile, so the parser is built to stay linear in time and bound
   chain is then at most ``MAX_SAME_HASH`` + 2 keys long (the +2: one small int, and -1/-2 which
   share a hash). Keys that only share their low bits are spread by CPython's probe perturbation.
   Duplicate keys are refused too: an encoder of a real dict or set never writes one.
-* **Depth.** Containers nest at most ``MAX_DEPTH`` (200) deep; the parser recurses once per level
-  (Python frames only, no C recursion per level), far below the interpreter's recursion limit
-  and within what ``json`` and the gateway's wire format accept.
+* **Depth.** Containers nest at most ``MAX_DEPTH`` (200) deep (scalars may sit inside the 200th);
+  the parser takes two or three Python frames per level, which CPython 3.11 runs without
+  growing the C stack, well below the default recursion limit (1000), and a depth that ``json``
+  and the gateway's wire format accept.
 * Marshal version 4's extra codes (short strings, small tuples, interned strings) are still
   accepted for older guests; references (flag 0x80) are not, so nothing can be shared.
 """
@@ -81,19 +87,19 @@ _SMALL_HASH = (1 << 61) - 1  # ints below this in size hash to themselves (but -
 
 # sizes of CPython 3.11 objects on a 64-bit build (sys.getsizeof, GC header included)
 _PTR = 8
-# tracemalloc sees about 4 bytes more than sys.getsizeof for each new list, dict or set: charged 8
-_EXTRA = 8
-_LIST = 56 + _EXTRA
+_LIST = 56
 _TUPLE = 40
 _FLOAT = 24
 _COMPLEX = 32
 _BYTES = 33
 _ASCII = 49
-_INT_BASE = 24  # + 4 bytes per 30-bit digit
+# an int of d 30-bit digits: 28 + 4 d (sys.getsizeof says 24 + 4 d, but CPython 3.11 allocates at least
+# sizeof(PyLongObject), 32 bytes, as tracemalloc shows)
+_INT_BASE = 28
 # dicts and sets while they grow (old and new table alive at once), measured with tracemalloc for
 # 1 .. 3 * 10**5 entries: a dict of m >= 1 entries peaks below 224 + 90 m bytes, a set below 216 + 138 m
-_DICT_EMPTY, _DICT_FIRST, _DICT_ENTRY = 64 + _EXTRA, 160, 96
-_SET_EMPTY, _SET_ENTRY = 216 + _EXTRA, 144
+_DICT_EMPTY, _DICT_FIRST, _DICT_ENTRY = 64, 160, 96
+_SET_EMPTY, _SET_ENTRY = 216, 144
 _HASH_ENTRY = 96 + 32  # one entry of the per-container hash counter: its table share and the hash int
 
 _ONE_BYTE = {ord("N"): None, ord("T"): True, ord("F"): False}
@@ -342,7 +348,11 @@ class _Parser:
     def _container(self, code: int, n: int, depth: int) -> Any:
         if depth >= MAX_DEPTH:
             raise CodecError(f"value nested deeper than {MAX_DEPTH}")
-        self._tick()
+        # _tick and charge written out: small containers are common and this is their fixed cost
+        self.ticks += 1
+        if self.ticks >= _CHECK_EVERY:
+            self.ticks = 0
+            self.clock()
         if n == 0:
             if code == 91:
                 self.charge(_LIST)
@@ -352,13 +362,22 @@ class _Parser:
             self.charge(_SET_EMPTY)
             return set() if code == 60 else frozenset()
         listed = _LIST + _PTR * n
-        self.charge(listed)
-        items = self._items(n, depth + 1)
+        if code == 40:  # a tuple is built from a list: both are alive for a moment
+            listed += _TUPLE + _PTR * n
+        if listed > self.left:
+            self._too_big(listed)
+        self.left -= listed
+        if n < _MIN_RUN:  # too few for a run: skip _items' bookkeeping
+            items = [None] * n
+            value = self.value
+            for i in range(n):
+                items[i] = value(depth + 1)
+        else:
+            items = self._items(n, depth + 1)
         if code == 91:  # [
             return items
         if code == 40:  # (
-            self.charge(_TUPLE + _PTR * n)
-            self.left += listed  # the list goes once the tuple exists
+            self.left += _LIST + _PTR * n  # the list goes once the tuple exists
             return tuple(items)
         self._hash_check(items)
         bound = _SET_EMPTY + _SET_ENTRY * n
@@ -369,7 +388,7 @@ class _Parser:
             raise CodecError(str(exc)) from None
         if len(result) != n:
             raise CodecError("duplicate set element")
-        self.left += listed + bound - sys.getsizeof(result) - _EXTRA
+        self.left += listed + bound - sys.getsizeof(result)
         return result
 
     def _hash_check(self, items: list[Any]) -> None:
@@ -424,7 +443,7 @@ class _Parser:
                 raise CodecError("duplicate dict key")
             if entries % _CHECK_EVERY == 0:
                 self.clock()
-        self.left += charged + _HASH_ENTRY * len(seen) - sys.getsizeof(result) - _EXTRA
+        self.left += charged + _HASH_ENTRY * len(seen) - sys.getsizeof(result)
         return result
 
     def _items(self, n: int, depth: int) -> list[Any]:
@@ -469,8 +488,13 @@ class _Parser:
                         if k > longest:
                             longest = k
                     else:
-                        plain = j + (longest if longest > miss else miss)
-                        miss = miss * 2 if miss < 32 else 32
+                        k = self._run_texts(items, j, n - j) if code == 117 else 0
+                        if k:
+                            j += k
+                            miss = 1
+                        else:
+                            plain = j + (longest if longest > miss else miss)
+                            miss = miss * 2 if miss < 32 else 32
                     if j >= plain:
                         continue
             items[j] = self.value(depth)
@@ -569,6 +593,52 @@ class _Parser:
             items[j + a:j + a + c] = values
             self.left += temporary + (4 * c if size == 2 else 0)  # up to 30 bits: one digit
             self.clock()
+
+    def _run_texts(self, items: list[Any], j: int, left: int) -> int:
+        """A run of str items of any lengths below 128 bytes: one pass reads their lengths, one
+        decode makes the text (when it is all ASCII), slices of it make the strings."""
+        data, end = self.data, self.end
+        pos = p = self.pos
+        unpack = _I32.unpack_from
+        starts: list[int] = []
+        lengths: list[int] = []
+        stop = min(left, _CHUNK)
+        # the two lists (and the start offsets' ints) live until the run is converted: charged first
+        temporary = 2 * _LIST + (2 * _PTR + _INT_BASE + 4) * stop
+        self.charge(temporary)
+        while len(starts) < stop and p + 5 <= end and data[p] == 117:
+            n = unpack(data, p + 1)[0]
+            if not 0 <= n < 128 or p + 5 + n > end:
+                break
+            starts.append(p + 5)
+            lengths.append(n)
+            p += 5 + n
+        k = len(starts)
+        if k < 2:
+            self.left += temporary
+            return 0
+        # then the block, its text and the list of values
+        more = 2 * (_ASCII + p - pos) + _LIST + _PTR * k
+        self.charge(more)
+        temporary += more
+        block = data[pos:p]
+        if block.isascii():
+            self.charge(_ASCII * k + (p - pos) - 5 * k)  # each str: 49 bytes and its characters
+            text = block.decode("ascii")
+            values = [text[s - pos:s - pos + n] for s, n in zip(starts, lengths, strict=True)]
+        else:
+            bound = (72 + _PTR) * k + 4 * (p - pos)  # at most 4 bytes per character
+            self.charge(bound)
+            try:
+                values = [data[s:s + n].decode("utf-8", "surrogatepass") for s, n in zip(starts, lengths, strict=True)]
+            except UnicodeDecodeError as exc:
+                raise CodecError(f"bad text: {exc}") from None
+            self.left += bound - sum(map(sys.getsizeof, values))
+        items[j:j + k] = values
+        self.left += temporary
+        self.pos = p
+        self.clock()
+        return k
 
     def _run_const(self, items: list[Any], j: int, k: int, const: tuple[Any, ...]) -> None:
         """A run of one shared immutable value ('' b'' ()): nothing to allocate but the slots."""
