@@ -61,8 +61,10 @@ demo: demo-setup
 lint: setup
 	.venv/bin/ruff check edgecompute tests benchmarks $(EXECUTORS)
 
+# the core (files in pyproject's [tool.mypy]), then each executor's src-layout package, all --strict
 typecheck: setup
 	.venv/bin/mypy
+	.venv/bin/mypy --strict $(foreach e,$(EXECUTORS),$(e)/src/$(e))
 
 test: system lint typecheck
 	.venv/bin/python -m pytest -q

@@ -5,12 +5,17 @@ Importing this package does not import torch; torch loads when the executor firs
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .executor import MLExecutor
+
 __version__ = "0.1.0"
 
 __all__ = ["MLExecutor", "__version__"]
 
 
-def __getattr__(name: str):  # pragma: no cover - trivial lazy import
+def __getattr__(name: str) -> type[MLExecutor]:  # pragma: no cover - trivial lazy import
     if name == "MLExecutor":
         from .executor import MLExecutor
 

@@ -72,13 +72,14 @@ class DeviceManager:
         if self._ready:
             return
         with self._lock:
-            if self._ready:
-                return
-            import torch
+            # checked again under the lock (another thread may have finished setup meanwhile); written as
+            # "if not" because mypy keeps the narrowing of the check above and would call a return unreachable
+            if not self._ready:
+                import torch
 
-            if self.threads is not None:
-                torch.set_num_threads(self.threads)
-            self._ready = True
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)
+                self._ready = True
 
     def torch_device(self) -> Any:
         import torch

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest
 from edgecompute.models import Algorithm, Health, Request, Resources, Response
@@ -21,6 +21,9 @@ from . import __version__
 from .errors import UnknownModel
 from .limits import LIMIT_KEYS, Limits
 from .store import ModelPlan, ModelSource
+
+if TYPE_CHECKING:
+    from .cache import ModelCache
 
 __all__ = ["MLExecutor", "demo_model_paths"]
 
@@ -120,7 +123,7 @@ class MLExecutor:
                 self._defaults.setdefault(SPEECH_RECOGNITION, "whisper-tiny-en")
         for name, value in (config.get("models") or {}).items():
             self._sources[name] = ModelSource.parse(name, value)
-        self._cache: Any = None
+        self._cache: ModelCache | None = None
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -163,7 +166,7 @@ class MLExecutor:
         return self.plan(name).weight_bytes(self.devices.element_size(self._dtype_for(name)))
 
     @property
-    def cache(self) -> Any:
+    def cache(self) -> ModelCache:
         if self._cache is None:
             from .cache import ModelCache
 

@@ -182,6 +182,7 @@ def build_prompt_ids(lm: Any, inputs: Any, limits: Limits | None = None) -> list
         raise InvalidRequest(f"text-generation inputs must be a string, messages or a mapping, not "
                              f"{type(inputs).__name__}")
     tokenizer = lm.tokenizer
+    ids: list[int]
     if messages is not None:
         if not lm.chat_template:
             raise InvalidRequest(f"model {lm.name!r} has no chat template; send a plain prompt")

@@ -54,7 +54,8 @@ class GGUFTensor:
 
 class _Reader:
     def __init__(self, data: np.ndarray, path: str) -> None:
-        self.buf = memoryview(data)
+        # ndarray.data is memoryview(data); numpy's stubs give ndarray __buffer__ only on Python >= 3.12
+        self.buf = data.data
         self.pos = 0
         self.path = path
 
@@ -184,6 +185,7 @@ def dequantize(raw: np.ndarray, type_id: int, shape: tuple[int, ...]) -> np.ndar
     if name == "BF16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     b = raw.reshape(-1, block_bytes)
+    out: np.ndarray
     if name == "Q8_0":
         d = _f16(b[:, :2].copy())
         q = b[:, 2:].view(np.int8).astype(np.float32)
@@ -218,9 +220,9 @@ def dequantize(raw: np.ndarray, type_id: int, shape: tuple[int, ...]) -> np.ndar
                 (l_lo >> 4) | (((h >> 4) & 3) << 4),
                 (l_hi >> 4) | (((h >> 6) & 3) << 4),
             ]
-            for k, q in enumerate(parts):
+            for k, part in enumerate(parts):
                 scale = np.repeat(s[:, [2 * k, 2 * k + 1]], 16, axis=1)  # 16 values per scale
-                out[:, 128 * half + 32 * k:128 * half + 32 * (k + 1)] = d * scale * (q - 32)
+                out[:, 128 * half + 32 * k:128 * half + 32 * (k + 1)] = d * scale * (part - 32)
     elif name in ("Q4_K", "Q5_K"):
         d = _f16(b[:, 0:2].copy())
         dmin = _f16(b[:, 2:4].copy())

@@ -135,6 +135,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 class _Layer:
     __slots__ = ("down", "down_b", "gate_up", "gate_up_b", "ln1", "ln2", "o", "o_b", "qkv", "qkv_b")
+    down: torch.Tensor
+    down_b: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    qkv: torch.Tensor
+    qkv_b: torch.Tensor | None
 
 
 class LlamaModel:

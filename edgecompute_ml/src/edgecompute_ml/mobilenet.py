@@ -11,7 +11,7 @@ checkpoints use symmetric padding and batch-norm eps 1e-5, which their converted
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -27,7 +27,10 @@ __all__ = ["MobileNetV2Classifier", "MobileNetV2Config", "TorchvisionCheckpoint"
 _CHANNELS = (16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320)
 _STRIDES = (2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1)
 # in place: a fresh activation-sized buffer per layer costs more than the activation itself
-_ACTIVATIONS = {"relu6": lambda x: x.clamp_(0.0, 6.0), "relu": lambda x: x.relu_()}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu6": lambda x: x.clamp_(0.0, 6.0),
+    "relu": lambda x: x.relu_(),
+}
 _BN = ("weight", "bias", "running_mean", "running_var")
 
 

@@ -12,12 +12,15 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from .config_check import check_model_config
 from .errors import InvalidModelConfig, ModelError, UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from .vision import LoadedVisionModel
 
 __all__ = ["FAMILIES", "Family", "LoadedModel", "ModelPlan", "ModelSource", "inspect_model", "load_model",
            "register_family"]
@@ -40,12 +43,12 @@ class Family:
     architectures: tuple[str, ...]
     parse: Callable[[Mapping[str, Any], str, Any], Any]
     build: Callable[..., Any]
-    load: Callable[..., Any] | None = None
+    load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None
 
     @classmethod
     def lazy(cls, name: str, task: str, model_types: tuple[str, ...], architectures: tuple[str, ...], *,
              module: str, config: str, model: str, prefixed: bool = False,
-             load: Callable[..., Any] | None = None) -> Family:
+             load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None) -> Family:
         """A family of this package whose module is imported on first use, so that importing
         ``edgecompute_ml`` stays light. ``config`` and ``model`` name the module's classes
         (``config.from_hf(dict, source)``, ``model(config, weights, dtype, device)``); with
@@ -254,7 +257,7 @@ def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
     raise ModelError(f"{folder}: no tokenizer.json")
 
 
-def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel:
+def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | LoadedVisionModel:
     """Load the weights (converted to ``dtype_name`` on ``device``) and the tokenizer."""
     if plan.family.load is not None:
         return plan.family.load(plan, dtype_name, device)

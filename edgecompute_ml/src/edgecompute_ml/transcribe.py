@@ -90,7 +90,7 @@ def detect_language(lm: Any, cache: Any) -> str:
     """The most likely language token after <|startoftranscript|> (multilingual models)."""
     c = lm.model.config
     logits = lm.model.decode(torch.tensor([[c.decoder_start_token_id]]), cache)[0]
-    ids = {int(v): k.strip("<|>") for k, v in c.lang_to_id.items()}
+    ids: dict[int, str] = {int(v): k.strip("<|>") for k, v in c.lang_to_id.items()}
     if not ids:
         raise InvalidRequest(f"model {lm.name!r} lists no languages (lang_to_id); pass params={{'language': ...}}")
     index = torch.tensor(sorted(ids), device=logits.device)

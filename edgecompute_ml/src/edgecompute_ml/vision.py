@@ -12,11 +12,14 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    from .store import ModelPlan, ModelSource
 
 __all__ = ["IMAGE_CLASSIFICATION", "VISION_FAMILIES", "ZERO_SHOT", "LoadedVisionModel", "imagenet_labels",
            "inspect_torchvision", "load_vision_model"]
@@ -90,7 +93,7 @@ def imagenet_labels() -> tuple[str, ...] | None:
     return labels
 
 
-def inspect_torchvision(source: Any) -> Any:
+def inspect_torchvision(source: ModelSource) -> ModelPlan:
     """A ModelPlan for a torchvision MobileNetV2 ``.pth`` state dict."""
     from .mobilenet import TorchvisionCheckpoint, torchvision_config
     from .store import FAMILIES, ModelPlan

@@ -7,7 +7,7 @@ reads; checkpoints saved from a bare ``ViTModel`` (no ``vit.`` prefix) load too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -18,7 +18,7 @@ from .errors import ModelError
 
 __all__ = ["ViTClassifier", "ViTConfig", "ViTEncoder"]
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": lambda x: F.gelu(x),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),

@@ -106,7 +106,8 @@ class WhisperConfig:
         return out
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        d, out = self.d_model, {}
+        d = self.d_model
+        out: dict[str, tuple[int, ...]] = {}
         e, dec = "model.encoder", "model.decoder"
         out[f"{e}.conv1.weight"], out[f"{e}.conv1.bias"] = (d, self.num_mel_bins, 3), (d,)
         out[f"{e}.conv2.weight"], out[f"{e}.conv2.bias"] = (d, d, 3), (d,)
