@@ -53,6 +53,9 @@ def shapes(size: int) -> list[tuple[str, Callable[[], bytes], bool]]:
         ("list of 3-char str", lambda: dump([f"{i % 1000:03d}" for i in range(_fill(size, 8))]), True),
         ("list of words 1-12 chars", lambda: dump(["w" * (1 + i % 12) for i in range(_fill(size, 11))]), True),
         ("list of 2-int tuples", lambda: dump([(i, i + 1000) for i in range(_fill(size, 15))]), True),
+        ("list of small-int pairs", lambda: dump([(i % 200, 7) for i in range(_fill(size, 15))]), True),
+        ("list of [x, y] float points", lambda: dump([[i * 0.5, -i * 0.25] for i in range(_fill(size, 23))]), True),
+        ("list of (int, str) pairs", lambda: dump([(i % 200, f"k{i % 97}") for i in range(_fill(size, 17))]), True),
         ("list of records {id, name}", lambda: dump([{"id": 1000 + i, "name": f"n{i}"}
                                                       for i in range(_fill(size, 40))]), True),
         ("matrix 1024 cols of floats", lambda: dump([[float(c) for c in range(1024)]

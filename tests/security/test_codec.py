@@ -64,7 +64,12 @@ plain = st.recursive(
     lambda children: st.lists(children, max_size=12) | st.tuples(children, children)
     | st.dictionaries(hashable, children, max_size=6) | st.sets(hashable, max_size=6)
     | st.lists(st.integers(-(2**31), 2**31 - 1) | st.floats() | st.just(""), min_size=8, max_size=40)
-    | st.lists(st.sampled_from([None, True, False, "", b"", (), "a"]), min_size=8, max_size=40),
+    | st.lists(st.sampled_from([None, True, False, "", b"", (), "a"]), min_size=8, max_size=40)
+    # runs the decoder converts in bulk: short strings, rows of numbers, 31-60 bit ints
+    | st.lists(st.text(max_size=20), min_size=8, max_size=40)
+    | st.lists(st.tuples(st.integers(-(2**31), 2**31 - 1), st.floats()), min_size=8, max_size=30)
+    | st.lists(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=2, max_size=4), min_size=8, max_size=30)
+    | st.lists(st.integers(-(2**60), 2**60), min_size=8, max_size=30),
     max_leaves=60,
 )
 
@@ -196,6 +201,11 @@ def test_answers_that_grow_past_8x_are_refused_within_the_budget(name: str, data
     ("one long non-ASCII str", "\U0001f600\u0100\xe9" * 300_000),
     ("one long bytes", b"\x00" * 4_000_000),
     ("matrix", [[float(c) for c in range(500)] for _ in range(200)]),
+    ("pairs of small ints", [(i % 200, 3) for i in range(100_000)]),
+    ("points", [[i * 0.5, -i * 0.25] for i in range(100_000)]),
+    ("rows of int and float", [(i, 1.5, -i, 2.5) for i in range(50_000)]),
+    ("rows whose layout changes", [(1, 2)] * 5 + [(1, "a")] * 9 + [[1, 2]] * 20 + [(1.5, 2)] * 30 + [(1, 2, 3)] * 7),
+    ("non-ASCII words", ["\xe9t\xe9" * (1 + i % 5) for i in range(50_000)]),
 ])
 def test_dense_data_decodes_within_the_budget(name: str, value: Any) -> None:
     assert _same(_within_budget(encode(value)), value), name

@@ -104,6 +104,7 @@ _HASH_ENTRY = 96 + 32  # one entry of the per-container hash counter: its table 
 
 _ONE_BYTE = {ord("N"): None, ord("T"): True, ord("F"): False}
 _ASCII_BYTES = bytes(range(128))
+_CACHED_INTS = frozenset(range(-5, 257))  # CPython makes these once: decoding one allocates nothing
 _ZERO = b"\x00"
 _EMPTY_STRS: tuple[str, ...] = ("",) * _CHUNK
 _EMPTY_BYTES: tuple[bytes, ...] = (b"",) * _CHUNK
@@ -488,7 +489,12 @@ class _Parser:
                         if k > longest:
                             longest = k
                     else:
-                        k = self._run_texts(items, j, n - j) if code == 117 else 0
+                        if code == 117:
+                            k = self._run_texts(items, j, n - j)
+                        elif code == 40 or code == 91:
+                            k = self._run_rows(items, j, n - j, depth)
+                        else:
+                            k = 0
                         if k:
                             j += k
                             miss = 1
@@ -555,7 +561,10 @@ class _Parser:
             numbers = array.array(kind, payload)
             if not _NATIVE_LE:
                 numbers.byteswap()
-            items[j + a:j + a + c] = numbers.tolist()
+            values = numbers.tolist()
+            if kind == "i":  # CPython's cached small ints were charged above but cost nothing
+                self.left += (_INT_BASE + 4) * sum(map(_CACHED_INTS.__contains__, values))
+            items[j + a:j + a + c] = values
             self.left += temporary
             self.clock()
 
@@ -593,6 +602,64 @@ class _Parser:
             items[j + a:j + a + c] = values
             self.left += temporary + (4 * c if size == 2 else 0)  # up to 30 bits: one digit
             self.clock()
+
+    def _run_rows(self, items: list[Any], j: int, left: int, depth: int) -> int:
+        """A run of tuples or lists of 2 to 4 numbers laid out alike (points, pairs, edges): each
+        column's payload is picked out with strided slices, and zip makes the rows."""
+        data, pos, end = self.data, self.pos, self.end
+        if depth >= MAX_DEPTH or pos + 5 > end:
+            return 0
+        code = data[pos]
+        m = _I32.unpack_from(data, pos + 1)[0]
+        if not 2 <= m <= 4:
+            return 0
+        columns: list[tuple[int, str]] = []  # (offset of the item's code, array kind)
+        q = pos + 5
+        for _ in range(m):
+            if q >= end or data[q] not in (105, 103):
+                return 0
+            columns.append((q - pos, "i" if data[q] == 105 else "d"))
+            q += 5 if data[q] == 105 else 9
+        stride = q - pos
+        planes = ((0, data[pos:pos + 1]), (1, data[pos + 1:pos + 2]), (2, _ZERO), (3, _ZERO), (4, _ZERO),
+                  *((offset, data[pos + offset:pos + offset + 1]) for offset, _ in columns))
+        k = self._run_length(pos, stride, planes, left)
+        if k < _MIN_RUN:
+            return 0
+        row = (_TUPLE if code == 40 else _LIST) + _PTR * m
+        step = _CHUNK // 4  # m columns are alive at once: a smaller chunk keeps the temporaries small
+        for a in range(0, k, step):
+            c = min(step, k - a)
+            chunk = data[pos + stride * a:pos + stride * (a + c)]
+            size = row * c
+            for offset, kind in columns:
+                if kind == "i":  # charged as if not cached; two digits when |x| >= 2**30
+                    size += c * (_INT_BASE + 4) + 4 * chunk[offset + 4::stride].translate(_BIG_I32).count(1)
+                else:
+                    size += c * _FLOAT
+            self.charge(size)
+            # the chunk, each column's list, two columns' payload and array, a slice, the list of rows
+            temporary = 512 + stride * c + m * (_LIST + _PTR * c) + 33 * c + _LIST + _PTR * c
+            self.charge(temporary)
+            values = []
+            for offset, kind in columns:
+                width = 4 if kind == "i" else 8
+                payload = bytearray(width * c)
+                for b in range(width):
+                    payload[b::width] = chunk[offset + 1 + b::stride]
+                numbers = array.array(kind, payload)
+                if not _NATIVE_LE:
+                    numbers.byteswap()
+                column = numbers.tolist()
+                if kind == "i":  # CPython's cached small ints were charged above but cost nothing
+                    self.left += (_INT_BASE + 4) * sum(map(_CACHED_INTS.__contains__, column))
+                values.append(column)
+            rows = zip(*values, strict=True)
+            items[j + a:j + a + c] = list(rows) if code == 40 else list(map(list, rows))
+            self.left += temporary
+            self.clock()
+        self.pos = pos + stride * k
+        return k
 
     def _run_texts(self, items: list[Any], j: int, left: int) -> int:
         """A run of str items of any lengths below 128 bytes: one pass reads their lengths, one
