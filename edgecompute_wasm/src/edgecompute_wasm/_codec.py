@@ -100,6 +100,7 @@ _INT_BASE = 28
 # 1 .. 3 * 10**5 entries: a dict of m >= 1 entries peaks below 224 + 90 m bytes, a set below 216 + 138 m
 _DICT_EMPTY, _DICT_FIRST, _DICT_ENTRY = 64, 160, 96
 _SET_EMPTY, _SET_ENTRY = 216, 144
+_KEY_CHARS, _KEYS = 64, 4096  # str dict keys up to this long are shared, up to this many distinct ones
 _HASH_ENTRY = 96 + 32  # one entry of the per-container hash counter: its table share and the hash int
 
 _ONE_BYTE = {ord("N"): None, ord("T"): True, ord("F"): False}
@@ -181,7 +182,7 @@ def _long(raw: bytes, size: int) -> int:
 
 
 class _Parser:
-    __slots__ = ("data", "deadline", "end", "left", "pos", "ticks")
+    __slots__ = ("data", "deadline", "end", "keys", "left", "pos", "ticks")
 
     def __init__(self, data: bytes, budget: int, deadline: float | None) -> None:
         self.data = data
@@ -190,6 +191,9 @@ class _Parser:
         self.left = budget  # bytes of host memory still allowed
         self.deadline = deadline
         self.ticks = 0
+        # str dict keys seen so far: a list of records repeats the same few keys, and sharing one
+        # object per key (as marshal's own references would) keeps records within the budget
+        self.keys: dict[str, str] = {}
 
     # -- bounds -------------------------------------------------------------------------------------
 
@@ -432,7 +436,16 @@ class _Parser:
                 break
             key = self.value(depth + 1)
             kind = type(key)
-            if not (kind is str or kind is bytes or (kind is int and -_SMALL_HASH < key < _SMALL_HASH)):
+            if kind is str:
+                if 1 < len(key) <= _KEY_CHARS:
+                    known = self.keys.get(key)
+                    if known is not None:
+                        self.left += sys.getsizeof(key)  # this copy goes: the known one is used
+                        key = known
+                    elif len(self.keys) < _KEYS:
+                        self.charge(_HASH_ENTRY)
+                        self.keys[key] = key
+            elif not (kind is bytes or (kind is int and -_SMALL_HASH < key < _SMALL_HASH)):
                 self._count_hash(seen, key)
             value = self.value(depth + 1)
             grow = _DICT_ENTRY + (_DICT_FIRST if not entries else 0)
