@@ -105,7 +105,6 @@ _HASH_ENTRY = 96 + 32  # one entry of the per-container hash counter: its table 
 
 _ONE_BYTE = {ord("N"): None, ord("T"): True, ord("F"): False}
 _ASCII_BYTES = bytes(range(128))
-_CACHED_INTS = frozenset(range(-5, 257))  # CPython makes these once: decoding one allocates nothing
 _ZERO = b"\x00"
 _EMPTY_STRS: tuple[str, ...] = ("",) * _CHUNK
 _EMPTY_BYTES: tuple[bytes, ...] = (b"",) * _CHUNK
@@ -157,6 +156,14 @@ def decode(data: bytes | bytearray | memoryview, *, deadline: float | None = Non
     if parser.pos != len(raw):
         raise CodecError(f"{len(raw) - parser.pos} trailing bytes after the value")
     return value
+
+
+def _bytes_ints(chunk: bytes, start: int, stride: int, count: int) -> int:
+    """How many of the ``count`` int32s at ``start``, ``start + stride``, ... are in 0..255: their
+    three high bytes are all zero. One OR of three whole numbers does it for all of them."""
+    high = (int.from_bytes(chunk[start + 1::stride], "little") | int.from_bytes(chunk[start + 2::stride], "little")
+            | int.from_bytes(chunk[start + 3::stride], "little"))
+    return high.to_bytes(count, "little").count(0)
 
 
 def _long(raw: bytes, size: int) -> int:
@@ -574,10 +581,9 @@ class _Parser:
             numbers = array.array(kind, payload)
             if not _NATIVE_LE:
                 numbers.byteswap()
-            values = numbers.tolist()
-            if kind == "i":  # CPython's cached small ints were charged above but cost nothing
-                self.left += (_INT_BASE + 4) * sum(map(_CACHED_INTS.__contains__, values))
-            items[j + a:j + a + c] = values
+            if kind == "i":  # ints 0..255 are CPython's cached ones: charged above, they cost nothing
+                self.left += (_INT_BASE + 4) * _bytes_ints(chunk, 1, stride, c)
+            items[j + a:j + a + c] = numbers.tolist()
             self.left += temporary
             self.clock()
 
@@ -663,10 +669,9 @@ class _Parser:
                 numbers = array.array(kind, payload)
                 if not _NATIVE_LE:
                     numbers.byteswap()
-                column = numbers.tolist()
-                if kind == "i":  # CPython's cached small ints were charged above but cost nothing
-                    self.left += (_INT_BASE + 4) * sum(map(_CACHED_INTS.__contains__, column))
-                values.append(column)
+                if kind == "i":  # ints 0..255 are CPython's cached ones: charged above, they cost nothing
+                    self.left += (_INT_BASE + 4) * _bytes_ints(chunk, offset + 1, stride, c)
+                values.append(numbers.tolist())
             rows = zip(*values, strict=True)
             items[j + a:j + a + c] = list(rows) if code == 40 else list(map(list, rows))
             self.left += temporary
