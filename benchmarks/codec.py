@@ -66,8 +66,7 @@ def shapes(size: int) -> list[tuple[str, Callable[[], bytes], bool]]:
         # written by hand: building the dict itself would take the quadratic time the decoder refuses
         ("dict of colliding int keys", lambda: b"{" + b"".join(dump(i * _P + 7) + b"N"
                                                               for i in range(_fill(size, 16))) + b"0", False),
-        ("set of colliding floats", lambda: dump({float(i * (1 << 61)) for i in range(1, 2000)}
-                                                 | {float(2 ** e) for e in range(0, 1000, 61)}), False),
+        ("set of 17 floats sharing a hash", lambda: dump({float(2**e) for e in range(0, 1024, 61)}), False),
         ("set of 2**40-strided int keys", lambda: dump({i << 40 for i in range(_fill(size, 11))}), True),
         (f"nesting {MAX_DEPTH} deep", lambda: b"[\x01\x00\x00\x00" * MAX_DEPTH + b"N", True),
         ("nesting 10**6 deep", lambda: b"[\x01\x00\x00\x00" * 10**6 + b"N", False),

@@ -225,7 +225,7 @@ def test_dict_of_colliding_int_keys_is_refused() -> None:
 
 
 def test_set_of_colliding_floats_is_refused() -> None:
-    floats = {float(2**e) for e in range(0, 1000, 61)} | {float(i * 2**61) for i in range(1, 500)}
+    floats = {float(2**e) for e in range(0, 1024, 61)}  # 17 floats whose hash is 1
     assert max(sum(hash(f) == h for f in floats) for h in {hash(f) for f in floats}) > MAX_SAME_HASH
     with pytest.raises(CodecError, match="hash"):
         decode(marshal.dumps(floats, 2))

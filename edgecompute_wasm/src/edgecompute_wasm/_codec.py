@@ -376,6 +376,8 @@ class _Parser:
         listed = _LIST + _PTR * n
         if code == 40:  # a tuple is built from a list: both are alive for a moment
             listed += _TUPLE + _PTR * n
+        elif code != 91:  # so is a set, whose table is known from n before any item is read
+            listed += _SET_EMPTY + _SET_ENTRY * n
         if listed > self.left:
             self._too_big(listed)
         self.left -= listed
@@ -392,15 +394,13 @@ class _Parser:
             self.left += _LIST + _PTR * n  # the list goes once the tuple exists
             return tuple(items)
         self._hash_check(items)
-        bound = _SET_EMPTY + _SET_ENTRY * n
-        self.charge(bound)
         try:
             result: set[Any] | frozenset[Any] = set(items) if code == 60 else frozenset(items)
         except TypeError as exc:
             raise CodecError(str(exc)) from None
         if len(result) != n:
             raise CodecError("duplicate set element")
-        self.left += listed + bound - sys.getsizeof(result)
+        self.left += listed - sys.getsizeof(result)
         return result
 
     def _hash_check(self, items: list[Any]) -> None:
