@@ -1,8 +1,8 @@
 """How long decoding a guest's answer takes and how much host memory it makes, for hostile shapes.
 
-    python benchmarks/codec.py [--mib 16] [--repeat 3] [--only NAME]
+    python benchmarks/codec.py [--mib 4] [--repeat 3] [--only NAME]
 
-Every answer is about ``--mib`` MiB (the default result cap, 16 MiB), built the way a guest would
+Every answer is about ``--mib`` MiB (the default result cap, 4 MiB), built the way a guest would
 send it (``marshal.dumps(value, 2)``, or raw bytes where marshal cannot make the shape). For each:
 the decoder's best time of ``--repeat`` runs, its peak traced allocation (``tracemalloc``) divided
 by the answer's size, and the same for ``marshal.loads`` on the same bytes (the C baseline; "-"
@@ -106,7 +106,7 @@ def _measure(fn: Callable[[bytes], object], data: bytes, repeat: int) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=float, default=16.0)
+    parser.add_argument("--mib", type=float, default=4.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default=None, help="run only shapes whose name contains this")
     args = parser.parse_args()

@@ -286,7 +286,7 @@ def test_host_memory_stays_within_the_memory_limit_plus_overhead() -> None:
 
 # -- rule 2: a request cannot raise a limit above its ceiling --------------------------------------------
 
-_CEILINGS = {"timeout": 10.0, "memory_mb": 256.0, "output_bytes": 2**20, "result_bytes": 16 * 2**20, "fuel": 10**6}
+_CEILINGS = {"timeout": 10.0, "memory_mb": 256.0, "output_bytes": 2**20, "result_bytes": 4 * 2**20, "fuel": 10**6}
 
 
 @settings(max_examples=60, deadline=None)
@@ -314,11 +314,11 @@ def test_the_operator_raises_a_ceiling_and_requirements_reserve_what_runs(defaul
         run(default_wasm, "wasm/module", wasm='(module (func (export "f")))', function="f", timeout=15)
     with pytest.raises(InvalidRequest, match="max_output_bytes"):
         run(default_wasm, "wasm/python", source="def main(x): return 1", output_bytes=60 * 2**20)
-    assert default_wasm.requirements(Request("wasm/python", params={"memory_mb": 2048})).memory_mb == 256 + 64
+    assert default_wasm.requirements(Request("wasm/python", params={"memory_mb": 2048})).memory_mb == 256 + 64 + 36
     raised = WasmExecutor({"memory_mb": 128, "max_memory_mb": 512})
     assert raised.settings.limits({"memory_mb": 512}, None).memory_bytes == 512 * 2**20
-    assert raised.requirements(Request("wasm/python", params={"memory_mb": 512})).memory_mb == 512 + 64
-    assert raised.requirements(Request("wasm/python")).memory_mb == 128 + 64
+    assert raised.requirements(Request("wasm/python", params={"memory_mb": 512})).memory_mb == 512 + 64 + 36
+    assert raised.requirements(Request("wasm/python")).memory_mb == 128 + 64 + 36  # + 9 x the 4 MiB answer
     with pytest.raises(ConfigError, match="below the default"):
         WasmExecutor({"memory_mb": 128, "max_memory_mb": 64})
 

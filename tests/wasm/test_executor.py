@@ -37,8 +37,10 @@ def test_a_bad_configuration_is_a_plugin_error_at_build(monkeypatch) -> None:
 
 def test_requirements_follow_the_memory_cap() -> None:
     executor = WasmExecutor({"memory_mb": 100})
-    assert executor.requirements(Request("wasm/python")).memory_mb == 164
-    assert executor.requirements(Request("wasm/python", params={"memory_mb": 20})).memory_mb == 84
+    answer = 9 * 4  # the answer's copy and decoded value: 9 x the 4 MiB result_bytes
+    assert executor.requirements(Request("wasm/python")).memory_mb == 164 + answer
+    assert executor.requirements(Request("wasm/python", params={"memory_mb": 20})).memory_mb == 84 + answer
+    assert executor.requirements(Request("wasm/python", params={"result_bytes": 2**20})).memory_mb == 164 + 9
     assert executor.requirements(Request("wasm/python")).cpu == 1
 
 

@@ -67,7 +67,12 @@ class WasmExecutor:
             memory_mb = self.settings.memory_mb  # execute() reports the bad value
         # a value above the ceiling is refused by execute(); what can run is at most the ceiling
         memory_mb = min(float(memory_mb), float(self.settings.ceiling("memory_mb")))
-        return Resources(cpu=1.0, memory_mb=memory_mb + _OVERHEAD_MB)
+        # the guest's answer is copied out (1x) and decoded within a budget of 8x its size + 64 KiB
+        result = request.params.get("result_bytes", self.settings.result_bytes)
+        if type(result) is not int or result <= 0:
+            result = self.settings.result_bytes
+        answer_mb = 9 * min(result, int(self.settings.ceiling("result_bytes"))) / MiB
+        return Resources(cpu=1.0, memory_mb=memory_mb + _OVERHEAD_MB + answer_mb)
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         bare = request.algorithm.rpartition("/")[2]

@@ -43,7 +43,9 @@ class WasmSettings:
     timeout: float = 10.0
     memory_mb: float = 256.0
     output_bytes: int = 1 * MiB
-    result_bytes: int = 16 * MiB
+    # 4 MiB: the host decodes any answer this size in well under 0.5 s, and the decoded value's memory
+    # (at most 8x, docs/wasm.md) stays inside what requirements() reserves
+    result_bytes: int = 4 * MiB
     fuel: int | None = None  # default fuel per request; setting it (or enable_fuel) turns metering on
     max_timeout: float | None = None
     max_memory_mb: float | None = None
