@@ -1,6 +1,6 @@
 """The HTTP gateway against the embedded scheduler, in one run.
 
-    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--requests 2000]
+    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--requests 2000] [--slow-seconds 12] [--blobs 10000]
 
 1. latency: one client, sequential small requests (``app/echo`` of a small JSON object), p50 and
    p99 of the embedded ``Scheduler.run`` and of ``POST /v1/tasks?wait=true`` over one keep-alive
@@ -15,7 +15,11 @@
    versus ``burst + rate * time``;
 4. streaming: a generated-token stream (10 tokens, 50 ms apart) over SSE and WebSocket: when the
    first and the last token arrive;
-5. memory: ``--blobs`` (10,000) tasks whose outputs are 1 MB each (fresh bytes every time), fetched
+5. slow clients: a normal client (10 connections) alone, then beside 200 connections that send a
+   request head one byte a second for ``--slow-seconds`` (reconnecting when the server cuts them
+   off), then alone again: its throughput under attack against the mean of the two quiet runs, and
+   the longest time the server kept a slow connection open (against ``header_timeout``);
+6. memory: ``--blobs`` (10,000) tasks whose outputs are 1 MB each (fresh bytes every time), fetched
    by 8 connections; the server's RSS after them, against its kept-result byte budget
    (``server.keep_finished_bytes``, default 256 MiB) + 100 MB.
 
@@ -71,15 +75,20 @@ def serve(port: int) -> None:
 
     from edgecompute import Config, Registry, Resources, Scheduler
     from edgecompute.server import ServerSettings, build_app, hash_key
+    from edgecompute.server.protocol import uvicorn_config
 
-    settings = ServerSettings.from_mapping({"access_log": False, "keys": [
+    settings = ServerSettings.from_mapping({"access_log": False, "header_timeout": HEADER_TIMEOUT, "keys": [
         {"name": "bench", "hash": hash_key(KEY), "scopes": ["app/*"]},
         {"name": "limited", "hash": hash_key(LIMITED_KEY), "scopes": ["app/*"], "rate": 200.0, "burst": 20},
     ]})
     scheduler = Scheduler(Registry([functions()]), config=Config(), capacity=Resources(cpu=2))
-    uvicorn.run(build_app(settings, scheduler), host="127.0.0.1", port=port, log_config=None, access_log=False,
-                log_level="warning", http="httptools", loop="uvloop", ws="websockets-sansio")
+    # the server as `edgecompute serve` runs it: the guarded HTTP protocol with the settings' limits
+    config = uvicorn_config(build_app(settings, scheduler), settings, host="127.0.0.1", port=port,
+                            log_level="warning", loop="uvloop", ws="websockets-sansio")
+    uvicorn.Server(config).run()
 
+
+HEADER_TIMEOUT = 10.0  # the server's default: a request head must arrive within this
 
 BODY = json.dumps({"algorithm": "app/echo", "inputs": {"text": "hello", "n": 3}}).encode()
 
@@ -169,6 +178,41 @@ async def load(port: int, key: str, connections: int, seconds: float) -> tuple[d
     start = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(connections)))
     return statuses, time.monotonic() - start
+
+
+async def under_slowloris(port: int, connections: int, seconds: float) -> tuple[dict[int, int], float, list[float]]:
+    """A normal client (10 connections of ``load``) while ``connections`` others send a request head one
+    byte a second. Returns the normal client's statuses and elapsed time, and how long the server kept
+    each slow connection open (a connection the server never closed counts as ``inf``)."""
+    stop = time.monotonic() + seconds
+    lifetimes: list[float] = []
+
+    async def slow() -> None:
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 4096
+        while time.monotonic() < stop:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            opened = time.monotonic()
+            closed = False
+            try:
+                for byte in head:
+                    writer.write(bytes([byte]))
+                    try:
+                        await asyncio.wait_for(reader.read(65536), 1.0)  # the server's answer, or its close
+                        closed = True
+                        break
+                    except TimeoutError:
+                        pass
+                    if time.monotonic() > stop + 15:
+                        break
+            finally:
+                lifetimes.append(time.monotonic() - opened if closed else float("inf"))
+                writer.close()
+
+    attack = [asyncio.create_task(slow()) for _ in range(connections)]
+    await asyncio.sleep(1.0)  # every slow connection is open and trickling before the normal client starts
+    statuses, elapsed = await load(port, KEY, 10, seconds - 1.0)
+    await asyncio.gather(*attack)
+    return statuses, elapsed, lifetimes
 
 
 async def client_load(port: int, concurrency: int, seconds: float) -> tuple[int, float]:
@@ -266,6 +310,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--slow-seconds", type=float, default=12.0, help="length of the slow-client rows")
     parser.add_argument("--blobs", type=int, default=10_000, help="tasks with 1 MB outputs for the RSS row")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,6 +344,9 @@ def main() -> None:
         client_count, client_elapsed = uvloop.run(client_load(port, 50, args.seconds))
         statuses_after, elapsed_after = uvloop.run(load(port, KEY, 50, args.seconds))
         limited, limited_elapsed = uvloop.run(load(port, LIMITED_KEY, 10, 3.0))
+        quiet_before, quiet_before_s = uvloop.run(load(port, KEY, 10, args.slow_seconds - 1.0))
+        attacked, attacked_s, lifetimes = uvloop.run(under_slowloris(port, 200, args.slow_seconds))
+        quiet_after, quiet_after_s = uvloop.run(load(port, KEY, 10, args.slow_seconds - 1.0))
         streams = streaming(port)
         rss_before = rss_bytes(server.pid)
         blob_statuses = uvloop.run(blobs(port, args.blobs))
@@ -332,6 +380,15 @@ def main() -> None:
     expected = 20 + 200.0 * limited_elapsed
     print(f"rate limit 200/s burst 20, 10 connections, {limited_elapsed:.2f} s: admitted {admitted}, expected "
           f"{expected:.0f} ({(admitted - expected) / expected:+.1%}; target within 10%), statuses {limited}")
+    quiet = (sum(quiet_before.values()) / quiet_before_s + sum(quiet_after.values()) / quiet_after_s) / 2
+    attacked_rate = attacked.get(200, 0) / attacked_s
+    timeout = HEADER_TIMEOUT
+    longest = max(lifetimes)
+    print(f"200 slow clients (a request head at 1 byte/s, {args.slow_seconds:.0f} s) beside a normal client of 10 "
+          f"connections: {attacked_rate:,.0f} requests/s = {attacked_rate / quiet:.0%} of its {quiet:,.0f}/s without "
+          f"them (target >= 95%: {'met' if attacked_rate >= 0.95 * quiet else 'MISSED'}); statuses {attacked}; "
+          f"{len(lifetimes)} slow connections, the longest kept {longest:.1f} s (header_timeout {timeout:g} s: "
+          f"{'every one closed in time' if longest <= timeout + 1.0 else 'MISSED'})")
     for transport, (first, last, count) in streams.items():
         print(f"stream over {transport.upper():3}: {count} tokens, first at {first * ms:.0f} ms, "
               f"last at {last * ms:.0f} ms")
