@@ -37,7 +37,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import errors, wire
 from .errors import EdgeComputeError, InvalidRequest
@@ -60,6 +60,7 @@ _CANCEL_BUDGET = 5.0
 #: refused before it is read, so a faulty or hostile server cannot make the client allocate more
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 _T = TypeVar("_T")
+_C = TypeVar("_C")  # the face a task belongs to: Client or AsyncClient
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -402,23 +403,27 @@ def _transport_error(exc: BaseException, core: _Core) -> RemoteUnavailable:
     return RemoteUnavailable(f"cannot reach {core.url}: {kind}: {exc}")
 
 
-class RemoteTask:
-    """A task submitted through :class:`Client`: like the Runtime's future, ``result()``,
-    ``cancel()``, ``done()``; plus ``id``, ``state``, ``algorithm`` and ``stream()``."""
+class _TaskView(Generic[_C]):
+    """What both faces' tasks hold: the server's last word about the task."""
 
-    def __init__(self, client: Client, document: dict[str, Any]) -> None:
+    def __init__(self, client: _C, document: dict[str, Any]) -> None:
         self._client = client
         self.id: str = str(document["id"])
         self.algorithm: str = str(document["algorithm"])
         self._document = document
 
     def __repr__(self) -> str:
-        return f"<RemoteTask {self.id} {self.algorithm} {self.state}>"
+        return f"<{type(self).__name__} {self.id} {self.algorithm} {self.state}>"
 
     @property
     def state(self) -> str:
         """The last state the server reported (``queued``, ``running``, ``succeeded``, ...)."""
         return str(self._document["state"])
+
+
+class RemoteTask(_TaskView["Client"]):
+    """A task submitted through :class:`Client`: like the Runtime's future, ``result()``,
+    ``cancel()``, ``done()``; plus ``id``, ``state``, ``algorithm`` and ``stream()``."""
 
     def done(self) -> bool:
         if self._document["state"] in _LIVE:
@@ -855,23 +860,10 @@ async def _body_pieces(reader: asyncio.StreamReader, headers: dict[str, str], co
             yield piece
 
 
-class AsyncRemoteTask:
+class AsyncRemoteTask(_TaskView["AsyncClient"]):
     """A task submitted through :class:`AsyncClient`, shaped like the scheduler's ``TaskHandle``:
-    ``id``, ``algorithm``, ``state``, ``done()``, ``await result()``, ``await cancel()``, ``stream()``."""
-
-    def __init__(self, client: AsyncClient, document: dict[str, Any]) -> None:
-        self._client = client
-        self.id: str = str(document["id"])
-        self.algorithm: str = str(document["algorithm"])
-        self._document = document
-
-    def __repr__(self) -> str:
-        return f"<AsyncRemoteTask {self.id} {self.algorithm} {self.state}>"
-
-    @property
-    def state(self) -> str:
-        """The last state the server reported (``await refresh()`` asks again)."""
-        return str(self._document["state"])
+    ``id``, ``algorithm``, ``state`` (``await refresh()`` asks again), ``done()``, ``await result()``,
+    ``await cancel()``, ``stream()``."""
 
     def done(self) -> bool:
         """Whether the task had ended when the server last answered about it (no I/O)."""

@@ -72,32 +72,26 @@ class _Reader:
         return value
 
     def uleb(self, bits: int = 32) -> int:
-        result = shift = 0
-        while True:
-            b = self.byte()
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-            if shift >= bits + 7:
-                raise ModuleShapeError("integer too long")
+        result, _, _ = self._leb(bits)
         if result >= 1 << bits:
             raise ModuleShapeError("integer out of range")
         return result
 
     def sleb(self, bits: int = 33) -> int:
+        result, shift, last = self._leb(bits)
+        return result - (1 << shift) if last & 0x40 else result
+
+    def _leb(self, bits: int) -> tuple[int, int, int]:
+        """A LEB128 number's bits, how many, and its last byte (whose 0x40 is a signed one's sign)."""
         result = shift = 0
         while True:
             b = self.byte()
             result |= (b & 0x7F) << shift
             shift += 7
             if not b & 0x80:
-                break
+                return result, shift, b
             if shift >= bits + 7:
                 raise ModuleShapeError("integer too long")
-        if b & 0x40:
-            result -= 1 << shift
-        return result
 
     def name(self) -> str:
         n = self.uleb()
