@@ -189,7 +189,10 @@ def test_the_rate_limit_holds_within_ten_percent(server: Server) -> None:
         elapsed = time.monotonic() - start
     expected = 5 + 20.0 * elapsed  # burst + rate * time
     assert limited > accepted  # the client really pushed past the limit
-    assert abs(accepted - expected) <= 0.1 * expected, (accepted, expected)
+    assert accepted <= 1.1 * expected, (accepted, expected)  # the limit holds
+    # and it does not refuse much more than it should; a loaded machine can stall this one-connection
+    # client past the bucket's depth (5 tokens = 0.25 s), and the tokens it did not take are lost
+    assert accepted >= 0.75 * expected, (accepted, expected)
     assert retry_after == {"1"}
 
 
