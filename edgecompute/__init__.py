@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
     from .placement import Placement
     from .registry import Registry, Selection
-    from .runtime import MapIterator, Runtime
+    from .runtime import Runtime
     from .scheduler import Scheduler, SchedulerStats, TaskHandle
 
 __version__ = "0.1.0"
@@ -39,7 +39,6 @@ _LAZY = {
     "Config": "config",
     "Executor": "executor",
     "FunctionExecutor": "functions",
-    "MapIterator": "runtime",
     "Placement": "placement",
     "Registry": "registry",
     "Runtime": "runtime",
@@ -59,7 +58,6 @@ __all__ = [
     "FunctionExecutor",
     "Health",
     "HealthStatus",
-    "MapIterator",
     "Placement",
     "Registry",
     "Request",
