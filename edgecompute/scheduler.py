@@ -29,6 +29,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import attrs
+
 from ._threads import ThreadPool
 from .config import Config
 from .context import TaskContext
@@ -146,6 +148,22 @@ class TaskHandle:
             raise InvalidRequest(f"task {self.id} has not finished ({self.state.value})")
         return self._error
 
+    @property
+    def response(self) -> Response | None:
+        """The response of a task that succeeded; None while it runs or when it failed."""
+        return self._response
+
+    def drop_outputs(self) -> None:
+        """Let go of a finished task's outputs (its response keeps the rest): for a holder of many
+        finished handles that must bound the memory their results keep."""
+        if self._response is not None:
+            self._response = attrs.evolve(self._response, outputs=None)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a reader is in :meth:`stream` now (one at a time)."""
+        return self._streaming
+
     async def result(self) -> Response:
         """Wait for the task to end; return its response or raise its error.
 
@@ -189,7 +207,10 @@ class TaskHandle:
             while True:
                 chunks = self._chunks
                 while chunks:
-                    yield chunks.popleft()
+                    # a chunk leaves the buffer once the reader comes back for the next one: a reader
+                    # that fails while handling it leaves it for the next reader (nothing is lost)
+                    yield chunks[0]
+                    chunks.popleft()
                 if self._ended:
                     break
                 self._chunk_waiter = self._scheduler._loop.create_future()

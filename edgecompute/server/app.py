@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -294,12 +293,12 @@ class Gateway:
         settings = self.settings
         handle = owned.handle
         if handle.exception() is None:
-            response = handle._response
+            response = handle.response
             assert response is not None
             owned.size = _result_bytes(response.outputs, settings.max_output_bytes)
             if owned.size > settings.max_output_bytes:
                 # refuse to keep it: drop the outputs now, the task answers with the error
-                handle._response = attrs.evolve(response, outputs=None)
+                handle.drop_outputs()
             else:
                 self.kept[owned.id] = owned
                 self.kept_bytes += owned.size
@@ -318,9 +317,7 @@ class Gateway:
         owned.gone = Problem("result-evicted", f"the result of task {owned.id} ({owned.algorithm}) was dropped "
                              f"to keep finished results under {self.settings.keep_finished_bytes} bytes "
                              "(server.keep_finished_bytes); read results sooner, or submit with ?wait=true")
-        handle = owned.handle
-        if handle._response is not None:
-            handle._response = attrs.evolve(handle._response, outputs=None)
+        owned.handle.drop_outputs()
 
     async def wait(self, handle: TaskHandle, seconds: float) -> None:
         if handle.done() or seconds <= 0:
@@ -390,7 +387,7 @@ def task_document(handle: TaskHandle, public_id: str | None = None) -> dict[str,
     if handle.done():
         error = handle.exception()
         if error is None:
-            response = handle._response
+            response = handle.response
             assert response is not None
             document["outputs"] = response.outputs
             document["executor"] = response.executor
@@ -555,7 +552,7 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
     async def events(request: HttpRequest, key: ApiKey) -> Response:
         owned = gateway.owned(key, request.path_params["task_id"])
         handle = owned.handle
-        if handle._streaming:
+        if handle.streaming:
             raise Problem("conflict", f"task {handle.id} is already being streamed by another reader")
 
         async def frames() -> AsyncIterator[bytes]:
@@ -624,7 +621,7 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
         try:
             key = gateway.authenticate(websocket.headers, websocket=True)
             owned = gateway.owned(key, websocket.path_params["task_id"])
-            if owned.handle._streaming:
+            if owned.handle.streaming:
                 raise Problem("conflict", f"task {owned.id} is already being streamed by another reader")
         except Problem as problem:
             await _deny(websocket, problem)
@@ -679,23 +676,14 @@ async def _follow(owned: _Owned) -> AsyncIterator[tuple[int, Any]]:
     once the reader has taken it (the consumer came back for the next one): a reader that fails
     while sending one leaves it for the next reader, so a dropped reader loses nothing."""
     handle = owned.handle
-    if handle._streaming:
+    if handle.streaming:
         raise Problem("conflict", f"task {handle.id} is already being streamed by another reader")
-    handle._streaming = True
-    loop = asyncio.get_running_loop()
     try:
-        while True:
-            chunks = handle._chunks
-            while chunks:
-                yield owned.seq, chunks[0]
-                chunks.popleft()
-                owned.seq += 1
-            if handle._ended:
-                return
-            waiter = handle._chunk_waiter = loop.create_future()
-            await waiter
-    finally:
-        handle._streaming = False
+        async for chunk in handle.stream():  # lossless: a chunk leaves once the next is asked for
+            yield owned.seq, chunk
+            owned.seq += 1
+    except Exception:  # noqa: BLE001 - the task's own error: the reader learns it from the task's end
+        return
 
 
 async def _stream_ws(websocket: WebSocket, owned: _Owned, gateway: Gateway, max_depth: int) -> None:

@@ -448,6 +448,21 @@ async def test_stream_yields_chunks_in_order_and_progress_is_reported() -> None:
         assert handle.progress == 1.0
 
 
+async def test_a_reader_that_leaves_mid_chunk_leaves_it_for_the_next_reader() -> None:
+    scheduler, _ = make()
+    async with scheduler:
+        handle = scheduler.submit(Request("ctl/stream", 4))
+        await handle.result()
+        first = handle.stream()
+        assert [await anext(first), await anext(first)] == [0, 1]
+        await first.aclose()  # left while holding chunk 1: it was never taken
+        assert not handle.streaming
+        assert [chunk async for chunk in handle.stream()] == [1, 2, 3]
+        assert handle.response is not None and handle.response.outputs == 4
+        handle.drop_outputs()
+        assert handle.response.outputs is None
+
+
 async def test_stream_raises_the_task_error_after_the_chunks() -> None:
     scheduler, _ = make()
     async with scheduler:
