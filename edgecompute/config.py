@@ -32,9 +32,12 @@ Other ``EDGECOMPUTE_*`` variables (not naming a key above) are left to executors
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import tomllib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ import attrs
 
 from .errors import ConfigError
 from .models import Resources
+from .resources import capacity_with
 
 __all__ = ["Config"]
 
@@ -58,6 +62,49 @@ def _check(condition: bool, source: str, key: str, expected: str, value: Any) ->
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The [server] table's keys and their types, checked here so that a bad value fails at load,
+# naming the file. edgecompute.server.settings checks the ranges when the server starts; it cannot
+# be imported here (the edgecompute.server package loads the web framework, an optional extra).
+# tests/core/test_config_semantics.py keeps the two key lists equal.
+_SERVER_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "host": ("a host name or address", lambda v: isinstance(v, str) and bool(v)),
+    "port": ("an integer from 0 to 65535", lambda v: _is_int(v) and 0 <= v <= 65535),
+    **dict.fromkeys(
+        ("max_body_bytes", "keep_finished", "keep_finished_bytes", "max_output_bytes", "max_depth",
+         "max_header_bytes", "max_headers", "max_url_bytes", "body_min_rate", "max_connections",
+         "anonymous_max_in_flight"),
+        ("an integer", _is_int)),
+    **dict.fromkeys(
+        ("max_wait", "header_timeout", "body_timeout", "keep_alive_timeout", "anonymous_rate",
+         "anonymous_burst"),
+        ("a number", _is_number)),
+    **dict.fromkeys(("access_log", "public_metrics", "allow_anonymous"),
+                    ("true or false", lambda v: isinstance(v, bool))),
+    "keys": ("an array of tables ([[server.keys]])",
+             lambda v: isinstance(v, list) and all(isinstance(k, Mapping) for k in v)),
+    "anonymous_scopes": ("a list of 'executor/algorithm' patterns",
+                         lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)),
+}
+
+
+def _check_server(server: Mapping[str, Any], source: str) -> None:
+    for key, value in server.items():
+        if key not in _SERVER_TYPES:
+            raise ConfigError(f"{source}: unknown server key {key!r}{_did_you_mean(key, _SERVER_TYPES)}; "
+                              f"known: {', '.join(sorted(_SERVER_TYPES))}")
+        expected, ok = _SERVER_TYPES[key]
+        _check(ok(value), source, f"server.{key}", expected, value)
 
 
 @attrs.frozen
@@ -117,7 +164,9 @@ class Config:
             capacity = data["capacity"]
             _check(isinstance(capacity, Mapping), source, "capacity", "a table", capacity)
             try:
-                values["capacity"] = Resources(**capacity)
+                # the fields given replace the machine's; the others keep it (gpus = 1 alone must
+                # not zero the cores and memory)
+                values["capacity"] = capacity_with(capacity)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{source}: capacity: {exc}") from exc
         for key in ("max_queue", "retries", "threads"):
@@ -127,7 +176,14 @@ class Config:
                 _check(isinstance(value, int) and not isinstance(value, bool) and value >= least,
                        source, key, "an integer >= 0" if least == 0 else "a positive integer", value)
                 values[key] = value
-        for key in ("retry_backoff", "retry_backoff_max", "aging", "close_timeout"):
+        if "aging" in data:
+            value = data["aging"]
+            # 0 would divide by zero and inf would make waiting worth nothing: both silently
+            # switched priorities off
+            _check(_is_number(value) and 0 < value < math.inf, source, "aging",
+                   "a finite number of seconds > 0 (seconds of waiting worth one priority level)", value)
+            values["aging"] = float(value)
+        for key in ("retry_backoff", "retry_backoff_max", "close_timeout"):
             if key in data:
                 value = data[key]
                 _check(_is_number(value) and value >= 0, source, key, "a number >= 0", value)
@@ -159,6 +215,7 @@ class Config:
         if "server" in data:
             server = data["server"]
             _check(isinstance(server, Mapping), source, "server", "a table", server)
+            _check_server(server, source)
             values["server"] = dict(server)
         return cls(**values)
 
@@ -183,7 +240,8 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         if path[0] not in _FIELDS:
-            continue  # e.g. EDGECOMPUTE_CPP_PLUGIN_PATH belongs to an executor, not to us
+            _warn_if_misspelt(name, path)  # else e.g. EDGECOMPUTE_CPP_PLUGIN_PATH: an executor's own
+            continue
         if not all(path):
             raise ConfigError(f"environment variable {name}: empty key part")
         node = overrides
@@ -193,6 +251,36 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"environment variable {name}: {part} is not a table")
         node[path[-1]] = _parse_value(raw)
     return overrides
+
+
+#: variables of our own and of the bundled executors that name no configuration key
+_OTHER_VARIABLES = frozenset({"config", "url", "api_key"})
+_EXECUTOR_PREFIXES = ("cpp_", "ml_", "wasm_")
+_TABLES = ("capacity", "executors", "server")
+
+
+def _warn_if_misspelt(name: str, path: list[str]) -> None:
+    """Warn about a variable that looks like a misspelt configuration key; it is otherwise ignored.
+
+    Executors read variables of their own (``EDGECOMPUTE_CPP_PLUGIN_PATH``), so only a name close
+    to a key, or one with ``__`` (only configuration keys have tables), is taken to be a mistake.
+    """
+    first = path[0]
+    if first in _OTHER_VARIABLES or first.startswith(_EXECUTOR_PREFIXES):
+        return
+    suggestion = None
+    table = next((t for t in _TABLES if first.startswith(t + "_") and len(first) > len(t) + 1), None)
+    if table is not None and len(path) == 1:  # EDGECOMPUTE_CAPACITY_CPU: one underscore short
+        suggestion = f"{ENV_PREFIX}{table.upper()}__{first[len(table) + 1:].upper()}"
+    else:
+        close = difflib.get_close_matches(first, sorted(_FIELDS), n=1, cutoff=0.8)
+        if close:
+            suggestion = ENV_PREFIX + "__".join([close[0], *path[1:]]).upper()
+        elif len(path) == 1:
+            return  # not close to any key: an executor's variable, or another program's
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    warnings.warn(f"environment variable {name} names no configuration key and is ignored{hint} "
+                  f"(keys: {', '.join(sorted(_FIELDS))})", UserWarning, stacklevel=4)
 
 
 def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,12 +6,32 @@ requests many times never drifts: every reservation comes back exactly.
 
 from __future__ import annotations
 
+import difflib
 import os
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, TypedDict
+
+import attrs
 
 from .models import Resources
 
-__all__ = ["Allocation", "ResourcePool", "machine_capacity"]
+__all__ = ["Allocation", "Capacity", "ResourcePool", "capacity_with", "machine_capacity"]
+
+
+class Capacity(TypedDict, total=False):
+    """Some fields of a capacity: the ``[capacity]`` table, or ``Scheduler(capacity={...})``.
+
+    The fields given replace the machine's (or the configuration's); the others keep theirs.
+    """
+
+    cpu: float
+    memory_mb: float
+    gpus: int
+    gpu_memory_mb: float
+
+
+#: the keys a capacity table may name, in the order the docs list them
+CAPACITY_KEYS: tuple[str, ...] = ("cpu", "memory_mb", "gpus", "gpu_memory_mb")
 
 
 def machine_capacity() -> Resources:
@@ -25,6 +45,26 @@ def machine_capacity() -> Resources:
     except (AttributeError, ValueError, OSError):
         memory_mb = 1024.0
     return Resources(cpu=float(cpus), memory_mb=float(int(memory_mb)))
+
+
+def capacity_with(given: Mapping[str, Any], base: Resources | None = None) -> Resources:
+    """``base`` (default: :func:`machine_capacity`) with the fields that ``given`` names replaced.
+
+    Raises ``ValueError`` naming an unknown key (with the close match and the valid keys) and
+    ``TypeError``/``ValueError`` for a bad value, such as a ``gpus`` that is not a whole number.
+    """
+    unknown = sorted(set(given) - set(CAPACITY_KEYS))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), CAPACITY_KEYS, n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ValueError(f"unknown key(s) {', '.join(hints)}; valid keys: {', '.join(CAPACITY_KEYS)}")
+    gpus = given.get("gpus", 0)
+    if not isinstance(gpus, int) or isinstance(gpus, bool):
+        # a device count: 1.5 devices is a typo, not a capacity ([0] * 1.5 fails much later)
+        raise TypeError(f"gpus must be a whole number of devices, not {gpus!r}")
+    return attrs.evolve(machine_capacity() if base is None else base, **given)
 
 
 def _milli(value: float) -> int:
