@@ -15,7 +15,7 @@ import attrs
 
 from .models import Resources
 
-__all__ = ["Allocation", "Capacity", "ResourcePool", "capacity_with", "machine_capacity"]
+__all__ = ["Allocation", "Capacity", "ResourcePool", "capacity_with", "machine_capacity", "resolve_capacity"]
 
 
 class Capacity(TypedDict, total=False):
@@ -65,6 +65,18 @@ def capacity_with(given: Mapping[str, Any], base: Resources | None = None) -> Re
         # a device count: 1.5 devices is a typo, not a capacity ([0] * 1.5 fails much later)
         raise TypeError(f"gpus must be a whole number of devices, not {gpus!r}")
     return attrs.evolve(machine_capacity() if base is None else base, **given)
+
+
+def resolve_capacity(argument: Resources | Mapping[str, Any] | None, base: Resources) -> Resources:
+    """The capacity a ``capacity=`` argument means: a :class:`Resources` exactly (its unset fields
+    are 0), a mapping (:class:`Capacity`) as the fields it names over ``base``, None as ``base``."""
+    if argument is None:
+        return base
+    if isinstance(argument, Resources):
+        return argument
+    if isinstance(argument, Mapping):
+        return capacity_with(argument, base)
+    raise TypeError(f"capacity must be a Resources or a mapping of its fields, not {type(argument).__name__}")
 
 
 def _milli(value: float) -> int:

@@ -47,7 +47,7 @@ from .errors import (
 )
 from .models import Request, Resources, Response, TaskEvent, TaskState
 from .registry import Registry, Selection
-from .resources import Allocation, ResourcePool, machine_capacity
+from .resources import Allocation, Capacity, ResourcePool, machine_capacity, resolve_capacity
 
 __all__ = ["Scheduler", "SchedulerStats", "TaskHandle"]
 
@@ -287,7 +287,7 @@ class Scheduler:
     ``Registry.discover()``, which the scheduler then owns and closes on exit.
     """
 
-    def __init__(self, registry: Registry | None = None, *, capacity: Resources | None = None,
+    def __init__(self, registry: Registry | None = None, *, capacity: Resources | Capacity | None = None,
                  max_queue: int | None = None, config: Config | None = None,
                  threads: int | None = None, timeout: float | None = None,
                  retries: int | None = None) -> None:
@@ -295,9 +295,12 @@ class Scheduler:
         self.config = config
         self._owns_registry = registry is None
         self._registry = registry
-        self.capacity = capacity or config.capacity or machine_capacity()
-        if not isinstance(self.capacity, Resources):
-            raise InvalidRequest(f"capacity must be a Resources, not {type(self.capacity).__name__}")
+        # a Resources is the capacity exactly; a mapping ({"cpu": 4}) replaces only the fields it
+        # names, the others keep the configuration's or this machine's (docs/scheduler.md)
+        try:
+            self.capacity = resolve_capacity(capacity, config.capacity or machine_capacity())
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"capacity: {exc}") from exc
         self.max_queue = max_queue if max_queue is not None else config.max_queue
         if self.max_queue < 1:
             raise InvalidRequest(f"max_queue must be >= 1, not {self.max_queue}")

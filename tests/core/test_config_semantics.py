@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from edgecompute import Config, Resources
-from edgecompute.errors import ConfigError
+from edgecompute import Config, FunctionExecutor, Registry, Resources, Scheduler
+from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest
 from edgecompute.resources import machine_capacity
 
 
@@ -132,3 +133,48 @@ def test_infinite_aging_is_not_a_number_of_seconds() -> None:
     # from_mapping (the Python path) refuses the same values as the file
     with pytest.raises(ConfigError, match="aging"):
         Config.from_mapping({"aging": math.inf})
+
+
+# -- 3: the Scheduler's capacity argument ------------------------------------------------------
+
+
+def memory_app() -> FunctionExecutor:
+    executor = FunctionExecutor("app")
+
+    @executor.algorithm(resources=Resources(cpu=1, memory_mb=64))
+    def double(x: int) -> int:
+        return 2 * x
+
+    return executor
+
+
+@pytest.mark.anyio
+async def test_capacity_mapping_keeps_the_machines_memory_so_memory_tasks_run() -> None:
+    async with Scheduler(Registry([memory_app()]), config=Config(), capacity={"cpu": 4}) as scheduler:
+        assert scheduler.capacity == Resources(cpu=4, memory_mb=machine_capacity().memory_mb)
+        assert (await scheduler.run("app/double", 21)).outputs == 42
+
+
+@pytest.mark.anyio
+async def test_capacity_resources_is_exact_as_documented() -> None:
+    async with Scheduler(Registry([memory_app()]), config=Config(), capacity=Resources(cpu=4)) as scheduler:
+        assert scheduler.capacity == Resources(cpu=4)
+        with pytest.raises(InfeasibleRequest):
+            await scheduler.run("app/double", 21)
+
+
+def test_capacity_mapping_applies_over_the_configurations_capacity(tmp_path: Path) -> None:
+    config = Config.load(write(tmp_path, "[capacity]\ngpus = 2\ngpu_memory_mb = 1000\n"), environ={})
+    scheduler = Scheduler(Registry([]), config=config, capacity={"cpu": 3})
+    assert scheduler.capacity == Resources(cpu=3, memory_mb=machine_capacity().memory_mb, gpus=2,
+                                           gpu_memory_mb=1000)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "message"),
+    [({"cpus": 4}, r"'cpus' \(did you mean 'cpu'\?\).*valid keys"), ({"gpus": 1.5}, "gpus must be a whole number"),
+     (4, "capacity must be a Resources or a mapping")],
+)
+def test_bad_capacity_argument_is_an_invalid_request(capacity: Any, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        Scheduler(Registry([]), config=Config(), capacity=capacity)
