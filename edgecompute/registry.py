@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import threading
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from . import _atexit
-from .errors import AmbiguousAlgorithm, PluginError, UnknownAlgorithm, UnknownExecutor
+from .errors import AmbiguousAlgorithm, ConfigError, PluginError, UnknownAlgorithm, UnknownExecutor
 from .executor import Executor
 from .models import Algorithm, Health, HealthStatus
 from .placement import PLACEMENT_KEYS, Placement
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgecompute.registry")
 
 ExecutorFactory = Callable[..., Executor]
+
+#: the keys of an [executors.NAME] table that the core reads (the rest are the executor's)
+_CORE_KEYS = frozenset({"enabled", "max_concurrency"})
 
 
 @attrs.frozen
@@ -118,12 +122,19 @@ class Registry:
         """A registry of every executor that installed distributions register.
 
         ``settings`` maps executor names to their settings (the ``[executors.NAME]`` tables of the
-        configuration); an executor whose settings say ``enabled = false`` is left out.
+        configuration); by default they are read with ``Config.load()`` (``edgecompute.toml`` and
+        ``EDGECOMPUTE_*``), so the file is honoured however the registry is made; pass ``{}`` for
+        none. An executor whose settings say ``enabled = false`` is left out; its other keys go to
+        its constructor as ``config``.
         ``placement`` says where executors run (default: in this process); an executor placed in
         another environment (``Placement.process(python=...)``) is listed even when this one lacks it.
         """
         from .plugins import load_entry_points, plugin_manager
 
+        if settings is None:
+            from .config import Config
+
+            settings = Config.load().executors
         registry = cls(settings=settings, placement=placement)
         pm = registry.plugin_manager = plugin_manager()
         registry.problems.extend(load_entry_points(pm))
@@ -140,6 +151,13 @@ class Registry:
                 problem.__cause__ = exc
                 log.warning("%s", problem)
                 registry.problems.append(problem)
+        for name in sorted(set(settings) - set(registry._entries)):
+            if settings[name].get("enabled", True) is not False:
+                # a misspelt [executors.NAME] would otherwise configure nothing, silently
+                close = difflib.get_close_matches(name, registry.names(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                log.warning("configuration has [executors.%s] but no executor %r is installed%s",
+                            name, name, hint)
         return registry
 
     # -- registration ---------------------------------------------------------------------------
@@ -295,7 +313,14 @@ class Registry:
             try:
                 factory = entry.factory
                 config = {k: v for k, v in entry.settings.items() if k not in PLACEMENT_KEYS}
-                kwargs = {"config": config} if config and _accepts_config(factory) else {}
+                accepts = _accepts_config(factory)
+                own = sorted(set(config) - _CORE_KEYS)
+                if own and not accepts:
+                    # the keys would reach nothing: a typo, or settings for a constructor without any
+                    raise ConfigError(f"[executors.{entry.name}]: unknown key(s) {', '.join(own)}; executor "
+                                      f"{entry.name!r} takes no settings of its own (no `config` parameter); "
+                                      f"valid keys: {', '.join(sorted(_CORE_KEYS))} and the placement keys")
+                kwargs = {"config": config} if config and accepts else {}
                 executor = factory(**kwargs)
                 if not isinstance(executor, Executor):
                     raise TypeError(f"{factory!r} returned {type(executor).__name__}, which is not an Executor")

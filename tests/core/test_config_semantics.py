@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edgecompute import Config, FunctionExecutor, Registry, Resources, Scheduler
-from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest
+from edgecompute import (
+    Algorithm,
+    Config,
+    FunctionExecutor,
+    Health,
+    HealthStatus,
+    Registry,
+    Request,
+    Resources,
+    Response,
+    Scheduler,
+    TaskContext,
+)
+from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest, PluginError, UnknownAlgorithm
 from edgecompute.resources import machine_capacity
 
 
@@ -178,3 +193,95 @@ def test_capacity_mapping_applies_over_the_configurations_capacity(tmp_path: Pat
 def test_bad_capacity_argument_is_an_invalid_request(capacity: Any, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         Scheduler(Registry([]), config=Config(), capacity=capacity)
+
+
+# -- 2: Registry.discover() honours the configuration -----------------------------------------------
+
+
+class Mine:
+    """An executor whose constructor takes no settings."""
+
+    name = "mine"
+    version = "1"
+
+    def algorithms(self) -> list[Algorithm]:
+        return [Algorithm("echo")]
+
+    def requirements(self, request: Request) -> Resources:
+        return Resources(cpu=1)
+
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        return Response(request.inputs)
+
+    async def health(self) -> Health:
+        return Health(HealthStatus.OK)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Configured(Mine):
+    name = "configured"
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.config = dict(config or {})
+
+
+def test_settings_reach_the_constructor_and_core_keys_do_not_count_as_unknown() -> None:
+    registry = Registry([Configured, Mine], settings={
+        "configured": {"colour": "blue", "max_concurrency": 2},
+        "mine": {"max_concurrency": 1, "enabled": True},
+    })
+    built = registry.get("configured")
+    assert isinstance(built, Configured)
+    assert built.config == {"colour": "blue", "max_concurrency": 2}
+    assert registry.get("mine").name == "mine"
+
+
+def test_unknown_key_for_an_executor_without_settings_is_reported() -> None:
+    registry = Registry([Mine], settings={"mine": {"colour": "blue"}})
+    with pytest.raises(PluginError, match=r"\[executors.mine\]: unknown key\(s\) colour") as info:
+        registry.get("mine")
+    assert isinstance(info.value.__cause__, ConfigError)
+
+
+@pytest.fixture
+def in_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory whose ./edgecompute.toml is the configuration, as a user's project."""
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("EDGECOMPUTE_")]:
+        monkeypatch.delenv(name)
+    return tmp_path
+
+
+def test_discover_without_settings_honours_enabled_false(in_project: Path) -> None:
+    pytest.importorskip("edgecompute_testplugin", reason="pip install tests/plugins/edgecompute-testplugin")
+    assert "text" in Registry.discover().names()
+    write(in_project, "[executors.text]\nenabled = false\n")
+    registry = Registry.discover()
+    assert "text" not in registry.names()
+    with pytest.raises(UnknownAlgorithm):
+        registry.select("text/upper")
+    assert "text" in Registry.discover(settings={}).names()  # {}: no settings, explicitly
+
+
+def test_discover_without_settings_passes_the_table_to_the_constructor(in_project: Path) -> None:
+    pytest.importorskip("edgecompute_testplugin", reason="pip install tests/plugins/edgecompute-testplugin")
+    write(in_project, '[executors.text]\ngreeting = "hi"\n')
+    executor = Registry.discover().get("text")
+    assert executor.config == {"greeting": "hi"}  # type: ignore[attr-defined]
+
+
+def test_discover_reports_a_bad_configuration_file(in_project: Path) -> None:
+    write(in_project, "[executors.text]\nenabled = 'no'\n")
+    with pytest.raises(ConfigError, match=r"executors.text.enabled must be true or false"):
+        Registry.discover()
+
+
+def test_discover_warns_about_settings_for_no_installed_executor(
+    in_project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(in_project, "[executors.nothing_named_so]\nmax_concurrency = 1\n")
+    with caplog.at_level(logging.WARNING, logger="edgecompute.registry"):
+        Registry.discover()
+    assert "[executors.nothing_named_so] but no executor 'nothing_named_so' is installed" in caplog.text
