@@ -14,7 +14,7 @@ import pytest
 
 from edgecompute import Registry, Runtime
 from edgecompute.config import Config
-from edgecompute.errors import ExecutorError, PluginError
+from edgecompute.errors import ExecutorError, InvalidRequest, PluginError
 
 edgecompute_testplugin = pytest.importorskip(
     "edgecompute_testplugin", reason="pip install tests/plugins/edgecompute-testplugin (CI does)"
@@ -110,3 +110,16 @@ def test_cli_demo_runs_the_tour() -> None:
     assert "TaskTimeout after 0.1" in out
     assert "InfeasibleRequest" in out and "UnknownAlgorithm" in out
     assert "200 results" in out
+
+
+def test_the_core_registers_its_demo_executor_through_its_own_entry_point() -> None:
+    # the first example of docs/getting-started.md needs no test plugin: "demo" ships with the core
+    registry = Registry.discover()
+    assert {e.name: e.source for e in registry.executors()}["demo"] == "demo"
+    with Runtime(registry) as rt:
+        assert rt.run("demo/upper", "hello").outputs == "HELLO"
+        assert rt.map("demo/word_count", ["a", "b c"]) == [1, 2]
+        assert list(rt.stream("demo/generate", "one two", params={"max_tokens": 3})) == ["one", "two", "one"]
+        with pytest.raises(InvalidRequest, match="max_tokens must be an integer"):
+            rt.run("demo/generate", "x", params={"max_tokens": "many"})
+    assert "demo" not in Registry.discover(settings={"demo": {"enabled": False}}).names()
