@@ -11,8 +11,8 @@ File (all keys optional)::
     threads = 8                # worker threads for blocking executor code
     close = "drain"            # on exit: "drain" (finish queued work) or "cancel"
 
-    [capacity]                 # default: this machine's cores and memory, no GPUs
-    cpu = 8
+    [capacity]                 # default: this machine's cores and memory, no GPUs; keys left
+    cpu = 8                    # out keep that default
     memory_mb = 16000
     gpus = 1
     gpu_memory_mb = 24000      # per device
@@ -27,7 +27,8 @@ Environment: ``EDGECOMPUTE_CONFIG`` names the file (else ``./edgecompute.toml`` 
 ``EDGECOMPUTE_<KEY>`` overrides a key, ``__`` separating tables: ``EDGECOMPUTE_MAX_QUEUE=500``,
 ``EDGECOMPUTE_CAPACITY__CPU=4``, ``EDGECOMPUTE_EXECUTORS__CPP__MAX_CONCURRENCY=2``. Values are
 read as TOML values (``4``, ``2.5``, ``true``, ``"text"``); anything else is taken as a string.
-Other ``EDGECOMPUTE_*`` variables (not naming a key above) are left to executors.
+Other ``EDGECOMPUTE_*`` variables (not naming a key above) are left to executors; one that looks
+like a misspelt key gets a ``UserWarning`` naming the close match.
 """
 
 from __future__ import annotations
