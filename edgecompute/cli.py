@@ -114,6 +114,11 @@ def executors(config_path: str | None, as_json: bool, no_health: bool) -> None:
         click.echo(f"problem: {problem}", err=True)
 
 
+def _chunk_text(chunk: Any) -> str:
+    # a token or a line prints as itself, anything else as one line of JSON
+    return chunk if isinstance(chunk, str) else json.dumps(_jsonable(chunk))
+
+
 @main.command()
 @click.argument("algorithm")
 @click.option("--input", "input_text", help="Inputs as JSON, or @FILE holding JSON.")
@@ -121,10 +126,17 @@ def executors(config_path: str | None, as_json: bool, no_health: bool) -> None:
               help="A parameter; the value is JSON if it parses, else a string. Repeatable.")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--timeout", type=float, default=None, help="Deadline in seconds (queue + run).")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="Retries of a retryable failure (default: the configuration's retries).")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print each streamed chunk on its own line as it comes, before the outputs.")
+@click.option("--config", "run_config", type=click.Path(dir_okay=False), default=None,
+              help="Configuration file (same as the global --config).")
 @click.pass_obj
 def run(config_path: str | None, algorithm: str, input_text: str | None, params: tuple[str, ...],
-        priority: int, timeout: float | None) -> None:
-    """Run ALGORITHM (executor/algorithm) once and print its outputs as JSON."""
+        priority: int, timeout: float | None, retries: int | None, stream: bool, run_config: str | None) -> None:
+    """Run ALGORITHM (executor/algorithm) once: print its chunks as they come, then its outputs as JSON."""
+    from .models import Request
     from .runtime import Runtime
 
     parsed: dict[str, Any] = {}
@@ -137,9 +149,22 @@ def run(config_path: str | None, algorithm: str, input_text: str | None, params:
         except json.JSONDecodeError:
             parsed[key] = raw
     inputs = _read_input(input_text)
+    request = Request(algorithm, inputs, params=parsed, priority=priority, timeout=timeout, retries=retries)
     try:
-        with Runtime(config=_load_config(config_path)) as rt:
-            response = rt.run(algorithm, inputs, params=parsed, priority=priority, timeout=timeout)
+        with Runtime(config=_load_config(run_config or config_path)) as rt:
+            if stream:
+                scheduler = rt.scheduler
+
+                async def follow() -> Any:
+                    handle = scheduler.submit(request)
+                    # the chunks are printed on the loop's thread: this process runs nothing else
+                    async for chunk in handle.stream():
+                        click.echo(_chunk_text(chunk))
+                    return await handle.result()
+
+                response = rt.portal.call(follow)
+            else:
+                response = rt.run(request)
     except EdgeComputeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     click.echo(json.dumps({"outputs": _jsonable(response.outputs), "executor": response.executor,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,8 @@ def test_cli_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     inputs = tmp_path / "in.json"
     inputs.write_text('"one two"')
     result = run_cli("run", "text/words", "--input", f"@{inputs}")
-    assert json.loads(result.stdout)["outputs"] == 2
+    assert result.stdout.splitlines()[:2] == ["one", "two"]  # the streamed chunks come first
+    assert json.loads(result.stdout.split("\n", 2)[2])["outputs"] == 2
     result = run_cli("run", "text/uper", "--input", '"x"')
     assert result.returncode == 1
     assert "UnknownAlgorithm" in result.stderr and "did you mean 'text/upper'" in result.stderr
@@ -123,3 +125,25 @@ def test_the_core_registers_its_demo_executor_through_its_own_entry_point() -> N
         with pytest.raises(InvalidRequest, match="max_tokens must be an integer"):
             rt.run("demo/generate", "x", params={"max_tokens": "many"})
     assert "demo" not in Registry.discover(settings={"demo": {"enabled": False}}).names()
+
+
+def test_cli_run_prints_each_chunk_as_it_comes_then_the_outputs() -> None:
+    result = run_cli("run", "demo/generate", "--input", '"once upon"', "--param", "max_tokens=3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["once", "upon", "once"]
+    assert json.loads("\n".join(lines[3:]))["outputs"] == "once upon once"
+    quiet = run_cli("run", "demo/generate", "--input", '"once upon"', "--param", "max_tokens=3", "--no-stream")
+    assert quiet.returncode == 0, quiet.stderr
+    assert json.loads(quiet.stdout)["outputs"] == "once upon once"
+
+
+def test_cli_run_takes_retries_and_its_own_config_option(tmp_path: Path) -> None:
+    failing = run_cli("run", "text/flaky", "--input", '"x"', "--param", "failures=1", "--retries", "0")
+    assert failing.returncode == 1 and "transient failure" in failing.stderr
+    retried = run_cli("run", "text/flaky", "--input", '"x"', "--param", "failures=1", "--retries", "1")
+    assert retried.returncode == 0, retried.stderr
+    config = tmp_path / "edgecompute.toml"
+    config.write_text("[executors.demo]\nenabled = false\n")
+    disabled = run_cli("run", "demo/upper", "--input", '"x"', "--config", str(config))
+    assert disabled.returncode == 1 and "UnknownAlgorithm" in disabled.stderr
