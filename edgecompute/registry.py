@@ -59,6 +59,17 @@ class ExecutorEntry:
         return self.instance is not None
 
 
+_EXECUTOR_MEMBERS = ("name", "version", "algorithms", "requirements", "execute", "health", "aclose")
+
+
+def _missing_members(candidate: object) -> str:
+    """What keeps ``candidate`` from being an Executor, in words."""
+    missing = [member for member in _EXECUTOR_MEMBERS if not hasattr(candidate, member)]
+    if missing:
+        return f"it lacks {', '.join(missing)} of the Executor protocol"
+    return "it has every member of the Executor protocol, so check their kinds"
+
+
 def _factory_name(factory: Any) -> str | None:
     name = getattr(factory, "name", None)
     return name if isinstance(name, str) and name else None
@@ -174,7 +185,8 @@ class Registry:
         original = factory
         if not callable(factory) or (not inspect.isclass(factory) and isinstance(factory, Executor)):
             if not isinstance(factory, Executor):
-                raise TypeError(f"cannot register {factory!r}: not an executor, class or factory")
+                raise TypeError(f"cannot register {factory!r}: not an executor, class or factory "
+                                f"({_missing_members(factory)})")
             instance = factory
 
             def build() -> Executor:
@@ -323,7 +335,8 @@ class Registry:
                 kwargs = {"config": config} if config and accepts else {}
                 executor = factory(**kwargs)
                 if not isinstance(executor, Executor):
-                    raise TypeError(f"{factory!r} returned {type(executor).__name__}, which is not an Executor")
+                    raise TypeError(f"{factory!r} returned {type(executor).__name__}, which is not an Executor "
+                                    f"({_missing_members(executor)})")
                 if executor.name != entry.name:
                     raise ValueError(f"executor registered as {entry.name!r} calls itself {executor.name!r}")
                 self._adopt(entry, executor)

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +148,19 @@ def test_cli_run_takes_retries_and_its_own_config_option(tmp_path: Path) -> None
     config.write_text("[executors.demo]\nenabled = false\n")
     disabled = run_cli("run", "demo/upper", "--input", '"x"', "--config", str(config))
     assert disabled.returncode == 1 and "UnknownAlgorithm" in disabled.stderr
+
+
+def test_registering_a_half_executor_names_what_it_lacks() -> None:
+    class Half:
+        name = "half"
+        version = "1"
+
+        def algorithms(self) -> list[Any]:
+            return []
+
+    with pytest.raises(TypeError, match=r"it lacks requirements, execute, health, aclose of the Executor protocol"):
+        Registry().register(Half())
+    registry = Registry()
+    registry.register(lambda: Half(), name="half")
+    with pytest.raises(PluginError, match=r"which is not an Executor \(it lacks requirements, execute, health"):
+        registry.get("half")
