@@ -7,25 +7,27 @@ an event loop.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import functools
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Never, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _atexit
 from .config import Config
-from .errors import InvalidRequest, SchedulerClosed
-from .models import Health, Request, Response
+from .errors import EdgeComputeError, InvalidRequest, SchedulerClosed, TaskCancelled
+from .models import Health, Request, Resources, Response, TaskEvent
 from .registry import Registry
-from .scheduler import _REQUEST_OPTIONS, Scheduler, SchedulerStats
+from .scheduler import Scheduler, SchedulerStats, TaskHandle, _reject_unknown
 
-__all__ = ["Runtime"]
+__all__ = ["MapIterator", "Runtime"]
 
 _END = object()
+_T = TypeVar("_T")
 
 
 def _request(algorithm: str | Request, inputs: Any, options: dict[str, Any]) -> Request:
@@ -33,14 +35,96 @@ def _request(algorithm: str | Request, inputs: Any, options: dict[str, Any]) -> 
         if inputs is not None or options:
             raise InvalidRequest("pass either a Request or an algorithm with inputs and options, not both")
         return algorithm
-    unknown = set(options) - _REQUEST_OPTIONS
-    if unknown:
-        raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
     try:
         return Request(algorithm, inputs, **options)
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(str(exc)) from exc
+
+
+class _Call:
+    """What one blocking call (run, stream, map) started on the loop, so that an exception in the
+    caller's thread (KeyboardInterrupt) or a close from another thread can cancel all of it."""
+
+    __slots__ = ("changed", "handles", "stopped", "task")
+
+    def __init__(self) -> None:
+        self.handles: list[TaskHandle] = []
+        self.stopped = False
+        self.task: asyncio.Task[Any] | None = None
+        # set on the loop: woken when a handle is added or the call stops (see _handle_at)
+        self.changed: asyncio.Future[None] | None = None
+
+    def add(self, handle: TaskHandle) -> None:
+        self.handles.append(handle)
+        self._wake()
+
+    def is_stopped(self) -> bool:
+        return self.stopped
+
+    def stop(self) -> None:
+        """On the loop: cancel every task of this call and the coroutine still submitting them."""
+        self.stopped = True
+        for handle in self.handles:
+            handle.cancel()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self.changed = self.changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+
+class MapIterator(Iterator[Any]):
+    """The outputs of :meth:`Runtime.map_iter`, in input order, as they become available.
+
+    Every task is submitted at once (as queue room allows); iterating waits for each in turn.
+    :meth:`close` (from any thread, or leaving a ``with`` block) cancels the tasks not yet
+    consumed; iteration then stops.
+    """
+
+    def __init__(self, runtime: Runtime, requests: list[Request], return_exceptions: bool) -> None:
+        self._runtime = runtime
+        self._count = len(requests)
+        self._next = 0
+        self._return_exceptions = return_exceptions
+        self._call = _Call()
+        self._submitting = runtime.portal.start_task_soon(runtime._submit_all, requests, self._call)
+
+    def __iter__(self) -> MapIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._next >= self._count or self._call.stopped:
+            raise StopIteration
+        index = self._next
+        self._next += 1
+        try:
+            return self._runtime._wait(functools.partial(self._runtime._output, self._call, index), self._call)
+        except Exception as exc:
+            # (read again: another thread may have closed the map while we waited)
+            if self._call.is_stopped() and isinstance(exc, TaskCancelled):
+                submitting = self._submitting
+                failed = submitting.exception() if submitting.done() and not submitting.cancelled() else None
+                if failed is not None and not isinstance(failed, TaskCancelled):
+                    raise failed from None  # a submission failed (an unknown algorithm): say why
+                raise StopIteration from None  # closed (maybe by another thread) while we waited
+            if self._return_exceptions and isinstance(exc, EdgeComputeError):
+                return exc
+            self.close()
+            raise
+
+    def __enter__(self) -> MapIterator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the tasks not consumed yet; thread-safe, idempotent."""
+        if not self._call.stopped:
+            self._runtime._stop(self._call)
 
 
 class Runtime:
@@ -65,6 +149,11 @@ class Runtime:
         if self._scheduler_cm is not None:
             cm, self._scheduler_cm = self._scheduler_cm, None
             try:
+                if exc is not None and self._portal is not None:
+                    # leaving by an exception (Ctrl-C): cancel everything, and do not wait for
+                    # blocking code of cancelled tasks still on worker threads (daemon threads,
+                    # left to finish on their own)
+                    self._portal.call(functools.partial(self.scheduler.aclose, cancel=True, wait_for_threads=False))
                 cm.__exit__(exc_type, exc, tb)
             finally:
                 self._stop_portal()
@@ -99,22 +188,42 @@ class Runtime:
 
     # -- work -------------------------------------------------------------------------------------
 
-    def run(self, algorithm: str | Request, inputs: Any = None, **options: Any) -> Response:
-        """Run one request and return its response (raising its error)."""
-        request = _request(algorithm, inputs, options)
-        return self.portal.call(self._run, request)
+    def run(self, algorithm: str | Request, inputs: Any = None, *, params: Mapping[str, Any] | None = None,
+            priority: int | None = None, timeout: float | None = None, resources: Resources | None = None,
+            metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+            id: str | None = None, **unknown: Never) -> Response:
+        """Run one request and return its response (raising its error).
 
-    def submit(self, algorithm: str | Request, inputs: Any = None,
-               **options: Any) -> concurrent.futures.Future[Response]:
+        The keyword arguments are the :class:`Request` fields. An exception in the calling thread
+        while it waits (KeyboardInterrupt) cancels the task.
+        """
+        options = _options(params, priority, timeout, resources, metadata, retries, id, unknown)
+        request = _request(algorithm, inputs, options)
+        call = _Call()
+        return self._wait(functools.partial(self._run, request, call), call)
+
+    def submit(self, algorithm: str | Request, inputs: Any = None, *, params: Mapping[str, Any] | None = None,
+               priority: int | None = None, timeout: float | None = None, resources: Resources | None = None,
+               metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+               id: str | None = None, **unknown: Never) -> concurrent.futures.Future[Response]:
         """Queue one request; the future's ``cancel()`` cancels the task."""
+        options = _options(params, priority, timeout, resources, metadata, retries, id, unknown)
         request = _request(algorithm, inputs, options)
-        return self.portal.start_task_soon(self._run, request)
+        return self.portal.start_task_soon(self._run, request, _Call())
 
-    def stream(self, algorithm: str | Request, inputs: Any = None, **options: Any) -> Iterator[Any]:
-        """Run one request and yield its chunks as they come; raises the task's error at the end."""
+    def stream(self, algorithm: str | Request, inputs: Any = None, *, params: Mapping[str, Any] | None = None,
+               priority: int | None = None, timeout: float | None = None, resources: Resources | None = None,
+               metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+               id: str | None = None, **unknown: Never) -> Iterator[Any]:
+        """Run one request and yield its chunks as they come; raises the task's error at the end.
+
+        Closing the iterator early, or an exception in the caller while it waits, cancels the task.
+        """
+        options = _options(params, priority, timeout, resources, metadata, retries, id, unknown)
         request = _request(algorithm, inputs, options)
         chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        future = self.portal.start_task_soon(self._stream, request, chunks.put)
+        call = _Call()
+        future = self.portal.start_task_soon(self._stream, request, chunks.put, call)
         try:
             while True:
                 chunk = chunks.get()
@@ -124,26 +233,78 @@ class Runtime:
             future.result()
         finally:
             if not future.done():
+                self._stop(call)
                 future.cancel()
 
     def map(self, algorithm: str, items: Iterable[Any], *, progress: bool = False,
-            return_exceptions: bool = False, **options: Any) -> list[Any]:
+            return_exceptions: bool = False, params: Mapping[str, Any] | None = None,
+            priority: int | None = None, timeout: float | None = None, resources: Resources | None = None,
+            metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+            **unknown: Never) -> list[Any]:
         """Run ``algorithm`` on every item (as inputs) concurrently; return the outputs in order.
 
         With ``progress=True`` a tqdm bar counts finished items (a widget in Jupyter). The first
-        failure is raised unless ``return_exceptions=True``, which puts errors in the list.
+        failure is raised (and the rest cancelled) unless ``return_exceptions=True``, which puts
+        errors in the list. An exception in the calling thread while it waits (KeyboardInterrupt)
+        cancels every task of the map: none starts after it. To stop a map from another thread,
+        use :meth:`map_iter`.
         """
-        requests = [_request(algorithm, item, dict(options)) for item in items]
+        options = _options(params, priority, timeout, resources, metadata, retries, None, unknown)
+        requests = [_request(algorithm, item, options) for item in items]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(requests), desc=algorithm, unit="task")
+        call = _Call()
         try:
-            return self.portal.call(functools.partial(self._map, requests, bar, return_exceptions))
+            return self._wait(functools.partial(self._map, requests, bar, return_exceptions, call), call)
         finally:
             if bar is not None:
                 bar.close()
+
+    def map_iter(self, algorithm: str, items: Iterable[Any], *, return_exceptions: bool = False,
+                 params: Mapping[str, Any] | None = None, priority: int | None = None,
+                 timeout: float | None = None, resources: Resources | None = None,
+                 metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+                 **unknown: Never) -> MapIterator:
+        """Like :meth:`map`, but lazy, as ``concurrent.futures.Executor.map``: submits every task at
+        once and returns an iterator over the outputs in input order. Its ``close()``, callable
+        from any thread, cancels what has not been consumed yet.
+        """
+        options = _options(params, priority, timeout, resources, metadata, retries, None, unknown)
+        requests = [_request(algorithm, item, options) for item in items]
+        return MapIterator(self, requests, return_exceptions)
+
+    # -- looking at tasks ---------------------------------------------------------------------------
+
+    def tasks(self) -> list[TaskHandle]:
+        """The tasks queued, retrying or running now, oldest first (see :meth:`Scheduler.tasks`).
+
+        The handles belong to the loop thread: read their attributes here, and cancel one with
+        :meth:`cancel`, not ``handle.cancel()``.
+        """
+        return self.portal.call(self._tasks)
+
+    def task(self, task_id: str) -> TaskHandle | None:
+        """The live task with this id (the request's ``id``), or None if there is none."""
+        return self.portal.call(self._task, task_id)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel the live task with this id, from any thread. False if there is none (ended)."""
+        return self.portal.call(self._cancel, task_id)
+
+    def subscribe(self, observer: Callable[[TaskEvent], None]) -> Callable[[], None]:
+        """Call ``observer(event)`` on every task event (see :meth:`Scheduler.subscribe`); returns
+        a function that unsubscribes. The observer runs on the Runtime's loop thread, not the
+        caller's: it must be quick and thread-safe (append to a list, put on a queue)."""
+        unsubscribe = self.portal.call(self._subscribe, observer)
+
+        def _unsubscribe() -> None:
+            if self._portal is not None:
+                self._portal.call(self._unsubscribe, unsubscribe)
+
+        return _unsubscribe
 
     @property
     def registry(self) -> Registry:
@@ -156,34 +317,83 @@ class Runtime:
     def stats(self) -> SchedulerStats:
         return self.portal.call(self._stats)
 
+    # -- from the caller's thread --------------------------------------------------------------------
+
+    def _wait(self, fn: Callable[[], Awaitable[_T]], call: _Call) -> _T:
+        """Run ``fn`` on the loop and wait for it; an exception here (KeyboardInterrupt while
+        waiting) stops everything the call started before it propagates."""
+        future = self.portal.start_task_soon(fn)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                self._stop(call)
+                future.cancel()
+            raise
+
+    def _stop(self, call: _Call) -> None:
+        # on the loop, and waited for: once this returns, no task of the call starts any more
+        try:
+            self.portal.call(self._stop_call, call)
+        except (SchedulerClosed, RuntimeError):
+            pass  # the loop is gone: nothing of the call can start
+
     # -- on the loop --------------------------------------------------------------------------------
 
-    async def _run(self, request: Request) -> Response:
+    async def _stop_call(self, call: _Call) -> None:
+        call.stop()
+
+    async def _run(self, request: Request, call: _Call) -> Response:
         handle = await self.scheduler.asubmit(request)
+        call.add(handle)
         try:
             return await handle.result()
         finally:
             handle.cancel()  # no-op once done; cancels the task if our caller gave up
 
-    async def _stream(self, request: Request, put: Any) -> None:
-        handle = await self.scheduler.asubmit(request)
+    async def _stream(self, request: Request, put: Any, call: _Call) -> None:
         try:
-            async for chunk in handle.stream():
-                put(chunk)
+            handle = await self.scheduler.asubmit(request)
+            call.add(handle)
+            try:
+                async for chunk in handle.stream():
+                    put(chunk)
+            finally:
+                handle.cancel()
         finally:
-            handle.cancel()
             put(_END)
 
-    async def _map(self, requests: list[Request], bar: Any, return_exceptions: bool) -> list[Any]:
-        handles = []
+    async def _submit_all(self, requests: list[Request], call: _Call) -> None:
+        call.task = asyncio.current_task()
+        try:
+            for request in requests:
+                if call.stopped:
+                    return
+                call.add(await self.scheduler.asubmit(request))
+        except BaseException:
+            call.stop()  # a submission failed (or we were cancelled): the map stops
+            raise
+        finally:
+            call.task = None
+
+    async def _output(self, call: _Call, index: int) -> Any:
+        while len(call.handles) <= index:
+            if call.stopped:
+                raise TaskCancelled(f"the map stopped before its item {index} was submitted")
+            call.changed = asyncio.get_running_loop().create_future()
+            await call.changed
+        return (await call.handles[index].result()).outputs
+
+    async def _map(self, requests: list[Request], bar: Any, return_exceptions: bool, call: _Call) -> list[Any]:
+        call.task = asyncio.current_task()
         try:
             for request in requests:
                 handle = await self.scheduler.asubmit(request)
                 if bar is not None:
                     handle.add_done_callback(lambda _: bar.update(1))  # in the order they finish
-                handles.append(handle)
+                call.add(handle)
             results: list[Any] = []
-            for handle in handles:
+            for handle in call.handles:
                 try:
                     results.append((await handle.result()).outputs)
                 except Exception as exc:
@@ -192,8 +402,47 @@ class Runtime:
                     results.append(exc)
             return results
         finally:
-            for handle in handles:
-                handle.cancel()
+            call.task = None
+            call.stop()  # no-op for tasks that ended; cancels the rest if we failed or were stopped
 
     async def _stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    async def _tasks(self) -> list[TaskHandle]:
+        return self.scheduler.tasks()
+
+    async def _task(self, task_id: str) -> TaskHandle | None:
+        return self.scheduler.task(task_id)
+
+    async def _cancel(self, task_id: str) -> bool:
+        handle = self.scheduler.task(task_id)
+        return handle is not None and handle.cancel()
+
+    async def _subscribe(self, observer: Callable[[TaskEvent], None]) -> Callable[[], None]:
+        return self.scheduler.subscribe(observer)
+
+    async def _unsubscribe(self, unsubscribe: Callable[[], None]) -> None:
+        unsubscribe()
+
+
+def _options(params: Mapping[str, Any] | None, priority: int | None, timeout: float | None,
+             resources: Resources | None, metadata: Mapping[str, Any] | None, retries: int | None,
+             id: str | None, unknown: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`Request` fields given (not None); Request checks their types at run time."""
+    _reject_unknown(unknown)
+    options: dict[str, Any] = {}
+    if params is not None:
+        options["params"] = params
+    if priority is not None:
+        options["priority"] = priority
+    if timeout is not None:
+        options["timeout"] = timeout
+    if resources is not None:
+        options["resources"] = resources
+    if metadata is not None:
+        options["metadata"] = metadata
+    if retries is not None:
+        options["retries"] = retries
+    if id is not None:
+        options["id"] = id
+    return options

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import difflib
 import heapq
 import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from typing import Any, Never
 
 import attrs
 
@@ -58,7 +59,6 @@ _RUNNING = TaskState.RUNNING
 _SUCCEEDED = TaskState.SUCCEEDED
 _current_task = asyncio.current_task
 _BACKFILL_WINDOW = 32
-_REQUEST_OPTIONS = frozenset({"params", "priority", "timeout", "resources", "metadata", "retries", "id"})
 
 
 class TaskHandle:
@@ -164,10 +164,12 @@ class TaskHandle:
         """Whether a reader is in :meth:`stream` now (one at a time)."""
         return self._streaming
 
-    async def result(self) -> Response:
+    async def result(self, timeout: float | None = None) -> Response:
         """Wait for the task to end; return its response or raise its error.
 
-        Cancelling the caller does not cancel the task (use :meth:`cancel` for that).
+        ``timeout`` (seconds) bounds the wait: past it, ``TimeoutError`` is raised and the task
+        goes on (cancel it with :meth:`cancel`). Cancelling the caller does not cancel the task
+        either. ``await handle`` is ``await handle.result()``.
         """
         if not self._ended:
             waiter = self._scheduler._loop.create_future()
@@ -175,11 +177,23 @@ class TaskHandle:
                 self._waiters = [waiter]
             else:
                 self._waiters.append(waiter)
-            await waiter
+            if timeout is None:
+                await waiter
+            else:
+                try:
+                    await asyncio.wait_for(waiter, timeout)
+                except TimeoutError:
+                    if self._waiters is not None and waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                    raise TimeoutError(f"task {self.id} ({self.algorithm}) did not end within {timeout:g} s; "
+                                       f"it is still {self.state.value}") from None
         if self._error is not None:
             raise self._error
         assert self._response is not None
         return self._response
+
+    def __await__(self) -> Generator[Any, None, Response]:
+        return self.result().__await__()
 
     def add_done_callback(self, callback: Callable[[TaskHandle], None]) -> None:
         """Call ``callback(handle)`` on the loop when the task ends (at once if it has)."""
@@ -201,7 +215,8 @@ class TaskHandle:
         If the task fails, the error is raised after the last chunk.
         """
         if self._streaming:
-            raise InvalidRequest(f"task {self.id} is already being streamed by another reader")
+            raise InvalidRequest(f"task {self.id} is already being streamed by another reader: a task's chunks "
+                                 "go to one reader, each chunk once; read them in one place and share them")
         self._streaming = True
         try:
             while True:
@@ -241,6 +256,28 @@ class TaskHandle:
         if self.state is _RUNNING:
             self.progress = fraction
             self._scheduler._event("progress", self)
+
+
+_REQUEST_OPTIONS = ("params", "priority", "timeout", "resources", "metadata", "retries", "id")
+
+
+def _reject_unknown(unknown: Mapping[str, Any]) -> None:
+    """Raise for keyword arguments that are no :class:`Request` field.
+
+    The public signatures type them ``**unknown: Never``, so that a type checker flags a misspelt
+    option by name; at run time this names it too, with the close match.
+    """
+    if unknown:
+        hints = []
+        for name in sorted(unknown):
+            close = difflib.get_close_matches(name, _REQUEST_OPTIONS, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise InvalidRequest(f"unknown option(s) {', '.join(hints)}; valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options that were given (not None)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _covering(a: Resources, b: Resources) -> Resources:
@@ -373,10 +410,14 @@ class Scheduler:
             self._observers.append(lambda event: hook.hook.task_event(event=event))
         self._state = "running"
 
-    async def aclose(self, *, cancel: bool = False, timeout: float | None = None) -> None:
+    async def aclose(self, *, cancel: bool = False, timeout: float | None = None,
+                     wait_for_threads: bool = True) -> None:
         """Stop taking tasks, then finish the queued ones (or cancel everything), then release
         executors and threads. Waits at most ``timeout`` (default: ``close_timeout``) for running
-        tasks to stop after cancellation."""
+        tasks to stop after cancellation. With ``wait_for_threads=False`` it does not wait for
+        blocking code of cancelled tasks still running on worker threads (which cannot be
+        interrupted): those daemon threads are left to finish on their own (what ``Runtime`` does
+        when its ``with`` block is left by an exception, such as KeyboardInterrupt)."""
         if self._state in ("closing", "closed"):
             return
         if self._state == "new":
@@ -394,7 +435,7 @@ class Scheduler:
         finally:
             if cancel or self._live:
                 self._cancel_all()
-            await self._wait_settled(grace)
+            await self._wait_settled(grace, wait_for_threads)
             self._state = "closed"
             for waiter in self._space_waiters:
                 if not waiter.done():
@@ -408,15 +449,15 @@ class Scheduler:
     def _settled(self) -> bool:
         return self._live == 0 and not self._tasks and self._lingering == 0
 
-    async def _wait_idle(self) -> None:
-        while not self._settled():
+    async def _wait_idle(self, threads: bool = True) -> None:
+        while not (self._settled() if threads else self._live == 0 and not self._tasks):
             waiter = self._loop.create_future()
             self._idle_waiters.append(waiter)
             await waiter
 
-    async def _wait_settled(self, grace: float) -> None:
+    async def _wait_settled(self, grace: float, threads: bool = True) -> None:
         try:
-            await asyncio.wait_for(self._wait_idle(), grace)
+            await asyncio.wait_for(self._wait_idle(threads), grace)
         except TimeoutError:
             log.warning("%d task(s) and %d worker thread(s) were still running %.1f s after cancellation; "
                         "leaving them behind", len(self._tasks), self._lingering, grace)
@@ -466,19 +507,25 @@ class Scheduler:
                 raise
         return self.submit(request)
 
-    async def run(self, algorithm: str, inputs: Any = None, **options: Any) -> Response:
+    async def run(self, algorithm: str, inputs: Any = None, *, params: Mapping[str, Any] | None = None,
+                  priority: int | None = None, timeout: float | None = None, resources: Resources | None = None,
+                  metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+                  id: str | None = None, **unknown: Never) -> Response:
         """Build a :class:`Request`, wait for queue room, run it, and return its response.
 
-        ``options`` are the other ``Request`` fields: ``params``, ``priority``, ``timeout``,
-        ``resources``, ``metadata``, ``retries``.
+        The keyword arguments are the other ``Request`` fields (None: the field's default); any
+        other keyword is an ``InvalidRequest`` (and a type error for a type checker).
         """
-        if options:
-            unknown = set(options) - _REQUEST_OPTIONS
-            if unknown:
-                raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))}; "
-                                     f"valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
+        if unknown:
+            _reject_unknown(unknown)
         try:
-            request = Request(algorithm, inputs, **options)
+            if params is None and priority is None and timeout is None and resources is None \
+                    and metadata is None and retries is None and id is None:
+                request = Request(algorithm, inputs)  # the usual call: no dict of options to build
+            else:
+                request = Request(algorithm, inputs, **_given(params=params, priority=priority, timeout=timeout,
+                                                             resources=resources, metadata=metadata,
+                                                             retries=retries, id=id))
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
         if self._state == "running" and self._queued < self.max_queue:
@@ -862,6 +909,8 @@ class Scheduler:
 
         # blocking code still running on a worker thread keeps its share until it returns
         ctx._release_when_threads_done(release)
+        if lingering and self._idle_waiters:
+            self._check_idle()  # a close that does not wait for threads may go on
 
     # -- ending -----------------------------------------------------------------------------------
 
@@ -939,7 +988,9 @@ class Scheduler:
             self._check_idle()
 
     def _check_idle(self) -> None:
-        if self._idle_waiters and self._settled():
+        # wakes when no task is live: each waiter checks its own condition (_wait_idle), which may
+        # also ask for worker threads of cancelled tasks to have returned
+        if self._idle_waiters and self._live == 0 and not self._tasks:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 if not waiter.done():
@@ -986,6 +1037,35 @@ class Scheduler:
                 observer(event)
             except Exception:
                 log.exception("task observer %r failed on %s", observer, kind)
+
+    def tasks(self) -> list[TaskHandle]:
+        """The tasks queued, waiting to retry or running now, oldest submission first.
+
+        A snapshot: the handles are live (their ``state`` moves on), but tasks submitted later are
+        not in the list. Ended tasks are not kept (observe them with :meth:`subscribe`).
+        """
+        seen: dict[int, TaskHandle] = {}
+        for entry in self._heap:
+            seen[id(entry[2])] = entry[2]
+        for parked in self._parked.values():
+            for entry in parked:
+                seen[id(entry[2])] = entry[2]
+        for handle in self._tasks.values():
+            seen[id(handle)] = handle
+        for handle in self._retry_handles:
+            seen[id(handle)] = handle
+        # the heap keeps entries of tasks that ended while queued until it reaches them
+        live = [handle for handle in seen.values() if not handle._ended]
+        live.sort(key=lambda handle: handle._submitted_at)
+        return live
+
+    def task(self, task_id: str) -> TaskHandle | None:
+        """The live task whose id (its request's ``id``) is ``task_id``, or None if there is none
+        (unknown, or ended: the scheduler keeps no history)."""
+        for handle in self.tasks():
+            if handle.id == task_id:
+                return handle
+        return None
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(self._queued, self._active, self._retrying, self._pool.in_use,

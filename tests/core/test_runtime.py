@@ -56,8 +56,8 @@ def test_errors_cross_to_the_caller_typed() -> None:
             rt.run("app/square", -1)
         with pytest.raises(UnknownAlgorithm):
             rt.run("app/cube", 2)
-        with pytest.raises(InvalidRequest, match="unknown option"):
-            rt.run("app/square", 2, priorty=1)
+        with pytest.raises(InvalidRequest, match="unknown option.*priorty .did you mean priority"):
+            rt.run("app/square", 2, priorty=1)  # type: ignore[arg-type]
         results = rt.map("app/square", [2, -1, 3], return_exceptions=True)
         assert results[0] == 4 and results[2] == 9
         assert isinstance(results[1], ExecutorError)
