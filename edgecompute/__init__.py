@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
     from .placement import Placement
     from .registry import Registry, Selection
-    from .runtime import Runtime
+    from .runtime import MapIterator, Runtime
     from .scheduler import Scheduler, SchedulerStats, TaskHandle
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ _LAZY = {
     "Config": "config",
     "Executor": "executor",
     "FunctionExecutor": "functions",
+    "MapIterator": "runtime",
     "Placement": "placement",
     "Registry": "registry",
     "Runtime": "runtime",
@@ -58,6 +59,7 @@ __all__ = [
     "FunctionExecutor",
     "Health",
     "HealthStatus",
+    "MapIterator",
     "Placement",
     "Registry",
     "Request",
