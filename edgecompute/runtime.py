@@ -430,19 +430,6 @@ def _options(params: Mapping[str, Any] | None, priority: int | None, timeout: fl
              id: str | None, unknown: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`Request` fields given (not None); Request checks their types at run time."""
     _reject_unknown(unknown)
-    options: dict[str, Any] = {}
-    if params is not None:
-        options["params"] = params
-    if priority is not None:
-        options["priority"] = priority
-    if timeout is not None:
-        options["timeout"] = timeout
-    if resources is not None:
-        options["resources"] = resources
-    if metadata is not None:
-        options["metadata"] = metadata
-    if retries is not None:
-        options["retries"] = retries
-    if id is not None:
-        options["id"] = id
-    return options
+    given = {"params": params, "priority": priority, "timeout": timeout, "resources": resources,
+             "metadata": metadata, "retries": retries, "id": id}
+    return {name: value for name, value in given.items() if value is not None}
