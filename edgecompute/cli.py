@@ -188,13 +188,15 @@ def demo(config_path: str | None) -> None:
               help="Configuration file (same as the global --config).")
 @click.option("--host", default=None, help="Address to listen on (default: server.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: server.port, 8000).")
+@click.option("--grpc-port", type=int, default=None,
+              help="Also serve gRPC on this port (default: server.grpc_port; none: no gRPC). Needs edgecompute[grpc].")
 @click.option("--executor", "extra", multiple=True, metavar="MODULE:ATTR",
               help="Also serve this executor object (e.g. a FunctionExecutor of your application). Repeatable.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_obj
 def serve(config_path: str | None, serve_config: str | None, host: str | None, port: int | None,
-          extra: tuple[str, ...], log_level: str) -> None:
+          grpc_port: int | None, extra: tuple[str, ...], log_level: str) -> None:
     """Serve the scheduler over HTTP and WebSocket (needs: pip install "edgecompute[server]")."""
     try:
         from .server import serve as run_server
@@ -219,7 +221,15 @@ def serve(config_path: str | None, serve_config: str | None, host: str | None, p
             raise click.BadParameter(f"cannot load {spec}: {exc}", param_hint="--executor") from exc
         registry.register(executor)
     try:
-        run_server(config, registry=registry, host=host, port=port, log_level=log_level)
+        if grpc_port is not None or config.server.get("grpc_port") is not None:
+            # gRPC on its own port, in the same process and on the same scheduler (docs/grpc.md)
+            try:
+                from .server.grpc import serve as run_both
+            except ImportError as exc:
+                raise click.ClickException(f"gRPC needs its extra: pip install \"edgecompute[grpc]\" ({exc})") from exc
+            run_both(config, registry=registry, host=host, port=port, grpc_port=grpc_port, log_level=log_level)
+        else:
+            run_server(config, registry=registry, host=host, port=port, log_level=log_level)
     except EdgeComputeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 

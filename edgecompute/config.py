@@ -81,6 +81,8 @@ def _is_int(value: Any) -> bool:
 _SERVER_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "host": ("a host name or address", lambda v: isinstance(v, str) and bool(v)),
     "port": ("an integer from 0 to 65535", lambda v: _is_int(v) and 0 <= v <= 65535),
+    "grpc_port": ("an integer from 0 to 65535", lambda v: _is_int(v) and 0 <= v <= 65535),
+    "grpc_host": ("a host name or address", lambda v: isinstance(v, str) and bool(v)),
     **dict.fromkeys(
         ("max_body_bytes", "keep_finished", "keep_finished_bytes", "max_output_bytes", "max_depth",
          "max_header_bytes", "max_headers", "max_url_bytes", "body_min_rate", "max_connections",

@@ -19,6 +19,8 @@
     max_connections = 1000         # open connections; more are answered 503 and closed
     access_log = true              # one JSON line per request (logger edgecompute.access)
     public_metrics = true          # /metrics without a key (else it needs the "metrics" scope)
+    grpc_port = 50051              # also serve gRPC on this port (docs/grpc.md); absent: no gRPC
+    grpc_host = "127.0.0.1"        # the gRPC listener's address (default: host)
 
     [[server.keys]]                # API keys, stored hashed: edgecompute keys new
     name = "app"
@@ -52,7 +54,7 @@ _KNOWN = {"host", "port", "max_body_bytes", "max_wait", "keep_finished", "access
           "allow_anonymous", "anonymous_scopes", "anonymous_rate", "anonymous_burst", "anonymous_max_in_flight",
           "keep_finished_bytes", "max_output_bytes", "max_depth", "max_header_bytes", "max_headers",
           "max_url_bytes", "header_timeout", "body_timeout", "body_min_rate", "keep_alive_timeout",
-          "max_connections"}
+          "max_connections", "grpc_port", "grpc_host"}
 #: (name, integer, least, most): the numeric settings and their bounds
 _NUMBERS: tuple[tuple[str, bool, float, float], ...] = (
     ("max_body_bytes", True, 1, 2**40), ("keep_finished", True, 1, 10**8), ("max_wait", False, 0, 86400.0),
@@ -107,6 +109,8 @@ class ServerSettings:
     keys: tuple[ApiKey, ...] = ()
     allow_anonymous: bool = False
     anonymous: ApiKey | None = None
+    grpc_port: int | None = None  # None: no gRPC listener
+    grpc_host: str | None = None  # None: the same as host
 
     @classmethod
     def from_config(cls, config: Config, *, source: str = "config") -> ServerSettings:
@@ -125,6 +129,13 @@ class ServerSettings:
             values["host"] = data["host"]
         if "port" in data:
             values["port"] = _number(source, "port", data["port"], integer=True)
+        if "grpc_port" in data:
+            values["grpc_port"] = _number(source, "grpc_port", data["grpc_port"], integer=True, most=65535)
+        if "grpc_host" in data:
+            if not isinstance(data["grpc_host"], str) or not data["grpc_host"]:
+                raise ConfigError(f"{source}: server.grpc_host must be a host name or address, "
+                                  f"not {data['grpc_host']!r}")
+            values["grpc_host"] = data["grpc_host"]
         for key, integer, least, most in _NUMBERS:
             if key in data:
                 values[key] = _number(source, key, data[key], integer=integer, least=least, most=most)
