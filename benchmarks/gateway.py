@@ -21,7 +21,12 @@
    the longest time the server kept a slow connection open (against ``header_timeout``);
 6. memory: ``--blobs`` (10,000) tasks whose outputs are 1 MB each (fresh bytes every time), fetched
    by 8 connections; the server's RSS after them, against its kept-result byte budget
-   (``server.keep_finished_bytes``, default 256 MiB) + 100 MB.
+   (``server.keep_finished_bytes``, default 256 MiB) + 100 MB;
+7. gRPC (docs/grpc.md), served by the same process on its own port over the same gateway: the
+   sequential p50/p99 of ``Submit`` (wait) with a raw ``grpc.aio`` call (pre-serialized bytes, so
+   the figure is the server's cost) and through ``edgecompute.grpc_client.GrpcClient``; 50
+   concurrent callers over one HTTP/2 channel (raw, then ``AsyncGrpcClient``) in requests/s beside
+   the raw HTTP figure of 2.; the token stream's first and last token.
 
 The server runs with its default settings except ``access_log = false`` (one JSON line per
 request costs ~10 us more; see docs/performance.md).
@@ -70,7 +75,33 @@ def functions() -> Any:
     return app
 
 
-def serve(port: int) -> None:
+def bare_grpc(app: Any, port: int) -> None:
+    """A grpc.aio server that echoes raw bytes, in the gateway's process and loop: the floor any
+    grpc.aio service pays per call (the baseline of the gRPC rows)."""
+    from contextlib import asynccontextmanager
+
+    import grpc.aio
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(target: Any) -> Any:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Bare", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        async with inner(target) as state:
+            yield state
+        await server.stop(0)
+
+    app.router.lifespan_context = lifespan
+
+
+def serve(port: int, grpc_port: int | None = None, bare_port: int | None = None) -> None:
     import uvicorn
 
     from edgecompute import Config, Registry, Resources, Scheduler
@@ -83,7 +114,14 @@ def serve(port: int) -> None:
     ]})
     scheduler = Scheduler(Registry([functions()]), config=Config(), capacity=Resources(cpu=2))
     # the server as `edgecompute serve` runs it: the guarded HTTP protocol with the settings' limits
-    config = uvicorn_config(build_app(settings, scheduler), settings, host="127.0.0.1", port=port,
+    app = build_app(settings, scheduler)
+    if grpc_port is not None:
+        from edgecompute.server.grpc import attach
+
+        attach(app, host="127.0.0.1", port=grpc_port)  # as `edgecompute serve` with server.grpc_port
+    if bare_port is not None:
+        bare_grpc(app, bare_port)
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=port,
                             log_level="warning", loop="uvloop", ws="websockets-sansio")
     uvicorn.Server(config).run()
 
@@ -306,6 +344,105 @@ def streaming(port: int) -> dict[str, tuple[float, float, int]]:
     return results
 
 
+# -- gRPC ------------------------------------------------------------------------------------------
+
+
+def grpc_submit_bytes() -> bytes:
+    """The raw rows' request: JSON in and out, as the raw HTTP rows send and get."""
+    from edgecompute.grpc_proto import JSON, encode_value, pb
+
+    return pb.SubmitRequest(algorithm="app/echo", inputs=encode_value({"text": "hello", "n": 3}, JSON),
+                            wait=60.0, accept=JSON).SerializeToString()
+
+
+async def grpc_latency(port: int, n: int, *, bare: bool = False) -> list[float]:
+    """Sequential ``Submit`` calls (or, ``bare``, the bare echo server's calls with the same bytes)."""
+    import grpc.aio
+
+    from edgecompute.grpc_proto import METHODS, pb
+
+    request = grpc_submit_bytes()
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        submit = channel.unary_unary("/bench.Bare/Echo" if bare else METHODS["Submit"])
+        for _ in range(200):
+            await submit(request, metadata=metadata)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            answer = await submit(request, metadata=metadata)
+            times.append(time.perf_counter() - start)
+        assert bare or pb.Task.FromString(answer).state == "succeeded"
+    return times
+
+
+def grpc_client_latency(port: int, n: int) -> list[float]:
+    from edgecompute.grpc_client import GrpcClient
+
+    inputs = {"text": "hello", "n": 3}
+    with GrpcClient(f"127.0.0.1:{port}", KEY) as client:
+        for _ in range(100):
+            client.run("app/echo", inputs)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            client.run("app/echo", inputs)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+async def grpc_load(port: int, concurrency: int, seconds: float, *, client: bool = False,
+                    bare: bool = False) -> tuple[dict[str, int], float]:
+    """``concurrency`` callers over one channel: raw ``grpc.aio`` calls (to the bare echo server
+    with ``bare``) or ``AsyncGrpcClient.run``."""
+    import grpc.aio
+
+    from edgecompute.grpc_client import AsyncGrpcClient
+    from edgecompute.grpc_proto import METHODS
+
+    codes: dict[str, int] = {}
+    request = grpc_submit_bytes()
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    inputs = {"text": "hello", "n": 3}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel, \
+            AsyncGrpcClient(f"127.0.0.1:{port}", KEY) as remote:
+        submit = channel.unary_unary("/bench.Bare/Echo" if bare else METHODS["Submit"])
+
+        async def one() -> str:
+            try:
+                if client:
+                    await remote.run("app/echo", inputs)
+                else:
+                    await submit(request, metadata=metadata)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            except Exception as exc:  # noqa: BLE001 - counted by class, as statuses are
+                return type(exc).__name__
+
+        await asyncio.gather(*(one() for _ in range(concurrency)))  # connect, warm up
+        stop = time.monotonic() + seconds
+
+        async def caller() -> None:
+            while time.monotonic() < stop:
+                code = await one()
+                codes[code] = codes.get(code, 0) + 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return codes, time.monotonic() - start
+
+
+def grpc_streaming(port: int) -> tuple[float, float, int]:
+    from edgecompute.grpc_client import GrpcClient
+
+    with GrpcClient(f"127.0.0.1:{port}", KEY) as client:
+        task = client.submit("app/generate")
+        start = time.perf_counter()
+        arrivals = [time.perf_counter() - start for _ in task.stream()]
+    return arrivals[0], arrivals[-1], len(arrivals)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -313,16 +450,22 @@ def main() -> None:
     parser.add_argument("--slow-seconds", type=float, default=12.0, help="length of the slow-client rows")
     parser.add_argument("--blobs", type=int, default=10_000, help="tasks with 1 MB outputs for the RSS row")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-serve", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        serve(args.serve)
+        serve(args.serve, args.grpc_serve, args.bare_serve)
         return
     import uvloop
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], env={**os.environ})
+    ports = []
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    port, grpc_port, bare_port = ports
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--grpc-serve", str(grpc_port),
+                               "--bare-serve", str(bare_port)], env={**os.environ})
     try:
         import httpx
 
@@ -343,6 +486,13 @@ def main() -> None:
         statuses, elapsed = uvloop.run(load(port, KEY, 50, args.seconds))
         client_count, client_elapsed = uvloop.run(client_load(port, 50, args.seconds))
         statuses_after, elapsed_after = uvloop.run(load(port, KEY, 50, args.seconds))
+        bare = uvloop.run(grpc_latency(bare_port, args.requests, bare=True))
+        rpc = uvloop.run(grpc_latency(grpc_port, args.requests))
+        rpc_client = grpc_client_latency(grpc_port, max(200, args.requests // 4))
+        bare_codes, bare_elapsed = uvloop.run(grpc_load(bare_port, 50, args.seconds, bare=True))
+        rpc_codes, rpc_elapsed = uvloop.run(grpc_load(grpc_port, 50, args.seconds))
+        rpc_client_codes, rpc_client_elapsed = uvloop.run(grpc_load(grpc_port, 50, args.seconds, client=True))
+        rpc_stream = grpc_streaming(grpc_port)
         limited, limited_elapsed = uvloop.run(load(port, LIMITED_KEY, 10, 3.0))
         quiet_before, quiet_before_s = uvloop.run(load(port, KEY, 10, args.slow_seconds - 1.0))
         attacked, attacked_s, lifetimes = uvloop.run(under_slowloris(port, 200, args.slow_seconds))
@@ -392,6 +542,26 @@ def main() -> None:
     for transport, (first, last, count) in streams.items():
         print(f"stream over {transport.upper():3}: {count} tokens, first at {first * ms:.0f} ms, "
               f"last at {last * ms:.0f} ms")
+    r50, rc50, b50 = statistics.median(rpc), statistics.median(rpc_client), statistics.median(bare)
+    rpc_rate = sum(rpc_codes.values()) / rpc_elapsed
+    rpc_client_rate = sum(rpc_client_codes.values()) / rpc_client_elapsed
+    bare_rate = sum(bare_codes.values()) / bare_elapsed
+    print(f"\n{'gRPC (same server process, its own port)':42} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'bare grpc.aio echo (the floor)':42} {b50 * ms:9.3f} {percentile(bare, 0.99) * ms:9.3f}")
+    print(f"{'gRPC Submit(wait), raw grpc.aio call':42} {r50 * ms:9.3f} {percentile(rpc, 0.99) * ms:9.3f}")
+    print(f"{'gRPC, edgecompute.grpc_client.GrpcClient':42} {rc50 * ms:9.3f} {percentile(rpc_client, 0.99) * ms:9.3f}")
+    print(f"gRPC cost over embedded, p50: {(r50 - e50) * ms:.3f} ms (HTTP: {(g50 - e50) * ms:.3f} ms; "
+          f"gRPC / HTTP p50 = {r50 / g50:.2f}x); over the bare grpc.aio echo: {(r50 - b50) * ms:.3f} ms; "
+          f"with GrpcClient: {(rc50 - e50) * ms:.3f} ms")
+    print(f"bare grpc.aio echo, 50 concurrent callers on one channel, {bare_elapsed:.1f} s: {bare_rate:,.0f} "
+          f"requests/s; codes {bare_codes}")
+    print(f"gRPC throughput, 50 concurrent callers on one channel, {rpc_elapsed:.1f} s: {rpc_rate:,.0f} requests/s "
+          f"= {rpc_rate / raw_mean:.0%} of raw HTTP's {raw_mean:,.0f}/s, {rpc_rate / bare_rate:.0%} of the bare "
+          f"echo's; codes {rpc_codes}")
+    print(f"AsyncGrpcClient, 50 concurrent run() calls, {rpc_client_elapsed:.1f} s: {rpc_client_rate:,.0f} requests/s "
+          f"= {rpc_client_rate / rpc_rate:.0%} of raw gRPC; codes {rpc_client_codes}")
+    first, last, count = rpc_stream
+    print(f"stream over gRPC: {count} tokens, first at {first * ms:.0f} ms, last at {last * ms:.0f} ms\n")
     mb = 1e6
     budget = result_budget()
     verdict = ("n/a: no budget setting" if budget is None else

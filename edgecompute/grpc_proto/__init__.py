@@ -70,6 +70,13 @@ def encode_value(value: Any, encoding: int = FRAME, *, max_depth: int = wire.MAX
     # wrapped in {"v": ...}: a frame's top level is an object, and the depth rule then counts
     # exactly as it does for the HTTP document's "inputs"/"outputs"
     if encoding == JSON:
+        try:
+            # the common case, plain JSON with no "$" keys, skips the tagging walk (C speed)
+            text = json.dumps({"v": value}, separators=(",", ":"), allow_nan=False).encode()
+            if b'"$' not in text and text.count(b"[") + text.count(b"{") <= max_depth:
+                return pb.Value(json=text)
+        except (TypeError, RecursionError):
+            pass  # bytes or arrays inside (tagged below), or too deep (refused below, naming the limit)
         return pb.Value(json=json.dumps(wire.to_jsonable({"v": value}, max_depth=max_depth), separators=(",", ":"),
                                         allow_nan=False).encode())
     return pb.Value(frame=wire.encode_frame({"v": value}, max_depth=max_depth))

@@ -78,6 +78,8 @@ class TasksService:
         self.seconds = Histogram("edgecompute_grpc_request_seconds", "gRPC call latency by method (streams: "
                                  "until the stream ends)", ["method"], registry=registry,
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary: dict[str, Unary] = {
@@ -144,8 +146,15 @@ class TasksService:
 
     def _finish(self, method: str, code: grpc.StatusCode, started: float) -> None:
         elapsed = time.perf_counter() - started
-        self.requests.labels(method, code.name).inc()
-        self.seconds.labels(method).observe(elapsed)
+        # label lookups cost more than the update: the children are kept (a bounded set)
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = self.requests.labels(method, code.name)
+        counter.inc()
+        timer = self._timers.get(method)
+        if timer is None:
+            timer = self._timers[method] = self.seconds.labels(method)
+        timer.observe(elapsed)
         if self.settings.access_log and access_log.isEnabledFor(logging.INFO):
             access_log.info("GRPC %s %s", METHODS[method], code.name,
                             extra={"status": code.name, "ms": round(elapsed * 1000, 3)})
