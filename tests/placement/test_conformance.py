@@ -1,6 +1,6 @@
 """The same executor tests, run with the executor in process, in a worker process, in a worker
-started by an explicitly named interpreter (the path a host uses for another environment), and in
-a Ray actor on a local cluster."""
+started by an explicitly named interpreter (the path a host uses for another environment), in a
+sandboxed worker (bubblewrap), and in a Ray actor on a local cluster."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from edgecompute.errors import InvalidRequest, TaskCancelled, TaskTimeout
 
 from .apps import apps
 from .conftest import our_segments, running
+from .sandboxing import cpp_sandbox, skip_without_namespaces
 
 pytestmark = pytest.mark.anyio
 
@@ -26,8 +27,11 @@ PLACEMENTS = {
 }
 
 
-@pytest.fixture(params=[*PLACEMENTS, "ray"], scope="module")
+@pytest.fixture(params=[*PLACEMENTS, "sandbox", "ray"], scope="module")
 def placement(request: pytest.FixtureRequest) -> Placement:
+    if request.param == "sandbox":
+        skip_without_namespaces()
+        return cpp_sandbox()
     if request.param == "ray":
         placement: Placement = request.getfixturevalue("ray_placement")
         return placement
