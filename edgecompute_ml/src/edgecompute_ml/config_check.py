@@ -51,8 +51,13 @@ _INTS: dict[str, tuple[int, int]] = {
     "depth_divisible_by": (1, 1 << 10),
     "min_depth": (1, 1 << 12),
     "output_stride": (1, 1 << 10),
+    "sliding_window": (1, 1 << 22),
+    "max_window_layers": (0, 1024),
+    "sliding_window_pattern": (1, 1024),
+    "original_max_position_embeddings": (1, 1 << 22),
 }
-_NULLABLE_INTS = frozenset({"head_dim", "num_key_value_heads"})
+# sliding_window: null is "no window" (Mistral v0.2+, Phi-3 variants)
+_NULLABLE_INTS = frozenset({"head_dim", "num_key_value_heads", "sliding_window"})
 # key -> (exclusive lower bound, inclusive upper bound)
 _FLOATS: dict[str, tuple[float, float]] = {
     "rms_norm_eps": (0.0, 1.0),
@@ -60,12 +65,20 @@ _FLOATS: dict[str, tuple[float, float]] = {
     "rope_theta": (0.0, 1e12),
     "depth_multiplier": (0.0, 16.0),
     "expand_ratio": (0.0, 64.0),
+    "query_pre_attn_scalar": (0.0, float(1 << 20)),
+    "attn_logit_softcapping": (0.0, 1e6),
+    "final_logit_softcapping": (0.0, 1e6),
+    "partial_rotary_factor": (0.0, 1.0),
+    "rope_local_base_freq": (0.0, 1e12),
 }
+# null switches the soft caps off (Gemma 3)
+_NULLABLE_FLOATS = frozenset({"attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"})
 _BOOLS = frozenset({"tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "scale_embedding",
                     "use_mid_position_embeddings", "first_layer_is_expansion", "finegrained_output", "tf_padding",
-                    "is_multilingual"})
+                    "is_multilingual", "use_sliding_window", "use_bidirectional_attention"})
 _TABLES = frozenset({"rope_parameters", "rope_scaling", "id2label", "label2id"})
-_STRINGS = frozenset({"model_type", "hidden_act", "activation_function", "position_embedding_type"})
+_STRINGS = frozenset({"model_type", "hidden_act", "hidden_activation", "activation_function",
+                      "position_embedding_type"})
 _TOKEN_IDS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"})
 # nested configs (CLIP's towers) are checked with the same rules
 _NESTED = ("vision_config", "text_config")
@@ -98,11 +111,15 @@ def check_model_config(raw: Mapping[str, Any], source: str, prefix: str = "") ->
                 continue
             _check_int(source, name, value, *_INTS[key])
         elif key in _FLOATS:
+            if value is None and key in _NULLABLE_FLOATS:
+                continue
             low, high = _FLOATS[key]
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                     or not low < value <= high):
                 raise _fail(source, name, f"must be a number in ({low:g}, {high:g}]", value)
         elif key in _BOOLS:
+            if value is None and key == "use_bidirectional_attention":  # Gemma 2 writes null for "no"
+                continue
             if not isinstance(value, bool):
                 raise _fail(source, name, "must be true or false", value)
         elif key in _TABLES:
@@ -120,6 +137,13 @@ def check_model_config(raw: Mapping[str, Any], source: str, prefix: str = "") ->
             if not all(_is_int(v) and 1 <= v <= _MAX_IMAGE_SIDE for v in sides):
                 raise _fail(source, name, f"must be an integer in [1, {_MAX_IMAGE_SIDE}] or [height, width] of them",
                             value)
+        elif key == "layer_types":
+            # unknown names pass here: the family names the type it does not support
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise _fail(source, name, "must be a list of strings (one per layer)", value)
+            layers = raw.get("num_hidden_layers")
+            if _is_int(layers) and len(value) != layers:
+                raise _fail(source, name, f"must list one type per layer ({layers})", value)
         elif key == "architectures":
             if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
                 raise _fail(source, name, "must be a list of strings", value)
@@ -127,16 +151,42 @@ def check_model_config(raw: Mapping[str, Any], source: str, prefix: str = "") ->
             if not isinstance(value, Mapping):
                 raise _fail(source, name, "must be a table (JSON object)", value)
             check_model_config(value, source, prefix=f"{name}.")
-    rope = raw.get("rope_parameters")
-    if isinstance(rope, Mapping):
-        theta = rope.get("rope_theta")
-        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
-                                  or not math.isfinite(theta) or theta <= 0):
-            raise _fail(source, f"{prefix}rope_parameters.rope_theta", "must be a number > 0", theta)
-        kind = rope.get("rope_type")
-        if kind is not None and not isinstance(kind, str):
-            raise _fail(source, f"{prefix}rope_parameters.rope_type", "must be a string", kind)
+    for table_key in ("rope_parameters", "rope_scaling"):
+        rope = raw.get(table_key)
+        if isinstance(rope, Mapping):
+            _check_rope(rope, source, f"{prefix}{table_key}")
+            for layer_type in ("full_attention", "sliding_attention"):  # Gemma 3: one table per layer type
+                if isinstance(rope.get(layer_type), Mapping):
+                    _check_rope(rope[layer_type], source, f"{prefix}{table_key}.{layer_type}")
     _check_divisible(raw, source, prefix)
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_rope(rope: Mapping[str, Any], source: str, name: str) -> None:
+    """A rotary table's parameters: numbers positive and finite, factor lists short and numeric."""
+    for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "attention_factor",
+                "partial_rotary_factor"):
+        value = rope.get(key)
+        if value is not None and not _positive(value):
+            raise _fail(source, f"{name}.{key}", "must be a number > 0", value)
+    low: Any = rope.get("low_freq_factor")
+    high: Any = rope.get("high_freq_factor")
+    if _positive(low) and _positive(high) and high <= low:
+        raise _fail(source, f"{name}.high_freq_factor", f"must be larger than low_freq_factor {low}", high)
+    original = rope.get("original_max_position_embeddings")
+    if original is not None:
+        _check_int(source, f"{name}.original_max_position_embeddings", original, 1, 1 << 22)
+    for key in ("short_factor", "long_factor"):
+        value = rope.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) > 1 << 12
+                                  or not all(_positive(v) for v in value)):
+            raise _fail(source, f"{name}.{key}", "must be a list of numbers > 0 (half the rotary dimension)", value)
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind is not None and not isinstance(kind, str):
+        raise _fail(source, f"{name}.rope_type", "must be a string", kind)
 
 
 def _check_divisible(raw: Mapping[str, Any], source: str, prefix: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from edgecompute.errors import ExecutorError, InvalidRequest
 
 __all__ = ["InvalidModelConfig", "InvalidRequest", "ModelError", "ShapeMismatch", "UnknownModel",
-           "UnsupportedArchitecture"]
+           "UnsupportedArchitecture", "UnsupportedModelOption"]
 
 
 class ModelError(ExecutorError):
@@ -46,3 +46,13 @@ class UnknownModel(ModelError, LookupError):
         self.known = sorted(known)
         super().__init__(f"no model named {name!r}; known models: {', '.join(self.known) or 'none'} "
                          "(register one with the executor config 'models' or MLExecutor.add_model)")
+
+
+class UnsupportedModelOption(ModelError):
+    """A model's config asks for an option of a supported family that this executor does not
+    implement (a rotary scaling type, an activation, a layer type...)."""
+
+    def __init__(self, source: str, option: str, value: object, supported: Iterable[object]) -> None:
+        self.source, self.option, self.value = source, option, value
+        self.supported = [str(s) for s in supported]
+        super().__init__(f"{source}: {option} {value!r} is not supported; supported: {', '.join(self.supported)}")

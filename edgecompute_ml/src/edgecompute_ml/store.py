@@ -64,9 +64,21 @@ class Family:
         return cls(name, task, model_types, architectures, parse, build, load)
 
 
+# the decoder families share one implementation (llama.py); kept in step with llama.DECODER_FAMILIES,
+# which is not imported here so that importing the store does not import torch
+_DECODERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM")),
+    "qwen2": (("qwen2",), ("Qwen2ForCausalLM",)),
+    "qwen3": (("qwen3",), ("Qwen3ForCausalLM",)),
+    "gemma2": (("gemma2",), ("Gemma2ForCausalLM",)),
+    "gemma3": (("gemma3_text",), ("Gemma3ForCausalLM",)),
+    "phi3": (("phi3",), ("Phi3ForCausalLM",)),
+}
+
 FAMILIES: dict[str, Family] = {
-    "llama": Family.lazy("llama", "text-generation", ("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM"),
-                         module="llama", config="LlamaConfig", model="LlamaModel"),
+    **{name: Family.lazy(name, "text-generation", types, archs, module="llama", config="LlamaConfig",
+                         model="LlamaModel")
+       for name, (types, archs) in _DECODERS.items()},
     "bert": Family.lazy("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
                         module="bert", config="BertConfig", model="BertModel", prefixed=True),
     "whisper": Family.lazy("whisper", "speech-recognition", ("whisper",), ("WhisperForConditionalGeneration",),
