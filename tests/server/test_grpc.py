@@ -61,6 +61,13 @@ def big() -> FunctionExecutor:
             await ctx.emit(bytes([index % 256]) * BIG_CHUNK)
         return BIG_CHUNKS
 
+    @executor.algorithm(resources=Resources(cpu=0))
+    async def opaque(inputs: Any, *, ctx: Any) -> Any:
+        """Emit a plain chunk, then one no wire can carry; return one too."""
+        await ctx.emit("fine")
+        await ctx.emit(object())
+        return object()
+
     return executor
 
 
@@ -524,3 +531,32 @@ def test_edgecompute_serve_serves_grpc_on_its_own_port(tmp_path: Any) -> None:
         _, stderr = process.communicate(timeout=30)
     # uvicorn re-raises the SIGINT it handled once it has shut down: click says "Aborted!", exit 1
     assert process.returncode in (0, 1) and b"Traceback" not in stderr, stderr.decode()[-2000:]
+
+
+def test_what_the_wire_cannot_carry_is_an_error_not_a_crash(both: Both, channel: grpc.Channel) -> None:
+    task = call(channel, "Submit", submit("big/opaque", wait=10), meta("alice"))
+    http = httpx.get(f"{both.url}/v1/tasks/{task.id}", headers=dict(meta("alice"))).json()
+    assert task.state == http["state"] == "succeeded" and not task.HasField("outputs")
+    assert task.error.type == http["error"]["type"] == "/problems/task-failed"
+    assert task.error.error == http["error"]["error"] == "InvalidRequest"
+    stream = events(channel, task.id)
+    assert wire.decode_frame(next(stream).chunk.data.frame)["v"] == "fine"
+    with pytest.raises(grpc.RpcError) as caught:
+        next(stream)
+    problem = json.loads(dict(failure(caught).trailing_metadata())[PROBLEM_KEY])
+    assert failure(caught).code() == grpc.StatusCode.INTERNAL and "chunk 1" in problem["detail"]
+
+
+def test_anonymous_callers_cannot_reach_each_others_tasks() -> None:
+    server = running(grpc_settings(allow_anonymous=True))
+    listener = attach(server.app, host="127.0.0.1", port=0)
+    with server, grpc.insecure_channel(f"127.0.0.1:{listener.port}") as channel:
+        task = call(channel, "Submit", submit("app/sleep", 30, wait=0))
+        base, _, token = task.id.partition(".")
+        assert len(token) >= 20
+        # another keyless caller knows (or guesses) the task id, not its capability
+        for guess in (base, f"{base}.", f"{base}.{token[:-1]}x"):
+            for method in ("Get", "Cancel"):
+                refused(channel, method, pb.TaskRequest(id=guess), (), grpc.StatusCode.NOT_FOUND, "not-found")
+        assert call(channel, "Get", pb.TaskRequest(id=task.id)).state == "running"
+        assert call(channel, "Cancel", pb.TaskRequest(id=task.id)).state == "cancelled"

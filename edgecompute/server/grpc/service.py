@@ -315,9 +315,17 @@ class TasksService:
                         break
                     except Exception:  # noqa: BLE001 - the task's own error: the reader learns it from the end
                         break
-                    event = pb.StreamEvent(chunk=pb.Chunk(seq=owned.seq, data=encode_value(
-                        chunk, encoding, max_depth=self.max_depth)))
-                    yield event.SerializeToString()
+                    try:
+                        data = encode_value(chunk, encoding, max_depth=self.max_depth)
+                    except (InvalidRequest, ValueError, TypeError) as exc:
+                        # the executor emitted what the wire cannot carry: the stream ends with
+                        # the reason (the chunk stays in the task, as it would for a reader that failed)
+                        refusal = Problem("internal", f"chunk {owned.seq} of task {handle.id} ({type(chunk).__name__}) "
+                                          f"cannot be encoded: {exc}", error="InvalidRequest")
+                        code = _code(refusal.slug)
+                        await self._refuse(context, refusal, "Stream", rid)
+                        return
+                    yield pb.StreamEvent(chunk=pb.Chunk(seq=owned.seq, data=data)).SerializeToString()
                     owned.seq += 1
             yield pb.StreamEvent(end=self._task(owned, encoding)).SerializeToString()
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
