@@ -14,6 +14,7 @@ what a malformed or oversized message is answered with: the same problems HTTP a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
@@ -176,6 +177,9 @@ class TasksService:
                     code = _code(problem.slug)
                     await self._refuse(context, problem, method, rid)
                     raise  # not reached: abort raises
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED  # the caller left (a Submit's task goes on)
+                    raise
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
