@@ -22,7 +22,7 @@ from edgecompute_ml.errors import (  # noqa: E402
 from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate  # noqa: E402
 from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
 
-from .tiny_families import SPECS, make_decoder  # noqa: E402
+from .tiny_families import GGUF_ARCH, SPECS, dequantised_folder, make_decoder, write_family_gguf  # noqa: E402
 
 # long enough to cross every sliding window (4 and 6 tokens)
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "Paris is the capital of France and Berlin",
@@ -197,3 +197,108 @@ def test_longrope_factor_lists_must_cover_the_rotary_dimension(folders, tmp_path
     folder = _with_config(folders("phi3"), tmp_path / "m", lambda c: c["rope_parameters"].update(short_factor=[1.0]))
     with pytest.raises(ModelError, match="short_factor and long_factor need 6 values"):
         inspect_model(ModelSource("m", str(folder)))
+
+
+# -- GGUF --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("name", sorted(GGUF_ARCH))
+def test_gguf_equals_the_dequantised_folder(folders, tmp_path, name, qtype):
+    """A GGUF file written as llama.cpp writes it (its tensor names from the gguf package, q/k
+    rows permuted for llama, Gemma norms stored as 1 + w, llama3 scaling as rope_freqs, longrope
+    as factor tensors, fused Phi-3 tensors) runs as the folder of the weights it holds."""
+    folder = folders(name)
+    path = tmp_path / f"{name}-{qtype}.gguf"
+    weights = write_family_gguf(folder, path, qtype)
+    reference = dequantised_folder(folder, weights, tmp_path / "ref")
+    ours, ref = _load(path), _load(reference)
+    assert ours.family == ref.family and ours.chat_template == ref.chat_template
+    for prompt in PROMPTS[:2]:
+        ids = ref.tokenizer.encode(prompt).ids
+        assert ours.tokenizer.encode(prompt).ids == ids  # the tokenizer rebuilt from the metadata
+        torch.testing.assert_close(
+            ours.model.forward(torch.tensor([ids]), ours.model.new_cache(40), last_only=False),
+            ref.model.forward(torch.tensor([ids]), ref.model.new_cache(40), last_only=False), atol=1e-4, rtol=1e-5)
+    ours.eos_token_ids = ref.eos_token_ids = frozenset()
+    ids = build_prompt_ids(ref, PROMPTS[0])
+    params = GenerationParams(max_new_tokens=12)
+    assert generate(ours, ids, params)["tokens"] == generate(ref, ids, params)["tokens"]
+
+
+def test_gguf_of_the_float_weights_matches_transformers(folders, tmp_path):
+    """End to end for one family with every trait at once (Gemma 3: q/k norms, 1 + w norms,
+    sliding layers, two rotary tables, linear scaling): GGUF against transformers itself."""
+    folder = folders("gemma3")
+    path = tmp_path / "g.gguf"
+    write_family_gguf(folder, path)
+    ours = _load(path)
+    ids = ours.tokenizer.encode(PROMPTS[0]).ids
+    with torch.no_grad():
+        expected = _reference(folder)(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours.model.forward(torch.tensor([ids]), ours.model.new_cache(40), last_only=False)[0],
+                               expected, atol=1e-4, rtol=1e-5)
+
+
+def test_gguf_types_we_do_not_dequantise_go_through_the_gguf_package():
+    """Q6_K (faster there) and types without code of ours (Q2_K, Q3_K, IQ4_NL) dequantise as
+    llama.cpp's gguf-py does."""
+    import gguf
+    import numpy as np
+
+    from edgecompute_ml.gguf_io import dequantize, type_info
+
+    rng = np.random.default_rng(0)
+    for qtype in ("Q6_K", "Q2_K", "Q3_K", "IQ4_NL"):
+        q = gguf.GGMLQuantizationType[qtype]
+        name, block, size = type_info(int(q))
+        assert name == qtype
+        blocks = rng.integers(0, 256, size=(4, 512 // block * size), dtype=np.uint8)
+        with np.errstate(all="ignore"):  # random bytes make some f16 scales inf or NaN
+            expected = gguf.quants.dequantize(blocks, q)
+            got = dequantize(blocks.reshape(-1), int(q), (4, 512))
+        np.testing.assert_array_equal(got, expected.reshape(4, 512))
+        assert np.isfinite(got).mean() > 0.5
+
+
+def test_llama3_gguf_tokenizer_splits_digits_as_llama3(folders, tmp_path):
+    """``tokenizer.ggml.pre = llama-bpe`` pre-tokenizes as Llama 3's tokenizer.json (digits in
+    threes), which GPT-2's byte-level regex does not."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    from edgecompute_ml.gguf_io import GGUFFile, gguf_tokenizer
+
+    folder = tmp_path / "llama3"
+    shutil.copytree(folders("llama3"), folder)
+    tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                             behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.save(str(folder / "tokenizer.json"))
+    path = tmp_path / "l.gguf"
+    write_family_gguf(folder, path)
+    g = GGUFFile(path)
+    g.metadata["tokenizer.ggml.pre"] = "llama-bpe"
+    text = "call 0123456789 now, 42 times!"
+    assert gguf_tokenizer(g).encode(text).ids == tk.encode(text).ids
+    g.metadata["tokenizer.ggml.pre"] = "default"
+    assert gguf_tokenizer(g).encode(text).ids != tk.encode(text).ids
+
+
+def test_unsupported_gguf_architecture_and_tokenizer_are_typed_errors(folders, tmp_path):
+    from edgecompute_ml.gguf_io import GGUFFile, gguf_config, gguf_tokenizer
+
+    path = tmp_path / "q.gguf"
+    write_family_gguf(folders("qwen3"), path)
+    g = GGUFFile(path)
+    g.metadata["general.architecture"] = "mamba"
+    with pytest.raises(UnsupportedArchitecture, match="'mamba'.*gemma3 \\(GGUF\\)"):
+        gguf_config(g)
+    g.metadata["general.architecture"] = "qwen3"
+    g.metadata["qwen3.rope.scaling.type"] = "yarn"
+    with pytest.raises(UnsupportedModelOption, match="qwen3.rope.scaling.type 'yarn'"):
+        gguf_config(g)
+    g.metadata["tokenizer.ggml.model"] = "llama"
+    with pytest.raises(UnsupportedModelOption, match="tokenizer.ggml.model 'llama'.*tokenizer.json"):
+        gguf_tokenizer(g)

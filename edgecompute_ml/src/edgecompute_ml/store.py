@@ -169,12 +169,12 @@ def inspect_model(source: ModelSource) -> ModelPlan:
 
         return inspect_torchvision(source)
     if source.kind == "gguf":
-        from .gguf_io import GGUFFile, gguf_llama_config, gguf_to_hf_names
+        from .gguf_io import GGUFFile, gguf_config, gguf_to_hf_names
 
         if not path.is_file():
             raise ModelError(f"model {source.name!r}: GGUF file {path} does not exist")
         g = GGUFFile(path)
-        raw = gguf_llama_config(g)
+        raw = gguf_config(g)
         family = family_for(raw, str(path))
         check_model_config(raw, str(path))
         config = family.parse(raw, str(path), ())
@@ -280,9 +280,9 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
     tdevice = torch.device(device)
     source = plan.source
     if plan.gguf is not None:
-        from .gguf_io import gguf_llama_weights
+        from .gguf_io import gguf_weights
 
-        arrays = gguf_llama_weights(plan.gguf, plan.raw_config)
+        arrays = gguf_weights(plan.gguf, plan.raw_config)
         weights = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=tdevice, dtype=dtype)
                    for k, v in arrays.items() if k in plan.expected}
         del arrays
