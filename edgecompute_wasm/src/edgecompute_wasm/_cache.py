@@ -32,8 +32,17 @@ MAGIC = b"ECWASM\x00\x01"
 _HEADER = struct.Struct("<8s32sQI")
 FORMAT = "edgecompute-wasm-cache/1"
 
-__all__ = ["CacheStats", "Verification", "cache_key", "engine_key", "ensure_private_dir", "load_or_compile", "sha256",
-           "wasmtime_version"]
+__all__ = [
+    "CacheStats",
+    "Verification",
+    "cache_key",
+    "engine_key",
+    "ensure_private_dir",
+    "load_or_compile",
+    "sha256",
+    "wasmtime_version",
+    "write_atomic",
+]
 
 
 class CacheStats:
@@ -168,14 +177,15 @@ def load_or_compile(engine: object, key: str, cache_dir: Path, compile_fn: Calla
     compiled = compile_fn()
     try:
         payload = bytes(compiled.serialize())  # type: ignore[attr-defined]
-        _write_atomic(path, payload, cache_dir)
-        _write_atomic(meta, _HEADER.pack(MAGIC, digest, len(payload), zlib.crc32(payload)), cache_dir)
+        write_atomic(path, payload, cache_dir)
+        write_atomic(meta, _HEADER.pack(MAGIC, digest, len(payload), zlib.crc32(payload)), cache_dir)
     except OSError as exc:  # a read-only or full disk costs speed, never correctness
         log.warning("could not write wasm cache file %s: %s", path, exc)
     return compiled
 
 
-def _write_atomic(path: Path, data: bytes, folder: Path) -> None:
+def write_atomic(path: Path, data: bytes, folder: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file in ``folder`` and a rename."""
     import tempfile  # only when writing: it costs a first request 5-9 ms of imports (random, shutil)
 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)

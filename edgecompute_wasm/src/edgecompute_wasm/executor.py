@@ -135,9 +135,14 @@ class WasmExecutor:
             cache_dir = _cache.ensure_private_dir(settings.cache_dir)
         except Exception:  # noqa: BLE001 - Runtime() reports the folder's problem
             return None
-        key = _cache.cache_key(_cache.wasmtime_version(),
-                               _cache.engine_key(fuel=settings.fuel_enabled, max_wasm_stack=settings.max_wasm_stack),
-                               pin.RUNTIME_SHA256)
+        engine_key = _cache.engine_key(fuel=settings.fuel_enabled, max_wasm_stack=settings.max_wasm_stack)
+        key = None
+        if settings.snapshot:
+            from ._snapshot import compiled_key
+
+            key = compiled_key(cache_dir, settings.preload, engine_key)  # a new process maps only the snapshot
+        if key is None:
+            key = _cache.cache_key(_cache.wasmtime_version(), engine_key, pin.RUNTIME_SHA256)
         return _cache.Verification(key, cache_dir)
 
     def warm(self) -> None:

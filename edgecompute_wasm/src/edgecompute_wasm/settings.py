@@ -55,6 +55,9 @@ class WasmSettings:
     enable_fuel: bool = False
     pool_size: int = 4  # pre-started interpreters kept ready for the default sandbox shape
     prestart: bool = True
+    # wasm/python sandboxes start from a snapshot of a booted interpreter (built once per cache folder);
+    # false: every sandbox boots CPython (pre-started by the pool when traffic leaves it time)
+    snapshot: bool = True
     preload: tuple[str, ...] = ()  # stdlib modules the pre-started interpreters import ahead
     cache_dir: Path = attrs.field(factory=default_cache_dir)
     mounts: Mapping[str, str] = attrs.field(factory=dict)  # guest path -> host dir, always read-only
