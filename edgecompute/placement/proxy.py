@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,12 @@ def _socket_pair(name: str) -> tuple[socket.socket, socket.socket]:
     return pair
 
 
+def _remove_leftovers(prefix: str, sandbox: Sandbox | None) -> None:
+    remove_segments(prefix)
+    if sandbox is not None:
+        sandbox.cleanup()
+
+
 class _Connection:
     """One worker process and the socket to it.
 
@@ -124,6 +131,9 @@ class _Connection:
             raise PluginError(f"placement of {name!r}", f"cannot start {python!r}: {exc}") from exc
         finally:
             child.close()
+        # a host that exits without closing us still removes the segments (and the sandbox's
+        # folder and cgroups): finalizers run at interpreter exit
+        self._leftovers = weakref.finalize(self, _remove_leftovers, self.prefix, self.sandbox)
         self.sock = parent
         self.arena = Arena(self.prefix + "h")
         # a sandboxed worker is not trusted with the host's files: map only its own segments
@@ -330,8 +340,7 @@ class _Connection:
             self.sock.close()
         self.attachments.close()
         self.arena.close()
-        remove_segments(self.prefix)
-        self._cleanup_sandbox()
+        self._leftovers()
 
     def _cleanup_sandbox(self) -> None:
         if self.sandbox is not None:

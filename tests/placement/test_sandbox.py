@@ -9,6 +9,8 @@ import asyncio
 import functools
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +185,21 @@ def test_only_absolute_paths_are_bound(paths: list[str]) -> None:
         assert not good
     else:
         assert good and placement.sandbox_roots == tuple(paths)
+
+
+def test_a_host_that_exits_without_closing_leaves_no_folder_nor_cgroup() -> None:
+    skip_without_namespaces()
+    script = ("import os\n"
+              "from edgecompute import Placement, Registry\n"
+              "registry = Registry.discover(settings={}, placement={'demo': Placement.sandbox()})\n"
+              "registry.get('demo')\n"
+              "print(os.getpid(), registry.get('demo').pid)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    host, worker = map(int, done.stdout.split())
+    assert worker != host
+    assert not [name for name in os.listdir(shm_folder()) if name.startswith(f"ec-{host}-")]
+    groups = [line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+              if ":memory:" in line]
+    if groups:
+        folder = Path("/sys/fs/cgroup/memory") / groups[0].lstrip("/")
+        assert not list(folder.glob(f"edgecompute-ec-{host}-*"))
