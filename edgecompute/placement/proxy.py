@@ -156,6 +156,10 @@ class _Connection:
             self.kill()
             self.reap()
             raise
+        if self.sandbox is not None:
+            log.info("worker %s of %r started in a sandbox (memory cap: %s; cpu cap: %s; network: %s)", self.pid,
+                     name, self.sandbox.memory_cap, self.sandbox.cpu_cap,
+                     "the host's" if placement.sandbox_network else "none")
 
     @property
     def pid(self) -> int:
