@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import ctypes
 import os
 import pickle
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ExecutorCrashed, InfeasibleRequest, PluginError
@@ -58,10 +61,41 @@ def connect(placement: Placement) -> Any:
                 options["_temp_dir"] = placement.ray_temp_dir or default_temp_dir()
                 if placement.ray_num_cpus is not None:
                     options["num_cpus"] = placement.ray_num_cpus
-            ray.init(address=placement.ray_address, **options)
+            with _host_signal_handlers_kept():
+                ray.init(address=placement.ray_address, **options)
             _started_here = True
             atexit.register(shutdown)
     return ray
+
+
+# Ray's driver installs crash-report handlers (absl's, and faulthandler when none is enabled) for
+# these. They end the process on any such signal, and wasmtime turns a guest's trap into SIGILL,
+# SIGSEGV or SIGFPE that its own handler answers: with Ray's in front, one wasm request trapping
+# would end the host. The host keeps the handlers it had.
+_FATAL_SIGNALS = tuple(getattr(signal, name) for name in
+                       ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP", "SIGTERM")
+                       if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _host_signal_handlers_kept() -> Iterator[None]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sigaction = libc.sigaction
+    except (OSError, AttributeError):  # no C library to ask (not a POSIX host)
+        yield
+        return
+    # each handler saved as the C library's opaque ``struct sigaction`` (at most 152 bytes on Linux)
+    saved = {}
+    for signum in _FATAL_SIGNALS:
+        buffer = ctypes.create_string_buffer(512)
+        if sigaction(signum, None, buffer) == 0:
+            saved[signum] = buffer
+    try:
+        yield
+    finally:
+        for signum, buffer in saved.items():
+            sigaction(signum, buffer, None)
 
 
 def shutdown() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,35 @@ def test_ray_is_imported_only_when_a_ray_placed_executor_is_built() -> None:
             "print('ray' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_wasm_trap_after_ray_starts_does_not_end_the_host() -> None:
+    # Ray's driver installs crash handlers for SIGILL/SIGSEGV; wasmtime reports a guest's trap
+    # through those signals, so with Ray's handlers in front the host process died (SIGILL)
+    pytest.importorskip("wasmtime")
+    folder = tempfile.mkdtemp(prefix="ecray")  # short: Ray puts Unix sockets in it
+    code = (
+        "import wasmtime\n"
+        "from edgecompute import Placement\n"
+        "from edgecompute.placement.ray import connect, shutdown\n"
+        "def trap():\n"
+        "    engine = wasmtime.Engine(); store = wasmtime.Store(engine)\n"
+        "    module = wasmtime.Module(engine, '(module (func (export \"f\") unreachable))')\n"
+        "    try:\n"
+        "        wasmtime.Instance(store, module, []).exports(store)['f'](store)\n"
+        "    except wasmtime.Trap:\n"
+        "        print('trapped', flush=True)\n"
+        "trap()\n"
+        f"connect(Placement.ray(num_cpus=1, temp_dir={folder!r}))\n"
+        "trap()\n"
+        "shutdown()\n"
+    )
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["trapped", "trapped"]
 
 
 def test_ray_keeps_its_files_in_our_folder(ray_placement: Placement) -> None:
