@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # discovery imports this module: it stays as light as the reg
 __all__ = ["DemoExecutor", "register_executors"]
 
 _NEEDS = Resources(cpu=0.1)
+_PARAMS = {"upper": frozenset(), "word_count": frozenset(), "generate": frozenset({"max_tokens", "delay"})}
 
 
 class DemoExecutor:
@@ -42,6 +43,10 @@ class DemoExecutor:
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         name = ctx.algorithm.name
         text = request.inputs
+        unknown = set(request.params) - _PARAMS[name]
+        if unknown:
+            raise InvalidRequest(f"demo/{name}: unknown param(s) {', '.join(sorted(map(str, unknown)))}; "
+                                 f"valid: {', '.join(sorted(_PARAMS[name])) or 'none'}")
         if not isinstance(text, str):
             raise InvalidRequest(f"demo/{name} takes a string, not {type(text).__name__}")
         if name == "upper":

@@ -31,13 +31,14 @@ end when it has none, as ``Runtime.run`` does. A 429 or 503 answer is retried af
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import os
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Unpack
 
 from . import errors, wire
 from .errors import EdgeComputeError, InvalidRequest
@@ -50,7 +51,21 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient", "AsyncRemoteTask", "Client", "Forbidden", "NotFound", "RateLimited", "RemoteError",
            "RemoteTask", "RemoteUnavailable", "Unauthorized", "connect"]
 
-_OPTIONS = frozenset({"params", "priority", "timeout", "metadata", "retries"})
+class RemoteOptions(TypedDict, total=False):
+    """The keyword options of a remote call: the :class:`Request` fields the gateway takes.
+
+    Typed, so that a type checker flags a misspelt option (``priorty=5``) by name; at run time the
+    client names it too, with the close match. None means "not given", as in ``Runtime.run``.
+    """
+
+    params: Mapping[str, Any] | None
+    priority: int | None
+    timeout: float | None
+    metadata: Mapping[str, Any] | None
+    retries: int | None
+
+
+_OPTIONS = frozenset(RemoteOptions.__annotations__)
 _LIVE = frozenset({"queued", "running"})
 #: the longest wait one long-poll GET asks for; the server clamps it to its max_wait
 _STEP = 20.0
@@ -160,18 +175,18 @@ def _error(problem: dict[str, Any], status: int) -> EdgeComputeError:
     return _BY_STATUS.get(status, RemoteError)(detail, status=status, problem=problem)
 
 
-def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options given (None is "not given", as in ``Runtime.run``), checked as the server would."""
     unknown = set(options) - _OPTIONS
     if unknown:
-        raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))}; valid remotely: "
-                             f"{', '.join(sorted(_OPTIONS))}")
+        hints = []
+        for name in sorted(unknown):
+            close = difflib.get_close_matches(name, _OPTIONS, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise InvalidRequest(f"unknown option(s) {', '.join(hints)}; valid remotely: {', '.join(sorted(_OPTIONS))}")
     timeout = options.get("timeout")
     if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
         raise InvalidRequest(f"timeout must be a number of seconds > 0, not {timeout!r}")
-    for key in ("params", "metadata", "priority"):
-        # None is these fields' "not given" on the wire, but a Request refuses it: so does the client
-        if key in options and options[key] is None:
-            raise InvalidRequest(f"{key} must be {'an int' if key == 'priority' else 'a mapping'}, not None")
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -346,7 +361,7 @@ class _Core:
 
     # -- tasks -------------------------------------------------------------------------------------
 
-    def submit(self, algorithm: str, inputs: Any, options: dict[str, Any], *,
+    def submit(self, algorithm: str, inputs: Any, options: Mapping[str, Any], *,
                wait: bool) -> _Flow[dict[str, Any]]:
         """POST the request. With ``wait`` the server holds the answer until the task ends (one
         round trip for a short task; the server runs it inline), bounded by the task's timeout."""
@@ -378,7 +393,7 @@ class _Core:
             document = yield from self.poll(str(document["id"]), min(left, _STEP))
         return document
 
-    def run(self, algorithm: str, inputs: Any, options: dict[str, Any]) -> _Flow[dict[str, Any]]:
+    def run(self, algorithm: str, inputs: Any, options: Mapping[str, Any]) -> _Flow[dict[str, Any]]:
         """Submit and wait for the end; returns the last task document (ended, or live if the
         caller stopped the flow early: the face then cancels the task)."""
         return (yield from self.submit(algorithm, inputs, options, wait=True))
@@ -518,11 +533,11 @@ class Client:
 
     # -- work ----------------------------------------------------------------------------------------
 
-    def submit(self, algorithm: str, inputs: Any = None, **options: Any) -> RemoteTask:
+    def submit(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> RemoteTask:
         """Queue one request on the server; returns at once."""
         return RemoteTask(self, self._drive(self._core.submit(algorithm, inputs, options, wait=False)))
 
-    def run(self, algorithm: str, inputs: Any = None, **options: Any) -> Response:
+    def run(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> Response:
         """Run one request and return its response (raising its error). If the caller gives up
         (``KeyboardInterrupt``), the task is cancelled, as ``Runtime.run`` does."""
         document = self._drive(self._core.run(algorithm, inputs, options))
@@ -535,7 +550,8 @@ class Client:
                     self._cancel_quietly(task.id)
         return _response(document)
 
-    def stream(self, algorithm: str, inputs: Any = None, *, transport: str = "sse", **options: Any) -> Iterator[Any]:
+    def stream(self, algorithm: str, inputs: Any = None, *, transport: str = "sse",
+               **options: Unpack[RemoteOptions]) -> Iterator[Any]:
         """Run one request and yield its chunks as they come (over SSE, or ``transport="ws"``);
         raises its error at the end. Leaving the loop early cancels the task, as ``Runtime.stream``."""
         if transport not in ("sse", "ws"):
@@ -550,7 +566,7 @@ class Client:
                 self._cancel_quietly(task.id)
 
     def map(self, algorithm: str, items: Iterable[Any], *, progress: bool = False,
-            return_exceptions: bool = False, **options: Any) -> list[Any]:
+            return_exceptions: bool = False, **options: Unpack[RemoteOptions]) -> list[Any]:
         """Run ``algorithm`` on every item; return the outputs in order (the server runs them concurrently)."""
         tasks = [self.submit(algorithm, item, **options) for item in items]
         results: list[Any] = []
@@ -937,11 +953,11 @@ class AsyncClient:
 
     # -- work ----------------------------------------------------------------------------------------
 
-    async def submit(self, algorithm: str, inputs: Any = None, **options: Any) -> AsyncRemoteTask:
+    async def submit(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> AsyncRemoteTask:
         """Queue one request on the server; returns its task at once."""
         return AsyncRemoteTask(self, await self._drive(self._core.submit(algorithm, inputs, options, wait=False)))
 
-    async def run(self, algorithm: str, inputs: Any = None, **options: Any) -> Response:
+    async def run(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> Response:
         """Run one request (one round trip for a short task) and return its response or raise its
         error. A caller cancelled after the server answered "still running" cancels the task."""
         document = await self._drive(self._core.run(algorithm, inputs, options))
@@ -955,7 +971,7 @@ class AsyncClient:
         return _response(document)
 
     async def stream(self, algorithm: str, inputs: Any = None, *, transport: str = "sse",
-                     **options: Any) -> AsyncIterator[Any]:
+                     **options: Unpack[RemoteOptions]) -> AsyncIterator[Any]:
         """Run one request and yield its chunks as they come (SSE, or ``transport="ws"``); raises
         its error at the end. Leaving the loop early cancels the task, as ``Runtime.stream``."""
         if transport not in ("sse", "ws"):
@@ -971,7 +987,7 @@ class AsyncClient:
                 await self._cancel_quietly(task.id)
 
     async def map(self, algorithm: str, items: Iterable[Any], *, return_exceptions: bool = False,
-                  **options: Any) -> list[Any]:
+                  **options: Unpack[RemoteOptions]) -> list[Any]:
         """Run ``algorithm`` on every item concurrently (bounded by the connection pool); return the
         outputs in order. The first failure is raised unless ``return_exceptions=True``."""
         async def one(item: Any) -> Any:

@@ -125,6 +125,10 @@ def test_the_core_registers_its_demo_executor_through_its_own_entry_point() -> N
         assert list(rt.stream("demo/generate", "one two", params={"max_tokens": 3})) == ["one", "two", "one"]
         with pytest.raises(InvalidRequest, match="max_tokens must be an integer"):
             rt.run("demo/generate", "x", params={"max_tokens": "many"})
+        with pytest.raises(InvalidRequest, match="unknown param.*max_token; valid: delay, max_tokens"):
+            rt.run("demo/generate", "x", params={"max_token": 3})
+        with pytest.raises(InvalidRequest, match="demo/upper: unknown param.*shout; valid: none"):
+            rt.run("demo/upper", "x", params={"shout": True})
     assert "demo" not in Registry.discover(settings={"demo": {"enabled": False}}).names()
 
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.anyio
 
 _SCRIPT = textwrap.dedent("""
     from edgecompute import Runtime, Scheduler
+    from edgecompute.client import AsyncClient, Client
 
     def main(rt: Runtime) -> None:
         rt.run("demo/upper", "hi", {option}=5)
@@ -25,6 +26,13 @@ _SCRIPT = textwrap.dedent("""
 
     async def amain(scheduler: Scheduler) -> None:
         await scheduler.run("demo/upper", "hi", priority=1, timeout=2.5)
+
+    def remote(c: Client) -> None:
+        c.run("demo/upper", "hi", {option}=5)
+        c.map("demo/upper", ["a"], retries=2, timeout={timeout})
+
+    async def aremote(c: AsyncClient) -> None:
+        await c.submit("demo/upper", "hi", {option}=5)
 """)
 
 
@@ -41,6 +49,10 @@ def test_mypy_flags_a_misspelt_option_and_a_badly_typed_one(tmp_path: Path) -> N
     assert status == 1, out
     assert 'Argument "priorty" to "run" of "Runtime"' in out
     assert 'Argument "timeout" to "submit" of "Runtime" has incompatible type "str"' in out
+    # the remote clients take the same typed options
+    assert 'Unexpected keyword argument "priorty" for "run" of "Client"' in out
+    assert 'Unexpected keyword argument "priorty" for "submit" of "AsyncClient"' in out
+    assert 'Argument "timeout" to "map" of "Client" has incompatible type "str"' in out
 
 
 def test_mypy_passes_the_correct_script(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Runtime
 from edgecompute.client import AsyncClient, Client, Forbidden, RemoteUnavailable, Unauthorized
 from edgecompute.errors import EdgeComputeError
-from edgecompute.scheduler import Scheduler
+from edgecompute.scheduler import Scheduler, TaskHandle
 from edgecompute.server import ServerSettings, build_app, hash_key
 
 KEY = "ec_table-test-key-000000000000000000000000000"
@@ -142,11 +142,14 @@ def _closed_url() -> str:
 
 
 def _embedded_cancelled(rt: Runtime) -> None:
-    # a future's cancel() raises concurrent.futures.CancelledError; the scheduler's handle is the
-    # shape both remote faces mirror: cancel, then result() raises the task's TaskCancelled
-    handle = rt.portal.call(rt.scheduler.submit, Request("app/sleep", 30))
-    rt.portal.call(handle.cancel)
-    rt.portal.call(handle.result)
+    # a future's cancel() raises concurrent.futures.CancelledError; cancelling by id is the shape
+    # both remote faces mirror: cancel, then result() raises the task's TaskCancelled
+    future = rt.submit("app/sleep", 30, id="cancel-me")
+    for _ in range(500):  # the submission reaches the scheduler's loop soon after submit returns
+        if rt.cancel("cancel-me"):
+            break
+        time.sleep(0.01)
+    future.result()
 
 
 def _sync_cancelled(c: Client) -> None:
@@ -161,11 +164,16 @@ async def _async_cancelled(c: AsyncClient) -> None:
     await task.result()
 
 
+def _scheduler_submit(rt: Runtime, request: Request) -> TaskHandle:
+    # in a tuple: the portal awaits an awaitable result, and a handle is awaitable
+    return rt.portal.call(lambda: (rt.scheduler.submit(request),))[0]
+
+
 def _embedded_queue_full(rt: Runtime) -> None:
-    # Runtime.run waits for queue room; submit() (what the server does) refuses
-    handles = [rt.portal.call(rt.scheduler.submit, Request("app/hog", 30)) for _ in range(1 + MAX_QUEUE)]
+    # Runtime.run waits for queue room; Scheduler.submit (what the server does) refuses
+    handles = [_scheduler_submit(rt, Request("app/hog", 30)) for _ in range(1 + MAX_QUEUE)]
     try:
-        rt.portal.call(rt.scheduler.submit, Request("app/hog", 30))
+        _scheduler_submit(rt, Request("app/hog", 30))
     finally:
         for handle in handles:
             rt.portal.call(handle.cancel)
