@@ -203,3 +203,39 @@ def test_a_host_that_exits_without_closing_leaves_no_folder_nor_cgroup() -> None
     if groups:
         folder = Path("/sys/fs/cgroup/memory") / groups[0].lstrip("/")
         assert not list(folder.glob(f"edgecompute-ec-{host}-*"))
+
+
+@pytest.fixture
+async def throttled(hostile: str) -> AsyncIterator[Scheduler]:
+    async for scheduler in _scheduler(hostile, cpp_sandbox(cpus=0.05)):
+        yield scheduler
+
+
+def _cpu_group() -> Path | None:
+    """This process's cgroup v1 cpu folder, where a sandbox of ours makes its group."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if "cpu" in names.split(","):
+            return Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
+    return None
+
+
+@pytest.mark.anyio
+async def test_the_cpu_cap_throttles_the_worker(throttled: Scheduler) -> None:
+    import numpy as np
+
+    executor: Any = throttled.registry.get("cpp")
+    cap = (await executor.health()).details["sandbox"]["cpu_cap"]
+    if not cap.startswith("cgroup"):
+        assert cap.startswith("none")  # no writable cpu controller: health says so
+        return
+    assert cap == "cgroup v1 cpu quota, 0.05 CPU"
+    folder = _cpu_group()
+    assert folder is not None
+    (group,) = folder.glob(f"edgecompute-ec-{os.getpid()}-*")
+    assert int((group / "cpu.cfs_quota_us").read_text()) == 5000
+    image = np.random.default_rng(0).random((1500, 1500), dtype=np.float32)
+    for _ in range(4):  # ~10 ms of CPU each: past 5 ms per 100 ms period, the kernel throttles
+        await throttled.run("cpp/gaussian_blur", image, params={"sigma": 3.0})
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    assert int(stat["nr_throttled"]) > 0
