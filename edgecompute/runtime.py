@@ -41,21 +41,37 @@ def _request(algorithm: str | Request, inputs: Any, options: dict[str, Any]) -> 
         raise InvalidRequest(str(exc)) from exc
 
 
+class _Failed(Exception):
+    """An item of an ``as_completed`` map failed: its index travels with its error."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
 class _Call:
     """What one blocking call (run, stream, map) started on the loop, so that an exception in the
     caller's thread (KeyboardInterrupt) or a close from another thread can cancel all of it."""
 
-    __slots__ = ("changed", "handles", "stopped", "task")
+    __slots__ = ("changed", "finished", "handles", "stopped", "task")
 
     def __init__(self) -> None:
         self.handles: list[TaskHandle] = []
+        self.finished: list[int] = []  # indexes into handles, in the order the tasks ended
         self.stopped = False
         self.task: asyncio.Task[Any] | None = None
         # set on the loop: woken when a handle is added or the call stops (see _handle_at)
         self.changed: asyncio.Future[None] | None = None
 
     def add(self, handle: TaskHandle) -> None:
+        index = len(self.handles)
         self.handles.append(handle)
+        handle.add_done_callback(lambda _: self._ended(index))
+        self._wake()
+
+    def _ended(self, index: int) -> None:
+        self.finished.append(index)
         self._wake()
 
     def is_stopped(self) -> bool:
@@ -77,18 +93,21 @@ class _Call:
 
 
 class MapIterator(Iterator[Any]):
-    """The outputs of :meth:`Runtime.map_iter`, in input order, as they become available.
+    """The outputs of :meth:`Runtime.map_iter` in input order, or of :meth:`Runtime.as_completed`
+    as ``(index, output)`` pairs in the order the tasks end, as they become available.
 
     Every task is submitted at once (as queue room allows); iterating waits for each in turn.
-    :meth:`close` (from any thread, or leaving a ``with`` block) cancels the tasks not yet
-    consumed; iteration then stops.
+    :meth:`next` waits at most a given time. :meth:`close` (from any thread, or leaving a ``with``
+    block) cancels the tasks not yet consumed; iteration then stops.
     """
 
-    def __init__(self, runtime: Runtime, requests: list[Request], return_exceptions: bool) -> None:
+    def __init__(self, runtime: Runtime, requests: list[Request], return_exceptions: bool,
+                 ordered: bool = True) -> None:
         self._runtime = runtime
         self._count = len(requests)
         self._next = 0
         self._return_exceptions = return_exceptions
+        self._ordered = ordered
         self._call = _Call()
         self._submitting = runtime.portal.start_task_soon(runtime._submit_all, requests, self._call)
 
@@ -96,13 +115,29 @@ class MapIterator(Iterator[Any]):
         return self
 
     def __next__(self) -> Any:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next item; past ``timeout`` seconds without one, ``TimeoutError`` (the tasks go on,
+        and a later call returns that item), as ``concurrent.futures`` does. At the end,
+        ``StopIteration``."""
         if self._next >= self._count or self._call.stopped:
             raise StopIteration
         index = self._next
-        self._next += 1
+        fetch = self._runtime._output if self._ordered else self._runtime._completed
         try:
-            return self._runtime._wait(functools.partial(self._runtime._output, self._call, index), self._call)
+            item = self._runtime._wait(functools.partial(fetch, self._call, index), self._call, timeout)
+            self._next += 1
+            return item
+        except TimeoutError:
+            raise
         except Exception as exc:
+            self._next += 1
+            if not self._ordered and isinstance(exc, _Failed):
+                if self._return_exceptions and isinstance(exc.error, EdgeComputeError):
+                    return exc.index, exc.error
+                self.close()
+                raise exc.error from None
             # (read again: another thread may have closed the map while we waited)
             if self._call.is_stopped() and isinstance(exc, TaskCancelled):
                 submitting = self._submitting
@@ -276,6 +311,20 @@ class Runtime:
         requests = [_request(algorithm, item, options) for item in items]
         return MapIterator(self, requests, return_exceptions)
 
+    def as_completed(self, algorithm: str, items: Iterable[Any], *, return_exceptions: bool = False,
+                     params: Mapping[str, Any] | None = None, priority: int | None = None,
+                     timeout: float | None = None, resources: Resources | None = None,
+                     metadata: Mapping[str, Any] | None = None, retries: int | None = None,
+                     **unknown: Never) -> MapIterator:
+        """Like :meth:`map_iter`, but yields ``(index, output)`` in the order the tasks end (as
+        ``concurrent.futures.as_completed`` or Ray's ``wait``), so a slow item holds up nothing:
+        ``index`` is the item's position in ``items``. With ``return_exceptions=True`` a failed
+        item yields ``(index, error)``; otherwise its error is raised and the rest cancelled.
+        """
+        options = _options(params, priority, timeout, resources, metadata, retries, None, unknown)
+        requests = [_request(algorithm, item, options) for item in items]
+        return MapIterator(self, requests, return_exceptions, ordered=False)
+
     # -- looking at tasks ---------------------------------------------------------------------------
 
     def tasks(self) -> list[TaskHandle]:
@@ -319,12 +368,17 @@ class Runtime:
 
     # -- from the caller's thread --------------------------------------------------------------------
 
-    def _wait(self, fn: Callable[[], Awaitable[_T]], call: _Call) -> _T:
+    def _wait(self, fn: Callable[[], Awaitable[_T]], call: _Call, timeout: float | None = None) -> _T:
         """Run ``fn`` on the loop and wait for it; an exception here (KeyboardInterrupt while
-        waiting) stops everything the call started before it propagates."""
+        waiting) stops everything the call started before it propagates. Past ``timeout``, only
+        ``fn`` is cancelled (``TimeoutError``): the call's tasks go on."""
         future = self.portal.start_task_soon(fn)
         try:
-            return future.result()
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel() or not future.done():
+                raise
+            return future.result()  # it ended as the wait timed out
         except BaseException:
             if not future.done():
                 self._stop(call)
@@ -383,6 +437,19 @@ class Runtime:
             call.changed = asyncio.get_running_loop().create_future()
             await call.changed
         return (await call.handles[index].result()).outputs
+
+    async def _completed(self, call: _Call, position: int) -> tuple[int, Any]:
+        # the position-th task to end, whichever it is
+        while len(call.finished) <= position:
+            if call.stopped:
+                raise TaskCancelled("the map stopped")
+            call.changed = asyncio.get_running_loop().create_future()
+            await call.changed
+        index = call.finished[position]
+        try:
+            return index, (await call.handles[index].result()).outputs
+        except Exception as exc:
+            raise _Failed(index, exc) from exc
 
     async def _map(self, requests: list[Request], bar: Any, return_exceptions: bool, call: _Call) -> list[Any]:
         call.task = asyncio.current_task()

@@ -141,3 +141,35 @@ def test_map_iter_closed_from_another_thread_cancels_the_rest() -> None:
     assert first == 0.0 and rest == []
     assert stats.finished == {**stats.finished, "succeeded": 1, "cancelled": 9}
     assert [e.kind for e in events].count("started") == 3  # no task started after close()
+
+
+def test_as_completed_yields_in_the_order_tasks_end_and_waits_with_a_timeout() -> None:
+    with _runtime() as rt:
+        # two run at a time: item 0 naps 30 s in one slot while 1, 2 and 3 end one after another
+        # in the other
+        outputs = rt.as_completed("app/nap", [30.0, 0.0, 0.0, 0.0])
+        first = [outputs.next(timeout=30) for _ in range(3)]
+        with pytest.raises(TimeoutError):
+            outputs.next(timeout=0.2)  # item 0 still naps; the map goes on
+        assert rt.stats().running == 1
+        outputs.close()
+        assert list(outputs) == []
+        stats = rt.stats()
+    assert first == [(1, 0.0), (2, 0.0), (3, 0.0)]
+    assert stats.finished == {**stats.finished, "succeeded": 3, "cancelled": 1}
+
+
+def test_as_completed_gives_each_error_with_its_index() -> None:
+    with _runtime() as rt:
+        results = dict(rt.as_completed("app/square", [2, -1, 3], return_exceptions=True))
+        assert results[0] == 4 and results[2] == 9 and isinstance(results[1], ExecutorError)
+        with pytest.raises(ExecutorError, match="negative input"):
+            list(rt.as_completed("app/square", [-1]))
+
+
+def test_a_map_iters_wait_can_time_out_and_the_item_comes_later() -> None:
+    with _runtime() as rt:
+        outputs = rt.map_iter("app/nap", [0.3, 0.0])
+        with pytest.raises(TimeoutError):
+            outputs.next(timeout=0.01)  # the task naps 0.3 s: it cannot have ended
+        assert list(outputs) == [0.3, 0.0]  # the item timed out on is not lost
