@@ -6,7 +6,9 @@ A fenced block of any language with ``file="NAME"`` in its fence is written to `
 folder for the Python blocks after it on the same page (a C++ plugin the next block compiles).
 
 Blocks with ``test="tutorial"`` run in ``test_plugin_tutorial.py``, with the plugin the
-tutorial builds installed. A block that cannot run here says why in its fence:
+tutorial builds installed. Blocks with ``test="server"`` talk to a gateway: the test starts
+``edgecompute serve`` (HTTP and gRPC, one key in ``EDGECOMPUTE_API_KEY``) and points the block's
+``127.0.0.1:8000`` and ``127.0.0.1:50051`` at it. A block that cannot run here says why in its fence:
 ```` ```python test="skip" reason="needs a running server" ````; a skip without a reason fails.
 
 Each block runs in its own process, not through ``exec`` in pytest's: an example is free to
@@ -18,8 +20,13 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -93,18 +100,72 @@ def test_the_finder_reads_fences_settings_and_nesting(tmp_path: Path) -> None:
     ]
 
 
+@attrs.frozen
+class Gateway:
+    """An ``edgecompute serve`` of this checkout's environment, with one key for every scope."""
+
+    http_port: int
+    grpc_port: int
+    key: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("gateway")
+    key = secrets.token_urlsafe(32)
+    entry = subprocess.run([sys.executable, "-m", "edgecompute", "keys", "hash", key], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    gateway = Gateway(_free_port(), _free_port(), key)
+    (folder / "edgecompute.toml").write_text(
+        f"[server]\nport = {gateway.http_port}\ngrpc_port = {gateway.grpc_port}\naccess_log = false\n\n"
+        f'[[server.keys]]\nname = "docs"\nhash = "{entry}"\nscopes = ["*"]\n', encoding="utf-8")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("EDGECOMPUTE_")}
+    log = (folder / "serve.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", "edgecompute", "serve", "--config", "edgecompute.toml"],
+                              cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"the gateway did not start:\n{(folder / 'serve.log').read_text()}"
+            try:
+                # liveness, not /readyz: the test environment also holds a broken plugin, down by design
+                with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/healthz", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway was not ready in 120 s"
+                time.sleep(0.2)
+        yield gateway
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=lambda block: block.id)
-def test_code_block_runs_as_written(block: Block, tmp_path: Path) -> None:
+def test_code_block_runs_as_written(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if block.settings.get("test") == "skip":
         assert block.settings.get("reason"), f"{block.id}: a skipped block names why: reason=\"...\""
         pytest.skip(block.settings["reason"])
+    source = block.source
+    env = {name: value for name, value in os.environ.items() if not name.startswith("EDGECOMPUTE_")}
+    if block.settings.get("test") == "server":
+        served: Gateway = request.getfixturevalue("gateway")
+        source = (source.replace("127.0.0.1:8000", f"127.0.0.1:{served.http_port}")
+                  .replace("127.0.0.1:50051", f"127.0.0.1:{served.grpc_port}"))
+        env["EDGECOMPUTE_API_KEY"] = served.key
     for earlier in ALL:
         if earlier.page == block.page and earlier.line < block.line and "file" in earlier.settings:
             (tmp_path / earlier.settings["file"]).write_text(earlier.source + "\n", encoding="utf-8")
     # blank lines first, so that a traceback names the line of the page
     script = tmp_path / "block.py"
-    script.write_text("\n" * (block.line - 1) + block.source + "\n", encoding="utf-8")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("EDGECOMPUTE_")}
+    script.write_text("\n" * (block.line - 1) + source + "\n", encoding="utf-8")
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=_TIMEOUT, check=False)
     output = (done.stdout + done.stderr).replace(str(script), block.id.split(":")[0])
