@@ -124,6 +124,11 @@ def _entry(key: str, cache_dir: Path) -> tuple[bytes, Path, Path]:
     return digest, Path(cache_dir) / f"{name}.cwasm", Path(cache_dir) / f"{name}.meta"
 
 
+def entry_path(key: str, cache_dir: Path) -> Path:
+    """The compiled code's file of a cache entry (it may not exist)."""
+    return _entry(key, cache_dir)[1]
+
+
 class Verification:
     """Checks a cache entry on a thread of its own, started before wasmtime is imported.
 

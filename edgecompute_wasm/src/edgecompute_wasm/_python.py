@@ -157,6 +157,70 @@ class _Pool:
         self.primed = False  # refilled only once its first request is done: that one must not compete
 
 
+class _Watchdog:
+    """One thread for every sandbox run on its caller's thread: one still running 2 s after its
+    deadline is blocked where no epoch reaches it, and is woken (:meth:`Sandbox.unstick`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._live: dict[int, Sandbox] = {}
+        self._count = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sandbox: Sandbox, at: float) -> int:
+        import heapq
+
+        with self._lock:
+            self._count += 1
+            token = self._count
+            self._live[token] = sandbox
+            heapq.heappush(self._heap, (at, token))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="edgecompute-wasm-watchdog", daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == token:
+                self._lock.notify()
+        return token
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            self._live.pop(token, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+
+    def join(self, timeout: float) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        import heapq
+        import time
+
+        while True:
+            with self._lock:
+                while True:
+                    while self._heap and self._heap[0][1] not in self._live:
+                        heapq.heappop(self._heap)  # done in time
+                    if self._closed and not self._live:
+                        self._thread = None
+                        return
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        _, token = heapq.heappop(self._heap)
+                        sandbox = self._live.get(token)
+                        break
+                    self._lock.wait(self._heap[0][0] - now if self._heap else None)
+            if sandbox is not None and not sandbox.ended.is_set():
+                sandbox.kill_reason = sandbox.kill_reason or "timeout"
+                sandbox.unstick(UNSTICK_GRACE)
+
+
 class PythonRunner:
     """Runs ``wasm/python`` requests, keeping pools of pre-started interpreters.
 
@@ -193,6 +257,7 @@ class PythonRunner:
         self._lock = threading.Condition()
         self._closed = False
         self._refiller: threading.Thread | None = None
+        self._watchdog = _Watchdog()
         self.cold_starts = 0
         self.warm_starts = 0
         self.snapshot_starts = 0
@@ -315,12 +380,18 @@ class PythonRunner:
         return self._closed  # read again after a wait: close() may have run meanwhile
 
     def join(self, timeout: float) -> None:
-        """After :meth:`close`: wait for the pre-starting thread (it quits what it was starting)."""
+        """After :meth:`close`: wait for the pre-starting thread (it quits what it was starting) and
+        the watchdog (it ends once every sandbox run on a caller's thread has)."""
+        import time
+
+        deadline = time.monotonic() + timeout
         refiller = self._refiller
         if refiller is not None:
             refiller.join(timeout)
+        self._watchdog.join(max(deadline - time.monotonic(), 0.0))
 
     def close(self) -> None:
+        self._watchdog.close()
         with self._lock:
             self._closed = True
             for pool in self._pools.values():
@@ -371,13 +442,14 @@ class PythonRunner:
             self._inflight += 1
         try:
             if snapshot is not None:
-                # a fresh instance of the pre-initialised runtime: sub-millisecond, so no pool
+                # a fresh instance of the pre-initialised runtime: sub-millisecond, so no pool, and
+                # it runs on this (worker) thread, its request already there when it first reads
                 self.snapshot_starts += 1
                 sandbox = Sandbox(self.engine, snapshot.module, argv=["python"], mode="python",
                                   mounts=snapshot_mounts, memory_bytes=limits.memory_bytes, output_bytes=65536,
-                                  result_bytes=1, export=RUN_EXPORT, slots=snapshot.prefixes(snapshot_mounts)).start()
-            else:
-                sandbox, _warm = self._acquire(key)
+                                  result_bytes=1, export=RUN_EXPORT, slots=snapshot.prefixes(snapshot_mounts))
+                return self._run_here(sandbox, request, limits, t0)
+            sandbox, _warm = self._acquire(key)
             return self._run(sandbox, request, limits, t0)
         finally:
             with self._lock:
@@ -398,6 +470,30 @@ class PythonRunner:
                      output_bytes=limits.output_bytes, result_bytes=limits.result_bytes)
         finished = sandbox.answered.wait(limits.timeout + 2.0)
         t2 = time.perf_counter()
+        return self._outcome(sandbox, limits, finished, t0, t1, t2)
+
+    def _run_here(self, sandbox: Sandbox, request: bytes, limits: Limits, t0: float) -> PythonResult:
+        import time
+
+        sandbox.give(b"%012d" % len(request) + request, limits.timeout, limits.fuel,
+                     output_bytes=limits.output_bytes, result_bytes=limits.result_bytes)
+        # a guest blocked where no epoch reaches it (a FIFO's open in a mount) blocks this thread:
+        # the watchdog wakes it 2 s after its deadline, as _run does for a sandbox thread
+        token = self._watchdog.watch(sandbox, time.monotonic() + limits.timeout + 2.0)
+        try:
+            sandbox.run_here()
+        finally:
+            self._watchdog.done(token)
+        t2 = time.perf_counter()
+        if not sandbox.armed:
+            outcome = sandbox.outcome
+            raise SandboxCrashed(f"the wasm python sandbox failed to start: {outcome.message if outcome else '?'}")
+        return self._outcome(sandbox, limits, True, t0, sandbox.t_wake or t2, t2)
+
+    def _outcome(self, sandbox: Sandbox, limits: Limits, finished: bool, t0: float, t1: float,
+                 t2: float) -> PythonResult:
+        import time
+
         stdout = sandbox.stdout.decode("utf-8", "replace")
         stderr = sandbox.stderr.decode("utf-8", "replace")
         captured: Captured = {"stdout": stdout, "stderr": stderr}

@@ -101,6 +101,11 @@ class Runtime:
                 self.load_seconds += time.perf_counter() - t0
             return self._python
 
+    @property
+    def loaded_python(self) -> PythonRunner | None:
+        """The python runner if it was made, without making it."""
+        return self._python
+
     def _snapshot(self, runtime_module: Callable[[], Any]) -> Snapshot | None:
         """The pre-initialised runtime: from the cache folder, or built now (once per folder)."""
         from . import _snapshot

@@ -185,6 +185,16 @@ class Sandbox:
         self.thread.start()
         return self
 
+    @property
+    def armed(self) -> bool:
+        """Whether the guest took its request (its limits are armed): false for one that failed to start."""
+        return self._armed
+
+    def run_here(self) -> None:
+        """Run on the calling thread instead of a thread of its own, until the guest ends (python
+        mode: give the request first, so the guest does not wait for one)."""
+        self._main()
+
     def give(self, stdin: bytes, timeout: float, fuel: int | None, *, output_bytes: int | None = None,
              result_bytes: int | None = None) -> None:
         """Hand the request over (python mode: wakes the guest blocked on fd 0)."""

@@ -57,7 +57,7 @@ from . import _runtime_pin as pin
 log = logging.getLogger("edgecompute_wasm.snapshot")
 
 __all__ = ["FORMAT", "SLOTS", "SLOT_BYTES", "Snapshot", "SnapshotError", "build", "compiled_key", "load",
-           "manifest_path"]
+           "manifest_path", "slot_placeholder"]
 
 FORMAT = "1"  # bump when anything below changes what a snapshot holds or how it is made
 SLOTS = 64  # preopened folders a snapshot request may have (the stdlib folder, deps, mounts)
@@ -92,6 +92,9 @@ def _edgecompute_snapshot():
     serve = scope["serve"]
     del scope
     globals().pop("_edgecompute_snapshot", None)
+    import gc
+    gc.collect()
+    gc.freeze()  # the boot's objects are never traversed again: a restore's collections stay small, its pages shared
     os.write(1, b"EDGECOMPUTE-SNAPSHOT %d %d %d\n" % (id(serve), id(()), id(type(serve))))
     time.monotonic()  # the host stops the interpreter inside this call; this frame never resumes
     os._exit(3)
@@ -128,7 +131,7 @@ def _prefix(guest: str) -> bytes:
     return guest.lstrip("/").encode("utf-8", "surrogateescape")
 
 
-def _placeholder(i: int) -> str:
+def slot_placeholder(i: int) -> str:
     name = f"/.edgecompute-slot-{i:02d}-"
     return name + "x" * (SLOT_BYTES - len(name))  # stored without the "/": SLOT_BYTES - 1 bytes and a NUL
 
@@ -294,7 +297,7 @@ def _boot(runtime: Any, module: Any, empty: Path, preload: Sequence[str],
         wasi.argv = ["python", "-S", "-I", "-c", script]
         wasi.stdout_custom = stdout
         for i in range(SLOTS):
-            wasi.preopen_dir(str(empty), _placeholder(i), False)
+            wasi.preopen_dir(str(empty), slot_placeholder(i), False)
         store.set_wasi(wasi)
         instance = linker.instantiate(store, module)
         start = instance.exports(store)["_start"]
@@ -474,7 +477,7 @@ def _rewrite(original: bytes, memory: bytes, stack_at: int, serve: int, empty_tu
     # the slots: one copy of each placeholder, pointed at by exactly one (prefix, fd) table entry
     slots = []
     for i in range(SLOTS):
-        text = _placeholder(i).lstrip("/").encode() + b"\x00"
+        text = slot_placeholder(i).lstrip("/").encode() + b"\x00"
         found = []
         start = 0
         while (hit := memory.find(text, start)) >= 0:

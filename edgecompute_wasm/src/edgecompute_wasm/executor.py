@@ -88,7 +88,8 @@ class WasmExecutor:
             return Health(HealthStatus.DOWN, "closed")
         if runtime is None:
             return Health(details={"loaded": False})
-        pool = runtime._python.stats() if runtime._python is not None else {}
+        python = runtime.loaded_python
+        pool = python.stats() if python is not None else {}
         return Health(details={"loaded": True, "load_seconds": runtime.load_seconds,
                                "cache": dict(vars(runtime.cache_stats)), **pool})
 
@@ -189,7 +190,7 @@ class WasmExecutor:
     def _run_python(self, *args: Any) -> PythonResult:
         # blocking; the first request loads the runtime here too, in the same worker hop
         runtime = self._runtime
-        if runtime is None or runtime._python is None:
+        if runtime is None or runtime.loaded_python is None:
             runtime = self.runtime()
         return runtime.python.run(*args)
 
