@@ -15,11 +15,12 @@ transformers = pytest.importorskip("transformers")
 
 from edgecompute_ml.errors import (  # noqa: E402
     InvalidModelConfig,
+    InvalidRequest,
     ModelError,
     UnsupportedArchitecture,
     UnsupportedModelOption,
 )
-from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate  # noqa: E402
+from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate, render_chat  # noqa: E402
 from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
 
 from .tiny_families import GGUF_ARCH, SPECS, dequantised_folder, make_decoder, write_family_gguf  # noqa: E402
@@ -302,3 +303,108 @@ def test_unsupported_gguf_architecture_and_tokenizer_are_typed_errors(folders, t
     g.metadata["tokenizer.ggml.model"] = "llama"
     with pytest.raises(UnsupportedModelOption, match="tokenizer.ggml.model 'llama'.*tokenizer.json"):
         gguf_tokenizer(g)
+
+
+# -- chat templates ------------------------------------------------------------------------------------
+
+# the shapes of the families' own templates: what they use of jinja2 and of transformers' globals
+TEMPLATES = {
+    "llama3": (
+        "{{- bos_token }}{%- if not tools is defined %}{%- set tools = none %}{%- endif %}"
+        "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+        "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+        "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+        "{%- if tools is not none %}{{- 'Tools: ' + tools|tojson }}{%- endif %}"
+        "{{- 'Today Date: ' + strftime_now('%Y') [:0] + '26 Jul 2024\\n\\n' }}"
+        "{{- system_message }}{{- '<|eot_id|>' }}"
+        "{%- for message in messages %}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"),
+    "qwen3": (
+        "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+        "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+        "{%- if ns.multi_step_tool and message.role == 'user' and not message.content.startswith('<tool_response>')"
+        " %}{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+        "{%- for message in messages %}{%- set content = message.content %}"
+        "{%- if message.role == 'assistant' and '</think>' in content %}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+        "{%- endif %}{%- endif %}"),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+        "{% generation %}{{ message['content'] | trim }}{% endgeneration %}{{ '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
+        "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"),
+}
+MESSAGES = [{"role": "system", "content": "You are terse. <b>&</b>"},
+            {"role": "user", "content": "What is 2+2? "},
+            {"role": "assistant", "content": "<think>\nadd</think>\n\n4"},
+            {"role": "user", "content": "And 3+3?"}]
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_chat_templates_from_the_files_render_as_transformers(folders, tmp_path, family):
+    """The template comes from tokenizer_config.json (and, for a GGUF file, from
+    tokenizer.chat_template) and renders the text transformers' apply_chat_template renders."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / family
+    shutil.copytree(folders("qwen3"), folder)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc["chat_template"] = TEMPLATES[family]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    lm = _load(folder)
+    ids = build_prompt_ids(lm, {"messages": MESSAGES})
+    theirs = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
+                                     chat_template=TEMPLATES[family])
+    text = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert render_chat(lm.chat_template, MESSAGES, lm.tokenizer_config) == text
+    assert ids == lm.tokenizer.encode(text, add_special_tokens=False).ids
+    assert "And 3+3?" in text and "<b>&</b>" in text
+    path = tmp_path / "m.gguf"
+    write_family_gguf(folder, path)
+    assert _load(path).chat_template == TEMPLATES[family]
+
+
+def test_template_exceptions_and_escapes_are_invalid_requests():
+    with pytest.raises(InvalidRequest, match="roles must alternate"):
+        render_chat(TEMPLATES["gemma"], [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], {})
+    for hostile in ["{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                    "{{ messages.__class__ }}{{ cycler.__init__.__globals__ }}",
+                    "{% set ns = namespace() %}{% set ns._x = 1 %}",
+                    "{{ messages.append(1) }}",
+                    "{% set _ = messages[0].update(role='x') %}",
+                    # bounded: what a template builds cannot take the host's memory
+                    "{{ 'a' * 10**9 }}", "{{ [0] * 10**9 }}", "{{ 7 ** 1000000 }}", "{{ 'x'|center(10**9) }}",
+                    "{{ 'x'.ljust(10**9) }}", "{{ '{:>999999999}'.format(1) }}", "{{ '%999999999s' % 1 }}",
+                    "{{ messages|tojson(indent=10**9) }}",
+                    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                    "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+                    # any failure inside a template is the request's typed error, not a crash
+                    "{{ 1 / 0 }}", "{{ messages[0].content + 1 }}", "{{ messages|tojson(indent=-1) }}"]:
+        messages = [{"role": "user", "content": "hi"}]
+        with pytest.raises(InvalidRequest):
+            render_chat(hostile, messages, {})
+        assert messages == [{"role": "user", "content": "hi"}]
+    # escapes that jinja2's sandbox answers with an undefined value render nothing of the host
+    for quiet in ["{{ cycler.__init__ }}", "{{ ''.format.__globals__ }}", "{{ messages|attr('__class__') }}",
+                  "{{ '{0.__class__}'.format(messages) }}", "{{ raise_exception.__globals__ }}"]:
+        assert render_chat(quiet, [{"role": "user", "content": "hi"}], {}) == ""
+    # and within the bounds the operators still work as jinja2's
+    assert render_chat("{{ 'ab' ~ 3 }}{{ 'x' * 3 }}{{ 2 ** 10 }}{{ [1] + [2] }}{{ '%3s'|format('a') }}",
+                       [{"role": "user", "content": "hi"}], {}) == "ab3xxx1024[1, 2]  a"

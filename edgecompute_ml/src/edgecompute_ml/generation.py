@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,31 +90,230 @@ def _flag(params: Mapping[str, Any], key: str) -> bool:
     return value
 
 
-def render_chat(template: str, messages: Sequence[Mapping[str, Any]], tok_config: Mapping[str, Any],
-                add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face chat template (jinja2, sandboxed, as transformers renders it)."""
-    from jinja2.exceptions import TemplateError
+# A chat template is code from the model's files, rendered with request text: it runs sandboxed (no
+# attribute starting with "_", no mutation of what it is given), and what it builds is bounded, so
+# that a hostile template cannot exhaust the host's memory with a few operators.
+_MAX_TEMPLATE_CHARS = 1 << 22  # of any string or list a template builds, and of its output
+_MAX_POWER_BITS = 4096
+_LONG_NUMBER = re.compile(r"\d{7,}")  # a width of a million or more in a format spec
+
+
+def _refuse(what: str) -> Any:
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError(f"chat template: {what} exceeds the bound of {_MAX_TEMPLATE_CHARS} characters")
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > _MAX_TEMPLATE_CHARS:
+        raise _refuse(f"a {type(value).__name__} of {len(value)}")
+    return value
+
+
+def _check_int_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_TEMPLATE_CHARS:
+            raise _refuse(f"an argument of {value}")
+
+
+def _check_format(spec: Any) -> None:
+    if isinstance(spec, str) and _LONG_NUMBER.search(spec):
+        raise _refuse("a width in a format string")
+
+
+def _bounded_binop(operator: str, left: Any, right: Any) -> Any:
+    import operator as op
+
+    if operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and max(abs(left), 2).bit_length() * right > _MAX_POWER_BITS:
+            raise _refuse(f"{left} ** {right}")
+        return left ** right
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_TEMPLATE_CHARS:
+                raise _refuse(f"repeating a {type(seq).__name__} {n} times")
+        return left * right
+    if operator == "%":
+        _check_format(left)
+        return _check_size(left % right)
+    if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+            and len(left) + len(right) > _MAX_TEMPLATE_CHARS:
+        raise _refuse(f"joining {len(left)} and {len(right)}")
+    return op.add(left, right)
+
+
+_CHAT_ENVIRONMENT: Any = None
+
+
+def _chat_environment_class() -> Any:
+    """The jinja2 environment class chat templates render in (made once: jinja2 is imported only
+    when a chat is rendered)."""
+    global _CHAT_ENVIRONMENT
+    if _CHAT_ENVIRONMENT is not None:
+        return _CHAT_ENVIRONMENT
+    import functools
+
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _BoundedCodeGenerator(CodeGenerator):
+        # "a ~ b" compiles to a join the sandbox does not see; route it through a bounded one
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            self.write("environment.bounded_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class _ChatEnvironment(ImmutableSandboxedEnvironment):
+        code_generator_class = _BoundedCodeGenerator
+        intercepted_binops = frozenset({"+", "*", "**", "%"})
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            for name, f in list(self.filters.items()):
+                self.filters[name] = self._bounded_filter(f, name == "format")
+
+        @staticmethod
+        def _bounded_filter(f: Callable[..., Any], is_format: bool) -> Callable[..., Any]:
+            # filters (center, indent, wordwrap, format...) are called directly by compiled code
+            @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marks
+            def bounded(*args: Any, **kwargs: Any) -> Any:
+                if is_format:
+                    _check_format(next((a for a in args if isinstance(a, str)), None))
+                _check_int_args(args[1:], kwargs)
+                return _check_size(f(*args, **kwargs))
+            return bounded
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            return _check_size(_bounded_binop(operator, left, right))
+
+        def bounded_join(self, parts: Sequence[Any]) -> str:
+            total = 0
+            out = []
+            for part in parts:
+                text = str(part)
+                total += len(text)
+                if total > _MAX_TEMPLATE_CHARS:
+                    raise _refuse(f"a '~' join of {total}")
+                out.append(text)
+            return "".join(out)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+            _check_int_args(args, kwargs)
+            if getattr(__obj, "__name__", None) in ("format", "format_map") and isinstance(
+                    getattr(__obj, "__self__", None), str):
+                _check_format(__obj.__self__)
+            return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    _CHAT_ENVIRONMENT = _ChatEnvironment
+    return _ChatEnvironment
+
+
+def _chat_environment() -> Any:
+    """The jinja2 environment chat templates render in: sandboxed, immutable and bounded, with what
+    transformers' ``apply_chat_template`` gives templates (so that the templates of Llama 3.x, Qwen,
+    Gemma and Phi-3 files render the same text): ``raise_exception``, ``strftime_now``, a
+    ``tojson`` that does not HTML-escape, ``dict``, a ``namespace`` that refuses underscore names
+    and the ``{% generation %}`` block tag."""
+    from jinja2 import nodes
+    from jinja2.exceptions import SecurityError
+    from jinja2.ext import Extension
+    from jinja2.utils import Namespace
+
+    class _Generation(Extension):
+        # transformers marks assistant text with {% generation %}...{% endgeneration %}; here it is
+        # only its content
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    class _Namespace(Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's signature trick (namespace(self=...))
+            self, rest = args[0], args[1:]
+            values = dict(*rest, **kwargs)
+            for name in values:
+                _Namespace._check(name)
+            Namespace.__init__(self, values)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            _Namespace._check(name)
+            Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"chat templates cannot store underscore names on a namespace ({name!r})")
+
+    class _Dict:
+        # the builtin type would hand templates a class object; this gives only what templates call
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
 
     def raise_exception(message: str) -> None:
         raise InvalidRequest(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        if isinstance(indent, int) and not 0 <= indent <= 16:
+            raise SecurityError(f"chat template: tojson indent {indent} is outside [0, 16]")
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = _chat_environment_class()(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    env.globals["dict"] = _Dict()
+    env.globals["namespace"] = _Namespace
+    return env
+
+
+_TEMPLATES: dict[str, Any] = {}
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def render_chat(template: str, messages: Sequence[Mapping[str, Any]], tok_config: Mapping[str, Any],
+                add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template (jinja2, sandboxed, as transformers renders it). Whatever
+    goes wrong in the template (its own ``raise_exception``, a type error, a sandbox refusal, a bound
+    exceeded) is an :class:`InvalidRequest`."""
 
     def token(key: str) -> str:
         value = tok_config.get(key)
         return value.get("content", "") if isinstance(value, dict) else (value or "")
 
     try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=token("bos_token"), eos_token=token("eos_token"),
-            pad_token=token("pad_token"), unk_token=token("unk_token"),
-        )
-    except TemplateError as exc:
-        raise InvalidRequest(f"chat template failed: {exc}") from exc
+        with _TEMPLATES_LOCK:  # compiled once per template text (a model's template is fixed)
+            compiled = _TEMPLATES.get(template)
+            if compiled is None:
+                if len(_TEMPLATES) >= 64:
+                    _TEMPLATES.clear()
+                compiled = _TEMPLATES[template] = _chat_environment().from_string(template)
+        # messages are copied to plain dicts: a template may not reach the caller's objects
+        pieces = []
+        total = 0
+        for piece in compiled.generate(
+                messages=[dict(m) for m in messages], tools=None, documents=None,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=token("bos_token"), eos_token=token("eos_token"),
+                pad_token=token("pad_token"), unk_token=token("unk_token")):
+            total += len(piece)
+            if total > _MAX_TEMPLATE_CHARS:
+                raise _refuse(f"the rendered chat ({total}+)")
+            pieces.append(piece)
+        return "".join(pieces)
+    except InvalidRequest:
+        raise
+    except (Exception, MemoryError) as exc:  # a template is code: any failure in it is the request's
+        raise InvalidRequest(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
