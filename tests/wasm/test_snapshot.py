@@ -187,6 +187,20 @@ def test_a_mount_path_too_long_for_a_slot_boots_an_interpreter_instead(wasm: Any
     assert runner.stats()["snapshot_starts"] == after["snapshot_starts"] + 1
 
 
+def test_a_memory_cap_below_the_snapshots_memory_boots_an_interpreter_instead(wasm: Any) -> None:
+    # a cap the booting interpreter fits in but the snapshot's memory image does not: served as before
+    runner = wasm.runtime().python
+    snapshot_mb = runner.snapshot.memory_bytes / 2**20
+    memory_mb = snapshot_mb - 1
+    before = runner.stats()
+    assert run(wasm, inputs=4, source="def main(x):\n    return x * 3", memory_mb=memory_mb).outputs == 12
+    after = runner.stats()
+    assert after["snapshot_starts"] == before["snapshot_starts"]
+    assert after["cold_starts"] + after["warm_starts"] == before["cold_starts"] + before["warm_starts"] + 1
+    assert run(wasm, inputs=4, source="def main(x):\n    return x * 3", memory_mb=snapshot_mb + 1).outputs == 12
+    assert runner.stats()["snapshot_starts"] == after["snapshot_starts"] + 1
+
+
 def test_the_switch_turns_the_snapshot_off(cache_dir: Path) -> None:
     import asyncio
 
@@ -277,7 +291,8 @@ def test_a_snapshot_whose_bytes_do_not_match_its_manifest_is_refused(wasm: Any, 
 def test_which_mounts_fit_a_slot(guest: str, fits: bool) -> None:
     from edgecompute_wasm._snapshot import SLOTS, Snapshot
 
-    snapshot = Snapshot(None, range(SLOTS))
-    assert snapshot.fits([("/host", guest)]) is fits
-    assert snapshot.fits([("/host", "/m")] * SLOTS) is True
-    assert snapshot.fits([("/host", "/m")] * (SLOTS + 1)) is False
+    snapshot = Snapshot(None, range(SLOTS), 2**20)
+    assert snapshot.fits([("/host", guest)], 2**20) is fits
+    assert snapshot.fits([("/host", "/m")] * SLOTS, 2**20) is True
+    assert snapshot.fits([("/host", "/m")] * (SLOTS + 1), 2**20) is False
+    assert snapshot.fits([("/host", "/m")], 2**20 - 1) is False

@@ -281,7 +281,8 @@ class PythonRunner:
 
     def warm(self, memory_bytes: int, mounts: Sequence[tuple[str, str]] = ()) -> None:
         """Start filling the pool for this shape in the background (not needed where the snapshot serves)."""
-        if not self.prestart or (self.snapshot is not None and self.snapshot.fits(self._snapshot_mounts(mounts))):
+        snapshot = self.snapshot
+        if not self.prestart or (snapshot is not None and snapshot.fits(self._snapshot_mounts(mounts), memory_bytes)):
             return
         with self._lock:
             self._pool((memory_bytes, tuple(mounts))).primed = True
@@ -418,8 +419,10 @@ class PythonRunner:
 
         snapshot = self.snapshot
         snapshot_mounts = self._snapshot_mounts(mounts)
-        if snapshot is not None and not snapshot.fits(snapshot_mounts):
-            snapshot = None  # more mounts than slots, or a guest path too long for one: boot one instead
+        if snapshot is not None and not snapshot.fits(snapshot_mounts, limits.memory_bytes):
+            # more mounts than slots, a guest path too long for one, or a memory cap below the
+            # snapshot's own memory: boot one instead
+            snapshot = None
         if snapshot is not None and self.stdlib:
             # a booted interpreter has the precompiled stdlib on its path from start-up (PYTHONPATH);
             # one from the snapshot gets it here

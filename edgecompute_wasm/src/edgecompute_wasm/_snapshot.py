@@ -107,17 +107,19 @@ class SnapshotError(Exception):
 
 
 class Snapshot:
-    """A compiled pre-initialised runtime and where its WASI slots are."""
+    """A compiled pre-initialised runtime, where its WASI slots are, and its memory's initial size."""
 
-    __slots__ = ("module", "slots")
+    __slots__ = ("memory_bytes", "module", "slots")
 
-    def __init__(self, module: Any, slots: Sequence[int]) -> None:
+    def __init__(self, module: Any, slots: Sequence[int], memory_bytes: int) -> None:
         self.module = module
         self.slots = tuple(slots)
+        self.memory_bytes = memory_bytes
 
-    def fits(self, mounts: Sequence[tuple[str, str]]) -> bool:
-        """Whether a sandbox with these (host, guest) preopens can start from the snapshot."""
-        if len(mounts) > len(self.slots):
+    def fits(self, mounts: Sequence[tuple[str, str]], memory_bytes: int) -> bool:
+        """Whether a sandbox with these (host, guest) preopens and this memory cap can start from
+        the snapshot (a cap below the snapshot's own memory boots an interpreter, as before)."""
+        if len(mounts) > len(self.slots) or memory_bytes < self.memory_bytes:
             return False
         return all("\x00" not in guest and len(_prefix(guest)) < SLOT_BYTES for _, guest in mounts)
 
@@ -189,6 +191,7 @@ def load(runtime: Any, preload: Sequence[str], boot_digest: str, verification: A
         return None
     try:
         slots = [int(value) for value in entries["slots"].split(",")]
+        memory_bytes = int(entries["memory_bytes"])
         expected = entries["sha256"]
     except (KeyError, ValueError):
         return None
@@ -211,7 +214,7 @@ def load(runtime: Any, preload: Sequence[str], boot_digest: str, verification: A
     except (OSError, SnapshotError) as exc:
         log.warning("the wasm python snapshot could not be loaded (%s); building it again", exc)
         return None
-    return Snapshot(module, slots)
+    return Snapshot(module, slots, memory_bytes)
 
 
 # -- building -------------------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def build(runtime: Any, module: Any, original: bytes, preload: Sequence[str], bo
     write_atomic(path, manifest.encode("ascii"), runtime.cache_dir)
     log.info("built the wasm python snapshot in %.1f s (boot %.2f s, %d MiB of memory)", seconds, boot_seconds,
              len(memory) >> 20)
-    return Snapshot(compiled, slots)
+    return Snapshot(compiled, slots, len(memory))
 
 
 def _boot(runtime: Any, module: Any, empty: Path, preload: Sequence[str],
