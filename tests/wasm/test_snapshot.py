@@ -296,3 +296,31 @@ def test_which_mounts_fit_a_slot(guest: str, fits: bool) -> None:
     assert snapshot.fits([("/host", "/m")] * SLOTS, 2**20) is True
     assert snapshot.fits([("/host", "/m")] * (SLOTS + 1), 2**20) is False
     assert snapshot.fits([("/host", "/m")], 2**20 - 1) is False
+
+
+def test_a_snapshot_sandbox_blocked_past_its_deadline_is_woken_by_the_watchdog(cache_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    # it runs on the request's worker thread: blocked in a FIFO's open (no epoch reaches it), that
+    # thread is freed by the watchdog, and the request ends with its timeout
+    import asyncio
+    import os
+
+    from edgecompute_wasm.errors import SandboxTimeout
+    from edgecompute_wasm.executor import WasmExecutor
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    executor = WasmExecutor({"cache_dir": str(cache_dir), "pool_size": 0, "prestart": False,
+                             "mounts": {"/m": str(folder)}})
+    os.mkfifo(folder / "pipe")  # after the operator's check: files can appear in a mounted folder
+    runtime = executor.runtime()
+    try:
+        with pytest.raises(SandboxTimeout):
+            run(executor, source="def main(x):\n    return open('/m/pipe').read()", timeout=0.5)
+        assert runtime.python.stats()["snapshot_starts"] == 1
+        assert runtime.engine.live == 0
+        # and a request after it is served as usual
+        assert run(executor, inputs=2, source="def main(x):\n    return x + 1").outputs == 3
+    finally:
+        asyncio.run(executor.aclose())
+    assert runtime.join(5.0)

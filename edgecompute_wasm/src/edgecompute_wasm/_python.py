@@ -1,10 +1,14 @@
 """``wasm/python``: user Python source run by CPython 3.12 for WASI, one fresh sandbox a request.
 
-Start-up (about 50-100 ms of CPython initialisation) is taken off the request's path by a pool of
-pre-started interpreters: each one is a fresh store and instance that has initialised CPython, run
-the bootstrap below, and blocked reading its request from fd 0. A request takes one, hands it
-the request, reads the answer, and the instance is thrown away; a background thread starts the
-next one. Nothing of one request can be seen by another: they never share a store or a memory.
+Start-up (40-60 ms of CPython initialisation) is not paid per request. By default every sandbox is a
+fresh instance of the snapshot of a booted interpreter (``_snapshot``): instantiated from a
+copy-on-write memory image in well under a millisecond, it runs on the request's own worker thread
+with its request already given, and a watchdog thread wakes one blocked past its deadline where no
+epoch reaches it. Where the snapshot cannot serve a request (switched off, a memory cap below its
+memory, more mounts than its slots), a pool of pre-started interpreters hides the boot while traffic
+leaves it time to refill: each is a fresh store and instance that has initialised CPython, run the
+bootstrap below, and blocked reading its request from fd 0. Either way the instance is thrown away
+after its one request: two requests never share a store or a memory.
 """
 
 from __future__ import annotations
@@ -187,16 +191,21 @@ class _Watchdog:
     def done(self, token: int) -> None:
         with self._lock:
             self._live.pop(token, None)
+            if self._closed and not self._live:
+                self._lock.notify()  # the last one after close(): the thread ends now, not at its deadline
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._lock.notify()
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
+        """After :meth:`close`: wait for the thread; True when it has ended (or never started)."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def _loop(self) -> None:
         import heapq
@@ -380,16 +389,17 @@ class PythonRunner:
     def _stopping(self) -> bool:
         return self._closed  # read again after a wait: close() may have run meanwhile
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
         """After :meth:`close`: wait for the pre-starting thread (it quits what it was starting) and
-        the watchdog (it ends once every sandbox run on a caller's thread has)."""
+        the watchdog (it ends once every sandbox run on a caller's thread has); True when both have."""
         import time
 
         deadline = time.monotonic() + timeout
         refiller = self._refiller
         if refiller is not None:
             refiller.join(timeout)
-        self._watchdog.join(max(deadline - time.monotonic(), 0.0))
+        watchdog = self._watchdog.join(max(deadline - time.monotonic(), 0.0))
+        return watchdog and (refiller is None or not refiller.is_alive())
 
     def close(self) -> None:
         self._watchdog.close()

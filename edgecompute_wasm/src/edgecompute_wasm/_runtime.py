@@ -157,7 +157,6 @@ class Runtime:
         """Wait for every thread this runtime started; True when all have ended. The epoch ticker
         runs until the last sandbox thread has ended, so joining it waits for those too."""
         deadline = time.monotonic() + timeout
-        if self._python is not None:
-            self._python.join(max(deadline - time.monotonic(), 0.0))
+        python = self._python.join(max(deadline - time.monotonic(), 0.0)) if self._python is not None else True
         self.engine.join(max(deadline - time.monotonic(), 0.0))
-        return self.engine.live == 0 and not self.engine.ticking()
+        return python and self.engine.live == 0 and not self.engine.ticking()

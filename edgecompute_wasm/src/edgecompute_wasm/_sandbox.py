@@ -1,7 +1,8 @@
 """The wasmtime side: one engine, its epoch ticker, the linker, and sandbox instances.
 
-Every request runs in a :class:`Sandbox` of its own: a fresh ``Store`` and instance on a thread of
-its own, closed when it ends. WASI is wasmtime's, with a few functions shadowed by host code here:
+Every request runs in a :class:`Sandbox` of its own: a fresh ``Store`` and instance, closed when it
+ends, on a thread of its own or (a snapshot's sandbox) on the request's worker thread. WASI is
+wasmtime's, with a few functions shadowed by host code here:
 
 * ``fd_pread`` and ``fd_write`` on fd 0 are a private channel to the host (the request in, the
   answer out), so a pre-started interpreter can sit blocked on fd 0 until a request arrives. Only
@@ -129,7 +130,8 @@ class Outcome:
 
 
 class Sandbox:
-    """One instance of one module in one fresh store, run on a thread of its own.
+    """One instance of one module in one fresh store, run on a thread of its own (:meth:`start`) or
+    on the caller's (:meth:`run_here`: a snapshot's sandbox, its request given before it runs).
 
     ``python`` mode: the guest reads its request from fd 0 and writes a framed answer to fd 0; it
     may start (and block on fd 0) long before a request is handed to it with :meth:`give`.
@@ -177,12 +179,12 @@ class Sandbox:
         self.t_wake = self.t_answer = 0.0
         self.memory_size = 0  # the guest's linear memory when it ended, in bytes
         self.stdin_path: str | None = None  # command mode: stdin comes from this file
-        self.thread = threading.Thread(target=self._main, name="edgecompute-wasm-sandbox", daemon=True)
 
     # -- host side ----------------------------------------------------------------------------------
 
     def start(self) -> Sandbox:
-        self.thread.start()
+        """Run on a thread of its own (:meth:`run_here` runs on the caller's)."""
+        threading.Thread(target=self._main, name="edgecompute-wasm-sandbox", daemon=True).start()
         return self
 
     @property
