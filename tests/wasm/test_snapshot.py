@@ -324,3 +324,35 @@ def test_a_snapshot_sandbox_blocked_past_its_deadline_is_woken_by_the_watchdog(c
     finally:
         asyncio.run(executor.aclose())
     assert runtime.join(5.0)
+
+
+@pytest.mark.slow
+def test_a_build_boots_the_pinned_runtime_and_replaces_the_stale_snapshot(wasm: Any, tmp_path: Path) -> None:
+    import types
+
+    from edgecompute_wasm import _snapshot
+    from edgecompute_wasm._cache import CacheStats, entry_path
+    from edgecompute_wasm._python import BOOTSTRAP
+    from edgecompute_wasm._runtime import verified_runtime_bytes
+
+    runtime = wasm.runtime()
+    preload = wasm.settings.preload
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    scratch = types.SimpleNamespace(cache_dir=folder, engine=runtime.engine, cache_stats=CacheStats())
+    # an older build's snapshot: its manifest, and its compiled entry
+    manifest = _snapshot.manifest_path(folder, preload)
+    manifest.write_text(f"format={_snapshot.FORMAT}\nsha256={'ab' * 32}\nboot=old\nslots=1\nmemory_bytes=1\n")
+    stale = _snapshot.compiled_key(folder, preload, runtime.engine.key)
+    assert stale is not None
+    entry_path(stale, folder).write_bytes(b"stale")
+    built = _snapshot.build(scratch, runtime.python.module, verified_runtime_bytes(), preload, BOOTSTRAP, "new")
+    assert not entry_path(stale, folder).exists()
+    fields = dict(line.split("=", 1) for line in manifest.read_text().splitlines())
+    assert fields["boot"] == "new"
+    assert hashlib.sha256(manifest.with_suffix(".wasm").read_bytes()).hexdigest() == fields["sha256"]
+    assert built.memory_bytes == int(fields["memory_bytes"]) and len(built.slots) == _snapshot.SLOTS
+    # what a new process finds: the manifest, then the compiled entry it names
+    loaded = _snapshot.load(scratch, preload, "new")
+    assert loaded is not None and loaded.slots == built.slots
+    assert scratch.cache_stats.hits == 1

@@ -129,6 +129,13 @@ def entry_path(key: str, cache_dir: Path) -> Path:
     return _entry(key, cache_dir)[1]
 
 
+def remove_entry(key: str, cache_dir: Path) -> None:
+    """Delete a cache entry (a process that mapped it keeps its mapping)."""
+    _, path, meta = _entry(key, cache_dir)
+    _remove(meta)
+    _remove(path)
+
+
 class Verification:
     """Checks a cache entry on a thread of its own, started before wasmtime is imported.
 

@@ -230,8 +230,9 @@ def build(runtime: Any, module: Any, original: bytes, preload: Sequence[str], bo
 
     import wasmtime
 
-    from ._cache import cache_key, load_or_compile, sha256, wasmtime_version, write_atomic
+    from ._cache import cache_key, load_or_compile, remove_entry, sha256, wasmtime_version, write_atomic
 
+    stale = compiled_key(runtime.cache_dir, preload, runtime.engine.key)  # the one this build replaces
     t0 = time.perf_counter()
     empty = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=runtime.cache_dir))
     try:
@@ -251,6 +252,8 @@ def build(runtime: Any, module: Any, original: bytes, preload: Sequence[str], bo
     manifest = (f"format={FORMAT}\nsha256={digest}\nboot={boot_digest}\nslots={','.join(map(str, slots))}\n"
                 f"memory_bytes={len(memory)}\nboot_seconds={boot_seconds:.3f}\nbuild_seconds={seconds:.3f}\n")
     write_atomic(path, manifest.encode("ascii"), runtime.cache_dir)
+    if stale is not None and stale != key:
+        remove_entry(stale, runtime.cache_dir)  # its manifest and module were just overwritten
     log.info("built the wasm python snapshot in %.1f s (boot %.2f s, %d MiB of memory)", seconds, boot_seconds,
              len(memory) >> 20)
     return Snapshot(compiled, slots, len(memory))
