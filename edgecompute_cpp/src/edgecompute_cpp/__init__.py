@@ -20,11 +20,13 @@ _LAZY = {
     "include_dir": "_build",
     "cache_dir": "_build",
     "CompileError": "errors",
+    "NoCompiler": "errors",
+    "BundledPluginDown": "errors",
     "PluginABIError": "errors",
 }
 
-__all__ = ["ABI_VERSION", "MIN_ABI_VERSION", "CompileError", "CppExecutor", "PluginABIError", "build_plugin",
-           "cache_dir", "include_dir"]
+__all__ = ["ABI_VERSION", "MIN_ABI_VERSION", "BundledPluginDown", "CompileError", "CppExecutor", "NoCompiler",
+           "PluginABIError", "build_plugin", "cache_dir", "include_dir"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,13 +16,17 @@ from pathlib import Path
 
 from edgecompute.errors import ConfigError
 
-from .errors import CompileError
+from . import _isa
+from .errors import CompileError, NoCompiler
 
-__all__ = ["BUILTIN_SOURCES", "DEFAULT_FLAGS", "build_builtin", "build_plugin", "cache_dir", "compiler", "include_dir"]
+__all__ = ["BUILTIN_SOURCES", "DEFAULT_FLAGS", "PREBUILT_DIR", "build_builtin", "build_plugin", "cache_dir", "compiler",
+           "include_dir"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: the bundled plugin: builtin.cpp holds the plugin table and most algorithms, fft.cpp the FFT
-BUILTIN_SOURCES = (PACKAGE_DIR / "native" / "builtin.cpp", PACKAGE_DIR / "native" / "fft.cpp")
+BUILTIN_SOURCES = tuple(PACKAGE_DIR / source for source in _isa.SOURCES)
+#: where a wheel holds the bundled plugin compiled at build time, one library per instruction-set level
+PREBUILT_DIR = PACKAGE_DIR / "_prebuilt"
 DEFAULT_FLAGS: tuple[str, ...] = (
     "-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-math-errno",
 )
@@ -45,8 +49,10 @@ def cache_dir() -> Path:
     return Path(base) / "edgecompute-cpp"
 
 
-def compiler() -> list[str]:
-    """The C++ compiler command: ``$CXX`` (may hold arguments), else ``c++``, ``g++`` or ``clang++``."""
+def compiler(source: str = "<compiler>") -> list[str]:
+    """The C++ compiler command: ``$CXX`` (may hold arguments), else ``c++``, ``g++`` or ``clang++``.
+
+    Raises :class:`NoCompiler` (naming ``source``, what needed it) when there is none."""
     explicit = os.environ.get("CXX")
     if explicit:
         return shlex.split(explicit)
@@ -54,7 +60,7 @@ def compiler() -> list[str]:
         found = shutil.which(name)
         if found:
             return [found]
-    raise CompileError("<compiler>", [], "no C++ compiler found: install g++ (apt-get install g++) or set $CXX")
+    raise NoCompiler(source)
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,7 +109,8 @@ def build_plugin(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     plugin is never rebuilt; a changed one is. Extra ``flags`` go after the defaults
     (:data:`DEFAULT_FLAGS`; add e.g. ``-DEC_ABI_TARGET=1`` or ``-lm``).
 
-    Raises :class:`CompileError` with the compiler's message when compiling fails.
+    Raises :class:`CompileError` with the compiler's message when compiling fails, and
+    :class:`NoCompiler` when there is no compiler to run.
     """
     sources = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
     if not sources:
@@ -111,7 +118,7 @@ def build_plugin(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     for source in sources:
         if not source.is_file():
             raise ConfigError(f"C++ plugin source {str(source)!r} does not exist")
-    command = compiler()
+    command = compiler(", ".join(str(s) for s in sources))
     includes = [include_dir(), *(Path(p) for p in include_dirs)]
     all_flags = [*DEFAULT_FLAGS, *flags]
     digest = hashlib.sha256()
@@ -153,5 +160,16 @@ def build_plugin(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 def build_builtin() -> Path:
-    """The bundled plugin's library, compiled on first use."""
-    return build_plugin(BUILTIN_SOURCES, name="builtin")
+    """The bundled plugin's library: in a wheel, the one compiled at build time for the highest
+    instruction-set level this CPU runs (``$EDGECOMPUTE_CPP_ISA`` may name another, or ``native``);
+    in a source install (no such libraries), compiled for this CPU on first use."""
+    try:
+        found = _isa.best_level(PREBUILT_DIR)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if found is not None:
+        return found[1]
+    try:
+        return build_plugin(BUILTIN_SOURCES, name="builtin")
+    except NoCompiler:
+        raise NoCompiler("the bundled plugin", bundled=True) from None

@@ -25,7 +25,7 @@ from edgecompute.errors import InvalidRequest
 
 from ._limits import LIMITS, Limits
 
-__all__ = ["LIMITS", "Checked", "Limits", "check_builtin", "check_plugin", "has_spec"]
+__all__ = ["BUNDLED", "LIMITS", "Checked", "Limits", "check_builtin", "check_plugin", "has_spec"]
 
 #: params JSON nesting that plugins' parsers (recursive) must never see exceeded
 _MAX_PARAM_DEPTH = 32
@@ -325,6 +325,10 @@ _SPECS: dict[str, _Spec] = {
         _Spec("sum", [_Input("x", (_F32, _F64, _I32, _I64, _U8), 0, 8)], {}, _sizes_sum),
     )
 }
+
+
+#: the bundled plugin's algorithms (a test holds the plugin's own list to it)
+BUNDLED = tuple(_SPECS)
 
 
 def has_spec(name: str) -> bool:

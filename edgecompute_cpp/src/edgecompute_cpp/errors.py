@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgecompute.errors import PluginError
 
-__all__ = ["CompileError", "PluginABIError"]
+__all__ = ["BundledPluginDown", "CompileError", "NoCompiler", "PluginABIError"]
 
 
 class CompileError(PluginError):
@@ -16,6 +16,38 @@ class CompileError(PluginError):
         self.source = source
         self.command = command
         self.output = output
+
+
+class NoCompiler(CompileError):
+    """A plugin given as C++ source needs a C++ compiler, and there is none (no ``$CXX``, and no
+    ``c++``, ``g++`` or ``clang++`` on ``PATH``). The bundled algorithms of an installed wheel need
+    none; a source install compiles them on first use, so it needs one too."""
+
+    def __init__(self, source: str, *, bundled: bool = False) -> None:
+        super().__init__(source, [], "")
+        missing = "no C++ compiler was found ($CXX is unset and none of c++, g++, clang++ is on PATH)"
+        if bundled:
+            self.reason = (f"it is compiled from source on first use here (a source install of edgecompute-cpp, "
+                           f"or $EDGECOMPUTE_CPP_ISA=native), but {missing}: install the edgecompute-cpp wheel, "
+                           f"which holds it compiled, or a C++ compiler (e.g. apt-get install g++), or set $CXX")
+        else:
+            self.reason = (f"it is C++ source, and building it needs a C++ compiler, but {missing}: "
+                           f"install one (e.g. apt-get install g++) or set $CXX, or give the plugin as a "
+                           f"compiled .so")
+        self.args = (f"plugin {source!r} failed: {self.reason}",)
+
+
+class BundledPluginDown(PluginError):
+    """A bundled algorithm was asked for while the bundled plugin is down: it failed to load,
+    and ``cause`` says why (no compiler in a source install, a library this system cannot load)."""
+
+    def __init__(self, algorithm: str, cause: BaseException) -> None:
+        why = cause.reason if isinstance(cause, PluginError) else str(cause)
+        super().__init__("the bundled plugin", why)
+        self.algorithm = algorithm
+        self.cause = cause
+        self.args = (f"{algorithm} cannot run: executor 'cpp' is down for its bundled algorithms, because its "
+                     f"bundled plugin failed to load: {why}",)
 
 
 class PluginABIError(PluginError):

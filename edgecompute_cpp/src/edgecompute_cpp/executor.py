@@ -82,6 +82,10 @@ class _Loaded:
         self.plugins: dict[str, _Plugin] = {}
         self.entries: dict[str, _Entry] = {}
         self.problems: list[PluginError] = []
+        #: why the bundled plugin failed to load, when it did: its algorithms stay listed, and a
+        #: request for one is told this instead of hearing that cpp has no such algorithm
+        self.builtin_down: PluginError | None = None
+        self.down: list[Algorithm] = []
 
 
 def _microseconds(key: str, given: float | None, config: Mapping[str, Any], default: float) -> float:
@@ -240,9 +244,22 @@ class CppExecutor:
                 loaded.problems.append(exc)
             except EdgeComputeError as exc:
                 loaded.problems.append(PluginError(label, str(exc)))
+            else:
+                continue
+            if source == "builtin":
+                self._mark_builtin_down(loaded, loaded.problems[-1])
         for problem in loaded.problems:
             log.warning("%s", problem)
         return loaded
+
+    @staticmethod
+    def _mark_builtin_down(loaded: _Loaded, problem: PluginError) -> None:
+        from ._checks import BUNDLED
+
+        loaded.builtin_down = problem
+        loaded.down = [Algorithm(name, f"unavailable: the bundled plugin failed to load ({problem.reason})",
+                                 Resources(cpu=1.0), True)
+                       for name in BUNDLED if name not in loaded.entries]
 
     def _add(self, loaded: _Loaded, path: str, source: str, label: str) -> None:
         native = None
@@ -276,7 +293,10 @@ class CppExecutor:
     # -- the Executor protocol --------------------------------------------------------------------
 
     def algorithms(self) -> Sequence[Algorithm]:
-        return [entry.algorithm for entry in self._ensure().entries.values()]
+        """The loaded plugins' algorithms; with the bundled plugin down, its algorithms too, so that
+        a request for one hears why it cannot run (see :class:`BundledPluginDown`)."""
+        loaded = self._ensure()
+        return [*(entry.algorithm for entry in loaded.entries.values()), *loaded.down]
 
     def requirements(self, request: Request) -> Resources:
         """The declared cpu, and memory for the inputs, the outputs and the working memory that
@@ -312,9 +332,14 @@ class CppExecutor:
         return arrays, encoded, extra
 
     def _lookup(self, name: str) -> _Entry:
-        entries = self._ensure().entries
+        loaded = self._ensure()
+        entries = loaded.entries
         entry = entries.get(name)
         if entry is None:
+            if loaded.builtin_down is not None and any(a.name == name for a in loaded.down):
+                from .errors import BundledPluginDown
+
+                raise BundledPluginDown(f"cpp/{name}", loaded.builtin_down)
             raise InvalidRequest(f"cpp has no algorithm {name!r}; it has: {', '.join(sorted(entries)) or 'none'}")
         return entry
 
@@ -524,8 +549,11 @@ class CppExecutor:
         if self._pool is not None:
             details["workers"] = self._pool.states()
             details["shared_memory"] = self._pool.shared_memory()
+        if loaded.builtin_down is not None:
+            details["builtin_down"] = str(loaded.builtin_down)
         if not loaded.entries:
-            return Health(HealthStatus.DOWN, "no C++ plugin loaded", details)
+            why = f": the bundled plugin failed to load: {loaded.builtin_down.reason}" if loaded.builtin_down else ""
+            return Health(HealthStatus.DOWN, f"no C++ plugin loaded{why}", details)
         if loaded.problems:
             return Health(HealthStatus.DEGRADED, f"{len(loaded.problems)} plugin(s) failed to load", details)
         return Health(HealthStatus.OK, f"{len(loaded.plugins)} plugin(s), {len(loaded.entries)} algorithm(s)", details)
