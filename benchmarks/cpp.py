@@ -1,6 +1,6 @@
 """edgecompute-cpp figures, all measured in one run on this machine.
 
-    python benchmarks/cpp.py [--repeat 15] [--quick]
+    python benchmarks/cpp.py [--repeat 15] [--quick] [--only 1,7] [--wheel-python VENV/bin/python]
 
 Needs edgecompute-cpp, scipy and (benchmark only) opencv-python-headless. BLAS and OpenCV are held
 to one thread unless a row says otherwise: every bundled algorithm runs on one thread per call.
@@ -13,7 +13,10 @@ Tables:
      worker's arena) and arrays made with executor.empty() (in shared memory, not copied);
   4. two long-lived threads running blurs vs one after the other (one blur each, then ten each);
   5. a segfaulting plugin in process mode, then 100 tasks;
-  6. tasks through the scheduler one at a time, from two callers, and 200 at once (asyncio.gather).
+  6. tasks through the scheduler one at a time, from two callers, and 200 at once (asyncio.gather);
+  7. with --wheel-python (the python of a venv holding the built wheel, docs/cpp.md "Installing"):
+     the blur row from that wheel install (its best level, then each level) against this
+     interpreter's in-tree build (-march=native), each in fresh processes taking turns.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -419,18 +425,72 @@ def crash_table() -> list[str]:
     return asyncio.run(run())
 
 
+# one blur row in a fresh interpreter: best-of-N ms, and which library ran it
+_BLUR_CHILD = r'''
+import json, sys, time
+import numpy as np
+from edgecompute_cpp import CppExecutor
+import asyncio
+cpp = CppExecutor()
+image = np.random.default_rng(0).random((1080, 1920), dtype=np.float32)
+best = float("inf")
+for i in range(int(sys.argv[1]) + 2):
+    start = time.perf_counter()
+    cpp.call("gaussian_blur", image, {"sigma": 2.0})
+    if i >= 2:
+        best = min(best, time.perf_counter() - start)
+library = asyncio.run(cpp.health()).details["plugins"][0]["path"]
+print(json.dumps({"ms": best * 1e3, "library": library}))
+'''
+
+
+def wheel_table(wheel_python: str, repeat: int, rounds: int = 5) -> list[str]:
+    """The blur row of table 1 from a wheel install against the in-tree build, each run in fresh
+    processes, the configurations taking turns round by round; each figure is its best round."""
+    from edgecompute_cpp._isa import ISA_ENV, supported_levels
+
+    def no_compiler_env(**extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC", "PYTHONPATH", ISA_ENV)}
+        env["PATH"] = str(Path(wheel_python).parent)  # the wheel needs no compiler: none is on PATH
+        return {**env, **extra}
+
+    levels = [level.name for level in supported_levels()]
+    configs: list[tuple[str, str, dict[str, str]]] = [
+        ("in-tree build (-march=native, compiled on first use)", sys.executable, dict(os.environ)),
+        ("wheel, level chosen at load", wheel_python, no_compiler_env()),
+        *((f"wheel, {ISA_ENV}={level}", wheel_python, no_compiler_env(**{ISA_ENV: level}))
+          for level in reversed(levels)),
+    ]
+    best = [float("inf")] * len(configs)
+    libraries = [""] * len(configs)
+    for _ in range(rounds):
+        for i, (_, python, env) in enumerate(configs):
+            done = subprocess.run([python, "-c", _BLUR_CHILD, str(repeat)], env=env, capture_output=True, text=True,
+                                  check=True)
+            row = json.loads(done.stdout.splitlines()[-1])
+            best[i] = min(best[i], row["ms"])
+            libraries[i] = Path(row["library"]).name
+    lines = [f"{'gaussian_blur 1920x1080 f32 sigma 2':56} {'ms':>7} {'/ in-tree':>10}  library", "-" * 110]
+    for (title, _, _), ms, library in zip(configs, best, libraries, strict=True):
+        lines.append(f"{title:56} {ms:7.2f} {ms / best[0]:9.2f}x  {library}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--only", default="", help="the tables to run, by number (e.g. 1,7); default: all")
+    parser.add_argument("--wheel-python", help="the python of a venv holding the built wheel: adds table 7")
     args = parser.parse_args()
     repeat, calls = (3, 500) if args.quick else (args.repeat, args.calls)
     cpp = CppExecutor()
     start = time.perf_counter()
     cpp.algorithms()
     print(f"edgecompute-cpp benchmark; bundled plugin ready in {time.perf_counter() - start:.1f} s "
-          f"(compiled on first use, then cached); OpenCV {'missing' if cv2 is None else cv2.__version__}, "
+          f"(a wheel's is prebuilt; a source install compiles it on first use, then caches it); "
+          f"OpenCV {'missing' if cv2 is None else cv2.__version__}, "
           f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
     for title, table in (
         ("1. algorithms (best of runs, one thread unless noted)", lambda: algorithm_table(cpp, repeat)),
@@ -439,7 +499,12 @@ def main() -> None:
         ("4. concurrency (GIL released)", lambda: threads_table(cpp, repeat)),
         ("5. crash isolation", crash_table),
         ("6. bursts through the scheduler (2 cores, 2 workers)", lambda: burst_table(repeat)),
+        ("7. the bundled plugin from the wheel vs the in-tree build (fresh processes, no compiler on the "
+         "wheel's PATH)", lambda: wheel_table(args.wheel_python, repeat)),
     ):
+        number = title.partition(".")[0]
+        if (args.only and number not in args.only.split(",")) or (number == "7" and not args.wheel_python):
+            continue
         print(title)
         for line in table():
             print("  " + line)

@@ -136,7 +136,7 @@ def _link_dependencies(target: Path) -> None:
         dist = importlib.metadata.distribution(name)
         base = Path(str(dist.locate_file("")))
         for top in {Path(str(f)).parts[0] for f in dist.files or []}:
-            if top != ".." and (base / top).exists() and not (target / top).exists():
+            if top not in ("..", "__pycache__") and (base / top).exists() and not (target / top).exists():
                 (target / top).symlink_to(base / top)
 
 
