@@ -4,6 +4,7 @@ fails with NoCompiler; the instruction-set level of a wheel's library is chosen 
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -133,3 +134,10 @@ def test_a_level_named_in_a_source_install_is_a_config_error(monkeypatch: pytest
     assert len(problems) == 1 and "holds no prebuilt bundled plugin" in str(problems[0])
     with pytest.raises(BundledPluginDown, match="holds no prebuilt bundled plugin"):
         executor.call("sum", np.ones(2))
+
+
+def test_the_errors_cross_a_placement_workers_pipe_whole() -> None:
+    bundled = NoCompiler("the bundled plugin", bundled=True)
+    for error in (NoCompiler("scale.cpp"), bundled, BundledPluginDown("cpp/sum", bundled)):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.reason == error.reason

@@ -23,8 +23,9 @@ class NoCompiler(CompileError):
     ``c++``, ``g++`` or ``clang++`` on ``PATH``). The bundled algorithms of an installed wheel need
     none; a source install compiles them on first use, so it needs one too."""
 
-    def __init__(self, source: str, *, bundled: bool = False) -> None:
+    def __init__(self, source: str, bundled: bool = False) -> None:
         super().__init__(source, [], "")
+        self.bundled = bundled
         missing = "no C++ compiler was found ($CXX is unset and none of c++, g++, clang++ is on PATH)"
         if bundled:
             self.reason = (f"it is compiled from source on first use here (a source install of edgecompute-cpp, "
@@ -36,18 +37,24 @@ class NoCompiler(CompileError):
                            f"compiled .so")
         self.args = (f"plugin {source!r} failed: {self.reason}",)
 
+    def __reduce__(self) -> tuple[type[NoCompiler], tuple[str, bool]]:
+        # whole, across a placement worker's pipe (the default would pass the message as `source`)
+        return type(self), (self.source, self.bundled)
+
 
 class BundledPluginDown(PluginError):
-    """A bundled algorithm was asked for while the bundled plugin is down: it failed to load,
-    and ``cause`` says why (no compiler in a source install, a library this system cannot load)."""
+    """A bundled algorithm was asked for while the bundled plugin is down: it failed to load, and
+    ``reason`` says why (no compiler in a source install, a library this system cannot load)."""
 
-    def __init__(self, algorithm: str, cause: BaseException) -> None:
+    def __init__(self, algorithm: str, cause: BaseException | str) -> None:
         why = cause.reason if isinstance(cause, PluginError) else str(cause)
         super().__init__("the bundled plugin", why)
         self.algorithm = algorithm
-        self.cause = cause
         self.args = (f"{algorithm} cannot run: executor 'cpp' is down for its bundled algorithms, because its "
                      f"bundled plugin failed to load: {why}",)
+
+    def __reduce__(self) -> tuple[type[BundledPluginDown], tuple[str, str]]:
+        return type(self), (self.algorithm, self.reason)
 
 
 class PluginABIError(PluginError):
