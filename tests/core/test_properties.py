@@ -9,6 +9,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from edgecompute import (
     Response,
     Scheduler,
     TaskContext,
-    TaskState,
+    TaskHandle,
 )
 from edgecompute.errors import (
     EdgeComputeError,
@@ -61,6 +62,9 @@ class Probe:
         self.lock = threading.Lock()
         self.running = self.peak_running = 0
         self.singles = self.peak_singles = 0
+        # request id -> entries into execute minus exits: the reference model's view of which
+        # ended tasks still run code (and so still hold their concurrency slot)
+        self.inside: Counter[str] = Counter()
 
     def algorithms(self) -> Sequence[Algorithm]:
         return [
@@ -74,10 +78,14 @@ class Probe:
         return Resources(cpu=1)
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
-        if ctx.algorithm.name == "block":
-            # measured on the worker thread itself: a cancelled task's thread still holds its share
-            return Response(await ctx.run_sync(self._hold, request, ctx, 0.002))
-        return await self._hold_async(request, ctx)
+        self.inside[request.id] += 1
+        try:
+            if ctx.algorithm.name == "block":
+                # measured on the worker thread itself: a cancelled task's thread still holds its share
+                return Response(await ctx.run_sync(self._hold, request, ctx, 0.002))
+            return await self._hold_async(request, ctx)
+        finally:
+            self.inside[request.id] -= 1
 
     def _hold(self, request: Request, ctx: TaskContext, seconds: float) -> int:
         with self.lock:
@@ -138,6 +146,233 @@ resources = st.builds(
 )
 
 
+# -- reference model of admission -----------------------------------------------------------------
+#
+# Written from docs/scheduler.md, not from the scheduler: it keeps its own record of every task from
+# the events it observes (order key, needs, state), its own count of concurrency slots, and its own
+# statement of the rules (order, backfill, starvation guard, limits). The only thing it borrows is
+# the resource pool's arithmetic (``short_of``: in what a need does not fit what is free now),
+# which is the accounting of what is reserved, not the policy under test.
+#
+# Some facts are invisible from outside: whether a task held by a concurrency limit is parked or
+# back in the queue, whether a task waiting to retry is back in the queue, whether a cancelled
+# task's thread has returned its slot yet, and the order of two tasks whose keys are closer than
+# the model's clock can tell. The model then keeps two bounds on the set of resources the tasks
+# ahead are waiting for: ``low`` (certainly waited for) and ``high`` (possibly), and claims only what
+# holds under both: a task that fits and competes with nothing in ``high`` should have started; a
+# task admitted while it competes with ``low`` passed a task it may not pass.
+
+_CLOCK = 0.0005  # how far apart two order keys must be for the model to tell their order
+
+
+def _needs_what(need: Resources, waited_for: set[str] | frozenset[str]) -> bool:
+    """docs/scheduler.md: a task may pass one that waits only if it needs none of what that one is
+    short of (a CPU-only task may pass a task waiting for GPU memory, not one waiting for CPU)."""
+    return bool(
+        ("cpu" in waited_for and need.cpu > 0)
+        or ("memory" in waited_for and need.memory_mb > 0)
+        or ("gpu" in waited_for and (need.gpus > 0 or need.gpu_memory_mb > 0))
+    )
+
+
+class ModelTask:
+    def __init__(self, task_id: str, need: Resources, priority: int, algorithm: str, seq: int,
+                 submitted: float, aging: float) -> None:
+        self.id = task_id
+        self.need = need
+        self.priority = priority
+        self.algorithm = algorithm
+        self.seq = seq
+        # docs/scheduler.md: one heap keyed by submitted_at - priority * aging; a retry keeps it
+        self.key = submitted - priority * aging
+        self.state = "queued"  # queued, running, ended
+        self.retrying = False  # waiting out a retry's backoff, or back in the queue after it
+        self.lingering = False  # ended while its blocking code ran on a thread: its slot may be held
+
+    def __repr__(self) -> str:
+        return f"<{self.id} {self.algorithm} {self.need} p={self.priority} {self.state}>"
+
+
+class AdmissionModel:
+    def __init__(self, machine: SchedulerMachine, aging: float, limit: int | None) -> None:
+        self.machine = machine
+        self.aging = aging
+        self.limits: dict[str, int] = {"probe/single": 1}
+        if limit is not None:
+            self.limits["probe"] = limit
+        self.expected: dict[str, tuple[Resources, int, str]] = {}
+        self.tasks: dict[str, ModelTask] = {}
+        self.seq = 0
+        self.snapshot: dict[str, frozenset[str]] | None = None
+        self.pending: tuple[Resources, dict[str, frozenset[str]], dict[str, frozenset[str]]] | None = None
+        self.checked_starts = 0
+        # the scheduler logs and swallows an observer's exceptions: a broken rule is kept here and
+        # raised by the state machine's invariant
+        self.violations: list[str] = []
+
+    # -- what the model sees --------------------------------------------------------------------
+
+    def expect(self, task_id: str, need: Resources, priority: int, algorithm: str) -> None:
+        self.expected[task_id] = (need, priority, algorithm)
+
+    def observe(self, event) -> None:  # type: ignore[no-untyped-def]
+        kind = event.kind
+        if kind == "submitted":
+            need, priority, algorithm = self.expected[event.task_id]
+            self.seq += 1
+            self.tasks[event.task_id] = ModelTask(event.task_id, need, priority, algorithm, self.seq,
+                                                  time.monotonic(), self.aging)
+            return
+        task = self.tasks[event.task_id]
+        if kind == "started":
+            try:
+                self.check_start(task)
+            except AssertionError as exc:
+                self.violations.append(str(exc))
+            task.state, task.retrying = "running", False
+        elif kind == "retrying":
+            task.state, task.retrying = "queued", True
+        elif event.state.terminal:
+            if task.algorithm == "block" and self.machine.probe.inside[task.id] > 0:
+                task.lingering = True
+            task.state, task.retrying = "ended", False
+
+    def watch(self, pool) -> None:  # type: ignore[no-untyped-def]
+        """Record, at each reservation, what each queued task was short of just before it and at
+        the start of the scan that made it (the reference for the starvation guard)."""
+        acquire, release = pool.try_acquire, pool.release
+
+        def try_acquire(need: Resources):  # type: ignore[no-untyped-def]
+            queued = [t for t in self.tasks.values() if t.state == "queued"]
+            before = {t.id: pool.short_of(t.need) for t in queued}
+            if self.snapshot is None:
+                # the pool only shrinks from here until a release or the loop's next turn, so what
+                # a task is short of now is at most what it was short of when a later scan saw it
+                self.snapshot = before
+                self.machine.loop.call_soon(self._forget_snapshot)
+            allocation = acquire(need)
+            if allocation is not None:
+                self.pending = (need, before, self.snapshot)
+            return allocation
+
+        def give_back(allocation) -> None:  # type: ignore[no-untyped-def]
+            release(allocation)
+            self.snapshot = None
+
+        pool.try_acquire = try_acquire
+        pool.release = give_back
+
+    def _forget_snapshot(self) -> None:
+        self.snapshot = None
+
+    # -- what the model works out ---------------------------------------------------------------
+
+    def _keys(self, task: ModelTask) -> list[str]:
+        keys = [key for key in ("probe",) if key in self.limits]
+        if task.algorithm == "single":
+            keys.append("probe/single")
+        return keys
+
+    def _certainly_at_limit(self, task: ModelTask) -> bool:
+        inside = self.machine.probe.inside
+        for key in self._keys(task):
+            held = sum(1 for t in self.tasks.values()
+                       if key in self._keys(t) and (t.state == "running" or (t.state == "ended" and inside[t.id] > 0
+                                                                              and not t.lingering)))
+            if held >= self.limits[key]:
+                return True
+        return False
+
+    def _presence(self, queued: list[ModelTask], at_start: bool) -> dict[str, str]:
+        """"in": certainly in the queue, free of limits; "maybe": perhaps in it; "out": not."""
+        waiting = sum(1 for t in queued if t.retrying)
+        retrying = self.machine.scheduler.stats().retrying
+        presence = {}
+        for task in queued:
+            if task.retrying and retrying == waiting:
+                presence[task.id] = "out"  # all of them wait out their backoff
+            elif task.retrying and retrying:
+                presence[task.id] = "maybe"
+            elif self._keys(task):
+                # parked or back in the queue cannot be told apart; while the start being checked
+                # is counted, neither can a limit that was reached
+                presence[task.id] = "out" if not at_start and self._certainly_at_limit(task) else "maybe"
+            else:
+                presence[task.id] = "in"
+        return presence
+
+    def _ordered(self, queued: list[ModelTask]) -> list[ModelTask] | None:
+        """The queue in order, or None when two keys are too close to order."""
+        queued = sorted(queued, key=lambda t: (t.key, t.seq))
+        for a, b in itertools.pairwise(queued):
+            if a.priority != b.priority and b.key - a.key < _CLOCK:
+                return None
+        return queued
+
+    def check_start(self, task: ModelTask) -> None:
+        """A task starts: no task ahead of it that it may not pass was waiting, and none ahead of it
+        that could start was passed over."""
+        assert self.pending is not None, f"{task} started without a reservation"
+        need, before, snapshot = self.pending
+        self.pending = None
+        assert need == task.need, (need, task)
+        assert task.state == "queued", task
+        queued = [t for t in self.tasks.values() if t.state == "queued"]
+        ordered = self._ordered(queued)
+        if ordered is None:
+            return
+        presence = self._presence(queued, at_start=True)
+        low: set[str] = set()
+        high: set[str] = set()
+        for ahead in ordered:
+            if ahead is task:
+                break
+            if presence[ahead.id] == "out":
+                continue
+            short_now = before[ahead.id]
+            if presence[ahead.id] == "maybe" or ahead.id not in snapshot:
+                if not _needs_what(ahead.need, low):
+                    high |= short_now
+            elif _needs_what(ahead.need, low):
+                continue  # it competes with a task ahead of it: it waits without holding others
+            elif not _needs_what(ahead.need, high):
+                assert short_now, f"{task} started before {ahead}, which was ahead of it and fitted"
+                low |= snapshot[ahead.id]
+                high |= short_now
+            else:
+                high |= short_now
+        self.checked_starts += 1
+        assert not _needs_what(task.need, low), (
+            f"{task} started while a task ahead of it waited for {sorted(low)}, which it needs too"
+        )
+
+    def check_settled(self, pool) -> None:  # type: ignore[no-untyped-def]
+        """Between events, no task in the queue that may pass all ahead of it fits what is free."""
+        assert not self.violations, self.violations
+        queued = [t for t in self.tasks.values() if t.state == "queued"]
+        ordered = self._ordered(queued)
+        if ordered is None:
+            return
+        presence = self._presence(queued, at_start=False)
+        low: set[str] = set()
+        high: set[str] = set()
+        for task in ordered:
+            if presence[task.id] == "out":
+                continue
+            short = pool.short_of(task.need)
+            if presence[task.id] == "maybe":
+                if not _needs_what(task.need, low):
+                    high |= short
+            elif _needs_what(task.need, low):
+                continue
+            elif not _needs_what(task.need, high):
+                assert short, f"{task} fits and may pass every task ahead of it, yet it waits"
+                low |= short
+                high |= short
+            else:
+                high |= short
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(max_queue=st.integers(2, 12), aging=st.sampled_from([0.0, 0.01, 10.0]),
                 limit=st.sampled_from([None, 1, 2]))
@@ -149,12 +384,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         config = Config(retries=1, retry_backoff=0.001, aging=aging, executors=executors)
         self.scheduler = Scheduler(Registry([self.probe]), capacity=CAPACITY, max_queue=max_queue, config=config)
         self.loop.run_until_complete(self.scheduler.start())
-        self.handles: list = []
+        self.handles: list[TaskHandle] = []
         self.runs: list[asyncio.Task[Response]] = []
         self.ends: dict[str, list[str]] = {}
         self.ended_before_cancel: set[str] = set()
-        self.scheduler.subscribe(self._observe)
         self.key = 0
+        self.model = AdmissionModel(self, aging, limit)
+        # the model watches the pool's reservations and sees each event before anything else
+        self.model.watch(self.scheduler._pool)
+        self.scheduler.subscribe(self.model.observe)
+        self.scheduler.subscribe(self._observe)
 
     def _observe(self, event) -> None:  # type: ignore[no-untyped-def]
         if event.state.terminal:
@@ -169,6 +408,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def submit(self, algorithm: str, need: Resources, priority: int, timeout: float | None) -> None:
         self.key += 1
         request = Request(f"probe/{algorithm}", self.key, priority=priority, timeout=timeout, resources=need)
+        self.model.expect(request.id, need, priority, algorithm)
         try:
             handle = self.scheduler.submit(request)
         except InfeasibleRequest:
@@ -188,6 +428,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def run(self, algorithm: str, cpu: float, timeout: float | None) -> None:
         """Scheduler.run from a task of its own: starts inline when nothing waits and it fits."""
         self.key += 1
+        self.model.expect(f"run-{self.key}", Resources(cpu=cpu), 0, algorithm)
         call = self.scheduler.run(f"probe/{algorithm}", self.key, timeout=timeout, resources=Resources(cpu=cpu),
                                   id=f"run-{self.key}")
         self.runs.append(self.loop.create_task(call, name=f"run-{self.key}"))
@@ -241,26 +482,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def no_waiting_task_could_start(self) -> None:
         """Liveness: whatever could let a waiting task start dispatches at once, so between events
-        no task that admission may reach could start. The spec of backfill, as a reference: in
-        priority order, a task may start if it fits and needs nothing that a task ahead of it
-        (within the window) is short of; tasks held by their concurrency limit wait apart."""
-        from edgecompute.scheduler import _BACKFILL_WINDOW
-
-        scheduler = self.scheduler
-        if scheduler._state != "running":
-            return
-        pool = scheduler._pool
-        blocked: set[str] = set()
-        looked = 0
-        for _, _, handle in sorted(entry for entry in scheduler._heap if entry[2].state is TaskState.QUEUED):
-            if handle._limits and scheduler._at_limit(handle):
-                continue
-            if not (blocked and scheduler._competes(handle._needs, blocked)):
-                assert not pool.fits(handle._needs), handle
-                blocked |= pool.short_of(handle._needs)
-            looked += 1
-            if looked > _BACKFILL_WINDOW:
-                break
+        no task that may pass every task ahead of it fits what is free (the reference model)."""
+        self.model.check_settled(self.scheduler._pool)
 
     @invariant()
     def the_queue_knows_what_it_holds(self) -> None:
