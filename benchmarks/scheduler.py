@@ -111,15 +111,12 @@ def edgecompute_path(algorithm: str, prebuilt: bool,
     return run
 
 
-async def _time(fn: Callable[[int], Awaitable[None]], n: int, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        await fn(n)
-        elapsed = getattr(fn, "elapsed", None) or (time.perf_counter() - start)
-        samples.append(elapsed / n * 1e6)
-    return statistics.median(samples)
+async def _sample(fn: Callable[[int], Awaitable[None]], n: int) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    await fn(n)
+    elapsed = getattr(fn, "elapsed", None) or (time.perf_counter() - start)
+    return elapsed / n * 1e6
 
 
 async def queued_memory(n: int) -> float:
@@ -216,12 +213,16 @@ async def main() -> None:
         ("edgecompute async, queued burst (cpu=0.5 each, 2 cores)", edgecompute_path(
             "bench/half_core", prebuilt=True, capacity=Resources(cpu=2)), (None, 3.0)),
     ]
-    results = {}
-    for name, fn, _ in rows:
-        results[name] = await _time(fn, n if "to_thread" not in name else min(n, 5000), args.repeats)
+    # one round runs every path once, and the medians are over rounds: a slow spell of a busy
+    # machine then lands on every row alike instead of on whichever rows ran during it
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    for _ in range(args.repeats):
+        for name, fn, _ in rows:
+            samples[name].append(await _sample(fn, n if "to_thread" not in name else min(n, 5000)))
+    results = {name: statistics.median(values) for name, values in samples.items()}
     base = results["raw asyncio tasks"]
     threads = results["ThreadPoolExecutor(4)"]
-    print(f"{n} no-op tasks, median of {args.repeats} runs")
+    print(f"{n} no-op tasks, median of {args.repeats} rounds (each round runs every path once)")
     print(f"{'path':56} {'us/task':>9} {'x asyncio':>10} {'x threads':>10}  target")
     for name, _, target in rows:
         us = results[name]

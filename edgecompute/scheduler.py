@@ -602,7 +602,12 @@ class Scheduler:
             if allocation is not None:
                 self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
-        self._push(handle, now - request.priority * self._aging)
+        # _push, inline: once per queued task
+        self._seq += 1
+        self._queued += 1
+        heapq.heappush(self._heap, (now - request.priority * self._aging, self._seq, handle))
+        kinds = self._kinds
+        kinds[id(needs)] = kinds.get(id(needs), 0) + 1
         if not limits:
             # Admission is settled for the tasks that wait (whatever could let one start, a
             # release or a queued task ending, dispatches at once). A task that does not fit
@@ -677,11 +682,12 @@ class Scheduler:
     def _admit(self) -> None:
         heap = self._heap
         pool = self._pool
-        skipped: list[tuple[float, int, TaskHandle]] = []
+        kinds = self._kinds
+        skipped: list[tuple[float, int, TaskHandle]] | None = None
         blocked: frozenset[str] | set[str] = frozenset()
         # the needs (by identity) found unable to start in this scan: they stay unable, as the
         # pool only shrinks and ``blocked`` only grows while it runs
-        failed: set[int] = set()
+        failed: set[int] | None = None
         while heap:
             entry = heap[0]
             handle = entry[2]
@@ -693,20 +699,43 @@ class Scheduler:
                 self._parked.setdefault(handle._limits[0] if len(handle._limits) == 1
                                         else self._limiting_key(handle), collections.deque()).append(entry)
                 continue
-            if not (blocked and self._competes(handle._needs, blocked)):
-                allocation = pool.try_acquire(handle._needs)
+            needs = handle._needs
+            competes = bool(blocked) and self._competes(needs, blocked)
+            if not competes:
+                allocation = pool.try_acquire(needs)
                 if allocation is not None:
-                    self._heap_pop()
+                    heapq.heappop(heap)  # _heap_pop, inline: once per queued task
+                    kind = id(needs)
+                    left = kinds[kind] - 1
+                    if left:
+                        kinds[kind] = left
+                    else:
+                        del kinds[kind]
                     self._queued -= 1
                     self._start(handle, allocation)
                     continue
-                blocked = set(blocked) | pool.short_of(handle._needs)
-            skipped.append(self._heap_pop())
-            failed.add(id(handle._needs))
-            if len(skipped) > _BACKFILL_WINDOW or failed.issuperset(self._kinds):
-                break  # the window is full, or whatever is left asks for what could not start
-        for entry in skipped:
-            self._heap_push(entry)
+            if failed is None:
+                if len(kinds) == 1:
+                    break  # one kind in the queue, this one's: nothing in it can start (below)
+                failed = {id(needs)}
+            else:
+                failed.add(id(needs))
+            if failed.issuperset(kinds):
+                # whatever is left asks for what could not start. Decided before the entry leaves
+                # the heap: a backlog of one kind then costs one look per completion, not a pop
+                # and a push
+                break
+            if not competes:
+                blocked = set(blocked) | pool.short_of(needs)
+            if skipped is None:
+                skipped = [self._heap_pop()]
+            else:
+                skipped.append(self._heap_pop())
+                if len(skipped) > _BACKFILL_WINDOW:
+                    break  # the window is full
+        if skipped is not None:
+            for entry in skipped:
+                self._heap_push(entry)
 
     @staticmethod
     def _competes(needs: Resources, blocked: frozenset[str] | set[str]) -> bool:
@@ -874,8 +903,12 @@ class Scheduler:
             if not handle._limits:  # the common case, without a closure
                 if allocation is not None:
                     self._pool.release(allocation)
-                if self._heap:
-                    self._dispatch()
+                if self._heap and not self._dispatching:
+                    self._dispatching = True  # _dispatch, inline: once per completion
+                    try:
+                        self._admit()
+                    finally:
+                        self._dispatching = False
                 if self._idle_waiters:
                     self._check_idle()
                 return
