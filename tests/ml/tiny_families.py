@@ -46,7 +46,7 @@ SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def make_decoder(folder: Path, name: str, *, seed: int = 0) -> Path:
+def make_decoder(folder: Path, name: str, *, seed: int = 0, std: float = 0.3) -> Path:
     import torch
     import transformers
 
@@ -58,7 +58,7 @@ def make_decoder(folder: Path, name: str, *, seed: int = 0) -> Path:
     with torch.no_grad():  # larger than the default init, and non-trivial norms and biases
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, std)
             else:
                 p.add_(torch.randn_like(p) * 0.2)
         if config.model_type.startswith("gemma"):

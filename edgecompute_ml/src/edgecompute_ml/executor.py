@@ -159,11 +159,13 @@ class MLExecutor:
             return plan
 
     def _dtype_for(self, name: str) -> str:
-        return self.devices.dtype_name(self._sources[name].dtype)
+        return self.devices.dtype_name(self._sources[name].float_dtype)
 
     def estimate_bytes(self, name: str) -> int:
-        """Weights of ``name`` in memory, from the headers (before loading)."""
-        return self.plan(name).weight_bytes(self.devices.element_size(self._dtype_for(name)))
+        """Weights of ``name`` in memory, from the headers (before loading); a quantized model
+        is counted at a byte a weight (its 4-bit tensors take less)."""
+        quantized = self._sources[name].quantization is not None and not self.devices.is_gpu
+        return self.plan(name).weight_bytes(1 if quantized else self.devices.element_size(self._dtype_for(name)))
 
     @property
     def cache(self) -> ModelCache:

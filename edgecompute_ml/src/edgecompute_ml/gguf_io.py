@@ -197,11 +197,15 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", "?"))
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes (a view of the memory-mapped file)."""
+        t = self.tensors[name]
+        return self._data[t.offset:t.offset + t.nbytes]
+
     def numpy(self, name: str) -> np.ndarray:
         """The tensor dequantised to float32, in torch shape."""
         t = self.tensors[name]
-        raw = self._data[t.offset:t.offset + t.nbytes]
-        return dequantize(raw, t.type_id, t.shape)
+        return dequantize(self.raw(name), t.type_id, t.shape)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -484,23 +488,87 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_weights(g: GGUFFile, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Every weight as float32 numpy, with HF names and HF layouts."""
-    names = gguf_to_hf_names(g)
+    return {hname: gguf_weights_one(g, config, gname, hname) for gname, hname in gguf_to_hf_names(g).items()}
+
+
+def gguf_weights_one(g: GGUFFile, config: Mapping[str, Any], gname: str, hname: str) -> np.ndarray:
+    """One weight as float32 numpy in the HF layout."""
     permuted = g.architecture == "llama"  # the others use the NEOX rope, HF's layout
-    gemma = g.architecture.startswith("gemma")
-    out: dict[str, np.ndarray] = {}
-    for gname, hname in names.items():
-        w = g.numpy(gname)
-        if permuted and hname.endswith("self_attn.q_proj.weight"):
-            w = _unpermute(w, config["num_attention_heads"])
-        elif permuted and hname.endswith("self_attn.k_proj.weight"):
-            w = _unpermute(w, config["num_key_value_heads"])
-        elif gemma and hname.endswith("norm.weight"):
-            w = w - 1.0  # llama.cpp's converter stores Gemma's norms as the 1 + w they multiply by
-        out[hname] = w
-    return out
+    w = g.numpy(gname)
+    if permuted and hname.endswith("self_attn.q_proj.weight"):
+        w = _unpermute(w, config["num_attention_heads"])
+    elif permuted and hname.endswith("self_attn.k_proj.weight"):
+        w = _unpermute(w, config["num_key_value_heads"])
+    elif g.architecture.startswith("gemma") and hname.endswith("norm.weight"):
+        w = w - 1.0  # llama.cpp's converter stores Gemma's norms as the 1 + w they multiply by
+    return w
 
 
 gguf_llama_weights = gguf_weights  # the name of the Llama-only version
+
+
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+
+def quantized_codes(raw: np.ndarray, type_id: int, shape: tuple[int, ...]) -> Any:
+    """The unpacked codes of a quantized 2-D tensor [N, K] (``quant.Q4Codes`` for Q4_0, Q4_1 and
+    Q4_K, exactly; ``quant.Int8Codes`` requantised per row for the other types), or None for a
+    float tensor. Nothing of the whole tensor is kept in float32 but one int8 requantisation."""
+    import torch
+
+    from . import quant
+
+    info = type_info(type_id)
+    if info is None:
+        raise ModelError(f"ggml type {type_id} is not supported")
+    name, _, block_bytes = info
+    if name in _FLOAT_TYPES or len(shape) != 2:
+        return None
+    n, k = shape
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, block_bytes)
+    if name in ("Q4_0", "Q4_1"):
+        d = _f16(b[:, :2].copy())[:, 0]
+        qs = b[:, 4:] if name == "Q4_1" else b[:, 2:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+        offset = _f16(b[:, 2:4].copy())[:, 0] + 8 * d if name == "Q4_1" else np.zeros_like(d)
+        scale = d
+    elif name == "Q4_K":
+        d = _f16(b[:, 0:2].copy())
+        dmin = _f16(b[:, 2:4].copy())
+        sc, mn = _k_scales(b[:, 4:16].astype(np.int32))  # [n, 8]
+        qs = b[:, 16:144].reshape(-1, 4, 32)
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 256)  # sub-blocks 2j, 2j+1
+        scale = (d * sc).reshape(-1)
+        offset = (8 * d * sc - dmin * mn).reshape(-1)
+    else:
+        return quant.quantize_int8(torch.from_numpy(dequantize(raw, type_id, shape)))
+    return quant.Q4Codes(torch.from_numpy(np.ascontiguousarray(codes.reshape(n, k))),
+                         torch.from_numpy(scale.astype(np.float32).reshape(n, k // quant.GROUP)),
+                         torch.from_numpy(offset.astype(np.float32).reshape(n, k // quant.GROUP)))
+
+
+def gguf_quantized_weights(g: GGUFFile, config: Mapping[str, Any], wanted: Any) -> dict[str, Any]:
+    """Like :func:`gguf_weights`, but quantized 2-D tensors come as unpacked codes (see
+    :func:`quantized_codes`) and float ones as float32 torch tensors; only names in ``wanted``."""
+    import torch
+
+    names = gguf_to_hf_names(g)
+    permuted = g.architecture == "llama"
+    out: dict[str, Any] = {}
+    for gname, hname in names.items():
+        if hname not in wanted:
+            continue
+        t = g.tensors[gname]
+        codes = quantized_codes(g.raw(gname), t.type_id, t.shape)
+        if codes is None:
+            out[hname] = torch.from_numpy(np.ascontiguousarray(gguf_weights_one(g, config, gname, hname)))
+            continue
+        heads = (config["num_attention_heads"] if hname.endswith("self_attn.q_proj.weight") else
+                 config["num_key_value_heads"] if hname.endswith("self_attn.k_proj.weight") else None)
+        if permuted and heads is not None:
+            codes = codes.rows(torch.from_numpy(_unpermute(np.arange(t.shape[0]), heads)))
+        out[hname] = codes
+    return out
 
 
 # -- tokenizer -------------------------------------------------------------------------------------

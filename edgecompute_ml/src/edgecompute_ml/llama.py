@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelError, UnsupportedModelOption
+from .quant import embedding, fuse, linear, prepare, tensor_bytes
+from .quant import logits as quant_logits
 
 __all__ = ["DECODER_FAMILIES", "KVCache", "LlamaConfig", "LlamaModel", "RopeSpec"]
 
@@ -378,19 +380,19 @@ def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 class _Layer:
     __slots__ = ("down", "down_b", "gate_up", "gate_up_b", "k_norm", "ln1", "ln2", "o", "o_b", "post_attn",
                  "post_mlp", "q_norm", "qkv", "qkv_b", "rope_index", "sliding")
-    down: torch.Tensor
+    down: Any  # a float tensor or a packed quant.QuantizedLinear
     down_b: torch.Tensor | None
-    gate_up: torch.Tensor
+    gate_up: Any  # a float tensor or a packed quant.QuantizedLinear
     gate_up_b: torch.Tensor | None
     k_norm: torch.Tensor | None
     ln1: torch.Tensor
     ln2: torch.Tensor  # the norm before the MLP
-    o: torch.Tensor
+    o: Any  # a float tensor or a packed quant.QuantizedLinear
     o_b: torch.Tensor | None
     post_attn: torch.Tensor | None  # Gemma: on the attention output, before the residual add
     post_mlp: torch.Tensor | None
     q_norm: torch.Tensor | None
-    qkv: torch.Tensor
+    qkv: Any  # a float tensor or a packed quant.QuantizedLinear
     qkv_b: torch.Tensor | None
     rope_index: int
     sliding: bool
@@ -415,9 +417,11 @@ class LlamaModel:
                 return 1.0 + w[name].float()
             return w[name]
 
-        self.embed = w["model.embed_tokens.weight"]
+        # quantized weights (quant.Q4Codes/Int8Codes from the loader) are packed here, after fusing
+        self.embed = prepare(w["model.embed_tokens.weight"], rows=True)
         self.norm = norm("model.norm.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings else w["lm_head.weight"]
+        # the output projection is int8 when quantized: its top logits are recomputed exactly
+        self.lm_head = self.embed if c.tie_word_embeddings else prepare(w["lm_head.weight"], rows=True)
         self.embed_scale = torch.tensor(c.hidden_size ** 0.5, dtype=dtype, device=device) if c.gemma else None
         self.layers: list[_Layer] = []
         for i in range(c.num_hidden_layers):
@@ -425,17 +429,17 @@ class LlamaModel:
             layer = _Layer()
             a, m = p + "self_attn.", p + "mlp."
             if c.fused:
-                layer.qkv, layer.gate_up = w[a + "qkv_proj.weight"], w[m + "gate_up_proj.weight"]
+                layer.qkv, layer.gate_up = prepare(w[a + "qkv_proj.weight"]), prepare(w[m + "gate_up_proj.weight"])
             else:
-                layer.qkv = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
-                layer.gate_up = torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])
+                layer.qkv = fuse([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
+                layer.gate_up = fuse([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])
             layer.qkv_b = (torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
                            if c.attention_bias or c.qkv_bias else None)
-            layer.o = w[a + "o_proj.weight"]
+            layer.o = prepare(w[a + "o_proj.weight"])
             layer.o_b = w.get(a + "o_proj.bias") if c.attention_bias else None
             layer.gate_up_b = (torch.cat([w[m + "gate_proj.bias"], w[m + "up_proj.bias"]])
                                if c.mlp_bias else None)
-            layer.down = w[m + "down_proj.weight"]
+            layer.down = prepare(w[m + "down_proj.weight"])
             layer.down_b = w.get(m + "down_proj.bias") if c.mlp_bias else None
             layer.ln1 = norm(p + "input_layernorm.weight")
             if c.gemma:
@@ -491,9 +495,9 @@ class LlamaModel:
         for t in [self.embed, self.norm, self.lm_head] + [
             getattr(layer, s) for layer in self.layers for s in _Layer.__slots__
         ]:
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
+            if id(t) not in seen:
                 seen.add(id(t))
-                total += t.numel() * t.element_size()
+                total += tensor_bytes(t)
         return total
 
     def _masks(self, t: int, pos: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -528,7 +532,7 @@ class LlamaModel:
         tables = [(cos[pos:end, None, :], sin[pos:end, None, :])  # [t, 1, rot], broadcast over heads
                   for cos, sin in (cache.rope or self._ensure_rope(end))]
         norm_fn, eps = self._norm_fn, c.rms_norm_eps
-        x = F.embedding(input_ids, self.embed)
+        x = embedding(input_ids, self.embed, self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         full_mask, window_mask = self._masks(t, pos, end)
@@ -537,7 +541,7 @@ class LlamaModel:
         rep = nh // nkv
         for i, layer in enumerate(self.layers):
             h = norm_fn(x, layer.ln1, eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_b)
+            qkv = linear(h, layer.qkv, layer.qkv_b)
             # rotary embedding on q and k together: [b, t, nh + nkv, hd]
             if layer.q_norm is not None and layer.k_norm is not None:
                 qk = torch.cat([norm_fn(qkv[..., :q_size].view(b, t, nh, hd), layer.q_norm, eps),
@@ -568,14 +572,14 @@ class LlamaModel:
             causal = mask is None and t > 1
             attn = self._attend(q, keys, values, mask, causal, scale, rep)
             attn = attn.transpose(1, 2).reshape(b, t, q_size)
-            out = F.linear(attn, layer.o, layer.o_b)
+            out = linear(attn, layer.o, layer.o_b)
             if layer.post_attn is not None:
                 out = norm_fn(out, layer.post_attn, eps)
             x = x + out
             h = norm_fn(x, layer.ln2, eps)
-            gu = F.linear(h, layer.gate_up, layer.gate_up_b)
+            gu = linear(h, layer.gate_up, layer.gate_up_b)
             inter = gu.shape[-1] // 2
-            out = F.linear(self._act(gu[..., :inter]) * gu[..., inter:], layer.down, layer.down_b)
+            out = linear(self._act(gu[..., :inter]) * gu[..., inter:], layer.down, layer.down_b)
             if layer.post_mlp is not None:
                 out = norm_fn(out, layer.post_mlp, eps)
             x = x + out
@@ -583,7 +587,7 @@ class LlamaModel:
         if last_only:
             x = x[:, -1]
         x = norm_fn(x, self.norm, eps)
-        logits = F.linear(x, self.lm_head)
+        logits = quant_logits(x, self.lm_head)
         if c.final_softcap is not None:
             logits = _softcap(logits, c.final_softcap)
         return logits.float()

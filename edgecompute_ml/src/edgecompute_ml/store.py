@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from .config_check import check_model_config
-from .errors import InvalidModelConfig, ModelError, UnsupportedArchitecture
+from .errors import InvalidModelConfig, ModelError, UnsupportedArchitecture, UnsupportedModelOption
 
 if TYPE_CHECKING:
     from .vision import LoadedVisionModel
@@ -44,11 +44,14 @@ class Family:
     parse: Callable[[Mapping[str, Any], str, Any], Any]
     build: Callable[..., Any]
     load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None
+    # tensor-name endings of the 2-D weights the family can hold quantized (quant.py); empty: none
+    quantizable: tuple[str, ...] = ()
 
     @classmethod
     def lazy(cls, name: str, task: str, model_types: tuple[str, ...], architectures: tuple[str, ...], *,
              module: str, config: str, model: str, prefixed: bool = False,
-             load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None) -> Family:
+             load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None,
+             quantizable: tuple[str, ...] = ()) -> Family:
         """A family of this package whose module is imported on first use, so that importing
         ``edgecompute_ml`` stays light. ``config`` and ``model`` name the module's classes
         (``config.from_hf(dict, source)``, ``model(config, weights, dtype, device)``); with
@@ -61,7 +64,7 @@ class Family:
         def build(parsed: Any, weights: Any, dtype: Any, device: Any) -> Any:
             return getattr(importlib.import_module(f".{module}", __package__), model)(parsed, weights, dtype, device)
 
-        return cls(name, task, model_types, architectures, parse, build, load)
+        return cls(name, task, model_types, architectures, parse, build, load, quantizable)
 
 
 # the decoder families share one implementation (llama.py); kept in step with llama.DECODER_FAMILIES,
@@ -75,9 +78,13 @@ _DECODERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "phi3": (("phi3",), ("Phi3ForCausalLM",)),
 }
 
+_DECODER_LINEARS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "qkv_proj.weight",
+                    "gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate_up_proj.weight",
+                    "lm_head.weight", "embed_tokens.weight")
+
 FAMILIES: dict[str, Family] = {
     **{name: Family.lazy(name, "text-generation", types, archs, module="llama", config="LlamaConfig",
-                         model="LlamaModel")
+                         model="LlamaModel", quantizable=_DECODER_LINEARS)
        for name, (types, archs) in _DECODERS.items()},
     "bert": Family.lazy("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
                         module="bert", config="BertConfig", model="BertModel", prefixed=True),
@@ -108,13 +115,48 @@ def family_for(config: Mapping[str, Any], source: str) -> Family:
     raise UnsupportedArchitecture(source, str(shown), supported_architectures())
 
 
+# weight formats a model's ``dtype`` may name besides the float types: "int8" (weight-only int8,
+# per-row scales, quantized at load) and "quantized" (a GGUF file's own quantization, its default)
+_WEIGHT_FORMATS = ("int8", "quantized")
+
+
 @attrs.frozen
 class ModelSource:
-    """Where a named model lives, and per-model overrides."""
+    """Where a named model lives, and per-model overrides.
+
+    ``dtype``: a float type (the weights and activations), ``"int8"`` (linear weights quantized
+    to int8 at load) or, for a GGUF file, ``"quantized"`` (its quantized tensors stay packed: the
+    default for GGUF files on CPU; a float ``dtype`` dequantises them)."""
 
     name: str
     path: str
     dtype: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        value = self.dtype
+        if value is None:
+            return
+        from .device import _DTYPES
+
+        formats = _WEIGHT_FORMATS if self.kind == "gguf" else ("int8",)
+        supported = [*sorted(set(_DTYPES.values()) - {"auto"}), "auto", *formats]
+        if not isinstance(value, str) or (value.lower() not in _DTYPES and value.lower() not in formats):
+            raise UnsupportedModelOption(f"model {self.name!r}", "dtype", value, supported)
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8", "gguf" (the file's own formats) or None (float weights)."""
+        dtype = self.dtype.lower() if self.dtype else None
+        if dtype == "int8":
+            return "int8"
+        if self.kind == "gguf" and dtype in (None, "quantized"):
+            return "gguf"
+        return None
+
+    @property
+    def float_dtype(self) -> str | None:
+        """The float dtype asked for (None: the executor's)."""
+        return None if self.dtype is None or self.dtype.lower() in _WEIGHT_FORMATS else self.dtype
 
     @property
     def kind(self) -> str:
@@ -128,6 +170,10 @@ class ModelSource:
         if isinstance(value, (str, os.PathLike)):
             return cls(name, os.fspath(value))
         if isinstance(value, Mapping) and "path" in value:
+            extra = set(value) - {"path", "dtype"}
+            if extra:
+                raise ModelError(f"model {name!r}: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
+                                 "valid: path, dtype")
             return cls(name, os.fspath(value["path"]), value.get("dtype"))
         raise ModelError(f"model {name!r}: expected a path or a table with 'path', not {value!r}")
 
@@ -241,6 +287,7 @@ class LoadedModel:
     add_bos_token: bool = False
     bos_token_id: int | None = None
     max_length: int = 512
+    quantization: str | None = None  # "int8", "gguf" (packed as the file has them) or None (float)
 
 
 def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
@@ -269,6 +316,27 @@ def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
     raise ModelError(f"{folder}: no tokenizer.json")
 
 
+def _quantization(plan: ModelPlan, device: str) -> str | None:
+    """How the weights are held: "int8", "gguf" or None (float), after checking that the family
+    and the device can (a GGUF file's default falls back to float where they cannot)."""
+    source = plan.source
+    mode = source.quantization
+    explicit = source.dtype is not None
+    if mode is None:
+        return None
+    if not plan.family.quantizable:
+        if explicit:
+            raise UnsupportedModelOption(f"model {source.name!r} ({plan.family.name})", "dtype", source.dtype,
+                                         ["float32", "float16", "bfloat16", "auto"])
+        return None
+    if device != "cpu":  # the packed kernels are torch's CPU ones
+        if explicit:
+            raise UnsupportedModelOption(f"model {source.name!r} on {device}", "dtype", source.dtype,
+                                         ["float32", "float16", "bfloat16", "auto"])
+        return None
+    return mode
+
+
 def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | LoadedVisionModel:
     """Load the weights (converted to ``dtype_name`` on ``device``) and the tokenizer."""
     if plan.family.load is not None:
@@ -279,16 +347,35 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
     dtype = getattr(torch, dtype_name)
     tdevice = torch.device(device)
     source = plan.source
+    quantization = _quantization(plan, device)
+    quantizable = plan.family.quantizable
+    weights: dict[str, Any]
     if plan.gguf is not None:
-        from .gguf_io import gguf_weights
+        if quantization:
+            from .gguf_io import gguf_quantized_weights
 
-        arrays = gguf_weights(plan.gguf, plan.raw_config)
-        weights = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=tdevice, dtype=dtype)
-                   for k, v in arrays.items() if k in plan.expected}
-        del arrays
+            weights = gguf_quantized_weights(plan.gguf, plan.raw_config, plan.expected.keys())
+            for k, v in weights.items():
+                if not isinstance(v, torch.Tensor) and not k.endswith(quantizable):
+                    v = v.dequantize()  # a quantized tensor the family multiplies in float
+                if isinstance(v, torch.Tensor):
+                    weights[k] = v.to(device=tdevice, dtype=dtype)
+        else:
+            from .gguf_io import gguf_weights
+
+            arrays = gguf_weights(plan.gguf, plan.raw_config)
+            weights = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=tdevice, dtype=dtype)
+                       for k, v in arrays.items() if k in plan.expected}
+            del arrays
         folder = Path(source.path).parent
     else:
         weights = plan.checkpoint.load(plan.expected.keys(), dtype, tdevice)
+        if quantization == "int8":
+            from .quant import quantize_int8
+
+            for k in list(weights):  # one at a time: the float copy of each goes as it is replaced
+                if k.endswith(quantizable) and weights[k].dim() == 2:
+                    weights[k] = quantize_int8(weights[k])
         folder = Path(source.path)
     model = plan.family.build(plan.config, weights, dtype, tdevice)
     del weights
@@ -319,7 +406,7 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
     return LoadedModel(
         name=source.name, family=plan.family.name, task=plan.family.task, model=model, tokenizer=tokenizer,
         tokenizer_config=tok_config, eos_token_ids=frozenset(int(e) for e in eos), bytes=model.weight_bytes(),
-        device=device, dtype=dtype_name, pooling=pooling, normalize=normalize,
+        device=device, dtype=dtype_name, pooling=pooling, normalize=normalize, quantization=quantization,
         chat_template=tok_config.get("chat_template") if isinstance(tok_config.get("chat_template"), str) else None,
         add_bos_token=bool(tok_config.get("add_bos_token", False)),
         bos_token_id=getattr(plan.config, "bos_token_id", None), max_length=max_length,

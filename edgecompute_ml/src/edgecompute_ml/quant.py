@@ -1,0 +1,252 @@
+"""Weight-only quantized linear layers: weights stay packed (4 or 8 bits) and are multiplied by
+torch's CPU weight-packed kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``).
+
+Two forms, chosen per tensor:
+
+- ``q4``: 4-bit codes in groups of 32 along the input dimension, one scale and one offset per
+  group, ``w = (q - 8) * scale + offset``. GGUF Q4_0, Q4_1 and Q4_K are exactly this form (their
+  codes and scales are kept as they are).
+- ``int8``: 8-bit codes with one scale per output row, ``w = q * scale``. Every other quantized
+  GGUF type (Q8_0, Q5_*, Q6_K, ...) is requantised to it from its dequantised rows, one tensor at a
+  time; ``dtype = "int8"`` quantizes float checkpoints to it. Token embeddings always use it (a row
+  lookup reads one row).
+
+Both kernels take bfloat16 activations (their float32 paths are scalar code, 10-50x slower here;
+measured in docs/ml.md), so a quantized matmul rounds its input to bfloat16 and accumulates in
+float32; everything outside the matmul stays in the model's dtype.
+
+Loaders produce *unpacked* forms (:class:`Q4Codes`, :class:`Int8Codes`) so that a model can fuse
+q/k/v or gate/up before packing (:func:`fuse`); :func:`prepare` packs one weight. The unpacked forms
+live only while a model is being built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GROUP", "Int8Codes", "Q4Codes", "QuantizedLinear", "embedding", "fuse", "linear", "logits", "prepare",
+           "quantize_int8", "tensor_bytes"]
+
+GROUP = 32  # values per q4 group (GGUF's block size; the CPU int4 kernel's smallest group)
+_ACT = torch.bfloat16
+_ROWS = 16  # the int4 packer wants a multiple of 16 output rows; others are padded with zero rows
+
+
+@attrs.define(eq=False)
+class Q4Codes:
+    """Unpacked 4-bit weight: ``codes`` uint8 [N, K] in 0..15, ``scale``/``offset`` float32 [N, K / 32]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        q = self.codes.view(n, k // GROUP, GROUP).float() - 8.0
+        return (q * self.scale[..., None] + self.offset[..., None]).view(n, k)
+
+    def rows(self, order: torch.Tensor) -> Q4Codes:
+        return Q4Codes(self.codes[order], self.scale[order], self.offset[order])
+
+
+@attrs.define(eq=False)
+class Int8Codes:
+    """Unpacked 8-bit weight: ``codes`` int8 [N, K], ``scale`` float32 [N]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+    def rows(self, order: torch.Tensor) -> Int8Codes:
+        return Int8Codes(self.codes[order], self.scale[order])
+
+
+Codes = Q4Codes | Int8Codes
+
+
+def quantize_int8(w: torch.Tensor, chunk: int = 4096) -> Int8Codes:
+    """Symmetric per-row int8 of a float weight [N, K] (rows in chunks: no full float32 copy)."""
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    for start in range(0, w.shape[0], chunk):
+        rows = w[start:start + chunk].float()
+        s = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        codes[start:start + chunk] = torch.round(rows / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[start:start + chunk] = s
+    return Int8Codes(codes, scale)
+
+
+class QuantizedLinear:
+    """A packed weight [N, K] and the kernel that multiplies by it."""
+
+    __slots__ = ("_pad", "kind", "packed", "row_scale", "scales", "shape")
+    _pad: int
+    kind: str  # "q4" or "int8"
+    packed: torch.Tensor
+    row_scale: torch.Tensor | None
+    scales: torch.Tensor
+    shape: tuple[int, int]
+
+    def __init__(self, codes: Codes) -> None:
+        n, k = codes.shape
+        self.shape = (n, k)
+        self.row_scale: torch.Tensor | None = None
+        if isinstance(codes, Q4Codes):
+            if k % GROUP:
+                raise ValueError(f"a 4-bit weight needs whole groups of {GROUP} inputs, not {k}")
+            pad = -n % _ROWS
+            q, scale, offset = codes.codes, codes.scale, codes.offset
+            if pad:
+                q = torch.cat([q, torch.full((pad, k), 8, dtype=torch.uint8)])
+                scale = torch.cat([scale, torch.zeros(pad, scale.shape[1])])
+                offset = torch.cat([offset, torch.zeros(pad, offset.shape[1])])
+            self.kind = "q4"
+            self._pad = pad
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self.scales = torch.stack([scale.t(), offset.t()], dim=-1).to(_ACT).contiguous()  # [K/32, N, 2]
+        else:
+            self.kind = "int8"
+            self._pad = 0
+            self.packed = codes.codes.contiguous()
+            self.scales = codes.scale.to(_ACT)
+            self.row_scale = codes.scale.float()  # embedding lookups scale rows in float32
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = self.shape
+        flat = x.reshape(-1, k).to(_ACT)
+        y: torch.Tensor
+        if self.kind == "q4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
+            if self._pad:
+                y = y[:, :n]
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], n)
+        return y if bias is None else y + bias
+
+    def logits(self, x: torch.Tensor, exact: int = 32) -> torch.Tensor:
+        """``self(x)`` in float32, with each row's ``exact`` largest outputs recomputed from the
+        int8 codes and ``x`` in float32. The kernel's bfloat16 output is exact to about 3 digits
+        (logits of 25 in steps of 0.125), which would decide near ties between the top tokens;
+        the recomputed top makes the greedy choice that of float32 activations."""
+        y = self(x).float()
+        if self.row_scale is None:
+            return y
+        n, k = self.shape
+        flat, xf = y.view(-1, n), x.reshape(-1, k).float()
+        top = flat.topk(min(exact, n), dim=-1).indices  # [R, exact]
+        rows = self.packed[top].float()  # [R, exact, K]
+        flat.scatter_(1, top, torch.bmm(rows, xf[:, :, None])[..., 0] * self.row_scale[top])
+        return y
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``F.embedding(ids, W)`` of an int8 weight."""
+        if self.row_scale is None:
+            raise TypeError("only int8 weights are looked up by row")
+        return (self.packed[ids].to(dtype) * self.row_scale[ids, None].to(dtype))
+
+    @property
+    def nbytes(self) -> int:
+        total = self.packed.numel() * self.packed.element_size() + self.scales.numel() * self.scales.element_size()
+        if self.row_scale is not None:
+            total += self.row_scale.numel() * self.row_scale.element_size()
+        return total
+
+
+class _Split:
+    """Weights fused along the output dimension whose forms differ (say a Q4_K q/k beside a Q6_K
+    v): one kernel per part, outputs concatenated."""
+
+    __slots__ = ("parts", "shape")
+
+    def __init__(self, parts: Sequence[QuantizedLinear | torch.Tensor]) -> None:
+        self.parts = list(parts)
+        self.shape = (sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1]))
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.cat([linear(x, p) for p in self.parts], dim=-1)
+        return y if bias is None else y + bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(p) for p in self.parts)
+
+
+Weight = torch.Tensor | QuantizedLinear | _Split
+
+
+def _to_int8(codes: Codes) -> Int8Codes:
+    if isinstance(codes, Int8Codes):
+        return codes
+    n = codes.shape[0]
+    out = Int8Codes(torch.empty(codes.shape, dtype=torch.int8), torch.empty(n))
+    for start in range(0, n, 4096):  # through float32 a slice at a time
+        part = quantize_int8(codes.rows(torch.arange(start, min(n, start + 4096))).dequantize())
+        out.codes[start:start + 4096], out.scale[start:start + 4096] = part.codes, part.scale
+    return out
+
+
+def prepare(w: Any, *, rows: bool = False) -> Any:
+    """The weight a model multiplies by: float tensors as they are, unpacked codes packed (as int8
+    when ``rows``: a weight looked up by row, the token embeddings)."""
+    if isinstance(w, (Q4Codes, Int8Codes)):
+        return QuantizedLinear(_to_int8(w) if rows else w)
+    return w
+
+
+def fuse(parts: Sequence[Any]) -> Any:
+    """Concatenate weights along the output dimension (q/k/v, gate/up) and prepare the result."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(list(parts))
+    if all(isinstance(p, Q4Codes) for p in parts):
+        return QuantizedLinear(Q4Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                                       torch.cat([p.offset for p in parts])))
+    if all(isinstance(p, Int8Codes) for p in parts):
+        return QuantizedLinear(Int8Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts])))
+    return _Split([prepare(p) for p in parts])
+
+
+def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a float, packed or split weight."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    out: torch.Tensor = w(x, bias)
+    return out
+
+
+def logits(x: torch.Tensor, w: Any) -> torch.Tensor:
+    """The output projection: :meth:`QuantizedLinear.logits` for a packed int8 weight."""
+    if isinstance(w, QuantizedLinear):
+        return w.logits(x)
+    return linear(x, w)
+
+
+def embedding(ids: torch.Tensor, w: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(w, torch.Tensor):
+        return F.embedding(ids, w)
+    out: torch.Tensor = w.rows(ids, dtype)
+    return out
+
+
+def tensor_bytes(w: Any) -> int:
+    """Bytes a weight holds (float or packed)."""
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    if isinstance(w, (QuantizedLinear, _Split)):
+        return w.nbytes
+    return 0
