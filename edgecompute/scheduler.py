@@ -1,15 +1,7 @@
 """The in-process scheduler: priorities, resources, deadlines, retries, backpressure.
 
-Ordering. Queued tasks sit in one heap keyed by ``enqueued_at - priority * aging``: a task gains
-one priority level for every ``aging`` seconds it waits, so a low-priority task always reaches the
-front eventually, and ties run first-in first-out. Because the boost is linear in waiting time the
-order between two queued tasks never changes, so a plain heap stays correct.
-
-Admission. The front task is admitted when its resources fit what is free. If it does not fit, the
-scheduler looks a little further (a bounded backfill window) for tasks that need none of the
-resources the front task is waiting for, so a GPU task waiting for GPU memory does not hold up
-CPU-only work, while nothing that competes with the front task can overtake it forever. A task
-whose executor is at its concurrency cap steps aside until a slot frees, without blocking others.
+Order and admission (which waiting task starts next) live in ``_admission``, whose docstring
+states the rules; this module runs what it admits: contexts, tasks, deadlines, retries, results.
 
 Hot path. The per-task path uses asyncio directly (futures, ``call_at`` timers, one task per
 running request): anyio's primitives checkpoint on every await, which costs one event-loop
@@ -22,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import difflib
-import heapq
 import logging
 import random
 import threading
@@ -32,6 +23,7 @@ from typing import Any, Never
 
 import attrs
 
+from ._admission import Admission
 from ._threads import ThreadPool
 from .config import Config
 from .context import TaskContext
@@ -58,7 +50,6 @@ _QUEUED = TaskState.QUEUED
 _RUNNING = TaskState.RUNNING
 _SUCCEEDED = TaskState.SUCCEEDED
 _current_task = asyncio.current_task
-_BACKFILL_WINDOW = 32
 
 
 class TaskHandle:
@@ -347,26 +338,18 @@ class Scheduler:
             raise ConfigError(f"the default timeout ({self._timeout:g} s) is above max_timeout "
                               f"({self._max_timeout:g} s)")
         self._retries = retries if retries is not None else config.retries
-        self._aging = config.aging
         self._threads_wanted = threads or config.threads or max(4, int(self.capacity.cpu) or 1)
-        self._limits: dict[str, int] = {
+        limits: dict[str, int] = {
             name: int(settings["max_concurrency"])
             for name, settings in config.executors.items()
             if settings.get("max_concurrency")
         }
         self._pool = ResourcePool(self.capacity)
-        self._heap: list[tuple[float, int, TaskHandle]] = []
-        # id(needs) -> how many heap entries ask for that Resources object (stale ones included):
-        # a scan of the queue stops once every kind left has failed to fit (see _admit)
-        self._kinds: dict[int, int] = {}
-        self._seq = 0
-        self._queued = 0
+        self._admission: Admission[TaskHandle] = Admission(self._pool, config.aging, limits, self._start)
         self._retrying = 0
         self._active = 0  # tasks in the RUNNING state
         self._lingering = 0  # ended tasks whose blocking code still runs on a worker thread
         self._live = 0
-        self._running: dict[str, int] = collections.defaultdict(int)
-        self._parked: dict[str, collections.deque[tuple[float, int, TaskHandle]]] = {}
         # running tasks and their handles; a task leaves when its coroutine has really ended
         self._tasks: dict[asyncio.Task[None], TaskHandle] = {}
         self._retry_handles: set[TaskHandle] = set()
@@ -375,7 +358,6 @@ class Scheduler:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._submitted = 0
         self._finished: dict[str, int] = dict.fromkeys((s.value for s in TaskState if s.terminal), 0)
-        self._dispatching = False
         self._last_feasible: Resources | None = None
         self._state = "new"
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on start
@@ -463,9 +445,7 @@ class Scheduler:
                         "leaving them behind", len(self._tasks), self._lingering, grace)
 
     def _cancel_all(self) -> None:
-        handles = [entry[2] for entry in self._heap]
-        for parked in self._parked.values():
-            handles.extend(entry[2] for entry in parked)
+        handles = list(self._admission.waiting())
         handles.extend(h for h in self._tasks.values() if not h._ended)
         for handle in handles:
             self._cancel(handle, TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled: "
@@ -490,14 +470,14 @@ class Scheduler:
             )
         if not isinstance(request, Request):
             raise InvalidRequest(f"submit() takes a Request, not {type(request).__name__}")
-        if self._queued >= self.max_queue:
-            raise QueueFull(f"the queue holds {self._queued} tasks, its bound (max_queue={self.max_queue}); "
+        if self._admission.queued >= self.max_queue:
+            raise QueueFull(f"the queue holds {self._admission.queued} tasks, its bound (max_queue={self.max_queue}); "
                             "retry later or use 'await scheduler.asubmit(request)' to wait for room")
         return self._enqueue(request)
 
     async def asubmit(self, request: Request) -> TaskHandle:
         """Like :meth:`submit`, but waits for room in the queue instead of raising ``QueueFull``."""
-        while self._state == "running" and self._queued >= self.max_queue:
+        while self._state == "running" and self._admission.queued >= self.max_queue:
             waiter = self._loop.create_future()
             self._space_waiters.append(waiter)
             try:
@@ -528,7 +508,7 @@ class Scheduler:
                                                              retries=retries, id=id))
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(str(exc)) from exc
-        if self._state == "running" and self._queued < self.max_queue:
+        if self._state == "running" and self._admission.queued < self.max_queue:
             # our loop, not asyncio's look-up of the running one: the same loop while running
             # (its futures could not be awaited from another), and a call less per task
             handle = self._enqueue(request, _current_task(self._loop))
@@ -580,7 +560,7 @@ class Scheduler:
                 )
             self._last_feasible = needs
         limits: tuple[str, ...] = ()
-        if self._limits and executor.name in self._limits:  # mostly no executor has a limit set
+        if self._admission.limits and executor.name in self._admission.limits:  # mostly none has one
             limits = (executor.name,)
         if not selection.algorithm.thread_safe:
             limits += (selection.qualified_name,)
@@ -596,180 +576,32 @@ class Scheduler:
         self._live += 1
         if self._observers:
             self._event("submitted", handle)
-        if not self._heap and not limits and not self._dispatching:
+        admission = self._admission
+        if not admission.heap and not limits and not admission.dispatching:
             # nothing waits ahead of it: admit straight away if it fits, skipping the heap
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
                 self._start(handle, allocation, caller, now)  # never counted as queued
                 return handle
-        # _push, inline: once per queued task
-        self._seq += 1
-        self._queued += 1
-        heapq.heappush(self._heap, (now - request.priority * self._aging, self._seq, handle))
-        kinds = self._kinds
-        kinds[id(needs)] = kinds.get(id(needs), 0) + 1
-        if not limits:
-            # Admission is settled for the tasks that wait (whatever could let one start, a
-            # release or a queued task ending, dispatches at once). A task that does not fit
-            # leaves it so if it competes with the task at the front (see _held_back): scanning
-            # the queue again would then only cost time (~30 us per submission with a backlog).
-            front = self._heap[0][2]
-            if front is not handle and front.state is _QUEUED and (not front._limits or not self._at_limit(front)):
-                if front._needs is needs:  # the usual backlog: the same needs, so they do not fit either
-                    if not self._pool.fits(needs):
-                        return handle
-                else:
-                    short = self._pool.short_of(needs)
-                    if short and self._held_back(needs, short, front._needs):
-                        return handle
-        self._dispatch()
+        if admission.queue(handle, needs, limits, now - request.priority * admission.aging):
+            admission.dispatch()
         return handle
 
-    def _held_back(self, needs: Resources, short: frozenset[str], front: Resources) -> bool:
-        """Whether a new task, with ``needs`` that are ``short`` of something, queued behind a
-        front task with needs ``front``, leaves admission as it was: true when the front task is
-        short of something this one needs.
-
-        Not fitting is not enough. A task that competes with nothing ahead of it adds what it is
-        short of to what the tasks behind it may not take (see _admit); a task behind that waited
-        for such a thing then merely competes, and what *it* was short of, which held back the
-        tasks after it, no longer counts: one of those may start now. Nor is landing behind the
-        front. But a task that competes with the front task competes wherever it lands: it
-        changes no one's ``blocked``, and nothing can start.
-        """
-        # the front task needs at least as much of something this one is short of: it is short
-        # of it too (the usual case, decided without looking at the pool again)
-        if "cpu" in short and front.cpu >= needs.cpu:
-            return True
-        if "memory" in short and front.memory_mb >= needs.memory_mb:
-            return True
-        if ("gpu" in short and front.devices_needed >= needs.devices_needed
-                and (not front.gpu_memory_mb or 0 < needs.gpu_memory_mb <= front.gpu_memory_mb)):
-            return True  # as many devices, each with at least as much free memory (or whole)
-        return self._competes(needs, self._pool.short_of(front))
-
-    def _push(self, handle: TaskHandle, key: float) -> None:
-        self._seq += 1
-        self._queued += 1
-        self._heap_push((key, self._seq, handle))
-
-    def _heap_push(self, entry: tuple[float, int, TaskHandle]) -> None:
-        heapq.heappush(self._heap, entry)
-        kind = id(entry[2]._needs)
-        self._kinds[kind] = self._kinds.get(kind, 0) + 1
-
-    def _heap_pop(self) -> tuple[float, int, TaskHandle]:
-        entry = heapq.heappop(self._heap)
-        kind = id(entry[2]._needs)
-        left = self._kinds[kind] - 1
-        if left:
-            self._kinds[kind] = left
-        else:
-            del self._kinds[kind]
-        return entry
-
-    # -- admission --------------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        if self._dispatching:
-            return
-        self._dispatching = True
-        try:
-            self._admit()
-        finally:
-            self._dispatching = False
-
-    def _admit(self) -> None:
-        heap = self._heap
-        pool = self._pool
-        kinds = self._kinds
-        skipped: list[tuple[float, int, TaskHandle]] | None = None
-        blocked: frozenset[str] | set[str] = frozenset()
-        # the needs (by identity) found unable to start in this scan: they stay unable, as the
-        # pool only shrinks and ``blocked`` only grows while it runs
-        failed: set[int] | None = None
-        while heap:
-            entry = heap[0]
-            handle = entry[2]
-            if handle.state is not _QUEUED:
-                self._heap_pop()  # ended while queued (cancelled, timed out); already counted
-                continue
-            if handle._limits and self._at_limit(handle):
-                self._heap_pop()
-                self._parked.setdefault(handle._limits[0] if len(handle._limits) == 1
-                                        else self._limiting_key(handle), collections.deque()).append(entry)
-                continue
-            needs = handle._needs
-            competes = bool(blocked) and self._competes(needs, blocked)
-            if not competes:
-                allocation = pool.try_acquire(needs)
-                if allocation is not None:
-                    heapq.heappop(heap)  # _heap_pop, inline: once per queued task
-                    kind = id(needs)
-                    left = kinds[kind] - 1
-                    if left:
-                        kinds[kind] = left
-                    else:
-                        del kinds[kind]
-                    self._queued -= 1
-                    self._start(handle, allocation)
-                    continue
-            if failed is None:
-                if len(kinds) == 1:
-                    break  # one kind in the queue, this one's: nothing in it can start (below)
-                failed = {id(needs)}
-            else:
-                failed.add(id(needs))
-            if failed.issuperset(kinds):
-                # whatever is left asks for what could not start. Decided before the entry leaves
-                # the heap: a backlog of one kind then costs one look per completion, not a pop
-                # and a push
-                break
-            if not competes:
-                blocked = set(blocked) | pool.short_of(needs)
-            if skipped is None:
-                skipped = [self._heap_pop()]
-            else:
-                skipped.append(self._heap_pop())
-                if len(skipped) > _BACKFILL_WINDOW:
-                    break  # the window is full
-        if skipped is not None:
-            for entry in skipped:
-                self._heap_push(entry)
-
-    @staticmethod
-    def _competes(needs: Resources, blocked: frozenset[str] | set[str]) -> bool:
-        return (
-            ("cpu" in blocked and needs.cpu > 0)
-            or ("memory" in blocked and needs.memory_mb > 0)
-            or ("gpu" in blocked and needs.devices_needed > 0)
-        )
-
-    def _at_limit(self, handle: TaskHandle) -> bool:
-        return any(self._running[key] >= self._limit_of(key) for key in handle._limits)
-
-    def _limiting_key(self, handle: TaskHandle) -> str:
-        for key in handle._limits:
-            if self._running[key] >= self._limit_of(key):
-                return key
-        return handle._limits[0]
-
-    def _limit_of(self, key: str) -> int:
-        return self._limits.get(key, 1)  # qualified names are non-thread-safe algorithms: one at a time
+    @property
+    def _queued(self) -> int:
+        # read by the gateway (edgecompute/server/app.py) until it has public API for it
+        return self._admission.queued
 
     def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
                now: float | None = None) -> None:
-        # a task taken off the heap has left the queue count already; one admitted as it was
-        # submitted never entered it
+        # a task taken off the heap has left the queue count already, and taken its concurrency
+        # slots; one admitted as it was submitted never entered the queue, and has no limits
         self._active += 1
         handle.state = _RUNNING
         handle.attempts += 1
         handle._allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
         handle._started_at = time.monotonic() if now is None else now
-        if handle._limits:  # mostly none: no iterator over an empty tuple
-            for key in handle._limits:
-                self._running[key] += 1
         handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
         handle._inline = caller is not None
         # inline, run() awaits _execute itself in the caller's task right after this returns
@@ -879,11 +711,11 @@ class Scheduler:
         if handle.state is not _QUEUED:
             return
         handle._error = None
-        self._seq += 1
-        self._queued += 1
+        admission = self._admission
         # a retry keeps its place: it re-enters with its original submission time and priority
-        self._heap_push((handle._submitted_at - handle.request.priority * self._aging, self._seq, handle))
-        self._dispatch()
+        if admission.queue(handle, handle._needs, handle._limits,
+                           admission.key(handle._submitted_at, handle.request.priority)):
+            admission.dispatch()
 
     def _stopped(self, handle: TaskHandle) -> None:
         task = handle._task
@@ -903,12 +735,13 @@ class Scheduler:
             if not handle._limits:  # the common case, without a closure
                 if allocation is not None:
                     self._pool.release(allocation)
-                if self._heap and not self._dispatching:
-                    self._dispatching = True  # _dispatch, inline: once per completion
+                admission = self._admission
+                if admission.heap and not admission.dispatching:
+                    admission.dispatching = True  # dispatch(), inline: once per completion
                     try:
-                        self._admit()
+                        admission.admit()
                     finally:
-                        self._dispatching = False
+                        admission.dispatching = False
                 if self._idle_waiters:
                     self._check_idle()
                 return
@@ -928,16 +761,10 @@ class Scheduler:
                 self._lingering -= 1
             if allocation is not None:
                 self._pool.release(allocation)
-            for key in handle._limits:
-                self._running[key] -= 1
-                parked = self._parked.get(key)
-                while parked:  # hand the slot to the first parked task that is still queued
-                    entry = parked.popleft()
-                    if entry[2].state is _QUEUED:
-                        self._heap_push(entry)
-                        break
-            if self._heap:
-                self._dispatch()
+            if handle._limits:
+                self._admission.free_slots(handle._limits)
+            if self._admission.heap:
+                self._admission.dispatch()
             self._check_idle()
 
         # blocking code still running on a worker thread keeps its share until it returns
@@ -967,11 +794,11 @@ class Scheduler:
                 self._retry_handles.discard(handle)
                 self._retrying -= 1
             else:
-                self._queued -= 1  # the heap entry goes stale and is dropped when reached
+                self._admission.ended()
                 self._wake_space()
         self._finish(handle, state, error=error)
-        if was_queued and self._heap:
-            self._dispatch()  # it may have held back tasks behind it (see _admit's backfill)
+        if was_queued and self._admission.heap:
+            self._admission.dispatch()  # it may have held back tasks behind it (backfill)
         ctx, task = handle._ctx, handle._task
         if not was_queued:
             if ctx is not None:
@@ -1031,7 +858,7 @@ class Scheduler:
 
     def _wake_space(self) -> None:
         waiters = self._space_waiters
-        while waiters and self._queued < self.max_queue:
+        while waiters and self._admission.queued < self.max_queue:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
@@ -1078,11 +905,8 @@ class Scheduler:
         not in the list. Ended tasks are not kept (observe them with :meth:`subscribe`).
         """
         seen: dict[int, TaskHandle] = {}
-        for entry in self._heap:
-            seen[id(entry[2])] = entry[2]
-        for parked in self._parked.values():
-            for entry in parked:
-                seen[id(entry[2])] = entry[2]
+        for handle in self._admission.waiting():
+            seen[id(handle)] = handle
         for handle in self._tasks.values():
             seen[id(handle)] = handle
         for handle in self._retry_handles:
@@ -1101,7 +925,7 @@ class Scheduler:
         return None
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(self._queued, self._active, self._retrying, self._pool.in_use,
+        return SchedulerStats(self._admission.queued, self._active, self._retrying, self._pool.in_use,
                               self.capacity, self._submitted, dict(self._finished))
 
     @property

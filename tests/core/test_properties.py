@@ -487,8 +487,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_queue_knows_what_it_holds(self) -> None:
-        scheduler = self.scheduler
-        assert Counter(id(entry[2]._needs) for entry in scheduler._heap) == scheduler._kinds
+        admission = self.scheduler._admission
+        assert Counter(id(entry[2]) for entry in admission.heap) == admission.kinds
 
     @invariant()
     def at_most_one_end(self) -> None:
