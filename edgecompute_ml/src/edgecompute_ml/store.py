@@ -89,7 +89,9 @@ FAMILIES: dict[str, Family] = {
     "bert": Family.lazy("bert", "embeddings", ("bert",), ("BertModel", "BertForMaskedLM", "BertForPreTraining"),
                         module="bert", config="BertConfig", model="BertModel", prefixed=True),
     "whisper": Family.lazy("whisper", "speech-recognition", ("whisper",), ("WhisperForConditionalGeneration",),
-                           module="whisper", config="WhisperConfig", model="WhisperModel"),
+                           module="whisper", config="WhisperConfig", model="WhisperModel",
+                           quantizable=("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight",
+                                        "fc1.weight", "fc2.weight", "embed_tokens.weight")),
 }
 
 

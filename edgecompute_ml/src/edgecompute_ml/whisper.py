@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .quant import Int8Codes, embedding, fuse, linear, prepare, tensor_bytes
+from .quant import logits as quant_logits
 
 __all__ = ["WhisperCache", "WhisperConfig", "WhisperModel"]
 
@@ -161,7 +163,7 @@ def _ln(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 class WhisperModel:
-    def __init__(self, config: WhisperConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+    def __init__(self, config: WhisperConfig, weights: dict[str, Any], dtype: torch.dtype,
                  device: torch.device) -> None:
         self.config, self.dtype, self.device = config, dtype, device
         d = config.d_model
@@ -172,37 +174,47 @@ class WhisperModel:
         for prefix, layers in (("model.encoder", config.encoder_layers), ("model.decoder", config.decoder_layers)):
             for i in range(layers):
                 p = f"{prefix}.layers.{i}.self_attn"
-                w[f"{p}.qkv.weight"] = torch.cat([w.pop(f"{p}.q_proj.weight"), w.pop(f"{p}.k_proj.weight"),
-                                                  w.pop(f"{p}.v_proj.weight")])
+                w[f"{p}.qkv.weight"] = fuse([w.pop(f"{p}.q_proj.weight"), w.pop(f"{p}.k_proj.weight"),
+                                             w.pop(f"{p}.v_proj.weight")])
                 w[f"{p}.qkv.bias"] = torch.cat([w.pop(f"{p}.q_proj.bias"), zero, w.pop(f"{p}.v_proj.bias")])
                 if prefix == "model.decoder":
                     c = f"{prefix}.layers.{i}.encoder_attn"
-                    w[f"{c}.kv.weight"] = torch.cat([w.pop(f"{c}.k_proj.weight"), w.pop(f"{c}.v_proj.weight")])
+                    w[f"{c}.kv.weight"] = fuse([w.pop(f"{c}.k_proj.weight"), w.pop(f"{c}.v_proj.weight")])
                     w[f"{c}.kv.bias"] = torch.cat([zero, w.pop(f"{c}.v_proj.bias")])
         # the output projection reads the whole [vocab, d] embedding at every token (80 MB for
         # tiny.en: memory-bound); stored transposed, [d, vocab], it streams rows instead of strided
         # dot products (measured 5.1 -> 3.7 ms per token on 2 CPU threads). The lookup reads the
         # transposed view; there is one copy of the weights.
-        self.embed_t = w["model.decoder.embed_tokens.weight"].t().contiguous()
-        self.embed = w["model.decoder.embed_tokens.weight"] = self.embed_t.t()
+        # dtype = "int8" (quant.py): the other linear weights arrive as int8 codes and are packed
+        # here; the embedding becomes int8 rows, its top logits recomputed in float32
+        for name, value in list(w.items()):
+            if isinstance(value, Int8Codes) and name != "model.decoder.embed_tokens.weight":
+                w[name] = prepare(value)
+        embed = w["model.decoder.embed_tokens.weight"]
+        self.embed_t: torch.Tensor | None = None
+        if isinstance(embed, torch.Tensor):
+            self.embed_t = embed.t().contiguous()
+            self.embed = w["model.decoder.embed_tokens.weight"] = self.embed_t.t()
+        else:
+            self.embed = w["model.decoder.embed_tokens.weight"] = prepare(embed, rows=True)
         self.embed_scale = d**0.5 if config.scale_embedding else 1.0
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.w.values())
+        return sum(tensor_bytes(t) for t in self.w.values())
 
     # -- encoder -----------------------------------------------------------------------------------
 
     def _attend(self, x: torch.Tensor, heads: int, p: str, *, causal: bool = False) -> torch.Tensor:
         b, t, d = x.shape
-        qkv = F.linear(x, self.w[f"{p}.qkv.weight"], self.w[f"{p}.qkv.bias"])
+        qkv = linear(x, self.w[f"{p}.qkv.weight"], self.w[f"{p}.qkv.bias"])
         q, k, v = qkv.view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return F.linear(o.transpose(1, 2).reshape(b, t, d), self.w[f"{p}.out_proj.weight"],
+        return linear(o.transpose(1, 2).reshape(b, t, d), self.w[f"{p}.out_proj.weight"],
                         self.w[f"{p}.out_proj.bias"])
 
     def _ffn(self, x: torch.Tensor, p: str) -> torch.Tensor:
-        h = F.gelu(F.linear(x, self.w[f"{p}.fc1.weight"], self.w[f"{p}.fc1.bias"]))
-        return F.linear(h, self.w[f"{p}.fc2.weight"], self.w[f"{p}.fc2.bias"])
+        h = F.gelu(linear(x, self.w[f"{p}.fc1.weight"], self.w[f"{p}.fc1.bias"]))
+        return linear(h, self.w[f"{p}.fc2.weight"], self.w[f"{p}.fc2.bias"])
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """Log-mel features ``[batch, n_mels, frames]`` -> encoder states ``[batch, frames / 2, d]``."""
@@ -232,7 +244,7 @@ class WhisperModel:
         cross = []
         for i in range(c.decoder_layers):
             p = f"model.decoder.layers.{i}.encoder_attn"
-            kv = F.linear(encoded, w[f"{p}.kv.weight"], w[f"{p}.kv.bias"])
+            kv = linear(encoded, w[f"{p}.kv.weight"], w[f"{p}.kv.bias"])
             k, v = kv.view(b, s, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
             cross.append((k.contiguous(), v.contiguous()))
         self_kv = torch.zeros(c.decoder_layers, 2, b, heads, max_len, d // heads, dtype=self.dtype, device=self.device)
@@ -249,7 +261,7 @@ class WhisperModel:
                              f"max_target_positions {c.max_target_positions})")
         heads, d = c.decoder_attention_heads, c.d_model
         hd = d // heads
-        x = F.embedding(ids.to(self.device), self.embed) * self.embed_scale
+        x = embedding(ids.to(self.device), self.embed, self.dtype) * self.embed_scale
         x = x + w["model.decoder.embed_positions.weight"][pos:pos + t]
         mask = None
         if t > 1 and pos > 0:  # a chunk after cached tokens: causal within the chunk, all of the past
@@ -257,24 +269,26 @@ class WhisperModel:
         for i in range(c.decoder_layers):
             p = f"model.decoder.layers.{i}"
             h = _ln(x, w, f"{p}.self_attn_layer_norm")
-            qkv = F.linear(h, w[f"{p}.self_attn.qkv.weight"], w[f"{p}.self_attn.qkv.bias"])
+            qkv = linear(h, w[f"{p}.self_attn.qkv.weight"], w[f"{p}.self_attn.qkv.bias"])
             q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
             kv = cache.self_kv[i]
             kv[0, :, :, pos:pos + t] = k
             kv[1, :, :, pos:pos + t] = v
             o = F.scaled_dot_product_attention(q, kv[0, :, :, :pos + t], kv[1, :, :, :pos + t], attn_mask=mask,
                                                is_causal=t > 1 and pos == 0)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, t, d), w[f"{p}.self_attn.out_proj.weight"],
+            x = x + linear(o.transpose(1, 2).reshape(b, t, d), w[f"{p}.self_attn.out_proj.weight"],
                              w[f"{p}.self_attn.out_proj.bias"])
             h = _ln(x, w, f"{p}.encoder_attn_layer_norm")
-            q = F.linear(h, w[f"{p}.encoder_attn.q_proj.weight"], w[f"{p}.encoder_attn.q_proj.bias"])
+            q = linear(h, w[f"{p}.encoder_attn.q_proj.weight"], w[f"{p}.encoder_attn.q_proj.bias"])
             ck, cv = cache.cross[i]
             o = F.scaled_dot_product_attention(q.view(b, t, heads, hd).transpose(1, 2), ck, cv)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, t, d), w[f"{p}.encoder_attn.out_proj.weight"],
+            x = x + linear(o.transpose(1, 2).reshape(b, t, d), w[f"{p}.encoder_attn.out_proj.weight"],
                              w[f"{p}.encoder_attn.out_proj.bias"])
             x = x + self._ffn(_ln(x, w, f"{p}.final_layer_norm"), p)
         cache.length = pos + t
         if last_only:
             x = x[:, -1]
         x = _ln(x, w, "model.decoder.layer_norm")
+        if self.embed_t is None:
+            return quant_logits(x, self.embed)
         return torch.matmul(x, self.embed_t).float()
