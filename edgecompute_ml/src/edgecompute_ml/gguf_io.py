@@ -197,6 +197,15 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", "?"))
 
+    def drop_pages(self) -> None:
+        """Drop the file's pages from this process (they are read again from the page cache if
+        a tensor is read again)."""
+        import mmap
+
+        mapped = getattr(self._data, "_mmap", None)
+        if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes (a view of the memory-mapped file)."""
         t = self.tensors[name]

