@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "cpp.md"
 
 
 def test_the_documented_example_plugin_works(tmp_path: Path) -> None:
-    blocks = re.findall(r"```cpp\n(.*?)```", DOCS.read_text(), flags=re.S)
+    blocks = re.findall(r"```cpp[^\n]*\n(.*?)```", DOCS.read_text(), flags=re.S)
     source = next(b for b in blocks if "scale.cpp" in b)
     path = tmp_path / "scale.cpp"
     path.write_text(source)

@@ -144,7 +144,7 @@ async def test_placement_comes_from_the_configuration() -> None:
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ({"placement": "elsewhere"}, "placement must be one of 'inprocess', 'process', 'ray'"),
+    ({"placement": "elsewhere"}, "placement must be one of 'inprocess', 'process', 'sandbox', 'ray'"),
     ({"placement": "ray", "ray_actor": {"tpus": 1}}, "not tpus"),
     ({"placement": "inprocess", "python": "/x/python"}, "needs placement 'process'"),
     ({"python": 3}, "path to an interpreter"),
