@@ -9,6 +9,7 @@ from typing import Any
 __all__ = ["docs_page", "openapi_document"]
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_UNTAGGED = {"not": {"pattern": "^\\$"}}
 
 
 def _problems(*statuses: int) -> dict[str, Any]:
@@ -109,11 +110,21 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "An API key (edgecompute keys new)"}},
             "schemas": {
+                # keys starting with "$" are the wire's tags, so a plain object may not use them
+                "Value": {"description": "Any JSON whose object keys do not start with '$'; bytes as "
+                                         "{\"$bytes\": base64}, arrays as {\"$array\": base64, \"dtype\", "
+                                         "\"shape\"}, an object with such keys as {\"$dict\": [[key, value], ...]}",
+                          "anyOf": [
+                              {"type": ["null", "boolean", "number", "string"]},
+                              {"type": "array", "items": {"$ref": "#/components/schemas/Value"}},
+                              {"type": "object", "propertyNames": _UNTAGGED,
+                               "additionalProperties": {"$ref": "#/components/schemas/Value"}},
+                          ]},
                 "Submit": {"type": "object", "required": ["algorithm"], "additionalProperties": False, "properties": {
                     "algorithm": {"type": "string", "minLength": 1, "description": "executor/algorithm"},
-                    "inputs": {"description": "Any JSON; bytes as {\"$bytes\": base64}, arrays as "
-                                              "{\"$array\": base64, \"dtype\", \"shape\"}"},
-                    "params": {"type": "object"},
+                    "inputs": {"$ref": "#/components/schemas/Value"},
+                    "params": {"type": "object", "propertyNames": _UNTAGGED,
+                               "additionalProperties": {"$ref": "#/components/schemas/Value"}},
                     "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
                     "timeout": {"type": "number", "exclusiveMinimum": 0},
                     "metadata": {"type": "object"},
