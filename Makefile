@@ -67,7 +67,10 @@ typecheck: setup
 	.venv/bin/mypy --strict $(foreach e,$(EXECUTORS),$(e)/src/$(e))
 
 test: system lint typecheck
-	.venv/bin/python -m pytest -q
+	rm -f .coverage .coverage.*
+	.venv/bin/coverage run -m pytest -q
+	.venv/bin/coverage combine -q
+	.venv/bin/coverage report
 
 bench: setup
 	.venv/bin/python benchmarks/scheduler.py
