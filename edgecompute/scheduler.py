@@ -346,7 +346,6 @@ class Scheduler:
         }
         self._pool = ResourcePool(self.capacity)
         self._admission: Admission[TaskHandle] = Admission(self._pool, config.aging, limits, self._start)
-        self._retrying = 0
         self._active = 0  # tasks in the RUNNING state
         self._lingering = 0  # ended tasks whose blocking code still runs on a worker thread
         self._live = 0
@@ -596,8 +595,7 @@ class Scheduler:
                now: float | None = None) -> None:
         # a task taken off the heap has left the queue count already, and taken its concurrency
         # slots; one admitted as it was submitted never entered the queue, and has no limits
-        self._active += 1
-        handle.state = _RUNNING
+        self._transition(handle, _RUNNING)
         handle.attempts += 1
         handle._allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
@@ -670,13 +668,9 @@ class Scheduler:
         if (handle._timer is None and handle._waiters is None and handle._chunk_waiter is None
                 and handle._callbacks is None and not self._observers and not self._idle_waiters):
             # _finish for the usual task: nobody waits on it or watches it
-            self._active -= 1
-            handle.state = _SUCCEEDED
-            handle._ended = True
             handle._response = response
             handle._error = None
-            self._finished["succeeded"] += 1
-            self._live -= 1
+            self._transition(handle, _SUCCEEDED)
         else:
             self._finish(handle, _SUCCEEDED, response=response)
 
@@ -693,10 +687,8 @@ class Scheduler:
             delay = min(self.config.retry_backoff * 2 ** (handle.attempts - 1), self.config.retry_backoff_max)
             delay *= random.uniform(0.5, 1.0)  # jitter: retries of a burst do not return in lockstep
             if handle._deadline is None or time.monotonic() + delay < handle._deadline:
-                self._active -= 1
-                handle.state = _QUEUED
+                self._transition(handle, _QUEUED)
                 handle._error = error  # kept for the record; cleared if a later attempt succeeds
-                self._retrying += 1
                 self._retry_handles.add(handle)
                 self._event("retrying", handle, error)
                 self._loop.call_later(delay, self._requeue, handle)
@@ -707,7 +699,6 @@ class Scheduler:
         if handle not in self._retry_handles:
             return
         self._retry_handles.discard(handle)
-        self._retrying -= 1
         if handle.state is not _QUEUED:
             return
         handle._error = None
@@ -792,7 +783,6 @@ class Scheduler:
         if was_queued:
             if handle in self._retry_handles:
                 self._retry_handles.discard(handle)
-                self._retrying -= 1
             else:
                 self._admission.ended()
                 self._wake_space()
@@ -816,17 +806,12 @@ class Scheduler:
 
     def _finish(self, handle: TaskHandle, state: TaskState, *, response: Response | None = None,
                 error: BaseException | None = None) -> None:
-        if handle.state is _RUNNING:
-            self._active -= 1
-        handle.state = state
-        handle._ended = True
         handle._response = response
         handle._error = error
+        self._transition(handle, state)
         if handle._timer is not None:
             handle._timer.cancel()
             handle._timer = None
-        self._finished[state._value_] += 1  # _value_: the plain attribute behind the slow .value
-        self._live -= 1
         waiters = handle._waiters
         if waiters is not None:
             handle._waiters = None
@@ -846,6 +831,24 @@ class Scheduler:
             self._event(state._value_, handle, error)
         if self._idle_waiters:
             self._check_idle()
+
+    def _transition(self, handle: TaskHandle, state: TaskState) -> None:
+        """Give a task its next state: the one place that keeps the task counters in step with the
+        states (running, live, finished by state).
+
+        Where a waiting task waits is not a state: the queue counts its own tasks (``_admission``),
+        and a task waiting out a retry's backoff is in ``_retry_handles``.
+        """
+        before = handle.state
+        handle.state = state
+        if before is _RUNNING:
+            self._active -= 1
+        if state is _RUNNING:
+            self._active += 1
+        elif state is not _QUEUED:
+            handle._ended = True
+            self._finished[state._value_] += 1  # _value_: the plain attribute behind the slow .value
+            self._live -= 1
 
     def _check_idle(self) -> None:
         # wakes when no task is live: each waiter checks its own condition (_wait_idle), which may
@@ -925,7 +928,7 @@ class Scheduler:
         return None
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(self._admission.queued, self._active, self._retrying, self._pool.in_use,
+        return SchedulerStats(self._admission.queued, self._active, len(self._retry_handles), self._pool.in_use,
                               self.capacity, self._submitted, dict(self._finished))
 
     @property
