@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from typing import Any, Never
+from typing import Any, Literal, Never
 
 import attrs
 
@@ -50,6 +50,8 @@ _QUEUED = TaskState.QUEUED
 _RUNNING = TaskState.RUNNING
 _SUCCEEDED = TaskState.SUCCEEDED
 _current_task = asyncio.current_task
+
+SchedulerState = Literal["new", "running", "closing", "closed"]
 
 
 class TaskHandle:
@@ -149,6 +151,13 @@ class TaskHandle:
         finished handles that must bound the memory their results keep."""
         if self._response is not None:
             self._response = attrs.evolve(self._response, outputs=None)
+
+    @property
+    def inline(self) -> bool:
+        """Whether the task waits to run in the asyncio task that submitted it with
+        ``Scheduler.submit(request, inline=True)``: that task must then ``await
+        scheduler.run_inline(handle)``."""
+        return self._inline and self._task is not None and not self._ended
 
     @property
     def streaming(self) -> bool:
@@ -358,12 +367,17 @@ class Scheduler:
         self._submitted = 0
         self._finished: dict[str, int] = dict.fromkeys((s.value for s in TaskState if s.terminal), 0)
         self._last_feasible: Resources | None = None
-        self._state = "new"
+        self._state: SchedulerState = "new"
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on start
         self._loop_thread = 0
         self._threads: ThreadPool = None  # type: ignore[assignment]  # set on start
 
     # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SchedulerState:
+        """Where the scheduler is in its life: it takes tasks only while ``"running"``."""
+        return self._state
 
     @property
     def registry(self) -> Registry:
@@ -455,12 +469,17 @@ class Scheduler:
 
     # -- submitting -------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> TaskHandle:
+    def submit(self, request: Request, *, inline: bool = False) -> TaskHandle:
         """Queue ``request`` and return its handle at once.
 
         Raises, without queueing anything: ``UnknownAlgorithm``/``AmbiguousAlgorithm`` for a bad
         name, ``InfeasibleRequest`` when the task could never fit the capacity, ``QueueFull``
         when the queue is at its bound, ``SchedulerClosed`` after close began.
+
+        With ``inline=True`` (from a coroutine on the scheduler's loop), a task that can start at
+        once is set to run in the calling asyncio task, as :meth:`run` does: no task of its own,
+        no loop round trip. Its ``handle.inline`` is then true, and the caller must ``await
+        scheduler.run_inline(handle)`` (before which the task only counts as running).
         """
         if self._state != "running":
             raise SchedulerClosed(
@@ -472,7 +491,13 @@ class Scheduler:
         if self._admission.queued >= self.max_queue:
             raise QueueFull(f"the queue holds {self._admission.queued} tasks, its bound (max_queue={self.max_queue}); "
                             "retry later or use 'await scheduler.asubmit(request)' to wait for room")
-        return self._enqueue(request)
+        return self._enqueue(request, _current_task(self._loop) if inline else None)
+
+    async def run_inline(self, handle: TaskHandle) -> None:
+        """Run a task that ``submit(request, inline=True)`` set to run here; returns when it
+        ended (see its handle for how). Nothing to do for any other handle."""
+        if handle.inline:
+            await self._execute(handle)
 
     async def asubmit(self, request: Request) -> TaskHandle:
         """Like :meth:`submit`, but waits for room in the queue instead of raising ``QueueFull``."""
@@ -585,11 +610,6 @@ class Scheduler:
         if admission.queue(handle, needs, limits, now - request.priority * admission.aging):
             admission.dispatch()
         return handle
-
-    @property
-    def _queued(self) -> int:
-        # read by the gateway (edgecompute/server/app.py) until it has public API for it
-        return self._admission.queued
 
     def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
                now: float | None = None) -> None:

@@ -224,7 +224,7 @@ class Gateway:
     def submit(self, key: ApiKey, document: Any, rid: str | None, *, inline: bool = False) -> _Owned:
         """Check and submit a task for ``key``. With ``inline``, a task that can start at once is
         set to run in the calling request's own asyncio task (the caller then awaits
-        ``scheduler._execute(handle)``), as ``Scheduler.run`` does: no task of its own, no loop
+        ``scheduler.run_inline(handle)``), as ``Scheduler.run`` does: no task of its own, no loop
         round trips."""
         if not isinstance(document, dict):
             raise Problem("invalid-request", "the body must be an object with at least 'algorithm'")
@@ -270,11 +270,7 @@ class Gateway:
                           "its limit; wait for one to end", retry_after=1)
         try:
             request = Request(name, document.get("inputs"), metadata=metadata, **options)
-            scheduler = self.scheduler
-            if inline and scheduler._state == "running" and scheduler._queued < scheduler.max_queue:
-                handle = scheduler._enqueue(request, caller=asyncio.current_task())
-            else:
-                handle = scheduler.submit(request)
+            handle = self.scheduler.submit(request, inline=inline)
         except (TypeError, ValueError) as exc:
             self.in_flight.remove(key.name)
             if isinstance(exc, EdgeComputeError):
@@ -342,9 +338,9 @@ class Gateway:
             await self.metrics.check_health()
             self._health_checked = now
         executors = {name: {"status": h.status.value, "message": h.message} for name, h in self.metrics.health.items()}
-        running = self.scheduler._state == "running"
+        running = self.scheduler.state == "running"
         ok = running and all(h["status"] != "down" for h in executors.values())
-        return ok, {"status": "ready" if ok else "not ready", "scheduler": self.scheduler._state,
+        return ok, {"status": "ready" if ok else "not ready", "scheduler": self.scheduler.state,
                     "executors": executors}
 
 
@@ -521,8 +517,8 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
         # waiting as long as the server allows: run inline (the answer comes when the task ends)
         owned = gateway.submit(key, document, request_id_var.get(), inline=wait >= settings.max_wait)
         handle = owned.handle
-        if handle._inline:
-            await scheduler._execute(handle)
+        if handle.inline:
+            await scheduler.run_inline(handle)
         elif wait:
             await gateway.wait(handle, wait)
         if owned.gone is not None:
