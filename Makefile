@@ -60,6 +60,7 @@ demo: demo-setup
 
 lint: setup
 	.venv/bin/ruff check edgecompute tests benchmarks $(EXECUTORS)
+	.venv/bin/lint-imports --no-cache
 
 # the core (files in pyproject's [tool.mypy]), then each executor's src-layout package, all --strict
 typecheck: setup
