@@ -7,6 +7,7 @@ pip, exactly as a user installs a third-party executor; nothing here registers t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,10 @@ def test_task_event_hook_of_an_installed_plugin_sees_every_event() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # a bare environment, but coverage's own variable, so that `make test` measures the CLI too
+    measured = {name: value for name, value in os.environ.items() if name.startswith("COVERAGE_")}
     return subprocess.run([sys.executable, "-m", "edgecompute", *args], capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", **measured})
 
 
 def test_cli_lists_executors_and_problems() -> None:
