@@ -8,7 +8,9 @@ folder for the Python blocks after it on the same page (a C++ plugin the next bl
 Blocks with ``test="tutorial"`` run in ``test_plugin_tutorial.py``, with the plugin the
 tutorial builds installed. Blocks with ``test="server"`` talk to a gateway: the test starts
 ``edgecompute serve`` (HTTP and gRPC, one key in ``EDGECOMPUTE_API_KEY``) and points the block's
-``127.0.0.1:8000`` and ``127.0.0.1:50051`` at it. A block that cannot run here says why in its fence:
+``127.0.0.1:8000`` and ``127.0.0.1:50051`` at it. Blocks with ``test="vision"`` find the model
+folders ``my-clip`` and ``my-yolos`` a reader would have: tiny random ones the ml tests build.
+A block that cannot run here says why in its fence:
 ```` ```python test="skip" reason="needs a running server" ````; a skip without a reason fails.
 
 Each block runs in its own process, not through ``exec`` in pytest's: an example is free to
@@ -160,6 +162,12 @@ def test_code_block_runs_as_written(block: Block, tmp_path: Path, request: pytes
         source = (source.replace("127.0.0.1:8000", f"127.0.0.1:{served.http_port}")
                   .replace("127.0.0.1:50051", f"127.0.0.1:{served.grpc_port}"))
         env["EDGECOMPUTE_API_KEY"] = served.key
+    if block.settings.get("test") == "vision":
+        pytest.importorskip("transformers")
+        from tests.ml.tiny_vision import make_clip, make_yolos
+
+        make_clip(tmp_path / "my-clip")
+        make_yolos(tmp_path / "my-yolos")
     for earlier in ALL:
         if earlier.page == block.page and earlier.line < block.line and "file" in earlier.settings:
             (tmp_path / earlier.settings["file"]).write_text(earlier.source + "\n", encoding="utf-8")
