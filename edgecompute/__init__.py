@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 from . import errors
 
 if TYPE_CHECKING:
+    from ._functions import FunctionExecutor
+    from ._registry import Registry, Selection
+    from ._runtime import MapIterator, Runtime
+    from ._scheduler import Scheduler, SchedulerStats, TaskHandle
     from .config import Config
     from .context import TaskContext
     from .executor import BlockingExecutor, Executor
-    from .functions import FunctionExecutor
     from .hookspecs import hookimpl
     from .models import Algorithm, Health, HealthStatus, Request, Resources, Response, TaskEvent, TaskState
     from .placement import Placement
-    from .registry import Registry, Selection
-    from .runtime import MapIterator, Runtime
-    from .scheduler import Scheduler, SchedulerStats, TaskHandle
 
 __version__ = "0.1.0"
 
@@ -38,16 +38,16 @@ _LAZY = {
     "BlockingExecutor": "executor",
     "Config": "config",
     "Executor": "executor",
-    "FunctionExecutor": "functions",
-    "MapIterator": "runtime",
+    "FunctionExecutor": "_functions",
+    "MapIterator": "_runtime",
     "Placement": "placement",
-    "Registry": "registry",
-    "Runtime": "runtime",
-    "Scheduler": "scheduler",
-    "SchedulerStats": "scheduler",
-    "Selection": "registry",
+    "Registry": "_registry",
+    "Runtime": "_runtime",
+    "Scheduler": "_scheduler",
+    "SchedulerStats": "_scheduler",
+    "Selection": "_registry",
     "TaskContext": "context",
-    "TaskHandle": "scheduler",
+    "TaskHandle": "_scheduler",
     "hookimpl": "hookspecs",
 }
 

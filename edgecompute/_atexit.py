@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor  # now: its module cannot be i
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from .registry import Registry
-    from .runtime import Runtime
+    from ._registry import Registry
+    from ._runtime import Runtime
 
 __all__ = ["close_at_exit", "closed"]
 
@@ -44,7 +44,7 @@ def close_at_exit(owner: Runtime | Registry) -> None:
     Registering again moves the hook to the front: atexit runs hooks last-in first-out, and ours
     must run before those of libraries imported after the first executor was built (torch's).
     """
-    from .registry import Registry
+    from ._registry import Registry
 
     with _lock:
         if isinstance(owner, Registry):
@@ -56,7 +56,7 @@ def close_at_exit(owner: Runtime | Registry) -> None:
 
 
 def closed(owner: Runtime | Registry) -> None:
-    from .registry import Registry
+    from ._registry import Registry
 
     with _lock:
         if isinstance(owner, Registry):

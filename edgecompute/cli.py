@@ -74,8 +74,8 @@ def executors(config_path: str | None, as_json: bool, no_health: bool) -> None:
     """List discovered executors, their versions, algorithms and health."""
     import anyio
 
+    from ._registry import Registry
     from .errors import PluginError
-    from .registry import Registry
 
     config = _load_config(config_path)
     # this command prints plugin problems itself, once, below the table
@@ -136,8 +136,8 @@ def _chunk_text(chunk: Any) -> str:
 def run(config_path: str | None, algorithm: str, input_text: str | None, params: tuple[str, ...],
         priority: int, timeout: float | None, retries: int | None, stream: bool, run_config: str | None) -> None:
     """Run ALGORITHM (executor/algorithm) once: print its chunks as they come, then its outputs as JSON."""
+    from ._runtime import Runtime
     from .models import Request
-    from .runtime import Runtime
 
     parsed: dict[str, Any] = {}
     for item in params:
@@ -175,7 +175,7 @@ def run(config_path: str | None, algorithm: str, input_text: str | None, params:
 @click.pass_obj
 def demo(config_path: str | None) -> None:
     """A tour: the scheduler at work, then every installed executor's own demo."""
-    from . import demo as tour
+    from . import _demo as tour
 
     try:
         tour.run(_load_config(config_path), click.echo)
@@ -202,7 +202,7 @@ def serve(config_path: str | None, serve_config: str | None, host: str | None, p
         from .server import serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"the server needs its extra: pip install \"edgecompute[server]\" ({exc})") from exc
-    from .registry import Registry
+    from ._registry import Registry
 
     config = _load_config(serve_config or config_path)
     registry = Registry.discover(settings=config.executors)

@@ -45,8 +45,8 @@ from .errors import EdgeComputeError, InvalidRequest
 from .models import Response
 
 if TYPE_CHECKING:
+    from ._runtime import Runtime
     from .config import Config
-    from .runtime import Runtime
 
 __all__ = ["AsyncClient", "AsyncRemoteTask", "Client", "Forbidden", "NotFound", "RateLimited", "RemoteError",
            "RemoteTask", "RemoteUnavailable", "Unauthorized", "connect"]
@@ -1063,7 +1063,7 @@ def connect(url: str | None = None, *, api_key: str | None = None, config: Confi
     url = url if url is not None else os.environ.get("EDGECOMPUTE_URL")
     if url:
         return Client(url, api_key, timeout=timeout)
-    from .runtime import Runtime
+    from ._runtime import Runtime
 
     runtime = Runtime(config=config)
     return runtime

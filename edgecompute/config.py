@@ -75,7 +75,7 @@ def _is_int(value: Any) -> bool:
 
 
 # The [server] table's keys and their types, checked here so that a bad value fails at load,
-# naming the file. edgecompute.server.settings checks the ranges when the server starts; it cannot
+# naming the file. edgecompute.server._settings checks the ranges when the server starts; it cannot
 # be imported here (the edgecompute.server package loads the web framework, an optional extra).
 # tests/core/test_config_semantics.py keeps the two key lists equal.
 _SERVER_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -124,7 +124,7 @@ class Config:
     close: str = "drain"
     close_timeout: float = 30.0
     executors: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
-    #: The HTTP gateway's settings (``edgecompute serve``), checked by ``edgecompute.server.settings``.
+    #: The HTTP gateway's settings (``edgecompute serve``), checked by ``edgecompute.server._settings``.
     server: Mapping[str, Any] = attrs.field(factory=dict)
 
     @classmethod

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .models import Algorithm
 
 if TYPE_CHECKING:
-    from .scheduler import TaskHandle
+    from ._scheduler import TaskHandle
 
 __all__ = ["TaskContext"]
 

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from .models import Health, HealthStatus, TaskEvent
 
 if TYPE_CHECKING:
-    from .scheduler import Scheduler
+    from ._scheduler import Scheduler
 
 __all__ = ["SchedulerMetrics"]
 

@@ -10,8 +10,8 @@ or ``edgecompute serve --config edgecompute.toml``. See docs/server.md.
 
 from __future__ import annotations
 
-from .app import build_app, serve
-from .auth import ApiKey, hash_key, new_key
-from .settings import ServerSettings
+from ._app import build_app, serve
+from ._auth import ApiKey, hash_key, new_key
+from ._settings import ServerSettings
 
 __all__ = ["ApiKey", "ServerSettings", "build_app", "hash_key", "new_key", "serve"]

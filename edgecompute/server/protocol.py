@@ -32,8 +32,8 @@ import secrets
 import time
 from typing import Any
 
-from .problems import PROBLEM_JSON, PROBLEMS
-from .settings import ServerSettings
+from ._problems import PROBLEM_JSON, PROBLEMS
+from ._settings import ServerSettings
 
 __all__ = ["guarded_protocol", "problem_bytes", "uvicorn_config"]
 

@@ -18,7 +18,7 @@ def modules_after(code: str) -> set[str]:
 def test_import_loads_no_heavy_dependency_nor_the_scheduler() -> None:
     loaded = modules_after("import edgecompute")
     assert not loaded & set(HEAVY)
-    assert "edgecompute.scheduler" not in loaded  # the scheduler and anyio come on first use
+    assert "edgecompute._scheduler" not in loaded  # the scheduler and anyio come on first use
     assert "anyio" not in loaded
 
 

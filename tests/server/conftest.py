@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from edgecompute import Config, FunctionExecutor, Registry, Resources
-from edgecompute.scheduler import Scheduler
+from edgecompute import Config, FunctionExecutor, Registry, Resources, Scheduler
 from edgecompute.server import ServerSettings, build_app, hash_key
 from edgecompute.server.protocol import uvicorn_config
 

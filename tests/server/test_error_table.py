@@ -19,10 +19,9 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Runtime
+from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Runtime, Scheduler, TaskHandle
 from edgecompute.client import AsyncClient, Client, Forbidden, RemoteUnavailable, Unauthorized
 from edgecompute.errors import EdgeComputeError
-from edgecompute.scheduler import Scheduler, TaskHandle
 from edgecompute.server import ServerSettings, build_app, hash_key
 
 KEY = "ec_table-test-key-000000000000000000000000000"

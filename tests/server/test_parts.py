@@ -21,8 +21,8 @@ from edgecompute.errors import ConfigError, InvalidRequest
 from edgecompute.logs import JsonFormatter, request_id
 from edgecompute.metrics import SchedulerMetrics
 from edgecompute.server import ServerSettings, hash_key, new_key
-from edgecompute.server.auth import ApiKey, KeyRing
-from edgecompute.server.ratelimit import TokenBucket
+from edgecompute.server._auth import ApiKey, KeyRing
+from edgecompute.server._ratelimit import TokenBucket
 
 plain = st.recursive(
     st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from edgecompute.server.openapi import openapi_document
+from edgecompute.server._openapi import openapi_document
 
 from .conftest import KEYS, Server
 

@@ -2,7 +2,7 @@
 
 ``edgecompute serve`` starts it when ``[server] grpc_port`` is set (or ``--grpc-port``): a
 ``grpc.aio`` server on the same event loop as uvicorn, over the same
-:class:`~edgecompute.server.app.Gateway` (so the same scheduler, keys, budgets and tasks). It
+:class:`~edgecompute.server._app.Gateway` (so the same scheduler, keys, budgets and tasks). It
 starts after the app's lifespan has started the scheduler and stops before it closes. In your
 own set-up::
 
@@ -23,11 +23,11 @@ from typing import Any
 
 import grpc
 
+from ... import Registry
 from ...config import Config
-from ...registry import Registry
-from ..app import Gateway
-from ..settings import ServerSettings
-from .service import TasksService
+from .._app import Gateway
+from .._settings import ServerSettings
+from ._service import TasksService
 
 __all__ = ["GrpcServer", "TasksService", "attach", "serve"]
 
@@ -116,9 +116,9 @@ def serve(config: Config, *, registry: Registry | None = None, host: str | None 
     one process on one event loop."""
     import uvicorn
 
+    from ... import Scheduler
     from ...logs import configure_json_logging
-    from ...scheduler import Scheduler
-    from ..app import build_app
+    from .._app import build_app
     from ..protocol import uvicorn_config
 
     settings = ServerSettings.from_config(config)

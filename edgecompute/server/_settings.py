@@ -46,7 +46,7 @@ import attrs
 from ..config import Config
 from ..errors import ConfigError
 from ..wire import MAX_DEPTH, MAX_DEPTH_CEILING
-from .auth import ApiKey
+from ._auth import ApiKey
 
 __all__ = ["ANONYMOUS", "ServerSettings"]
 

@@ -1,4 +1,4 @@
-"""The gRPC service over the HTTP gateway's own :class:`~edgecompute.server.app.Gateway`.
+"""The gRPC service over the HTTP gateway's own :class:`~edgecompute.server._app.Gateway`.
 
 Every call goes through the gateway's public methods, exactly as an HTTP request does: the key is
 found and its token bucket charged by ``Gateway.authenticate`` (the call's metadata stand in for
@@ -34,9 +34,9 @@ from ...errors import InvalidRequest
 from ...grpc_proto import METHODS, PROBLEM_KEY, REQUEST_ID_KEY, RETRY_AFTER_KEY, SERVICE, decode_value, encode_value, pb
 from ...grpc_proto import status_name_for as _status_name_for
 from ...logs import request_id as request_id_var
-from ..app import Gateway
-from ..auth import ApiKey
-from ..problems import Problem
+from .._app import Gateway
+from .._auth import ApiKey
+from .._problems import Problem
 
 __all__ = ["TasksService"]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import difflib
 import logging
 import random
 import threading
@@ -24,6 +23,8 @@ from typing import Any, Literal, Never
 import attrs
 
 from ._admission import Admission
+from ._options import given, reject_unknown
+from ._registry import Registry, Selection
 from ._threads import ThreadPool
 from .config import Config
 from .context import TaskContext
@@ -39,7 +40,6 @@ from .errors import (
     TaskTimeout,
 )
 from .models import Request, Resources, Response, TaskEvent, TaskState
-from .registry import Registry, Selection
 from .resources import Allocation, Capacity, ResourcePool, machine_capacity, resolve_capacity
 
 __all__ = ["Scheduler", "SchedulerStats", "TaskHandle"]
@@ -256,28 +256,6 @@ class TaskHandle:
         if self.state is _RUNNING:
             self.progress = fraction
             self._scheduler._event("progress", self)
-
-
-_REQUEST_OPTIONS = ("params", "priority", "timeout", "resources", "metadata", "retries", "id")
-
-
-def _reject_unknown(unknown: Mapping[str, Any]) -> None:
-    """Raise for keyword arguments that are no :class:`Request` field.
-
-    The public signatures type them ``**unknown: Never``, so that a type checker flags a misspelt
-    option by name; at run time this names it too, with the close match.
-    """
-    if unknown:
-        hints = []
-        for name in sorted(unknown):
-            close = difflib.get_close_matches(name, _REQUEST_OPTIONS, n=1)
-            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
-        raise InvalidRequest(f"unknown option(s) {', '.join(hints)}; valid: {', '.join(sorted(_REQUEST_OPTIONS))}")
-
-
-def _given(**options: Any) -> dict[str, Any]:
-    """The options that were given (not None)."""
-    return {name: value for name, value in options.items() if value is not None}
 
 
 def _covering(a: Resources, b: Resources) -> Resources:
@@ -521,13 +499,13 @@ class Scheduler:
         other keyword is an ``InvalidRequest`` (and a type error for a type checker).
         """
         if unknown:
-            _reject_unknown(unknown)
+            reject_unknown(unknown)
         try:
             if params is None and priority is None and timeout is None and resources is None \
                     and metadata is None and retries is None and id is None:
                 request = Request(algorithm, inputs)  # the usual call: no dict of options to build
             else:
-                request = Request(algorithm, inputs, **_given(params=params, priority=priority, timeout=timeout,
+                request = Request(algorithm, inputs, **given(params=params, priority=priority, timeout=timeout,
                                                              resources=resources, metadata=metadata,
                                                              retries=retries, id=id))
         except (TypeError, ValueError) as exc:

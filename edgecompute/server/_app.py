@@ -1,4 +1,4 @@
-"""The gateway: a Starlette app over one in-process :class:`~edgecompute.scheduler.Scheduler`.
+"""The gateway: a Starlette app over one in-process :class:`~edgecompute.Scheduler`.
 
 Per request the work is kept small (the budget is well under a millisecond): the key is found by a
 dict lookup (verified keys are cached), the bucket and the in-flight counter are plain numbers on
@@ -29,19 +29,17 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .. import wire
+from .. import Registry, Scheduler, TaskHandle, wire
 from ..config import Config
 from ..errors import AmbiguousAlgorithm, EdgeComputeError, InvalidRequest, UnknownAlgorithm
 from ..logs import request_id as request_id_var
 from ..metrics import SchedulerMetrics
 from ..models import Request
-from ..registry import Registry
-from ..scheduler import Scheduler, TaskHandle
-from .auth import ApiKey, KeyRing
-from .openapi import docs_page, openapi_document
-from .problems import PROBLEM_JSON, Problem, problem_for_error
-from .ratelimit import InFlight, TokenBucket
-from .settings import ANONYMOUS, ServerSettings
+from ._auth import ApiKey, KeyRing
+from ._openapi import docs_page, openapi_document
+from ._problems import PROBLEM_JSON, Problem, problem_for_error
+from ._ratelimit import InFlight, TokenBucket
+from ._settings import ANONYMOUS, ServerSettings
 
 __all__ = ["Gateway", "build_app", "serve"]
 

@@ -89,7 +89,7 @@ def _placed(name: str, placement: Placement, settings: Mapping[str, Any], factor
             from .placement.ray import RayExecutor  # ray is imported only here, on first use
 
             return RayExecutor(name, placement, settings, factory)
-        from .placement.proxy import WorkerExecutor  # the worker machinery loads on first use
+        from .placement._proxy import WorkerExecutor  # the worker machinery loads on first use
 
         return WorkerExecutor(name, placement, settings, factory)
 
@@ -140,7 +140,7 @@ class Registry:
         ``placement`` says where executors run (default: in this process); an executor placed in
         another environment (``Placement.process(python=...)``) is listed even when this one lacks it.
         """
-        from .plugins import load_entry_points, plugin_manager
+        from ._plugins import load_entry_points, plugin_manager
 
         if settings is None:
             from .config import Config

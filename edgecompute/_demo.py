@@ -7,13 +7,13 @@ import functools
 import time
 from collections.abc import Callable
 
+from ._functions import FunctionExecutor
+from ._registry import Registry
+from ._runtime import Runtime
 from .config import Config
 from .context import TaskContext
 from .errors import InfeasibleRequest, TaskTimeout, UnknownAlgorithm
-from .functions import FunctionExecutor
 from .models import Resources
-from .registry import Registry
-from .runtime import Runtime
 
 __all__ = ["run"]
 

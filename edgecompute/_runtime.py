@@ -18,11 +18,12 @@ from typing import Any, Never, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _atexit
+from ._options import reject_unknown
+from ._registry import Registry
+from ._scheduler import Scheduler, SchedulerStats, TaskHandle
 from .config import Config
 from .errors import EdgeComputeError, InvalidRequest, SchedulerClosed, TaskCancelled
 from .models import Health, Request, Resources, Response, TaskEvent
-from .registry import Registry
-from .scheduler import Scheduler, SchedulerStats, TaskHandle, _reject_unknown
 
 __all__ = ["MapIterator", "Runtime"]
 
@@ -496,7 +497,7 @@ def _options(params: Mapping[str, Any] | None, priority: int | None, timeout: fl
              resources: Resources | None, metadata: Mapping[str, Any] | None, retries: int | None,
              id: str | None, unknown: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`Request` fields given (not None); Request checks their types at run time."""
-    _reject_unknown(unknown)
+    reject_unknown(unknown)
     given = {"params": params, "priority": priority, "timeout": timeout, "resources": resources,
              "metadata": metadata, "retries": retries, "id": id}
     return {name: value for name, value in given.items() if value is not None}
