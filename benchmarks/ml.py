@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from edgecompute import Config, Registry, Request, Resources, Scheduler
-from edgecompute_ml.embeddings import embed_texts, normalize
+from edgecompute_ml._formats.gguf import convert_gguf_to_folder
+from edgecompute_ml._tasks.embeddings import embed_texts, normalize
+from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate
 from edgecompute_ml.executor import MLExecutor, demo_model_paths
-from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
-from edgecompute_ml.gguf_io import convert_gguf_to_folder
 
 try:  # run as a script: benchmarks/ is on sys.path
     import ml_vision

@@ -14,10 +14,16 @@ from typing import Any
 
 import torch
 
-from edgecompute_ml.audio import to_waveform
-from edgecompute_ml.speech_eval import SENTENCES, espeak_available, synthesize, word_error_rate
-from edgecompute_ml.store import ModelSource, inspect_model, load_model
-from edgecompute_ml.transcribe import SpeechParams, transcribe
+from edgecompute_ml._preprocessing.audio import to_waveform
+from edgecompute_ml._runtime.plan import ModelSource
+from edgecompute_ml._runtime.store import inspect_model, load_model
+from edgecompute_ml._tasks.transcribe import SpeechParams, transcribe
+from edgecompute_ml.demo import espeak_available, synthesize
+
+try:  # run from benchmarks/ml.py as a script: benchmarks/ is on sys.path
+    from speech_eval import SENTENCES, word_error_rate
+except ImportError:  # imported as benchmarks.ml_speech
+    from benchmarks.speech_eval import SENTENCES, word_error_rate
 
 __all__ = ["bench_speech", "print_speech"]
 

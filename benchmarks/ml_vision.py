@@ -87,7 +87,7 @@ def _model_alone(executor: MLExecutor, repeats: int) -> dict[str, float]:
 
     import torch
 
-    from edgecompute_ml.cpu_split import shared_runner
+    from edgecompute_ml._runtime.cpu_split import shared_runner
 
     lm = executor.load("mobilenet-v2")
     threads = torch.get_num_threads()

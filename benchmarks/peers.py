@@ -68,11 +68,12 @@ def worker_gen_ours(a: argparse.Namespace) -> dict[str, Any]:
     import tokenizers  # noqa: F401
     import torch
 
-    import edgecompute_ml.gguf_io
-    import edgecompute_ml.llama
-    import edgecompute_ml.quant  # noqa: F401
-    from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    import edgecompute_ml._architectures.llama
+    import edgecompute_ml._formats.gguf
+    import edgecompute_ml._formats.quant  # noqa: F401
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate
 
     torch.set_num_threads(a.threads)
     base = _rss_mb()
@@ -171,10 +172,11 @@ def _emb_figures(one: Any, many: Any) -> dict[str, Any]:
 def worker_asr_ours(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
+    from speech_eval import word_error_rate
 
-    from edgecompute_ml.speech_eval import word_error_rate
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
-    from edgecompute_ml.transcribe import SpeechParams, transcribe
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.transcribe import SpeechParams, transcribe
 
     torch.set_num_threads(a.threads)
     samples = np.load(a.audio)
@@ -189,8 +191,7 @@ def worker_asr_ours(a: argparse.Namespace) -> dict[str, Any]:
 def worker_asr_fw(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from faster_whisper import WhisperModel
-
-    from edgecompute_ml.speech_eval import word_error_rate
+    from speech_eval import word_error_rate
 
     samples = np.load(a.audio).astype(np.float32)
     model = WhisperModel(a.path, device="cpu", compute_type=a.dtype, cpu_threads=a.threads)
@@ -336,10 +337,10 @@ def _export_minilm(path: str, tmp: Path) -> str:
 
 def bench_asr(args: argparse.Namespace, paths: dict[str, str], tmp: Path) -> list[str]:
     import numpy as np
+    from speech_eval import SENTENCES as SPOKEN
 
-    from edgecompute_ml.audio import to_waveform
-    from edgecompute_ml.speech_eval import SENTENCES as SPOKEN
-    from edgecompute_ml.speech_eval import espeak_available, synthesize
+    from edgecompute_ml._preprocessing.audio import to_waveform
+    from edgecompute_ml.demo import espeak_available, synthesize
 
     path = paths.get("whisper-tiny-en")
     if path is None:

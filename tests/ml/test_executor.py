@@ -12,8 +12,8 @@ import torch
 
 from edgecompute import Request
 from edgecompute.errors import ConfigError, InvalidRequest
+from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate
 from edgecompute_ml.errors import ModelError, UnknownModel
-from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
 
 from .conftest import scheduler_for
 

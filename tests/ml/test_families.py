@@ -13,6 +13,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
+from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
+from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate, render_chat  # noqa: E402
 from edgecompute_ml.errors import (  # noqa: E402
     InvalidModelConfig,
     InvalidRequest,
@@ -20,8 +23,6 @@ from edgecompute_ml.errors import (  # noqa: E402
     UnsupportedArchitecture,
     UnsupportedModelOption,
 )
-from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate, render_chat  # noqa: E402
-from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
 
 from .tiny_families import GGUF_ARCH, SPECS, dequantised_folder, make_decoder, write_family_gguf  # noqa: E402
 
@@ -247,7 +248,7 @@ def test_gguf_types_we_do_not_dequantise_go_through_the_gguf_package():
     import gguf
     import numpy as np
 
-    from edgecompute_ml.gguf_io import dequantize, type_info
+    from edgecompute_ml._formats.gguf import dequantize, type_info
 
     rng = np.random.default_rng(0)
     for qtype in ("Q6_K", "Q2_K", "Q3_K", "IQ4_NL"):
@@ -267,7 +268,7 @@ def test_llama3_gguf_tokenizer_splits_digits_as_llama3(folders, tmp_path):
     threes), which GPT-2's byte-level regex does not."""
     from tokenizers import Regex, Tokenizer, pre_tokenizers
 
-    from edgecompute_ml.gguf_io import GGUFFile, gguf_tokenizer
+    from edgecompute_ml._formats.gguf import GGUFFile, gguf_tokenizer
 
     folder = tmp_path / "llama3"
     shutil.copytree(folders("llama3"), folder)
@@ -289,7 +290,7 @@ def test_llama3_gguf_tokenizer_splits_digits_as_llama3(folders, tmp_path):
 
 
 def test_unsupported_gguf_architecture_and_tokenizer_are_typed_errors(folders, tmp_path):
-    from edgecompute_ml.gguf_io import GGUFFile, gguf_config, gguf_tokenizer
+    from edgecompute_ml._formats.gguf import GGUFFile, gguf_config, gguf_tokenizer
 
     path = tmp_path / "q.gguf"
     write_family_gguf(folders("qwen3"), path)

@@ -11,9 +11,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from edgecompute_ml._formats.gguf import GGUFFile, convert_gguf_to_folder, dequantize  # noqa: E402
+from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
+from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
 from edgecompute_ml.errors import ModelError  # noqa: E402
-from edgecompute_ml.gguf_io import GGUFFile, convert_gguf_to_folder, dequantize  # noqa: E402
-from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 

@@ -13,8 +13,8 @@ PIL = pytest.importorskip("PIL")
 
 from PIL import Image  # noqa: E402
 
+from edgecompute_ml._preprocessing.image import InvalidImage, Preprocessing, decode_image, decode_images  # noqa: E402
 from edgecompute_ml.errors import ModelError  # noqa: E402
-from edgecompute_ml.image import InvalidImage, Preprocessing, decode_image, decode_images  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)
@@ -70,7 +70,7 @@ def test_batches_of_arrays_and_lists():
 
 
 def test_oversized_images_are_refused_before_decoding(monkeypatch):
-    import edgecompute_ml.image as image_module
+    import edgecompute_ml._preprocessing.image as image_module
 
     monkeypatch.setattr(image_module, "MAX_PIXELS", 100)
     buffer = io.BytesIO()

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgecompute_ml.detection import batched_nms, box_iou, nms, postprocess
+from edgecompute_ml._tasks.detection import batched_nms, box_iou, nms, postprocess
 
 coordinate = st.floats(0, 100, allow_nan=False, width=32)
 

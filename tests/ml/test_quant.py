@@ -18,11 +18,12 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from edgecompute_ml import quant  # noqa: E402
+from edgecompute_ml._formats import quant  # noqa: E402
+from edgecompute_ml._formats.gguf import dequantize, quantized_codes  # noqa: E402
+from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
+from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
+from edgecompute_ml._tasks.generation import GenerationParams, generate  # noqa: E402
 from edgecompute_ml.errors import UnsupportedModelOption  # noqa: E402
-from edgecompute_ml.generation import GenerationParams, generate  # noqa: E402
-from edgecompute_ml.gguf_io import dequantize, quantized_codes  # noqa: E402
-from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
 
 from .tiny_families import make_decoder, write_family_gguf  # noqa: E402
 

@@ -18,19 +18,20 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
+from benchmarks.speech_eval import word_error_rate  # noqa: E402
 from edgecompute.errors import InvalidRequest  # noqa: E402
-from edgecompute_ml.audio import decode_wav, log_mel, mel_filters, resample, to_waveform  # noqa: E402
-from edgecompute_ml.ctranslate2_io import convert_ctranslate2_whisper, read_ctranslate2  # noqa: E402
-from edgecompute_ml.errors import ModelError  # noqa: E402
-from edgecompute_ml.speech_eval import word_error_rate  # noqa: E402
-from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
-from edgecompute_ml.transcribe import (  # noqa: E402
+from edgecompute_ml._formats.ctranslate2 import convert_ctranslate2_whisper, read_ctranslate2  # noqa: E402
+from edgecompute_ml._preprocessing.audio import decode_wav, log_mel, mel_filters, resample, to_waveform  # noqa: E402
+from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
+from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
+from edgecompute_ml._tasks.transcribe import (  # noqa: E402
     SpeechParams,
     cut_windows,
     decode_window,
     prompt_tokens,
     transcribe,
 )
+from edgecompute_ml.errors import ModelError  # noqa: E402
 
 from .conftest import scheduler_for  # noqa: E402
 
@@ -349,18 +350,19 @@ async def test_speech_recognition_through_the_scheduler(executor_for, tiny_whisp
 
 
 def test_executor_and_decoder_accept_the_same_parameters():
-    from edgecompute_ml.executor import _SPEECH_KEYS
-    from edgecompute_ml.transcribe import SPEECH_KEYS
+    from edgecompute_ml._tasks.transcribe import SPEECH_KEYS
+    from edgecompute_ml.executor import SPEECH_KEYS as EXECUTOR_SPEECH_KEYS
 
-    assert _SPEECH_KEYS == SPEECH_KEYS
+    assert EXECUTOR_SPEECH_KEYS == SPEECH_KEYS
 
 
 def test_int8_weights_run_close_to_float32(tiny_whisper):
     """``dtype = "int8"``: every linear weight and the token embedding int8 per row (the conv front
     end and positions stay float), the encoder's long products through a float GEMM of the
     dequantised weight, the decoder's through the packed kernel; logits within 3% (relative norm)."""
-    from edgecompute_ml import quant
-    from edgecompute_ml.store import ModelSource, inspect_model, load_model
+    from edgecompute_ml._formats import quant
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
 
     full = _load(tiny_whisper)
     int8 = load_model(inspect_model(ModelSource("w", str(tiny_whisper), "int8")), "float32", "cpu")

@@ -9,9 +9,10 @@ import struct
 import pytest
 
 from edgecompute.errors import EdgeComputeError
+from edgecompute_ml._formats.safetensors import Checkpoint, read_header
+from edgecompute_ml._runtime.plan import ModelSource
+from edgecompute_ml._runtime.store import inspect_model
 from edgecompute_ml.errors import ModelError, ShapeMismatch, UnsupportedArchitecture
-from edgecompute_ml.safetensors_io import Checkpoint, read_header
-from edgecompute_ml.store import ModelSource, inspect_model
 
 
 def _copy(src, dst):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from edgecompute import Request
 from edgecompute.errors import InvalidRequest
-from edgecompute_ml.image import InvalidImage
+from edgecompute_ml._preprocessing.image import InvalidImage
 
 from .conftest import scheduler_for
 from .tiny_vision import LABELS
@@ -145,7 +145,7 @@ async def test_object_detection_returns_pixel_boxes_after_nms(vision_executor):
         box = d["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= 90 and 0 <= box["ymin"] <= box["ymax"] <= 60
         assert d["label"] in LABELS[:3]
-    from edgecompute_ml.detection import box_iou
+    from edgecompute_ml._tasks.detection import box_iou
 
     for label in {d["label"] for d in kept}:
         same = torch.tensor([[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in kept

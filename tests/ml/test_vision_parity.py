@@ -13,9 +13,10 @@ PIL = pytest.importorskip("PIL")
 
 from PIL import Image  # noqa: E402
 
-from edgecompute_ml.detection import postprocess  # noqa: E402
-from edgecompute_ml.image import decode_image  # noqa: E402
-from edgecompute_ml.store import ModelSource, inspect_model, load_model  # noqa: E402
+from edgecompute_ml._preprocessing.image import decode_image  # noqa: E402
+from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
+from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
+from edgecompute_ml._tasks.detection import postprocess  # noqa: E402
 
 
 def _load(folder, dtype="float32"):

@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 
 from edgecompute import Config, Registry, Request, Resources, Runtime, Scheduler
 from edgecompute.errors import InvalidRequest
+from edgecompute_ml._runtime.plan import ModelSource
+from edgecompute_ml._runtime.store import inspect_model
 from edgecompute_ml.errors import InvalidModelConfig, ModelError
 from edgecompute_ml.executor import MLExecutor, demo_model_paths
-from edgecompute_ml.store import ModelSource, inspect_model
 
 pytestmark = pytest.mark.anyio
 EXIT_SCRIPT = Path(__file__).with_name("ml_exit_script.py")
@@ -110,9 +111,9 @@ def test_resized_intermediate_is_checked_before_it_is_allocated(monkeypatch: pyt
     10,000-pixel limit) so that the old code's allocation stays small."""
     from PIL import Image
 
-    import edgecompute_ml.image as image_module
-    from edgecompute_ml.image import InvalidImage, Preprocessing
-    from edgecompute_ml.vision import TORCHVISION_PREPROCESSOR
+    import edgecompute_ml._preprocessing.image as image_module
+    from edgecompute_ml._preprocessing.image import InvalidImage, Preprocessing
+    from edgecompute_ml._tasks.vision import TORCHVISION_PREPROCESSOR
 
     monkeypatch.setattr(image_module, "MAX_PIXELS", 10_000)
     image = Image.new("RGB", (1, 400))  # 400 pixels: far under the limit as an input
@@ -137,7 +138,7 @@ async def test_a_96_byte_png_cannot_make_the_host_allocate_gigabytes(vit: Path) 
 
 @pytest.mark.parametrize(("width", "height"), [(100_000, 100_000), (1, 2**31 - 1)])
 def test_declared_dimensions_are_refused_from_the_header(width: int, height: int) -> None:
-    from edgecompute_ml.image import InvalidImage, decode_image
+    from edgecompute_ml._preprocessing.image import InvalidImage, decode_image
 
     with pytest.raises(InvalidImage, match="max_image_pixels"):
         decode_image(_declared_png(width, height), "inputs")
@@ -228,7 +229,7 @@ def _gguf(path: Path, *, alignment: Any = 32, dims: tuple[int, ...] = (32,)) -> 
     ({"dims": (1,) * 5000}, "dimensions"),
 ])
 def test_hostile_gguf_headers_are_model_errors(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
-    from edgecompute_ml.gguf_io import GGUFFile
+    from edgecompute_ml._formats.gguf import GGUFFile
 
     with pytest.raises(ModelError, match=match):
         GGUFFile(_gguf(tmp_path / "m.gguf", **kwargs))
@@ -282,7 +283,7 @@ def test_embedding_reservation_grows_with_the_texts(bert: Path) -> None:
 @pytest.mark.parametrize("rate", [16001, 44056, 10**9])
 def test_sample_rates_that_need_a_huge_resampling_kernel_are_refused(rate: int) -> None:
     """16001 Hz shares no factor with 16 kHz: its kernel would have 16000 x 16013 taps (2 GB)."""
-    from edgecompute_ml.audio import check_rate
+    from edgecompute_ml._preprocessing.audio import check_rate
 
     with pytest.raises(InvalidRequest, match="sample"):
         check_rate(rate)
@@ -291,7 +292,7 @@ def test_sample_rates_that_need_a_huge_resampling_kernel_are_refused(rate: int) 
 
 
 def test_audio_longer_than_the_limit_is_refused_before_conversion() -> None:
-    from edgecompute_ml.audio import to_waveform
+    from edgecompute_ml._preprocessing.audio import to_waveform
 
     with pytest.raises(InvalidRequest, match="max_audio_seconds"):
         to_waveform(np.zeros(16000 * 6, np.float32), 16000, max_seconds=5)

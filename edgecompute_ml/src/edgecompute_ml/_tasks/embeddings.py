@@ -30,7 +30,7 @@ def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, sp
     method = pooling or lm.pooling
     if split and len(texts) > 1 and device.type == "cpu":
         if runner is None:
-            from .cpu_split import shared_runner
+            from .._runtime.cpu_split import shared_runner
 
             runner = shared_runner()
         if runner.workers > 1:

@@ -18,7 +18,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError, ShapeMismatch, UnsupportedArchitecture
+from ..errors import ModelError, ShapeMismatch, UnsupportedArchitecture
 from .vit import labels_from_config
 
 __all__ = ["MobileNetV2Classifier", "MobileNetV2Config", "TorchvisionCheckpoint", "torchvision_config"]
@@ -240,7 +240,7 @@ class _Info:
 class TorchvisionCheckpoint:
     """A torchvision ``mobilenet_v2`` state dict (``.pth``), read with ``weights_only=True`` (no
     pickled code runs) and seen under transformers' names: a drop-in for the safetensors
-    :class:`~edgecompute_ml.safetensors_io.Checkpoint`."""
+    :class:`~edgecompute_ml._formats.safetensors.Checkpoint`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)

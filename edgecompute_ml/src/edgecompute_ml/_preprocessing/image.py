@@ -20,7 +20,7 @@ import attrs
 
 from edgecompute.errors import InvalidRequest
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InvalidImage", "Preprocessing", "decode_image", "decode_images",
            "image_inputs", "image_size"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from .errors import ModelError, ShapeMismatch
+from ..errors import ModelError, ShapeMismatch
 
 __all__ = ["Checkpoint", "TensorInfo", "read_header"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 __all__ = ["SAMPLE_RATE", "decode_wav", "log_mel", "mel_filters", "resample", "to_waveform"]
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["ModelCache"]
 

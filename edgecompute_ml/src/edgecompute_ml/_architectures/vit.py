@@ -14,7 +14,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["ViTClassifier", "ViTConfig", "ViTEncoder"]
 

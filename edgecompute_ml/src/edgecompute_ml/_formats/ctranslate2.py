@@ -6,7 +6,7 @@ then u32 count of aliases (string alias, string target). Strings are u16 length 
 NUL) and UTF-8 bytes. Whisper's self-attention q/k/v and cross-attention k/v are fused there;
 here they are split back into HF names (with the k projections' zero bias dropped).
 
-    python -m edgecompute_ml.ctranslate2_io CT2_FOLDER OUT_FOLDER
+    python -m edgecompute_ml._formats.ctranslate2 CT2_FOLDER OUT_FOLDER
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["convert_ctranslate2_whisper", "converted_folder", "is_ctranslate2_folder", "read_ctranslate2"]
 

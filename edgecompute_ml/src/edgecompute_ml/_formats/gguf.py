@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from .errors import ModelError, UnsupportedArchitecture, UnsupportedModelOption
+from ..errors import ModelError, UnsupportedArchitecture, UnsupportedModelOption
 
 __all__ = ["GGUFFile", "convert_gguf_to_folder", "gguf_config", "gguf_llama_config", "gguf_to_hf_names",
            "gguf_tokenizer", "gguf_weights"]

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InvalidModelConfig
+from ..errors import InvalidModelConfig
 
 __all__ = ["check_model_config"]
 

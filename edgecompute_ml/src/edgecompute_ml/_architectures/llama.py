@@ -29,9 +29,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError, UnsupportedModelOption
-from .quant import embedding, fuse, linear, prepare, tensor_bytes
-from .quant import logits as quant_logits
+from .._formats.quant import embedding, fuse, linear, prepare, tensor_bytes
+from .._formats.quant import logits as quant_logits
+from ..errors import ModelError, UnsupportedModelOption
 
 __all__ = ["DECODER_FAMILIES", "KVCache", "LlamaConfig", "LlamaModel", "RopeSpec"]
 

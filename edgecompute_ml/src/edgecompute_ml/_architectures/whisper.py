@@ -16,9 +16,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
-from .quant import Int8Codes, embedding, fuse, linear, prepare, tensor_bytes
-from .quant import logits as quant_logits
+from .._formats.quant import Int8Codes, embedding, fuse, linear, prepare, tensor_bytes
+from .._formats.quant import logits as quant_logits
+from ..errors import ModelError
 
 __all__ = ["WhisperCache", "WhisperConfig", "WhisperModel"]
 
@@ -185,7 +185,7 @@ class WhisperModel:
         # tiny.en: memory-bound); stored transposed, [d, vocab], it streams rows instead of strided
         # dot products (measured 5.1 -> 3.7 ms per token on 2 CPU threads). The lookup reads the
         # transposed view; there is one copy of the weights.
-        # dtype = "int8" (quant.py): the other linear weights arrive as int8 codes and are packed
+        # dtype = "int8" (_formats/quant.py): the other linear weights arrive as int8 codes and are packed
         # here; the embedding becomes int8 rows, its top logits recomputed in float32
         for name, value in list(w.items()):
             if isinstance(value, Int8Codes) and name != "model.decoder.embed_tokens.weight":
