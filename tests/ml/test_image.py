@@ -13,8 +13,8 @@ PIL = pytest.importorskip("PIL")
 
 from PIL import Image  # noqa: E402
 
-from edgecompute_ml._preprocessing.image import InvalidImage, Preprocessing, decode_image, decode_images  # noqa: E402
-from edgecompute_ml.errors import ModelError  # noqa: E402
+from edgecompute_ml._preprocessing.image import Preprocessing, decode_image, decode_images  # noqa: E402
+from edgecompute_ml.errors import InvalidImage, ModelError  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)

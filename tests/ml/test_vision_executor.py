@@ -15,7 +15,7 @@ from PIL import Image
 
 from edgecompute import Request
 from edgecompute.errors import InvalidRequest
-from edgecompute_ml._preprocessing.image import InvalidImage
+from edgecompute_ml.errors import InvalidImage
 
 from .conftest import scheduler_for
 from .tiny_vision import LABELS

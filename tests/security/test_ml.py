@@ -112,8 +112,9 @@ def test_resized_intermediate_is_checked_before_it_is_allocated(monkeypatch: pyt
     from PIL import Image
 
     import edgecompute_ml._preprocessing.image as image_module
-    from edgecompute_ml._preprocessing.image import InvalidImage, Preprocessing
+    from edgecompute_ml._preprocessing.image import Preprocessing
     from edgecompute_ml._tasks.vision import TORCHVISION_PREPROCESSOR
+    from edgecompute_ml.errors import InvalidImage
 
     monkeypatch.setattr(image_module, "MAX_PIXELS", 10_000)
     image = Image.new("RGB", (1, 400))  # 400 pixels: far under the limit as an input
@@ -138,7 +139,8 @@ async def test_a_96_byte_png_cannot_make_the_host_allocate_gigabytes(vit: Path) 
 
 @pytest.mark.parametrize(("width", "height"), [(100_000, 100_000), (1, 2**31 - 1)])
 def test_declared_dimensions_are_refused_from_the_header(width: int, height: int) -> None:
-    from edgecompute_ml._preprocessing.image import InvalidImage, decode_image
+    from edgecompute_ml._preprocessing.image import decode_image
+    from edgecompute_ml.errors import InvalidImage
 
     with pytest.raises(InvalidImage, match="max_image_pixels"):
         decode_image(_declared_png(width, height), "inputs")

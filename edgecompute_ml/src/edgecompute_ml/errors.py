@@ -6,8 +6,16 @@ from collections.abc import Iterable, Sequence
 
 from edgecompute.errors import ExecutorError, InvalidRequest
 
-__all__ = ["InvalidModelConfig", "InvalidRequest", "ModelError", "ShapeMismatch", "UnknownModel",
-           "UnsupportedArchitecture", "UnsupportedModelOption"]
+__all__ = ["AudioError", "InvalidImage", "InvalidModelConfig", "InvalidRequest", "ModelError", "ShapeMismatch",
+           "UnknownModel", "UnsupportedArchitecture", "UnsupportedModelOption"]
+
+
+class InvalidImage(InvalidRequest):
+    """An input is not an image this executor can read (wrong type, shape, dtype or corrupt bytes)."""
+
+
+class AudioError(InvalidRequest):
+    """Audio input that cannot be decoded or used."""
 
 
 class ModelError(ExecutorError):

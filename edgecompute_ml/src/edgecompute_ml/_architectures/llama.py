@@ -335,8 +335,10 @@ class KVCache:
     def __init__(self, config: LlamaConfig, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device, rope: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeros, not empty: a captured step attends over the whole cache under a mask, and a
+        # masked NaN left in memory would still poison the weighted sum
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
         self.rope = list(rope)
@@ -520,44 +522,18 @@ class LlamaModel:
         """Run ``input_ids`` [B, T] at positions ``cache.length ..``; returns float32 logits
         [B, V] for the last position (``last_only``) or [B, T, V]."""
         c = self.config
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         pos = cache.length
         end = pos + t
         if end > cache.capacity:
             raise ModelError(f"sequence of {end} tokens exceeds the KV cache ({cache.capacity})")
-        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q_size, kv_size = nh * hd, nkv * hd
-        rot = c.rotary_dim or hd
-        half = rot // 2
         tables = [(cos[pos:end, None, :], sin[pos:end, None, :])  # [t, 1, rot], broadcast over heads
                   for cos, sin in (cache.rope or self._ensure_rope(end))]
-        norm_fn, eps = self._norm_fn, c.rms_norm_eps
-        x = embedding(input_ids, self.embed, self.dtype)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        x = self._embed(input_ids)
         full_mask, window_mask = self._masks(t, pos, end)
         window = c.sliding_window
-        scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar is not None else None
-        rep = nh // nkv
         for i, layer in enumerate(self.layers):
-            h = norm_fn(x, layer.ln1, eps)
-            qkv = linear(h, layer.qkv, layer.qkv_b)
-            # rotary embedding on q and k together: [b, t, nh + nkv, hd]
-            if layer.q_norm is not None and layer.k_norm is not None:
-                qk = torch.cat([norm_fn(qkv[..., :q_size].view(b, t, nh, hd), layer.q_norm, eps),
-                                norm_fn(qkv[..., q_size:q_size + kv_size].view(b, t, nkv, hd), layer.k_norm, eps)],
-                               dim=2)
-            else:
-                qk = qkv[..., :q_size + kv_size].view(b, t, nh + nkv, hd)
-            cos, sin = tables[layer.rope_index]
-            if rot == hd:
-                qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-            else:  # partial rotary (Phi-3 variants): the first ``rot`` dimensions turn
-                r, rest = qk[..., :rot], qk[..., rot:]
-                qk = torch.cat([r * cos + torch.cat((-r[..., half:], r[..., :half]), dim=-1) * sin, rest], dim=-1)
-            q = qk[:, :, :nh].transpose(1, 2)
-            k = qk[:, :, nh:].transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(b, t, nkv, hd).transpose(1, 2)
+            q, k, v = self._qkv(x, layer, tables[layer.rope_index])
             ck, cv = cache.k[i], cache.v[i]
             ck[:, :, pos:end] = k
             cv[:, :, pos:end] = v
@@ -568,28 +544,98 @@ class LlamaModel:
                     start = max(0, end - window)  # one query: its window is the last keys
                 elif window_mask is not None:
                     mask = window_mask
-            keys, values = ck[:, :, start:end], cv[:, :, start:end]
             causal = mask is None and t > 1
-            attn = self._attend(q, keys, values, mask, causal, scale, rep)
-            attn = attn.transpose(1, 2).reshape(b, t, q_size)
-            out = linear(attn, layer.o, layer.o_b)
-            if layer.post_attn is not None:
-                out = norm_fn(out, layer.post_attn, eps)
-            x = x + out
-            h = norm_fn(x, layer.ln2, eps)
-            gu = linear(h, layer.gate_up, layer.gate_up_b)
-            inter = gu.shape[-1] // 2
-            out = linear(self._act(gu[..., :inter]) * gu[..., inter:], layer.down, layer.down_b)
-            if layer.post_mlp is not None:
-                out = norm_fn(out, layer.post_mlp, eps)
-            x = x + out
+            x = self._finish_layer(x, layer, q, ck[:, :, start:end], cv[:, :, start:end], mask, causal)
         cache.length = end
-        if last_only:
-            x = x[:, -1]
-        x = norm_fn(x, self.norm, eps)
+        return self._logits(x[:, -1] if last_only else x)
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    rope: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One token per sequence ([B, 1]) at ``position`` (a one-element long tensor) of a KV cache
+        ``k``/``v`` ([layers, B, kv heads, capacity, head_dim], zero where unwritten) with rotary
+        tables ``rope``; returns float32 logits [B, V].
+
+        Every shape depends on the cache's capacity only, never on the position: attention reads
+        the whole cache under a mask, and the new key/value are written with ``index_copy_``. That
+        is what lets the step be captured once per capacity (``_runtime/capture.py``)."""
+        c = self.config
+        capacity = k.shape[3]
+        tables = [(cos[position][:, None, :], sin[position][:, None, :]) for cos, sin in rope]
+        x = self._embed(input_ids)
+        cols = torch.arange(capacity, device=position.device)
+        full = (cols <= position).view(1, 1, 1, capacity)
+        window = c.sliding_window
+        sliding = full & (cols > position - window).view(1, 1, 1, capacity) if window is not None else full
+        for i, layer in enumerate(self.layers):
+            q, key, value = self._qkv(x, layer, tables[layer.rope_index])
+            ck, cv = k[i], v[i]
+            ck.index_copy_(2, position, key)
+            cv.index_copy_(2, position, value)
+            mask = sliding if layer.sliding else full
+            x = self._finish_layer(x, layer, q, ck, cv, mask, False)
+        return self._logits(x[:, -1])
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = embedding(input_ids, self.embed, self.dtype)
+        return x * self.embed_scale if self.embed_scale is not None else x
+
+    def _qkv(self, x: torch.Tensor, layer: _Layer,
+             table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's queries [B, heads, T, hd], and keys and values [B, kv heads, T, hd], rotated."""
+        c = self.config
+        b, t = x.shape[0], x.shape[1]
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_size, kv_size = nh * hd, nkv * hd
+        rot = c.rotary_dim or hd
+        half = rot // 2
+        norm_fn, eps = self._norm_fn, c.rms_norm_eps
+        h = norm_fn(x, layer.ln1, eps)
+        qkv = linear(h, layer.qkv, layer.qkv_b)
+        # rotary embedding on q and k together: [b, t, nh + nkv, hd]
+        if layer.q_norm is not None and layer.k_norm is not None:
+            qk = torch.cat([norm_fn(qkv[..., :q_size].view(b, t, nh, hd), layer.q_norm, eps),
+                            norm_fn(qkv[..., q_size:q_size + kv_size].view(b, t, nkv, hd), layer.k_norm, eps)],
+                           dim=2)
+        else:
+            qk = qkv[..., :q_size + kv_size].view(b, t, nh + nkv, hd)
+        cos, sin = table
+        if rot == hd:
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        else:  # partial rotary (Phi-3 variants): the first ``rot`` dimensions turn
+            r, rest = qk[..., :rot], qk[..., rot:]
+            qk = torch.cat([r * cos + torch.cat((-r[..., half:], r[..., :half]), dim=-1) * sin, rest], dim=-1)
+        q = qk[:, :, :nh].transpose(1, 2)
+        k = qk[:, :, nh:].transpose(1, 2)
+        v = qkv[..., q_size + kv_size:].view(b, t, nkv, hd).transpose(1, 2)
+        return q, k, v
+
+    def _finish_layer(self, x: torch.Tensor, layer: _Layer, q: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Attention over ``keys``/``values``, the output projection, the MLP and both residuals."""
+        c = self.config
+        b, t = x.shape[0], x.shape[1]
+        norm_fn, eps = self._norm_fn, c.rms_norm_eps
+        scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar is not None else None
+        attn = self._attend(q, keys, values, mask, causal, scale, c.num_attention_heads // c.num_key_value_heads)
+        attn = attn.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.head_dim)
+        out = linear(attn, layer.o, layer.o_b)
+        if layer.post_attn is not None:
+            out = norm_fn(out, layer.post_attn, eps)
+        x = x + out
+        h = norm_fn(x, layer.ln2, eps)
+        gu = linear(h, layer.gate_up, layer.gate_up_b)
+        inter = gu.shape[-1] // 2
+        out = linear(self._act(gu[..., :inter]) * gu[..., inter:], layer.down, layer.down_b)
+        if layer.post_mlp is not None:
+            out = norm_fn(out, layer.post_mlp, eps)
+        return x + out
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._norm_fn(x, self.norm, self.config.rms_norm_eps)
         logits = quant_logits(x, self.lm_head)
-        if c.final_softcap is not None:
-            logits = _softcap(logits, c.final_softcap)
+        if self.config.final_softcap is not None:
+            logits = _softcap(logits, self.config.final_softcap)
         return logits.float()
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

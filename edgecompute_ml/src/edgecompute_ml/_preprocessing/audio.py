@@ -16,17 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidRequest
+from ..errors import AudioError
 
 __all__ = ["SAMPLE_RATE", "decode_wav", "log_mel", "mel_filters", "resample", "to_waveform"]
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
 HOP = 160
-
-
-class AudioError(InvalidRequest):
-    """Audio input that cannot be decoded or used."""
 
 
 MAX_SAMPLE_RATE = 768_000

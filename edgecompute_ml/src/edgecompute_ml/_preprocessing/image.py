@@ -18,11 +18,9 @@ from typing import Any
 
 import attrs
 
-from edgecompute.errors import InvalidRequest
+from ..errors import InvalidImage, ModelError
 
-from ..errors import ModelError
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InvalidImage", "Preprocessing", "decode_image", "decode_images",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "decode_image", "decode_images",
            "image_inputs", "image_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,10 +29,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 64_000_000
 # PIL resample codes by the names transformers writes (it writes the integer codes)
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-
-
-class InvalidImage(InvalidRequest):
-    """An input is not an image this executor can read (wrong type, shape, dtype or corrupt bytes)."""
 
 
 def _pil() -> Any:

@@ -16,8 +16,8 @@ from typing import Any
 import attrs
 import torch
 
-from .._preprocessing.audio import SAMPLE_RATE, AudioError, check_rate, log_mel, to_waveform
-from ..errors import InvalidRequest
+from .._preprocessing.audio import SAMPLE_RATE, check_rate, log_mel, to_waveform
+from ..errors import AudioError, InvalidRequest
 
 __all__ = ["SpeechParams", "cut_windows", "decode_window", "prompt_tokens", "transcribe"]
 

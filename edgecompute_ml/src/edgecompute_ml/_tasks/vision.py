@@ -160,7 +160,8 @@ def working_bytes(task: str, inputs: Any, preprocessing: Any, config: Any = None
     the decoded image (RGBA while compositing, the EXIF turn: about 16 bytes a pixel), the resized
     one (uint8 and float32 copies: about 30 bytes a pixel), a few dozen float32 copies of the model
     input for the activations, and a ViT's attention scores (quadratic in its patches)."""
-    from .._preprocessing.image import InvalidImage, image_inputs, image_size
+    from .._preprocessing.image import image_inputs, image_size
+    from ..errors import InvalidImage
 
     try:
         images, _ = image_inputs(inputs)
