@@ -6,7 +6,8 @@ then u32 count of aliases (string alias, string target). Strings are u16 length 
 NUL) and UTF-8 bytes. Whisper's self-attention q/k/v and cross-attention k/v are fused there;
 here they are split back into HF names (with the k projections' zero bias dropped).
 
-    python -m edgecompute_ml._formats.ctranslate2 CT2_FOLDER OUT_FOLDER
+``edgecompute-ml convert CT2_FOLDER OUT_FOLDER`` converts one ahead of time (the store otherwise
+converts it into its cache on first use: :func:`converted_folder`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import re
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -248,15 +248,3 @@ def converted_folder(src: str | os.PathLike[str]) -> Path:
         convert_ctranslate2_whisper(src, dst)
     return dst
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        return 2
-    print(convert_ctranslate2_whisper(args[0], args[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
