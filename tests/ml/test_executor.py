@@ -44,8 +44,10 @@ def test_bad_config_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown key"):
         MLExecutor(config={"modles": {}})
-    with pytest.raises(InvalidRequest, match="device"):
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda, cuda:N or mps, not 'tpu'"):
         MLExecutor(config={"device": "tpu"})
+    with pytest.raises(ConfigError, match="max_batch must be an integer >= 1, not 0"):
+        MLExecutor(config={"max_batch": 0})
 
 
 async def test_text_generation_streams_pieces_that_make_the_text(executor_for):

@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgecompute.errors import ConfigError, InfeasibleRequest, InvalidRequest
+from edgecompute.errors import InfeasibleRequest, InvalidRequest
 from edgecompute.models import Algorithm, Health, Request, Resources, Response
 
 from . import __version__
-from ._runtime.limits import LIMIT_KEYS, Limits
 from ._runtime.plan import ModelPlan, ModelSource
 from .errors import UnknownModel
+from .settings import MLSettings
 
 if TYPE_CHECKING:
     from ._runtime.cache import ModelCache
@@ -30,12 +30,9 @@ __all__ = ["SPEECH_KEYS", "MLExecutor", "demo_model_paths"]
 TEXT_GENERATION = "text-generation"
 EMBEDDINGS = "embeddings"
 SPEECH_RECOGNITION = "speech-recognition"  # speech: _tasks/transcribe.py (Whisper)
-_CONFIG_KEYS = {"models", "device", "dtype", "threads", "memory_budget_mb", "max_batch", "max_delay_ms", "batching",
-                "demo_models", "default_models", *LIMIT_KEYS}
 # how long aclose() waits for the batcher and split-worker threads (each first finishes the batch
 # it is running: a forward pass, well under this on any model this executor serves)
 _CLOSE_GRACE = 30.0
-_CORE_KEYS = {"enabled", "max_concurrency"}
 _GEN_KEYS = {"model", "stream", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
              "stop", "do_sample", "ignore_eos"}
 _EMB_KEYS = {"model", "normalize", "pooling", "batch"}
@@ -79,28 +76,16 @@ class MLExecutor:
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> None:
         config = {**(config or {}), **overrides}
-        unknown = set(config) - _CONFIG_KEYS - _CORE_KEYS
-        if unknown:
-            raise ConfigError(f"executors.ml: unknown key(s) {', '.join(sorted(unknown))}; "
-                              f"valid: {', '.join(sorted(_CONFIG_KEYS))}")
         from ._runtime.device import DeviceManager
 
-        self.devices = DeviceManager(config.get("device", "auto"), config.get("dtype", "auto"), config.get("threads"))
-        budget = config.get("memory_budget_mb")
-        if budget is None:
-            try:
-                budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20 / 2
-            except (AttributeError, ValueError, OSError):
-                budget = 4096
-        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
-            raise ConfigError(f"executors.ml: memory_budget_mb must be a number > 0, not {budget!r}")
-        self.memory_budget_mb = float(budget)
-        self.max_batch = int(config.get("max_batch", 16))
-        self.max_delay = float(config.get("max_delay_ms", 2.0)) / 1000
-        if self.max_batch < 1 or self.max_delay < 0:
-            raise ConfigError("executors.ml: max_batch must be >= 1 and max_delay_ms >= 0")
-        self.batching = bool(config.get("batching", True))
-        self.limits = Limits.from_config(config)
+        #: the [executors.ml] table, every key checked (settings.py)
+        self.settings = settings = MLSettings.from_mapping(config)
+        self.devices = DeviceManager(settings.device, settings.dtype, settings.threads)
+        self.memory_budget_mb = settings.budget_mb()
+        self.max_batch = settings.max_batch
+        self.max_delay = settings.max_delay_ms / 1000
+        self.batching = settings.batching
+        self.limits = settings.limits
         self._runner: Any = None  # this executor's SplitRunner (cpu_split), made on first use
         self._runner_lock = threading.Lock()
         self._retired: list[Any] = []  # batchers closed by unload/replacement, joined by aclose
@@ -109,8 +94,8 @@ class MLExecutor:
         self._plan_lock = threading.Lock()
         self._batchers: dict[str, tuple[Any, Any]] = {}
         self._batcher_lock = threading.Lock()
-        self._defaults: dict[str, str] = dict(config.get("default_models") or {})
-        if config.get("demo_models", True):
+        self._defaults: dict[str, str] = dict(settings.default_models)
+        if settings.demo_models:
             for name, path in demo_model_paths().items():
                 self._sources[name] = ModelSource(name, path)
             if "all-minilm-l6-v2" in self._sources:
@@ -121,8 +106,8 @@ class MLExecutor:
                 self._defaults.setdefault("image-classification", "mobilenet-v2")
             if "whisper-tiny-en" in self._sources:
                 self._defaults.setdefault(SPEECH_RECOGNITION, "whisper-tiny-en")
-        for name, value in (config.get("models") or {}).items():
-            self._sources[name] = ModelSource.parse(name, value)
+        for source in settings.models:
+            self._sources[source.name] = source
         self._cache: ModelCache | None = None
 
     # -- models -----------------------------------------------------------------------------------
