@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .dense import Dense
 
 __all__ = ["BertConfig", "BertModel"]
 
@@ -108,24 +109,27 @@ class BertModel:
         self.position = w[p + "embeddings.position_embeddings.weight"]
         self.token_type = w[p + "embeddings.token_type_embeddings.weight"]
         self.ln = (w[p + "embeddings.LayerNorm.weight"], w[p + "embeddings.LayerNorm.bias"])
-        self.layers = []
+        self.layers: list[tuple[Dense, Dense, tuple[torch.Tensor, torch.Tensor], Dense, Dense,
+                                tuple[torch.Tensor, torch.Tensor]]] = []
         for n in range(config.num_hidden_layers):
             q = f"{p}encoder.layer.{n}."
             s = q + "attention.self."
             self.layers.append((
-                torch.cat([w[s + "query.weight"], w[s + "key.weight"], w[s + "value.weight"]]),
-                torch.cat([w[s + "query.bias"], w[s + "key.bias"], w[s + "value.bias"]]),
-                w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"],
-                w[q + "attention.output.LayerNorm.weight"], w[q + "attention.output.LayerNorm.bias"],
-                w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"],
-                w[q + "output.dense.weight"], w[q + "output.dense.bias"],
-                w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"],
+                Dense(torch.cat([w[s + "query.weight"], w[s + "key.weight"], w[s + "value.weight"]]),
+                      torch.cat([w[s + "query.bias"], w[s + "key.bias"], w[s + "value.bias"]]), device, dtype),
+                Dense(w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"], device, dtype),
+                (w[q + "attention.output.LayerNorm.weight"], w[q + "attention.output.LayerNorm.bias"]),
+                Dense(w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"], device, dtype),
+                Dense(w[q + "output.dense.weight"], w[q + "output.dense.bias"], device, dtype),
+                (w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"]),
             ))
         self._act = _ACTIVATIONS[config.hidden_act]
 
     def weight_bytes(self) -> int:
-        tensors = [self.word, self.position, self.token_type, *self.ln] + [t for layer in self.layers for t in layer]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.word, self.position, self.token_type, *self.ln]
+        tensors += [t for qkv, o, ln1, i, d, ln2 in self.layers for t in (*ln1, *ln2)]
+        dense = sum(lin.nbytes for qkv, o, ln1, i, d, ln2 in self.layers for lin in (qkv, o, i, d))
+        return dense + sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -142,13 +146,12 @@ class BertModel:
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].to(torch.bool)
-        for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, i_w, i_b, d_w, d_b, ln2_w, ln2_b in self.layers:
-            qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        for qkv_lin, o_lin, ln1, i_lin, d_lin, ln2 in self.layers:
+            qkv = qkv_lin(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
             attn = attn.transpose(1, 2).reshape(b, t, h)
-            x = F.layer_norm(x + F.linear(attn, o_w, o_b), (h,), ln1_w, ln1_b, eps=c.layer_norm_eps)
-            inter = self._act(F.linear(x, i_w, i_b))
-            x = F.layer_norm(x + F.linear(inter, d_w, d_b), (h,), ln2_w, ln2_b, eps=c.layer_norm_eps)
+            x = F.layer_norm(x + o_lin(attn), (h,), *ln1, eps=c.layer_norm_eps)
+            x = F.layer_norm(x + d_lin(self._act(i_lin(x))), (h,), *ln2, eps=c.layer_norm_eps)
         return x.float()
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .dense import Dense
 
 __all__ = ["ViTClassifier", "ViTConfig", "ViTEncoder"]
 
@@ -159,26 +160,33 @@ class ViTEncoder:
         self.det = w.get(p + "embeddings.detection_tokens")
         self.mid = w.get(p + "encoder.mid_position_embeddings")
         self.ln = (w[p + "layernorm.weight"], w[p + "layernorm.bias"])
-        self.layers = []
+        self.layers: list[tuple[tuple[torch.Tensor, torch.Tensor], Dense, Dense, tuple[torch.Tensor, torch.Tensor],
+                                Dense, Dense]] = []
         for n in range(config.num_hidden_layers):
             q = f"{p}encoder.layer.{n}."
             a = q + "attention.attention."
             bias = (torch.cat([w[a + "query.bias"], w[a + "key.bias"], w[a + "value.bias"]]) if config.qkv_bias
                     else None)
             self.layers.append((
-                w[q + "layernorm_before.weight"], w[q + "layernorm_before.bias"],
-                torch.cat([w[a + "query.weight"], w[a + "key.weight"], w[a + "value.weight"]]), bias,
-                w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"],
-                w[q + "layernorm_after.weight"], w[q + "layernorm_after.bias"],
-                w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"],
-                w[q + "output.dense.weight"], w[q + "output.dense.bias"],
+                (w[q + "layernorm_before.weight"], w[q + "layernorm_before.bias"]),
+                Dense(torch.cat([w[a + "query.weight"], w[a + "key.weight"], w[a + "value.weight"]]), bias,
+                      device, dtype),
+                Dense(w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"], device, dtype),
+                (w[q + "layernorm_after.weight"], w[q + "layernorm_after.bias"]),
+                Dense(w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"], device, dtype),
+                Dense(w[q + "output.dense.weight"], w[q + "output.dense.bias"], device, dtype),
             ))
         self._act = ACTIVATIONS[config.hidden_act]
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.cls, self.pos, *self.patch, *self.ln] + [t for layer in self.layers for t in layer
-                                                             if t is not None]
+        """The float tensors besides the linear layers' weights (see :meth:`weight_bytes`)."""
+        out = [self.cls, self.pos, *self.patch, *self.ln]
+        out += [t for lb, qkv, o, la, i, d in self.layers for t in (*lb, *la)]
         return out + [t for t in (self.det, self.mid) if t is not None]
+
+    def weight_bytes(self) -> int:
+        dense = sum(lin.nbytes for lb, qkv, o, la, i, d in self.layers for lin in (qkv, o, i, d))
+        return dense + sum(t.numel() * t.element_size() for t in self.tensors())
 
     def _positions(self, pos: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
         """Position embeddings (…, positions, h) for a patch grid of ``target``."""
@@ -203,13 +211,13 @@ class ViTEncoder:
         h, nh = c.hidden_size, c.num_attention_heads
         hd = h // nh
         t = x.shape[1]
-        for n, (lb_w, lb_b, qkv_w, qkv_b, o_w, o_b, la_w, la_b, i_w, i_b, d_w, d_b) in enumerate(self.layers):
-            y = F.layer_norm(x, (h,), lb_w, lb_b, eps=c.layer_norm_eps)
-            qkv = F.linear(y, qkv_w, qkv_b).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        for n, (lb, qkv_lin, o_lin, la, i_lin, d_lin) in enumerate(self.layers):
+            y = F.layer_norm(x, (h,), *lb, eps=c.layer_norm_eps)
+            qkv = qkv_lin(y).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, t, h)
-            x = x + F.linear(attn, o_w, o_b)
-            y = F.layer_norm(x, (h,), la_w, la_b, eps=c.layer_norm_eps)
-            x = x + F.linear(self._act(F.linear(y, i_w, i_b)), d_w, d_b)
+            x = x + o_lin(attn)
+            y = F.layer_norm(x, (h,), *la, eps=c.layer_norm_eps)
+            x = x + d_lin(self._act(i_lin(y)))
             if mid is not None and n < len(self.layers) - 1:
                 x = x + mid[n]
         return F.layer_norm(x, (h,), *self.ln, eps=c.layer_norm_eps)
@@ -227,7 +235,7 @@ class ViTClassifier:
         self.head = (weights["classifier.weight"], weights["classifier.bias"])
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.encoder.tensors(), *self.head])
+        return self.encoder.weight_bytes() + sum(t.numel() * t.element_size() for t in self.head)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,8 @@ class YolosDetector:
                              for i in range(3)] for head in ("class_labels_classifier", "bbox_predictor")}
 
     def weight_bytes(self) -> int:
-        tensors = [*self.encoder.tensors()] + [t for layers in self.heads.values() for pair in layers for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [t for layers in self.heads.values() for pair in layers for t in pair]
+        return self.encoder.weight_bytes() + sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def raw(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,72 @@
+"""Encoders' linear weights prepacked for oneDNN on CPU (_architectures/dense.py): the packed
+forward equals the plain ``F.linear`` one, and ``torch.backends.mkldnn.enabled = False`` (the
+configuration that stands for a torch without oneDNN) builds the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgecompute_ml._architectures.dense import Dense, packing_available
+from edgecompute_ml._runtime.plan import ModelSource
+from edgecompute_ml._runtime.store import inspect_model, load_model
+from edgecompute_ml._tasks.embeddings import embed_texts
+
+needs_onednn = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
+                                  reason="this torch has no oneDNN: only the plain path exists")
+
+
+def _load(folder, *, packed: bool):
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = packed
+    try:
+        return load_model(inspect_model(ModelSource("m", str(folder))), "float32", "cpu")
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _dense_layers(model) -> list[Dense]:
+    layers = model.layers if hasattr(model, "layers") else model.encoder.layers
+    return [part for layer in layers for part in layer if isinstance(part, Dense)]
+
+
+def test_plain_when_onednn_is_switched_off(tiny_bert, tiny_vit):
+    for folder in (tiny_bert, tiny_vit):
+        layers = _dense_layers(_load(folder, packed=False).model)
+        assert layers and not any(d.packed for d in layers)
+        assert all(d.weight.layout == torch.strided for d in layers)
+
+
+@needs_onednn
+def test_packed_bert_equals_plain(tiny_bert):
+    packed, plain = _load(tiny_bert, packed=True), _load(tiny_bert, packed=False)
+    assert all(d.packed and d.weight.is_mkldnn for d in _dense_layers(packed.model))
+    texts = ["a short one", "a somewhat longer sentence than the first", "x"]
+    torch.testing.assert_close(embed_texts(packed, texts), embed_texts(plain, texts), atol=1e-5, rtol=1e-5)
+    # a single text (no padding, no mask) and a padded batch agree row by row
+    for i, text in enumerate(texts):
+        torch.testing.assert_close(embed_texts(packed, [text])[0], embed_texts(packed, texts)[i], atol=1e-5, rtol=1e-5)
+    # no float copy is kept beside the packed weight: the bytes are the same as the plain model's
+    assert packed.model.weight_bytes() == plain.model.weight_bytes()
+
+
+@needs_onednn
+def test_packed_vit_equals_plain(tiny_vit):
+    packed, plain = _load(tiny_vit, packed=True), _load(tiny_vit, packed=False)
+    assert all(d.packed for d in _dense_layers(packed.model))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(packed.model.forward(pixels), plain.model.forward(pixels), atol=1e-5, rtol=1e-5)
+    assert packed.model.weight_bytes() == plain.model.weight_bytes()
+
+
+def test_dense_matches_linear_for_any_rows():
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    for bias in (b, None):
+        layer = Dense(w.clone(), bias, torch.device("cpu"), torch.float32)
+        assert layer.shape == (24, 16)
+        for shape in ((1, 16), (3, 5, 16), (0, 16)):
+            x = torch.randn(*shape, generator=g)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+    # a bfloat16 model is not packed (not every CPU has oneDNN's bfloat16 kernels)
+    assert not Dense(w.bfloat16(), None, torch.device("cpu"), torch.bfloat16).packed
