@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="check that every wheel in a folder can run in the sandbox")
     check.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "check" and not args.folder.is_dir():
+        # the shape of every executor CLI's errors (edgecompute-cpp, edgecompute-ml): one line, status 1
+        print(f"edgecompute-wasm: error: {args.folder} is not a folder", file=sys.stderr)
+        return 1
     if args.command == "wheelhouse":
         args.folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--platform", "any",
