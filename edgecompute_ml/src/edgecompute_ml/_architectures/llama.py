@@ -463,11 +463,14 @@ class LlamaModel:
         # (spec index, long factors) -> (length, cos, sin)
         self._tables: dict[tuple[int, bool], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._ensure_rope(min(c.max_position_embeddings, 4096))
+        self.capture: Any = None  # a _runtime.capture.DecodeCapture of decode_step, set by the executor
 
-    def _ensure_rope(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _ensure_rope(self, length: int, positions: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Tables of at least ``length`` rows, with LongRoPE's factors chosen for ``positions``
+        (default ``length``): the positions a generation will use, not its cache's capacity."""
         out = []
         for index, spec in enumerate(self._specs):
-            key = (index, spec.uses_long(length))
+            key = (index, spec.uses_long(positions or length))
             table = self._tables.get(key)
             if table is None or table[0] < length:
                 with self._rope_lock:
@@ -488,8 +491,10 @@ class LlamaModel:
             cos, sin = cos * scale, sin * scale
         return length, cos.to(self.dtype).to(self.device), sin.to(self.dtype).to(self.device)
 
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        return KVCache(self.config, batch, capacity, self.dtype, self.device, self._ensure_rope(capacity))
+    def new_cache(self, capacity: int, batch: int = 1, *, positions: int | None = None) -> KVCache:
+        """A KV cache of ``capacity`` positions for a generation that uses ``positions`` of them
+        (default: all; a captured step's cache is rounded up, and must rotate as the exact one)."""
+        return KVCache(self.config, batch, capacity, self.dtype, self.device, self._ensure_rope(capacity, positions))
 
     def weight_bytes(self) -> int:
         seen: set[int] = set()
@@ -549,7 +554,7 @@ class LlamaModel:
         cache.length = end
         return self._logits(x[:, -1] if last_only else x)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: dynamo cannot trace the in-place cache writes there
     def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     rope: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One token per sequence ([B, 1]) at ``position`` (a one-element long tensor) of a KV cache

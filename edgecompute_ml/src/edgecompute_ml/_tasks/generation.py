@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from .._runtime.capture import capacity_for
 from .._runtime.limits import Limits
 from ..errors import InvalidRequest
 
@@ -483,8 +484,14 @@ def generate(lm: Any, prompt_ids: list[int], p: GenerationParams, *,
     stopped = False
     start = time.perf_counter()
     first_token_at = None
-    with torch.inference_mode():
-        cache = model.new_cache(len(prompt_ids) + max_new)
+    capture: Any = getattr(model, "capture", None)
+    captured = capture is not None and capture.active
+    capacity = len(prompt_ids) + max_new
+    # a captured step is traced outside inference mode (its cache must not be an inference tensor)
+    with torch.no_grad() if captured else torch.inference_mode():
+        # a captured step needs a cache whose capacity is one of a few (one graph per capacity)
+        cache = (model.new_cache(capacity_for(capacity, limit), positions=capacity) if captured
+                 else model.new_cache(capacity))
         history = torch.tensor(prompt_ids, dtype=torch.long)
         if max_new == 0:
             return _result(detok, tokens, "length", prompt_ids, start, None)
@@ -513,7 +520,16 @@ def generate(lm: Any, prompt_ids: list[int], p: GenerationParams, *,
             if len(tokens) == max_new:
                 break
             step_input[0, 0] = token
-            logits = model.forward(step_input, cache)[0]
+            out = None
+            if captured:
+                position = torch.tensor([cache.length], dtype=torch.long, device=model.device)
+                out = capture(step_input, position, cache.k, cache.v, cache.rope)
+                captured = out is not None  # None: no compiler, or compiling failed; eager from here
+            if out is not None:
+                cache.length += 1
+                logits = out[0]
+            else:
+                logits = model.forward(step_input, cache)[0]
     if not stopped:
         piece = detok.flush()
         if piece and on_text is not None:
