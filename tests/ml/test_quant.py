@@ -209,7 +209,7 @@ def test_int8_option_on_a_safetensors_folder(decoders, name):
 
 def test_dtype_options_are_validated(decoders, tmp_path):
     folder = decoders("llama3")
-    for bad in ["int4", "INT9", 8, "quantized"]:  # "quantized" is a GGUF file's own format only
+    for bad in ["int2", "INT9", 8, "quantized"]:  # "quantized" is a GGUF file's own format only
         with pytest.raises(UnsupportedModelOption, match="dtype"):
             ModelSource("m", str(folder), bad)
     with pytest.raises(UnsupportedModelOption, match="dtype"):

@@ -11,6 +11,9 @@ Two forms, chosen per tensor:
   time; ``dtype = "int8"`` quantizes float checkpoints to it. Token embeddings always use it (a row
   lookup reads one row).
 
+``dtype = "int4"`` quantizes a float checkpoint's linear weights to the ``q4`` form
+(:func:`quantize_q4`: each group's minimum and maximum span the 16 codes, as GGUF's Q4_1 does).
+
 Both kernels take bfloat16 activations (their float32 paths are scalar code, 10-50x slower here;
 measured in docs/ml.md), so a quantized matmul rounds its input to bfloat16 and accumulates in
 float32; everything outside the matmul stays in the model's dtype.
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["GROUP", "Int8Codes", "Q4Codes", "QuantizedLinear", "embedding", "fuse", "linear", "logits", "prepare",
-           "quantize_int8", "tensor_bytes"]
+           "quantize_int8", "quantize_q4", "tensor_bytes"]
 
 GROUP = 32  # values per q4 group (GGUF's block size; the CPU int4 kernel's smallest group)
 _ACT = torch.bfloat16
@@ -90,6 +93,26 @@ def quantize_int8(w: torch.Tensor, chunk: int = 4096) -> Int8Codes:
         codes[start:start + chunk] = torch.round(rows / s[:, None]).clamp_(-127, 127).to(torch.int8)
         scale[start:start + chunk] = s
     return Int8Codes(codes, scale)
+
+
+def quantize_q4(w: torch.Tensor, chunk: int = 4096) -> Q4Codes:
+    """4-bit codes of a float weight [N, K] (K a multiple of 32): per group of 32 inputs, the
+    minimum and maximum map to codes 0 and 15 (rows in chunks: no full float32 copy)."""
+    n, k = int(w.shape[0]), int(w.shape[1])
+    if k % GROUP:
+        raise ValueError(f"a 4-bit weight needs whole groups of {GROUP} inputs, not {k}")
+    codes = torch.empty((n, k), dtype=torch.uint8)
+    scale = torch.empty((n, k // GROUP), dtype=torch.float32)
+    offset = torch.empty((n, k // GROUP), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        rows = w[start:start + chunk].float().view(-1, k // GROUP, GROUP)
+        low, high = rows.amin(dim=-1), rows.amax(dim=-1)
+        s = ((high - low) / 15.0).clamp_min(1e-12)
+        q = torch.round((rows - low[..., None]) / s[..., None]).clamp_(0, 15)
+        codes[start:start + chunk] = q.to(torch.uint8).view(-1, k)
+        scale[start:start + chunk] = s
+        offset[start:start + chunk] = low + 8.0 * s  # w = (q - 8) * scale + offset
+    return Q4Codes(codes, scale, offset)
 
 
 class QuantizedLinear:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +138,10 @@ class Checkpoint:
     def bytes_for(self, names: Any, element_size: int) -> int:
         return sum(self.tensors[n].numel * element_size for n in names if n in self.tensors)
 
-    def load(self, names: Any, dtype: Any, device: Any) -> dict[str, Any]:
-        """Load ``names`` (memory-mapped), converted to ``dtype`` on ``device``."""
+    def load(self, names: Any, dtype: Any, device: Any, *,
+             convert: Callable[[str, Any], Any] | None = None) -> dict[str, Any]:
+        """Load ``names`` (memory-mapped), converted to ``dtype`` on ``device``, each then passed
+        through ``convert(name, tensor)`` when given (quantization at load)."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -150,5 +152,6 @@ class Checkpoint:
         for file, file_names in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in file_names:
-                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype).contiguous()
+                    tensor = f.get_tensor(name).to(device=device, dtype=dtype).contiguous()
+                    out[name] = tensor if convert is None else convert(name, tensor)
         return out

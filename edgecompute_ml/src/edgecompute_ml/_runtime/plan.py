@@ -67,8 +67,10 @@ class Family:
 
 
 # weight formats a model's ``dtype`` may name besides the float types: "int8" (weight-only int8,
-# per-row scales, quantized at load) and "quantized" (a GGUF file's own quantization, its default)
-_WEIGHT_FORMATS = ("int8", "quantized")
+# per-row scales, quantized at load), "int4" (4 bits in groups of 32, quantized at load; safetensors
+# folders) and "quantized" (a GGUF file's own quantization, its default)
+_WEIGHT_FORMATS = ("int8", "int4", "quantized")
+_FOLDER_FORMATS = ("int8", "int4")
 
 
 @attrs.frozen
@@ -76,7 +78,8 @@ class ModelSource:
     """Where a named model lives, and per-model overrides.
 
     ``dtype``: a float type (the weights and activations), ``"int8"`` (linear weights quantized
-    to int8 at load) or, for a GGUF file, ``"quantized"`` (its quantized tensors stay packed: the
+    to int8 at load), ``"int4"`` (a safetensors decoder's linear weights quantized to 4 bits at
+    load) or, for a GGUF file, ``"quantized"`` (its quantized tensors stay packed: the
     default for GGUF files on CPU; a float ``dtype`` dequantises them)."""
 
     name: str
@@ -87,17 +90,17 @@ class ModelSource:
         value = self.dtype
         if value is None:
             return
-        formats = _WEIGHT_FORMATS if self.kind == "gguf" else ("int8",)
+        formats = ("int8", "quantized") if self.kind == "gguf" else _FOLDER_FORMATS
         supported = [*sorted(set(DTYPES.values()) - {"auto"}), "auto", *formats]
         if not isinstance(value, str) or (value.lower() not in DTYPES and value.lower() not in formats):
             raise UnsupportedModelOption(f"model {self.name!r}", "dtype", value, supported)
 
     @property
     def quantization(self) -> str | None:
-        """"int8", "gguf" (the file's own formats) or None (float weights)."""
+        """"int8", "int4", "gguf" (the file's own formats) or None (float weights)."""
         dtype = self.dtype.lower() if self.dtype else None
-        if dtype == "int8":
-            return "int8"
+        if dtype in _FOLDER_FORMATS:
+            return dtype
         if self.kind == "gguf" and dtype in (None, "quantized"):
             return "gguf"
         return None

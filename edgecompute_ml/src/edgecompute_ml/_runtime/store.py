@@ -37,6 +37,7 @@ _DECODERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _DECODER_LINEARS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "qkv_proj.weight",
                     "gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate_up_proj.weight",
                     "lm_head.weight", "embed_tokens.weight")
+_ROW_WEIGHTS = ("lm_head.weight", "embed_tokens.weight")
 
 FAMILIES: dict[str, Family] = {
     **{name: Family.lazy(name, "text-generation", types, archs, module="llama", config="LlamaConfig",
@@ -189,10 +190,11 @@ def _quantization(plan: ModelPlan, device: str) -> str | None:
     explicit = source.dtype is not None
     if mode is None:
         return None
-    if not plan.family.quantizable:
+    if not plan.family.quantizable or (mode == "int4" and plan.family.task != "text-generation"):
         if explicit:
             raise UnsupportedModelOption(f"model {source.name!r} ({plan.family.name})", "dtype", source.dtype,
-                                         ["float32", "float16", "bfloat16", "auto"])
+                                         ["float32", "float16", "bfloat16", "auto"]
+                                         + (["int8"] if plan.family.quantizable else []))
         return None
     if device != "cpu":  # the packed kernels are torch's CPU ones
         if explicit:
@@ -200,6 +202,23 @@ def _quantization(plan: ModelPlan, device: str) -> str | None:
                                          ["float32", "float16", "bfloat16", "auto"])
         return None
     return mode
+
+
+def _quantizer(mode: str, quantizable: tuple[str, ...]) -> Callable[[str, Any], Any]:
+    """``convert(name, tensor)`` for ``dtype = "int8"``/``"int4"``: a quantizable 2-D weight ->
+    its unpacked codes (the model packs them), anything else as it is. With int4, the rows looked
+    up or scored by the model (token embeddings, the output projection: int8 in the model, see
+    _formats/quant.py) and weights whose inputs are not whole groups of 32 are int8."""
+    from .._formats.quant import GROUP, quantize_int8, quantize_q4
+
+    def convert(name: str, tensor: Any) -> Any:
+        if not name.endswith(quantizable) or tensor.dim() != 2:
+            return tensor
+        if mode == "int4" and tensor.shape[1] % GROUP == 0 and not name.endswith(_ROW_WEIGHTS):
+            return quantize_q4(tensor)
+        return quantize_int8(tensor)
+
+    return convert
 
 
 def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | LoadedVisionModel:
@@ -234,13 +253,10 @@ def load_model(plan: ModelPlan, dtype_name: str, device: str) -> LoadedModel | L
             del arrays
         folder = Path(source.path).parent
     else:
-        weights = plan.checkpoint.load(plan.expected.keys(), dtype, tdevice)
-        if quantization == "int8":
-            from .._formats.quant import quantize_int8
-
-            for k in list(weights):  # one at a time: the float copy of each goes as it is replaced
-                if k.endswith(quantizable) and weights[k].dim() == 2:
-                    weights[k] = quantize_int8(weights[k])
+        convert = _quantizer(quantization, quantizable) if quantization in ("int8", "int4") else None
+        # quantized as each tensor is read: the float copy of one weight lives at a time
+        weights = (plan.checkpoint.load(plan.expected.keys(), dtype, tdevice) if convert is None
+                   else plan.checkpoint.load(plan.expected.keys(), dtype, tdevice, convert=convert))
         folder = Path(source.path)
     model = plan.family.build(plan.config, weights, dtype, tdevice)
     del weights
