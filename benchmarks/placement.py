@@ -26,6 +26,9 @@ Rows:
      request and the start-up of a worker (build the executor: start, setup, hello; then close
      it), each against ``process`` in the same run (goal: <= 1.5x on both); starts alternate
      between the two in blocks.
+  7. with --host-kills N: N hosts killed with kill -9 while their worker is busy (started from the
+     host's main thread and from another thread, alternately): how many left no worker alive and
+     nothing new in /dev/shm (goal: N of N).
 
 Timings are medians of per-request times (best of 3 batches for the array rows).
 """
@@ -290,7 +293,19 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=2000)
     parser.add_argument("--starts", type=int, default=20, help="worker starts per placement in row 6")
     parser.add_argument("--no-ray", action="store_true", help="leave out row 5 (Ray's start takes a while)")
+    parser.add_argument("--host-kills", type=int, default=0, help="row 7 alone: kill -9 this many hosts")
     args = parser.parse_args()
+    if args.host_kills:
+        from tests.placement.conftest import alive
+        from tests.placement.test_lifetime import kill_host_mid_task
+
+        clean = 0
+        for run in range(args.host_kills):
+            worker, left = kill_host_mid_task("main" if run % 2 == 0 else "thread")
+            clean += not alive(worker) and not left
+        print(f"7. kill -9 of a host mid-task: {clean}/{args.host_kills} left no worker alive and nothing in "
+              f"/dev/shm {'(goal met)' if clean == args.host_kills else '(MISSED)'}")
+        return
     from edgecompute.placement import sandbox_unavailable
 
     no_sandbox = sandbox_unavailable()

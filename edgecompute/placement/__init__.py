@@ -15,19 +15,24 @@ or in ``edgecompute.toml``::
 
 A placed executor keeps the same ``Request``/``Response`` and every scheduler feature; a worker that
 dies fails its in-flight tasks with ``ExecutorCrashed`` and is restarted (see docs/placement.md).
+An executor distribution may run its own work in supervised worker processes through
+:class:`WorkerExecutor` (the ``cpp`` executor's ``process`` isolation does).
 This module is light: the worker machinery loads when a placed executor is first built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ..errors import ConfigError
 
-__all__ = ["PLACEMENT_KEYS", "Placement", "sandbox_unavailable"]
+__all__ = ["PLACEMENT_KEYS", "Placement", "WorkerExecutor", "sandbox_unavailable"]
+
+if TYPE_CHECKING:
+    from ._proxy import WorkerExecutor
 
 KINDS = ("inprocess", "process", "sandbox", "ray")
 #: Keys of an ``[executors.NAME]`` table that belong to the placement, not to the executor.
@@ -190,3 +195,12 @@ def sandbox_unavailable() -> str | None:
     from ._sandbox import unavailable
 
     return unavailable()
+
+
+def __getattr__(name: str) -> Any:
+    # the worker machinery (sockets, subprocess, shared memory) loads only when an executor is placed
+    if name == "WorkerExecutor":
+        from ._proxy import WorkerExecutor
+
+        return WorkerExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

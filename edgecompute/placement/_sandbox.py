@@ -1,6 +1,6 @@
 """The ``sandbox`` placement: a worker process started inside bubblewrap (``bwrap``).
 
-The worker is the ordinary one (``python -m edgecompute.placement.worker``); only its start
+The worker is the ordinary one (``python -m edgecompute.placement._worker``); only its start
 changes. bwrap gives it its own user, pid, ipc, uts, cgroup and mount namespaces (and network,
 unless the operator allows it), a file system made of read-only binds of what it needs (``/usr``,
 its interpreter and venv, the roots the operator names), a private ``/tmp``, a ``/proc`` of its
@@ -8,10 +8,10 @@ own pid namespace, no capabilities, and kills it when the host dies. The kernel 
 (a cgroup v1 memory controller where we may make groups, else ``RLIMIT_AS``) and its CPU (cgroup
 v1 ``cpu`` quota, where writable).
 
-What still crosses: the socket to the host (an inherited descriptor, which needs no path) and one
-folder of ``/dev/shm`` made for this worker alone (``/dev/shm/ec-PID-N/``), where both sides keep
-their shared-memory segments; the host maps only segments of that folder whose names carry the
-worker's prefix, refuses symbolic links and anything larger than the memory cap.
+What still crosses: the socket to the host and the worker's lifeline (inherited descriptors, which
+need no path). Shared memory has no name (memfds passed over the socket), so the sandbox binds no
+folder of ``/dev/shm``; the host maps the worker's segments read-only and none larger than the
+memory cap.
 """
 
 from __future__ import annotations
@@ -122,22 +122,19 @@ def _write(path: str, value: str) -> None:
 
 
 class Sandbox:
-    """One sandboxed worker's surroundings: its shared-memory folder, its cgroups, its command.
+    """One sandboxed worker's surroundings: its cgroups, its command.
 
     Made just before the worker starts; :meth:`cleanup` (after the worker is reaped) removes what
     it made.
     """
 
-    def __init__(self, name: str, placement: Placement, python: str, shm_root: str, tag: str) -> None:
+    def __init__(self, name: str, placement: Placement, python: str, tag: str) -> None:
         reason = unavailable()
         if reason is not None:
             raise PluginError(f"placement of {name!r}", f"placement 'sandbox' cannot start: {reason}")
         self.name = name
         self.placement = placement
         self.python = python
-        #: This worker's folder of /dev/shm, bound read-write into the sandbox.
-        self.shm = os.path.join(shm_root, tag)
-        os.mkdir(self.shm, 0o700)
         self.memory_bytes = placement.sandbox_memory_mb << 20
         self.cgroups: list[str] = []
         self.memory_cgroup: str | None = None
@@ -204,7 +201,7 @@ class Sandbox:
             path = os.path.abspath(path)
             args += ["--bind", path, path]
             bound.append(path)
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", self.shm, self.shm]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         # `-m` puts the working folder first on sys.path: keep the host's when it is visible inside
         # (an app's modules, pickled by reference, import from there), else the private /tmp
         cwd = os.getcwd()
@@ -251,7 +248,7 @@ class Sandbox:
         return {"memory_cap": self.memory_cap, "cpu_cap": self.cpu_cap, "network": self.placement.sandbox_network}
 
     def cleanup(self) -> None:
-        """Kill whatever is left in the cgroups, remove them and the shared-memory folder."""
+        """Kill whatever is left in the cgroups and remove them."""
         self.memory_killed()
         for folder in reversed(self.cgroups):
             for _ in range(100):
@@ -272,5 +269,4 @@ class Sandbox:
                     time.sleep(0.01)
         self.cgroups.clear()
         self.memory_cgroup = None
-        shutil.rmtree(self.shm, ignore_errors=True)
 

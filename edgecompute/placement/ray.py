@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, ExecutorCrashed, InfeasibleRequest, PluginError
 from ..models import Algorithm, Health, HealthStatus, Request, Resources, Response
 from . import PLACEMENT_KEYS, Placement
-from .proxy import _by_reference
-from .supervisor import Supervisor
+from ._proxy import by_reference
+from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ..context import TaskContext
@@ -131,7 +131,7 @@ class _ActorHost:
     """Runs in the Ray actor: builds the executor there and serves it through a local scheduler."""
 
     def __init__(self, name: str, settings: Mapping[str, Any], factory: bytes | None) -> None:
-        from ..registry import Registry
+        from .._registry import Registry
 
         registry = Registry(settings={name: dict(settings)}) if factory else Registry.discover(
             settings={name: dict(settings)})
@@ -149,8 +149,8 @@ class _ActorHost:
 
     async def _scheduler(self) -> Any:
         if self.scheduler is None:
+            from .._scheduler import Scheduler
             from ..config import Config
-            from ..scheduler import Scheduler
 
             self.scheduler = Scheduler(self.registry, capacity=Resources(cpu=1e9, memory_mb=1e15),
                                        config=Config(), retries=0, max_queue=1 << 30, threads=4)
@@ -159,7 +159,7 @@ class _ActorHost:
 
     async def run(self, task: str, body: tuple[Any, ...]) -> AsyncIterator[tuple[str, Any]]:
         from ..models import NO_RESOURCES
-        from .worker import portable
+        from ._worker import portable
 
         scheduler = await self._scheduler()
         algorithm, inputs, params, priority, metadata = body
@@ -227,7 +227,7 @@ class RayExecutor:
         if short:
             raise InfeasibleRequest(f"the Ray cluster can never place the actor of {name!r}: needs {', '.join(short)}")
         self._args = (name, {k: v for k, v in (settings or {}).items() if k not in PLACEMENT_KEYS},
-                      _by_reference(factory))
+                      by_reference(factory))
         self._actor_class = self._ray.remote(_ActorHost)
         self.supervisor = Supervisor(placement)
         self._actor: Any = None

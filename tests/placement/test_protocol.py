@@ -1,12 +1,16 @@
 """The worker protocol: frames round-trip any payload; large buffers cross through shared memory
-and the segments are reused and removed."""
+that has no name, read-only on the receiving side, and the segments are reused."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import mmap
 import os
 import pickle
 import socket
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgecompute.placement.protocol import (
+from edgecompute.placement._protocol import (
     HEADER,
     INBAND_MAX,
     KINDS,
@@ -28,9 +32,13 @@ from edgecompute.placement.protocol import (
     encode,
     frame_length,
     pack,
-    remove_segments,
-    shm_folder,
     unpack,
+)
+from edgecompute.placement._protocol import (
+    receive as receive_packet,
+)
+from edgecompute.placement._protocol import (
+    send as send_packet,
 )
 
 arrays = hnp.arrays(
@@ -58,100 +66,116 @@ def same(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-@pytest.fixture(scope="module")
-def arena() -> Arena:
-    arena = Arena(f"ec-{os.getpid()}-proto")
+@pytest.fixture
+def arena() -> Iterator[Arena]:
+    """A sender's arena, facing one peer (a segment's descriptor goes to the peer once)."""
+    arena = Arena()
     yield arena
     arena.close()
 
 
-@settings(max_examples=40, deadline=None)
-@given(payload=payloads, copy=st.booleans())
-def test_any_payload_round_trips(arena: Arena, payload: object, copy: bool) -> None:
-    attachments = Attachments()
-    frame, segment = encode("run", "t1", payload, arena)
-    assert frame_length(frame[:4]) == len(frame) - 4
-    kind, task, body, received = decode(frame[4:], attachments, copy=copy)
-    assert (kind, task, received) == ("run", "t1", segment)
-    assert same(payload, body)
-    if segment is not None:
-        arena.give_back(segment)
-    del body
-    attachments.close()
-
-
-def test_large_buffers_go_through_shared_memory_and_segments_are_reused(arena: Arena) -> None:
-    data = np.random.default_rng(1).random(1 << 20)  # 8 MB
-    frame, segment = encode("done", "t", {"a": data, "b": data.tobytes()}, arena)
-    assert segment is not None and len(frame) < 4096  # the data is not in the frame
-    path = os.path.join(shm_folder(), segment)
-    assert os.path.getsize(path) >= 2 * data.nbytes
-    attachments = Attachments()
-    _, _, body, _ = decode(frame[4:], attachments, copy=False)
-    np.testing.assert_array_equal(body["a"], data)
-    assert body["b"] == data.tobytes()
-    arena.give_back(segment)
-    _, again = encode("done", "t", data, arena)
-    assert again == segment  # handed back, so taken again: no new pages to fault in
-    _, other = encode("done", "t", data, arena)
-    assert other != segment  # still lent: a second message gets its own
-    del body
-    attachments.close()
-
-
-def test_small_payloads_stay_in_the_frame(arena: Arena) -> None:
-    frame, segment = encode("run", "t", {"x": np.zeros(100), "b": b"abc"}, arena)
-    assert segment is None
-    assert len(frame) < OUT_OF_BAND
-
-
-def test_a_body_this_side_cannot_read_comes_back_as_unreadable(arena: Arena) -> None:
-    payload = pickle.dumps(("error", "t", b"\x80\x05cnowhere\nThing\n\x94.", None, []))
-    kind, task, body, _ = decode(payload, Attachments(), copy=True)
-    assert (kind, task) == ("error", "t") and isinstance(body, Unreadable)
-    with pytest.raises(ProtocolError, match="not a frame"):
-        decode(b"garbage", Attachments(), copy=True)
-    with pytest.raises(ProtocolError, match="exceeds the limit"):
-        frame_length(HEADER.pack(2**31))
-
-
-def test_remove_segments_clears_what_a_dead_process_left() -> None:
-    prefix = f"ec-{os.getpid()}-dead"
-    left = Arena(prefix)
-    left.take(10)
-    left.take(OUT_OF_BAND * 40)
-    assert remove_segments(prefix) == 2
-    assert not [n for n in os.listdir(shm_folder()) if n.startswith(prefix)]
+def delivered(packet: tuple[bytes, int | None]) -> tuple[memoryview, list[int]]:
+    """A packet as the peer gets it: the frame, and a descriptor of its own for the segment."""
+    frame, fd = packet
+    return memoryview(frame), [] if fd is None else [os.dup(fd)]
 
 
 @settings(max_examples=40, deadline=None)
 @given(payload=payloads, copy=st.booleans(), kind=st.sampled_from(KINDS), task=st.integers(0, 2**64 - 1))
-def test_compact_frames_round_trip_any_payload_in_one_packet(arena: Arena, payload: object, copy: bool, kind: str,
+def test_compact_frames_round_trip_any_payload_in_one_packet(payload: object, copy: bool, kind: str,
                                                              task: int) -> None:
+    arena = Arena()
     attachments = Attachments()
-    frame = pack(kind, task, payload, arena)
-    assert len(frame) < MAX_MESSAGE  # always one packet
-    got_kind, got_task, body, segment = unpack(memoryview(frame), attachments, copy=copy)
+    packet = pack(kind, task, payload, arena)
+    assert len(packet[0]) < MAX_MESSAGE  # always one packet
+    got_kind, got_task, body, segment = unpack(*delivered(packet)[:1], attachments, copy=copy,
+                                               fds=delivered(packet)[1] if packet[1] is not None else None)
     assert (got_kind, got_task) == (kind, task)
     assert same(payload, body)
     if segment is not None:
         arena.give_back(segment)
     del body
     attachments.close()
+    arena.close()
+
+
+def test_a_segment_goes_with_its_first_frame_only_and_is_reused(arena: Arena) -> None:
+    attachments = Attachments()
+    data = np.arange(OUT_OF_BAND, dtype=np.float64)
+    first = pack("done", 1, data, arena)
+    assert first[1] is not None  # the descriptor travels with the segment's first use
+    _, _, body, segment = unpack(*delivered(first)[:1], attachments, copy=True, fds=delivered(first)[1])
+    assert segment is not None and np.array_equal(body, data)
+    arena.give_back(segment)
+    again = pack("done", 2, data * 2, arena)
+    assert again[1] is None  # the same segment, already mapped on the other side
+    _, _, body, reused = unpack(memoryview(again[0]), attachments, copy=True, fds=[])
+    assert reused == segment and np.array_equal(body, data * 2)
+    attachments.close()
+
+
+def test_received_buffers_are_read_only_even_to_mprotect(arena: Arena) -> None:
+    """What a worker gets it cannot write, not even through native code that changes the protection
+    of the page: the segment is sealed against writable mappings other than its sender's."""
+    attachments = Attachments()
+    packet = pack("run", 1, np.zeros(OUT_OF_BAND, dtype=np.uint8), arena)
+    frame, fds = delivered(packet)
+    _, _, body, segment = unpack(frame, attachments, copy=False, fds=fds)
+    assert not body.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        body[0] = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    address = body.__array_interface__["data"][0] // page * page
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(address, page, mmap.PROT_READ | mmap.PROT_WRITE) == -1
+    assert ctypes.get_errno() == errno.EACCES
+    del body
+    assert segment is not None
+    arena.give_back(segment)
+    attachments.close()
+
+
+def test_segments_have_no_name_in_the_shared_memory_folder(arena: Arena) -> None:
+    before = set(os.listdir("/dev/shm"))
+    pack("done", 1, np.zeros(4 * OUT_OF_BAND), Arena())
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_the_handshake_frame_is_protocol_1_in_band() -> None:
+    frame = encode("setup", "", {"executor": "x", "blob": b"b" * (2 * OUT_OF_BAND)})
+    assert frame_length(frame[:4]) == len(frame) - 4
+    kind, task, body = decode(frame[4:])
+    assert (kind, task, body["executor"], len(body["blob"])) == ("setup", "", "x", 2 * OUT_OF_BAND)
+    named = pickle.dumps(("hello", "", pickle.dumps({}), "ec-1-w-1", [(0, 10)]), 5)
+    with pytest.raises(ProtocolError, match="by name"):
+        decode(named)
+    with pytest.raises(ProtocolError, match="not a frame"):
+        decode(b"garbage")
+    with pytest.raises(ProtocolError, match="exceeds"):
+        frame_length(HEADER.pack(2**31))
 
 
 def test_a_small_message_is_a_header_and_one_pickle(arena: Arena) -> None:
-    frame = pack("run", 7, ("apps/echo", 1, None), arena)
-    assert len(frame) == 10 + len(pickle.dumps(("apps/echo", 1, None), 5))
+    frame, fd = pack("run", 7, ("apps/echo", 1, None), arena)
+    assert fd is None and len(frame) == 10 + len(pickle.dumps(("apps/echo", 1, None), 5))
     assert unpack(memoryview(frame), Attachments(), copy=True) == ("run", 7, ("apps/echo", 1, None), None)
+
+
+def test_descriptors_nobody_asked_for_are_closed(arena: Arena) -> None:
+    frame, _ = pack("run", 7, 1, arena)
+    stray = os.open(os.devnull, os.O_RDONLY)
+    unpack(memoryview(frame), Attachments(), copy=True, fds=[stray])
+    with pytest.raises(OSError):
+        os.fstat(stray)
 
 
 def test_many_buffers_still_fit_one_packet(arena: Arena) -> None:
     arrays = [np.full(OUT_OF_BAND // 8, i, dtype=np.float64) for i in range(300)]  # 300 spans, 20 MB
-    frame = pack("done", 1, arrays, arena)
-    assert len(frame) < 300 * 40  # the span table is in the segment: the packet holds ~20 bytes an array
+    packet = pack("done", 1, arrays, arena)
+    assert len(packet[0]) < 300 * 40  # the span table is in the segment: the packet holds ~20 bytes an array
     attachments = Attachments()
-    _, _, body, segment = unpack(memoryview(frame), attachments, copy=True)
+    _, _, body, segment = unpack(*delivered(packet)[:1], attachments, copy=True, fds=delivered(packet)[1])
     assert segment is not None and all((a == i).all() for i, a in enumerate(body))
     arena.give_back(segment)
     attachments.close()
@@ -162,11 +186,20 @@ def test_a_bad_compact_frame_is_a_protocol_error_and_an_unreadable_body_is_kept_
         unpack(memoryview(b"\xff" * 12), Attachments(), copy=True)
     with pytest.raises(ProtocolError, match="not a frame"):
         unpack(memoryview(b"\x00"), Attachments(), copy=True)
-    with pytest.raises(ProtocolError, match="bad segment"):
-        unpack(memoryview(b"\x03\x01" + bytes(8) + b"\x05nope!"), Attachments(), copy=True)
+    with pytest.raises(ProtocolError, match="never sent"):
+        unpack(memoryview(b"\x03\x01" + bytes(8) + bytes(4)), Attachments(), copy=True)
+    with pytest.raises(ProtocolError, match="no descriptor"):
+        unpack(memoryview(b"\x03\x05" + bytes(8) + bytes(4)), Attachments(), copy=True)
     frame = b"\x04\x00" + (9).to_bytes(8, "big") + b"\x80\x05cnowhere\nThing\n\x94."
     kind, task, body, _ = unpack(memoryview(frame), Attachments(), copy=True)
     assert (kind, task) == ("error", 9) and isinstance(body, Unreadable)
+
+
+def test_a_segment_larger_than_the_peer_may_hold_is_refused() -> None:
+    packet = pack("done", 1, np.zeros(4 << 20, dtype=np.uint8), Arena())
+    frame, fds = delivered(packet)
+    with pytest.raises(ProtocolError, match="larger than the peer may hold"):
+        unpack(frame, Attachments(max_size=1 << 20), copy=True, fds=fds)
 
 
 def test_threads_share_one_seqpacket_socket_without_a_lock(arena: Arena) -> None:
@@ -174,18 +207,22 @@ def test_threads_share_one_seqpacket_socket_without_a_lock(arena: Arena) -> None
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     received: list[tuple[int, object]] = []
     lock = threading.Lock()
+    attachments = Attachments()
+    big = b"x" * OUT_OF_BAND  # every third message has a buffer in a segment, the first use of one its fd
 
     def send(start: int) -> None:
         for task in range(start, start + 250):
-            left.sendall(pack("chunk", task, [task] * (task % 50), arena))
+            send_packet(left, *pack("chunk", task, [task] * (task % 50) + [big] * (task % 3 == 0), arena))
 
     def receive() -> None:
         buffer = bytearray(MAX_MESSAGE)
         while True:
-            size = right.recv_into(buffer)
+            size, fds = receive_packet(right, buffer)
             if size == 0:
                 return
-            _, task, body, _ = unpack(memoryview(buffer)[:size], Attachments(), copy=True)
+            _, task, body, segment = unpack(memoryview(buffer)[:size], attachments, copy=True, fds=fds)
+            if segment is not None:
+                arena.give_back(segment)
             with lock:
                 received.append((task, body))
 
@@ -200,4 +237,6 @@ def test_threads_share_one_seqpacket_socket_without_a_lock(arena: Arena) -> None
         thread.join(10)
     left.close()
     right.close()
-    assert sorted(received, key=lambda item: item[0]) == [(task, [task] * (task % 50)) for task in range(1000)]
+    assert sorted(received, key=lambda item: item[0]) == [
+        (task, [task] * (task % 50) + [big] * (task % 3 == 0)) for task in range(1000)]
+    attachments.close()

@@ -18,15 +18,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ExecutorCrashed, ExecutorError, PluginError, SandboxViolation
+from ..errors import ConfigError, ExecutorCrashed, ExecutorError, PluginError, SandboxViolation
 from ..models import Algorithm, Health, HealthStatus, Request, Resources, Response
 from . import PLACEMENT_KEYS, Placement
-from .protocol import (
+from ._protocol import (
     MAX_MESSAGE,
     VERSION,
     Arena,
@@ -37,11 +38,11 @@ from .protocol import (
     encode,
     frame_length,
     pack,
-    remove_segments,
-    shm_folder,
+    receive,
     unpack,
 )
-from .supervisor import Supervisor
+from ._protocol import send as send_packet
+from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ..context import TaskContext
@@ -84,8 +85,7 @@ def _socket_pair(name: str) -> tuple[socket.socket, socket.socket]:
     return pair
 
 
-def _remove_leftovers(prefix: str, sandbox: Sandbox | None) -> None:
-    remove_segments(prefix)
+def _remove_leftovers(sandbox: Sandbox | None) -> None:
     if sandbox is not None:
         sandbox.cleanup()
 
@@ -106,44 +106,49 @@ class _Connection:
         if placement.kind == "sandbox":
             from ._sandbox import Sandbox  # light, but only a sandboxed executor needs it
 
-            # its segments live in a folder of /dev/shm of its own, the one place both sides see
-            self.sandbox = Sandbox(name, placement, python, shm_folder(), tag)
-            self.prefix = tag + "/"
-        else:
-            self.prefix = tag
-        argv = [python, "-m", "edgecompute.placement.worker", "--fd", "", "--prefix", self.prefix + "w"]
+            self.sandbox = Sandbox(name, placement, python, tag)
         try:
             parent, child = _socket_pair(name)
         except BaseException:
             self._cleanup_sandbox()
             raise
-        argv[4] = str(child.fileno())
+        # The worker's lifeline: it reads the other end, and our end closes when this process
+        # ends in any way (kill -9 too), which the worker takes as its cue to exit at once, busy
+        # or not. Not inheritable: no other child may hold it open.
+        lifeline, self.lifeline = os.pipe()
+        argv = [python, "-m", "edgecompute.placement._worker", "--fd", str(child.fileno()),
+                "--lifeline", str(lifeline)]
+        if self.sandbox is None and threading.current_thread() is threading.main_thread():
+            # the kernel's parent-death signal follows the THREAD that started the worker: only
+            # the main thread lives as long as this process
+            argv += ["--parent", str(os.getpid())]
         try:
             self.process = subprocess.Popen(
                 argv if self.sandbox is None else self.sandbox.command(argv),
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
+                pass_fds=(child.fileno(), lifeline), stdin=subprocess.DEVNULL, start_new_session=True,
             )
         except (OSError, PluginError) as exc:
             parent.close()
+            os.close(self.lifeline)
             self._cleanup_sandbox()
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(f"placement of {name!r}", f"cannot start {python!r}: {exc}") from exc
         finally:
             child.close()
-        # a host that exits without closing us still removes the segments (and the sandbox's
-        # folder and cgroups): finalizers run at interpreter exit
-        self._leftovers = weakref.finalize(self, _remove_leftovers, self.prefix, self.sandbox)
+            os.close(lifeline)
+        # a host that exits without closing us still removes the sandbox's cgroups: finalizers
+        # run at interpreter exit (shared memory needs nothing: it has no name)
+        self._leftovers = weakref.finalize(self, _remove_leftovers, self.sandbox)
         self.sock = parent
-        self.arena = Arena(self.prefix + "h")
-        # a sandboxed worker is not trusted with the host's files: map only its own segments
-        self.attachments = Attachments() if self.sandbox is None else Attachments(
-            self.prefix + "w", placement.sandbox_memory_mb << 20)
+        self.arena = Arena()
+        # a sandboxed worker is not trusted with the host's memory: nothing larger than its cap
+        self.attachments = Attachments(None if self.sandbox is None else placement.sandbox_memory_mb << 20)
         self.calls: dict[int, _Call] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.buffer = bytearray(MAX_MESSAGE)
         self.view = memoryview(self.buffer)
-        self.pending: collections.deque[bytes] = collections.deque()  # frames the socket had no room for
+        self.pending: collections.deque[tuple[bytes, int | None]] = collections.deque()  # no room for these yet
         self.drained: asyncio.Future[None] | None = None
         self.on_end: Callable[[], None] | None = None
         self.reading = False
@@ -174,7 +179,7 @@ class _Connection:
     # -- blocking start -------------------------------------------------------------------------
 
     def _handshake(self, setup: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        frame, _ = encode("setup", "", dict(setup), self.arena)
+        frame = encode("setup", "", dict(setup))
         self.sock.settimeout(timeout)
         try:
             self.sock.sendall(frame)
@@ -183,7 +188,7 @@ class _Connection:
                 raise EOFError("the worker closed the connection")
             if len(data) < 4 or frame_length(data[:4]) != len(data) - 4:
                 raise ProtocolError(f"a packet of {len(data)} bytes is no hello")
-            kind, _, body, _ = decode(data[4:], self.attachments, copy=True)
+            kind, _, body = decode(data[4:])
         except (OSError, EOFError, ProtocolError) as exc:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(1)
@@ -219,17 +224,17 @@ class _Connection:
         self.reading = False
 
     def send(self, kind: str, task: int, body: Any) -> None:
-        frame = pack(kind, task, body, self.arena)
+        packet = pack(kind, task, body, self.arena)
         if self.loop is None:  # not attached yet: the socket still blocks (with the start timeout)
-            self.sock.sendall(frame)
+            send_packet(self.sock, *packet)
             return
         if self.pending:
-            self.pending.append(frame)
+            self.pending.append(packet)
             return
         try:
-            self.sock.send(frame)
+            send_packet(self.sock, *packet)
         except BlockingIOError:
-            self.pending.append(frame)
+            self.pending.append(packet)
             self.loop.add_writer(self.sock.fileno(), self._writable)
         except OSError as exc:
             raise ExecutorCrashed(f"worker {self.pid} of {self.name!r} is gone ({exc})") from exc
@@ -238,7 +243,7 @@ class _Connection:
         pending = self.pending
         while pending:
             try:
-                self.sock.send(pending[0])
+                send_packet(self.sock, *pending[0])
             except BlockingIOError:
                 return
             except OSError:
@@ -254,14 +259,16 @@ class _Connection:
         # one packet per call: the selector is level-triggered and calls again while more wait,
         # and a second recv only to hear EAGAIN would cost a system call per answer
         try:
-            size = self.sock.recv_into(self.buffer)
+            size, fds = receive(self.sock, self.buffer)
         except BlockingIOError:
             return
         except OSError:
-            size = 0
+            size, fds = 0, []
         if 0 < size < MAX_MESSAGE:  # else EOF: the worker is gone (or sent more than a packet may hold)
             try:
-                kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True)
+                # copied out at once: the worker's segment goes back before any caller sees the
+                # outputs, so nothing the worker does later can change them
+                kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True, fds=fds)
             except ProtocolError:
                 log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
             else:
@@ -342,6 +349,9 @@ class _Connection:
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.sock.close()
+        lifeline, self.lifeline = self.lifeline, -1
+        if lifeline >= 0:
+            os.close(lifeline)
         self.attachments.close()
         self.arena.close()
         self._leftovers()
@@ -368,27 +378,47 @@ class _Connection:
         self.fail_calls(f"worker of {self.name!r} was closed")
 
 
+class _Slot:
+    """One of the executor's worker processes: its connection (None until started, and after it
+    ended), and the start in progress."""
+
+    __slots__ = ("connection", "started", "starting")
+
+    def __init__(self, connection: _Connection | None) -> None:
+        self.connection = connection
+        self.starting: asyncio.Future[None] | None = None
+        self.started = connection is not None
+
+
 class WorkerExecutor:
-    """An executor that lives in a worker process (see :class:`~edgecompute.placement.Placement`)."""
+    """An executor that lives in worker processes (see :class:`~edgecompute.placement.Placement`).
+
+    With ``workers`` > 1 it keeps that many, each a separate process under the one
+    :class:`Supervisor`: a call goes to the live worker with the fewest calls in hand, and a
+    worker that dies is replaced in the background while the others go on serving.
+    """
 
     def __init__(self, name: str, placement: Placement, settings: Mapping[str, Any] | None = None,
-                 factory: Any = None) -> None:
+                 factory: Any = None, *, workers: int = 1) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"placement of {name!r}: workers must be an integer >= 1, not {workers!r}")
         self.name = name
         self.placement = placement
         self._setup = {
             "executor": name,
             "settings": {k: v for k, v in (settings or {}).items() if k not in PLACEMENT_KEYS},
-            "factory": _by_reference(factory),
+            "factory": by_reference(factory),
         }
         self.supervisor = Supervisor(placement)
-        self._connection: _Connection | None = _Connection(name, placement, self._setup)
-        self._starting: asyncio.Future[None] | None = None
+        first = _Connection(name, placement, self._setup)
+        self._slots = [_Slot(first), *(_Slot(None) for _ in range(workers - 1))]
         self._burials: set[asyncio.Future[None]] = set()
-        hello = self._connection.hello
+        self._background: set[asyncio.Task[None]] = set()
+        hello = first.hello
         self.version: str = str(hello["version"])
         self._algorithms: list[Algorithm] = list(hello["algorithms"])
         self._resources = {a.name: a.resources for a in self._algorithms}
-        #: What the worker reported: its executors, pid and interpreter.
+        #: What the (first) worker reported: its executors, pid and interpreter.
         self.report: dict[str, Any] = hello
         self._closed = False
 
@@ -399,9 +429,14 @@ class WorkerExecutor:
 
     @property
     def pid(self) -> int | None:
-        """The pid of the live worker, or None while there is none."""
-        connection = self._connection
-        return None if connection is None or connection.dead else connection.pid
+        """The pid of the first live worker, or None while there is none."""
+        return next((pid for pid in self.pids if pid is not None), None)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Each worker's pid, None where none is alive now."""
+        return [None if slot.connection is None or slot.connection.dead else slot.connection.pid
+                for slot in self._slots]
 
     def algorithms(self) -> Sequence[Algorithm]:
         return self._algorithms
@@ -411,9 +446,47 @@ class WorkerExecutor:
         # resources are what most executors return anyway, and Request.resources overrides them
         return self._resources.get(request.algorithm.rpartition("/")[2], Resources(cpu=1.0))
 
+    def _pick(self) -> _Connection | None:
+        """The live worker on this loop with the fewest calls in hand (None when there is none);
+        starts the missing ones in the background."""
+        loop = asyncio.get_running_loop()
+        best = None
+        missing = False
+        for slot in self._slots:
+            connection = slot.connection
+            if connection is None or connection.dead or connection.loop is not loop:
+                missing = missing or slot.starting is None
+                continue
+            if best is None or len(connection.calls) < len(best.calls):
+                best = connection
+        if missing and best is not None:
+            self._fill()
+        return best
+
+    def _fill(self) -> None:
+        """Start every worker that is missing, each in a task of its own: nobody waits for them."""
+        if self._closed or self.supervisor.open:
+            return
+        loop = asyncio.get_running_loop()
+        for slot in self._slots:
+            connection = slot.connection
+            if slot.starting is None and (connection is None or connection.dead or connection.loop is not loop):
+                if connection is not None and not connection.dead and connection.loop is None:
+                    self._attach(connection)
+                    continue
+                task = loop.create_task(self._start_quietly(slot))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _start_quietly(self, slot: _Slot) -> None:
+        try:
+            await self._ensure(slot)
+        except Exception as exc:  # noqa: BLE001 - no caller waits: the supervisor counted it, health says it
+            log.warning("a worker of %r could not start in the background: %s", self.name, exc)
+
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
-        connection = self._connection
-        if connection is None or connection.dead or connection.loop is not asyncio.get_running_loop():
+        connection = self._pick()
+        if connection is None:
             connection = await self._ready()
         # plain values, not the Request: its read-only mappings do not pickle, and the worker's
         # edgecompute may be another release whose Request has other fields
@@ -441,26 +514,30 @@ class WorkerExecutor:
         return Response(outputs) if timings is None else Response(outputs, timings=timings)
 
     async def _ready(self) -> _Connection:
+        """A live worker on this loop, starting one (and waiting for it) when there is none."""
         while True:
             if self._closed:
                 raise ExecutorCrashed(f"executor {self.name!r} is closed", retryable=False)
-            connection = self._connection
-            if connection is not None and not connection.dead:
-                if connection.loop is asyncio.get_running_loop():
-                    return connection
-                if connection.loop is None:
-                    self._attach(connection)
+            loop = asyncio.get_running_loop()
+            for slot in self._slots:
+                connection = slot.connection
+                if connection is None:
                     continue
-                # alive, on another (finished) event loop: start afresh
-                self._connection = None
-                connection.killed_on_purpose = True
-                connection.detach()
-                connection.kill()
-                connection.reap()
-            elif connection is not None:
-                await self._bury(connection)
-                continue
-            await self._restart()
+                if not connection.dead:
+                    if connection.loop is loop:
+                        return connection
+                    if connection.loop is None:
+                        self._attach(connection)
+                        return connection
+                    # alive, on another (finished) event loop: start afresh
+                    slot.connection = None
+                    connection.killed_on_purpose = True
+                    connection.detach()
+                    connection.kill()
+                    connection.reap()
+                else:
+                    await self._bury(connection)
+            await self._ensure(self._slots[0])
 
     def _attach(self, connection: _Connection) -> None:
         def ended() -> None:
@@ -471,10 +548,12 @@ class WorkerExecutor:
         connection.attach(ended)
 
     async def _bury(self, connection: _Connection) -> None:
-        """The worker's connection ended: fail its tasks, reap it, count the crash."""
-        if connection is not self._connection or connection.closing:
+        """The worker's connection ended: fail its tasks, reap it, count the crash; with other
+        workers serving, start its replacement at once in the background."""
+        slot = next((slot for slot in self._slots if slot.connection is connection), None)
+        if slot is None or connection.closing:
             return
-        self._connection = None
+        slot.connection = None
         connection.closing = True
         connection.kill()  # it may have closed the socket and hang; make sure it is gone
         connection.detach()
@@ -491,38 +570,51 @@ class WorkerExecutor:
             self.supervisor.crashed(reason)
             log.warning("%s; %s", reason, self.supervisor.describe())
         connection.fail_calls(reason, error)
+        if len(self._slots) > 1:
+            self._fill()
 
-    async def _restart(self) -> None:
-        if self._starting is not None:
-            await asyncio.shield(self._starting)
+    async def _ensure(self, slot: _Slot) -> None:
+        """Start the slot's worker (or wait for the start in progress), under the supervisor's policy."""
+        if slot.starting is not None:
+            await asyncio.shield(slot.starting)
             return
         if self.supervisor.open:
             raise ExecutorCrashed(f"executor {self.name!r}: {self.supervisor.describe()}", retryable=False)
-        self._starting = asyncio.get_running_loop().create_future()
+        slot.starting = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.sleep(self.supervisor.delay())
+            if slot.started:
+                await asyncio.sleep(self.supervisor.delay())
             connection = await asyncio.to_thread(_Connection, self.name, self.placement, self._setup)
+            if self._closed:
+                connection.killed_on_purpose = True
+                await connection.close()
+                return
             self._attach(connection)
-            self._connection = connection
-            self.supervisor.restarts += 1
+            slot.connection = connection
+            if slot.started:
+                self.supervisor.restarts += 1
+            slot.started = True
         except PluginError as exc:
             self.supervisor.crashed(str(exc))
             raise ExecutorCrashed(f"executor {self.name!r} could not restart: {exc}") from exc
         finally:
-            starting, self._starting = self._starting, None
+            starting, slot.starting = slot.starting, None
             starting.set_result(None)
 
     async def health(self) -> Health:
         supervisor = self.supervisor
         details: dict[str, Any] = {"placement": self.placement.kind, "python": self.report.get("python"),
                                    "crashes": supervisor.total_crashes, "restarts": supervisor.restarts}
-        connection = self._connection
-        if connection is not None and connection.sandbox is not None:
-            details["sandbox"] = connection.sandbox.describe()
+        if len(self._slots) > 1:
+            details["workers"] = [{"pid": pid, "state": "stopped" if pid is None else "running"}
+                                  for pid in self.pids]
+        sandbox = next((slot.connection.sandbox for slot in self._slots if slot.connection is not None), None)
+        if sandbox is not None:
+            details["sandbox"] = sandbox.describe()
         if supervisor.open:
             return Health(HealthStatus.DOWN, supervisor.describe(), details)
         try:
-            connection = await self._ready()
+            connection = self._pick() or await self._ready()
             details["pid"] = connection.pid
             inner = await asyncio.wait_for(connection.call("health", None, None), 10)
         except Exception as exc:  # noqa: BLE001 - health must answer
@@ -537,17 +629,23 @@ class WorkerExecutor:
 
     async def aclose(self) -> None:
         self._closed = True
-        connection, self._connection = self._connection, None
+        for task in list(self._background):
+            task.cancel()
+        connections = []
+        for slot in self._slots:
+            connection, slot.connection = slot.connection, None
+            if connection is not None:
+                connections.append(connection)
+        await asyncio.gather(*(connection.close() for connection in connections))
+
+    def kill_worker(self, index: int = 0) -> None:
+        """Kill worker ``index`` now, as a crash would (for tests and operators)."""
+        connection = self._slots[index].connection
         if connection is not None:
-            await connection.close()
-
-    def kill_worker(self) -> None:
-        """Kill the worker now, as a crash would (for tests and operators)."""
-        if self._connection is not None:
-            self._connection.kill()
+            connection.kill()
 
 
-def _by_reference(factory: Any) -> bytes | None:
+def by_reference(factory: Any) -> bytes | None:
     """The factory pickled by reference (a class or function the worker can import), else None:
     the worker then finds the executor through its own entry points."""
     if factory is None:

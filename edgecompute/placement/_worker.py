@@ -1,4 +1,4 @@
-"""The worker process: ``python -m edgecompute.placement.worker --fd N --prefix P``.
+"""The worker process: ``python -m edgecompute.placement._worker --fd N --lifeline L [--parent PID]``.
 
 It builds the executor it is asked for from the entry points of ITS environment (or from a
 factory the host sent), says hello with the executors, algorithms and versions it has, then runs
@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -36,13 +38,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._registry import Registry
+from .._task import Attempt
 from .._threads import ThreadPool
 from ..context import TaskContext
 from ..errors import ExecutorError
 from ..executor import Executor, blocking_call
-from ..models import _EMPTY, Algorithm, Health, HealthStatus, Request, Response
-from ..registry import Registry
-from .protocol import (
+from ..models import Algorithm, Health, HealthStatus, Request, Response
+from ._protocol import (
     MAX_MESSAGE,
     VERSION,
     Arena,
@@ -53,29 +56,31 @@ from .protocol import (
     encode,
     frame_length,
     pack,
+    receive,
+    send,
     unpack,
 )
 
 __all__ = ["main"]
 
+#: What a Request holds when given no params or metadata: passing it spares their check.
+_EMPTY = Request("_/_").params
 _READERS = 2  # reader threads at the start: one may run a call while the other takes a cancel
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_ORPHANED = 70  # our exit status when the host went away first
 
 
 class _Context(TaskContext):
     """What a task sees in the worker: chunks and progress go straight to the host."""
 
-    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task", "segment")
+    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task", "attempt", "segment")
 
     def __init__(self, worker: _Worker, task: int, request_id: str, algorithm: Algorithm,
                  deadline: float | None) -> None:
-        # not TaskContext.__init__: there is no scheduler's handle here
-        self._handle = None  # type: ignore[assignment]
-        self.algorithm = algorithm
-        self.devices = ()
-        self._cancelled = False
-        self._entered = True
-        self._threads_open = 0
-        self._on_threads_done = None
+        # no scheduler's record here: the methods that read it are overridden below
+        #: what blocking code polls through ``cancelled``
+        self.attempt = Attempt(entered=True)
+        super().__init__(algorithm, (), self.attempt)
         self._worker = worker
         self._task = task
         self._id = request_id
@@ -83,7 +88,7 @@ class _Context(TaskContext):
         #: The asyncio task running a coroutine executor's ``execute`` (None for a blocking call).
         self.asyncio_task: asyncio.Task[None] | None = None
         #: The segment holding the request's buffers, until it is handed back.
-        self.segment: str | None = None
+        self.segment: int | None = None
 
     @property
     def task_id(self) -> str:
@@ -129,9 +134,9 @@ def portable(exc: BaseException) -> BaseException:
 
 
 class _Worker:
-    def __init__(self, sock: socket.socket, prefix: str) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.arena = Arena(prefix)
+        self.arena = Arena()
         self.attachments = Attachments()
         self.contexts: dict[int, _Context] = {}
         # two reader threads may take a task's run and its cancel at once: a cancel that finds
@@ -157,13 +162,9 @@ class _Worker:
     # -- sending ----------------------------------------------------------------------------------
 
     def send(self, kind: str, task: int, body: Any) -> None:
-        frame = pack(kind, task, body, self.arena)
-        try:
-            self.sock.sendall(frame)
-        except OSError:
-            pass  # the host is gone; its EOF ends us
+        self.answer(pack(kind, task, body, self.arena))
 
-    def release(self, segment: str | None) -> None:
+    def release(self, segment: int | None) -> None:
         if segment is not None:
             self.send("release", 0, segment)
 
@@ -173,7 +174,7 @@ class _Worker:
         data = self.sock.recv(1 << 22)
         if len(data) < 4 or frame_length(data[:4]) != len(data) - 4:
             raise ProtocolError("expected a setup message")
-        kind, _, body, _ = decode(data[4:], self.attachments, copy=True)
+        kind, _, body = decode(data[4:])
         if kind != "setup" or not isinstance(body, dict):
             raise ProtocolError(f"expected a setup message, got {kind!r}")
         name = self.name = str(body["executor"])
@@ -200,8 +201,7 @@ class _Worker:
         })
 
     def hello(self, body: Any, kind: str = "hello") -> None:
-        frame, _ = encode(kind, "", body, self.arena)
-        self.sock.sendall(frame)
+        self.sock.sendall(encode(kind, "", body))
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -226,40 +226,41 @@ class _Worker:
         """A reader thread: block in recv, handle the message (maybe running it), again."""
         buffer = bytearray(MAX_MESSAGE)
         view = memoryview(buffer)
-        recv_into = self.sock.recv_into
+        sock = self.sock
         idle = self.idle
         while True:
             idle.append(None)
             try:
-                size = recv_into(buffer)
+                size, fds = receive(sock, buffer)
             except OSError:
-                size = 0
+                size, fds = 0, []
             finally:
                 idle.pop()
             if size == 0 or size >= MAX_MESSAGE:  # the host went away (or broke the protocol)
                 with contextlib.suppress(RuntimeError):  # the loop has closed: we are stopping
                     self.loop.call_soon_threadsafe(self.stop)
                 return
-            self.handle(view[:size], on_loop=False)
+            self.handle(view[:size], fds, on_loop=False)
 
     def readable(self) -> None:
         """The loop's reader: one packet per call (the selector calls again while more wait)."""
         try:
-            size = self.sock.recv_into(self.buffer, MAX_MESSAGE, socket.MSG_DONTWAIT)
+            size, fds = receive(self.sock, self.buffer, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
-            size = 0
+            size, fds = 0, []
         if size == 0 or size >= MAX_MESSAGE:
             self.reading_on_loop = False
             self.loop.remove_reader(self.sock.fileno())
             self.stop()
             return
-        self.handle(self.view[:size], on_loop=True)
+        self.handle(self.view[:size], fds, on_loop=True)
 
-    def handle(self, frame: memoryview, *, on_loop: bool) -> None:
+    def handle(self, frame: memoryview, fds: list[int], *, on_loop: bool) -> None:
         try:
-            kind, task, body, segment = unpack(frame, self.attachments, copy=False)
+            # inputs stay where the host put them, in its segment mapped read-only here
+            kind, task, body, segment = unpack(frame, self.attachments, copy=False, fds=fds)
         except ProtocolError:
             self.on_loop(self.stop, on_loop)
             return
@@ -273,7 +274,7 @@ class _Worker:
                         self.early_cancels.clear()
                     self.early_cancels.add(task)
                     return
-                ctx._cancelled = True  # what blocking code polls
+                ctx.attempt.cancelled = True  # what blocking code polls
             if ctx.asyncio_task is not None:
                 self.on_loop(self.cancel_task, on_loop, ctx)
         elif kind == "release":
@@ -309,7 +310,7 @@ class _Worker:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def run(self, task: int, body: Any, segment: str | None, on_loop: bool) -> None:
+    def run(self, task: int, body: Any, segment: int | None, on_loop: bool) -> None:
         executor = self.executor
         assert executor is not None
         try:
@@ -331,7 +332,7 @@ class _Worker:
             self.contexts[task] = ctx
             if self.early_cancels and task in self.early_cancels:
                 self.early_cancels.discard(task)
-                ctx._cancelled = True
+                ctx.attempt.cancelled = True
         if call is not None and not on_loop:
             if not self.idle:
                 self.add_reader()  # the last free reader takes this call: someone must read meanwhile
@@ -342,7 +343,7 @@ class _Worker:
             self.on_loop(self.start_async, False, request, ctx)
 
     def start_async(self, request: Request, ctx: _Context) -> None:
-        if ctx._cancelled:  # cancelled before it started
+        if ctx.cancelled:  # cancelled before it started
             self.finish(ctx)
             return
         # no done callback (it would cost the loop a step per task): run_async finishes itself
@@ -389,11 +390,11 @@ class _Worker:
         segment, ctx.segment = ctx.segment, None
         self.release(segment)
 
-    def answer(self, frame: bytes) -> None:
+    def answer(self, packet: tuple[bytes, int | None]) -> None:
         try:
-            self.sock.sendall(frame)
+            send(self.sock, *packet)
         except OSError:
-            pass
+            pass  # the host is gone; its EOF (or our lifeline) ends us
 
     def wait_calls(self, end: float) -> None:
         while self.contexts and time.monotonic() < end:
@@ -415,7 +416,7 @@ class _Worker:
             self.reading_on_loop = False
             self.loop.remove_reader(self.sock.fileno())
         for ctx in list(self.contexts.values()):
-            ctx._cancelled = True
+            ctx.attempt.cancelled = True
             if ctx.asyncio_task is not None:
                 ctx.asyncio_task.cancel()
         end = time.monotonic() + grace
@@ -430,10 +431,10 @@ class _Worker:
         self.arena.close()
 
 
-async def _main(fd: int, prefix: str) -> int:
+async def _main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)  # children the executor starts must not hold the host's socket open
-    worker = _Worker(sock, prefix)
+    worker = _Worker(sock)
     try:
         try:
             worker.setup()
@@ -447,12 +448,46 @@ async def _main(fd: int, prefix: str) -> int:
     return 0
 
 
+def _die_with(parent: int | None, lifeline: int) -> None:
+    """Exit at once, whatever runs, when the host is gone, however it ended.
+
+    Two ways, as either alone has a gap: the kernel's parent-death signal (it follows the host's
+    thread that started us, and is not set across a sandbox's pid namespace), and a thread that
+    reads our end of a pipe whose other end only the host holds: the kernel closes it when the
+    host ends, kill -9 included, and the read returns. The signal is set before the check that
+    the host is still our parent, so a host that died in between is caught by the check.
+    """
+    if parent is not None and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(_ORPHANED)
+    os.set_inheritable(lifeline, False)
+
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(lifeline, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os._exit(_ORPHANED)  # no cleanup to do: the shared memory has no name, the host reaps nothing
+
+    threading.Thread(target=watch, name="edgecompute-lifeline", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgecompute.placement.worker")
+    parser = argparse.ArgumentParser(prog="python -m edgecompute.placement._worker")
     parser.add_argument("--fd", type=int, required=True, help="the socket to the host, inherited")
-    parser.add_argument("--prefix", required=True, help="names of this worker's shared-memory segments")
+    parser.add_argument("--lifeline", type=int, required=True,
+                        help="a pipe only the host writes to: its end means the host is gone")
+    parser.add_argument("--parent", type=int, help="the host's pid, when the parent-death signal may be set")
     args = parser.parse_args(argv)
-    return asyncio.run(_main(args.fd, args.prefix))
+    _die_with(args.parent, args.lifeline)
+    return asyncio.run(_main(args.fd))
 
 
 if __name__ == "__main__":

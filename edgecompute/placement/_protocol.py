@@ -1,0 +1,396 @@
+"""The worker protocol: one message per packet of a Unix ``SOCK_SEQPACKET`` socket pair, large
+buffers through shared memory that has no name.
+
+Messages are ``(kind, task, body)``. The body is pickled with protocol 5: buffers of at least
+:data:`OUT_OF_BAND` bytes (numpy arrays, large ``bytes``) are taken out of band and copied once
+into a shared-memory segment from the sender's :class:`Arena`; the frame says where each lies. A
+segment is a ``memfd``: it never has a name in ``/dev/shm``, so nothing is left there however either
+side ends (kill -9 included). The first frame that uses a segment carries its file descriptor
+(``SCM_RIGHTS``, in the same packet); the receiver maps it once and keeps it. The receiver rebuilds
+the body on top of the segment (zero copy) or from a private copy, then hands the segment back with
+a ``release`` message so the sender can reuse it: steady-state traffic touches no new pages. A
+pickle that would still exceed :data:`INBAND_MAX` goes into the segment too, so every packet fits
+the socket's buffer.
+
+Which side may write what: a segment is written only by its sender, and a receiver maps the
+peer's segments read-only (:class:`Attachments`). A worker's inputs are therefore read-only arrays,
+and whatever the worker's code does with memory it does not own, it cannot change a byte the host
+will read as another task's answer: the host copies every answer out of the worker's segment as it
+arrives, before it hands the segment back.
+
+The first two messages on a connection, ``setup`` (host to worker) and ``hello`` (worker to host),
+use the frame of protocol 1 (:func:`encode`, :func:`decode`: a 4-byte length and a pickled
+``(kind, task, body, segment, spans)``), which every version reads; they carry everything in band.
+``hello`` carries :data:`VERSION` and a host refuses a worker that speaks another one. After them,
+messages use the compact frame of :func:`pack` and :func:`unpack`: a 10-byte header (kind, flags,
+task number) and the pickled body, one ``pickle.dumps`` and one ``pickle.loads`` per small message.
+
+A packet is never split or merged, so several threads may send on one socket without a lock and
+several may block in ``recv`` on it: each gets whole messages (and the descriptors they carry), and
+the kernel wakes one of them.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import mmap
+import os
+import pickle
+import socket
+import struct
+import threading
+from typing import Any
+
+__all__ = ["INBAND_MAX", "KINDS", "MAX_MESSAGE", "OUT_OF_BAND", "VERSION", "Arena", "Attachments", "ProtocolError",
+           "Unreadable", "decode", "encode", "frame_length", "pack", "receive", "send", "unpack"]
+
+#: The protocol version; bumped on any change a peer of another version would misread.
+#: 2: one message per SOCK_SEQPACKET packet, compact frames after the handshake.
+#: 3: segments are memfds passed with the first frame that uses them, named by number.
+VERSION = 3
+#: Buffers at least this large cross through shared memory instead of the socket.
+OUT_OF_BAND = 64 * 1024
+#: A pickled body larger than this goes into shared memory with the buffers.
+INBAND_MAX = 64 * 1024
+#: No packet is larger: a receiver's buffer of this size holds any message (and the default
+#: socket buffer of ~208 KiB accepts it).
+MAX_MESSAGE = INBAND_MAX + 4096
+#: The message kinds, by their code in a compact frame.
+KINDS = ("run", "chunk", "progress", "done", "error", "cancel", "health", "release", "close")
+_CODES = {kind: code for code, kind in enumerate(KINDS)}
+HEADER = struct.Struct("!I")
+_HEAD = struct.Struct("!BBQ")  # kind, flags, task number
+_ID = struct.Struct("!I")  # the segment's number, after the header of a frame that uses one
+_COUNT = struct.Struct("!I")  # a segment starts with how many spans it holds ...
+_SPAN = struct.Struct("!QQ")  # ... then each one's offset and length
+_SEGMENT = 1  # flags: the message has buffers in a segment
+_SPILLED = 2  # flags: the pickled body itself is the segment's last span
+_NEW = 4  # flags: the packet carries the segment's file descriptor (its first use)
+MAX_FRAME = 1 << 30
+_ALIGN = 64
+_MIN_SEGMENT = 1 << 20
+_FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+_SEAL_FUTURE_WRITE = 0x10  # F_SEAL_FUTURE_WRITE (Linux 5.1); the fcntl module of Python 3.11 lacks it
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a frame of this protocol."""
+
+
+class _Segment:
+    """A sender's memfd, mapped read-write; ``fd`` stays open until it has gone to the peer."""
+
+    __slots__ = ("fd", "id", "map", "sent", "size", "view")
+
+    def __init__(self, ident: int, size: int) -> None:
+        fd = os.memfd_create(f"edgecompute-{ident}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+            # sealed once we hold our writable mapping: the peer can map it only read-only (not
+            # even mprotect makes that writable) and cannot shrink it under us (a SIGBUS here)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEAL_FUTURE_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.id = ident
+        self.size = size
+        self.sent = False
+        self.view = memoryview(self.map)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:  # something still views it (a zero-copy array); the OS unmaps at exit
+            pass
+
+
+class Arena:
+    """The sender's shared-memory segments: taken for one message, given back by the receiver."""
+
+    def __init__(self) -> None:
+        self._free: list[_Segment] = []
+        self._lent: dict[int, _Segment] = {}
+        self._count = 0
+        self._lock = threading.Lock()  # a worker sends from several threads
+
+    def take(self, size: int) -> _Segment:
+        with self._lock:
+            best = None
+            for segment in self._free:
+                if segment.size >= size and (best is None or segment.size < best.size):
+                    best = segment
+            if best is not None:
+                self._free.remove(best)
+            else:
+                self._count += 1
+                best = _Segment(self._count, max(_MIN_SEGMENT, 1 << (size - 1).bit_length()))
+            self._lent[best.id] = best
+            return best
+
+    def give_back(self, ident: int) -> None:
+        with self._lock:
+            segment = self._lent.pop(ident, None)
+            if segment is not None:
+                self._free.append(segment)
+
+    def close(self) -> None:
+        with self._lock:
+            for segment in [*self._free, *self._lent.values()]:
+                segment.close()
+            self._free.clear()
+            self._lent.clear()
+
+
+class Attachments:
+    """The receiver's read-only mappings of the peer's segments, mapped once and kept.
+
+    With ``max_size`` (a host facing a sandboxed worker) no segment larger than that is mapped:
+    the peer chooses the sizes it sends.
+    """
+
+    def __init__(self, max_size: int | None = None) -> None:
+        self._segments: dict[int, tuple[mmap.mmap, memoryview]] = {}
+        self._lock = threading.Lock()  # a worker receives on several threads
+        self._max_size = max_size
+
+    def adopt(self, ident: int, fd: int) -> None:
+        """Map the segment ``ident`` from its descriptor (then closed)."""
+        try:
+            size = os.fstat(fd).st_size
+            if self._max_size is not None and size > self._max_size:
+                raise ProtocolError(f"segment {ident} of {size} bytes is larger than the peer may hold")
+            if size == 0:
+                raise ProtocolError(f"segment {ident} is empty")
+            mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise ProtocolError(f"segment {ident} cannot be mapped: {exc}") from exc
+        finally:
+            os.close(fd)
+        with self._lock:
+            old = self._segments.get(ident)
+            self._segments[ident] = (mapping, memoryview(mapping))
+        if old is not None:
+            _unmap(*old)
+
+    def view(self, ident: int) -> memoryview:
+        found = self._segments.get(ident)
+        if found is None:
+            raise ProtocolError(f"segment {ident} was never sent")
+        return found[1]
+
+    def close(self) -> None:
+        with self._lock:
+            for mapping, view in self._segments.values():
+                _unmap(mapping, view)
+            self._segments.clear()
+
+
+def _unmap(mapping: mmap.mmap, view: memoryview) -> None:
+    view.release()
+    try:
+        mapping.close()
+    except BufferError:  # a zero-copy array still views it; the OS unmaps at exit
+        pass
+
+
+def send(sock: socket.socket, frame: bytes, fd: int | None) -> None:
+    """One packet: ``frame``, with ``fd`` as its ancillary data when given. Blocks when the
+    socket does (``BlockingIOError`` from a non-blocking one that is full)."""
+    if fd is None:
+        sock.send(frame)
+    else:
+        sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,)))])
+
+
+def receive(sock: socket.socket, buffer: bytearray, flags: int = 0) -> tuple[int, list[int]]:
+    """One packet into ``buffer``: its size (0 at EOF) and the descriptors it carried."""
+    size, ancillary, _, _ = sock.recvmsg_into((buffer,), _FD_SPACE, flags)
+    if not ancillary:
+        return size, []
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return size, list(fds)
+
+
+class _BigBytes:
+    """Stands in for a large ``bytes`` so that pickle takes it out of band (it copies exact
+    ``bytes`` into the frame and offers no hook for them)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _wrap_bytes(value: Any) -> Any:
+    """``value`` with every large ``bytes`` inside plain containers wrapped (copies only what changes)."""
+    kind = type(value)
+    if kind is bytes:
+        return _BigBytes(value) if len(value) >= OUT_OF_BAND else value
+    if kind is dict:
+        items = {key: _wrap_bytes(item) for key, item in value.items()}
+        return value if all(items[k] is value[k] for k in value) else items
+    if kind is list or kind is tuple:
+        parts = [_wrap_bytes(item) for item in value]
+        return value if all(a is b for a, b in zip(parts, value, strict=True)) else kind(parts)
+    return value
+
+
+def encode(kind: str, task: str, body: Any) -> bytes:
+    """One frame of protocol 1 holding a message, everything in band (the handshake's)."""
+    frame = pickle.dumps((kind, task, pickle.dumps(body, protocol=5), None, []), protocol=5)
+    return HEADER.pack(len(frame)) + frame
+
+
+def frame_length(header: bytes) -> int:
+    length: int = HEADER.unpack(header)[0]
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    return length
+
+
+class Unreadable:
+    """A message body this side cannot unpickle (a class that only the peer's environment has)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def decode(frame: bytes) -> tuple[str, str, Any]:
+    """``(kind, task, body)`` of a frame of protocol 1; a body that does not unpickle comes back
+    as :class:`Unreadable`. A frame that names a segment (protocol 1 and 2 peers put large bodies
+    in named files) is refused: this side maps none by name."""
+    try:
+        kind, task, payload, name, _ = pickle.loads(frame)
+    except Exception as exc:
+        raise ProtocolError(f"not a frame: {type(exc).__name__}: {exc}") from exc
+    if name is not None:
+        raise ProtocolError(f"the peer sent segment {name!r} by name (an older protocol)")
+    try:
+        body = pickle.loads(payload)
+    except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
+        body = Unreadable(exc)
+    return kind, task, body
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def pack(kind: str, task: int, body: Any, arena: Arena) -> tuple[bytes, int | None]:
+    """One compact frame (one packet) holding a message, at most :data:`MAX_MESSAGE` bytes, and
+    the descriptor to send with it (a segment's first use), else None.
+
+    A small body costs one ``pickle.dumps``; only a pickle that comes out large is looked at again
+    (large ``bytes`` taken out of band, then the pickle itself moved to shared memory if need be).
+    A segment starts with its table of spans, so the packet only names it, however many buffers.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND:
+            return True
+        buffers.append(buffer)
+        return False
+
+    data = pickle.dumps(body, 5, buffer_callback=out_of_band)
+    spill = False
+    if len(data) > INBAND_MAX:
+        wrapped = _wrap_bytes(body)
+        if wrapped is not body:
+            buffers.clear()
+            data = pickle.dumps(wrapped, 5, buffer_callback=out_of_band)
+        spill = len(data) > INBAND_MAX
+    if not buffers and not spill:
+        return _HEAD.pack(_CODES[kind], 0, task) + data, None
+    raws = [buffer.raw() for buffer in buffers]
+    if spill:
+        raws.append(memoryview(data))
+    table = _aligned(_COUNT.size + _SPAN.size * len(raws))
+    segment = arena.take(table + sum(_aligned(raw.nbytes) for raw in raws))
+    view = segment.view
+    _COUNT.pack_into(view, 0, len(raws))
+    offset = table
+    for index, raw in enumerate(raws):
+        view[offset:offset + raw.nbytes] = raw  # the one copy of the data
+        _SPAN.pack_into(view, _COUNT.size + _SPAN.size * index, offset, raw.nbytes)
+        offset += _aligned(raw.nbytes)
+    fd = None
+    flags = _SEGMENT | (_SPILLED if spill else 0)
+    if not segment.sent:
+        # the segment is lent to this message alone, and comes back only after the peer has
+        # read it: no other frame can use it before this one has delivered its descriptor
+        segment.sent = True
+        fd = segment.fd
+        flags |= _NEW
+    head = _HEAD.pack(_CODES[kind], flags, task) + _ID.pack(segment.id)
+    return (head if spill else head + data), fd
+
+
+def unpack(frame: memoryview, attachments: Attachments, *, copy: bool,
+           fds: list[int] | None = None) -> tuple[str, int, Any, int | None]:
+    """``(kind, task, body, segment)`` of a compact frame received with ``fds``; the caller
+    releases ``segment`` (a number) when done.
+
+    With ``copy`` the body owns its data and the segment may be released at once; without, arrays
+    view the (read-only) segment, which must stay lent until they are no longer used. A body that
+    does not unpickle comes back as :class:`Unreadable`.
+    """
+    try:
+        code, flags, task = _HEAD.unpack_from(frame)
+        kind = KINDS[code]
+    except (struct.error, IndexError) as exc:
+        _close(fds)
+        raise ProtocolError(f"not a frame of protocol {VERSION}: {exc}") from None
+    if not flags:
+        _close(fds)  # a peer that sends descriptors nobody asked for must not fill our table
+        try:
+            return kind, task, pickle.loads(frame[_HEAD.size:]), None
+        except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
+            return kind, task, Unreadable(exc), None
+    try:
+        ident = _ID.unpack_from(frame, _HEAD.size)[0]
+        if flags & _NEW:
+            if not fds:
+                raise ProtocolError("a frame announced a segment and carried no descriptor")
+            attachments.adopt(ident, fds.pop(0))
+        view = attachments.view(ident)
+        count = _COUNT.unpack_from(view)[0]
+        spans = [_SPAN.unpack_from(view, _COUNT.size + _SPAN.size * index) for index in range(count)]
+        if any(offset + length > len(view) for offset, length in spans):
+            raise ProtocolError(f"segment {ident} holds spans past its end")
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"bad segment in a frame: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _close(fds)
+    if flags & _SPILLED:
+        offset, length = spans.pop()
+        data: Any = view[offset:offset + length]
+    else:
+        data = frame[_HEAD.size + _ID.size:]
+    buffers = [bytearray(view[offset:offset + length]) if copy else view[offset:offset + length]
+               for offset, length in spans]
+    try:
+        body = pickle.loads(data, buffers=buffers)
+    except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
+        body = Unreadable(exc)
+    return kind, task, body, ident
+
+
+def _close(fds: list[int] | None) -> None:
+    while fds:
+        os.close(fds.pop())
