@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecompute.context import TaskContext
 from edgecompute.errors import InfeasibleRequest, InvalidRequest
 from edgecompute.models import Algorithm, Health, Request, Resources, Response
 
@@ -309,7 +310,7 @@ class MLExecutor:
                 self._runner = SplitRunner(torch.get_num_threads())
             return self._runner
 
-    async def execute(self, request: Request, ctx: Any) -> Response:
+    async def execute(self, request: Request, ctx: TaskContext) -> Response:
         task = self._bare(request)
         params = dict(request.params or {})
         if task in _VISION_TASKS:
@@ -324,7 +325,7 @@ class MLExecutor:
                                  f"valid: {', '.join(sorted(allowed))}")
         name = self._task_model(request, task)
         timings: dict[str, float] = {}
-        lm = self.cache.peek(name)
+        lm: Any = self.cache.peek(name)  # a LoadedModel or LoadedVisionModel, once loaded
         if lm is None:
             start = time.perf_counter()
             lm = await ctx.run_sync(self.cache.get, name)
@@ -341,7 +342,7 @@ class MLExecutor:
             return await self._speech_recognition(lm, request, params, ctx, timings)
         return await self._embeddings(lm, request, params, ctx, timings)
 
-    async def _text_generation(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
+    async def _text_generation(self, lm: Any, request: Request, params: dict[str, Any], ctx: TaskContext,
                                timings: dict[str, float]) -> Response:
         from ._tasks.generation import GenerationParams, build_prompt_ids, check_prompt_size, generate
 
@@ -363,7 +364,7 @@ class MLExecutor:
             timings["first_token"] = gen_timings["first_token"]
         return Response(result, timings=timings)
 
-    async def _speech_recognition(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
+    async def _speech_recognition(self, lm: Any, request: Request, params: dict[str, Any], ctx: TaskContext,
                                   timings: dict[str, float]) -> Response:
         from ._tasks.transcribe import speech_inputs, transcribe
 
@@ -390,7 +391,7 @@ class MLExecutor:
                 entry = self._batchers[lm.name] = (lm, batcher)
             return entry[1]
 
-    async def _embeddings(self, lm: Any, request: Request, params: dict[str, Any], ctx: Any,
+    async def _embeddings(self, lm: Any, request: Request, params: dict[str, Any], ctx: TaskContext,
                           timings: dict[str, float]) -> Response:
         from ._tasks.embeddings import embed_texts, normalize
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgecompute.context import TaskContext
 from edgecompute.errors import InvalidRequest
 from edgecompute.models import Response
 
@@ -248,7 +249,7 @@ def _top(lm: Any, probs: Any, k: int) -> list[dict[str, Any]]:
     return [{"label": lm.labels[int(i)], "score": float(s)} for s, i in zip(scores, indices, strict=True)]
 
 
-async def run_vision_task(executor: Any, task: str, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+async def run_vision_task(executor: Any, task: str, lm: Any, request: Any, params: dict[str, Any], ctx: TaskContext,
                           timings: dict[str, float]) -> Response:
     if task == IMAGE_CLASSIFICATION:
         return await _image_classification(executor, lm, request, params, ctx, timings)
@@ -257,7 +258,7 @@ async def run_vision_task(executor: Any, task: str, lm: Any, request: Any, param
     return await _object_detection(executor, lm, request, params, ctx, timings)
 
 
-async def _image_classification(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+async def _image_classification(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: TaskContext,
                                 timings: dict[str, float]) -> Response:
     top_k = _count(params, "top_k", 5)
     batch = params.get("batch", True)
@@ -292,7 +293,7 @@ def _text_ids(lm: Any, texts: list[str]) -> Any:
     return torch.tensor(ids, dtype=torch.long)
 
 
-async def _zero_shot(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+async def _zero_shot(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: TaskContext,
                      timings: dict[str, float]) -> Response:
     limits = executor.limits
     labels = params.get("candidate_labels")
@@ -330,7 +331,7 @@ async def _zero_shot(executor: Any, lm: Any, request: Any, params: dict[str, Any
     return Response(results[0] if single else results, timings=timings)
 
 
-async def _object_detection(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: Any,
+async def _object_detection(executor: Any, lm: Any, request: Any, params: dict[str, Any], ctx: TaskContext,
                             timings: dict[str, float]) -> Response:
     from .detection import postprocess
 
