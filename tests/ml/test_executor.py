@@ -172,7 +172,7 @@ async def test_concurrent_embeddings_are_batched_and_equal_unbatched(executor_fo
         alone = [(await scheduler.run("ml/embeddings", t, params={"batch": False})).outputs for t in texts]
         handles = [scheduler.submit(Request("ml/embeddings", t)) for t in texts]
         together = [(await h.result()).outputs for h in handles]
-    batcher = executor._batchers["bert"][1]
+        batcher = executor.batcher(executor.load("bert"))  # the model's batcher, the one that ran them
     assert max(batcher.batch_sizes) > 1
     assert max(batcher.batch_sizes) <= 8
     torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-5, rtol=0)

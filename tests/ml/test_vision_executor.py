@@ -84,7 +84,7 @@ async def test_concurrent_images_are_batched_and_equal_unbatched(vision_executor
         handles = [scheduler.submit(Request("ml/image-classification", im, params={"model": "mobilenet", "top_k": 5}))
                    for im in images]
         together = [(await h.result()).outputs for h in handles]
-    batcher = executor._batchers["mobilenet"][1]
+        batcher = executor.batcher(executor.load("mobilenet"))  # the model's batcher, the one that ran them
     assert 1 < max(batcher.batch_sizes) <= 8
     for a, b in zip(alone, together, strict=True):
         assert [r["label"] for r in a] == [r["label"] for r in b]
