@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from ._functions import FunctionExecutor
     from ._registry import Registry, Selection
     from ._runtime import MapIterator, Runtime
-    from ._scheduler import Scheduler, SchedulerStats, TaskHandle
+    from ._scheduler import Scheduler, SchedulerStats
+    from ._task import TaskHandle
     from .config import Config
     from .context import TaskContext
     from .executor import BlockingExecutor, Executor
@@ -47,7 +48,7 @@ _LAZY = {
     "SchedulerStats": "_scheduler",
     "Selection": "_registry",
     "TaskContext": "context",
-    "TaskHandle": "_scheduler",
+    "TaskHandle": "_task",
     "hookimpl": "hookspecs",
 }
 

@@ -14,7 +14,8 @@ The rules (docs/scheduler.md, "Order" and "Admission"):
   are not starved by small ones.
 - Limits. A task whose executor runs its ``max_concurrency`` tasks, or whose algorithm is not
   thread-safe and already runs, steps aside (it is parked) without blocking tasks of other
-  executors, and keeps its place: a freed slot puts the first parked task still queued back.
+  executors, and keeps its place: a freed slot puts the first parked task still queued back, and
+  so does a limited task that ends while queued (it may be the one put back).
 - Settled between events. Whatever could let a waiting task start (a submission, a release, a
   queued task ending, a freed slot) scans at once, so between events no task that admission may
   reach could start. That is what lets a submission that changes nothing skip the scan.
@@ -97,9 +98,16 @@ class Admission(Generic[T]):
         short = self.pool.short_of(needs)
         return not (short and self.held_back(needs, short, front_needs))
 
-    def ended(self) -> None:
-        """A queued task ended (cancelled, timed out): its entry goes stale, dropped when reached."""
+    def ended(self, limits: tuple[str, ...] = ()) -> None:
+        """A queued task ended (cancelled, timed out): its entry goes stale, dropped when reached.
+
+        A task with limits may have been the parked task a freed slot put back: its turn passes to
+        the next parked task still queued, or that one would wait for a slot nobody holds.
+        """
         self.queued -= 1
+        for key in limits:
+            if self.running[key] < self._limit_of(key):
+                self._unpark(key)
 
     def waiting(self) -> Iterator[T]:
         """The tasks in the queue or parked, stale entries included, in no particular order."""
@@ -246,9 +254,12 @@ class Admission(Generic[T]):
         """A task's code has stopped: its slots go to the first parked task still queued."""
         for key in limits:
             self.running[key] -= 1
-            parked = self.parked.get(key)
-            while parked:
-                entry = parked.popleft()
-                if entry[4].state is _QUEUED:
-                    self._push(entry)
-                    break
+            self._unpark(key)
+
+    def _unpark(self, key: str) -> None:
+        parked = self.parked.get(key)
+        while parked:
+            entry = parked.popleft()
+            if entry[4].state is _QUEUED:
+                self._push(entry)
+                break

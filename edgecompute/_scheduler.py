@@ -17,14 +17,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Never
-
-import attrs
 
 from ._admission import Admission
 from ._options import given, reject_unknown
-from ._registry import Registry, Selection
+from ._registry import Registry
+from ._task import Attempt, TaskHandle, TaskHost, TaskRecord, record_of
 from ._threads import ThreadPool
 from .config import Config
 from .context import TaskContext
@@ -52,210 +51,6 @@ _SUCCEEDED = TaskState.SUCCEEDED
 _current_task = asyncio.current_task
 
 SchedulerState = Literal["new", "running", "closing", "closed"]
-
-
-class TaskHandle:
-    """A submitted task: its state, its result, its stream of chunks, and a way to cancel it."""
-
-    __slots__ = (
-        "_allocation",
-        "_callbacks",
-        "_chunk_waiter",
-        "_chunks",
-        "_ctx",
-        "_deadline",
-        "_ended",
-        "_error",
-        "_inline",
-        "_limits",
-        "_needs",
-        "_response",
-        "_scheduler",
-        "_selection",
-        "_started_at",
-        "_streaming",
-        "_submitted_at",
-        "_task",
-        "_timer",
-        "_waiters",
-        "attempts",
-        "id",
-        "progress",
-        "request",
-        "state",
-    )
-
-    def __init__(self, scheduler: Scheduler, request: Request, selection: Selection, needs: Resources,
-                 limits: tuple[str, ...], deadline: float | None, now: float) -> None:
-        self.id = request.id
-        self.request = request
-        self.state = _QUEUED
-        #: The last progress the executor reported, 0..1, or None.
-        self.progress: float | None = None
-        #: How many times the task has started (more than one after retries).
-        self.attempts = 0
-        self._scheduler = scheduler
-        self._selection = selection
-        self._needs = needs
-        self._limits = limits
-        self._deadline = deadline
-        self._timer: asyncio.TimerHandle | None = None
-        self._response: Response | None = None
-        self._error: BaseException | None = None
-        self._waiters: list[asyncio.Future[None]] | None = None
-        self._chunks: collections.deque[Any] | None = None
-        self._chunk_waiter: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._allocation: Allocation | None = None
-        self._ctx: TaskContext | None = None
-        self._submitted_at = now
-        self._started_at = 0.0
-        self._streaming = False
-        self._ended = False  # state is terminal; a plain bool because enum hashing is slow
-        self._inline = False  # runs in the task that called Scheduler.run, not a task of its own
-        self._callbacks: list[Callable[[TaskHandle], None]] | None = None
-
-    def __repr__(self) -> str:
-        return f"<TaskHandle {self.id} {self.algorithm} {self.state.value}>"
-
-    @property
-    def algorithm(self) -> str:
-        """The qualified name of the algorithm running this task (``executor/algorithm``)."""
-        return self._selection.qualified_name
-
-    @property
-    def executor(self) -> str:
-        return self._selection.executor.name
-
-    @property
-    def resources(self) -> Resources:
-        """What the task reserves while it runs."""
-        return self._needs
-
-    def done(self) -> bool:
-        return self._ended
-
-    def exception(self) -> BaseException | None:
-        """The error the task ended with, None if it succeeded; only valid once done."""
-        if not self._ended:
-            raise InvalidRequest(f"task {self.id} has not finished ({self.state.value})")
-        return self._error
-
-    @property
-    def response(self) -> Response | None:
-        """The response of a task that succeeded; None while it runs or when it failed."""
-        return self._response
-
-    def drop_outputs(self) -> None:
-        """Let go of a finished task's outputs (its response keeps the rest): for a holder of many
-        finished handles that must bound the memory their results keep."""
-        if self._response is not None:
-            self._response = attrs.evolve(self._response, outputs=None)
-
-    @property
-    def inline(self) -> bool:
-        """Whether the task waits to run in the asyncio task that submitted it with
-        ``Scheduler.submit(request, inline=True)``: that task must then ``await
-        scheduler.run_inline(handle)``."""
-        return self._inline and self._task is not None and not self._ended
-
-    @property
-    def streaming(self) -> bool:
-        """Whether a reader is in :meth:`stream` now (one at a time)."""
-        return self._streaming
-
-    async def result(self, timeout: float | None = None) -> Response:
-        """Wait for the task to end; return its response or raise its error.
-
-        ``timeout`` (seconds) bounds the wait: past it, ``TimeoutError`` is raised and the task
-        goes on (cancel it with :meth:`cancel`). Cancelling the caller does not cancel the task
-        either. ``await handle`` is ``await handle.result()``.
-        """
-        if not self._ended:
-            waiter = self._scheduler._loop.create_future()
-            if self._waiters is None:
-                self._waiters = [waiter]
-            else:
-                self._waiters.append(waiter)
-            if timeout is None:
-                await waiter
-            else:
-                try:
-                    await asyncio.wait_for(waiter, timeout)
-                except TimeoutError:
-                    if self._waiters is not None and waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                    raise TimeoutError(f"task {self.id} ({self.algorithm}) did not end within {timeout:g} s; "
-                                       f"it is still {self.state.value}") from None
-        if self._error is not None:
-            raise self._error
-        assert self._response is not None
-        return self._response
-
-    def __await__(self) -> Generator[Any, None, Response]:
-        return self.result().__await__()
-
-    def add_done_callback(self, callback: Callable[[TaskHandle], None]) -> None:
-        """Call ``callback(handle)`` on the loop when the task ends (at once if it has)."""
-        if self._ended:
-            callback(self)
-        elif self._callbacks is None:
-            self._callbacks = [callback]
-        else:
-            self._callbacks.append(callback)
-
-    def cancel(self) -> bool:
-        """Cancel the task, queued or running. Returns False if it had already ended."""
-        return self._scheduler._cancel(self, TaskCancelled(f"task {self.id} ({self.algorithm}) was cancelled"))
-
-    async def stream(self) -> AsyncIterator[Any]:
-        """Yield the chunks the executor emits, in order, until the task ends.
-
-        Chunks emitted before the stream starts are kept and yielded first. One reader at a time.
-        If the task fails, the error is raised after the last chunk.
-        """
-        if self._streaming:
-            raise InvalidRequest(f"task {self.id} is already being streamed by another reader: a task's chunks "
-                                 "go to one reader, each chunk once; read them in one place and share them")
-        self._streaming = True
-        try:
-            while True:
-                chunks = self._chunks
-                while chunks:
-                    # a chunk leaves the buffer once the reader comes back for the next one: a reader
-                    # that fails while handling it leaves it for the next reader (nothing is lost)
-                    yield chunks[0]
-                    chunks.popleft()
-                if self._ended:
-                    break
-                self._chunk_waiter = self._scheduler._loop.create_future()
-                await self._chunk_waiter
-            if self._error is not None:
-                raise self._error
-        finally:
-            self._streaming = False
-
-    # -- called by the scheduler and the task context, on the loop --------------------------------
-
-    def _push_chunk(self, chunk: Any) -> None:
-        if self._ended:
-            return  # a late chunk from a cancelled task: nobody may read it any more
-        if self._chunks is None:
-            self._chunks = collections.deque()
-        self._chunks.append(chunk)
-        self._wake_stream()
-
-    def _wake_stream(self) -> None:
-        waiter = self._chunk_waiter
-        if waiter is not None:
-            self._chunk_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _set_progress(self, fraction: float) -> None:
-        if self.state is _RUNNING:
-            self.progress = fraction
-            self._scheduler._event("progress", self)
 
 
 def _covering(a: Resources, b: Resources) -> Resources:
@@ -332,13 +127,14 @@ class Scheduler:
             if settings.get("max_concurrency")
         }
         self._pool = ResourcePool(self.capacity)
-        self._admission: Admission[TaskHandle] = Admission(self._pool, config.aging, limits, self._start)
+        self._admission: Admission[TaskRecord] = Admission(self._pool, config.aging, limits, self._start)
         self._active = 0  # tasks in the RUNNING state
+        self._host = TaskHost(self._cancel, self._event, lambda: self._active)
         self._lingering = 0  # ended tasks whose blocking code still runs on a worker thread
         self._live = 0
-        # running tasks and their handles; a task leaves when its coroutine has really ended
-        self._tasks: dict[asyncio.Task[None], TaskHandle] = {}
-        self._retry_handles: set[TaskHandle] = set()
+        # running tasks and their records; a task leaves when its coroutine has really ended
+        self._tasks: dict[asyncio.Task[None], TaskRecord] = {}
+        self._retry_records: set[TaskRecord] = set()
         self._observers: list[Callable[[TaskEvent], None]] = []
         self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -347,7 +143,6 @@ class Scheduler:
         self._last_feasible: Resources | None = None
         self._state: SchedulerState = "new"
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on start
-        self._loop_thread = 0
         self._threads: ThreadPool = None  # type: ignore[assignment]  # set on start
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -375,8 +170,8 @@ class Scheduler:
         if self._state != "new":
             raise SchedulerClosed(f"a scheduler starts once; this one is {self._state}")
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._threads = ThreadPool(self._threads_wanted)
+        self._host.loop, self._host.loop_thread, self._host.threads = self._loop, threading.get_ident(), self._threads
         registry = self.registry
         hook = getattr(registry, "plugin_manager", None)
         if hook is not None and hook.hook.task_event.get_hookimpls():
@@ -436,14 +231,12 @@ class Scheduler:
                         "leaving them behind", len(self._tasks), self._lingering, grace)
 
     def _cancel_all(self) -> None:
-        handles = list(self._admission.waiting())
-        handles.extend(h for h in self._tasks.values() if not h._ended)
-        for handle in handles:
-            self._cancel(handle, TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled: "
-                                               "the scheduler closed"))
-        for handle in list(self._retry_handles):
-            self._cancel(handle, TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled: "
-                                               "the scheduler closed"))
+        records = list(self._admission.waiting())
+        records.extend(r for r in self._tasks.values() if not r.ended)
+        records.extend(self._retry_records)
+        for record in records:
+            self._cancel(record, TaskCancelled(f"task {record.id} ({record.selection.qualified_name}) was "
+                                               "cancelled: the scheduler closed"))
 
     # -- submitting -------------------------------------------------------------------------------
 
@@ -469,13 +262,13 @@ class Scheduler:
         if self._admission.queued >= self.max_queue:
             raise QueueFull(f"the queue holds {self._admission.queued} tasks, its bound (max_queue={self.max_queue}); "
                             "retry later or use 'await scheduler.asubmit(request)' to wait for room")
-        return self._enqueue(request, _current_task(self._loop) if inline else None)
+        return self._enqueue(request, _current_task(self._loop) if inline else None).public()
 
     async def run_inline(self, handle: TaskHandle) -> None:
         """Run a task that ``submit(request, inline=True)`` set to run here; returns when it
         ended (see its handle for how). Nothing to do for any other handle."""
         if handle.inline:
-            await self._execute(handle)
+            await self._execute(record_of(handle))
 
     async def asubmit(self, request: Request) -> TaskHandle:
         """Like :meth:`submit`, but waits for room in the queue instead of raising ``QueueFull``."""
@@ -513,25 +306,25 @@ class Scheduler:
         if self._state == "running" and self._admission.queued < self.max_queue:
             # our loop, not asyncio's look-up of the running one: the same loop while running
             # (its futures could not be awaited from another), and a call less per task
-            handle = self._enqueue(request, _current_task(self._loop))
+            record = self._enqueue(request, _current_task(self._loop))
         else:
-            handle = await self.asubmit(request)
-        if handle._inline and handle._task is not None:
+            record = record_of(await self.asubmit(request))
+        if record.inline and record.task is not None:
             # admitted at once: the task runs here, in the caller's task (a task that ended before
             # this step, because an observer of "started" cancelled it, has no task to run)
-            await self._execute(handle)
-        if handle._ended:  # the usual case after an inline run: no coroutine for result()
-            if handle._error is not None:
-                raise handle._error
-            assert handle._response is not None
-            return handle._response
+            await self._execute(record)
+        if record.ended:  # the usual case after an inline run: no coroutine for result()
+            if record.error is not None:
+                raise record.error
+            assert record.response is not None
+            return record.response
         try:
-            return await handle.result()
+            return await record.wait()
         finally:
-            if not handle._ended:
-                handle.cancel()  # our caller gave up, so does the task
+            if not record.ended:
+                self._cancel(record, record.cancelled_error())  # our caller gave up, so does the task
 
-    def _enqueue(self, request: Request, caller: asyncio.Task[Any] | None = None) -> TaskHandle:
+    def _enqueue(self, request: Request, caller: asyncio.Task[Any] | None = None) -> TaskRecord:
         """Queue a request, or start it at once when nothing waits and it fits.
 
         With ``caller`` (from :meth:`run`), a task that starts at once runs inline in the calling
@@ -571,157 +364,159 @@ class Scheduler:
         if timeout is None:
             timeout = self._max_timeout
         deadline = None if timeout is None else now + timeout
-        handle = TaskHandle(self, request, selection, needs, limits, deadline, now)
+        record = TaskRecord(self._host, request, selection, needs, limits, deadline, now)
         if deadline is not None:
-            handle._timer = self._loop.call_at(deadline, self._expire, handle)
+            record.timer = self._loop.call_at(deadline, self._expire, record)
         self._submitted += 1
         self._live += 1
         if self._observers:
-            self._event("submitted", handle)
+            self._event("submitted", record)
         admission = self._admission
         if not admission.heap and not limits and not admission.dispatching:
             # nothing waits ahead of it: admit straight away if it fits, skipping the heap
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
-                self._start(handle, allocation, caller, now)  # never counted as queued
-                return handle
-        if admission.queue(handle, needs, limits, now - request.priority * admission.aging):
+                self._start(record, allocation, caller, now)  # never counted as queued
+                return record
+        if admission.queue(record, needs, limits, now - request.priority * admission.aging):
             admission.dispatch()
-        return handle
+        return record
 
-    def _start(self, handle: TaskHandle, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
+    def _start(self, record: TaskRecord, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
                now: float | None = None) -> None:
         # a task taken off the heap has left the queue count already, and taken its concurrency
         # slots; one admitted as it was submitted never entered the queue, and has no limits
-        self._transition(handle, _RUNNING)
-        handle.attempts += 1
-        handle._allocation = allocation
+        self._transition(record, _RUNNING)
+        record.attempts += 1
+        record.allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
-        handle._started_at = time.monotonic() if now is None else now
-        handle._ctx = TaskContext(handle, handle._selection.algorithm, allocation.devices)
-        handle._inline = caller is not None
+        record.started_at = time.monotonic() if now is None else now
+        record.attempt = attempt = Attempt()
+        record.ctx = TaskContext(record.selection.algorithm, allocation.devices, attempt, record)
+        record.inline = caller is not None
         # inline, run() awaits _execute itself in the caller's task right after this returns
-        task = self._loop.create_task(self._execute(handle)) if caller is None else caller
-        handle._task = task
-        self._tasks[task] = handle
+        task = self._loop.create_task(self._execute(record)) if caller is None else caller
+        record.task = task
+        self._tasks[task] = record
         if self._observers:
-            self._event("started", handle)
+            self._event("started", record)
         if self._space_waiters:
             self._wake_space()
 
     # -- running ----------------------------------------------------------------------------------
 
-    async def _execute(self, handle: TaskHandle) -> None:
-        if handle._task is None:
+    async def _execute(self, record: TaskRecord) -> None:
+        if record.task is None:
             return  # it ended before its first step (cancelled at once); already cleaned up
-        selection = handle._selection
-        ctx = handle._ctx
-        assert ctx is not None
-        ctx._entered = True
+        selection = record.selection
+        ctx, attempt = record.ctx, record.attempt
+        assert ctx is not None and attempt is not None
+        attempt.entered = True
         try:
-            response = await selection.executor.execute(handle.request, ctx)
+            response = await selection.executor.execute(record.request, ctx)
             if type(response) is not Response and not isinstance(response, Response):
                 raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
                                     "not a Response")
         except asyncio.CancelledError:
-            if not self._absorb_cancel(handle):
+            if not self._absorb_cancel(record):
                 raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
-            self._failed(handle, exc)
+            self._failed(record, exc)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
-            if not handle._ended:
-                self._finish(handle, TaskState.FAILED, error=exc)
+            if not record.ended:
+                self._finish(record, TaskState.FAILED, error=exc)
             raise
         else:
-            if not handle._ended:
-                self._succeed(handle, response)
+            if not record.ended:
+                self._succeed(record, response)
         finally:
-            self._stopped(handle)
+            self._stopped(record)
 
-    def _absorb_cancel(self, handle: TaskHandle) -> bool:
+    def _absorb_cancel(self, record: TaskRecord) -> bool:
         """Whether the task's code may swallow the CancelledError it got.
 
-        We cancel a task only after _cancel gave the handle its terminal state. Our own tasks
+        We cancel a task only after _cancel gave the record its terminal state. Our own tasks
         swallow that cancellation and end cleanly. Run inline, the task is our caller's: absorb
         only our own request, and let any other cancellation through.
         """
-        if not handle._inline:
+        if not record.inline:
             return True
-        task = handle._task
-        if handle._ended and task is not None and task.uncancel() == 0:
+        task = record.task
+        if record.ended and task is not None and task.uncancel() == 0:
             return True
-        if not handle._ended:
-            self._finish(handle, TaskState.CANCELLED,
-                         error=TaskCancelled(f"task {handle.id} ({handle.algorithm}) was cancelled"))
+        if not record.ended:
+            self._finish(record, TaskState.CANCELLED,
+                         error=record.cancelled_error())
         return False
 
-    def _succeed(self, handle: TaskHandle, response: Response) -> None:
+    def _succeed(self, record: TaskRecord, response: Response) -> None:
         now = time.monotonic()
-        started = handle._started_at
-        submitted = handle._submitted_at
+        started = record.started_at
+        submitted = record.submitted_at
         timings = {"queued": started - submitted, "run": now - started, "total": now - submitted}
         if response.timings:
             timings = {**response.timings, **timings}
-        response = Response(response.outputs, handle._selection.executor.name, timings)
-        if (handle._timer is None and handle._waiters is None and handle._chunk_waiter is None
-                and handle._callbacks is None and not self._observers and not self._idle_waiters):
+        response = Response(response.outputs, record.selection.executor.name, timings)
+        if (record.timer is None and record.waiters is None and record.chunk_waiter is None
+                and record.callbacks is None and not self._observers and not self._idle_waiters):
             # _finish for the usual task: nobody waits on it or watches it
-            handle._response = response
-            handle._error = None
-            self._transition(handle, _SUCCEEDED)
+            record.response = response
+            record.error = None
+            self._transition(record, _SUCCEEDED)
         else:
-            self._finish(handle, _SUCCEEDED, response=response)
+            self._finish(record, _SUCCEEDED, response=response)
 
-    def _failed(self, handle: TaskHandle, exc: Exception) -> None:
-        if handle._ended:
+    def _failed(self, record: TaskRecord, exc: Exception) -> None:
+        if record.ended:
             return  # it already ended (cancelled, timed out); this failure is the executor unwinding
         if isinstance(exc, EdgeComputeError):
             error: EdgeComputeError = exc
         else:
-            error = ExecutorError(f"{handle.algorithm} failed on task {handle.id}: {type(exc).__name__}: {exc}")
+            error = ExecutorError(f"{record.selection.qualified_name} failed on task {record.id}: "
+                                  f"{type(exc).__name__}: {exc}")
             error.__cause__ = exc
-        retries = handle.request.retries if handle.request.retries is not None else self._retries
-        if error.retryable and handle.attempts <= retries and self._state == "running":
-            delay = min(self.config.retry_backoff * 2 ** (handle.attempts - 1), self.config.retry_backoff_max)
+        retries = record.request.retries if record.request.retries is not None else self._retries
+        if error.retryable and record.attempts <= retries and self._state == "running":
+            delay = min(self.config.retry_backoff * 2 ** (record.attempts - 1), self.config.retry_backoff_max)
             delay *= random.uniform(0.5, 1.0)  # jitter: retries of a burst do not return in lockstep
-            if handle._deadline is None or time.monotonic() + delay < handle._deadline:
-                self._transition(handle, _QUEUED)
-                handle._error = error  # kept for the record; cleared if a later attempt succeeds
-                self._retry_handles.add(handle)
-                self._event("retrying", handle, error)
-                self._loop.call_later(delay, self._requeue, handle)
+            if record.deadline is None or time.monotonic() + delay < record.deadline:
+                self._transition(record, _QUEUED)
+                record.error = error  # kept for the record; cleared if a later attempt succeeds
+                self._retry_records.add(record)
+                self._event("retrying", record, error)
+                self._loop.call_later(delay, self._requeue, record)
                 return
-        self._finish(handle, TaskState.FAILED, error=error)
+        self._finish(record, TaskState.FAILED, error=error)
 
-    def _requeue(self, handle: TaskHandle) -> None:
-        if handle not in self._retry_handles:
+    def _requeue(self, record: TaskRecord) -> None:
+        if record not in self._retry_records:
             return
-        self._retry_handles.discard(handle)
-        if handle.state is not _QUEUED:
+        self._retry_records.discard(record)
+        if record.state is not _QUEUED:
             return
-        handle._error = None
+        record.error = None
         admission = self._admission
         # a retry keeps its place: it re-enters with its original submission time and priority
-        if admission.queue(handle, handle._needs, handle._limits,
-                           admission.key(handle._submitted_at, handle.request.priority)):
+        if admission.queue(record, record.needs, record.limits,
+                           admission.key(record.submitted_at, record.request.priority)):
             admission.dispatch()
 
-    def _stopped(self, handle: TaskHandle) -> None:
-        task = handle._task
+    def _stopped(self, record: TaskRecord) -> None:
+        task = record.task
         if task is None:
             return  # already stopped
         del self._tasks[task]
-        handle._task = None
-        ctx = handle._ctx
-        assert ctx is not None
-        allocation, handle._allocation = handle._allocation, None
-        if ctx._threads_open == 0:
-            # The context refers back to its handle. Without this cycle both are freed by
+        record.task = None
+        attempt = record.attempt
+        assert attempt is not None
+        allocation, record.allocation = record.allocation, None
+        if attempt.threads_open == 0:
+            # The context refers back to its record. Without this cycle both are freed by
             # reference counting as soon as the caller lets go, instead of piling up (with their
             # request and response) for the cyclic GC, which then ran every ~100 tasks. Nothing
             # reads a stopped attempt's context: it is only lent to the executor for one attempt.
-            handle._ctx = None
-            if not handle._limits:  # the common case, without a closure
+            record.ctx = record.attempt = None
+            if not record.limits:  # the common case, without a closure
                 if allocation is not None:
                     self._pool.release(allocation)
                 admission = self._admission
@@ -734,14 +529,14 @@ class Scheduler:
                 if self._idle_waiters:
                     self._check_idle()
                 return
-        self._stopped_slowly(handle, ctx, allocation)
+        self._stopped_slowly(record, attempt, allocation)
 
-    def _stopped_slowly(self, handle: TaskHandle, ctx: TaskContext, allocation: Allocation | None) -> None:
+    def _stopped_slowly(self, record: TaskRecord, attempt: Attempt, allocation: Allocation | None) -> None:
         """_stopped's other cases: concurrency limits, or blocking code still on a worker thread.
 
         A method of its own so that _stopped does not make the closure's cells on every call.
         """
-        lingering = ctx._threads_open > 0
+        lingering = attempt.threads_open > 0
         if lingering:
             self._lingering += 1
 
@@ -750,101 +545,102 @@ class Scheduler:
                 self._lingering -= 1
             if allocation is not None:
                 self._pool.release(allocation)
-            if handle._limits:
-                self._admission.free_slots(handle._limits)
+            if record.limits:
+                self._admission.free_slots(record.limits)
             if self._admission.heap:
                 self._admission.dispatch()
             self._check_idle()
 
         # blocking code still running on a worker thread keeps its share until it returns
-        ctx._release_when_threads_done(release)
+        attempt.release_when_threads_done(release)
         if lingering and self._idle_waiters:
             self._check_idle()  # a close that does not wait for threads may go on
 
     # -- ending -----------------------------------------------------------------------------------
 
-    def _expire(self, handle: TaskHandle) -> None:
-        handle._timer = None
-        if handle._ended:
+    def _expire(self, record: TaskRecord) -> None:
+        record.timer = None
+        if record.ended:
             return
-        timeout = handle._deadline - handle._submitted_at if handle._deadline else 0.0
-        where = "running" if handle.state is _RUNNING else "in the queue"
-        self._cancel(handle, TaskTimeout(
-            f"task {handle.id} ({handle.algorithm}) passed its deadline of {timeout:g} s ({where}, "
-            f"attempt {max(handle.attempts, 1)})"), TaskState.TIMED_OUT)
+        timeout = record.deadline - record.submitted_at if record.deadline else 0.0
+        where = "running" if record.state is _RUNNING else "in the queue"
+        self._cancel(record, TaskTimeout(
+            f"task {record.id} ({record.selection.qualified_name}) passed its deadline of {timeout:g} s ({where}, "
+            f"attempt {max(record.attempts, 1)})"), TaskState.TIMED_OUT)
 
-    def _cancel(self, handle: TaskHandle, error: EdgeComputeError,
+    def _cancel(self, record: TaskRecord, error: EdgeComputeError,
                 state: TaskState = TaskState.CANCELLED) -> bool:
-        if handle._ended:
+        if record.ended:
             return False
-        was_queued = handle.state is _QUEUED
+        was_queued = record.state is _QUEUED
         if was_queued:
-            if handle in self._retry_handles:
-                self._retry_handles.discard(handle)
+            if record in self._retry_records:
+                self._retry_records.discard(record)
             else:
-                self._admission.ended()
+                self._admission.ended(record.limits)
                 self._wake_space()
-        self._finish(handle, state, error=error)
+        self._finish(record, state, error=error)
         if was_queued and self._admission.heap:
             self._admission.dispatch()  # it may have held back tasks behind it (backfill)
-        ctx, task = handle._ctx, handle._task
+        attempt, task = record.attempt, record.task
         if not was_queued:
-            if ctx is not None:
-                ctx._cancelled = True
+            if attempt is not None:
+                attempt.cancelled = True
             if task is not None:
-                if ctx is not None and not ctx._entered:
+                if attempt is not None and not attempt.entered:
                     # cancelled before its first step: its code never runs, so nothing would
                     # reach the finally that cleans up; and an inline caller's task is not ours
-                    if not handle._inline:
+                    if not record.inline:
                         task.cancel()
-                    self._stopped(handle)
+                    self._stopped(record)
                 else:
                     task.cancel()
         return True
 
-    def _finish(self, handle: TaskHandle, state: TaskState, *, response: Response | None = None,
+    def _finish(self, record: TaskRecord, state: TaskState, *, response: Response | None = None,
                 error: BaseException | None = None) -> None:
-        handle._response = response
-        handle._error = error
-        self._transition(handle, state)
-        if handle._timer is not None:
-            handle._timer.cancel()
-            handle._timer = None
-        waiters = handle._waiters
+        record.response = response
+        record.error = error
+        self._transition(record, state)
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        waiters = record.waiters
         if waiters is not None:
-            handle._waiters = None
+            record.waiters = None
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-        if handle._chunk_waiter is not None:
-            handle._wake_stream()
-        if handle._callbacks is not None:
-            callbacks, handle._callbacks = handle._callbacks, None
-            for callback in callbacks:
+        if record.chunk_waiter is not None:
+            record.wake_stream()
+        if record.callbacks is not None:
+            callbacks, record.callbacks = record.callbacks, None
+            for callback, handle in callbacks:
                 try:
                     callback(handle)
                 except Exception:
-                    log.exception("done callback %r of task %s failed", callback, handle.id)
+                    log.exception("done callback %r of task %s failed", callback, record.id)
         if self._observers:
-            self._event(state._value_, handle, error)
+            self._event(state._value_, record, error)
         if self._idle_waiters:
             self._check_idle()
 
-    def _transition(self, handle: TaskHandle, state: TaskState) -> None:
+    def _transition(self, record: TaskRecord, state: TaskState) -> None:
         """Give a task its next state: the one place that keeps the task counters in step with the
         states (running, live, finished by state).
 
         Where a waiting task waits is not a state: the queue counts its own tasks (``_admission``),
-        and a task waiting out a retry's backoff is in ``_retry_handles``.
+        and a task waiting out a retry's backoff is in ``_retry_records``.
         """
-        before = handle.state
-        handle.state = state
+        before = record.state
+        record.state = state
         if before is _RUNNING:
             self._active -= 1
         if state is _RUNNING:
             self._active += 1
         elif state is not _QUEUED:
-            handle._ended = True
+            record.ended = True
+            record.handle = None  # the back link a live task's handle needs (see _task); a cycle else
             self._finished[state._value_] += 1  # _value_: the plain attribute behind the slow .value
             self._live -= 1
 
@@ -888,11 +684,12 @@ class Scheduler:
 
         return unsubscribe
 
-    def _event(self, kind: str, handle: TaskHandle, error: BaseException | None = None) -> None:
+    def _event(self, kind: str, record: TaskRecord, error: BaseException | None = None) -> None:
         if not self._observers:
             return
-        event = TaskEvent(kind, handle.id, handle.algorithm, handle.executor, handle.state,
-                          time.time(), error, handle.progress)
+        selection = record.selection
+        event = TaskEvent(kind, record.id, selection.qualified_name, selection.executor.name, record.state,
+                          time.time(), error, record.progress)
         for observer in list(self._observers):
             try:
                 observer(event)
@@ -905,17 +702,17 @@ class Scheduler:
         A snapshot: the handles are live (their ``state`` moves on), but tasks submitted later are
         not in the list. Ended tasks are not kept (observe them with :meth:`subscribe`).
         """
-        seen: dict[int, TaskHandle] = {}
-        for handle in self._admission.waiting():
-            seen[id(handle)] = handle
-        for handle in self._tasks.values():
-            seen[id(handle)] = handle
-        for handle in self._retry_handles:
-            seen[id(handle)] = handle
+        seen: dict[int, TaskRecord] = {}
+        for record in self._admission.waiting():
+            seen[id(record)] = record
+        for record in self._tasks.values():
+            seen[id(record)] = record
+        for record in self._retry_records:
+            seen[id(record)] = record
         # the heap keeps entries of tasks that ended while queued until it reaches them
-        live = [handle for handle in seen.values() if not handle._ended]
-        live.sort(key=lambda handle: handle._submitted_at)
-        return live
+        live = [record for record in seen.values() if not record.ended]
+        live.sort(key=lambda record: record.submitted_at)
+        return [record.public() for record in live]
 
     def task(self, task_id: str) -> TaskHandle | None:
         """The live task whose id (its request's ``id``) is ``task_id``, or None if there is none
@@ -926,21 +723,10 @@ class Scheduler:
         return None
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(self._admission.queued, self._active, len(self._retry_handles), self._pool.in_use,
+        return SchedulerStats(self._admission.queued, self._active, len(self._retry_records), self._pool.in_use,
                               self.capacity, self._submitted, dict(self._finished))
 
     @property
     def idle(self) -> bool:
         """True when no task is queued, retrying or running and every resource is back."""
         return self._settled() and self._pool.idle
-
-    # -- thread plumbing for TaskContext ----------------------------------------------------------
-
-    def _on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._loop_thread
-
-    def _call_soon_threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the loop is closed: the task has long ended

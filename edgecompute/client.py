@@ -546,7 +546,7 @@ class Client:
             try:
                 return task.result()
             finally:
-                if task._document["state"] in _LIVE:
+                if task.state in _LIVE:
                     self._cancel_quietly(task.id)
         return _response(document)
 

@@ -370,14 +370,15 @@ class GrpcClient:
         (``KeyboardInterrupt``), the task is cancelled, as ``Runtime.run`` does."""
         timeout = options.get("timeout")
         request = self._core.submit_request(algorithm, inputs, options, timeout if timeout else _UNTIL_END)
-        task = GrpcTask(self, self._call(self._submit, request, wait=timeout, budget=timeout))
-        if task.state in _LIVE:
+        submitted: pb.Task = self._call(self._submit, request, wait=timeout, budget=timeout)
+        if submitted.state in _LIVE:
+            task = GrpcTask(self, submitted)
             try:
                 return task.result()
             finally:
-                if task._task.state in _LIVE:
+                if task.state in _LIVE:  # the last state the server reported: no round trip
                     self._cancel_quietly(task.id)
-        return _response(task._task)
+        return _response(submitted)
 
     def stream(self, algorithm: str, inputs: Any = None, **options: Any) -> Iterator[Any]:
         """Run one request and yield its chunks as they come; raises its error at the end. Leaving the
@@ -556,14 +557,15 @@ class AsyncGrpcClient:
         error. A caller cancelled after the server answered "still running" cancels the task."""
         timeout = options.get("timeout")
         request = self._core.submit_request(algorithm, inputs, options, timeout if timeout else _UNTIL_END)
-        task = AsyncGrpcTask(self, await self._call(self._submit, request, wait=timeout, budget=timeout))
-        if not task.done():
+        submitted: pb.Task = await self._call(self._submit, request, wait=timeout, budget=timeout)
+        if submitted.state in _LIVE:
+            task = AsyncGrpcTask(self, submitted)
             try:
                 return await task.result()
             finally:
                 if not task.done():
                     await self._cancel_quietly(task.id)
-        return _response(task._task)
+        return _response(submitted)
 
     async def stream(self, algorithm: str, inputs: Any = None, **options: Any) -> AsyncIterator[Any]:
         """Run one request and yield its chunks as they come; raises its error at the end. Leaving the

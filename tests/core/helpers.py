@@ -26,6 +26,7 @@ class Controlled:
         self.gates: dict[Any, asyncio.Event] = {}
         self.calls = 0
         self.closed = False
+        self.contexts: dict[Any, TaskContext] = {}  # the last context each (plain) input ran with
 
     def algorithms(self) -> Sequence[Algorithm]:
         return [
@@ -55,6 +56,8 @@ class Controlled:
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         self.calls += 1
         self.started.append(request.inputs)
+        if isinstance(request.inputs, (str, int, float)):
+            self.contexts[request.inputs] = ctx
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:

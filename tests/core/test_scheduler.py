@@ -140,7 +140,7 @@ async def test_gpu_memory_is_accounted_per_device() -> None:
         c = scheduler.submit(Request("ctl/gate", "c", resources=Resources(gpu_memory_mb=600)))
         await settle()
         assert (a.state, b.state, c.state) == (TaskState.RUNNING, TaskState.RUNNING, TaskState.QUEUED)
-        assert sorted(a._ctx.devices + b._ctx.devices) == [0, 1]  # type: ignore[union-attr]
+        assert sorted(ctl.contexts["a"].devices + ctl.contexts["b"].devices) == [0, 1]
         ctl.release("a")
         await a.result()
         await settle()
@@ -330,14 +330,14 @@ async def test_cancel_queued_and_running() -> None:
 
 
 async def test_cancelled_blocking_task_keeps_its_resources_until_the_thread_returns() -> None:
-    scheduler, _ = make(cpu=1)
+    scheduler, ctl = make(cpu=1)
     async with scheduler:
         handle = scheduler.submit(Request("ctl/block", 0.3))
         await asyncio.sleep(0.05)
         handle.cancel()
         with pytest.raises(TaskCancelled):
             await handle.result()
-        assert handle._ctx is not None and handle._ctx.cancelled
+        assert ctl.contexts[0.3].cancelled
         assert scheduler.stats().in_use.cpu == 1  # the thread still runs: its core is still taken
         follower = scheduler.submit(Request("ctl/echo", "after"))
         await settle()
