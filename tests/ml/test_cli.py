@@ -49,8 +49,8 @@ def test_list_refuses_a_bad_ml_table(tmp_path, capsys):
 def test_check_describes_a_model_or_names_the_problem(tmp_path, capsys, tiny_bert):
     code, out, _ = _run(capsys, "check", str(tiny_bert))
     assert code == 0 and json.loads(out)["family"] == "bert"
-    code, out, err = _run(capsys, "check", str(tiny_bert), "--dtype", "int4")
-    assert (code, out) == (1, "") and "dtype 'int4' is not supported" in err
+    code, out, err = _run(capsys, "check", str(tiny_bert), "--dtype", "complex64")
+    assert (code, out) == (1, "") and "dtype 'complex64' is not supported" in err
     code, out, err = _run(capsys, "check", str(tmp_path))
     assert (code, out) == (1, "") and "has no config.json" in err
 

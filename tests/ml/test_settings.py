@@ -30,7 +30,7 @@ def test_a_table_is_read_into_typed_settings(tmp_path):
 @pytest.mark.parametrize(("table", "message"), [
     ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps, not 'tpu'"),
     ({"device": "cuda:x"}, "device must be"),
-    ({"dtype": "int4"}, "dtype must be one of float32, float16, bfloat16, auto"),
+    ({"dtype": "complex64"}, "dtype must be one of float32, float16, bfloat16, auto"),
     ({"threads": 0}, "threads must be an integer >= 1"),
     ({"threads": True}, "threads must be an integer >= 1"),
     ({"memory_budget_mb": 0}, "memory_budget_mb must be a finite number > 0"),
