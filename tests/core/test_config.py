@@ -1,3 +1,6 @@
+"""docs/configuration.md: the file, the environment overrides ("Environment") and errors that name
+the key ("Errors"); test_config_semantics.py checks what each key means."""
+
 from __future__ import annotations
 
 from pathlib import Path

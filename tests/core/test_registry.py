@@ -1,3 +1,6 @@
+"""The registry: docs/plugins.md ("The protocol": names, versions, algorithms) and
+docs/getting-started.md ("Run something": bare names when unique, errors naming candidates)."""
+
 from __future__ import annotations
 
 import pytest

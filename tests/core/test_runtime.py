@@ -1,3 +1,6 @@
+"""Runtime, the blocking face: docs/getting-started.md ("Run something": run, submit, map, stream
+from plain code) and docs/scheduler.md ("Backpressure and closing", "Observing" from a Runtime)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -21,6 +21,8 @@ from edgecompute.server.protocol import uvicorn_config
 KEYS = {"alice": "ec_alice-test-key-0000000000000000000000000", "bob": "ec_bob-test-key-00000000000000000000000000",
         "limited": "ec_limited-test-key-000000000000000000000", "narrow": "ec_narrow-test-key-0000000000000000000000",
         "rated": "ec_rated-test-key-00000000000000000000000000"}
+#: opened by a test once it has read a stream's first token (generate's ``gate``)
+GATES: dict[str, threading.Event] = {}
 TOKENS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
 
 
@@ -39,11 +41,14 @@ def functions() -> FunctionExecutor:
         return {"sum": float(array.sum()), "doubled": array * 2}
 
     @app.algorithm(resources=Resources(cpu=0))
-    async def generate(inputs: Any, *, ctx: Any, delay: float = 0.05) -> Any:
-        """Emit a fixed sentence token by token, like a language model."""
-        for token in TOKENS:
+    async def generate(inputs: Any, *, ctx: Any, delay: float = 0.05, gate: str = "") -> Any:
+        """Emit a fixed sentence token by token, like a language model. With ``gate``, wait after
+        the first token until the test that named the gate has read that token."""
+        for index, token in enumerate(TOKENS):
             await asyncio.sleep(delay)
             await ctx.emit(token)
+            if gate and index == 0 and not await asyncio.to_thread(GATES[gate].wait, 10):
+                raise RuntimeError("nobody read the first token")
         return "".join(TOKENS)
 
     @app.algorithm(resources=Resources(cpu=0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from websockets.sync.client import connect as ws_connect
 from edgecompute import errors, wire
 from edgecompute.client import Client, NotFound, RateLimited, Unauthorized
 
-from .conftest import KEYS, TOKENS, Server, running, settings
+from .conftest import GATES, KEYS, TOKENS, Server, running, settings
 
 
 def auth(name: str) -> dict[str, str]:
@@ -172,28 +173,20 @@ def test_scopes_hold_for_qualified_and_bare_names_and_listings(server: Server) -
 # -- limits ----------------------------------------------------------------------------------------
 
 
-def test_the_rate_limit_holds_within_ten_percent(server: Server) -> None:
-    accepted = limited = 0
-    retry_after = set()
+def test_the_rate_limit_admits_the_burst_then_refuses(server: Server) -> None:
+    # counts, not timing: the key's burst (5) goes through, and a client that keeps asking is
+    # refused with 429 and Retry-After. The rate itself is the bucket's, checked on a clock the
+    # test sets (test_parts.py::test_token_bucket_admits_burst_then_rate)
+    statuses = []
     with httpx.Client(base_url=server.url, headers=auth("rated")) as client:
-        start = time.monotonic()
-        while time.monotonic() - start < 2.0:
+        for _ in range(200):
             response = client.get("/v1/tasks/none")
+            statuses.append(response.status_code)
             if response.status_code == 429:
-                limited += 1
-                retry_after.add(response.headers["retry-after"])
                 assert response.json()["type"] == "/problems/rate-limited"
-            else:
-                assert response.status_code == 404
-                accepted += 1
-        elapsed = time.monotonic() - start
-    expected = 5 + 20.0 * elapsed  # burst + rate * time
-    assert limited > accepted  # the client really pushed past the limit
-    assert accepted <= 1.1 * expected, (accepted, expected)  # the limit holds
-    # and it does not refuse much more than it should; a loaded machine can stall this one-connection
-    # client past the bucket's depth (5 tokens = 0.25 s), and the tokens it did not take are lost
-    assert accepted >= 0.75 * expected, (accepted, expected)
-    assert retry_after == {"1"}
+                assert response.headers["retry-after"] == "1"
+    assert statuses[:5] == [404] * 5  # the burst: a full bucket at the start
+    assert set(statuses) == {404, 429} and statuses.count(429) > 0
 
 
 def test_the_in_flight_cap_answers_429_then_frees_up(server: Server) -> None:
@@ -209,10 +202,19 @@ def test_the_in_flight_cap_answers_429_then_frees_up(server: Server) -> None:
 # -- streaming -------------------------------------------------------------------------------------
 
 
+def gated_generate(server: Server, gate: str) -> str:
+    """Start app/generate that holds back its second token until the test has read the first."""
+    GATES[gate] = threading.Event()
+    response = httpx.post(f"{server.url}/v1/tasks", headers=auth("alice"),
+                          json={"algorithm": "app/generate", "inputs": None, "params": {"gate": gate}})
+    return str(response.json()["id"])
+
+
 def test_sse_streams_token_by_token(server: Server) -> None:
-    task_id = submit(server, "alice", "app/generate", None, wait=None).json()["id"]
-    arrivals: list[tuple[float, Any]] = []
-    start = time.monotonic()
+    # order, not timing: the task cannot end before this reader has the first token, so a stream
+    # that held chunks back until the end would fail the task ("nobody read the first token")
+    task_id = gated_generate(server, "sse")
+    tokens: list[Any] = []
     end = None
     with httpx.stream("GET", f"{server.url}/v1/tasks/{task_id}/events", headers=auth("alice")) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -222,28 +224,26 @@ def test_sse_streams_token_by_token(server: Server) -> None:
                 event = line[7:]
             elif line.startswith("data: "):
                 if event == "chunk":
-                    arrivals.append((time.monotonic() - start, json.loads(line[6:])))
+                    tokens.append(json.loads(line[6:]))
+                    GATES["sse"].set()
                 else:
                     end = json.loads(line[6:])
-    assert [token for _, token in arrivals] == TOKENS
-    assert end is not None and end["outputs"] == "".join(TOKENS)
-    # ten tokens 50 ms apart: the first is in hand long before the last
-    assert arrivals[-1][0] - arrivals[0][0] > 0.3
+    assert tokens == TOKENS
+    assert end is not None and end["state"] == "succeeded" and end["outputs"] == "".join(TOKENS)
 
 
 def test_websocket_streams_token_by_token(server: Server) -> None:
-    task_id = submit(server, "alice", "app/generate", None, wait=None).json()["id"]
-    arrivals = []
-    start = time.monotonic()
+    task_id = gated_generate(server, "ws")  # as above: the second token waits for our read of the first
+    tokens = []
     with ws_connect(f"ws{server.url[4:]}/v1/tasks/{task_id}/ws", additional_headers=auth("alice")) as ws:
         for message in ws:
             document = json.loads(message)
             if document["type"] == "chunk":
-                arrivals.append((time.monotonic() - start, document["data"]))
+                tokens.append(document["data"])
+                GATES["ws"].set()
             else:
                 assert document["type"] == "end" and document["task"]["state"] == "succeeded"
-    assert [token for _, token in arrivals] == TOKENS
-    assert arrivals[-1][0] - arrivals[0][0] > 0.3
+    assert tokens == TOKENS
 
 
 def test_a_second_reader_of_one_stream_gets_409(server: Server) -> None:

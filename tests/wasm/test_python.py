@@ -106,12 +106,9 @@ def test_infinite_loop_times_out(wasm) -> None:
 
 
 def test_sleeping_guest_is_stopped_at_its_deadline(wasm) -> None:
-    import time
-
-    start = time.monotonic()
+    # no clock in the test: the guest would sleep for a day, so only a stop at the deadline ends it
     with pytest.raises(SandboxTimeout):
-        run(wasm, source="import time\ndef main(x):\n    time.sleep(60)", timeout=0.5)
-    assert time.monotonic() - start < 5
+        run(wasm, source="import time\ndef main(x):\n    time.sleep(86400)", timeout=0.5)
 
 
 def test_request_deadline_bounds_the_sandbox(wasm) -> None:
