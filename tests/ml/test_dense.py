@@ -41,6 +41,7 @@ def test_plain_when_onednn_is_switched_off(tiny_bert, tiny_vit):
 def test_packed_bert_equals_plain(tiny_bert):
     packed, plain = _load(tiny_bert, packed=True), _load(tiny_bert, packed=False)
     assert all(d.packed and d.weight.is_mkldnn for d in _dense_layers(packed.model))
+    assert sum(d.gelu for d in _dense_layers(packed.model)) == len(packed.model.layers)  # fused: the FFN's
     texts = ["a short one", "a somewhat longer sentence than the first", "x"]
     torch.testing.assert_close(embed_texts(packed, texts), embed_texts(plain, texts), atol=1e-5, rtol=1e-5)
     # a single text (no padding, no mask) and a padded batch agree row by row
@@ -68,5 +69,9 @@ def test_dense_matches_linear_for_any_rows():
         for shape in ((1, 16), (3, 5, 16), (0, 16)):
             x = torch.randn(*shape, generator=g)
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+    fused = Dense(w.clone(), b, torch.device("cpu"), torch.float32, gelu=True)
+    x = torch.randn(2, 16, generator=g)
+    torch.testing.assert_close(fused(x), torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)),
+                               atol=1e-5, rtol=1e-5)
     # a bfloat16 model is not packed (not every CPU has oneDNN's bfloat16 kernels)
     assert not Dense(w.bfloat16(), None, torch.device("cpu"), torch.bfloat16).packed

@@ -119,7 +119,8 @@ class BertModel:
                       torch.cat([w[s + "query.bias"], w[s + "key.bias"], w[s + "value.bias"]]), device, dtype),
                 Dense(w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"], device, dtype),
                 (w[q + "attention.output.LayerNorm.weight"], w[q + "attention.output.LayerNorm.bias"]),
-                Dense(w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"], device, dtype),
+                Dense(w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"], device, dtype,
+                      gelu=config.hidden_act == "gelu"),
                 Dense(w[q + "output.dense.weight"], w[q + "output.dense.bias"], device, dtype),
                 (w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"]),
             ))
@@ -151,7 +152,8 @@ class BertModel:
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
             attn = attn.transpose(1, 2).reshape(b, t, h)
             x = F.layer_norm(x + o_lin(attn), (h,), *ln1, eps=c.layer_norm_eps)
-            x = F.layer_norm(x + d_lin(self._act(i_lin(x))), (h,), *ln2, eps=c.layer_norm_eps)
+            inter = i_lin(x) if i_lin.gelu else self._act(i_lin(x))
+            x = F.layer_norm(x + d_lin(inter), (h,), *ln2, eps=c.layer_norm_eps)
         return x.float()
 
 

@@ -35,28 +35,34 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Dense:
-    """``y = x W^T + b`` for a float weight [N, K], prepacked where :func:`packing_available`."""
+    """``y = x W^T + b`` for a float weight [N, K], prepacked where :func:`packing_available`;
+    with ``gelu``, ``gelu(y)`` (exact, erf), fused into oneDNN's kernel when packed (one pass over
+    the output instead of two: ~9 us a MiniLM layer here)."""
 
-    __slots__ = ("bias", "packed", "shape", "weight")
+    __slots__ = ("bias", "gelu", "packed", "shape", "weight")
     bias: torch.Tensor | None
+    gelu: bool
     packed: bool
     shape: tuple[int, int]
     weight: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, *, gelu: bool = False) -> None:
         self.shape = (int(weight.shape[0]), int(weight.shape[1]))
         self.bias = bias
+        self.gelu = gelu
         self.packed = packing_available(device, dtype) and weight.dtype == dtype
         self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if self.packed
                        else weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias,
-                                                                   "none", [], "")
+            attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")  # "none": erf, not tanh
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, attr, [],
+                                                                   algorithm)
             return out
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y) if self.gelu else y
 
     @property
     def nbytes(self) -> int:

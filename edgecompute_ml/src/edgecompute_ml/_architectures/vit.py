@@ -173,7 +173,8 @@ class ViTEncoder:
                       device, dtype),
                 Dense(w[q + "attention.output.dense.weight"], w[q + "attention.output.dense.bias"], device, dtype),
                 (w[q + "layernorm_after.weight"], w[q + "layernorm_after.bias"]),
-                Dense(w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"], device, dtype),
+                Dense(w[q + "intermediate.dense.weight"], w[q + "intermediate.dense.bias"], device, dtype,
+                      gelu=config.hidden_act == "gelu"),
                 Dense(w[q + "output.dense.weight"], w[q + "output.dense.bias"], device, dtype),
             ))
         self._act = ACTIVATIONS[config.hidden_act]
@@ -217,7 +218,7 @@ class ViTEncoder:
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, t, h)
             x = x + o_lin(attn)
             y = F.layer_norm(x, (h,), *la, eps=c.layer_norm_eps)
-            x = x + d_lin(self._act(i_lin(y)))
+            x = x + d_lin(i_lin(y) if i_lin.gelu else self._act(i_lin(y)))
             if mid is not None and n < len(self.layers) - 1:
                 x = x + mid[n]
         return F.layer_norm(x, (h,), *self.ln, eps=c.layer_norm_eps)
