@@ -395,11 +395,13 @@ class WorkerExecutor:
 
     With ``workers`` > 1 it keeps that many, each a separate process under the one
     :class:`Supervisor`: a call goes to the live worker with the fewest calls in hand, and a
-    worker that dies is replaced in the background while the others go on serving.
+    worker that dies is replaced in the background while the others go on serving. With
+    ``kill_on_cancel`` a task cancelled while it runs kills its worker (for native code that
+    cannot notice a cancellation), as a task past its deadline always does.
     """
 
     def __init__(self, name: str, placement: Placement, settings: Mapping[str, Any] | None = None,
-                 factory: Any = None, *, workers: int = 1) -> None:
+                 factory: Any = None, *, workers: int = 1, kill_on_cancel: bool = False) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"placement of {name!r}: workers must be an integer >= 1, not {workers!r}")
         self.name = name
@@ -410,6 +412,7 @@ class WorkerExecutor:
             "factory": by_reference(factory),
         }
         self.supervisor = Supervisor(placement)
+        self._kill_on_cancel = kill_on_cancel
         first = _Connection(name, placement, self._setup)
         self._slots = [_Slot(first), *(_Slot(None) for _ in range(workers - 1))]
         self._burials: set[asyncio.Future[None]] = set()
@@ -497,11 +500,12 @@ class WorkerExecutor:
         try:
             outputs, timings = await future
         except asyncio.CancelledError:
-            if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+            late = ctx.deadline is not None and time.monotonic() >= ctx.deadline
+            if late or (self._kill_on_cancel and not connection.dead and task in connection.calls):
                 # past its deadline the task may be stuck where nothing can interrupt it (C code,
                 # a GPU kernel): kill the worker; its other tasks fail with ExecutorCrashed
-                log.warning("task %s of %r passed its deadline: killing worker %s", request.id, self.name,
-                            connection.pid)
+                log.warning("task %s of %r was %s: killing worker %s", request.id, self.name,
+                            "past its deadline" if late else "cancelled", connection.pid)
                 connection.killed_on_purpose = True
                 connection.kill()
                 connection.dead = True  # the next task must not be sent to it before its EOF arrives
@@ -524,10 +528,11 @@ class WorkerExecutor:
                 if connection is None:
                     continue
                 if not connection.dead:
-                    if connection.loop is loop:
-                        return connection
                     if connection.loop is None:
                         self._attach(connection)
+                    if connection.loop is loop:
+                        if len(self._slots) > 1:
+                            self._fill()  # the others start in the background, nobody waits for them
                         return connection
                     # alive, on another (finished) event loop: start afresh
                     slot.connection = None
@@ -605,9 +610,7 @@ class WorkerExecutor:
         supervisor = self.supervisor
         details: dict[str, Any] = {"placement": self.placement.kind, "python": self.report.get("python"),
                                    "crashes": supervisor.total_crashes, "restarts": supervisor.restarts}
-        if len(self._slots) > 1:
-            details["workers"] = [{"pid": pid, "state": "stopped" if pid is None else "running"}
-                                  for pid in self.pids]
+        details["workers"] = [{"pid": pid, "state": "stopped" if pid is None else "running"} for pid in self.pids]
         sandbox = next((slot.connection.sandbox for slot in self._slots if slot.connection is not None), None)
         if sandbox is not None:
             details["sandbox"] = sandbox.describe()

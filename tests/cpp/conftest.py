@@ -20,6 +20,12 @@ def testplug() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hostile() -> Path:
+    """A plugin that writes past the end of its input."""
+    return build_plugin(PLUGINS / "hostile.cpp")
+
+
+@pytest.fixture(scope="session")
 def oldabi() -> Path:
     return build_plugin(PLUGINS / "oldabi.cpp", flags=["-DEC_ABI_TARGET=1"])
 

@@ -9,9 +9,9 @@ import os
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 
@@ -92,11 +92,20 @@ def test_config_is_validated_cheaply() -> None:
         CppExecutor({"workers": 0})
     with pytest.raises(ConfigError, match="plugins must be a list of paths"):
         CppExecutor({"plugins": "/x.so"})
-    with pytest.raises(ConfigError, match="wait_below_us must be a number >= 0"):
-        CppExecutor({"isolation": "process", "wait_below_us": -1})
-    with pytest.raises(ConfigError, match="wait_below_us must be a number >= 0"):
-        CppExecutor(isolation="process", wait_below_us=True)
-    assert CppExecutor(isolation="process", wait_below_us=0).wait_below_us == 0.0
+    with pytest.raises(ConfigError, match="inline_below_us must be a number >= 0"):
+        CppExecutor({"inline_below_us": -1})
+    with pytest.raises(ConfigError, match="inline_below_us must be a number >= 0"):
+        CppExecutor(inline_below_us=True)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="compile_flags must be a list of strings"):
+        CppExecutor({"compile_flags": "-O3"})
+    with pytest.raises(ConfigError, match="builtin must be true or false"):
+        CppExecutor({"builtin": 1})
+    with pytest.raises(ConfigError, match="unknown setting.*wait_below_us"):  # gone with the old worker pool
+        CppExecutor({"isolation": "process", "wait_below_us": 0})
+    settings = CppExecutor({"isolation": "process", "max_inputs": 4}, workers=3).settings
+    assert (settings.isolation, settings.workers, settings.limits.max_inputs) == ("process", 3, 4)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        settings.workers = 1  # type: ignore[misc]
 
 
 def test_discovery_registers_cpp_and_passes_its_settings() -> None:
@@ -210,13 +219,11 @@ def test_the_gil_is_released_while_cpp_runs(testplug: Path) -> None:
         done.set()
 
     thread = threading.Thread(target=spin)
-    start = time.perf_counter()
     thread.start()
     ticks = 0
     while not done.is_set():
         ticks += 1  # pure Python: only runs while the C++ call has let go of the GIL
     thread.join()
-    assert time.perf_counter() - start >= 0.29
     assert ticks > 10_000
 
 
@@ -237,14 +244,14 @@ async def test_plugin_errors_are_typed(testplug: Path) -> None:
 async def test_a_timed_out_task_sets_the_cancel_flag_and_the_plugin_stops(testplug: Path) -> None:
     executor = CppExecutor(builtin=False, plugins=[str(testplug)])
     async with scheduler(executor) as s:
-        start = time.monotonic()
         with pytest.raises(TaskTimeout):
             await s.run("cpp/testplug.spin", params={"ms": 20_000}, timeout=0.3)
-        for _ in range(100):
+        for _ in range(100):  # at most 5 s of polling: the spin stops long before its 20 s, or this fails
             if executor.metrics().get("testplug.spin", {}).get("errors"):
                 break
             await asyncio.sleep(0.05)
-        assert time.monotonic() - start < 5  # it stopped long before its 20 s
+        else:
+            raise AssertionError("the plugin did not notice its cancellation")
     assert executor.metrics()["testplug.spin"]["errors"] == 1
 
 

@@ -16,6 +16,7 @@ MIN_ABI_VERSION = 1
 
 _LAZY = {
     "CppExecutor": "executor",
+    "CppSettings": "settings",
     "build_plugin": "_build",
     "include_dir": "_build",
     "cache_dir": "_build",
@@ -23,10 +24,11 @@ _LAZY = {
     "NoCompiler": "errors",
     "BundledPluginDown": "errors",
     "PluginABIError": "errors",
+    "PluginCallError": "errors",
 }
 
-__all__ = ["ABI_VERSION", "MIN_ABI_VERSION", "BundledPluginDown", "CompileError", "CppExecutor", "NoCompiler",
-           "PluginABIError", "build_plugin", "cache_dir", "include_dir"]
+__all__ = ["ABI_VERSION", "MIN_ABI_VERSION", "BundledPluginDown", "CompileError", "CppExecutor", "CppSettings",
+           "NoCompiler", "PluginABIError", "PluginCallError", "build_plugin", "cache_dir", "include_dir"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,12 +13,12 @@ from typing import Any
 import cffi  # type: ignore[import-untyped,unused-ignore]
 import numpy as np
 
-from edgecompute.errors import ExecutorError, InvalidRequest, PluginError
+from edgecompute.errors import InvalidRequest, PluginError
 
 from . import ABI_VERSION, MIN_ABI_VERSION
-from .errors import PluginABIError
+from .errors import PluginABIError, PluginCallError
 
-__all__ = ["AlgorithmInfo", "NativePlugin", "PluginCallError", "encode_params", "normalise_inputs"]
+__all__ = ["AlgorithmInfo", "NativePlugin", "encode_params", "normalise_inputs"]
 
 # The host always allocates the newest layout; structures only grow at their end, so a plugin
 # built for an older ABI reads and writes a prefix of them.
@@ -62,28 +62,7 @@ _NOT_CANCELLED = ffi.new("int32_t*")  # shared, always 0, for calls nobody can c
 EMPTY_PARAMS = _EMPTY_PARAMS = b"{}"
 _scratch = threading.local()
 _gc = ffi.gc
-# cffi's FFI methods are Python wrappers around its C backend: the hot path calls the backend
-# directly (a private attribute, stable since cffi 1.0; the public methods stand in without it)
-_backend: Any = getattr(ffi, "_backend", None)
 _CHAR_ARRAY = ffi.typeof("char[]")
-if all(hasattr(_backend, name) for name in ("from_buffer", "cast", "memmove")):
-    _backend_from_buffer = _backend.from_buffer
-    _backend_cast = _backend.cast
-    _backend_memmove = _backend.memmove
-else:  # pragma: no cover - a cffi without the backend attribute
-    def _backend_from_buffer(cdecl: Any, obj: Any, require_writable: bool) -> Any:
-        return ffi.from_buffer(cdecl, obj, require_writable=require_writable)
-
-    _backend_cast = ffi.cast
-    _backend_memmove = ffi.memmove
-
-
-class PluginCallError(ExecutorError):
-    """A plugin returned an error code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class AlgorithmInfo:
@@ -185,7 +164,7 @@ class NativePlugin:
                                      f"at most {MAX_DIMS} are supported")
             _HEADS[ndim].pack_into(view, i * _BUFFER_SIZE, 0, DTYPE_CODES[array.dtype], ndim, *array.shape)
             b = buffers[i]
-            data = _backend_from_buffer(_CHAR_ARRAY, array, False)
+            data = ffi.from_buffer(_CHAR_ARRAY, array, require_writable=False)
             keep.append(data)
             b.data = data
             if input_name is not None:
@@ -244,7 +223,7 @@ class NativePlugin:
                     # tying the memory's lifetime to an array.
                     array = np.empty(shape, dtype)
                     if nbytes:
-                        _backend_memmove(array, _backend_cast(_CHAR_P, data), nbytes)
+                        ffi.memmove(array, ffi.cast(_CHAR_P, data), nbytes)
                 else:
                     if shared is None and owner_cdata is not None:
                         shared = _gc(owner_cdata, self._release)

@@ -40,10 +40,9 @@ from edgecompute.errors import (
 )
 
 from . import ABI_VERSION, MIN_ABI_VERSION
-from ._native import PluginCallError
 from ._shared import Reservation, SharedHeap
 from ._worker import MAX_MESSAGE, align, new_arena_file
-from .errors import PluginABIError
+from .errors import PluginABIError, PluginCallError
 
 __all__ = ["Ticket", "Worker", "WorkerPool"]
 

@@ -83,7 +83,8 @@ def main(argv: list[str]) -> None:
 
     from edgecompute.errors import EdgeComputeError, InvalidRequest
 
-    from ._native import NativePlugin, PluginCallError
+    from ._native import NativePlugin
+    from .errors import PluginCallError
 
     sock = socket.socket(fileno=int(argv[0]))
     arena = Arena(argv[1])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edgecompute.errors import PluginError
+from edgecompute.errors import ExecutorError, PluginError
 
-__all__ = ["BundledPluginDown", "CompileError", "NoCompiler", "PluginABIError"]
+__all__ = ["BundledPluginDown", "CompileError", "NoCompiler", "PluginABIError", "PluginCallError"]
 
 
 class CompileError(PluginError):
@@ -69,3 +69,16 @@ class PluginABIError(PluginError):
         )
         self.found = found
         self.supported = supported
+
+
+class PluginCallError(ExecutorError):
+    """A plugin's algorithm returned an error status, or outputs the ABI does not allow; ``code``
+    is the status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[type[PluginCallError], tuple[str, int]]:
+        # whole, across a worker process's socket (the default would drop the code)
+        return type(self), (str(self), self.code)

@@ -2,7 +2,9 @@
 
 This module imports only the standard library and edgecompute: cffi, numpy and the compiler are
 used when the executor first loads its plugins (on ``algorithms()``, i.e. when the registry first
-builds it), never on import or construction.
+builds it), never on import or construction. ``process`` isolation is the placement layer's
+:class:`~edgecompute.placement.WorkerExecutor` running this executor (``inprocess``) in
+supervised worker processes: one arena, one protocol, one supervisor for every worker process.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgecompute.errors import ConfigError, EdgeComputeError, ExecutorCrashed, InvalidRequest, PluginError, TaskTimeout
+from edgecompute.context import TaskContext
+from edgecompute.errors import EdgeComputeError, ExecutorCrashed, InvalidRequest, PluginError, TaskTimeout
 from edgecompute.models import Algorithm, Health, HealthStatus, Request, Resources, Response
 
 from . import __version__
-from ._limits import LIMITS, Limits
+from ._limits import Limits
+from .settings import CppSettings
 
 if TYPE_CHECKING:
-    from edgecompute.context import TaskContext
+    from edgecompute.placement import WorkerExecutor
 
     from ._native import NativePlugin
-    from ._process import WorkerPool
 
 __all__ = ["ENTRY_POINT_GROUP", "PLUGIN_PATH_ENV", "CppExecutor"]
 
@@ -35,11 +38,6 @@ log = logging.getLogger("edgecompute.cpp")
 
 ENTRY_POINT_GROUP = "edgecompute_cpp.plugins"
 PLUGIN_PATH_ENV = "EDGECOMPUTE_CPP_PLUGIN_PATH"
-ISOLATIONS = ("inprocess", "process")
-_CONFIG_KEYS = {"isolation", "workers", "plugins", "builtin", "inline_below_us", "wait_below_us", "compile_flags",
-                *LIMITS,
-                # read by the core (registry, scheduler), not by the executor
-                "enabled", "max_concurrency"}
 _MiB = float(1 << 20)
 
 
@@ -60,7 +58,7 @@ class _Plugin:
 class _Entry:
     __slots__ = ("algorithm", "builtin", "check", "fast", "metrics", "native_name", "plugin", "qualified")
 
-    def __init__(self, algorithm: Algorithm, plugin: _Plugin, native_name: str,
+    def __init__(self, algorithm: Algorithm, plugin: _Plugin | None, native_name: str,
                  check: Callable[[Any, Mapping[str, Any], Limits, str], int], builtin: bool) -> None:
         self.algorithm = algorithm
         self.plugin = plugin
@@ -88,56 +86,44 @@ class _Loaded:
         self.down: list[Algorithm] = []
 
 
-def _microseconds(key: str, given: float | None, config: Mapping[str, Any], default: float) -> float:
-    """A duration setting: the keyword argument, else the config's, else the default; >= 0."""
-    value = given if given is not None else config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"[executors.cpp] {key} must be a number >= 0, not {value!r}")
-    return float(value)
+class _CallContext(TaskContext):
+    """What a synchronous :meth:`CppExecutor.call` in ``process`` isolation hands the worker layer:
+    its deadline; a plugin streams nothing."""
 
+    __slots__ = ("_until",)
 
-def _check_config(config: Mapping[str, Any]) -> None:
-    unknown = set(config) - _CONFIG_KEYS
-    if unknown:
-        raise ConfigError(f"[executors.cpp]: unknown setting(s) {', '.join(sorted(unknown))}; "
-                          f"valid: {', '.join(sorted(_CONFIG_KEYS - {'enabled', 'max_concurrency'}))}")
+    def __init__(self, algorithm: Algorithm, deadline: float | None) -> None:
+        # not TaskContext.__init__: no scheduler runs this call
+        self.algorithm = algorithm
+        self.devices = ()
+        self._until = deadline
 
+    @property
+    def deadline(self) -> float | None:
+        return self._until
 
-def _loop_is_idle() -> bool:
-    """Whether nothing else waits to run on this event loop: the tasks of an ``asyncio.gather``,
-    say, that have not taken their first step yet, so the scheduler does not count them. asyncio
-    keeps them in a private queue; a loop without it (uvloop) is taken to be idle."""
-    ready = getattr(asyncio.get_running_loop(), "_ready", None)
-    return not ready
+    def emit_nowait(self, chunk: Any) -> None:
+        pass
+
+    def progress(self, done: float, total: float | None = None) -> None:
+        pass
 
 
 class CppExecutor:
     """Runs the algorithms of native C++ plugins.
 
-    Settings (the ``[executors.cpp]`` table, or keyword arguments, which win):
-
-    * ``isolation``: ``"inprocess"`` (default; fastest, zero-copy) or ``"process"`` (plugins run in
-      worker processes; a crash fails only its task).
-    * ``workers``: worker processes in ``process`` mode (default 2).
-    * ``plugins``: extra plugin libraries (``.so``) or C++ sources to load.
-    * ``builtin``: load the bundled plugin (default true).
-    * ``inline_below_us``: in-process calls that took less than this last time (for inputs of the
-      same size) run on the event loop instead of a worker thread; 0 disables (default 100).
-    * ``wait_below_us``: in ``process`` mode, a call from the event loop whose last round trip took
-      less than this, made while nothing else runs (no other task of the scheduler, nothing else
-      ready on the loop), blocks the loop until its reply instead of waiting through its
-      selector (a call under 150 us does so anyway); 0 disables (default 1000).
-    * ``compile_flags``: extra compiler flags for plugins given as source.
-    * ``max_input_bytes``, ``max_output_bytes``, ``max_scratch_bytes``, ``max_work``,
-      ``max_fft_length``, ``max_inputs``: what one request may ask (see ``_limits.LIMITS`` and
-      docs/cpp.md, "Limits"); every request is checked against them before native code runs.
+    Settings (the ``[executors.cpp]`` table, or keyword arguments, which win): see
+    :class:`~edgecompute_cpp.settings.CppSettings`. Every request is checked against the limits
+    before native code runs (in ``process`` isolation, before it is sent).
 
     Plugins come from the bundled plugin, ``plugins``, the ``edgecompute_cpp.plugins`` entry points
     and ``$EDGECOMPUTE_CPP_PLUGIN_PATH``. The bundled plugin's algorithms have bare names
     (``cpp/gaussian_blur``); every other plugin's are ``<plugin>.<algorithm>``.
 
-    In ``process`` mode, arrays made with :meth:`empty` and large outputs live in memory that the
-    workers share, and cross to them without a copy.
+    In ``process`` isolation a worker gets its inputs read-only in memory only the host writes, and
+    the host copies every output out as it arrives: a plugin that writes past its buffers cannot
+    change another task's outputs. A crashed worker fails only the tasks it had in hand and is
+    replaced in the background while the other workers serve.
     """
 
     name = "cpp"
@@ -145,29 +131,18 @@ class CppExecutor:
 
     def __init__(self, config: Mapping[str, Any] | None = None, *, isolation: str | None = None,
                  workers: int | None = None, plugins: Sequence[str | os.PathLike[str]] | None = None,
-                 builtin: bool | None = None, inline_below_us: float | None = None,
-                 wait_below_us: float | None = None) -> None:
-        config = dict(config or {})
-        _check_config(config)
-        self.isolation = isolation if isolation is not None else config.get("isolation", "inprocess")
-        if self.isolation not in ISOLATIONS:
-            raise ConfigError(f"[executors.cpp] isolation must be one of {', '.join(ISOLATIONS)}, "
-                              f"not {self.isolation!r}")
-        self.workers = workers if workers is not None else config.get("workers", 2)
-        if type(self.workers) is not int or self.workers < 1:
-            raise ConfigError(f"[executors.cpp] workers must be an integer >= 1, not {self.workers!r}")
-        extra = plugins if plugins is not None else config.get("plugins", [])
-        if isinstance(extra, (str, os.PathLike)) or not all(isinstance(p, (str, os.PathLike)) for p in extra):
-            raise ConfigError(f"[executors.cpp] plugins must be a list of paths, not {extra!r}")
-        self.extra_plugins = [str(p) for p in extra]
-        self.builtin = builtin if builtin is not None else config.get("builtin", True)
-        if not isinstance(self.builtin, bool):
-            raise ConfigError(f"[executors.cpp] builtin must be true or false, not {self.builtin!r}")
-        self._inline_s = _microseconds("inline_below_us", inline_below_us, config, 100.0) / 1e6
-        self.wait_below_us = _microseconds("wait_below_us", wait_below_us, config, 1000.0)
-        self.compile_flags = list(config.get("compile_flags", []))
+                 builtin: bool | None = None, inline_below_us: float | None = None) -> None:
+        settings = self.settings = CppSettings.from_config(
+            config, isolation=isolation, workers=workers, plugins=plugins, builtin=builtin,
+            inline_below_us=inline_below_us)
+        self.isolation = settings.isolation
+        self.workers = settings.workers
+        self.extra_plugins = list(settings.plugins)
+        self.builtin = settings.builtin
+        self._inline_s = settings.inline_below_us / 1e6
+        self.compile_flags = list(settings.compile_flags)
         #: what one request may ask (see _limits.LIMITS and docs/cpp.md, "Limits")
-        self.limits = Limits(config)
+        self.limits: Limits = settings.limits
         #: the request requirements() last checked, with its checked inputs and params, for
         #: execute() to take instead of checking again: (request, arrays, encoded params, bytes)
         self._checked: tuple[Request, Any, bytes, int] | None = None
@@ -176,9 +151,20 @@ class CppExecutor:
         self._reservations: dict[tuple[Resources, int], Resources] = {}
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
-        self._pool: WorkerPool | None = None
+        #: process isolation: this executor, in-process, in supervised worker processes
+        self._remote: WorkerExecutor | None = None
+        #: the event loop (on a thread of its own) that synchronous call()s of process isolation use
+        self._calls_loop: asyncio.AbstractEventLoop | None = None
+        self._calls_thread: threading.Thread | None = None
         self._metrics_lock = threading.Lock()
         self._closed = False
+
+    @property
+    def pids(self) -> list[int | None]:
+        """In ``process`` isolation, each worker process's pid (None where none is alive now);
+        empty in ``inprocess`` isolation and before the plugins are loaded."""
+        remote = self._remote
+        return [] if remote is None else remote.pids
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -221,13 +207,11 @@ class CppExecutor:
         return found
 
     def _load(self) -> _Loaded:
+        if self.isolation == "process":
+            return self._load_remote()
         from ._build import SOURCE_SUFFIXES, build_plugin
 
         loaded = _Loaded()
-        if self.isolation == "process" and self._pool is None:
-            from ._process import WorkerPool
-
-            self._pool = WorkerPool(self.workers, self.wait_below_us)
         for source, target in self._sources(loaded.problems):
             label = "the bundled plugin" if source == "builtin" else f"{target} (from {source})"
             try:
@@ -252,6 +236,30 @@ class CppExecutor:
             log.warning("%s", problem)
         return loaded
 
+    def _load_remote(self) -> _Loaded:
+        """Start the worker processes (each loads the plugins, in-process there) and learn the
+        algorithms from the first one's hello: the host checks requests against them before any
+        is sent, but loads no plugin itself."""
+        from functools import partial
+
+        from edgecompute.placement import Placement, WorkerExecutor
+
+        from ._checks import check_builtin, check_plugin, has_spec
+
+        table = {**self.settings.table(), "isolation": "inprocess"}
+        # a plugin call cannot notice a cancellation: cancelling a running task kills its worker
+        remote = WorkerExecutor("cpp", Placement.process(), table, type(self), workers=self.workers,
+                                kill_on_cancel=True)
+        loaded = _Loaded()
+        for algorithm in remote.algorithms():
+            bare = "." not in algorithm.name  # the bundled plugin's algorithms have bare names
+            native_name = algorithm.name if bare else algorithm.name.partition(".")[2]
+            known = bare and has_spec(algorithm.name)
+            check = partial(check_builtin, algorithm.name) if known else check_plugin
+            loaded.entries[algorithm.name] = _Entry(algorithm, None, native_name, check, known)
+        self._remote = remote
+        return loaded
+
     @staticmethod
     def _mark_builtin_down(loaded: _Loaded, problem: PluginError) -> None:
         from ._checks import BUNDLED
@@ -262,15 +270,10 @@ class CppExecutor:
                        for name in BUNDLED if name not in loaded.entries]
 
     def _add(self, loaded: _Loaded, path: str, source: str, label: str) -> None:
-        native = None
-        if self.isolation == "inprocess":
-            from ._native import NativePlugin
+        from ._native import NativePlugin
 
-            native = NativePlugin(path, label)
-            info = native.describe()
-        else:
-            assert self._pool is not None
-            info = self._pool.describe(path, label)
+        native = NativePlugin(path, label)
+        info = native.describe()
         name = info["name"]
         if name in loaded.plugins:
             raise PluginError(label, f"a plugin named {name!r} is already loaded from {loaded.plugins[name].path}")
@@ -355,55 +358,44 @@ class CppExecutor:
             arrays, params = checked[1], checked[2]
         else:
             arrays, params, _ = self._prepare(entry, request.inputs, request.params)
-        if self._pool is None:
-            size = 0
-            for _, array in arrays:
-                size += array.nbytes
-            key = size.bit_length()
-            last = entry.fast.get(key)
-            if last is not None and last < self._inline_s:
-                outputs = self._run_inprocess(entry, arrays, params, None, key)  # cheaper than a thread hop
-            else:
-                flag = native.ffi.new("int32_t*")
-                try:
-                    outputs = await ctx.run_sync(self._run_inprocess, entry, arrays, params, flag, key)
-                except asyncio.CancelledError:
-                    flag[0] = 1  # the plugin may poll result->cancelled and stop early
-                    raise
+        if self._remote is not None:
+            return await self._execute_remote(entry, request, ctx)  # checked here, run there
+        size = 0
+        for _, array in arrays:
+            size += array.nbytes
+        key = size.bit_length()
+        last = entry.fast.get(key)
+        if last is not None and last < self._inline_s:
+            outputs = self._run_inprocess(entry, arrays, params, None, key)  # cheaper than a thread hop
         else:
-            outputs = await self._run_process_async(entry, arrays, params, ctx)
+            flag = native.ffi.new("int32_t*")
+            try:
+                outputs = await ctx.run_sync(self._run_inprocess, entry, arrays, params, flag, key)
+            except asyncio.CancelledError:
+                flag[0] = 1  # the plugin may poll result->cancelled and stop early
+                raise
         if not entry.builtin:
             self._bound_outputs(entry, outputs)
         return Response(outputs[0][1] if len(outputs) == 1 else _shape_outputs(outputs))
 
-    async def _run_process_async(self, entry: _Entry, arrays: Any, params: bytes, ctx: TaskContext) -> Any:
-        assert self._pool is not None
+    async def _execute_remote(self, entry: _Entry, request: Request, ctx: TaskContext) -> Response:
+        remote = self._remote
+        assert remote is not None
         start = time.perf_counter()
         try:
-            # on the loop when a worker is idle and the inputs are small: no thread hop each way
-            outputs = await self._pool.acall(entry.plugin.path, entry.qualified, entry.native_name, params, arrays,
-                                             ctx.deadline, alone=ctx.running == 1 and _loop_is_idle())
+            response = await remote.execute(request, ctx)
         except BaseException as exc:
             self._record(entry, time.perf_counter() - start, exc)
             raise
-        if outputs is not None:
-            self._record(entry, time.perf_counter() - start, None)
-            return outputs
-        from ._process import Ticket
-
-        ticket = Ticket()
-        try:
-            return await ctx.run_sync(self._run_process, entry, arrays, params, ticket, ctx.deadline)
-        except asyncio.CancelledError:
-            ticket.cancel()  # kills the worker running it; the next call starts a fresh one
-            raise
+        self._record(entry, time.perf_counter() - start, None)
+        return response
 
     def blocking(self, request: Request) -> Callable[[Request, TaskContext], Response] | None:
         """The in-process call as a plain function, for callers with a thread that may block.
 
-        A worker process of the ``process`` placement runs it on the thread that read the request,
-        which saves two thread hops per call (see ``edgecompute.executor.blocking_call``). The
-        ``process`` isolation mode has workers of its own and answers None.
+        A worker process of the placement layer runs it on the thread that read the request, which
+        saves two thread hops per call (see ``edgecompute.executor.blocking_call``); ``process``
+        isolation is such a worker running this executor ``inprocess``, and answers None itself.
         """
         return self._call_blocking if self.isolation == "inprocess" else None
 
@@ -417,17 +409,40 @@ class CppExecutor:
 
     def call(self, algorithm: str, inputs: Any = None, params: Mapping[str, Any] | None = None, *,
              timeout: float | None = None) -> Any:
-        """Run an algorithm now, on this thread, without a scheduler (for scripts and benchmarks)."""
+        """Run an algorithm now, without a scheduler (for scripts and benchmarks): on this thread,
+        or in ``process`` isolation on a worker process, waiting for it at most ``timeout`` seconds
+        (past it the worker is killed and :class:`TaskTimeout` raised)."""
         entry = self._lookup(algorithm.rpartition("/")[2])
         arrays, encoded, _ = self._prepare(entry, inputs, params or {})
-        if self._pool is None:
-            outputs = self._run_inprocess(entry, arrays, encoded, None, None)
-        else:
+        if self._remote is not None:
+            request = Request(f"cpp/{entry.algorithm.name}", inputs, params or {})
             deadline = None if timeout is None else time.monotonic() + timeout
-            outputs = self._run_process(entry, arrays, encoded, None, deadline)
+            return asyncio.run_coroutine_threadsafe(self._call_remote(entry, request, deadline),
+                                                    self._calls()).result()
+        outputs = self._run_inprocess(entry, arrays, encoded, None, None)
         if not entry.builtin:
             self._bound_outputs(entry, outputs)
         return _shape_outputs(outputs)
+
+    async def _call_remote(self, entry: _Entry, request: Request, deadline: float | None) -> Any:
+        ctx = _CallContext(entry.algorithm, deadline)
+        try:
+            response = await asyncio.wait_for(self._execute_remote(entry, request, ctx),
+                                              None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed") from None
+        return response.outputs
+
+    def _calls(self) -> asyncio.AbstractEventLoop:
+        """The loop synchronous calls of process isolation run on: a thread of its own keeps it
+        running, so the worker processes' answers are read while the callers block."""
+        with self._load_lock:
+            if self._calls_loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="edgecompute-cpp-calls", daemon=True)
+                thread.start()
+                self._calls_loop, self._calls_thread = loop, thread
+            return self._calls_loop
 
     def _bound_outputs(self, entry: _Entry, outputs: list[tuple[str, Any]]) -> None:
         """A plugin's outputs against max_output_bytes: the ABI lets the host bound them only
@@ -441,33 +456,24 @@ class CppExecutor:
                                  f"{self.limits.max_output_bytes:,} ([executors.cpp] max_output_bytes)")
 
     def empty(self, shape: int | Sequence[int], dtype: Any = "float32") -> Any:
-        """A new, uninitialised numpy array for inputs: fill it, then pass it to calls.
-
-        In ``process`` isolation the array lives in memory that the worker processes share, so a
-        call reads it where it is instead of getting a copy (1 MiB costs ~70-200 us to copy). It is
-        an ordinary array otherwise; its memory returns to the executor when it is collected. In
-        ``inprocess`` isolation it is plain ``numpy.empty``.
-        """
+        """A new, uninitialised numpy array for inputs (``numpy.empty``, of a dtype the plugin ABI
+        carries). In ``process`` isolation every input is copied once into memory the worker
+        reads and cannot write."""
         import numpy as np
 
-        if self.isolation == "inprocess":
-            try:
-                return np.empty(shape, dtype)
-            except (TypeError, ValueError) as exc:
-                raise InvalidRequest(f"cpp.empty: {exc}") from exc
-        self._ensure()
-        assert self._pool is not None
         native = _native()
         try:
             dtype = np.dtype(dtype)
-        except TypeError as exc:
+            array = np.empty(shape, dtype)
+        except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"cpp.empty: {exc}") from exc
         if dtype not in native.DTYPE_CODES:
             raise InvalidRequest(f"cpp.empty: dtype {dtype} is not one the plugin ABI carries; "
                                  f"use one of {', '.join(sorted(str(d) for d in native.DTYPE_CODES))}")
-        return self._pool.empty(shape, dtype)
+        return array
 
     def _run_inprocess(self, entry: _Entry, inputs: Any, params: bytes, flag: Any, key: int | None) -> Any:
+        assert entry.plugin is not None
         native = entry.plugin.native
         assert native is not None
         start = time.perf_counter()
@@ -489,18 +495,6 @@ class CppExecutor:
             m[4] += elapsed
             if elapsed > m[5]:
                 m[5] = elapsed
-        return outputs
-
-    def _run_process(self, entry: _Entry, inputs: Any, params: bytes, ticket: Any, deadline: float | None) -> Any:
-        assert self._pool is not None
-        start = time.perf_counter()
-        try:
-            outputs = self._pool.call(ticket, entry.plugin.path, entry.qualified, entry.native_name, params,
-                                      inputs, deadline)
-        except BaseException as exc:
-            self._record(entry, time.perf_counter() - start, exc)
-            raise
-        self._record(entry, time.perf_counter() - start, None)
         return outputs
 
     def _record(self, entry: _Entry, elapsed: float, error: BaseException | None) -> None:
@@ -532,6 +526,8 @@ class CppExecutor:
         return report
 
     async def health(self) -> Health:
+        if self.isolation == "process":
+            return await self._remote_health()
         try:
             loaded = await asyncio.to_thread(self._ensure)
         except Exception as exc:  # noqa: BLE001 - health must answer
@@ -546,9 +542,6 @@ class CppExecutor:
             "problems": [str(p) for p in loaded.problems],
             "metrics": self.metrics(),
         }
-        if self._pool is not None:
-            details["workers"] = self._pool.states()
-            details["shared_memory"] = self._pool.shared_memory()
         if loaded.builtin_down is not None:
             details["builtin_down"] = str(loaded.builtin_down)
         if not loaded.entries:
@@ -558,10 +551,34 @@ class CppExecutor:
             return Health(HealthStatus.DEGRADED, f"{len(loaded.problems)} plugin(s) failed to load", details)
         return Health(HealthStatus.OK, f"{len(loaded.plugins)} plugin(s), {len(loaded.entries)} algorithm(s)", details)
 
+    async def _remote_health(self) -> Health:
+        """The workers' health (plugins, problems: what the worker's executor reports), with the
+        host's view: isolation, the supervisor's crashes and restarts, each worker's state, and
+        the metrics of the calls made from here."""
+        try:
+            await asyncio.to_thread(self._ensure)
+        except Exception as exc:  # noqa: BLE001 - health must answer
+            return Health(HealthStatus.DOWN, f"starting the worker processes failed: {type(exc).__name__}: {exc}",
+                          {"isolation": self.isolation})
+        remote = self._remote
+        assert remote is not None
+        health = await remote.health()
+        return Health(health.status, health.message,
+                      {**health.details, "isolation": self.isolation, "metrics": self.metrics()})
+
     async def aclose(self) -> None:
         self._closed = True
-        if self._pool is not None:
-            await asyncio.to_thread(self._pool.close)
+        remote, self._remote = self._remote, None
+        loop, thread = self._calls_loop, self._calls_thread
+        if loop is not None and thread is not None:
+            # stopped first: the workers it had are then closed from here with nothing else
+            # touching that loop
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join)
+        if remote is not None:
+            await remote.aclose()
+        if loop is not None:
+            loop.close()
 
 
 _native_module: Any = None
