@@ -37,8 +37,8 @@ import os
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, Unpack
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypedDict, TypeVar, Unpack
 
 from . import errors, wire
 from .errors import EdgeComputeError, InvalidRequest
@@ -75,7 +75,7 @@ _CANCEL_BUDGET = 5.0
 #: refused before it is read, so a faulty or hostile server cannot make the client allocate more
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 _T = TypeVar("_T")
-_C = TypeVar("_C")  # the face a task belongs to: Client or AsyncClient
+_L = TypeVar("_L")  # what a task view uses of its face: a _Link or an _AsyncLink
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -418,11 +418,27 @@ def _transport_error(exc: BaseException, core: _Core) -> RemoteUnavailable:
     return RemoteUnavailable(f"cannot reach {core.url}: {kind}: {exc}")
 
 
-class _TaskView(Generic[_C]):
+class _Link(NamedTuple):
+    """What a :class:`RemoteTask` uses of its :class:`Client`, handed over by the client."""
+
+    drive: Callable[[_Flow[dict[str, Any]]], dict[str, Any]]
+    core: _Core
+    stream: Callable[[str, str], Iterator[Any]]
+
+
+class _AsyncLink(NamedTuple):
+    """What an :class:`AsyncRemoteTask` uses of its :class:`AsyncClient`, handed over by the client."""
+
+    drive: Callable[[_Flow[dict[str, Any]]], Awaitable[dict[str, Any]]]
+    core: _Core
+    stream: Callable[[str, str], AsyncIterator[Any]]
+
+
+class _TaskView(Generic[_L]):
     """What both faces' tasks hold: the server's last word about the task."""
 
-    def __init__(self, client: _C, document: dict[str, Any]) -> None:
-        self._client = client
+    def __init__(self, link: _L, document: dict[str, Any]) -> None:
+        self._link = link
         self.id: str = str(document["id"])
         self.algorithm: str = str(document["algorithm"])
         self._document = document
@@ -436,31 +452,31 @@ class _TaskView(Generic[_C]):
         return str(self._document["state"])
 
 
-class RemoteTask(_TaskView["Client"]):
+class RemoteTask(_TaskView[_Link]):
     """A task submitted through :class:`Client`: like the Runtime's future, ``result()``,
     ``cancel()``, ``done()``; plus ``id``, ``state``, ``algorithm`` and ``stream()``."""
 
     def done(self) -> bool:
         if self._document["state"] in _LIVE:
-            self._document = self._client._drive(self._client._core.poll(self.id, 0))
+            self._document = self._link.drive(self._link.core.poll(self.id, 0))
         return self._document["state"] not in _LIVE
 
     def result(self, timeout: float | None = None) -> Response:
         """Wait for the task to end (at most ``timeout`` seconds, then ``TimeoutError``) and return
         its response or raise its error."""
-        self._document = self._client._drive(self._client._core.settle(self._document, timeout))
+        self._document = self._link.drive(self._link.core.settle(self._document, timeout))
         return _response(self._document)
 
     def cancel(self) -> bool:
         """Cancel the task; False if it had already ended."""
         was_live = self._document["state"] in _LIVE
-        self._document = self._client._drive(self._client._core.cancel(self.id))
+        self._document = self._link.drive(self._link.core.cancel(self.id))
         return was_live and self._document["state"] == "cancelled"
 
     def stream(self, *, transport: str = "sse") -> Iterator[Any]:
         """Yield the task's chunks as they come; raises its error at the end. Leaving early does not
         cancel the task (as ``TaskHandle.stream``)."""
-        return self._client._stream(self.id, transport)
+        return self._link.stream(self.id, transport)
 
 
 class Client:
@@ -477,6 +493,7 @@ class Client:
         self._httpx = httpx
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(headers=self._core.headers, timeout=timeout, limits=limits)
+        self._link = _Link(self._drive, self._core, self._stream)
 
     @property
     def url(self) -> str:
@@ -535,14 +552,14 @@ class Client:
 
     def submit(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> RemoteTask:
         """Queue one request on the server; returns at once."""
-        return RemoteTask(self, self._drive(self._core.submit(algorithm, inputs, options, wait=False)))
+        return RemoteTask(self._link, self._drive(self._core.submit(algorithm, inputs, options, wait=False)))
 
     def run(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> Response:
         """Run one request and return its response (raising its error). If the caller gives up
         (``KeyboardInterrupt``), the task is cancelled, as ``Runtime.run`` does."""
         document = self._drive(self._core.run(algorithm, inputs, options))
         if document["state"] in _LIVE:
-            task = RemoteTask(self, document)
+            task = RemoteTask(self._link, document)
             try:
                 return task.result()
             finally:
@@ -876,7 +893,7 @@ async def _body_pieces(reader: asyncio.StreamReader, headers: dict[str, str], co
             yield piece
 
 
-class AsyncRemoteTask(_TaskView["AsyncClient"]):
+class AsyncRemoteTask(_TaskView[_AsyncLink]):
     """A task submitted through :class:`AsyncClient`, shaped like the scheduler's ``TaskHandle``:
     ``id``, ``algorithm``, ``state`` (``await refresh()`` asks again), ``done()``, ``await result()``,
     ``await cancel()``, ``stream()``."""
@@ -887,25 +904,25 @@ class AsyncRemoteTask(_TaskView["AsyncClient"]):
 
     async def refresh(self) -> str:
         """Ask the server for the task's state now."""
-        self._document = await self._client._drive(self._client._core.poll(self.id, 0))
+        self._document = await self._link.drive(self._link.core.poll(self.id, 0))
         return self.state
 
     async def result(self, timeout: float | None = None) -> Response:
         """Wait for the task to end (at most ``timeout`` seconds, then ``TimeoutError``); return its
         response or raise its error. Cancelling the caller does not cancel the task (as ``TaskHandle``)."""
-        self._document = await self._client._drive(self._client._core.settle(self._document, timeout))
+        self._document = await self._link.drive(self._link.core.settle(self._document, timeout))
         return _response(self._document)
 
     async def cancel(self) -> bool:
         """Cancel the task, queued or running. Returns False if it had already ended."""
         was_live = self._document["state"] in _LIVE
-        self._document = await self._client._drive(self._client._core.cancel(self.id))
+        self._document = await self._link.drive(self._link.core.cancel(self.id))
         return was_live and self._document["state"] == "cancelled"
 
     def stream(self, *, transport: str = "sse") -> AsyncIterator[Any]:
         """Yield the task's chunks as they come; raises its error at the end. Leaving early does not
         cancel the task (as ``TaskHandle.stream``)."""
-        return self._client._stream(self.id, transport)
+        return self._link.stream(self.id, transport)
 
 
 class AsyncClient:
@@ -920,6 +937,7 @@ class AsyncClient:
                  max_connections: int = 100, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self._core = _Core(url, api_key, timeout, max_answer_bytes)
         self._pool = _Pool(self._core, max_connections)
+        self._link = _AsyncLink(self._drive, self._core, self._stream)
 
     @property
     def url(self) -> str:
@@ -955,14 +973,14 @@ class AsyncClient:
 
     async def submit(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> AsyncRemoteTask:
         """Queue one request on the server; returns its task at once."""
-        return AsyncRemoteTask(self, await self._drive(self._core.submit(algorithm, inputs, options, wait=False)))
+        return AsyncRemoteTask(self._link, await self._drive(self._core.submit(algorithm, inputs, options, wait=False)))
 
     async def run(self, algorithm: str, inputs: Any = None, **options: Unpack[RemoteOptions]) -> Response:
         """Run one request (one round trip for a short task) and return its response or raise its
         error. A caller cancelled after the server answered "still running" cancels the task."""
         document = await self._drive(self._core.run(algorithm, inputs, options))
         if document["state"] in _LIVE:
-            task = AsyncRemoteTask(self, document)
+            task = AsyncRemoteTask(self._link, document)
             try:
                 return await task.result()
             finally:
