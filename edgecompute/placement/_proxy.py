@@ -257,25 +257,30 @@ class _Connection:
 
     def _readable(self) -> None:
         # one packet per call: the selector is level-triggered and calls again while more wait,
-        # and a second recv only to hear EAGAIN would cost a system call per answer
-        try:
-            size, fds = receive(self.sock, self.buffer)
-        except BlockingIOError:
-            return
-        except OSError:
-            size, fds = 0, []
-        if 0 < size < MAX_MESSAGE:  # else EOF: the worker is gone (or sent more than a packet may hold)
+        # and a second recv only to hear EAGAIN would cost a system call per answer. A `release`
+        # is the exception: the worker sends it just before its answer, which is read at once
+        # instead of after another turn of the loop.
+        while True:
+            try:
+                size, fds = receive(self.sock, self.buffer)
+            except BlockingIOError:
+                return
+            except OSError:
+                size, fds = 0, []
+            if not 0 < size < MAX_MESSAGE:  # EOF: the worker is gone (or sent more than a packet may hold)
+                break
             try:
                 # copied out at once: the worker's segment goes back before any caller sees the
                 # outputs, so nothing the worker does later can change them
                 kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True, fds=fds)
             except ProtocolError:
                 log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
-            else:
-                if segment is not None:
-                    with contextlib.suppress(ExecutorCrashed):
-                        self.send("release", 0, segment)  # decoded with copy=True: it is free again
-                self._dispatch(kind, task, body)
+                break
+            if segment is not None:
+                with contextlib.suppress(ExecutorCrashed):
+                    self.send("release", 0, segment)  # decoded with copy=True: it is free again
+            self._dispatch(kind, task, body)
+            if kind != "release" or not self.reading:
                 return
         self.detach()
         self.dead = True

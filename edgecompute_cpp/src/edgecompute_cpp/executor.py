@@ -153,9 +153,9 @@ class CppExecutor:
         self._load_lock = threading.Lock()
         #: process isolation: this executor, in-process, in supervised worker processes
         self._remote: WorkerExecutor | None = None
-        #: the event loop (on a thread of its own) that synchronous call()s of process isolation use
+        #: the event loop that synchronous call()s of process isolation run, one at a time
         self._calls_loop: asyncio.AbstractEventLoop | None = None
-        self._calls_thread: threading.Thread | None = None
+        self._calls_lock = threading.Lock()
         self._metrics_lock = threading.Lock()
         self._closed = False
 
@@ -417,8 +417,7 @@ class CppExecutor:
         if self._remote is not None:
             request = Request(f"cpp/{entry.algorithm.name}", inputs, params or {})
             deadline = None if timeout is None else time.monotonic() + timeout
-            return asyncio.run_coroutine_threadsafe(self._call_remote(entry, request, deadline),
-                                                    self._calls()).result()
+            return self._run_call(entry, request, deadline)
         outputs = self._run_inprocess(entry, arrays, encoded, None, None)
         if not entry.builtin:
             self._bound_outputs(entry, outputs)
@@ -433,16 +432,36 @@ class CppExecutor:
             raise TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed") from None
         return response.outputs
 
-    def _calls(self) -> asyncio.AbstractEventLoop:
-        """The loop synchronous calls of process isolation run on: a thread of its own keeps it
-        running, so the worker processes' answers are read while the callers block."""
-        with self._load_lock:
-            if self._calls_loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="edgecompute-cpp-calls", daemon=True)
-                thread.start()
-                self._calls_loop, self._calls_thread = loop, thread
-            return self._calls_loop
+    def _run_call(self, entry: _Entry, request: Request, deadline: float | None) -> Any:
+        """A call of process isolation from synchronous code: the calling thread runs the
+        executor's own event loop until the answer (no thread hop), or, where an event loop
+        already runs on this thread, a helper thread does."""
+        def drive() -> Any:
+            with self._calls_lock:
+                loop = self._calls_loop
+                if loop is None:
+                    loop = self._calls_loop = asyncio.new_event_loop()
+                return loop.run_until_complete(self._call_remote(entry, request, deadline))
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return drive()
+        result: list[Any] = []
+        failure: list[BaseException] = []
+
+        def on_a_thread() -> None:
+            try:
+                result.append(drive())
+            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+                failure.append(exc)
+
+        helper = threading.Thread(target=on_a_thread, name="edgecompute-cpp-call")
+        helper.start()
+        helper.join()
+        if failure:
+            raise failure[0]
+        return result[0]
 
     def _bound_outputs(self, entry: _Entry, outputs: list[tuple[str, Any]]) -> None:
         """A plugin's outputs against max_output_bytes: the ABI lets the host bound them only
@@ -569,16 +588,17 @@ class CppExecutor:
     async def aclose(self) -> None:
         self._closed = True
         remote, self._remote = self._remote, None
-        loop, thread = self._calls_loop, self._calls_thread
-        if loop is not None and thread is not None:
-            # stopped first: the workers it had are then closed from here with nothing else
-            # touching that loop
-            loop.call_soon_threadsafe(loop.stop)
-            await asyncio.to_thread(thread.join)
-        if remote is not None:
-            await remote.aclose()
-        if loop is not None:
-            loop.close()
+        # a call in progress ends first; the loop of the synchronous calls is not running after it,
+        # so the workers attached to it are closed from here with nothing else touching that loop
+        await asyncio.to_thread(self._calls_lock.acquire)
+        try:
+            loop, self._calls_loop = self._calls_loop, None
+            if remote is not None:
+                await remote.aclose()
+            if loop is not None:
+                loop.close()
+        finally:
+            self._calls_lock.release()
 
 
 _native_module: Any = None
