@@ -334,11 +334,12 @@ class KVCache:
 
     def __init__(self, config: LlamaConfig, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device, rope: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
         # zeros, not empty: a captured step attends over the whole cache under a mask, and a
-        # masked NaN left in memory would still poison the weighted sum
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # masked NaN left in memory would still poison the weighted sum. One tensor per layer, not
+        # views of one: a compiled step writes each in place (a view of a graph input it would copy)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.capacity = capacity
         self.length = 0
         self.rope = list(rope)
@@ -555,17 +556,17 @@ class LlamaModel:
         return self._logits(x[:, -1] if last_only else x)
 
     @torch.no_grad()  # not inference_mode: dynamo cannot trace the in-place cache writes there
-    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    rope: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def decode_step(self, input_ids: torch.Tensor, position: torch.Tensor, k: Sequence[torch.Tensor],
+                    v: Sequence[torch.Tensor], rope: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One token per sequence ([B, 1]) at ``position`` (a one-element long tensor) of a KV cache
-        ``k``/``v`` ([layers, B, kv heads, capacity, head_dim], zero where unwritten) with rotary
+        ``k``/``v`` (per layer [B, kv heads, capacity, head_dim], zero where unwritten) with rotary
         tables ``rope``; returns float32 logits [B, V].
 
         Every shape depends on the cache's capacity only, never on the position: attention reads
         the whole cache under a mask, and the new key/value are written with ``index_copy_``. That
         is what lets the step be captured once per capacity (``_runtime/capture.py``)."""
         c = self.config
-        capacity = k.shape[3]
+        capacity = k[0].shape[2]
         tables = [(cos[position][:, None, :], sin[position][:, None, :]) for cos, sin in rope]
         x = self._embed(input_ids)
         cols = torch.arange(capacity, device=position.device)

@@ -140,7 +140,7 @@ class DecodeCapture:
         compiled = self._compiled_step()
         if compiled is None:
             return None
-        key = tuple(getattr(a, "shape", None) for a in args[2:4])
+        key = tuple(getattr(a[0], "shape", None) for a in args[2:4])  # the first layer's k and v
         if key in self._warmed:
             return compiled(*args)
         with self._lock:  # one compile at a time; the first call for a shape compiles
