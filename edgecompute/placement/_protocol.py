@@ -7,8 +7,9 @@ into a shared-memory segment from the sender's :class:`Arena`; the frame says wh
 segment is a ``memfd``: it never has a name in ``/dev/shm``, so nothing is left there however either
 side ends (kill -9 included). The first frame that uses a segment carries its file descriptor
 (``SCM_RIGHTS``, in the same packet); the receiver maps it once and keeps it. The receiver rebuilds
-the body on top of the segment (zero copy) or from a private copy, then hands the segment back with
-a ``release`` message so the sender can reuse it: steady-state traffic touches no new pages. A
+the body on top of the segment (zero copy) or from a private copy, then hands the segment back (a
+``release`` message, or inside its answer: :func:`pack`'s ``release``) so the sender can reuse it:
+steady-state traffic touches no new pages. A
 pickle that would still exceed :data:`INBAND_MAX` goes into the segment too, so every packet fits
 the socket's buffer.
 
@@ -67,6 +68,7 @@ _SPAN = struct.Struct("!QQ")  # ... then each one's offset and length
 _SEGMENT = 1  # flags: the message has buffers in a segment
 _SPILLED = 2  # flags: the pickled body itself is the segment's last span
 _NEW = 4  # flags: the packet carries the segment's file descriptor (its first use)
+_RELEASES = 8  # flags: the packet hands back one of the receiver's segments (its number follows the header)
 MAX_FRAME = 1 << 30
 _ALIGN = 64
 _MIN_SEGMENT = 1 << 20
@@ -289,9 +291,11 @@ def _aligned(size: int) -> int:
     return -(-size // _ALIGN) * _ALIGN
 
 
-def pack(kind: str, task: int, body: Any, arena: Arena) -> tuple[bytes, int | None]:
+def pack(kind: str, task: int, body: Any, arena: Arena, *, release: int | None = None) -> tuple[bytes, int | None]:
     """One compact frame (one packet) holding a message, at most :data:`MAX_MESSAGE` bytes, and
-    the descriptor to send with it (a segment's first use), else None.
+    the descriptor to send with it (a segment's first use), else None. With ``release``, the frame
+    also hands back that segment of the peer's (an answer returns its request's segment so, and
+    the peer wakes once for both).
 
     A small body costs one ``pickle.dumps``; only a pickle that comes out large is looked at again
     (large ``bytes`` taken out of band, then the pickle itself moved to shared memory if need be).
@@ -313,8 +317,9 @@ def pack(kind: str, task: int, body: Any, arena: Arena) -> tuple[bytes, int | No
             buffers.clear()
             data = pickle.dumps(wrapped, 5, buffer_callback=out_of_band)
         spill = len(data) > INBAND_MAX
+    returned = b"" if release is None else _ID.pack(release)
     if not buffers and not spill:
-        return _HEAD.pack(_CODES[kind], 0, task) + data, None
+        return _HEAD.pack(_CODES[kind], 0 if release is None else _RELEASES, task) + returned + data, None
     raws = [buffer.raw() for buffer in buffers]
     if spill:
         raws.append(memoryview(data))
@@ -328,21 +333,22 @@ def pack(kind: str, task: int, body: Any, arena: Arena) -> tuple[bytes, int | No
         _SPAN.pack_into(view, _COUNT.size + _SPAN.size * index, offset, raw.nbytes)
         offset += _aligned(raw.nbytes)
     fd = None
-    flags = _SEGMENT | (_SPILLED if spill else 0)
+    flags = _SEGMENT | (_SPILLED if spill else 0) | (0 if release is None else _RELEASES)
     if not segment.sent:
         # the segment is lent to this message alone, and comes back only after the peer has
         # read it: no other frame can use it before this one has delivered its descriptor
         segment.sent = True
         fd = segment.fd
         flags |= _NEW
-    head = _HEAD.pack(_CODES[kind], flags, task) + _ID.pack(segment.id)
+    head = _HEAD.pack(_CODES[kind], flags, task) + returned + _ID.pack(segment.id)
     return (head if spill else head + data), fd
 
 
-def unpack(frame: memoryview, attachments: Attachments, *, copy: bool,
-           fds: list[int] | None = None) -> tuple[str, int, Any, int | None]:
+def unpack(frame: memoryview, attachments: Attachments, *, copy: bool, fds: list[int] | None = None,
+           arena: Arena | None = None) -> tuple[str, int, Any, int | None]:
     """``(kind, task, body, segment)`` of a compact frame received with ``fds``; the caller
-    releases ``segment`` (a number) when done.
+    releases ``segment`` (a number) when done. A segment of ours that the frame hands back goes
+    back to ``arena``.
 
     With ``copy`` the body owns its data and the segment may be released at once; without, arrays
     view the (read-only) segment, which must stay lent until they are no longer used. A body that
@@ -354,14 +360,24 @@ def unpack(frame: memoryview, attachments: Attachments, *, copy: bool,
     except (struct.error, IndexError) as exc:
         _close(fds)
         raise ProtocolError(f"not a frame of protocol {VERSION}: {exc}") from None
-    if not flags:
+    start = _HEAD.size
+    if flags & _RELEASES:
+        try:
+            returned = _ID.unpack_from(frame, start)[0]
+        except struct.error as exc:
+            _close(fds)
+            raise ProtocolError(f"not a frame of protocol {VERSION}: {exc}") from None
+        start += _ID.size
+        if arena is not None:
+            arena.give_back(returned)
+    if not flags & _SEGMENT:
         _close(fds)  # a peer that sends descriptors nobody asked for must not fill our table
         try:
-            return kind, task, pickle.loads(frame[_HEAD.size:]), None
+            return kind, task, pickle.loads(frame[start:]), None
         except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
             return kind, task, Unreadable(exc), None
     try:
-        ident = _ID.unpack_from(frame, _HEAD.size)[0]
+        ident = _ID.unpack_from(frame, start)[0]
         if flags & _NEW:
             if not fds:
                 raise ProtocolError("a frame announced a segment and carried no descriptor")
@@ -381,7 +397,7 @@ def unpack(frame: memoryview, attachments: Attachments, *, copy: bool,
         offset, length = spans.pop()
         data: Any = view[offset:offset + length]
     else:
-        data = frame[_HEAD.size + _ID.size:]
+        data = frame[start + _ID.size:]
     buffers = [bytearray(view[offset:offset + length]) if copy else view[offset:offset + length]
                for offset, length in spans]
     try:

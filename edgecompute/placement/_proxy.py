@@ -272,7 +272,8 @@ class _Connection:
             try:
                 # copied out at once: the worker's segment goes back before any caller sees the
                 # outputs, so nothing the worker does later can change them
-                kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True, fds=fds)
+                kind, task, body, segment = unpack(self.view[:size], self.attachments, copy=True, fds=fds,
+                                                   arena=self.arena)
             except ProtocolError:
                 log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
                 break

@@ -260,7 +260,7 @@ class _Worker:
     def handle(self, frame: memoryview, fds: list[int], *, on_loop: bool) -> None:
         try:
             # inputs stay where the host put them, in its segment mapped read-only here
-            kind, task, body, segment = unpack(frame, self.attachments, copy=False, fds=fds)
+            kind, task, body, segment = unpack(frame, self.attachments, copy=False, fds=fds, arena=self.arena)
         except ProtocolError:
             self.on_loop(self.stop, on_loop)
             return
@@ -289,7 +289,7 @@ class _Worker:
         assert task is not None
         task.cancel()
         # a task cancelled before its first step never runs its finally: clean up for it
-        task.add_done_callback(lambda _: self.finish(ctx))
+        task.add_done_callback(lambda _: self.release(self.finish(ctx)))
 
     def on_loop(self, fn: Callable[..., Any], on_loop: bool, *args: Any) -> None:
         if on_loop:
@@ -323,8 +323,7 @@ class _Worker:
             found = self.algorithms.get(bare)
             call = blocking_call(executor, request) if self.threaded else None
         except Exception as exc:  # noqa: BLE001 - a request we cannot even start fails, we go on
-            self.release(segment)
-            self.send("error", task, portable(exc))
+            self.answer(pack("error", task, portable(exc), self.arena, release=segment))
             return
         ctx = _Context(self, task, request.id, found or Algorithm(bare), deadline)
         ctx.segment = segment
@@ -344,7 +343,7 @@ class _Worker:
 
     def start_async(self, request: Request, ctx: _Context) -> None:
         if ctx.cancelled:  # cancelled before it started
-            self.finish(ctx)
+            self.release(self.finish(ctx))
             return
         # no done callback (it would cost the loop a step per task): run_async finishes itself
         ctx.asyncio_task = self.loop.create_task(self.run_async(request, ctx))
@@ -354,41 +353,45 @@ class _Worker:
         try:
             outputs = call(request, ctx)
             response = outputs if isinstance(outputs, Response) else Response(outputs)
-            frame = pack("done", ctx._task, (response.outputs, dict(response.timings) or None), self.arena)
-        except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
-            frame = pack("error", ctx._task, portable(exc), self.arena)
-        finally:
-            self.finish(ctx)
-        self.answer(frame)
+            answer: tuple[str, Any] = ("done", (response.outputs, dict(response.timings) or None))
+        except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
+            answer = ("error", portable(exc))
+        self.answer_and_finish(ctx, *answer)
 
     async def run_async(self, request: Request, ctx: _Context) -> None:
         executor = self.executor
         assert executor is not None
-        frame = None
         try:
             response = await executor.execute(request, ctx)
             if not isinstance(response, Response):
                 raise ExecutorError(f"{request.algorithm} returned {type(response).__name__}, not a Response")
-            frame = pack("done", ctx._task, (response.outputs, dict(response.timings) or None), self.arena)
+            answer: tuple[str, Any] = ("done", (response.outputs, dict(response.timings) or None))
         except asyncio.CancelledError:
-            pass  # the host stopped waiting: it wants no answer
+            self.release(self.finish(ctx))  # the host stopped waiting: it wants no answer
+            return
+        except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
+            answer = ("error", portable(exc))
+        self.answer_and_finish(ctx, *answer)
+
+    def answer_and_finish(self, ctx: _Context, kind: str, body: Any) -> None:
+        """Send the task's answer, handing its input segment back in the same packet: the outputs
+        are copied into our own segment first (they may view the input), and the host then wakes
+        once for both."""
+        segment = self.finish(ctx)
+        try:
+            packet = pack(kind, ctx._task, body, self.arena, release=segment)
         except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
-            frame = pack("error", ctx._task, portable(exc), self.arena)
-        finally:
-            self.finish(ctx)
-        if frame is not None:
-            self.answer(frame)
+            packet = pack("error", ctx._task, portable(exc), self.arena, release=segment)
+        self.answer(packet)
 
-    def finish(self, ctx: _Context) -> None:
-        """The task has ended (may be called twice): forget it, hand its input segment back.
-
-        The outputs are copied into our own segment by now, so the input's may go back, and before
-        the answer: the host's next request can then reuse it instead of mapping a new one."""
+    def finish(self, ctx: _Context) -> int | None:
+        """The task has ended (may be called twice): forget it; its input segment, to hand back
+        (None once taken)."""
         self.contexts.pop(ctx._task, None)
         if ctx.asyncio_task is not None:
             self.tasks.discard(ctx.asyncio_task)
         segment, ctx.segment = ctx.segment, None
-        self.release(segment)
+        return segment
 
     def answer(self, packet: tuple[bytes, int | None]) -> None:
         try:

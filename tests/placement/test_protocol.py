@@ -114,6 +114,21 @@ def test_a_segment_goes_with_its_first_frame_only_and_is_reused(arena: Arena) ->
     attachments.close()
 
 
+def test_an_answer_hands_back_the_segment_of_its_request_in_the_same_packet(arena: Arena) -> None:
+    """The worker's answer carries the host's segment back (one wake-up of the host for both)."""
+    theirs = Arena()
+    lent = theirs.take(OUT_OF_BAND)
+    for body in (7, np.arange(OUT_OF_BAND, dtype=np.float64)):  # in band, and with a segment of its own
+        packet = pack("done", 3, body, arena, release=lent.id)
+        frame, fds = delivered(packet)
+        kind, task, got, segment = unpack(frame, Attachments(), copy=True, fds=fds, arena=theirs)
+        assert (kind, task) == ("done", 3) and same(body, got)
+        assert theirs.take(OUT_OF_BAND) is lent  # back in the free list: taken again
+        if segment is not None:
+            arena.give_back(segment)
+    theirs.close()
+
+
 def test_received_buffers_are_read_only_even_to_mprotect(arena: Arena) -> None:
     """What a worker gets it cannot write, not even through native code that changes the protection
     of the page: the segment is sealed against writable mappings other than its sender's."""
