@@ -170,3 +170,14 @@ def _matrix_shapes(model):
     for value in [model.embed] + [getattr(layer, s) for layer in model.layers for s in ("qkv", "o", "gate_up",
                                                                                           "down")]:
         yield value.shape
+
+
+def test_the_executor_captures_decoders_as_configured(models, tmp_path):
+    from edgecompute_ml.executor import MLExecutor
+
+    path = str(models("llama3", None))
+    on = MLExecutor(config={"models": {"t": path}, "demo_models": False, "compile_cache_dir": str(tmp_path)})
+    off = MLExecutor(config={"models": {"t": path}, "demo_models": False, "compile": False})
+    captured, eager = on.load("t").model.capture, off.load("t").model.capture
+    assert captured.active and captured.settings.cache_dir == tmp_path
+    assert not eager.active and "compile = false" in eager.fallback

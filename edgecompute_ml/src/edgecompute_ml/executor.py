@@ -19,6 +19,7 @@ from edgecompute.errors import InfeasibleRequest, InvalidRequest
 from edgecompute.models import Algorithm, Health, Request, Resources, Response
 
 from . import __version__
+from ._runtime.capture import CaptureSettings
 from ._runtime.plan import ModelPlan, ModelSource
 from .errors import UnknownModel
 from .settings import MLSettings
@@ -69,7 +70,9 @@ class MLExecutor:
     ``config`` (the ``[executors.ml]`` table): ``models`` (name -> path or {path, dtype}),
     ``device`` (auto/cpu/cuda/cuda:N/mps), ``dtype`` (auto/float32/float16/bfloat16), ``threads``,
     ``memory_budget_mb`` (model cache), ``max_batch``/``max_delay_ms``/``batching`` (embeddings),
-    ``default_models`` (task -> model name), ``demo_models`` (register the demo packages' models).
+    ``default_models`` (task -> model name), ``demo_models`` (register the demo packages' models),
+    ``compile`` (capture decoders' decode step with torch.compile; default true, eager without a
+    C++ compiler) and ``compile_cache_dir`` (where compiled steps are kept; docs/ml.md).
     """
 
     name = "ml"
@@ -86,6 +89,8 @@ class MLExecutor:
         self.max_batch = settings.max_batch
         self.max_delay = settings.max_delay_ms / 1000
         self.batching = settings.batching
+        self.capture = (CaptureSettings(settings.compile) if settings.compile_cache_dir is None
+                        else CaptureSettings(settings.compile, settings.compile_cache_dir))
         self.limits = settings.limits
         self._runner: Any = None  # this executor's SplitRunner (cpu_split), made on first use
         self._runner_lock = threading.Lock()
@@ -165,7 +170,13 @@ class MLExecutor:
         from ._runtime.store import load_model
 
         self.devices.setup()
-        return load_model(self.plan(name), self._dtype_for(name), self.devices.device_name)
+        loaded = load_model(self.plan(name), self._dtype_for(name), self.devices.device_name)
+        step = getattr(loaded.model, "decode_step", None)
+        if step is not None:  # a decoder: its decode step is compiled on first use (_runtime/capture.py)
+            from ._runtime.capture import DecodeCapture
+
+            loaded.model.capture = DecodeCapture(step, self.capture, name)
+        return loaded
 
     def load(self, name: str) -> Any:
         """Load ``name`` now (blocking) and return the loaded model."""
