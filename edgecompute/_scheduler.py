@@ -262,7 +262,11 @@ class Scheduler:
         if self._admission.queued >= self.max_queue:
             raise QueueFull(f"the queue holds {self._admission.queued} tasks, its bound (max_queue={self.max_queue}); "
                             "retry later or use 'await scheduler.asubmit(request)' to wait for room")
-        return self._enqueue(request, _current_task(self._loop) if inline else None).public()
+        record = self._enqueue(request, _current_task(self._loop) if inline else None)
+        handle = TaskHandle(record)
+        if not record.ended:
+            record.handle = handle  # tasks() gives back this one while the task lives
+        return handle
 
     async def run_inline(self, handle: TaskHandle) -> None:
         """Run a task that ``submit(request, inline=True)`` set to run here; returns when it
