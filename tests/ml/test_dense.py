@@ -75,3 +75,18 @@ def test_dense_matches_linear_for_any_rows():
                                atol=1e-5, rtol=1e-5)
     # a bfloat16 model is not packed (not every CPU has oneDNN's bfloat16 kernels)
     assert not Dense(w.bfloat16(), None, torch.device("cpu"), torch.bfloat16).packed
+
+
+@needs_onednn
+def test_packed_clip_equals_plain_and_holds_each_weight_once(tiny_clip):
+    packed, plain = _load(tiny_clip, packed=True), _load(tiny_clip, packed=False)
+    towers = (packed.model.vision, packed.model.text)
+    assert all(part.packed for tower in towers for layer in tower.layers for part in layer if isinstance(part, Dense))
+    assert not any("encoder.layers." in name for name in packed.model.weights)  # moved into the towers, not copied
+    pixels = torch.randn(2, 3, packed.model.config.image_size, packed.model.config.image_size,
+                         generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    for a, b in ((packed.model.image_embeds(pixels), plain.model.image_embeds(pixels)),
+                 (packed.model.text_embeds(ids), plain.model.text_embeds(ids))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert packed.model.weight_bytes() == plain.model.weight_bytes()

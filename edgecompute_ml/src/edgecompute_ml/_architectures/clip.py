@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .dense import Dense
 from .vit import ACTIVATIONS
 
 __all__ = ["CLIPConfig", "CLIPModel", "TowerConfig"]
@@ -105,36 +106,47 @@ class CLIPConfig:
 
 
 class _Tower:
-    """The pre-norm transformer both towers share (CLIPEncoder)."""
+    """The pre-norm transformer both towers share (CLIPEncoder). Its layers' tensors are taken out
+    of ``w`` (the model keeps the rest): the linear weights are held once, as :class:`Dense`."""
 
-    def __init__(self, config: TowerConfig, w: Mapping[str, torch.Tensor], prefix: str) -> None:
+    def __init__(self, config: TowerConfig, w: dict[str, torch.Tensor], prefix: str, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.config = config
-        self.layers = []
+        self.layers: list[tuple[tuple[torch.Tensor, torch.Tensor], Dense, Dense, tuple[torch.Tensor, torch.Tensor],
+                                Dense, Dense]] = []
         for n in range(config.num_hidden_layers):
             q = f"{prefix}encoder.layers.{n}."
             a = q + "self_attn."
             self.layers.append((
-                w[q + "layer_norm1.weight"], w[q + "layer_norm1.bias"],
-                torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
-                torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]),
-                w[a + "out_proj.weight"], w[a + "out_proj.bias"],
-                w[q + "layer_norm2.weight"], w[q + "layer_norm2.bias"],
-                w[q + "mlp.fc1.weight"], w[q + "mlp.fc1.bias"], w[q + "mlp.fc2.weight"], w[q + "mlp.fc2.bias"],
+                (w.pop(q + "layer_norm1.weight"), w.pop(q + "layer_norm1.bias")),
+                Dense(torch.cat([w.pop(a + "q_proj.weight"), w.pop(a + "k_proj.weight"), w.pop(a + "v_proj.weight")]),
+                      torch.cat([w.pop(a + "q_proj.bias"), w.pop(a + "k_proj.bias"), w.pop(a + "v_proj.bias")]),
+                      device, dtype),
+                Dense(w.pop(a + "out_proj.weight"), w.pop(a + "out_proj.bias"), device, dtype),
+                (w.pop(q + "layer_norm2.weight"), w.pop(q + "layer_norm2.bias")),
+                Dense(w.pop(q + "mlp.fc1.weight"), w.pop(q + "mlp.fc1.bias"), device, dtype,
+                      gelu=config.hidden_act == "gelu"),
+                Dense(w.pop(q + "mlp.fc2.weight"), w.pop(q + "mlp.fc2.bias"), device, dtype),
             ))
         self._act = ACTIVATIONS[config.hidden_act]
+
+    def weight_bytes(self) -> int:
+        dense = sum(lin.nbytes for _, qkv, o, _, f1, f2 in self.layers for lin in (qkv, o, f1, f2))
+        norms = [t for ln1, _, _, ln2, _, _ in self.layers for t in (*ln1, *ln2)]
+        return dense + sum(t.numel() * t.element_size() for t in norms)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         c = self.config
         b, t, h = x.shape
         nh = c.num_attention_heads
         hd = h // nh
-        for ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, f1_w, f1_b, f2_w, f2_b in self.layers:
-            y = F.layer_norm(x, (h,), ln1_w, ln1_b, eps=c.layer_norm_eps)
-            qkv = F.linear(y, qkv_w, qkv_b).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        for ln1, qkv_lin, o_lin, ln2, f1_lin, f2_lin in self.layers:
+            y = F.layer_norm(x, (h,), *ln1, eps=c.layer_norm_eps)
+            qkv = qkv_lin(y).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
             attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-            x = x + F.linear(attn.transpose(1, 2).reshape(b, t, h), o_w, o_b)
-            y = F.layer_norm(x, (h,), ln2_w, ln2_b, eps=c.layer_norm_eps)
-            x = x + F.linear(self._act(F.linear(y, f1_w, f1_b)), f2_w, f2_b)
+            x = x + o_lin(attn.transpose(1, 2).reshape(b, t, h))
+            y = F.layer_norm(x, (h,), *ln2, eps=c.layer_norm_eps)
+            x = x + f2_lin(f1_lin(y) if f1_lin.gelu else self._act(f1_lin(y)))
         return x
 
 
@@ -150,11 +162,12 @@ class CLIPModel:
         self.device = device
         self.weights = dict(weights)
         w = self.weights
-        self.vision = _Tower(config.vision, w, "vision_model.")
-        self.text = _Tower(config.text, w, "text_model.")
+        self.vision = _Tower(config.vision, w, "vision_model.", device, dtype)
+        self.text = _Tower(config.text, w, "text_model.", device, dtype)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.values())
+        rest = sum(t.numel() * t.element_size() for t in self.weights.values())
+        return rest + self.vision.weight_bytes() + self.text.weight_bytes()
 
     @torch.inference_mode()
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
