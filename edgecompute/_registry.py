@@ -162,7 +162,7 @@ class Registry:
                 problem.__cause__ = exc
                 log.warning("%s", problem)
                 registry.problems.append(problem)
-        for name in sorted(set(settings) - set(registry._entries)):
+        for name in sorted(set(settings) - set(registry.names())):
             if settings[name].get("enabled", True) is not False:
                 # a misspelt [executors.NAME] would otherwise configure nothing, silently
                 close = difflib.get_close_matches(name, registry.names(), n=1)

@@ -13,7 +13,7 @@ import functools
 import queue
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Never, TypeVar
+from typing import Any, NamedTuple, Never, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -93,6 +93,17 @@ class _Call:
             changed.set_result(None)
 
 
+class _MapLink(NamedTuple):
+    """What a :class:`MapIterator` uses of its :class:`Runtime`, handed over by the runtime."""
+
+    portal: BlockingPortal
+    submit_all: Callable[[list[Request], _Call], Awaitable[None]]
+    output: Callable[[_Call, int], Awaitable[Any]]
+    completed: Callable[[_Call, int], Awaitable[tuple[int, Any]]]
+    wait: Callable[[Callable[[], Awaitable[Any]], _Call, float | None], Any]
+    stop: Callable[[_Call], None]
+
+
 class MapIterator(Iterator[Any]):
     """The outputs of :meth:`Runtime.map_iter` in input order, or of :meth:`Runtime.as_completed`
     as ``(index, output)`` pairs in the order the tasks end, as they become available.
@@ -102,15 +113,15 @@ class MapIterator(Iterator[Any]):
     block) cancels the tasks not yet consumed; iteration then stops.
     """
 
-    def __init__(self, runtime: Runtime, requests: list[Request], return_exceptions: bool,
+    def __init__(self, link: _MapLink, requests: list[Request], return_exceptions: bool,
                  ordered: bool = True) -> None:
-        self._runtime = runtime
+        self._link = link
         self._count = len(requests)
         self._next = 0
         self._return_exceptions = return_exceptions
         self._ordered = ordered
         self._call = _Call()
-        self._submitting = runtime.portal.start_task_soon(runtime._submit_all, requests, self._call)
+        self._submitting = link.portal.start_task_soon(link.submit_all, requests, self._call)
 
     def __iter__(self) -> MapIterator:
         return self
@@ -125,9 +136,10 @@ class MapIterator(Iterator[Any]):
         if self._next >= self._count or self._call.stopped:
             raise StopIteration
         index = self._next
-        fetch = self._runtime._output if self._ordered else self._runtime._completed
+        link = self._link
+        fetch = link.output if self._ordered else link.completed
         try:
-            item = self._runtime._wait(functools.partial(fetch, self._call, index), self._call, timeout)
+            item = link.wait(functools.partial(fetch, self._call, index), self._call, timeout)
             self._next += 1
             return item
         except TimeoutError:
@@ -160,7 +172,7 @@ class MapIterator(Iterator[Any]):
     def close(self) -> None:
         """Cancel the tasks not consumed yet; thread-safe, idempotent."""
         if not self._call.stopped:
-            self._runtime._stop(self._call)
+            self._link.stop(self._call)
 
 
 class Runtime:
@@ -310,7 +322,7 @@ class Runtime:
         """
         options = _options(params, priority, timeout, resources, metadata, retries, None, unknown)
         requests = [_request(algorithm, item, options) for item in items]
-        return MapIterator(self, requests, return_exceptions)
+        return MapIterator(self._map_link(), requests, return_exceptions)
 
     def as_completed(self, algorithm: str, items: Iterable[Any], *, return_exceptions: bool = False,
                      params: Mapping[str, Any] | None = None, priority: int | None = None,
@@ -324,7 +336,10 @@ class Runtime:
         """
         options = _options(params, priority, timeout, resources, metadata, retries, None, unknown)
         requests = [_request(algorithm, item, options) for item in items]
-        return MapIterator(self, requests, return_exceptions, ordered=False)
+        return MapIterator(self._map_link(), requests, return_exceptions, ordered=False)
+
+    def _map_link(self) -> _MapLink:
+        return _MapLink(self.portal, self._submit_all, self._output, self._completed, self._wait, self._stop)
 
     # -- looking at tasks ---------------------------------------------------------------------------
 
