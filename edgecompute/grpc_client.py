@@ -28,8 +28,8 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -53,7 +53,7 @@ _UNTIL_END = 86400.0
 #: the largest message the client accepts (grpc refuses a larger one before reading it)
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 _T = TypeVar("_T")
-_C = TypeVar("_C")
+_L = TypeVar("_L")  # what a task view uses of its face: a _Link or an _AsyncLink
 
 _BY_SLUG: dict[str, type[EdgeComputeError]] = {
     "unknown-algorithm": errors.UnknownAlgorithm, "invalid-request": errors.InvalidRequest,
@@ -246,9 +246,25 @@ class _Core:
         return None if wait is None else wait + self.timeout
 
 
-class _TaskView(Generic[_C]):
-    def __init__(self, client: _C, task: pb.Task) -> None:
-        self._client = client
+class _Link(NamedTuple):
+    """What a :class:`GrpcTask` uses of its :class:`GrpcClient`, handed over by the client."""
+
+    get: Callable[[str, float], pb.Task]
+    cancel: Callable[[str], pb.Task]
+    stream: Callable[[str], Iterator[Any]]
+
+
+class _AsyncLink(NamedTuple):
+    """What an :class:`AsyncGrpcTask` uses of its :class:`AsyncGrpcClient`, handed over by the client."""
+
+    get: Callable[[str, float], Awaitable[pb.Task]]
+    cancel: Callable[[str], Awaitable[pb.Task]]
+    stream: Callable[[str], AsyncIterator[Any]]
+
+
+class _TaskView(Generic[_L]):
+    def __init__(self, link: _L, task: pb.Task) -> None:
+        self._link = link
         self.id: str = task.id
         self.algorithm: str = task.algorithm
         self._task = task
@@ -265,12 +281,12 @@ class _TaskView(Generic[_C]):
 # -- the blocking face -------------------------------------------------------------------------------
 
 
-class GrpcTask(_TaskView["GrpcClient"]):
+class GrpcTask(_TaskView[_Link]):
     """A task submitted through :class:`GrpcClient`, like :class:`~edgecompute.client.RemoteTask`."""
 
     def done(self) -> bool:
         if self._task.state in _LIVE:
-            self._task = self._client._get(self.id, 0.0)
+            self._task = self._link.get(self.id, 0.0)
         return self._task.state not in _LIVE
 
     def result(self, timeout: float | None = None) -> Response:
@@ -281,19 +297,19 @@ class GrpcTask(_TaskView["GrpcClient"]):
             left = _STEP if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"task {self.id} did not end within {timeout} s")
-            self._task = self._client._get(self.id, min(left, _STEP))
+            self._task = self._link.get(self.id, min(left, _STEP))
         return _response(self._task)
 
     def cancel(self) -> bool:
         """Cancel the task; False if it had already ended."""
         was_live = self._task.state in _LIVE
-        self._task = self._client._call(self._client._cancel, self._client._core.task_request(self.id), wait=0.0)
+        self._task = self._link.cancel(self.id)
         return was_live and self._task.state == "cancelled"
 
     def stream(self) -> Iterator[Any]:
         """Yield the task's chunks as they come; raises its error at the end. Leaving early does not
         cancel the task (as ``TaskHandle.stream``)."""
-        return self._client._stream(self.id)
+        return self._link.stream(self.id)
 
 
 class GrpcClient:
@@ -323,6 +339,7 @@ class GrpcClient:
                                                pb.Listing.FromString)
         self._executors = channel.unary_unary(METHODS["Executors"], pb.ListRequest.SerializeToString,
                                               pb.Listing.FromString)
+        self._link = _Link(self._get, self._cancel_task, self._stream)
 
     @property
     def target(self) -> str:
@@ -360,10 +377,14 @@ class GrpcClient:
         result: pb.Task = self._call(self._get_task, self._core.task_request(task_id, wait), wait=wait)
         return result
 
+    def _cancel_task(self, task_id: str) -> pb.Task:
+        result: pb.Task = self._call(self._cancel, self._core.task_request(task_id), wait=0.0)
+        return result
+
     def submit(self, algorithm: str, inputs: Any = None, **options: Any) -> GrpcTask:
         """Queue one request on the server; returns at once."""
         request = self._core.submit_request(algorithm, inputs, options, 0.0)
-        return GrpcTask(self, self._call(self._submit, request, wait=0.0, budget=options.get("timeout")))
+        return GrpcTask(self._link, self._call(self._submit, request, wait=0.0, budget=options.get("timeout")))
 
     def run(self, algorithm: str, inputs: Any = None, **options: Any) -> Response:
         """Run one request and return its response (raising its error). If the caller gives up
@@ -372,7 +393,7 @@ class GrpcClient:
         request = self._core.submit_request(algorithm, inputs, options, timeout if timeout else _UNTIL_END)
         submitted: pb.Task = self._call(self._submit, request, wait=timeout, budget=timeout)
         if submitted.state in _LIVE:
-            task = GrpcTask(self, submitted)
+            task = GrpcTask(self._link, submitted)
             try:
                 return task.result()
             finally:
@@ -452,7 +473,7 @@ class GrpcClient:
 # -- the asyncio face --------------------------------------------------------------------------------
 
 
-class AsyncGrpcTask(_TaskView["AsyncGrpcClient"]):
+class AsyncGrpcTask(_TaskView[_AsyncLink]):
     """A task submitted through :class:`AsyncGrpcClient`, like :class:`~edgecompute.client.AsyncRemoteTask`."""
 
     def done(self) -> bool:
@@ -461,7 +482,7 @@ class AsyncGrpcTask(_TaskView["AsyncGrpcClient"]):
 
     async def refresh(self) -> str:
         """Ask the server for the task's state now."""
-        self._task = await self._client._get(self.id, 0.0)
+        self._task = await self._link.get(self.id, 0.0)
         return self.state
 
     async def result(self, timeout: float | None = None) -> Response:
@@ -472,20 +493,19 @@ class AsyncGrpcTask(_TaskView["AsyncGrpcClient"]):
             left = _STEP if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"task {self.id} did not end within {timeout} s")
-            self._task = await self._client._get(self.id, min(left, _STEP))
+            self._task = await self._link.get(self.id, min(left, _STEP))
         return _response(self._task)
 
     async def cancel(self) -> bool:
         """Cancel the task, queued or running. Returns False if it had already ended."""
         was_live = self._task.state in _LIVE
-        self._task = await self._client._call(self._client._cancel, self._client._core.task_request(self.id),
-                                              wait=0.0)
+        self._task = await self._link.cancel(self.id)
         return was_live and self._task.state == "cancelled"
 
     def stream(self) -> AsyncIterator[Any]:
         """Yield the task's chunks as they come; raises its error at the end. Leaving early does not
         cancel the task (as ``TaskHandle.stream``)."""
-        return self._client._stream(self.id)
+        return self._link.stream(self.id)
 
 
 class AsyncGrpcClient:
@@ -512,6 +532,7 @@ class AsyncGrpcClient:
                                                pb.Listing.FromString)
         self._executors = channel.unary_unary(METHODS["Executors"], pb.ListRequest.SerializeToString,
                                               pb.Listing.FromString)
+        self._link = _AsyncLink(self._get, self._cancel_task, self._stream)
 
     @property
     def target(self) -> str:
@@ -547,10 +568,15 @@ class AsyncGrpcClient:
         result: pb.Task = await self._call(self._get_task, self._core.task_request(task_id, wait), wait=wait)
         return result
 
+    async def _cancel_task(self, task_id: str) -> pb.Task:
+        result: pb.Task = await self._call(self._cancel, self._core.task_request(task_id), wait=0.0)
+        return result
+
     async def submit(self, algorithm: str, inputs: Any = None, **options: Any) -> AsyncGrpcTask:
         """Queue one request on the server; returns its task at once."""
         request = self._core.submit_request(algorithm, inputs, options, 0.0)
-        return AsyncGrpcTask(self, await self._call(self._submit, request, wait=0.0, budget=options.get("timeout")))
+        submitted = await self._call(self._submit, request, wait=0.0, budget=options.get("timeout"))
+        return AsyncGrpcTask(self._link, submitted)
 
     async def run(self, algorithm: str, inputs: Any = None, **options: Any) -> Response:
         """Run one request (one round trip for a short task) and return its response or raise its
@@ -559,7 +585,7 @@ class AsyncGrpcClient:
         request = self._core.submit_request(algorithm, inputs, options, timeout if timeout else _UNTIL_END)
         submitted: pb.Task = await self._call(self._submit, request, wait=timeout, budget=timeout)
         if submitted.state in _LIVE:
-            task = AsyncGrpcTask(self, submitted)
+            task = AsyncGrpcTask(self._link, submitted)
             try:
                 return await task.result()
             finally:

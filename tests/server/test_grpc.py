@@ -422,8 +422,12 @@ def test_both_client_faces_have_the_runtime_shape(both: Both) -> None:
         assert task.cancel() is False
         with pytest.raises(errors.ExecutorError, match="failing on purpose"):
             c.run("app/fail", 1)
+        sleeper = c.submit("app/sleep", 30)
+        known, sleeper.id = sleeper.id, "nope"  # now a view of a task the server does not know
         with pytest.raises(NotFound):
-            GrpcTask(c, pb.Task(id="nope", state="running")).result()
+            sleeper.result()
+        sleeper.id = known
+        assert sleeper.cancel() is True
         assert c.map("app/echo", range(10)) == list(range(10))
         generated = c.submit("app/generate", params={"delay": 0.001})
         assert list(generated.stream()) == TOKENS and generated.result().outputs == "".join(TOKENS)
