@@ -183,7 +183,7 @@ def _release_load_memory(gguf: Any) -> None:
 
 
 def _quantization(plan: ModelPlan, device: str) -> str | None:
-    """How the weights are held: "int8", "gguf" or None (float), after checking that the family
+    """How the weights are held: "int8", "int4", "gguf" or None (float), after checking that the family
     and the device can (a GGUF file's default falls back to float where they cannot)."""
     source = plan.source
     mode = source.quantization
