@@ -1,4 +1,4 @@
-"""Configuration that means what it says (issue 20, items 2, 3, 5 and 7)."""
+"""Configuration that means what it says (issue 20, items 2, 3, 5 and 7): docs/configuration.md, key by key."""
 
 from __future__ import annotations
 

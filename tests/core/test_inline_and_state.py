@@ -1,4 +1,5 @@
-"""The public API the gateway uses: Scheduler.state, submit(inline=True) and run_inline."""
+"""The public API the gateway uses: Scheduler.state, submit(inline=True) and run_inline (docs/design.md,
+"Module layout": the gateway uses the scheduler through its public names only)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ Invariants:
 - every submitted task ends in exactly one terminal state (observed once, by state and by event);
 - the resources held by running tasks never exceed the capacity, in any dimension;
 - when everything has ended, every reservation has come back.
+
+The state machine checks docs/scheduler.md's "Order", "Admission" and "Concurrency per executor"
+against a reference model of its own (AdmissionModel below, written from the page, not from
+edgecompute/_admission.py): removing the starvation guard from the code makes it fail.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The typed API: request options a type checker checks, awaitable handles, lookups and events."""
+"""The typed API: request options a type checker checks, awaitable handles, lookups and events
+(docs/scheduler.md, "Observing")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The remote client's two faces have one shape (the Runtime's and the scheduler's), wait as long as
-a task may run, and cancel what their caller gives up on. A real uvicorn server on loopback."""
+a task may run, and cancel what their caller gives up on. A real uvicorn server on loopback.
+docs/client.md: "One core, two faces", "Waiting and timeouts", "Cancellation"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The gateway against a real uvicorn on loopback, with real HTTP and WebSocket clients."""
+"""The gateway against a real uvicorn on loopback, with real HTTP and WebSocket clients: docs/server.md
+("Authentication", "Routes", "Binary inputs and outputs", "Limits", "Errors", streams under "Routes")."""
 
 from __future__ import annotations
 

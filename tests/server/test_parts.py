@@ -1,4 +1,5 @@
-"""The gateway's parts on their own: wire format, token bucket, keys, settings, metrics, JSON logs."""
+"""The gateway's parts on their own: wire format, token bucket, keys, settings, metrics, JSON logs
+(docs/server.md: "Binary inputs and outputs", "Limits", "Authentication", "Metrics", "Logs")."""
 
 from __future__ import annotations
 
