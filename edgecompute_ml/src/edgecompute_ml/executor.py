@@ -167,6 +167,15 @@ class MLExecutor:
         return self._cache
 
     def _load(self, name: str) -> Any:
+        # torch's OpenMP runtime (libgomp) keeps a pool of worker threads for every thread that has
+        # run a parallel region, for as long as that thread lives; once the pools hold more threads
+        # than there are cores, every parallel region wakes its workers from sleep instead of
+        # finding them spinning. Loading runs torch ops, so it runs in a thread of its own that ends
+        # with it (a worker of the caller's pool that kept its team made one MiniLM sentence through
+        # the batcher 6.7 ms instead of 4.8 here; docs/performance.md).
+        return _in_own_thread(self._load_now, name)
+
+    def _load_now(self, name: str) -> Any:
         from ._runtime.store import load_model
 
         self.devices.setup()
@@ -476,6 +485,25 @@ class MLExecutor:
             thread.join()
         if self._cache is not None:
             self._cache.clear()
+
+
+def _in_own_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a new thread, waited for; its result or exception."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="ml-load", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _settle(future: Any) -> None:
