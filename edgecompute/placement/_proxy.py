@@ -423,6 +423,7 @@ class WorkerExecutor:
         self._slots = [_Slot(first), *(_Slot(None) for _ in range(workers - 1))]
         self._burials: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._starts: set[asyncio.Future[_Connection]] = set()  # worker starts running in threads
         hello = first.hello
         self.version: str = str(hello["version"])
         self._algorithms: list[Algorithm] = list(hello["algorithms"])
@@ -595,7 +596,14 @@ class WorkerExecutor:
         try:
             if slot.started:
                 await asyncio.sleep(self.supervisor.delay())
-            connection = await asyncio.to_thread(_Connection, self.name, self.placement, self._setup)
+            start = asyncio.ensure_future(asyncio.to_thread(_Connection, self.name, self.placement, self._setup))
+            self._starts.add(start)
+            start.add_done_callback(self._starts.discard)
+            try:
+                connection = await asyncio.shield(start)
+            except asyncio.CancelledError:
+                start.add_done_callback(_close_started)  # its thread goes on: close what it starts
+                raise
             if self._closed:
                 connection.killed_on_purpose = True
                 await connection.close()
@@ -639,7 +647,8 @@ class WorkerExecutor:
     async def aclose(self) -> None:
         self._closed = True
         for task in list(self._background):
-            task.cancel()
+            task.cancel()  # a start waiting out the backoff stops; one in its thread closes its worker
+        await asyncio.gather(*self._background, *self._starts, return_exceptions=True)
         connections = []
         for slot in self._slots:
             connection, slot.connection = slot.connection, None
@@ -652,6 +661,15 @@ class WorkerExecutor:
         connection = self._slots[index].connection
         if connection is not None:
             connection.kill()
+
+
+def _close_started(start: asyncio.Future[_Connection]) -> None:
+    """A worker whose start was cancelled while its thread ran: nobody will use it."""
+    if not start.cancelled() and start.exception() is None:
+        connection = start.result()
+        connection.killed_on_purpose = True
+        connection.kill()
+        connection.reap()
 
 
 def by_reference(factory: Any) -> bytes | None:

@@ -44,3 +44,4 @@ async def isolated(testplug: Path) -> AsyncIterator[tuple[Scheduler, CppExecutor
     executor = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
     async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
         yield s, executor
+    await executor.aclose()  # its worker processes end with the test

@@ -269,3 +269,30 @@ def test_empty_checks_its_arguments(testplug: Path) -> None:
         assert executor.empty(0, "float32").shape == (0,)
         assert executor.empty((), "float64").shape == ()
         assert executor.pids == []  # empty() starts no worker
+
+
+def our_workers() -> list[int]:
+    """Live worker processes this process started (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"edgecompute.placement._worker" in command and alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def test_synchronous_calls_with_two_workers_leave_none_after_closing(testplug: Path) -> None:
+    # the first call starts the second worker in the background, on the loop of synchronous calls;
+    # closing waits for that start and closes what it started
+    before = set(our_workers())
+    executor = CppExecutor({"isolation": "process", "workers": 2, "plugins": [str(testplug)], "builtin": False})
+    np.testing.assert_array_equal(executor.call("testplug.echo", np.ones(3)), np.ones(3))
+    assert len(set(our_workers()) - before) >= 1
+    asyncio.run(executor.aclose())
+    assert executor.pids == [] and set(our_workers()) <= before

@@ -156,6 +156,8 @@ class CppExecutor:
         #: the event loop that synchronous call()s of process isolation run, one at a time
         self._calls_loop: asyncio.AbstractEventLoop | None = None
         self._calls_lock = threading.Lock()
+        #: whether the workers were last used by a synchronous call (they live on that loop then)
+        self._called_last = False
         self._metrics_lock = threading.Lock()
         self._closed = False
 
@@ -359,6 +361,7 @@ class CppExecutor:
         else:
             arrays, params, _ = self._prepare(entry, request.inputs, request.params)
         if self._remote is not None:
+            self._called_last = False
             return await self._execute_remote(entry, request, ctx)  # checked here, run there
         size = 0
         for _, array in arrays:
@@ -417,6 +420,7 @@ class CppExecutor:
         if self._remote is not None:
             request = Request(f"cpp/{entry.algorithm.name}", inputs, params or {})
             deadline = None if timeout is None else time.monotonic() + timeout
+            self._called_last = True
             return self._run_call(entry, request, deadline)
         outputs = self._run_inprocess(entry, arrays, encoded, None, None)
         if not entry.builtin:
@@ -593,7 +597,10 @@ class CppExecutor:
         await asyncio.to_thread(self._calls_lock.acquire)
         try:
             loop, self._calls_loop = self._calls_loop, None
-            if remote is not None:
+            if remote is not None and loop is not None and self._called_last:
+                # the workers (and the starts in progress) of synchronous calls belong to that loop
+                await asyncio.to_thread(loop.run_until_complete, remote.aclose())
+            elif remote is not None:
                 await remote.aclose()
             if loop is not None:
                 loop.close()
