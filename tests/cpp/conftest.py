@@ -45,3 +45,9 @@ async def isolated(testplug: Path) -> AsyncIterator[tuple[Scheduler, CppExecutor
     async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096), config=Config()) as s:
         yield s, executor
     await executor.aclose()  # its worker processes end with the test
+
+
+@pytest.fixture(scope="session")
+def crashonload() -> Path:
+    """A plugin whose ec_info() aborts: it crashes whatever process loads it."""
+    return build_plugin(PLUGINS / "crashonload.cpp")

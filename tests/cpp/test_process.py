@@ -296,3 +296,28 @@ def test_synchronous_calls_with_two_workers_leave_none_after_closing(testplug: P
     assert len(set(our_workers()) - before) >= 1
     asyncio.run(executor.aclose())
     assert executor.pids == [] and set(our_workers()) <= before
+
+
+async def test_a_plugin_that_crashes_while_loading_is_one_failed_plugin(testplug: Path, crashonload: Path) -> None:
+    """Its load kills the worker that tries it; the executor lists it as failed (health, and the
+    error a request for it gets) and the other plugins serve, in worker processes without it."""
+    executor = CppExecutor({"isolation": "process", "workers": 1, "builtin": False,
+                            "plugins": [str(testplug), str(crashonload)]})
+    try:
+        names = {a.name for a in executor.algorithms()}
+        assert "testplug.echo" in names and not any(n.startswith("crashonload") for n in names)
+        async with Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=4096),
+                             config=Config()) as s:
+            x = np.arange(10, dtype=np.float32)
+            for _ in range(3):
+                np.testing.assert_array_equal((await s.run("cpp/testplug.echo", x)).outputs, x)
+            health = await executor.health()
+        assert health.status is HealthStatus.DEGRADED
+        [problem] = [p for p in health.details["problems"] if "crashonload" in p]
+        assert "crashed" in problem and "SIGABRT" in problem
+        np.testing.assert_array_equal(executor.call("testplug.echo", x), x)  # without a scheduler too
+        with pytest.raises(InvalidRequest, match=r"failed to load.*crashonload.*crashed"):
+            executor.call("crashonload.anything", x)
+        assert any(pid is not None for pid in executor.pids)  # a worker without it serves
+    finally:
+        await executor.aclose()

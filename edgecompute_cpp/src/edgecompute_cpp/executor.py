@@ -13,6 +13,7 @@ import asyncio
 import importlib.metadata
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -180,6 +181,14 @@ class CppExecutor:
             return self._loaded
 
     def _sources(self, problems: list[PluginError]) -> list[tuple[str, Any]]:
+        found = self._found(problems)
+        excluded = self.settings.exclude
+        if not excluded:
+            return found
+        return [(source, target) for source, target in found
+                if ("builtin" if source == "builtin" else str(target)) not in excluded]
+
+    def _found(self, problems: list[PluginError]) -> list[tuple[str, Any]]:
         from ._build import build_builtin
 
         found: list[tuple[str, Any]] = []
@@ -208,24 +217,31 @@ class CppExecutor:
                 found.append((PLUGIN_PATH_ENV, str(path)))
         return found
 
+    def _library(self, source: str, target: Any, label: str) -> str:
+        """The plugin library's path, compiled first when ``target`` is a source (or the bundled
+        plugin's builder)."""
+        from ._build import SOURCE_SUFFIXES, build_plugin
+
+        if callable(target):
+            return str(target())
+        if Path(target).suffix in SOURCE_SUFFIXES:
+            return str(build_plugin(target, flags=self.compile_flags))
+        if not Path(target).exists():
+            raise PluginError(label, "the file does not exist")
+        return str(target)
+
+    @staticmethod
+    def _label(source: str, target: Any) -> str:
+        return "the bundled plugin" if source == "builtin" else f"{target} (from {source})"
+
     def _load(self) -> _Loaded:
         if self.isolation == "process":
             return self._load_remote()
-        from ._build import SOURCE_SUFFIXES, build_plugin
-
         loaded = _Loaded()
         for source, target in self._sources(loaded.problems):
-            label = "the bundled plugin" if source == "builtin" else f"{target} (from {source})"
+            label = self._label(source, target)
             try:
-                if callable(target):
-                    path = str(target())
-                elif Path(target).suffix in SOURCE_SUFFIXES:
-                    path = str(build_plugin(target, flags=self.compile_flags))
-                else:
-                    path = target
-                    if not Path(path).exists():
-                        raise PluginError(label, "the file does not exist")
-                self._add(loaded, path, source, label)
+                self._add(loaded, self._library(source, target, label), source, label)
             except PluginError as exc:
                 loaded.problems.append(exc)
             except EdgeComputeError as exc:
@@ -241,7 +257,8 @@ class CppExecutor:
     def _load_remote(self) -> _Loaded:
         """Start the worker processes (each loads the plugins, in-process there) and learn the
         algorithms from the first one's hello: the host checks requests against them before any
-        is sent, but loads no plugin itself."""
+        is sent, but loads no plugin itself (a plugin that crashes a starting worker is found in a
+        throwaway process, see _crashing_plugins)."""
         from functools import partial
 
         from edgecompute.placement import Placement, WorkerExecutor
@@ -249,18 +266,63 @@ class CppExecutor:
         from ._checks import check_builtin, check_plugin, has_spec
 
         table = {**self.settings.table(), "isolation": "inprocess"}
-        # a plugin call cannot notice a cancellation: cancelling a running task kills its worker
-        remote = WorkerExecutor("cpp", Placement.process(), table, type(self), workers=self.workers,
-                                kill_on_cancel=True)
         loaded = _Loaded()
+        # a plugin call cannot notice a cancellation: cancelling a running task kills its worker
+        start = partial(WorkerExecutor, "cpp", Placement.process(), factory=type(self), workers=self.workers,
+                        kill_on_cancel=True)
+        try:
+            remote = start(table)
+        except PluginError:
+            # a plugin may have crashed the worker while it loaded: find which, start without them
+            crashed = self._crashing_plugins()
+            if not crashed:
+                raise
+            table["exclude"] = [*table["exclude"], *crashed]
+            remote = start(table)
+            loaded.problems.extend(crashed.values())
+            for problem in crashed.values():
+                log.warning("%s", problem)
         for algorithm in remote.algorithms():
             bare = "." not in algorithm.name  # the bundled plugin's algorithms have bare names
             native_name = algorithm.name if bare else algorithm.name.partition(".")[2]
             known = bare and has_spec(algorithm.name)
             check = partial(check_builtin, algorithm.name) if known else check_plugin
             loaded.entries[algorithm.name] = _Entry(algorithm, None, native_name, check, known)
+        down = next((p for p in loaded.problems if p.plugin == "the bundled plugin"), None)
+        if down is not None:
+            self._mark_builtin_down(loaded, down)
         self._remote = remote
         return loaded
+
+    def _crashing_plugins(self) -> dict[str, PluginError]:
+        """Each plugin a worker would load, loaded alone in a throwaway process: those whose load
+        crashed it, by what ``exclude`` calls them (a path or source as given, or ``builtin``)."""
+        import subprocess
+        import sys
+
+        crashed: dict[str, PluginError] = {}
+        for source, target in self._sources([]):  # what fails without crashing, the worker reports
+            label = self._label(source, target)
+            try:
+                path = self._library(source, target, label)
+            except EdgeComputeError:
+                continue
+            try:
+                probe = subprocess.run([sys.executable, "-m", "edgecompute_cpp._probe", path],
+                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False)
+            except subprocess.TimeoutExpired:
+                crashed_how = "hung for 120 s"
+            else:
+                if probe.returncode >= 0:
+                    continue
+                try:
+                    crashed_how = f"was killed by signal {-probe.returncode} ({signal.Signals(-probe.returncode).name})"
+                except ValueError:
+                    crashed_how = f"was killed by signal {-probe.returncode}"
+            key = "builtin" if source == "builtin" else str(target)
+            crashed[key] = PluginError(label, f"loading it crashed the worker process: it {crashed_how}; "
+                                              "the workers run without it")
+        return crashed
 
     @staticmethod
     def _mark_builtin_down(loaded: _Loaded, problem: PluginError) -> None:
@@ -345,7 +407,9 @@ class CppExecutor:
                 from .errors import BundledPluginDown
 
                 raise BundledPluginDown(f"cpp/{name}", loaded.builtin_down)
-            raise InvalidRequest(f"cpp has no algorithm {name!r}; it has: {', '.join(sorted(entries)) or 'none'}")
+            failed = "".join(f"; {problem}" for problem in loaded.problems)
+            raise InvalidRequest(f"cpp has no algorithm {name!r}; it has: {', '.join(sorted(entries)) or 'none'}"
+                                 + (f" (plugins that failed to load{failed})" if failed else ""))
         return entry
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
@@ -586,8 +650,12 @@ class CppExecutor:
         remote = self._remote
         assert remote is not None
         health = await remote.health()
-        return Health(health.status, health.message,
-                      {**health.details, "isolation": self.isolation, "metrics": self.metrics()})
+        status, message = health.status, health.message
+        problems = [*health.details.get("problems", ()), *(str(p) for p in self._ensure().problems)]
+        if status is HealthStatus.OK and problems:
+            status, message = HealthStatus.DEGRADED, f"{len(problems)} plugin(s) failed to load"
+        return Health(status, message, {**health.details, "isolation": self.isolation, "problems": problems,
+                                        "metrics": self.metrics()})
 
     async def aclose(self) -> None:
         self._closed = True

@@ -49,6 +49,13 @@ def _paths(value: object) -> tuple[str, ...]:
     return tuple(str(p) for p in value)
 
 
+def _excluded(value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, os.PathLike)) or not isinstance(value, Sequence) or not all(
+            isinstance(p, (str, os.PathLike)) for p in value):
+        raise ConfigError(f"[executors.cpp] exclude must be a list of paths, not {value!r}")
+    return tuple(str(p) for p in value)
+
+
 def _flags(value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(f, str) for f in value):
         raise ConfigError(f"[executors.cpp] compile_flags must be a list of strings, not {value!r}")
@@ -68,6 +75,8 @@ class CppSettings:
     * ``inline_below_us``: in-process calls that took less than this last time (for inputs of the
       same size) run on the event loop instead of a worker thread; 0 disables.
     * ``compile_flags``: extra compiler flags for plugins given as source.
+    * ``exclude``: plugins not to load, however they are found (paths or sources as given, or
+      ``builtin``); in ``process`` isolation the host adds those whose load crashed a worker.
     * ``limits``: what one request may ask (``max_input_bytes`` ... ``max_inputs``; docs/cpp.md).
     """
 
@@ -77,6 +86,7 @@ class CppSettings:
     builtin: bool = attrs.field(default=True, validator=_boolean)
     inline_below_us: float = attrs.field(default=100.0, validator=_microseconds)
     compile_flags: tuple[str, ...] = attrs.field(default=(), converter=_flags)
+    exclude: tuple[str, ...] = attrs.field(default=(), converter=_excluded)
     limits: Limits = attrs.field(factory=lambda: Limits({}))
 
     @classmethod
@@ -97,4 +107,4 @@ class CppSettings:
         """These settings as a ``[executors.cpp]`` table (what a worker process is built from)."""
         return {"isolation": self.isolation, "workers": self.workers, "plugins": list(self.plugins),
                 "builtin": self.builtin, "inline_below_us": self.inline_below_us,
-                "compile_flags": list(self.compile_flags), **self.limits.as_dict()}
+                "compile_flags": list(self.compile_flags), "exclude": list(self.exclude), **self.limits.as_dict()}
