@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -333,6 +334,47 @@ class _Connection:
         finally:
             self.calls.pop(task, None)
 
+    def exchange(self, body: Any, deadline: float | None) -> Any:
+        """One ``run`` answered on this thread, blocking, with no event loop: for a synchronous
+        caller, while no running loop reads this connection. Returns the answer's body; raises
+        the task's error, ``TimeoutError`` past ``deadline`` (the worker is left to the caller),
+        ``EOFError`` when the worker is gone, ``BlockingIOError`` when the request could not be
+        sent at once (nothing was sent)."""
+        task = next(_ids)
+        send_packet(self.sock, *pack("run", task, body, self.arena))
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        while True:
+            wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if not poller.poll(wait) and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError
+            try:
+                size, fds = receive(self.sock, self.buffer, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                size, fds = 0, []
+            if not 0 < size < MAX_MESSAGE:
+                raise EOFError
+            try:
+                kind, got, answer, segment = unpack(self.view[:size], self.attachments, copy=True, fds=fds,
+                                                    arena=self.arena)
+            except ProtocolError as exc:
+                log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
+                raise EOFError from exc
+            if segment is not None:
+                with contextlib.suppress(ExecutorCrashed):
+                    self.send("release", 0, segment)  # copied out: the worker may reuse it
+            if kind == "release":
+                self.arena.give_back(answer)
+            elif got == task and kind in ("done", "error"):
+                if isinstance(answer, Unreadable):
+                    raise ExecutorError(f"the host cannot read what worker {self.pid} sent: "
+                                        f"{type(answer.error).__name__}: {answer.error}")
+                if kind == "error":
+                    raise answer if isinstance(answer, BaseException) else ExecutorError(str(answer))
+                return answer
+
     def fail_calls(self, error_text: str, error: type[ExecutorError] = ExecutorCrashed) -> None:
         calls, self.calls = self.calls, {}
         for call in calls.values():
@@ -498,12 +540,7 @@ class WorkerExecutor:
         connection = self._pick()
         if connection is None:
             connection = await self._ready()
-        # plain values, not the Request: its read-only mappings do not pickle, and the worker's
-        # edgecompute may be another release whose Request has other fields
-        params, metadata = request.params, request.metadata
-        body = (request.algorithm, request.inputs, dict(params) if params else None, request.priority,
-                dict(metadata) if metadata else None, request.id, ctx.deadline)
-        task, future = connection.start("run", body, ctx)
+        task, future = connection.start("run", _body(request, ctx.deadline), ctx)
         try:
             outputs, timings = await future
         except asyncio.CancelledError:
@@ -523,6 +560,62 @@ class WorkerExecutor:
         finally:
             connection.calls.pop(task, None)
         return Response(outputs) if timings is None else Response(outputs, timings=timings)
+
+    def execute_blocking(self, request: Request, deadline: float | None = None) -> Response | None:
+        """Run ``request`` from synchronous code on this thread, blocking until the answer, with
+        no event loop and no thread hop: one packet out, one back (for scripts and benchmarks,
+        one caller at a time). None when no worker is idle outside a running event loop: run it
+        through :meth:`execute` then. Past ``deadline`` the worker is killed and
+        ``TimeoutError`` raised; a worker that dies fails the call with ``ExecutorCrashed``."""
+        for slot in self._slots:
+            connection = slot.connection
+            if (connection is not None and not connection.dead and not connection.calls and not connection.pending
+                    and (connection.loop is None or not connection.loop.is_running())):
+                break
+        else:
+            return None
+        try:
+            outputs, timings = connection.exchange(_body(request, deadline), deadline)
+        except BlockingIOError:
+            return None  # nothing was sent
+        except TimeoutError:
+            log.warning("task %s of %r was past its deadline: killing worker %s", request.id, self.name,
+                        connection.pid)
+            connection.killed_on_purpose = True
+            self._bury_now(connection)
+            raise
+        except (EOFError, OSError) as exc:
+            reason, error = self._bury_now(connection)
+            raise error(reason) from exc
+        return Response(outputs) if timings is None else Response(outputs, timings=timings)
+
+    def _bury_now(self, connection: _Connection) -> tuple[str, type[ExecutorError]]:
+        """:meth:`_bury` for a synchronous caller: the worker is reaped on this thread and
+        replaced on the next call's demand."""
+        for slot in self._slots:
+            if slot.connection is connection:
+                slot.connection = None
+        connection.closing = True
+        connection.dead = True
+        connection.kill()
+        connection.detach()
+        connection.reap()
+        return self._count_death(connection)
+
+    def _count_death(self, connection: _Connection) -> tuple[str, type[ExecutorError]]:
+        """Why the reaped worker ended, and the error its tasks fail with; a crash is counted."""
+        reason = f"worker {connection.pid} of {self.name!r} {connection.exit_reason()}"
+        error: type[ExecutorError] = ExecutorCrashed
+        sandbox = connection.sandbox
+        if sandbox is not None and sandbox.memory_killed():
+            # the task that grew past the cap would only do it again: not retryable
+            reason = (f"worker {connection.pid} of {self.name!r} was killed by its sandbox's memory cap "
+                      f"({sandbox.memory_cap}); a new worker takes the next task")
+            error = SandboxViolation
+        if not connection.killed_on_purpose:
+            self.supervisor.crashed(reason)
+            log.warning("%s; %s", reason, self.supervisor.describe())
+        return reason, error
 
     async def _ready(self) -> _Connection:
         """A live worker on this loop, starting one (and waiting for it) when there is none."""
@@ -570,17 +663,7 @@ class WorkerExecutor:
         connection.kill()  # it may have closed the socket and hang; make sure it is gone
         connection.detach()
         await asyncio.to_thread(connection.reap)
-        reason = f"worker {connection.pid} of {self.name!r} {connection.exit_reason()}"
-        error: type[ExecutorError] = ExecutorCrashed
-        sandbox = connection.sandbox
-        if sandbox is not None and sandbox.memory_killed():
-            # the task that grew past the cap would only do it again: not retryable
-            reason = (f"worker {connection.pid} of {self.name!r} was killed by its sandbox's memory cap "
-                      f"({sandbox.memory_cap}); a new worker takes the next task")
-            error = SandboxViolation
-        if not connection.killed_on_purpose:
-            self.supervisor.crashed(reason)
-            log.warning("%s; %s", reason, self.supervisor.describe())
+        reason, error = self._count_death(connection)
         connection.fail_calls(reason, error)
         if len(self._slots) > 1:
             self._fill()
@@ -661,6 +744,14 @@ class WorkerExecutor:
         connection = self._slots[index].connection
         if connection is not None:
             connection.kill()
+
+
+def _body(request: Request, deadline: float | None) -> tuple[Any, ...]:
+    """A ``run`` message's body: plain values, not the Request: its read-only mappings do not
+    pickle, and the worker's edgecompute may be another release whose Request has other fields."""
+    params, metadata = request.params, request.metadata
+    return (request.algorithm, request.inputs, dict(params) if params else None, request.priority,
+            dict(metadata) if metadata else None, request.id, deadline)
 
 
 def _close_started(start: asyncio.Future[_Connection]) -> None:

@@ -117,3 +117,43 @@ async def test_bodies_larger_than_a_packet_cross_through_shared_memory(scheduler
 async def test_many_small_requests_in_flight_each_get_their_answer(scheduler: Scheduler) -> None:
     results = await asyncio.gather(*(scheduler.run("apps/echo", i) for i in range(2000)))
     assert [r.outputs for r in results] == list(range(2000))
+
+
+def test_a_blocking_call_crosses_without_an_event_loop_and_fails_typed() -> None:
+    """execute_blocking: large buffers both ways through the segments, the task's own error, and
+    a deadline that kills the worker."""
+    import time
+
+    from edgecompute.placement import WorkerExecutor
+
+    executor = WorkerExecutor("apps", Placement.process(), factory=apps)
+    try:
+        pid = executor.pid
+        data = np.arange(1 << 18, dtype=np.float32)  # 1 MiB each way
+        for _ in range(5):
+            response = executor.execute_blocking(Request("apps/echo", data))
+            assert response is not None
+            np.testing.assert_array_equal(response.outputs, data)
+        with pytest.raises(TypeError):  # the task's error, as it was raised there
+            executor.execute_blocking(Request("apps/sleep", "not a number"))
+        assert executor.pid == pid
+        with pytest.raises(TimeoutError):
+            executor.execute_blocking(Request("apps/hang"), time.monotonic() + 0.3)
+        assert executor.pid is None and executor.supervisor.total_crashes == 0  # killed on purpose
+        assert executor.execute_blocking(Request("apps/echo", 1)) is None  # no worker: execute() starts one
+    finally:
+        asyncio.run(executor.aclose())
+    assert our_segments() == []
+
+
+def test_a_worker_dying_in_a_blocking_call_is_a_counted_crash() -> None:
+    from edgecompute.errors import ExecutorCrashed
+    from edgecompute.placement import WorkerExecutor
+
+    executor = WorkerExecutor("apps", Placement.process(), factory=apps)
+    try:
+        with pytest.raises(ExecutorCrashed, match=r"killed by signal 9 \(SIGKILL\)"):
+            executor.execute_blocking(Request("apps/crash"))
+        assert executor.pid is None and executor.supervisor.total_crashes == 1
+    finally:
+        asyncio.run(executor.aclose())
