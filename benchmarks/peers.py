@@ -10,7 +10,7 @@ Figures are medians and ranges over ``--repeats`` runs; ratios are ours / the pe
    tokens per second over ``--tokens`` tokens, and the memory loading the model adds (RSS after
    load minus RSS after the engine's imports) and the whole process's RSS: ours with the weights
    kept quantized (the default) with the decode step captured (torch.compile, as the executor's
-   ``compile = true`` does) and eager, ours dequantised to float32 (``dtype = "float32"``, the path
+   ``compile = true`` does; off by default) and eager, ours dequantised to float32 (``dtype = "float32"``, the path
    before quantized weights) and llama.cpp (llama-cpp-python). Also: is our quantized greedy text
    identical to our float path for the first 32 tokens of three prompts? And the first generation
    of two processes in a row sharing a fresh compile cache: the first compiles the step, the
@@ -86,7 +86,7 @@ def worker_gen_ours(a: argparse.Namespace) -> dict[str, Any]:
     base = _rss_mb()
     lm = load_model(inspect_model(ModelSource("m", a.path, None if a.dtype == "quantized" else a.dtype)),
                     "float32", "cpu")
-    if a.cache not in (None, "off"):  # what the executor does with compile = true (its default)
+    if a.cache not in (None, "off"):  # what the executor does with compile = true (opt-in)
         lm.model.capture = DecodeCapture(lm.model.decode_step, CaptureSettings(True, Path(a.cache)), "m")
     loaded = _rss_mb()
     ids = lm.tokenizer.encode(STORY).ids

@@ -176,8 +176,11 @@ def test_the_executor_captures_decoders_as_configured(models, tmp_path):
     from edgecompute_ml.executor import MLExecutor
 
     path = str(models("llama3", None))
-    on = MLExecutor(config={"models": {"t": path}, "demo_models": False, "compile_cache_dir": str(tmp_path)})
+    on = MLExecutor(config={"models": {"t": path}, "demo_models": False, "compile": True,
+                            "compile_cache_dir": str(tmp_path)})
     off = MLExecutor(config={"models": {"t": path}, "demo_models": False, "compile": False})
+    unset = MLExecutor(config={"models": {"t": path}, "demo_models": False})
     captured, eager = on.load("t").model.capture, off.load("t").model.capture
     assert captured.active and captured.settings.cache_dir == tmp_path
     assert not eager.active and "compile = false" in eager.fallback
+    assert not unset.load("t").model.capture.active  # opt-in: no first generation stalls by default

@@ -71,8 +71,9 @@ class MLExecutor:
     ``device`` (auto/cpu/cuda/cuda:N/mps), ``dtype`` (auto/float32/float16/bfloat16), ``threads``,
     ``memory_budget_mb`` (model cache), ``max_batch``/``max_delay_ms``/``batching`` (embeddings),
     ``default_models`` (task -> model name), ``demo_models`` (register the demo packages' models),
-    ``compile`` (capture decoders' decode step with torch.compile; default true, eager without a
-    C++ compiler) and ``compile_cache_dir`` (where compiled steps are kept; docs/ml.md).
+    ``compile`` (capture decoders' decode step with torch.compile; default false: opt in, since the
+    first generation on an empty cache compiles for tens of seconds; eager without a C++ compiler)
+    and ``compile_cache_dir`` (where compiled steps are kept; docs/ml.md).
     """
 
     name = "ml"

@@ -120,7 +120,7 @@ class MLSettings:
     demo_models: bool = attrs.field(default=True, validator=_flag)
     default_models: Mapping[str, str] = attrs.field(factory=dict, converter=_table, validator=_names)
     models: tuple[ModelSource, ...] = attrs.field(default=(), converter=_models)
-    compile: bool = attrs.field(default=True, validator=_flag)
+    compile: bool = attrs.field(default=False, validator=_flag)
     compile_cache_dir: Path | None = attrs.field(default=None, converter=_folder)
     limits: Limits = attrs.field(factory=Limits)
 
