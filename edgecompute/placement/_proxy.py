@@ -153,6 +153,7 @@ class _Connection:
         self.drained: asyncio.Future[None] | None = None
         self.on_end: Callable[[], None] | None = None
         self.reading = False
+        self._poller: select.poll | None = None
         self.closing = False
         self.killed_on_purpose = False
         self.dead = False
@@ -341,15 +342,19 @@ class _Connection:
         ``EOFError`` when the worker is gone, ``BlockingIOError`` when the request could not be
         sent at once (nothing was sent)."""
         task = next(_ids)
-        send_packet(self.sock, *pack("run", task, body, self.arena))
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
+        sock = self.sock
+        if self.loop is None and sock.gettimeout() is not None:
+            sock.settimeout(None)  # not read by a loop: block in recv itself, one system call
+        send_packet(sock, *pack("run", task, body, self.arena))
+        # a socket a loop reads is non-blocking: wait in poll, then read without blocking
+        poller = None if deadline is None and self.loop is None else self.poller()
         while True:
-            wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if not poller.poll(wait) and deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError
+            if poller is not None:
+                wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+                if not poller.poll(wait) and deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError
             try:
-                size, fds = receive(self.sock, self.buffer, socket.MSG_DONTWAIT)
+                size, fds = receive(sock, self.buffer, 0 if poller is None else socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
@@ -374,6 +379,14 @@ class _Connection:
                 if kind == "error":
                     raise answer if isinstance(answer, BaseException) else ExecutorError(str(answer))
                 return answer
+
+    def poller(self) -> select.poll:
+        """A poll object for this socket's input, made once."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return poller
 
     def fail_calls(self, error_text: str, error: type[ExecutorError] = ExecutorCrashed) -> None:
         calls, self.calls = self.calls, {}
@@ -564,13 +577,20 @@ class WorkerExecutor:
     def execute_blocking(self, request: Request, deadline: float | None = None) -> Response | None:
         """Run ``request`` from synchronous code on this thread, blocking until the answer, with
         no event loop and no thread hop: one packet out, one back (for scripts and benchmarks,
-        one caller at a time). None when no worker is idle outside a running event loop: run it
-        through :meth:`execute` then. Past ``deadline`` the worker is killed and
-        ``TimeoutError`` raised; a worker that dies fails the call with ``ExecutorCrashed``."""
+        one caller at a time). From a coroutine it blocks the running loop, which only pays for a
+        call known to be short while the loop has nothing else to do. None when no worker is idle
+        outside another running event loop: run it through :meth:`execute` then. Past
+        ``deadline`` the worker is killed and ``TimeoutError`` raised; a worker that dies fails
+        the call with ``ExecutorCrashed``."""
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
         for slot in self._slots:
             connection = slot.connection
+            # idle: no answer of another call can arrive while this one reads the socket
             if (connection is not None and not connection.dead and not connection.calls and not connection.pending
-                    and (connection.loop is None or not connection.loop.is_running())):
+                    and (connection.loop is None or connection.loop is here or not connection.loop.is_running())):
                 break
         else:
             return None

@@ -112,6 +112,41 @@ async def test_a_task_past_its_deadline_kills_its_worker(isolated: tuple[Schedul
     assert health.details["pid"] != pid and health.details["crashes"] == 0  # killed on purpose
 
 
+async def test_a_lone_quick_task_waits_on_the_loop_and_still_honours_its_deadline(
+        isolated: tuple[Scheduler, CppExecutor]) -> None:
+    """After a quick round trip, a task alone waits for its answer blocking the loop
+    (block_below_us): its deadline still kills the worker and fails it with TaskTimeout."""
+    from edgecompute.placement import WorkerExecutor
+
+    s, executor = isolated
+    waited: list[bool] = []
+    blocking = WorkerExecutor.execute_blocking
+
+    def spy(self: WorkerExecutor, request: Request, deadline: float | None = None) -> object:
+        waited.append(True)
+        return blocking(self, request, deadline)
+
+    WorkerExecutor.execute_blocking = spy  # type: ignore[method-assign,assignment]
+    try:
+        await s.run("cpp/testplug.spin", params={"ms": 0})  # the first goes through the loop
+        assert waited == []
+        pid = (await executor.health()).details["pid"]
+        for _ in range(50):  # a round trip under 1 ms (the default), even on a loaded machine
+            await s.run("cpp/testplug.spin", params={"ms": 0})
+            if waited:
+                break
+        assert waited == [True]
+        with pytest.raises(TaskTimeout, match="killed"):
+            await s.run("cpp/testplug.spin", params={"ms": 60_000}, timeout=0.5)
+        assert waited == [True, True]
+    finally:
+        WorkerExecutor.execute_blocking = blocking  # type: ignore[method-assign]
+    assert not alive(pid)
+    assert (await s.run("cpp/testplug.echo", np.ones(3))).outputs.tolist() == [1.0, 1.0, 1.0]
+    health = await executor.health()
+    assert health.details["crashes"] == 0 and executor.metrics()["testplug.spin"]["timeouts"] == 1
+
+
 async def test_cancelling_a_running_task_kills_its_worker(isolated: tuple[Scheduler, CppExecutor]) -> None:
     s, executor = isolated
     await s.run("cpp/sum", np.ones(4))

@@ -72,7 +72,8 @@ class _Entry:
         self.builtin = builtin
         # calls, errors, crashes, timeouts, total seconds, max seconds
         self.metrics = [0, 0, 0, 0, 0.0, 0.0]
-        #: the last in-process call's seconds, by the bit length of the input size
+        #: the last call's seconds (in process isolation, its round trip), by the bit length of
+        #: the input size
         self.fast: dict[int, float] = {}
 
 
@@ -102,6 +103,10 @@ class _CallContext(TaskContext):
     @property
     def deadline(self) -> float | None:
         return self._until
+
+    @property
+    def running(self) -> int:
+        return 1  # the executor's own loop runs nothing else
 
     def emit_nowait(self, chunk: Any) -> None:
         pass
@@ -141,6 +146,7 @@ class CppExecutor:
         self.extra_plugins = list(settings.plugins)
         self.builtin = settings.builtin
         self._inline_s = settings.inline_below_us / 1e6
+        self._block_s = settings.block_below_us / 1e6
         self.compile_flags = list(settings.compile_flags)
         #: what one request may ask (see _limits.LIMITS and docs/cpp.md, "Limits")
         self.limits: Limits = settings.limits
@@ -424,13 +430,13 @@ class CppExecutor:
             arrays, params = checked[1], checked[2]
         else:
             arrays, params, _ = self._prepare(entry, request.inputs, request.params)
-        if self._remote is not None:
-            self._called_last = False
-            return await self._execute_remote(entry, request, ctx)  # checked here, run there
         size = 0
         for _, array in arrays:
             size += array.nbytes
         key = size.bit_length()
+        if self._remote is not None:
+            self._called_last = False
+            return await self._execute_remote(entry, request, ctx, key)  # checked here, run there
         last = entry.fast.get(key)
         if last is not None and last < self._inline_s:
             outputs = self._run_inprocess(entry, arrays, params, None, key)  # cheaper than a thread hop
@@ -445,16 +451,29 @@ class CppExecutor:
             self._bound_outputs(entry, outputs)
         return Response(outputs[0][1] if len(outputs) == 1 else _shape_outputs(outputs))
 
-    async def _execute_remote(self, entry: _Entry, request: Request, ctx: TaskContext) -> Response:
+    async def _execute_remote(self, entry: _Entry, request: Request, ctx: TaskContext, key: int) -> Response:
         remote = self._remote
         assert remote is not None
         start = time.perf_counter()
         try:
-            response = await remote.execute(request, ctx)
+            last = entry.fast.get(key)
+            response = None
+            if last is not None and last < self._block_s and ctx.running <= 1:
+                # alone, and quick last time: waiting on the loop costs less than the loop's turns
+                # (the loop has nothing else to run meanwhile), as a short in-process call runs on it
+                try:
+                    response = remote.execute_blocking(request, ctx.deadline)
+                except TimeoutError:
+                    raise TaskTimeout(f"{entry.qualified} passed its deadline; its worker process was killed") from None
+            if response is None:
+                response = await remote.execute(request, ctx)
         except BaseException as exc:
             self._record(entry, time.perf_counter() - start, exc)
             raise
-        self._record(entry, time.perf_counter() - start, None)
+        elapsed = time.perf_counter() - start
+        # the estimate falls at once but at most doubles per call (see _run_inprocess)
+        entry.fast[key] = elapsed if last is None else min(elapsed, 2 * last)
+        self._record(entry, elapsed, None)
         return response
 
     def blocking(self, request: Request) -> Callable[[Request, TaskContext], Response] | None:
@@ -494,7 +513,7 @@ class CppExecutor:
     async def _call_remote(self, entry: _Entry, request: Request, deadline: float | None) -> Any:
         ctx = _CallContext(entry.algorithm, deadline)
         try:
-            response = await asyncio.wait_for(self._execute_remote(entry, request, ctx),
+            response = await asyncio.wait_for(self._execute_remote(entry, request, ctx, -1),
                                               None if deadline is None else max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed") from None

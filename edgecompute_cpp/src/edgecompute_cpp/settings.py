@@ -74,6 +74,9 @@ class CppSettings:
     * ``builtin``: load the bundled plugin.
     * ``inline_below_us``: in-process calls that took less than this last time (for inputs of the
       same size) run on the event loop instead of a worker thread; 0 disables.
+    * ``block_below_us``: in ``process`` isolation, a task that is the only one running whose last
+      round trip (same algorithm, inputs of the same size) took less than this waits for its
+      answer blocking the event loop, as a short in-process call runs on it; 0 disables.
     * ``compile_flags``: extra compiler flags for plugins given as source.
     * ``exclude``: plugins not to load, however they are found (paths or sources as given, or
       ``builtin``); in ``process`` isolation the host adds those whose load crashed a worker.
@@ -85,6 +88,7 @@ class CppSettings:
     plugins: tuple[str, ...] = attrs.field(default=(), converter=_paths)
     builtin: bool = attrs.field(default=True, validator=_boolean)
     inline_below_us: float = attrs.field(default=100.0, validator=_microseconds)
+    block_below_us: float = attrs.field(default=1000.0, validator=_microseconds)
     compile_flags: tuple[str, ...] = attrs.field(default=(), converter=_flags)
     exclude: tuple[str, ...] = attrs.field(default=(), converter=_excluded)
     limits: Limits = attrs.field(factory=lambda: Limits({}))
@@ -107,4 +111,5 @@ class CppSettings:
         """These settings as a ``[executors.cpp]`` table (what a worker process is built from)."""
         return {"isolation": self.isolation, "workers": self.workers, "plugins": list(self.plugins),
                 "builtin": self.builtin, "inline_below_us": self.inline_below_us,
+                "block_below_us": self.block_below_us,
                 "compile_flags": list(self.compile_flags), "exclude": list(self.exclude), **self.limits.as_dict()}
