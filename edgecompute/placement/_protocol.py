@@ -25,6 +25,7 @@ use the frame of protocol 1 (:func:`encode`, :func:`decode`: a 4-byte length and
 ``hello`` carries :data:`VERSION` and a host refuses a worker that speaks another one. After them,
 messages use the compact frame of :func:`pack` and :func:`unpack`: a 10-byte header (kind, flags,
 task number) and the pickled body, one ``pickle.dumps`` and one ``pickle.loads`` per small message.
+A plain numpy array is pickled as its buffer, dtype string and shape (:func:`_reduce_array`).
 
 A packet is never split or merged, so several threads may send on one socket without a lock and
 several may block in ``recv`` on it: each gets whole messages (and the descriptors they carry), and
@@ -34,12 +35,15 @@ the kernel wakes one of them.
 from __future__ import annotations
 
 import array
+import copyreg
 import fcntl
+import io
 import mmap
 import os
 import pickle
 import socket
 import struct
+import sys
 import threading
 from typing import Any
 
@@ -49,7 +53,8 @@ __all__ = ["INBAND_MAX", "KINDS", "MAX_MESSAGE", "OUT_OF_BAND", "VERSION", "Aren
 #: The protocol version; bumped on any change a peer of another version would misread.
 #: 2: one message per SOCK_SEQPACKET packet, compact frames after the handshake.
 #: 3: segments are memfds passed with the first frame that uses them, named by number.
-VERSION = 3
+#: 4: plain numpy arrays travel as (buffer, dtype string, shape), rebuilt by _protocol._array.
+VERSION = 4
 #: Buffers at least this large cross through shared memory instead of the socket.
 OUT_OF_BAND = 64 * 1024
 #: A pickled body larger than this goes into shared memory with the buffers.
@@ -287,6 +292,46 @@ def decode(frame: bytes) -> tuple[str, str, Any]:
     return kind, task, body
 
 
+def _array(buffer: Any, dtype: str, shape: tuple[int, ...]) -> Any:
+    """An array rebuilt from its buffer (see :func:`_reduce_array`)."""
+    import numpy
+
+    return numpy.frombuffer(buffer, dtype).reshape(shape)
+
+
+def _reduce_array(array: Any) -> Any:
+    """A plain C-contiguous numpy array as its buffer (out of band when large), dtype string and
+    shape: cheaper both ways than numpy's own reduction, which pickles the dtype as an object
+    and rebuilds through a Python helper (measured: ~1.5 us less a message each way)."""
+    dtype = array.dtype
+    if type(array) is not _ndarray[0] or dtype.kind not in _PLAIN_KINDS or not array.flags.c_contiguous:
+        return array.__reduce_ex__(5)
+    return _array, (pickle.PickleBuffer(array), dtype.str, array.shape)
+
+
+_PLAIN_KINDS = frozenset("biufc")  # numbers only: the dtype string says all, and a buffer carries them
+_ndarray: list[Any] = [None]
+
+
+class _Pickler(pickle.Pickler):
+    """``pickle.dumps`` with numpy arrays reduced by :func:`_reduce_array` (numpy is looked for
+    only once a body holds an array: the core does not import it)."""
+
+    dispatch_table: dict[type, Any] = {}
+
+
+def _dumps(body: Any, buffer_callback: Any) -> bytes:
+    if _ndarray[0] is None:
+        numpy = sys.modules.get("numpy")
+        if numpy is None:
+            return pickle.dumps(body, 5, buffer_callback=buffer_callback)
+        _ndarray[0] = numpy.ndarray
+        _Pickler.dispatch_table = {**copyreg.dispatch_table, numpy.ndarray: _reduce_array}
+    out = io.BytesIO()
+    _Pickler(out, 5, buffer_callback=buffer_callback).dump(body)
+    return out.getvalue()
+
+
 def _aligned(size: int) -> int:
     return -(-size // _ALIGN) * _ALIGN
 
@@ -309,13 +354,13 @@ def pack(kind: str, task: int, body: Any, arena: Arena, *, release: int | None =
         buffers.append(buffer)
         return False
 
-    data = pickle.dumps(body, 5, buffer_callback=out_of_band)
+    data = _dumps(body, out_of_band)
     spill = False
     if len(data) > INBAND_MAX:
         wrapped = _wrap_bytes(body)
         if wrapped is not body:
             buffers.clear()
-            data = pickle.dumps(wrapped, 5, buffer_callback=out_of_band)
+            data = _dumps(wrapped, out_of_band)
         spill = len(data) > INBAND_MAX
     returned = b"" if release is None else _ID.pack(release)
     if not buffers and not spill:

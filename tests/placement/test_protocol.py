@@ -255,3 +255,25 @@ def test_threads_share_one_seqpacket_socket_without_a_lock(arena: Arena) -> None
     assert sorted(received, key=lambda item: item[0]) == [
         (task, [task] * (task % 50) + [big] * (task % 3 == 0)) for task in range(1000)]
     attachments.close()
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_numpy_values_of_every_kind_cross_as_themselves(arena: Arena, copy: bool) -> None:
+    """Plain arrays cross as buffer, dtype string and shape; the others (non-contiguous, fields,
+    objects, subclasses) through numpy's own reduction: each comes back equal, of its type."""
+    x = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    payload = [np.float64(1.5) * np.ones(()), np.arange(5, dtype=">i4"), np.array([True, False]),
+               np.array(["2026-12-06"], dtype="datetime64[s]"), np.zeros((0, 3), np.float32),
+               np.arange(OUT_OF_BAND, dtype=np.uint8), x[:, ::2], np.asfortranarray(x),
+               np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]), np.array([1, "a"], dtype=object),
+               np.arange(3).view(np.recarray)]
+    attachments = Attachments()
+    frame, fds = delivered(pack("done", 1, payload, arena))
+    _, _, body, segment = unpack(frame, attachments, copy=copy, fds=fds)
+    for sent, got in zip(payload, body, strict=True):
+        assert type(got) is type(sent) and got.dtype == sent.dtype and got.shape == sent.shape
+        assert sent.tolist() == got.tolist()
+    if segment is not None:
+        arena.give_back(segment)
+    del body, got
+    attachments.close()
