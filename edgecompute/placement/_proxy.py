@@ -154,6 +154,8 @@ class _Connection:
         self.on_end: Callable[[], None] | None = None
         self.reading = False
         self._poller: select.poll | None = None
+        #: a segment of the worker's that a blocking exchange copied out and has not handed back yet
+        self.owed: int | None = None
         self.closing = False
         self.killed_on_purpose = False
         self.dead = False
@@ -226,6 +228,10 @@ class _Connection:
         self.reading = False
 
     def send(self, kind: str, task: int, body: Any) -> None:
+        owed = self.owed
+        if owed is not None:  # a segment a blocking exchange still owes the worker goes first
+            self.owed = None
+            self.send("release", 0, owed)
         packet = pack(kind, task, body, self.arena)
         if self.loop is None:  # not attached yet: the socket still blocks (with the start timeout)
             send_packet(self.sock, *packet)
@@ -345,7 +351,12 @@ class _Connection:
         sock = self.sock
         if self.loop is None and sock.gettimeout() is not None:
             sock.settimeout(None)  # not read by a loop: block in recv itself, one system call
-        send_packet(sock, *pack("run", task, body, self.arena))
+        owed, self.owed = self.owed, None
+        try:
+            send_packet(sock, *pack("run", task, body, self.arena, release=owed))
+        except BlockingIOError:
+            self.owed = owed  # nothing was sent
+            raise
         # a socket a loop reads is non-blocking: wait in poll, then read without blocking
         poller = None if deadline is None and self.loop is None else self.poller()
         while True:
@@ -368,8 +379,13 @@ class _Connection:
                 log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
                 raise EOFError from exc
             if segment is not None:
+                # copied out: the worker may reuse it. Handed back with our next packet, not in
+                # one of its own: a packet less, and a wake-up of the worker less, per call
                 with contextlib.suppress(ExecutorCrashed):
-                    self.send("release", 0, segment)  # copied out: the worker may reuse it
+                    if self.owed is not None:  # send() hands an older one back first
+                        self.send("release", 0, segment)
+                    else:
+                        self.owed = segment
             if kind == "release":
                 self.arena.give_back(answer)
             elif got == task and kind in ("done", "error"):

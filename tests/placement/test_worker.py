@@ -130,10 +130,14 @@ def test_a_blocking_call_crosses_without_an_event_loop_and_fails_typed() -> None
     try:
         pid = executor.pid
         data = np.arange(1 << 18, dtype=np.float32)  # 1 MiB each way
-        for _ in range(5):
+        for _ in range(20):
             response = executor.execute_blocking(Request("apps/echo", data))
             assert response is not None
             np.testing.assert_array_equal(response.outputs, data)
+        # each answer's segment went back to the worker (with the next request): it reused one
+        with open(f"/proc/{pid}/maps") as maps:
+            theirs = {line.split()[-2] for line in maps if "memfd:edgecompute-" in line and " rw" in line}
+        assert len(theirs) == 1, theirs
         with pytest.raises(TypeError):  # the task's error, as it was raised there
             executor.execute_blocking(Request("apps/sleep", "not a number"))
         assert executor.pid == pid
