@@ -98,6 +98,10 @@ def test_config_is_validated_cheaply() -> None:
         CppExecutor(inline_below_us=True)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="compile_flags must be a list of strings"):
         CppExecutor({"compile_flags": "-O3"})
+    with pytest.raises(ConfigError, match="block_below_us must be a number >= 0"):
+        CppExecutor({"block_below_us": -1})
+    with pytest.raises(ConfigError, match="exclude must be a list of paths"):
+        CppExecutor({"exclude": "/x.so"})
     with pytest.raises(ConfigError, match="builtin must be true or false"):
         CppExecutor({"builtin": 1})
     with pytest.raises(ConfigError, match="unknown setting.*wait_below_us"):  # gone with the old worker pool
@@ -345,3 +349,11 @@ def test_blocking_call_runs_in_process_calls_on_the_callers_thread() -> None:
     np.testing.assert_array_equal(response.outputs, executor.call("gaussian_blur", image, {"sigma": 1.5}))
     assert executor.metrics()["gaussian_blur"]["calls"] == 2
     assert blocking_call(CppExecutor(isolation="process"), request) is None  # it has workers of its own
+
+
+def test_excluded_plugins_are_not_loaded_however_found(testplug: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECOMPUTE_CPP_PLUGIN_PATH", str(testplug))  # found twice: config and path
+    executor = CppExecutor({"exclude": [str(testplug), "builtin"], "plugins": [str(testplug)]})
+    names = {a.name for a in executor.algorithms()}
+    assert not any(name.startswith("testplug.") for name in names) and "gaussian_blur" not in names
+    assert "testplug.echo" in {a.name for a in CppExecutor({"builtin": False}).algorithms()}
