@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from ._cache import engine_key
+from ._caller import set_epoch_deadline, set_fuel
 
 WASI = "wasi_snapshot_preview1"
 ERRNO_SUCCESS = 0
@@ -302,14 +302,12 @@ class Sandbox:
         self.stdout.clear()  # what start-up printed is not the request's
         self.stderr.clear()
         self.output_used = 0
-        ctx = caller._context()
-        ffi.wasmtime_context_set_epoch_deadline(ctx, self.engine.ticks(self.timeout))
+        set_epoch_deadline(caller, self.engine.ticks(self.timeout))
         self.deadline = time.monotonic() + self.timeout
         if self.engine.fuel:
-            fuel = self.fuel if self.fuel is not None else 2**62
-            err = ffi.wasmtime_context_set_fuel(ctx, fuel)
-            if err:
-                wasmtime.WasmtimeError._from_ptr(err)  # frees it
+            refused = set_fuel(caller, self.fuel if self.fuel is not None else 2**62)
+            if refused is not None:  # a limit that could not be set ends the run, never is skipped
+                self.kill(caller, f"the fuel limit could not be set: {refused}")
 
     def unstick(self, grace: float) -> bool:
         """After the deadline: wake a thread blocked in a host open() or read() of a FIFO under a
@@ -330,7 +328,7 @@ class Sandbox:
     def kill(self, caller: Any, reason: str) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
-        ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
+        set_epoch_deadline(caller, 0)
 
 
 # -- host functions ---------------------------------------------------------------------------------

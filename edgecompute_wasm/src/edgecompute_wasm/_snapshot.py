@@ -264,7 +264,8 @@ def _boot(runtime: Any, module: Any, empty: Path, preload: Sequence[str],
     """Run the boot script in a pristine store; return its memory, the innermost frame's address
     and the three addresses it reported."""
     import wasmtime
-    from wasmtime import _ffi as ffi
+
+    from ._caller import set_epoch_deadline
 
     engine = runtime.engine
     out = bytearray()
@@ -278,7 +279,7 @@ def _boot(runtime: Any, module: Any, empty: Path, preload: Sequence[str],
         try:
             if _MARK in out and "stack_at" not in state:
                 state["stack_at"] = time_ptr
-                ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
+                set_epoch_deadline(caller, 0)
             now = time.time_ns() if clock_id == 0 else time.monotonic_ns()
             memory = caller.get("memory")
             memory.write(caller, struct.pack("<Q", now), time_ptr)
