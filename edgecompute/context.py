@@ -56,7 +56,7 @@ class TaskContext:
     def running(self) -> int:
         """How many tasks the scheduler is running right now, this one included. An executor may
         block the event loop for a short wait when its task is the only one: nothing else then
-        needs the loop (edgecompute-cpp's ``wait_below_us`` does)."""
+        needs the loop (edgecompute-cpp's ``block_below_us`` does)."""
         return self._record.host.running()
 
     @property
