@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -407,7 +408,8 @@ class _Connection:
     def fail_calls(self, error_text: str, error: type[ExecutorError] = ExecutorCrashed) -> None:
         calls, self.calls = self.calls, {}
         for call in calls.values():
-            if not call.future.done():
+            # a call of a loop that was closed meanwhile has no one waiting, and its loop refuses it
+            if not call.future.done() and not call.future.get_loop().is_closed():
                 call.future.set_exception(error(error_text))
 
     # -- ending ---------------------------------------------------------------------------------
@@ -438,7 +440,17 @@ class _Connection:
             self.sandbox.cleanup()
 
     async def close(self, grace: float = 5.0) -> None:
+        """Ask the worker to exit (killing it past ``grace``) and reap it, from any event loop."""
         self.closing = True
+        if self.loop is not None and self.loop is not asyncio.get_running_loop():
+            # attached to a loop that does not run here: no callback of it may touch the socket
+            # again, and what it still had queued belongs to calls nobody waits for any more
+            self.detach()
+            self.loop = None
+            self.pending.clear()
+            self.drained = None
+            self.sock.setblocking(False)
+        asked = False
         if not self.dead:
             with contextlib.suppress(Exception):
                 self.send("close", 0, None)
@@ -446,6 +458,9 @@ class _Connection:
                     assert self.loop is not None
                     self.drained = self.loop.create_future()
                     await asyncio.wait_for(asyncio.shield(self.drained), grace)
+                asked = True
+        if not asked:
+            self.kill()  # it cannot hear the close: waiting for it would only cost the grace
         try:
             await asyncio.to_thread(self.process.wait, grace)
         except subprocess.TimeoutExpired:
@@ -463,7 +478,8 @@ class _Slot:
 
     def __init__(self, connection: _Connection | None) -> None:
         self.connection = connection
-        self.starting: asyncio.Future[None] | None = None
+        #: the start in progress: a thread's future, which any event loop (or none) can wait for
+        self.starting: concurrent.futures.Future[None] | None = None
         self.started = connection is not None
 
 
@@ -493,8 +509,15 @@ class WorkerExecutor:
         first = _Connection(name, placement, self._setup)
         self._slots = [_Slot(first), *(_Slot(None) for _ in range(workers - 1))]
         self._burials: set[asyncio.Future[None]] = set()
-        self._background: set[asyncio.Task[None]] = set()
-        self._starts: set[asyncio.Future[_Connection]] = set()  # worker starts running in threads
+        # Starts and reaps run in threads of their own, not in tasks of the loop that asked for
+        # them: that loop may stop before they end, and the close may run on another loop (or a
+        # synchronous caller's), which must still wait for every one of them.
+        self._lock = threading.RLock()  # slots, supervisor counts and _threads, shared with those threads
+        self._stopping = threading.Event()  # set by the close: a start waiting out the backoff gives up
+        self._threads: set[concurrent.futures.Future[Any]] = set()
+        # Threads that live as long as the executor, not one per start: a worker's parent-death
+        # signal (a sandbox's --die-with-parent) follows the thread that started it.
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers + 2, thread_name_prefix=f"edgecompute-{name}")
         hello = first.hello
         self.version: str = str(hello["version"])
         self._algorithms: list[Algorithm] = list(hello["algorithms"])
@@ -545,25 +568,112 @@ class WorkerExecutor:
         return best
 
     def _fill(self) -> None:
-        """Start every worker that is missing, each in a task of its own: nobody waits for them."""
+        """Start every worker that is missing, each in a thread of its own: nobody waits for them."""
         if self._closed or self.supervisor.open:
             return
         loop = asyncio.get_running_loop()
         for slot in self._slots:
             connection = slot.connection
-            if slot.starting is None and (connection is None or connection.dead or connection.loop is not loop):
-                if connection is not None and not connection.dead and connection.loop is None:
-                    self._attach(connection)
-                    continue
-                task = loop.create_task(self._start_quietly(slot))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            if slot.starting is not None or (connection is not None and connection.loop is loop):
+                continue  # starting, serving here, or dead here with its burial on the way
+            if connection is not None:
+                if connection.loop is None:
+                    if not connection.dead:
+                        self._attach(connection)
+                        continue
+                elif connection.loop.is_running():
+                    continue  # another thread's loop serves with it
+                else:
+                    self._retire(slot, connection)
+            with contextlib.suppress(ExecutorCrashed):  # closed or circuit open meanwhile
+                self._begin(slot)
 
-    async def _start_quietly(self, slot: _Slot) -> None:
+    def _retire(self, slot: _Slot, connection: _Connection) -> None:
+        """Drop a worker attached to a loop that no longer runs (its calls ended with that loop);
+        it is reaped in a thread that the close waits for."""
+        slot.connection = None
+        connection.closing = True
+        connection.killed_on_purpose = True
+        connection.dead = True
+        connection.detach()
+        connection.kill()
+        self._in_thread(connection.reap)
+
+    def _adopt(self, connection: _Connection) -> None:
+        """On the loop that asked for a worker: read it from here on (its crash is noticed at once),
+        unless something else took it meanwhile."""
+        if (not self._closed and connection.loop is None and not connection.dead
+                and any(slot.connection is connection for slot in self._slots)):
+            self._attach(connection)
+
+    def _in_thread(self, work: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``work`` in a thread of the executor's; :meth:`aclose` waits for it from whatever loop."""
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()  # no cancel(): the work runs to its end once begun
+        with self._lock:
+            self._threads.add(done)
+
+        def run() -> None:
+            try:
+                result = work()
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for it
+                done.set_exception(exc)
+            else:
+                done.set_result(result)
+            finally:
+                with self._lock:
+                    self._threads.discard(done)
+
+        self._pool.submit(run)
+        return done
+
+    def _begin(self, slot: _Slot) -> concurrent.futures.Future[None]:
+        """The slot's start in progress, or a new one under the supervisor's policy."""
+        with self._lock:
+            if slot.starting is not None:
+                return slot.starting
+            if self._closed:
+                raise ExecutorCrashed(f"executor {self.name!r} is closed", retryable=False)
+            if self.supervisor.open:
+                raise ExecutorCrashed(f"executor {self.name!r}: {self.supervisor.describe()}", retryable=False)
+            delay = self.supervisor.delay() if slot.started else 0.0
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            slot.starting = starting = self._in_thread(lambda: self._start(slot, delay, loop))
+            return starting
+
+    def _start(self, slot: _Slot, delay: float, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Start the slot's worker after ``delay`` seconds (in a thread), to be read by ``loop``
+        (the one that asked for it) from its next step; nothing when the executor closes meanwhile."""
         try:
-            await self._ensure(slot)
-        except Exception as exc:  # noqa: BLE001 - no caller waits: the supervisor counted it, health says it
-            log.warning("a worker of %r could not start in the background: %s", self.name, exc)
+            if self._stopping.wait(delay):
+                return
+            try:
+                started = _Connection(self.name, self.placement, self._setup)
+            except PluginError as exc:
+                with self._lock:
+                    self.supervisor.crashed(str(exc))
+                log.warning("a worker of %r could not start: %s", self.name, exc)
+                raise ExecutorCrashed(f"executor {self.name!r} could not restart: {exc}") from exc
+            connection: _Connection | None = started
+            with self._lock:
+                if not self._closed:  # else the close has taken the slots: this one is ours to end
+                    slot.connection, connection = connection, None
+                    if slot.started:
+                        self.supervisor.restarts += 1
+                    slot.started = True
+                    if loop is not None:
+                        with contextlib.suppress(RuntimeError):  # that loop is closed: the next user attaches it
+                            loop.call_soon_threadsafe(self._adopt, started)
+            if connection is not None:
+                connection.killed_on_purpose = True
+                connection.kill()
+                connection.reap()
+        finally:
+            with self._lock:
+                slot.starting = None
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
         connection = self._pick()
@@ -698,7 +808,7 @@ class WorkerExecutor:
         connection.closing = True
         connection.kill()  # it may have closed the socket and hang; make sure it is gone
         connection.detach()
-        await asyncio.to_thread(connection.reap)
+        await asyncio.wrap_future(self._in_thread(connection.reap))
         reason, error = self._count_death(connection)
         connection.fail_calls(reason, error)
         if len(self._slots) > 1:
@@ -706,38 +816,7 @@ class WorkerExecutor:
 
     async def _ensure(self, slot: _Slot) -> None:
         """Start the slot's worker (or wait for the start in progress), under the supervisor's policy."""
-        if slot.starting is not None:
-            await asyncio.shield(slot.starting)
-            return
-        if self.supervisor.open:
-            raise ExecutorCrashed(f"executor {self.name!r}: {self.supervisor.describe()}", retryable=False)
-        slot.starting = asyncio.get_running_loop().create_future()
-        try:
-            if slot.started:
-                await asyncio.sleep(self.supervisor.delay())
-            start = asyncio.ensure_future(asyncio.to_thread(_Connection, self.name, self.placement, self._setup))
-            self._starts.add(start)
-            start.add_done_callback(self._starts.discard)
-            try:
-                connection = await asyncio.shield(start)
-            except asyncio.CancelledError:
-                start.add_done_callback(_close_started)  # its thread goes on: close what it starts
-                raise
-            if self._closed:
-                connection.killed_on_purpose = True
-                await connection.close()
-                return
-            self._attach(connection)
-            slot.connection = connection
-            if slot.started:
-                self.supervisor.restarts += 1
-            slot.started = True
-        except PluginError as exc:
-            self.supervisor.crashed(str(exc))
-            raise ExecutorCrashed(f"executor {self.name!r} could not restart: {exc}") from exc
-        finally:
-            starting, slot.starting = slot.starting, None
-            starting.set_result(None)
+        await asyncio.wrap_future(self._begin(slot))
 
     async def health(self) -> Health:
         supervisor = self.supervisor
@@ -764,16 +843,24 @@ class WorkerExecutor:
         return Health(status, message, {**inner.details, **details})
 
     async def aclose(self) -> None:
-        self._closed = True
-        for task in list(self._background):
-            task.cancel()  # a start waiting out the backoff stops; one in its thread closes its worker
-        await asyncio.gather(*self._background, *self._starts, return_exceptions=True)
-        connections = []
-        for slot in self._slots:
-            connection, slot.connection = slot.connection, None
-            if connection is not None:
-                connections.append(connection)
+        """End every worker and every start or reap in progress, whichever event loops began them
+        (or none): nothing of this executor runs after it."""
+        with self._lock:
+            self._closed = True
+        self._stopping.set()  # a start waiting out the backoff ends at once
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                break
+            # a start or reap may have begun another reap: wait until none is left
+            await asyncio.gather(*(asyncio.wrap_future(thread) for thread in threads), return_exceptions=True)
+        with self._lock:
+            connections = [slot.connection for slot in self._slots if slot.connection is not None]
+            for slot in self._slots:
+                slot.connection = None
         await asyncio.gather(*(connection.close() for connection in connections))
+        self._pool.shutdown(wait=False)  # idle now: every worker its threads started has ended
 
     def kill_worker(self, index: int = 0) -> None:
         """Kill worker ``index`` now, as a crash would (for tests and operators)."""
@@ -788,15 +875,6 @@ def _body(request: Request, deadline: float | None) -> tuple[Any, ...]:
     params, metadata = request.params, request.metadata
     return (request.algorithm, request.inputs, dict(params) if params else None, request.priority,
             dict(metadata) if metadata else None, request.id, deadline)
-
-
-def _close_started(start: asyncio.Future[_Connection]) -> None:
-    """A worker whose start was cancelled while its thread ran: nobody will use it."""
-    if not start.cancelled() and start.exception() is None:
-        connection = start.result()
-        connection.killed_on_purpose = True
-        connection.kill()
-        connection.reap()
 
 
 def by_reference(factory: Any) -> bytes | None:
