@@ -356,3 +356,27 @@ async def test_a_plugin_that_crashes_while_loading_is_one_failed_plugin(testplug
         assert any(pid is not None for pid in executor.pids)  # a worker without it serves
     finally:
         await executor.aclose()
+
+
+def test_three_workers_used_through_a_scheduler_then_called_then_closed_from_another_loop(testplug: Path) -> None:
+    # the scheduler's loop starts the other workers in the background and stops before they are
+    # up; a synchronous call follows, and the close runs on a third loop: it waits for those
+    # starts and ends every worker, raising nothing
+    before = set(our_workers())
+    executor = CppExecutor({"isolation": "process", "workers": 3, "plugins": [str(testplug)], "builtin": False})
+
+    async def through_a_scheduler() -> None:
+        # not closed: its close would close the executor on this loop
+        scheduler = Scheduler(Registry([executor]), capacity=Resources(cpu=4, memory_mb=1024))
+        await scheduler.start()
+        assert (await scheduler.run("cpp/testplug.echo", np.ones(3))).outputs.tolist() == [1.0, 1.0, 1.0]
+
+    loop = asyncio.new_event_loop()  # stopped afterwards, not closed: what it began is still pending
+    try:
+        loop.run_until_complete(through_a_scheduler())
+        np.testing.assert_array_equal(executor.call("testplug.echo", np.ones(3)), np.ones(3))
+        assert set(our_workers()) - before
+        asyncio.run(executor.aclose())
+        assert executor.pids == [] and set(our_workers()) <= before
+    finally:
+        loop.close()
