@@ -23,7 +23,7 @@ from typing import Any, Literal, Never
 from ._admission import Admission
 from ._options import given, reject_unknown
 from ._registry import Registry
-from ._task import Attempt, TaskHandle, TaskHost, TaskRecord, record_of
+from ._task import Attempt, TaskHandle, TaskHost, TaskRecord
 from ._threads import ThreadPool
 from .config import Config
 from .context import TaskContext
@@ -252,6 +252,14 @@ class Scheduler:
         no loop round trip. Its ``handle.inline`` is then true, and the caller must ``await
         scheduler.run_inline(handle)`` (before which the task only counts as running).
         """
+        record = self._accept(request, _current_task(self._loop) if inline else None)
+        handle = TaskHandle(record)
+        if not record.ended:
+            record.handle = handle  # tasks() gives back this one while the task lives
+        return handle
+
+    def _accept(self, request: Request, caller: asyncio.Task[Any] | None) -> TaskRecord:
+        """submit() without the handle: the checks, then the queue (or a start at once)."""
         if self._state != "running":
             raise SchedulerClosed(
                 "submit() needs a started scheduler: use 'async with Scheduler() as s'"
@@ -262,20 +270,29 @@ class Scheduler:
         if self._admission.queued >= self.max_queue:
             raise QueueFull(f"the queue holds {self._admission.queued} tasks, its bound (max_queue={self.max_queue}); "
                             "retry later or use 'await scheduler.asubmit(request)' to wait for room")
-        record = self._enqueue(request, _current_task(self._loop) if inline else None)
-        handle = TaskHandle(record)
-        if not record.ended:
-            record.handle = handle  # tasks() gives back this one while the task lives
-        return handle
+        return self._enqueue(request, caller)
 
     async def run_inline(self, handle: TaskHandle) -> None:
         """Run a task that ``submit(request, inline=True)`` set to run here; returns when it
-        ended (see its handle for how). Nothing to do for any other handle."""
-        if handle.inline:
-            await self._execute(record_of(handle))
+        ended (see its handle for how). Nothing to do for any other handle. It must be awaited
+        in the asyncio task that submitted the request: the task runs there."""
+        if not handle.inline:
+            return
+        # an inline task's asyncio task is its submitter's, so that is where its record is found
+        here = asyncio.current_task()
+        record = self._tasks.get(here) if here is not None else None
+        if record is None or record.handle is not handle:
+            raise InvalidRequest(f"run_inline() for task {handle.id} must be awaited in the asyncio task that "
+                                 "submitted it with inline=True")
+        await self._execute(record)
 
     async def asubmit(self, request: Request) -> TaskHandle:
         """Like :meth:`submit`, but waits for room in the queue instead of raising ``QueueFull``."""
+        await self._room()
+        return self.submit(request)
+
+    async def _room(self) -> None:
+        # wait until the queue has room for one more (or the scheduler stops taking tasks)
         while self._state == "running" and self._admission.queued >= self.max_queue:
             waiter = self._loop.create_future()
             self._space_waiters.append(waiter)
@@ -284,7 +301,6 @@ class Scheduler:
             except asyncio.CancelledError:
                 self._pass_space_on(waiter)
                 raise
-        return self.submit(request)
 
     async def run(self, algorithm: str, inputs: Any = None, *, params: Mapping[str, Any] | None = None,
                   priority: int | None = None, timeout: float | None = None, resources: Resources | None = None,
@@ -312,7 +328,8 @@ class Scheduler:
             # (its futures could not be awaited from another), and a call less per task
             record = self._enqueue(request, _current_task(self._loop))
         else:
-            record = record_of(await self.asubmit(request))
+            await self._room()
+            record = self._accept(request, None)
         if record.inline and record.task is not None:
             # admitted at once: the task runs here, in the caller's task (a task that ended before
             # this step, because an observer of "started" cancelled it, has no task to run)

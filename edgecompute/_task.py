@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .context import TaskContext
     from .resources import Allocation
 
-__all__ = ["Attempt", "TaskHandle", "TaskHost", "TaskRecord", "record_of"]
+__all__ = ["Attempt", "TaskHandle", "TaskHost", "TaskRecord"]
 
 log = logging.getLogger("edgecompute.scheduler")
 
@@ -357,8 +357,3 @@ class TaskHandle:
         If the task fails, the error is raised after the last chunk.
         """
         return self._record.stream()
-
-
-def record_of(handle: TaskHandle) -> TaskRecord:
-    """The scheduler's record behind a handle."""
-    return handle._record

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Scheduler
+from edgecompute.errors import InvalidRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -50,6 +51,16 @@ async def test_an_inline_task_runs_in_the_callers_task() -> None:
         assert handle.done() and not handle.inline
         assert handle.response is not None and handle.response.outputs == 7
         await scheduler.run_inline(handle)  # nothing to do any more
+
+
+async def test_an_inline_task_runs_only_in_the_task_that_submitted_it() -> None:
+    async with Scheduler(_registry(), config=Config(), capacity=Resources(cpu=1)) as scheduler:
+        handle = scheduler.submit(Request("app/echo", 5), inline=True)
+        with pytest.raises(InvalidRequest, match="asyncio task that submitted it"):
+            await asyncio.create_task(scheduler.run_inline(handle))
+        assert handle.inline and not handle.done()  # still waiting for its own task
+        await scheduler.run_inline(handle)
+        assert handle.response is not None and handle.response.outputs == 5
 
 
 async def test_an_inline_submit_that_cannot_start_queues_as_usual() -> None:
