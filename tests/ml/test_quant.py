@@ -88,6 +88,54 @@ def test_embedding_rows_are_exact_and_top_logits_are_recomputed_in_float32():
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
 
 
+@pytest.mark.parametrize("offsets", [True, False])  # Q4_1 / Q4_K, and Q4_0 (no offsets kept)
+def test_q4_rows_are_read_from_the_packed_codes_exactly(offsets):
+    """A 4-bit token embedding (a Q4_0 file's, tied to the output) stays 4-bit: lookups unpack the
+    rows from the kernel's own packed codes, with the file's scales, exactly."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 200, 96  # 200: padded to the packer's 64-row blocks
+    offset = torch.randn(n, k // 32, generator=g) * 0.05 if offsets else torch.zeros(n, k // 32)
+    codes = quant.Q4Codes(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g),
+                          torch.rand(n, k // 32, generator=g) * 0.1, offset)
+    w = codes.dequantize()
+    packed = quant.prepare(codes, rows=True)
+    assert packed.kind == "q4" and (packed.row_offset is None) == (not offsets)
+    ids = torch.tensor([[0, 31, 32, 63, 64, 100, 199], [5, 5, 150, 96, 127, 128, 1]])
+    torch.testing.assert_close(quant.embedding(ids, packed, torch.float32), w[ids], atol=0, rtol=0)
+    x = torch.randn(4, k, generator=g) * 30
+    exact = x @ w.t()
+    got = quant.logits(x, packed)
+    assert got.shape == (4, n)
+    top = exact.topk(8, dim=-1).indices
+    torch.testing.assert_close(got.gather(1, top), exact.gather(1, top), atol=1e-3, rtol=1e-5)
+    assert (packed(x).float().gather(1, top) - exact.gather(1, top)).abs().max() > 1e-2
+    # 4 bits a weight, the kernel's bfloat16 scale and offset and the file's float32 ones per 32
+    assert packed.nbytes <= 256 * k * (0.5 + (8 + (8 if offsets else 4)) / 32)
+
+
+def test_q8_0_rows_are_the_files_own_codes():
+    """A Q8_0 token embedding (SmolLM2's file: Q4_1 layers, Q8_0 embeddings) is looked up and its
+    top logits recomputed from the file's codes and per-32 scales, not from the per-row int8 codes
+    the kernel multiplies by: those differ from the float path by up to half an int8 step."""
+    data = np.random.default_rng(4).standard_normal((300, 64)).astype(np.float32)
+    data[:, :32] *= 0.1  # the blocks of a row of very different scales
+    raw = gguf.quants.quantize(data, Q.Q8_0).reshape(-1).view(np.uint8)
+    codes = quantized_codes(raw, int(Q.Q8_0), (300, 64))
+    exact = torch.from_numpy(dequantize(raw, int(Q.Q8_0), (300, 64)))
+    assert isinstance(codes, quant.Int8Codes) and codes.scale.shape == (300, 2)
+    torch.testing.assert_close(codes.dequantize(), exact, atol=0, rtol=0)
+    packed = quant.prepare(codes, rows=True)
+    ids = torch.tensor([[7, 299, 0]])
+    torch.testing.assert_close(quant.embedding(ids, packed, torch.float32), exact[ids], atol=0, rtol=0)
+    assert not torch.equal(quant.QuantizedLinear(codes).packed[ids[0]].float() * packed.row_scale[ids[0], None],
+                           exact[ids[0]])  # the kernel's per-row form is not the file's
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)) * 30
+    want = x @ exact.t()
+    top = want.topk(8, dim=-1).indices
+    torch.testing.assert_close(quant.logits(x, packed).gather(1, top), want.gather(1, top), atol=1e-3, rtol=1e-5)
+    assert quant.prepare(codes).row_codes is None  # a weight not looked up keeps the kernel's form only
+
+
 # -- GGUF codes --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
@@ -112,7 +160,7 @@ def test_q4_k_blocks_are_kept_as_they_are():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
 def test_other_types_are_requantised_to_int8_rows(qtype):
     data = np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32)
     raw = gguf.quants.quantize(data, Q[qtype]).reshape(-1).view(np.uint8)
@@ -147,7 +195,8 @@ def _param_bytes(model):
     for value in [model.embed, model.norm, model.lm_head] + [getattr(layer, s) for layer in model.layers
                                                               for s in type(layer).__slots__]:
         tensors = [value] if isinstance(value, torch.Tensor) else \
-            [value.packed, value.scales, value.row_scale] if isinstance(value, quant.QuantizedLinear) else []
+            [value.packed, value.scales, value.row_scale, value.row_codes, value.row_group_scale, value.row_offset] \
+            if isinstance(value, quant.QuantizedLinear) else []
         for t in tensors:
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -179,21 +228,37 @@ def test_quantized_gguf_runs_close_to_its_dequantised_weights(decoders, tmp_path
     # nothing of the quantized weights is held in float32: 4 bits (Q4) or 8 bits (Q8_0) a weight
     held, floats = _param_bytes(quantized.model), _param_bytes(reference.model)
     assert quantized.bytes == quantized.model.weight_bytes() and held <= quantized.bytes
-    assert held < floats / (3.5 if qtype == "Q8_0" else 4.5)
+    # Q8_0 token embeddings and output rows are held twice: the file's codes (lookups and top
+    # logits) and the kernel's per-row ones
+    rows = {id(w): w for w in (quantized.model.embed, quantized.model.lm_head)}.values()
+    second = sum(quant.tensor_bytes(w.row_codes) * (1 + 4 / 32) for w in rows if w.row_codes is not None)
+    assert held - second < floats / (3.5 if qtype == "Q8_0" else 4.5)
     for layer in quantized.model.layers:
         assert isinstance(layer.qkv, quant.QuantizedLinear) and isinstance(layer.down, quant.QuantizedLinear)
         assert layer.qkv.kind == ("int8" if qtype == "Q8_0" else "q4")
 
 
-def test_greedy_tokens_of_a_quantized_gguf_equal_the_float_path(decoders, tmp_path):
-    path = tmp_path / "llama3-q4_0.gguf"
-    write_family_gguf(decoders("llama3"), path, "Q4_0")
+@pytest.mark.parametrize(("qtype", "embed"), [("Q4_0", "Q4_0"), ("Q4_1", "Q8_0")])  # as llama.cpp mixes them
+def test_greedy_tokens_of_a_quantized_gguf_equal_the_float_path(decoders, tmp_path, qtype, embed):
+    """The token embeddings (tied to the output here) are looked up exactly as the float path's
+    and the top logits recomputed from them; only the layers' matmuls take bfloat16 activations."""
+    path = tmp_path / f"llama3-{qtype}-{embed}.gguf"
+    folder = decoders("llama3")
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"]
+    write_family_gguf(folder, path, qtype, {"model.embed_tokens.weight": embed})
     quantized, reference = _load(path), _load(path, "float32")
     quantized.eos_token_ids = reference.eos_token_ids = frozenset()
+    assert quantized.model.embed.kind == ("q4" if embed == "Q4_0" else "int8")
+    ids = torch.arange(quantized.model.config.vocab_size)
+    torch.testing.assert_close(quant.embedding(ids, quantized.model.embed, torch.float32),
+                               reference.model.embed[ids], atol=0, rtol=0)
     params = GenerationParams(max_new_tokens=24)
-    for prompt in ([5, 6, 7], [40, 41, 42, 43, 44, 45]):
+    distinct = set()
+    for prompt in ([5, 6, 7], [40, 41, 42, 43, 44, 45], [90, 12, 33]):
         tokens = generate(reference, prompt, params)["tokens"]
-        assert generate(quantized, prompt, params)["tokens"] == tokens and len(set(tokens)) > 3
+        assert generate(quantized, prompt, params)["tokens"] == tokens
+        distinct.update(tokens)
+    assert len(distinct) > 5  # not one token repeated
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen3", "gemma2"])

@@ -101,10 +101,12 @@ def _llama3_rope_factors(rope: dict[str, Any], dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_family_gguf(folder: Path, path: Path, qtype: str = "F32") -> dict[str, np.ndarray]:
+def write_family_gguf(folder: Path, path: Path, qtype: str = "F32",
+                      types: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Write a tiny HF decoder folder as llama.cpp would (metadata, tensor names and layouts, the
-    tokenizer in the metadata). Returns the HF-named, HF-layout float32 weights the GGUF holds
-    (dequantised), for a reference folder."""
+    tokenizer in the metadata), its matrices as ``qtype`` but those named in ``types`` (HF name ->
+    type, as llama.cpp's mixes keep the token embeddings in another type). Returns the HF-named,
+    HF-layout float32 weights the GGUF holds (dequantised), for a reference folder."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -180,15 +182,16 @@ def write_family_gguf(folder: Path, path: Path, qtype: str = "F32") -> dict[str,
         permute = None
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             permute = heads if "q_proj" in hf_name else kv
-        if qtype != "F32" and value.ndim == 2:
-            if qtype == "F16":
+        kind = (types or {}).get(hf_name, qtype)
+        if kind != "F32" and value.ndim == 2:
+            if kind == "F16":
                 packed = value.astype(np.float16)
                 dequantised[hf_name] = packed.astype(np.float32)
                 w.add_tensor(gname, _permute(packed, permute) if permute else packed)
             else:
-                packed = gguf.quants.quantize(value, Q[qtype])
-                dequantised[hf_name] = gguf.quants.dequantize(packed, Q[qtype])
-                w.add_tensor(gname, _permute(packed, permute) if permute else packed, raw_dtype=Q[qtype])
+                packed = gguf.quants.quantize(value, Q[kind])
+                dequantised[hf_name] = gguf.quants.dequantize(packed, Q[kind])
+                w.add_tensor(gname, _permute(packed, permute) if permute else packed, raw_dtype=Q[kind])
         else:
             dequantised[hf_name] = value
             w.add_tensor(gname, _permute(value, permute) if permute else value)

@@ -521,8 +521,9 @@ _FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 def quantized_codes(raw: np.ndarray, type_id: int, shape: tuple[int, ...]) -> Any:
     """The unpacked codes of a quantized 2-D tensor [N, K] (``quant.Q4Codes`` for Q4_0, Q4_1 and
-    Q4_K, exactly; ``quant.Int8Codes`` requantised per row for the other types), or None for a
-    float tensor. Nothing of the whole tensor is kept in float32 but one int8 requantisation."""
+    Q4_K, and ``quant.Int8Codes`` with a scale per 32 for Q8_0, exactly; ``quant.Int8Codes``
+    requantised per row for the other types), or None for a float tensor. Nothing of the whole
+    tensor is kept in float32 but one int8 requantisation."""
     import torch
 
     from . import quant
@@ -549,6 +550,11 @@ def quantized_codes(raw: np.ndarray, type_id: int, shape: tuple[int, ...]) -> An
         codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 256)  # sub-blocks 2j, 2j+1
         scale = (d * sc).reshape(-1)
         offset = (8 * d * sc - dmin * mn).reshape(-1)
+    elif name == "Q8_0":  # kept as it is; the int8 kernel's per-row form is made from it when packed
+        d = _f16(b[:, :2].copy())[:, 0]
+        codes = b[:, 2:].view(np.int8)
+        return quant.Int8Codes(torch.from_numpy(np.ascontiguousarray(codes.reshape(n, k))),
+                               torch.from_numpy(d.astype(np.float32).reshape(n, k // quant.GROUP)))
     else:
         return quant.quantize_int8(torch.from_numpy(dequantize(raw, type_id, shape)))
     return quant.Q4Codes(torch.from_numpy(np.ascontiguousarray(codes.reshape(n, k))),

@@ -39,6 +39,7 @@ GROUP = 32  # values per q4 group (GGUF's block size; the CPU int4 kernel's smal
 _ACT = torch.bfloat16
 _LARGE = 256  # rows from which an int8 product dequantises its weight for a float32 GEMM
 _ROWS = 16  # the int4 packer wants a multiple of 16 output rows; others are padded with zero rows
+_BLOCK = 64  # rows of one block of the int4 packer's layout (read by QuantizedLinear.rows)
 
 
 @attrs.define(eq=False)
@@ -64,7 +65,8 @@ class Q4Codes:
 
 @attrs.define(eq=False)
 class Int8Codes:
-    """Unpacked 8-bit weight: ``codes`` int8 [N, K], ``scale`` float32 [N]."""
+    """Unpacked 8-bit weight: ``codes`` int8 [N, K], ``scale`` float32 [N] (one per row), or
+    [N, K / 32] (one per group of 32 inputs: GGUF Q8_0 as the file stores it)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -74,7 +76,10 @@ class Int8Codes:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scale[:, None]
+        if self.scale.dim() == 1:
+            return self.codes.float() * self.scale[:, None]
+        n, k = self.shape
+        return (self.codes.float().view(n, -1, GROUP) * self.scale[..., None]).view(n, k)
 
     def rows(self, order: torch.Tensor) -> Int8Codes:
         return Int8Codes(self.codes[order], self.scale[order])
@@ -118,22 +123,34 @@ def quantize_q4(w: torch.Tensor, chunk: int = 4096) -> Q4Codes:
 class QuantizedLinear:
     """A packed weight [N, K] and the kernel that multiplies by it."""
 
-    __slots__ = ("_pad", "kind", "packed", "row_scale", "scales", "shape")
+    __slots__ = ("_pad", "kind", "packed", "row_codes", "row_group_scale", "row_offset", "row_scale", "scales",
+                 "shape")
     _pad: int
     kind: str  # "q4" or "int8"
     packed: torch.Tensor
-    row_scale: torch.Tensor | None
+    row_scale: torch.Tensor | None  # int8: the kernel's per-row scales in float32
+    # exact rows of a weight looked up by row (prepare(..., rows=True)) where the kernel's form is
+    # not exact: a Q8_0 file's codes [N, K] (int8) and, for Q8_0 and q4, scales [N, K/32] (float32);
+    # q4 codes are read from ``packed``; offsets [N, K/32] of q4 unless all zero (Q4_0)
+    row_codes: torch.Tensor | None
+    row_group_scale: torch.Tensor | None
+    row_offset: torch.Tensor | None
     scales: torch.Tensor
     shape: tuple[int, int]
 
-    def __init__(self, codes: Codes) -> None:
+    def __init__(self, codes: Codes, *, rows: bool = False) -> None:
         n, k = codes.shape
         self.shape = (n, k)
         self.row_scale: torch.Tensor | None = None
+        self.row_offset: torch.Tensor | None = None
+        self.row_codes: torch.Tensor | None = None
+        self.row_group_scale: torch.Tensor | None = None
         if isinstance(codes, Q4Codes):
             if k % GROUP:
                 raise ValueError(f"a 4-bit weight needs whole groups of {GROUP} inputs, not {k}")
-            pad = -n % _ROWS
+            # a weight looked up by row is padded to the packer's 64-row blocks, whose layout
+            # _q4_row_layout has checked (one code of a row every 32 bytes)
+            pad = -n % (_BLOCK if rows else _ROWS)
             q, scale, offset = codes.codes, codes.scale, codes.offset
             if pad:
                 q = torch.cat([q, torch.full((pad, k), 8, dtype=torch.uint8)])
@@ -143,16 +160,24 @@ class QuantizedLinear:
             self._pad = pad
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self.scales = torch.stack([scale.t(), offset.t()], dim=-1).to(_ACT).contiguous()  # [K/32, N, 2]
+            if rows:  # the file's own scales, for exact rows (the kernel's are rounded to bfloat16)
+                self.row_group_scale = codes.scale.float().contiguous()
+                self.row_offset = codes.offset.float().contiguous() if bool(codes.offset.any()) else None
         else:
             self.kind = "int8"
             self._pad = 0
+            exact = codes
+            codes = _to_int8(codes)  # the kernel scales whole rows
             self.packed = codes.codes.contiguous()
             self.scales = codes.scale.to(_ACT)
             self.row_scale = codes.scale.float()  # embedding lookups scale rows in float32
+            if exact is not codes and rows:  # a Q8_0 file's own codes too, for exact rows (see __doc__)
+                self.row_codes = exact.codes.contiguous()
+                self.row_group_scale = exact.scale.float().contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         n, k = self.shape
-        if self.row_scale is not None and x.numel() >= _LARGE * k:
+        if self.kind == "int8" and self.row_scale is not None and x.numel() >= _LARGE * k:
             # many rows (a Whisper window, a long prompt): the kernel's cost grows with rows, a float
             # GEMM's far less; the weight is dequantised for this one product (measured in docs/ml.md)
             return F.linear(x, (self.packed.to(x.dtype) * self.row_scale[:, None].to(x.dtype)), bias)
@@ -167,32 +192,58 @@ class QuantizedLinear:
         y = y.to(x.dtype).view(*x.shape[:-1], n)
         return y if bias is None else y + bias
 
+    @property
+    def looked_up(self) -> bool:
+        """Whether :meth:`rows` can read this weight's rows (int8, or prepared with ``rows``)."""
+        return self.row_scale is not None or self.row_group_scale is not None
+
     def logits(self, x: torch.Tensor, exact: int = 32) -> torch.Tensor:
         """``self(x)`` in float32, with each row's ``exact`` largest outputs recomputed from the
-        int8 codes and ``x`` in float32. The kernel's bfloat16 output is exact to about 3 digits
-        (logits of 25 in steps of 0.125), which would decide near ties between the top tokens;
-        the recomputed top makes the greedy choice that of float32 activations."""
+        exact weight rows and ``x`` in float32. The kernel's bfloat16 output is exact to about 3
+        digits (logits of 25 in steps of 0.125), which would decide near ties between the top
+        tokens; the recomputed top makes the greedy choice that of float32 activations."""
         y = self(x).float()
-        if self.row_scale is None:
+        if not self.looked_up:
             return y
         n, k = self.shape
         flat, xf = y.view(-1, n), x.reshape(-1, k).float()
         top = flat.topk(min(exact, n), dim=-1).indices  # [R, exact]
-        rows = self.packed[top].float()  # [R, exact, K]
-        flat.scatter_(1, top, torch.bmm(rows, xf[:, :, None])[..., 0] * self.row_scale[top])
+        rows = self._exact_rows(top.reshape(-1)).view(*top.shape, k)  # [R, exact, K]
+        flat.scatter_(1, top, torch.bmm(rows, xf[:, :, None])[..., 0])
         return y
 
+    def _exact_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (1-D) of the weight in float32, exactly as the file's codes and scales give them."""
+        k = self.shape[1]
+        if self.kind == "int8":
+            if self.row_codes is not None and self.row_group_scale is not None:
+                grouped = self.row_codes[ids].float().view(-1, k // GROUP, GROUP) * self.row_group_scale[ids, :, None]
+                return grouped.view(-1, k)
+            if self.row_scale is None:
+                raise TypeError("this weight is not looked up by row")
+            return self.packed[ids].float() * self.row_scale[ids, None]
+        scale = self.row_group_scale
+        if scale is None:
+            raise TypeError("this weight is not looked up by row")
+        blocks = self.packed.view(-1, k, _BLOCK // 2)  # [N / 64, K, 32]: rows r and r + 32 share a byte
+        within = ids % _BLOCK
+        raw = blocks[ids // _BLOCK, :, within % (_BLOCK // 2)]  # [R, K]
+        codes = torch.where((within < _BLOCK // 2)[:, None], raw & 0x0F, raw >> 4)
+        w = (codes.float() - 8.0).view(-1, k // GROUP, GROUP) * scale[ids, :, None]
+        if self.row_offset is not None:
+            w = w + self.row_offset[ids, :, None]
+        return w.view(-1, k)
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``F.embedding(ids, W)`` of an int8 weight."""
-        if self.row_scale is None:
-            raise TypeError("only int8 weights are looked up by row")
-        return (self.packed[ids].to(dtype) * self.row_scale[ids, None].to(dtype))
+        """``F.embedding(ids, W)`` of a weight packed for lookups (``prepare(..., rows=True)``)."""
+        return self._exact_rows(ids.reshape(-1)).to(dtype).view(*ids.shape, self.shape[1])
 
     @property
     def nbytes(self) -> int:
         total = self.packed.numel() * self.packed.element_size() + self.scales.numel() * self.scales.element_size()
-        if self.row_scale is not None:
-            total += self.row_scale.numel() * self.row_scale.element_size()
+        for extra in (self.row_scale, self.row_codes, self.row_group_scale, self.row_offset):
+            if extra is not None:
+                total += extra.numel() * extra.element_size()
         return total
 
 
@@ -219,7 +270,8 @@ Weight = torch.Tensor | QuantizedLinear | _Split
 
 
 def _to_int8(codes: Codes) -> Int8Codes:
-    if isinstance(codes, Int8Codes):
+    """Per-row int8 codes (the int8 kernel's form) of any unpacked weight."""
+    if isinstance(codes, Int8Codes) and codes.scale.dim() == 1:
         return codes
     n = codes.shape[0]
     out = Int8Codes(torch.empty(codes.shape, dtype=torch.int8), torch.empty(n))
@@ -230,11 +282,34 @@ def _to_int8(codes: Codes) -> Int8Codes:
 
 
 def prepare(w: Any, *, rows: bool = False) -> Any:
-    """The weight a model multiplies by: float tensors as they are, unpacked codes packed (as int8
-    when ``rows``: a weight looked up by row, the token embeddings)."""
+    """The weight a model multiplies by: float tensors as they are, unpacked codes packed. With
+    ``rows`` (a weight also looked up by row: the token embeddings), 4-bit codes stay 4-bit where
+    this torch's packed layout is the one :meth:`QuantizedLinear.rows` reads, else become int8."""
+    if isinstance(w, Q4Codes) and rows and not _q4_row_layout():
+        return QuantizedLinear(_to_int8(w), rows=True)
     if isinstance(w, (Q4Codes, Int8Codes)):
-        return QuantizedLinear(_to_int8(w) if rows else w)
+        return QuantizedLinear(w, rows=rows)
     return w
+
+
+_LAYOUT: list[bool] = []
+
+
+def _q4_row_layout() -> bool:
+    """Whether ``_convert_weight_to_int4pack_for_cpu`` packs 64-row blocks as [K, 32] bytes, row
+    ``r`` in the low nibbles and row ``r + 32`` in the high ones (torch 2.x's AVX-512/AVX2 CPU
+    layout); checked once on a small probe, since the layout is torch's private choice."""
+    if not _LAYOUT:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, 16, (2 * _BLOCK, 2 * GROUP), dtype=torch.int32, generator=g)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+            blocks = packed.reshape(2, 2 * GROUP, _BLOCK // 2).transpose(1, 2).int()  # [2, 32, K]
+            got = torch.cat([torch.cat([b & 0x0F, b >> 4]) for b in blocks])
+            _LAYOUT.append(packed.numel() == probe.numel() // 2 and torch.equal(got, probe))
+        except (RuntimeError, ValueError):
+            _LAYOUT.append(False)
+    return _LAYOUT[0]
 
 
 def fuse(parts: Sequence[Any]) -> Any:
@@ -245,7 +320,8 @@ def fuse(parts: Sequence[Any]) -> Any:
         return QuantizedLinear(Q4Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                                        torch.cat([p.offset for p in parts])))
     if all(isinstance(p, Int8Codes) for p in parts):
-        return QuantizedLinear(Int8Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts])))
+        rows = [_to_int8(p) for p in parts]
+        return QuantizedLinear(Int8Codes(torch.cat([p.codes for p in rows]), torch.cat([p.scale for p in rows])))
     return _Split([prepare(p) for p in parts])
 
 
@@ -258,7 +334,7 @@ def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.T
 
 
 def logits(x: torch.Tensor, w: Any) -> torch.Tensor:
-    """The output projection: :meth:`QuantizedLinear.logits` for a packed int8 weight."""
+    """The output projection: :meth:`QuantizedLinear.logits` for a packed weight looked up by row."""
     if isinstance(w, QuantizedLinear):
         return w.logits(x)
     return linear(x, w)
