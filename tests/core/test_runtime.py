@@ -4,6 +4,8 @@ from plain code) and docs/scheduler.md ("Backpressure and closing", "Observing" 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import threading
 import time
 
 import pytest
@@ -110,3 +112,46 @@ def test_closing_cancels_unfinished_work_when_configured() -> None:
         time.sleep(0.05)
     with pytest.raises(TaskCancelled):
         future.result(timeout=5)
+
+
+def test_run_runs_its_task_in_its_own_call_and_waits_for_room_when_the_queue_is_full() -> None:
+    # run() starts a task that can start at once in the coroutine that submitted it (no task of
+    # its own: handle.inline), submit() in a task of its own; with the queue at its bound, run()
+    # waits for room instead of raising QueueFull
+    rt = Runtime(Registry([app()]), config=Config(), capacity=Resources(cpu=1), max_queue=1)
+    with rt:
+        results: list[int] = []
+        runner = threading.Thread(target=lambda: results.append(rt.run("app/nap", 0.3).outputs))
+        runner.start()
+        deadline = time.monotonic() + 5
+        while not rt.tasks() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [handle.inline for handle in rt.tasks()] == [True]
+        queued = rt.submit("app/nap", 0.01)  # fills the queue (the running task holds the core)
+        assert rt.stats().queued == 1
+        assert rt.run("app/square", 5).outputs == 25  # waited for room, then for its turn
+        runner.join(5)
+        assert results == [0.3]
+        assert queued.result(timeout=5).outputs == 0.01
+        assert not [handle.inline for handle in rt.tasks()]
+
+
+_caller_value: contextvars.ContextVar[str] = contextvars.ContextVar("caller_value", default="unset")
+
+
+def test_tasks_see_the_callers_context_variables() -> None:
+    executor = FunctionExecutor("ctx")
+
+    @executor.algorithm(resources=Resources(cpu=1))
+    async def read(_: int) -> str:
+        return _caller_value.get()
+
+    with Runtime(Registry([executor]), config=Config(), capacity=Resources(cpu=1)) as rt:
+        assert rt.run("ctx/read", 0).outputs == "unset"
+        token = _caller_value.set("caller")
+        try:
+            assert rt.run("ctx/read", 0).outputs == "caller"
+            assert rt.submit("ctx/read", 0).result(timeout=5).outputs == "caller"
+        finally:
+            _caller_value.reset(token)
+        assert rt.run("ctx/read", 0).outputs == "unset"
