@@ -39,13 +39,17 @@ _QUEUED = TaskState.QUEUED
 
 class _Waiting(Protocol):
     state: TaskState
+    needs: Resources
+    limits: tuple[str, ...]
 
 
 T = TypeVar("T", bound=_Waiting)
 
-# (order key, sequence number, needs, limit keys, task): the sequence number is unique, so the
-# heap never compares further than it
-_Entry = tuple[float, int, Resources, tuple[str, ...], T]
+# A place in the queue is one int: the order key in nanoseconds, then a sequence number in the low
+# 40 bits, unique, so two places never tie. The heap holds these ints and ``tasks`` maps them to
+# their tasks: a tuple per entry was one more object per queued task for the cyclic GC to walk
+# (measured: docs/performance.md, the scheduler's queued burst).
+_SEQ_BITS = 40
 
 
 class Admission(Generic[T]):
@@ -60,13 +64,15 @@ class Admission(Generic[T]):
         #: qualified name) allows one task at a time
         self.limits = limits
         self._start = start
-        self.heap: list[_Entry[T]] = []
+        self.heap: list[int] = []
+        #: place -> task, for every place in the heap or parked (those of ended tasks included)
+        self.tasks: dict[int, T] = {}
         # id(needs) -> how many heap entries ask for that Resources object (stale ones included):
         # a scan stops once every kind left has failed to fit (see admit)
         self.kinds: dict[int, int] = {}
         self.queued = 0  # tasks waiting in the heap or parked; entries of ended tasks not counted
         self.running: dict[str, int] = collections.defaultdict(int)  # slots held per limit key
-        self.parked: dict[str, collections.deque[_Entry[T]]] = {}
+        self.parked: dict[str, collections.deque[int]] = {}
         self.dispatching = False
         self._seq = 0
 
@@ -75,8 +81,9 @@ class Admission(Generic[T]):
     def key(self, submitted_at: float, priority: int) -> float:
         return submitted_at - priority * self.aging
 
-    def queue(self, task: T, needs: Resources, limits: tuple[str, ...], key: float) -> bool:
-        """Put a task in the queue; return whether admission may have changed (scan then).
+    def queue(self, task: T, key: float) -> bool:
+        """Put a task in the queue at order ``key``; return whether admission may have changed
+        (scan then).
 
         Admission is settled for the tasks that wait. A task that does not fit leaves it so if it
         competes with the task at the front (see held_back): scanning the queue again would then
@@ -84,15 +91,20 @@ class Admission(Generic[T]):
         """
         self._seq += 1
         self.queued += 1
+        place = (int(key * 1e9) << _SEQ_BITS) + self._seq
+        tasks = self.tasks
+        tasks[place] = task
         heap = self.heap
-        heapq.heappush(heap, (key, self._seq, needs, limits, task))
+        heapq.heappush(heap, place)
+        needs = task.needs
         kinds = self.kinds
         kinds[id(needs)] = kinds.get(id(needs), 0) + 1
-        if limits:
+        if task.limits:
             return True
-        _, _, front_needs, front_limits, front = heap[0]
-        if front is task or front.state is not _QUEUED or (front_limits and self.at_limit(front_limits)):
+        front = tasks[heap[0]]
+        if front is task or front.state is not _QUEUED or (front.limits and self.at_limit(front.limits)):
             return True
+        front_needs = front.needs
         if front_needs is needs:  # the usual backlog: the same needs, so they do not fit either
             return self.pool.fits(needs)
         short = self.pool.short_of(needs)
@@ -111,26 +123,22 @@ class Admission(Generic[T]):
 
     def waiting(self) -> Iterator[T]:
         """The tasks in the queue or parked, stale entries included, in no particular order."""
-        for entry in self.heap:
-            yield entry[4]
-        for parked in self.parked.values():
-            for entry in parked:
-                yield entry[4]
+        yield from list(self.tasks.values())
 
-    def _push(self, entry: _Entry[T]) -> None:
-        heapq.heappush(self.heap, entry)
-        kind = id(entry[2])
+    def _push(self, place: int) -> None:
+        heapq.heappush(self.heap, place)
+        kind = id(self.tasks[place].needs)
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
-    def _pop(self) -> _Entry[T]:
-        entry = heapq.heappop(self.heap)
-        kind = id(entry[2])
+    def _pop(self) -> int:
+        place = heapq.heappop(self.heap)
+        kind = id(self.tasks[place].needs)
         left = self.kinds[kind] - 1
         if left:
             self.kinds[kind] = left
         else:
             del self.kinds[kind]
-        return entry
+        return place
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -146,29 +154,33 @@ class Admission(Generic[T]):
 
     def admit(self) -> None:
         heap = self.heap
+        tasks = self.tasks
         pool = self.pool
         kinds = self.kinds
-        skipped: list[_Entry[T]] | None = None
+        skipped: list[int] | None = None
         blocked: frozenset[str] | set[str] = frozenset()
         # the needs (by identity) found unable to start in this scan: they stay unable, as the
         # pool only shrinks and ``blocked`` only grows while it runs
         failed: set[int] | None = None
         while heap:
-            entry = heap[0]
-            _, _, needs, limits, task = entry
+            place = heap[0]
+            task = tasks[place]
             if task.state is not _QUEUED:
                 self._pop()  # ended while queued (cancelled, timed out); already counted
+                del tasks[place]
                 continue
+            needs, limits = task.needs, task.limits
             if limits and self.at_limit(limits):
                 self._pop()
                 self.parked.setdefault(limits[0] if len(limits) == 1 else self._limiting_key(limits),
-                                       collections.deque()).append(entry)
+                                       collections.deque()).append(place)
                 continue
             competes = bool(blocked) and self.competes(needs, blocked)
             if not competes:
                 allocation = pool.try_acquire(needs)
                 if allocation is not None:
                     heapq.heappop(heap)  # _pop, inline: once per queued task
+                    del tasks[place]
                     kind = id(needs)
                     left = kinds[kind] - 1
                     if left:
@@ -201,8 +213,8 @@ class Admission(Generic[T]):
                 if len(skipped) > BACKFILL_WINDOW:
                     break  # the window is full
         if skipped is not None:
-            for entry in skipped:
-                self._push(entry)
+            for place in skipped:
+                self._push(place)
 
     @staticmethod
     def competes(needs: Resources, blocked: frozenset[str] | set[str]) -> bool:
@@ -259,7 +271,8 @@ class Admission(Generic[T]):
     def _unpark(self, key: str) -> None:
         parked = self.parked.get(key)
         while parked:
-            entry = parked.popleft()
-            if entry[4].state is _QUEUED:
-                self._push(entry)
+            place = parked.popleft()
+            if self.tasks[place].state is _QUEUED:
+                self._push(place)
                 break
+            del self.tasks[place]

@@ -26,7 +26,6 @@ from ._registry import Registry
 from ._task import Attempt, TaskHandle, TaskHost, TaskRecord
 from ._threads import ThreadPool
 from .config import Config
-from .context import TaskContext
 from .errors import (
     ConfigError,
     EdgeComputeError,
@@ -337,8 +336,9 @@ class Scheduler:
         if record.ended:  # the usual case after an inline run: no coroutine for result()
             if record.error is not None:
                 raise record.error
-            assert record.response is not None
-            return record.response
+            response = record.response()
+            assert response is not None
+            return response
         try:
             return await record.wait()
         finally:
@@ -399,7 +399,7 @@ class Scheduler:
             if allocation is not None:
                 self._start(record, allocation, caller, now)  # never counted as queued
                 return record
-        if admission.queue(record, needs, limits, now - request.priority * admission.aging):
+        if admission.queue(record, now - request.priority * admission.aging):
             admission.dispatch()
         return record
 
@@ -412,8 +412,7 @@ class Scheduler:
         record.allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
         record.started_at = time.monotonic() if now is None else now
-        record.attempt = attempt = Attempt()
-        record.ctx = TaskContext(record.selection.algorithm, allocation.devices, attempt, record)
+        record.attempt = Attempt(record.selection.algorithm, allocation.devices, record)
         record.inline = caller is not None
         # inline, run() awaits _execute itself in the caller's task right after this returns
         task = self._loop.create_task(self._execute(record)) if caller is None else caller
@@ -430,11 +429,11 @@ class Scheduler:
         if record.task is None:
             return  # it ended before its first step (cancelled at once); already cleaned up
         selection = record.selection
-        ctx, attempt = record.ctx, record.attempt
-        assert ctx is not None and attempt is not None
+        attempt = record.attempt
+        assert attempt is not None
         attempt.entered = True
         try:
-            response = await selection.executor.execute(record.request, ctx)
+            response = await selection.executor.execute(record.request, attempt)
             if type(response) is not Response and not isinstance(response, Response):
                 raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
                                     "not a Response")
@@ -471,21 +470,15 @@ class Scheduler:
         return False
 
     def _succeed(self, record: TaskRecord, response: Response) -> None:
-        now = time.monotonic()
-        started = record.started_at
-        submitted = record.submitted_at
-        timings = {"queued": started - submitted, "run": now - started, "total": now - submitted}
-        if response.timings:
-            timings = {**response.timings, **timings}
-        response = Response(response.outputs, record.selection.executor.name, timings)
+        record.finished_at = time.monotonic()  # the response, with its timings, is built when read
         if (record.timer is None and record.waiters is None and record.chunk_waiter is None
                 and record.callbacks is None and not self._observers and not self._idle_waiters):
             # _finish for the usual task: nobody waits on it or watches it
-            record.response = response
+            record.outcome = response
             record.error = None
             self._transition(record, _SUCCEEDED)
         else:
-            self._finish(record, _SUCCEEDED, response=response)
+            self._finish(record, _SUCCEEDED, outcome=response)
 
     def _failed(self, record: TaskRecord, exc: Exception) -> None:
         if record.ended:
@@ -518,8 +511,7 @@ class Scheduler:
         record.error = None
         admission = self._admission
         # a retry keeps its place: it re-enters with its original submission time and priority
-        if admission.queue(record, record.needs, record.limits,
-                           admission.key(record.submitted_at, record.request.priority)):
+        if admission.queue(record, admission.key(record.submitted_at, record.request.priority)):
             admission.dispatch()
 
     def _stopped(self, record: TaskRecord) -> None:
@@ -532,11 +524,11 @@ class Scheduler:
         assert attempt is not None
         allocation, record.allocation = record.allocation, None
         if attempt.threads_open == 0:
-            # The context refers back to its record. Without this cycle both are freed by
+            # The attempt (the context) refers back to its record. Without this cycle both are freed by
             # reference counting as soon as the caller lets go, instead of piling up (with their
             # request and response) for the cyclic GC, which then ran every ~100 tasks. Nothing
             # reads a stopped attempt's context: it is only lent to the executor for one attempt.
-            record.ctx = record.attempt = None
+            record.attempt = None
             if not record.limits:  # the common case, without a closure
                 if allocation is not None:
                     self._pool.release(allocation)
@@ -618,9 +610,9 @@ class Scheduler:
                     task.cancel()
         return True
 
-    def _finish(self, record: TaskRecord, state: TaskState, *, response: Response | None = None,
+    def _finish(self, record: TaskRecord, state: TaskState, *, outcome: Response | None = None,
                 error: BaseException | None = None) -> None:
-        record.response = response
+        record.outcome = outcome
         record.error = error
         self._transition(record, state)
         if record.timer is not None:

@@ -1,6 +1,6 @@
 """A task as the scheduler keeps it (:class:`TaskRecord`) and as its submitter holds it
-(:class:`TaskHandle`), plus what both need of the scheduler (:class:`TaskHost`) and one attempt's
-bookkeeping (:class:`Attempt`).
+(:class:`TaskHandle`), plus what both need of the scheduler (:class:`TaskHost`) and one attempt
+(:class:`Attempt`: the executor's context and the attempt's bookkeeping in one object).
 
 The record has every field the scheduler, the admission queue and the task's context work with;
 its fields are public by name because they are this package's to share, and the module is private.
@@ -20,22 +20,24 @@ import collections
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
+from .context import TaskContext
 from .errors import EdgeComputeError, InvalidRequest, TaskCancelled
-from .models import Request, Resources, Response, TaskState
+from .models import Algorithm, Request, Resources, Response, TaskState
 
 if TYPE_CHECKING:
     from ._registry import Selection
     from ._threads import ThreadPool
-    from .context import TaskContext
     from .resources import Allocation
 
 __all__ = ["Attempt", "TaskHandle", "TaskHost", "TaskRecord"]
 
 log = logging.getLogger("edgecompute.scheduler")
+
+T = TypeVar("T")
 
 _QUEUED = TaskState.QUEUED
 _RUNNING = TaskState.RUNNING
@@ -69,20 +71,60 @@ class TaskHost:
             pass  # the loop is closed: the task has long ended
 
 
-class Attempt:
-    """One attempt's bookkeeping, shared by the scheduler and the attempt's context: whether its
-    code has begun, whether it is cancelled, and the worker threads it still has running (which keep
-    its resources reserved until they return)."""
+class Attempt(TaskContext):
+    """One attempt of a task: the context its executor gets, and the attempt's bookkeeping the
+    scheduler keeps: whether its code has begun, whether it is cancelled, and the worker threads it
+    still has running (which keep its resources reserved until they return)."""
 
-    __slots__ = ("cancelled", "entered", "on_threads_done", "threads_open")
+    __slots__ = ("cancelled", "entered", "on_threads_done", "record", "threads_open")
+    cancelled: bool  # a settable slot where TaskContext has a read-only property
 
-    def __init__(self, entered: bool = False) -> None:
+    def __init__(self, algorithm: Algorithm, devices: tuple[int, ...], record: TaskRecord) -> None:
+        # TaskContext.__init__'s two fields, set here: one call less per task
+        self.algorithm = algorithm
+        self.devices = devices
+        self.record = record
         # a plain bool, not a threading.Event: worker threads only ever read it, and the GIL makes
         # that read safe; an Event per task cost more than the rest of the context together
         self.cancelled = False
-        self.entered = entered
+        self.entered = False
         self.threads_open = 0
         self.on_threads_done: Callable[[], None] | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.record.id
+
+    @property
+    def deadline(self) -> float | None:
+        return self.record.deadline
+
+    @property
+    def running(self) -> int:
+        return self.record.host.running()
+
+    async def emit(self, chunk: Any) -> None:
+        self.record.push_chunk(chunk)
+
+    def emit_nowait(self, chunk: Any) -> None:
+        record = self.record
+        if record.host.on_loop_thread():
+            record.push_chunk(chunk)
+        else:
+            record.host.call_soon_threadsafe(record.push_chunk, chunk)
+
+    def progress(self, done: float, total: float | None = None) -> None:
+        fraction = done / total if total else done
+        record = self.record
+        if record.host.on_loop_thread():
+            record.set_progress(fraction)
+        else:
+            record.host.call_soon_threadsafe(record.set_progress, fraction)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        future = self.record.host.threads.submit(fn, *args, on_done=self.thread_finished)
+        self.threads_open += 1  # after submit: a pool that refuses the call leaves nothing to wait for
+        return await future
 
     def thread_finished(self) -> None:
         self.threads_open -= 1
@@ -107,19 +149,19 @@ class TaskRecord:
         "callbacks",
         "chunk_waiter",
         "chunks",
-        "ctx",
         "deadline",
         "ended",
         "error",
+        "finished_at",
         "handle",
         "host",
         "id",
         "inline",
         "limits",
         "needs",
+        "outcome",
         "progress",
         "request",
-        "response",
         "selection",
         "started_at",
         "state",
@@ -144,14 +186,15 @@ class TaskRecord:
         self.limits = limits
         self.deadline = deadline
         self.timer: asyncio.TimerHandle | None = None
-        self.response: Response | None = None
+        #: what the executor returned, once the task succeeded (see response())
+        self.outcome: Response | None = None
+        self.finished_at = 0.0
         self.error: BaseException | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
         self.chunks: collections.deque[Any] | None = None
         self.chunk_waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.allocation: Allocation | None = None
-        self.ctx: TaskContext | None = None
         self.attempt: Attempt | None = None
         self.submitted_at = now
         self.started_at = 0.0
@@ -197,8 +240,23 @@ class TaskRecord:
                                        f"{timeout:g} s; it is still {self.state.value}") from None
         if self.error is not None:
             raise self.error
-        assert self.response is not None
-        return self.response
+        response = self.response()
+        assert response is not None
+        return response
+
+    def response(self) -> Response | None:
+        """The response of a task that succeeded: the executor's outputs, its name and the
+        timings. Built each time it is asked for, not kept: a finished task then holds one object
+        less until its handle goes (the executor's response), which the cyclic GC measurably feels
+        in a burst of queued tasks."""
+        outcome = self.outcome
+        if outcome is None:
+            return None
+        started, submitted, finished = self.started_at, self.submitted_at, self.finished_at
+        timings = {"queued": started - submitted, "run": finished - started, "total": finished - submitted}
+        if outcome.timings:
+            timings = {**outcome.timings, **timings}
+        return Response(outcome.outputs, self.selection.executor.name, timings)
 
     async def stream(self) -> AsyncIterator[Any]:
         """TaskHandle.stream: the chunks, in order, until the task ends."""
@@ -300,14 +358,14 @@ class TaskHandle:
     @property
     def response(self) -> Response | None:
         """The response of a task that succeeded; None while it runs or when it failed."""
-        return self._record.response
+        return self._record.response()
 
     def drop_outputs(self) -> None:
         """Let go of a finished task's outputs (its response keeps the rest): for a holder of many
         finished handles that must bound the memory their results keep."""
         record = self._record
-        if record.response is not None:
-            record.response = attrs.evolve(record.response, outputs=None)
+        if record.outcome is not None:
+            record.outcome = attrs.evolve(record.outcome, outputs=None)
 
     @property
     def inline(self) -> bool:

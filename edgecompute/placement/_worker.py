@@ -39,7 +39,6 @@ from collections.abc import Callable
 from typing import Any
 
 from .._registry import Registry
-from .._task import Attempt
 from .._threads import ThreadPool
 from ..context import TaskContext
 from ..errors import ExecutorError
@@ -73,14 +72,14 @@ _ORPHANED = 70  # our exit status when the host went away first
 class _Context(TaskContext):
     """What a task sees in the worker: chunks and progress go straight to the host."""
 
-    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task", "attempt", "segment")
+    __slots__ = ("_deadline", "_id", "_task", "_worker", "asyncio_task", "cancelled", "segment")
+    cancelled: bool  # a settable slot where TaskContext has a read-only property
 
     def __init__(self, worker: _Worker, task: int, request_id: str, algorithm: Algorithm,
                  deadline: float | None) -> None:
-        # no scheduler's record here: the methods that read it are overridden below
-        #: what blocking code polls through ``cancelled``
-        self.attempt = Attempt(entered=True)
-        super().__init__(algorithm, (), self.attempt)
+        super().__init__(algorithm, ())
+        #: what blocking code polls; set when the host cancels the call
+        self.cancelled = False
         self._worker = worker
         self._task = task
         self._id = request_id
@@ -274,7 +273,7 @@ class _Worker:
                         self.early_cancels.clear()
                     self.early_cancels.add(task)
                     return
-                ctx.attempt.cancelled = True  # what blocking code polls
+                ctx.cancelled = True  # what blocking code polls
             if ctx.asyncio_task is not None:
                 self.on_loop(self.cancel_task, on_loop, ctx)
         elif kind == "release":
@@ -331,7 +330,7 @@ class _Worker:
             self.contexts[task] = ctx
             if self.early_cancels and task in self.early_cancels:
                 self.early_cancels.discard(task)
-                ctx.attempt.cancelled = True
+                ctx.cancelled = True
         if call is not None and not on_loop:
             if not self.idle:
                 self.add_reader()  # the last free reader takes this call: someone must read meanwhile
@@ -419,7 +418,7 @@ class _Worker:
             self.reading_on_loop = False
             self.loop.remove_reader(self.sock.fileno())
         for ctx in list(self.contexts.values()):
-            ctx.attempt.cancelled = True
+            ctx.cancelled = True
             if ctx.asyncio_task is not None:
                 ctx.asyncio_task.cancel()
         end = time.monotonic() + grace

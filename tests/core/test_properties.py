@@ -492,7 +492,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def the_queue_knows_what_it_holds(self) -> None:
         admission = self.scheduler._admission
-        assert Counter(id(entry[2]) for entry in admission.heap) == admission.kinds
+        assert Counter(id(admission.tasks[place].needs) for place in admission.heap) == admission.kinds
 
     @invariant()
     def at_most_one_end(self) -> None:
