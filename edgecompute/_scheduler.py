@@ -412,7 +412,6 @@ class Scheduler:
         record.allocation = allocation
         # admitted as it was submitted: the same moment, and one clock read less
         record.started_at = time.monotonic() if now is None else now
-        record.attempt = Attempt(record.selection.algorithm, allocation.devices, record)
         record.inline = caller is not None
         # inline, run() awaits _execute itself in the caller's task right after this returns
         task = self._loop.create_task(self._execute(record)) if caller is None else caller
@@ -429,9 +428,12 @@ class Scheduler:
         if record.task is None:
             return  # it ended before its first step (cancelled at once); already cleaned up
         selection = record.selection
-        attempt = record.attempt
-        assert attempt is not None
-        attempt.entered = True
+        allocation = record.allocation
+        assert allocation is not None
+        # made at its first step, not at its start: a burst of tasks started at once then holds
+        # one object less each while they wait for the loop (the cyclic GC ran a full collection
+        # more per 20,000 such tasks); no attempt yet means its code has not begun
+        record.attempt = attempt = Attempt(selection.algorithm, allocation.devices, record)
         try:
             response = await selection.executor.execute(record.request, attempt)
             if type(response) is not Response and not isinstance(response, Response):
@@ -521,35 +523,35 @@ class Scheduler:
         del self._tasks[task]
         record.task = None
         attempt = record.attempt
-        assert attempt is not None
+        # The attempt (the context) refers back to its record. Without this cycle both are freed by
+        # reference counting as soon as the caller lets go, instead of piling up (with their
+        # request and response) for the cyclic GC, which then ran every ~100 tasks. Nothing reads
+        # a stopped attempt through the record: a next attempt (a retry) makes its own, and until
+        # its first step no attempt means its code has not begun (see _cancel).
+        record.attempt = None
         allocation, record.allocation = record.allocation, None
-        if attempt.threads_open == 0:
-            # The attempt (the context) refers back to its record. Without this cycle both are freed by
-            # reference counting as soon as the caller lets go, instead of piling up (with their
-            # request and response) for the cyclic GC, which then ran every ~100 tasks. Nothing
-            # reads a stopped attempt's context: it is only lent to the executor for one attempt.
-            record.attempt = None
-            if not record.limits:  # the common case, without a closure
-                if allocation is not None:
-                    self._pool.release(allocation)
-                admission = self._admission
-                if admission.heap and not admission.dispatching:
-                    admission.dispatching = True  # dispatch(), inline: once per completion
-                    try:
-                        admission.admit()
-                    finally:
-                        admission.dispatching = False
-                if self._idle_waiters:
-                    self._check_idle()
-                return
+        if (attempt is None or attempt.threads_open == 0) and not record.limits:
+            # the common case, without a closure
+            if allocation is not None:
+                self._pool.release(allocation)
+            admission = self._admission
+            if admission.heap and not admission.dispatching:
+                admission.dispatching = True  # dispatch(), inline: once per completion
+                try:
+                    admission.admit()
+                finally:
+                    admission.dispatching = False
+            if self._idle_waiters:
+                self._check_idle()
+            return
         self._stopped_slowly(record, attempt, allocation)
 
-    def _stopped_slowly(self, record: TaskRecord, attempt: Attempt, allocation: Allocation | None) -> None:
+    def _stopped_slowly(self, record: TaskRecord, attempt: Attempt | None, allocation: Allocation | None) -> None:
         """_stopped's other cases: concurrency limits, or blocking code still on a worker thread.
 
         A method of its own so that _stopped does not make the closure's cells on every call.
         """
-        lingering = attempt.threads_open > 0
+        lingering = attempt is not None and attempt.threads_open > 0
         if lingering:
             self._lingering += 1
 
@@ -565,7 +567,10 @@ class Scheduler:
             self._check_idle()
 
         # blocking code still running on a worker thread keeps its share until it returns
-        attempt.release_when_threads_done(release)
+        if attempt is None:
+            release()
+        else:
+            attempt.release_when_threads_done(release)
         if lingering and self._idle_waiters:
             self._check_idle()  # a close that does not wait for threads may go on
 
@@ -600,7 +605,7 @@ class Scheduler:
             if attempt is not None:
                 attempt.cancelled = True
             if task is not None:
-                if attempt is not None and not attempt.entered:
+                if attempt is None:
                     # cancelled before its first step: its code never runs, so nothing would
                     # reach the finally that cleans up; and an inline caller's task is not ours
                     if not record.inline:

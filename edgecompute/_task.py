@@ -73,10 +73,10 @@ class TaskHost:
 
 class Attempt(TaskContext):
     """One attempt of a task: the context its executor gets, and the attempt's bookkeeping the
-    scheduler keeps: whether its code has begun, whether it is cancelled, and the worker threads it
-    still has running (which keep its resources reserved until they return)."""
+    scheduler keeps: whether it is cancelled, and the worker threads it still has running (which
+    keep its resources reserved until they return). Made when the attempt's code begins."""
 
-    __slots__ = ("cancelled", "entered", "on_threads_done", "record", "threads_open")
+    __slots__ = ("cancelled", "on_threads_done", "record", "threads_open")
     cancelled: bool  # a settable slot where TaskContext has a read-only property
 
     def __init__(self, algorithm: Algorithm, devices: tuple[int, ...], record: TaskRecord) -> None:
@@ -87,7 +87,6 @@ class Attempt(TaskContext):
         # a plain bool, not a threading.Event: worker threads only ever read it, and the GIL makes
         # that read safe; an Event per task cost more than the rest of the context together
         self.cancelled = False
-        self.entered = False
         self.threads_open = 0
         self.on_threads_done: Callable[[], None] | None = None
 
