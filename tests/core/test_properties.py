@@ -35,6 +35,7 @@ from edgecompute import (
     Scheduler,
     TaskContext,
     TaskHandle,
+    TaskState,
 )
 from edgecompute.errors import (
     EdgeComputeError,
@@ -578,3 +579,45 @@ def test_invalid_resources_are_rejected() -> None:
         Resources(cpu=-1)
     with pytest.raises(TypeError, match="memory_mb must be a number"):
         Resources(memory_mb="1GB")  # type: ignore[arg-type]
+
+
+# -- Order: the queue's places (docs/scheduler.md, "Order") -----------------------------------------
+
+
+class _Waiter:
+    def __init__(self, name: int, needs: Resources) -> None:
+        self.name = name
+        self.state = TaskState.QUEUED
+        self.needs = needs
+        self.limits: tuple[str, ...] = ()
+
+
+@given(st.lists(st.integers(min_value=-10**12, max_value=10**12) | st.sampled_from([0, 1, -1]), min_size=1,
+                max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_tasks_start_in_order_key_then_submission_order(keys_us: list[int]) -> None:
+    # Order keys are seconds (submission time less priority times aging): they may be negative,
+    # equal, or far apart, and the queue packs each into one int with a sequence number
+    # (_admission.py). Keys here are whole microseconds up to 11 days either way: ties go to the
+    # earlier submission, every other pair keeps its order.
+    from edgecompute._admission import Admission
+    from edgecompute.resources import Allocation, ResourcePool
+
+    pool = ResourcePool(Resources(cpu=1))
+    started: list[int] = []
+
+    def start(task: _Waiter, allocation: Allocation) -> None:
+        started.append(task.name)
+        pool.release(allocation)  # done at once: the scan goes on to the next
+
+    admission: Admission[_Waiter] = Admission(pool, 0.0, {}, start)
+    blocker = pool.try_acquire(Resources(cpu=1))
+    assert blocker is not None
+    needs = Resources(cpu=1)
+    for name, key in enumerate(keys_us):
+        admission.queue(_Waiter(name, needs), key / 1e6)
+    assert started == []
+    pool.release(blocker)
+    admission.dispatch()
+    assert started == [name for _, name in sorted((key, name) for name, key in enumerate(keys_us))]
+    assert not admission.heap and not admission.tasks and admission.queued == 0
