@@ -341,6 +341,31 @@ class Gateway:
         return ok, {"status": "ready" if ok else "not ready", "scheduler": self.scheduler.state,
                     "executors": executors}
 
+    def algorithms(self, key: ApiKey) -> dict[str, Any]:
+        """The algorithms ``key`` may run, as both protocols list them."""
+        found = self.scheduler.registry.algorithms()
+        return {"algorithms": [
+            {"name": name, "executor": name.partition("/")[0], "description": algorithm.description,
+             "resources": {"cpu": algorithm.resources.cpu, "memory_mb": algorithm.resources.memory_mb,
+                           "gpus": algorithm.resources.gpus, "gpu_memory_mb": algorithm.resources.gpu_memory_mb}}
+            for name, algorithm in sorted(found.items()) if key.allows(name)]}
+
+    async def executors(self, key: ApiKey) -> dict[str, Any]:
+        """The executors with an algorithm ``key`` may run, their versions and health, as both
+        protocols list them."""
+        await self.ready()
+        rows = []
+        for entry in self.scheduler.registry.executors():
+            # an executor is listed only when the key may run one of its algorithms
+            names = sorted(f"{entry.name}/{a}" for a in entry.algorithms if key.allows(f"{entry.name}/{a}"))
+            if not names:
+                continue
+            health = self.metrics.health.get(entry.name)
+            rows.append({"name": entry.name, "version": entry.instance.version if entry.instance else None,
+                         "algorithms": names,
+                         "health": {"status": health.status.value, "message": health.message} if health else None})
+        return {"executors": rows}
+
 
 def _options(document: dict[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {}
@@ -562,26 +587,10 @@ def build_app(settings: ServerSettings | None = None, scheduler: Scheduler | Non
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def list_algorithms(request: HttpRequest, key: ApiKey) -> Response:
-        found = gateway.scheduler.registry.algorithms()
-        return JSONResponse({"algorithms": [
-            {"name": name, "executor": name.partition("/")[0], "description": algorithm.description,
-             "resources": {"cpu": algorithm.resources.cpu, "memory_mb": algorithm.resources.memory_mb,
-                           "gpus": algorithm.resources.gpus, "gpu_memory_mb": algorithm.resources.gpu_memory_mb}}
-            for name, algorithm in sorted(found.items()) if key.allows(name)]})
+        return JSONResponse(gateway.algorithms(key))
 
     async def list_executors(request: HttpRequest, key: ApiKey) -> Response:
-        await gateway.ready()
-        rows = []
-        for entry in gateway.scheduler.registry.executors():
-            # an executor is listed only when the key may run one of its algorithms
-            names = sorted(f"{entry.name}/{a}" for a in entry.algorithms if key.allows(f"{entry.name}/{a}"))
-            if not names:
-                continue
-            health = gateway.metrics.health.get(entry.name)
-            rows.append({"name": entry.name, "version": entry.instance.version if entry.instance else None,
-                         "algorithms": names,
-                         "health": {"status": health.status.value, "message": health.message} if health else None})
-        return JSONResponse({"executors": rows})
+        return JSONResponse(await gateway.executors(key))
 
     async def healthz(request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})

@@ -265,26 +265,10 @@ class TasksService:
         return pb.Listing(document=encode_value(document, pb.JSON, max_depth=self.max_depth))
 
     async def _algorithms(self, message: pb.ListRequest, key: ApiKey, rid: str | None) -> pb.Listing:
-        found = self.gateway.scheduler.registry.algorithms()
-        return await self._listing({"algorithms": [
-            {"name": name, "executor": name.partition("/")[0], "description": algorithm.description,
-             "resources": {"cpu": algorithm.resources.cpu, "memory_mb": algorithm.resources.memory_mb,
-                           "gpus": algorithm.resources.gpus, "gpu_memory_mb": algorithm.resources.gpu_memory_mb}}
-            for name, algorithm in sorted(found.items()) if key.allows(name)]})
+        return await self._listing(self.gateway.algorithms(key))
 
     async def _executors(self, message: pb.ListRequest, key: ApiKey, rid: str | None) -> pb.Listing:
-        gateway = self.gateway
-        await gateway.ready()
-        rows = []
-        for entry in gateway.scheduler.registry.executors():
-            names = sorted(f"{entry.name}/{a}" for a in entry.algorithms if key.allows(f"{entry.name}/{a}"))
-            if not names:
-                continue
-            health = gateway.metrics.health.get(entry.name)
-            rows.append({"name": entry.name, "version": entry.instance.version if entry.instance else None,
-                         "algorithms": names,
-                         "health": {"status": health.status.value, "message": health.message} if health else None})
-        return await self._listing({"executors": rows})
+        return await self._listing(await self.gateway.executors(key))
 
     async def _stream(self, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
         """The task's chunks, then its end. grpc sends one message at a time under HTTP/2 flow
