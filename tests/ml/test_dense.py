@@ -90,3 +90,38 @@ def test_packed_clip_equals_plain_and_holds_each_weight_once(tiny_clip):
                  (packed.model.text_embeds(ids), plain.model.text_embeds(ids))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert packed.model.weight_bytes() == plain.model.weight_bytes()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_residual_added_in_the_kernel_gives_the_bits_of_a_separate_add(packed):
+    if packed and not packing_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no oneDNN: only the plain path exists")
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = packed
+    try:
+        layer = Dense(w.clone(), b, torch.device("cpu"), torch.float32)
+    finally:
+        torch.backends.mkldnn.enabled = before
+    assert layer.packed is packed
+    for shape in ((1, 7), (3, 5)):
+        x = torch.randn(*shape, 16, generator=g)
+        residual = torch.randn(*shape, 24, generator=g)
+        assert torch.equal(layer(x, residual), residual + layer(x))
+    with pytest.raises(ValueError, match="without gelu"):
+        Dense(w.clone(), b, torch.device("cpu"), torch.float32, gelu=True)(x, residual)
+
+
+def test_texts_without_padding_embed_as_they_do_in_a_padded_batch(tiny_bert):
+    # one text, or texts of one length, skip the mask (and the pooling's product with it): the
+    # same vectors as when padding made a mask necessary, for every pooling
+    lm = load_model(inspect_model(ModelSource("m", str(tiny_bert))), "float32", "cpu")
+    same = ["a b c", "d e f"]
+    lengths = [len(e.ids) for e in lm.tokenizer.encode_batch(same, add_special_tokens=True)]
+    assert lengths[0] == lengths[1]
+    for pooling in ("mean", "cls", "max"):
+        padded = embed_texts(lm, [*same, "a much longer text than the two others"], pooling)
+        alone = torch.cat([embed_texts(lm, [text], pooling) for text in same])
+        torch.testing.assert_close(embed_texts(lm, same, pooling), padded[:2], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(alone, padded[:2], atol=1e-6, rtol=1e-6)

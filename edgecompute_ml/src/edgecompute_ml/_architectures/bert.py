@@ -148,12 +148,14 @@ class BertModel:
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].to(torch.bool)
         for qkv_lin, o_lin, ln1, i_lin, d_lin, ln2 in self.layers:
-            qkv = qkv_lin(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4)
-            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
-            attn = attn.transpose(1, 2).reshape(b, t, h)
-            x = F.layer_norm(x + o_lin(attn), (h,), *ln1, eps=c.layer_norm_eps)
+            q, k, v = qkv_lin(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            # CPU attention writes its output [b, t, heads, hd] and returns it transposed: the
+            # transpose back is contiguous again, so the reshape is a view
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h)
+            # the residual adds are fused into the output projections (one op less each, same bits)
+            x = F.layer_norm(o_lin(attn, x), (h,), *ln1, eps=c.layer_norm_eps)
             inter = i_lin(x) if i_lin.gelu else self._act(i_lin(x))
-            x = F.layer_norm(x + d_lin(inter), (h,), *ln2, eps=c.layer_norm_eps)
+            x = F.layer_norm(d_lin(inter, x), (h,), *ln2, eps=c.layer_norm_eps)
         return x.float()
 
 

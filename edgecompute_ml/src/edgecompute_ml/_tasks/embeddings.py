@@ -47,7 +47,20 @@ def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, sp
 def _embed(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: str) -> Any:
     import torch
 
+    device = lm.model.device
     width = max(lengths)
+    if min(lengths) == width:
+        # no padding (one text, or texts of one length): no mask to build, pass or apply; the
+        # forward and the pooling give the same bits as with a mask of ones
+        ids = torch.tensor([e.ids[:width] for e in encodings])
+        segments = [e.type_ids[:width] for e in encodings]
+        # one segment (all type ids 0, a sentence's usual case): the forward adds type 0's row itself
+        types = torch.tensor(segments).to(device) if any(map(any, segments)) else None
+        with torch.inference_mode():
+            hidden = lm.model.forward(ids.to(device), None, types)
+            if pooling == "mean":
+                return (hidden.sum(1) / width).cpu()
+            return pool(hidden, torch.ones(ids.shape, dtype=hidden.dtype, device=device), pooling).cpu()
     pad = lm.model.config.pad_token_id
     ids = torch.full((len(encodings), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encodings), width), dtype=torch.long)
@@ -56,7 +69,6 @@ def _embed(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: s
         ids[row, :n] = torch.tensor(e.ids[:n])
         types[row, :n] = torch.tensor(e.type_ids[:n])
         mask[row, :n] = 1
-    device = lm.model.device
     with torch.inference_mode():
         hidden = lm.model.forward(ids.to(device), mask.to(device), types.to(device))
         return pool(hidden, mask.to(device), pooling).cpu()
