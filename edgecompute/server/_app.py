@@ -31,7 +31,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import Registry, Scheduler, TaskHandle, wire
 from ..config import Config
-from ..errors import AmbiguousAlgorithm, EdgeComputeError, InvalidRequest, UnknownAlgorithm
+from ..errors import AmbiguousAlgorithm, EdgeComputeError, InvalidRequest, PluginError, UnknownAlgorithm
 from ..logs import request_id as request_id_var
 from ..metrics import SchedulerMetrics
 from ..models import Request
@@ -252,6 +252,8 @@ class Gateway:
             self.rejections.labels("unknown_algorithm").inc()
             raise unknown from None
         except EdgeComputeError as exc:
+            if isinstance(exc, PluginError) and not key.allows(algorithm):
+                raise unknown from None  # a key does not learn what is installed outside its scope
             raise problem_for_error(exc) from None
         name = selection.qualified_name
         if not key.allows(name):

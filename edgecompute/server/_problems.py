@@ -9,10 +9,13 @@ them); ``title`` is fixed per type, ``detail`` says what happened this time. Ext
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
 from .. import errors
+
+log = logging.getLogger("edgecompute.server")
 
 __all__ = ["PROBLEM_JSON", "Problem", "problem_for_error"]
 
@@ -94,6 +97,12 @@ def problem_for_error(exc: BaseException) -> Problem:
         return Problem("unavailable", str(exc), error=name, retry_after=1)
     if isinstance(exc, errors.SchedulerClosed):
         return Problem("unavailable", str(exc), error=name, retry_after=5)
+    if isinstance(exc, errors.PluginError):
+        # the server's fault, not the request's; the reason (a library path, a traceback line) is
+        # for the operator's log, not for a remote client
+        log.error("a request named an executor whose plugin failed: %s", exc)
+        return Problem("internal", f"plugin {exc.plugin!r} failed to load on this server, so it cannot run this "
+                       "task (the server's log has the reason)", error=name)
     if isinstance(exc, errors.TaskTimeout):
         return Problem("task-timeout", str(exc), error=name)
     if isinstance(exc, errors.TaskCancelled):

@@ -392,3 +392,30 @@ def test_settings_refuse_limits_past_their_ceilings() -> None:
     with pytest.raises(errors.ConfigError, match="max_output_bytes"):
         ServerSettings.from_mapping({"max_output_bytes": 10, "keep_finished_bytes": 5})
     assert np.isfinite(ServerSettings().header_timeout)
+
+
+def test_an_executor_whose_plugin_fails_is_a_server_error_that_keeps_its_reason_to_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # found 2026-12-06: the submit answered HTTP 200 with a "task-failed" problem whose detail was
+    # the build error itself (a host library's path); a key without the algorithm in its scope
+    # learnt that the executor was installed
+    def broken() -> Any:
+        raise OSError("/opt/vendor/lib/libsecret.so: cannot open shared object file")
+
+    broken.name = "vendor"  # type: ignore[attr-defined]  # a factory names its executor
+    keys = [{"name": "bob", "hash": hash_key(KEYS["bob"]), "scopes": ["*"]},
+            {"name": "alice", "hash": hash_key(KEYS["alice"]), "scopes": ["app/*"]}]
+    with (running(settings(keys=keys), extra=(broken,)) as server,
+          caplog.at_level(logging.ERROR, "edgecompute.server")):
+        answer = httpx.post(f"{server.url}/v1/tasks", json={"algorithm": "vendor/run", "inputs": 1},
+                            headers=auth("bob"))
+        body = problem(answer, 500, "internal")
+        assert body["error"] == "PluginError"
+        assert "libsecret" not in answer.text and "/opt/vendor" not in answer.text
+        assert "libsecret.so" in caplog.text  # the operator still learns why
+        outside = httpx.post(f"{server.url}/v1/tasks", json={"algorithm": "vendor/run", "inputs": 1},
+                             headers=auth("alice"))  # alice's scope is app/* only
+        unknown = httpx.post(f"{server.url}/v1/tasks", json={"algorithm": "nothere/run", "inputs": 1},
+                             headers=auth("alice"))
+        assert problem(outside, 404, "unknown-algorithm")["detail"] == problem(
+            unknown, 404, "unknown-algorithm")["detail"].replace("nothere/run", "vendor/run")
