@@ -564,3 +564,26 @@ def test_anonymous_callers_cannot_reach_each_others_tasks() -> None:
                 refused(channel, method, pb.TaskRequest(id=guess), (), grpc.StatusCode.NOT_FOUND, "not-found")
         assert call(channel, "Get", pb.TaskRequest(id=task.id)).state == "running"
         assert call(channel, "Cancel", pb.TaskRequest(id=task.id)).state == "cancelled"
+
+
+def test_silent_and_idle_connections_are_closed_as_http_closes_them() -> None:
+    # found 2026-12-06: a client that connected and sent nothing, or only the HTTP/2 preface, held
+    # its gRPC connection for as long as it liked (header_timeout and keep_alive_timeout bound them
+    # on HTTP only)
+    server = running(grpc_settings(header_timeout=0.5, keep_alive_timeout=0.5))
+    listener = attach(server.app, host="127.0.0.1", port=0)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + empty SETTINGS
+    with server:
+        for opening in (b"", preface):
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=30) as sock:
+                sock.sendall(opening)
+                received = b""
+                while chunk := sock.recv(65536):  # a socket.timeout here: the server kept it open
+                    received += chunk
+            # closed by the server (recv gave b""), after its SETTINGS and a GOAWAY saying why
+            assert received.endswith(b"connection idle"), received[-60:]
+        with grpc.insecure_channel(f"127.0.0.1:{listener.port}") as channel:  # a real client is unaffected
+            first = call(channel, "Submit", submit("app/echo", "one"), meta("alice"))
+            time.sleep(1.0)  # idle past keep_alive_timeout: the server sent GOAWAY, the channel reconnects
+            second = call(channel, "Submit", submit("app/echo", "two"), meta("alice"))
+        assert first.state == second.state == "succeeded"

@@ -62,6 +62,12 @@ class GrpcServer:
             ("grpc.max_send_message_length", -1),
             # the request head (metadata) bound, as server.max_header_bytes bounds HTTP heads
             ("grpc.max_metadata_size", settings.max_header_bytes),
+            # slow and idle clients, as server.header_timeout and keep_alive_timeout bound them on
+            # HTTP: a connection that has not finished its opening (a client that connects and
+            # sends nothing) is dropped after header_timeout, and one with no call in progress is
+            # sent GOAWAY after keep_alive_timeout (grpc clients reconnect on their next call)
+            ("grpc.server_handshake_timeout_ms", int(settings.header_timeout * 1000)),
+            ("grpc.max_connection_idle_ms", int(settings.keep_alive_timeout * 1000)),
             ("grpc.so_reuseport", 0),
         ]
 
