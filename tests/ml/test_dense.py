@@ -125,3 +125,22 @@ def test_texts_without_padding_embed_as_they_do_in_a_padded_batch(tiny_bert):
         alone = torch.cat([embed_texts(lm, [text], pooling) for text in same])
         torch.testing.assert_close(embed_texts(lm, same, pooling), padded[:2], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(alone, padded[:2], atol=1e-6, rtol=1e-6)
+
+
+@needs_onednn
+def test_the_scripted_layer_loop_gives_the_eager_loops_bits(tiny_bert):
+    from edgecompute_ml._architectures import bert
+
+    scripted = bert._scripted_layers()
+    assert isinstance(scripted, torch.jit.ScriptFunction)  # TorchScript is there in the torch we test with
+    model = _load(tiny_bert, packed=True).model
+    assert model._packed is not None and model._layers_fn is scripted  # a packed model runs it
+    c = model.config
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, c.hidden_size, generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])[:, None, None, :].to(torch.bool)
+    for m in (None, mask):
+        assert torch.equal(scripted(x, model._packed, m, c.num_attention_heads, c.layer_norm_eps),
+                           bert._packed_layers(x, model._packed, m, c.num_attention_heads, c.layer_norm_eps))
+    # a plain model (no oneDNN) runs the generic loop
+    assert _load(tiny_bert, packed=False).model._packed is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -125,6 +127,18 @@ class BertModel:
                 (w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"]),
             ))
         self._act = _ACTIVATIONS[config.hidden_act]
+        # every layer prepacked with its GELU fused: the layer loop runs as TorchScript (below)
+        self._packed: list[torch.Tensor] | None = None
+        self._layers_fn: Callable[..., torch.Tensor] = _packed_layers
+        if all(qkv.packed and o.packed and i.packed and i.gelu and d.packed
+               for qkv, o, ln1, i, d, ln2 in self.layers):
+            self._packed = [t for qkv, o, ln1, i, d, ln2 in self.layers
+                            for t in (qkv.weight, qkv.bias, o.weight, o.bias, *ln1, i.weight, i.bias, d.weight,
+                                      d.bias, *ln2) if t is not None]
+            if len(self._packed) == 12 * len(self.layers):  # every layer has its biases (BERT's do)
+                self._layers_fn = _scripted_layers()
+            else:
+                self._packed = None
 
     def weight_bytes(self) -> int:
         tensors = [self.word, self.position, self.token_type, *self.ln]
@@ -147,6 +161,8 @@ class BertModel:
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].to(torch.bool)
+        if self._packed is not None:
+            return self._layers_fn(x, self._packed, mask, nh, c.layer_norm_eps)
         for qkv_lin, o_lin, ln1, i_lin, d_lin, ln2 in self.layers:
             q, k, v = qkv_lin(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
             # CPU attention writes its output [b, t, heads, hd] and returns it transposed: the
@@ -157,6 +173,52 @@ class BertModel:
             inter = i_lin(x) if i_lin.gelu else self._act(i_lin(x))
             x = F.layer_norm(d_lin(inter, x), (h,), *ln2, eps=c.layer_norm_eps)
         return x.float()
+
+
+def _packed_layers(x: torch.Tensor, weights: list[torch.Tensor], mask: torch.Tensor | None, heads: int,
+                   eps: float) -> torch.Tensor:
+    """The encoder layers over prepacked weights (12 a layer: q/k/v, output, first norm, FFN in and
+    out, second norm; weights then biases), GELU and the residual adds in oneDNN's kernels: the
+    same ops as :meth:`BertModel.forward`'s loop, in a form TorchScript compiles."""
+    b, t, h = x.shape[0], x.shape[1], x.shape[2]
+    hd = h // heads
+    for n in range(len(weights) // 12):
+        w = n * 12
+        qkv = torch.ops.mkldnn._linear_pointwise(x, weights[w], weights[w + 1], "none", [], "")
+        q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h)
+        x = torch.ops.mkldnn._linear_pointwise(attn, x, weights[w + 2], weights[w + 3], "add")
+        x = F.layer_norm(x, [h], weights[w + 4], weights[w + 5], eps)
+        inter = torch.ops.mkldnn._linear_pointwise(x, weights[w + 6], weights[w + 7], "gelu", [], "none")
+        x = torch.ops.mkldnn._linear_pointwise(inter, x, weights[w + 8], weights[w + 9], "add")
+        x = F.layer_norm(x, [h], weights[w + 10], weights[w + 11], eps)
+    return x
+
+
+_SCRIPT_LOCK = threading.Lock()
+_SCRIPTED: list[Callable[..., torch.Tensor]] = []
+
+
+def _scripted_layers() -> Callable[..., torch.Tensor]:
+    """:func:`_packed_layers` compiled by TorchScript once per process, else itself (eager).
+
+    Run by TorchScript's interpreter, the ~60 ops of a MiniLM forward skip Python's per-op cost:
+    one sentence's forward 2.92 -> 2.64 ms here (p10 of interleaved runs), the same bits. The
+    kernels are the same; only the dispatching moves out of Python. ``torch.jit.script`` is
+    deprecated in torch 2.13 (its warning is silenced here): where it is gone or fails, the same
+    function runs eagerly, ~0.3 ms a forward slower.
+    """
+    with _SCRIPT_LOCK:
+        if not _SCRIPTED:
+            fn: Callable[..., torch.Tensor] = _packed_layers
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    fn = torch.jit.script(_packed_layers)
+            except Exception:  # noqa: BLE001 - no TorchScript here: the eager function is the same ops
+                fn = _packed_layers
+            _SCRIPTED.append(fn)
+        return _SCRIPTED[0]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
