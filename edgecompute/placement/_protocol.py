@@ -54,7 +54,8 @@ __all__ = ["INBAND_MAX", "KINDS", "MAX_MESSAGE", "OUT_OF_BAND", "VERSION", "Aren
 #: 2: one message per SOCK_SEQPACKET packet, compact frames after the handshake.
 #: 3: segments are memfds passed with the first frame that uses them, named by number.
 #: 4: plain numpy arrays travel as (buffer, dtype string, shape), rebuilt by _protocol._array.
-VERSION = 4
+#: 5: ``call``, a request the host's executor has checked, for the worker's ``run_checked``.
+VERSION = 5
 #: Buffers at least this large cross through shared memory instead of the socket.
 OUT_OF_BAND = 64 * 1024
 #: A pickled body larger than this goes into shared memory with the buffers.
@@ -63,7 +64,7 @@ INBAND_MAX = 64 * 1024
 #: socket buffer of ~208 KiB accepts it).
 MAX_MESSAGE = INBAND_MAX + 4096
 #: The message kinds, by their code in a compact frame.
-KINDS = ("run", "chunk", "progress", "done", "error", "cancel", "health", "release", "close")
+KINDS = ("run", "chunk", "progress", "done", "error", "cancel", "health", "release", "close", "call")
 _CODES = {kind: code for code, kind in enumerate(KINDS)}
 HEADER = struct.Struct("!I")
 _HEAD = struct.Struct("!BBQ")  # kind, flags, task number

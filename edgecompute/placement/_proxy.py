@@ -67,6 +67,19 @@ def _exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+class _NotSent:
+    """What :meth:`WorkerExecutor.run_checked_blocking` returns when it sent nothing (a result
+    of ``run_checked`` may be None)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_SENT"
+
+
+_NOT_SENT = _NotSent()
+
+
 class _Call:
     __slots__ = ("ctx", "future")
 
@@ -342,8 +355,8 @@ class _Connection:
         finally:
             self.calls.pop(task, None)
 
-    def exchange(self, body: Any, deadline: float | None) -> Any:
-        """One ``run`` answered on this thread, blocking, with no event loop: for a synchronous
+    def exchange(self, kind: str, body: Any, deadline: float | None) -> Any:
+        """One ``run`` (or ``call``) answered on this thread, blocking, with no event loop: for a synchronous
         caller, while no running loop reads this connection. Returns the answer's body; raises
         the task's error, ``TimeoutError`` past ``deadline`` (the worker is left to the caller),
         ``EOFError`` when the worker is gone, ``BlockingIOError`` when the request could not be
@@ -354,7 +367,7 @@ class _Connection:
             sock.settimeout(None)  # not read by a loop: block in recv itself, one system call
         owed, self.owed = self.owed, None
         try:
-            send_packet(sock, *pack("run", task, body, self.arena, release=owed))
+            send_packet(sock, *pack(kind, task, body, self.arena, release=owed))
         except BlockingIOError:
             self.owed = owed  # nothing was sent
             raise
@@ -526,6 +539,9 @@ class WorkerExecutor:
         self.report: dict[str, Any] = hello
         self._closed = False
 
+    #: What :meth:`run_checked_blocking` returns when it sent nothing.
+    NOT_SENT: Any = _NOT_SENT
+
     def __repr__(self) -> str:
         python = self.placement.python or "this interpreter"
         where = "a sandboxed worker" if self.placement.kind == "sandbox" else "a worker process"
@@ -676,18 +692,31 @@ class WorkerExecutor:
                 slot.starting = None
 
     async def execute(self, request: Request, ctx: TaskContext) -> Response:
+        outputs, timings = await self._call("run", _body(request, ctx.deadline), ctx, request.id)
+        return Response(outputs) if timings is None else Response(outputs, timings=timings)
+
+    async def run_checked(self, payload: Any, ctx: TaskContext, label: str = "") -> Any:
+        """What the worker's executor's ``run_checked(payload, ctx)`` returns, for a host-side
+        executor that has already checked the request itself: ``payload`` (plain values that
+        pickle, such as the checked arrays and encoded params) goes to the worker as it is, the
+        worker builds no :class:`Request` and its executor checks nothing again, and the result
+        comes back as it is, copied out on arrival. ``label`` names the task in logs. Deadline,
+        cancellation and crashes as in :meth:`execute`."""
+        return await self._call("call", (payload, ctx.deadline), ctx, label)
+
+    async def _call(self, kind: str, body: Any, ctx: TaskContext, label: str) -> Any:
         connection = self._pick()
         if connection is None:
             connection = await self._ready()
-        task, future = connection.start("run", _body(request, ctx.deadline), ctx)
+        task, future = connection.start(kind, body, ctx)
         try:
-            outputs, timings = await future
+            return await future
         except asyncio.CancelledError:
             late = ctx.deadline is not None and time.monotonic() >= ctx.deadline
             if late or (self._kill_on_cancel and not connection.dead and task in connection.calls):
                 # past its deadline the task may be stuck where nothing can interrupt it (C code,
                 # a GPU kernel): kill the worker; its other tasks fail with ExecutorCrashed
-                log.warning("task %s of %r was %s: killing worker %s", request.id, self.name,
+                log.warning("task %s of %r was %s: killing worker %s", label, self.name,
                             "past its deadline" if late else "cancelled", connection.pid)
                 connection.killed_on_purpose = True
                 connection.kill()
@@ -698,7 +727,6 @@ class WorkerExecutor:
             raise
         finally:
             connection.calls.pop(task, None)
-        return Response(outputs) if timings is None else Response(outputs, timings=timings)
 
     def execute_blocking(self, request: Request, deadline: float | None = None) -> Response | None:
         """Run ``request`` from synchronous code on this thread, blocking until the answer, with
@@ -708,6 +736,19 @@ class WorkerExecutor:
         outside another running event loop: run it through :meth:`execute` then. Past
         ``deadline`` the worker is killed and ``TimeoutError`` raised; a worker that dies fails
         the call with ``ExecutorCrashed``."""
+        answer = self._call_blocking("run", _body(request, deadline), deadline, request.id)
+        if answer is _NOT_SENT:
+            return None
+        outputs, timings = answer
+        return Response(outputs) if timings is None else Response(outputs, timings=timings)
+
+    def run_checked_blocking(self, payload: Any, deadline: float | None = None, label: str = "") -> Any:
+        """:meth:`run_checked` as :meth:`execute_blocking` runs a request: on this thread, with
+        no event loop; :attr:`NOT_SENT` when no worker is idle outside another running event
+        loop (run it through :meth:`run_checked` then)."""
+        return self._call_blocking("call", (payload, deadline), deadline, label)
+
+    def _call_blocking(self, kind: str, body: Any, deadline: float | None, label: str) -> Any:
         try:
             here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -719,21 +760,19 @@ class WorkerExecutor:
                     and (connection.loop is None or connection.loop is here or not connection.loop.is_running())):
                 break
         else:
-            return None
+            return _NOT_SENT
         try:
-            outputs, timings = connection.exchange(_body(request, deadline), deadline)
+            return connection.exchange(kind, body, deadline)
         except BlockingIOError:
-            return None  # nothing was sent
+            return _NOT_SENT  # nothing was sent
         except TimeoutError:
-            log.warning("task %s of %r was past its deadline: killing worker %s", request.id, self.name,
-                        connection.pid)
+            log.warning("task %s of %r was past its deadline: killing worker %s", label, self.name, connection.pid)
             connection.killed_on_purpose = True
             self._bury_now(connection)
             raise
         except (EOFError, OSError) as exc:
             reason, error = self._bury_now(connection)
             raise error(reason) from exc
-        return Response(outputs) if timings is None else Response(outputs, timings=timings)
 
     def _bury_now(self, connection: _Connection) -> tuple[str, type[ExecutorError]]:
         """:meth:`_bury` for a synchronous caller: the worker is reaped on this thread and

@@ -18,6 +18,11 @@ request path has as few as the executor allows:
   (``add_reader``) and runs ``execute`` as a task; ``ctx.run_sync`` hops to a thread pool and back,
   as in process.
 
+A ``call`` (:meth:`WorkerExecutor.run_checked`) is a request that the host's own copy of the
+executor has already checked: its payload goes to the executor's ``run_checked(payload, ctx)``
+as it came, with no :class:`~edgecompute.Request` built and nothing checked again, on the same
+threads as a blocking call (a pool thread for an executor of coroutines).
+
 Chunks, progress and answers are sent straight from whichever thread has them: a packet of the
 socket is never split, so concurrent sends need no lock.
 """
@@ -152,6 +157,10 @@ class _Worker:
         self.stopped: asyncio.Future[None] = self.loop.create_future()
         self.pool = ThreadPool(max(4, os.cpu_count() or 1), name="edgecompute-worker")
         self.threaded = False
+        #: the executor's run_checked (see WorkerExecutor.run_checked), or None
+        self.checked: Callable[[Any, TaskContext], Any] | None = None
+        #: what a ``call``'s context names as its algorithm: the payload, not the layer, says which
+        self.unnamed = Algorithm("_")
         self.idle: list[None] = []  # one item per reader blocked in recv; list ops are atomic
         self.readers: list[threading.Thread] = []
         self.reading_on_loop = False
@@ -189,6 +198,9 @@ class _Worker:
         algorithms = list(registry.executors()[registry.names().index(name)].algorithms.values())
         self.algorithms = {a.name: a for a in algorithms}
         self.threaded = callable(getattr(executor, "blocking", None))
+        checked = getattr(executor, "run_checked", None)
+        self.checked = checked if callable(checked) else None
+        self.unnamed = Algorithm(name)
         self.hello({
             "protocol": VERSION,
             "executor": name,
@@ -227,8 +239,8 @@ class _Worker:
         view = memoryview(buffer)
         sock = self.sock
         idle = self.idle
+        idle.append(None)
         while True:
-            idle.append(None)
             try:
                 size, fds = receive(sock, buffer)
             except OSError:
@@ -239,7 +251,8 @@ class _Worker:
                 with contextlib.suppress(RuntimeError):  # the loop has closed: we are stopping
                     self.loop.call_soon_threadsafe(self.stop)
                 return
-            self.handle(view[:size], fds, on_loop=False)
+            if not self.handle(view[:size], fds, on_loop=False):
+                idle.append(None)
 
     def readable(self) -> None:
         """The loop's reader: one packet per call (the selector calls again while more wait)."""
@@ -256,15 +269,19 @@ class _Worker:
             return
         self.handle(self.view[:size], fds, on_loop=True)
 
-    def handle(self, frame: memoryview, fds: list[int], *, on_loop: bool) -> None:
+    def handle(self, frame: memoryview, fds: list[int], *, on_loop: bool) -> bool:
+        """Act on one message; True when a call ran on this (reader) thread, which then counted
+        itself idle again before it sent the answer (see :meth:`answer_and_finish`)."""
         try:
             # inputs stay where the host put them, in its segment mapped read-only here
             kind, task, body, segment = unpack(frame, self.attachments, copy=False, fds=fds, arena=self.arena)
         except ProtocolError:
             self.on_loop(self.stop, on_loop)
-            return
+            return False
+        if kind == "call":
+            return self.call(task, body, segment, on_loop)
         if kind == "run":
-            self.run(task, body, segment, on_loop)
+            return self.run(task, body, segment, on_loop)
         elif kind == "cancel":
             with self.cancel_lock:
                 ctx = self.contexts.get(task)
@@ -272,7 +289,7 @@ class _Worker:
                     if len(self.early_cancels) > 10_000:  # cancels of tasks that had already ended
                         self.early_cancels.clear()
                     self.early_cancels.add(task)
-                    return
+                    return False
                 ctx.cancelled = True  # what blocking code polls
             if ctx.asyncio_task is not None:
                 self.on_loop(self.cancel_task, on_loop, ctx)
@@ -282,6 +299,7 @@ class _Worker:
             self.on_loop(self.spawn, on_loop, self.health(task))
         elif kind == "close":
             self.on_loop(self.stop, on_loop)
+        return False
 
     def cancel_task(self, ctx: _Context) -> None:
         task = ctx.asyncio_task
@@ -309,7 +327,7 @@ class _Worker:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def run(self, task: int, body: Any, segment: int | None, on_loop: bool) -> None:
+    def run(self, task: int, body: Any, segment: int | None, on_loop: bool) -> bool:
         executor = self.executor
         assert executor is not None
         try:
@@ -323,7 +341,7 @@ class _Worker:
             call = blocking_call(executor, request) if self.threaded else None
         except Exception as exc:  # noqa: BLE001 - a request we cannot even start fails, we go on
             self.answer(pack("error", task, portable(exc), self.arena, release=segment))
-            return
+            return False
         ctx = _Context(self, task, request.id, found or Algorithm(bare), deadline)
         ctx.segment = segment
         with self.cancel_lock:
@@ -335,10 +353,64 @@ class _Worker:
             if not self.idle:
                 self.add_reader()  # the last free reader takes this call: someone must read meanwhile
             self.run_blocking(call, request, ctx)
-        elif on_loop:
+            return True
+        if on_loop:
             self.start_async(request, ctx)
         else:
             self.on_loop(self.start_async, False, request, ctx)
+        return False
+
+    def call(self, task: int, body: Any, segment: int | None, on_loop: bool) -> bool:
+        """A request the host's executor has checked: its payload goes to our executor's
+        ``run_checked`` as it came (no Request, no second check), and the result goes back as it is."""
+        checked = self.checked
+        try:
+            if isinstance(body, Unreadable):
+                raise ExecutorError(f"the worker cannot read this request: {body.error}")
+            if checked is None:
+                raise ExecutorError(f"executor {self.name!r} has no run_checked: send it requests")
+            payload, deadline = body
+        except Exception as exc:  # noqa: BLE001 - a request we cannot even start fails, we go on
+            self.answer(pack("error", task, portable(exc), self.arena, release=segment))
+            return False
+        ctx = _Context(self, task, "", self.unnamed, deadline)
+        ctx.segment = segment
+        with self.cancel_lock:
+            self.contexts[task] = ctx
+            if self.early_cancels and task in self.early_cancels:
+                self.early_cancels.discard(task)
+                ctx.cancelled = True
+        if on_loop:  # a coroutine executor: the loop reads, a pool thread runs the blocking call
+            self.start_coroutine(self.run_checked_async(checked, payload, ctx), ctx)
+            return False
+        if not self.idle:
+            self.add_reader()  # the last free reader takes this call: someone must read meanwhile
+        try:
+            answer: tuple[str, Any] = ("done", checked(payload, ctx))
+        except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
+            answer = ("error", portable(exc))
+        self.answer_and_finish(ctx, *answer, reader=True)
+        return True
+
+    async def run_checked_async(self, checked: Callable[[Any, TaskContext], Any], payload: Any,
+                                ctx: _Context) -> None:
+        try:
+            answer: tuple[str, Any] = ("done", await self.pool.submit(checked, payload, ctx))
+        except asyncio.CancelledError:
+            self.release(self.finish(ctx))  # the host stopped waiting: it wants no answer
+            return
+        except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
+            answer = ("error", portable(exc))
+        self.answer_and_finish(ctx, *answer)
+
+    def start_coroutine(self, coro: Any, ctx: _Context) -> None:
+        if ctx.cancelled:  # cancelled before it started
+            coro.close()
+            self.release(self.finish(ctx))
+            return
+        # no done callback (it would cost the loop a step per task): the coroutine finishes itself
+        ctx.asyncio_task = self.loop.create_task(coro)
+        self.tasks.add(ctx.asyncio_task)
 
     def start_async(self, request: Request, ctx: _Context) -> None:
         if ctx.cancelled:  # cancelled before it started
@@ -355,7 +427,7 @@ class _Worker:
             answer: tuple[str, Any] = ("done", (response.outputs, dict(response.timings) or None))
         except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
             answer = ("error", portable(exc))
-        self.answer_and_finish(ctx, *answer)
+        self.answer_and_finish(ctx, *answer, reader=True)
 
     async def run_async(self, request: Request, ctx: _Context) -> None:
         executor = self.executor
@@ -372,15 +444,22 @@ class _Worker:
             answer = ("error", portable(exc))
         self.answer_and_finish(ctx, *answer)
 
-    def answer_and_finish(self, ctx: _Context, kind: str, body: Any) -> None:
+    def answer_and_finish(self, ctx: _Context, kind: str, body: Any, *, reader: bool = False) -> None:
         """Send the task's answer, handing its input segment back in the same packet: the outputs
         are copied into our own segment first (they may view the input), and the host then wakes
-        once for both."""
+        once for both.
+
+        A ``reader`` thread that ran the call counts itself idle before it sends: the host's next
+        request may arrive before it is back in ``recv``, and the reader that takes it must not
+        find nobody idle and start yet another reader (they piled up, a dozen after a few thousand
+        calls, and each call then ran on the thread that had slept longest, its caches cold)."""
         segment = self.finish(ctx)
         try:
             packet = pack(kind, ctx._task, body, self.arena, release=segment)
         except BaseException as exc:  # noqa: BLE001 - outputs that do not pickle fail the task, not us
             packet = pack("error", ctx._task, portable(exc), self.arena, release=segment)
+        if reader:
+            self.idle.append(None)
         self.answer(packet)
 
     def finish(self, ctx: _Context) -> int | None:

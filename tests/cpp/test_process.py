@@ -120,13 +120,13 @@ async def test_a_lone_quick_task_waits_on_the_loop_and_still_honours_its_deadlin
 
     s, executor = isolated
     waited: list[bool] = []
-    blocking = WorkerExecutor.execute_blocking
+    blocking = WorkerExecutor.run_checked_blocking
 
-    def spy(self: WorkerExecutor, request: Request, deadline: float | None = None) -> object:
+    def spy(self: WorkerExecutor, payload: object, deadline: float | None = None, label: str = "") -> object:
         waited.append(True)
-        return blocking(self, request, deadline)
+        return blocking(self, payload, deadline, label)
 
-    WorkerExecutor.execute_blocking = spy  # type: ignore[method-assign,assignment]
+    WorkerExecutor.run_checked_blocking = spy  # type: ignore[method-assign]
     try:
         await s.run("cpp/testplug.spin", params={"ms": 0})  # the first goes through the loop
         assert waited == []
@@ -140,7 +140,7 @@ async def test_a_lone_quick_task_waits_on_the_loop_and_still_honours_its_deadlin
             await s.run("cpp/testplug.spin", params={"ms": 60_000}, timeout=0.5)
         assert waited == [True, True]
     finally:
-        WorkerExecutor.execute_blocking = blocking  # type: ignore[method-assign]
+        WorkerExecutor.run_checked_blocking = blocking  # type: ignore[method-assign]
     assert not alive(pid)
     assert (await s.run("cpp/testplug.echo", np.ones(3))).outputs.tolist() == [1.0, 1.0, 1.0]
     health = await executor.health()
@@ -380,3 +380,29 @@ def test_three_workers_used_through_a_scheduler_then_called_then_closed_from_ano
         assert executor.pids == [] and set(our_workers()) <= before
     finally:
         loop.close()
+
+
+def test_the_worker_runs_what_the_host_checked_as_it_was_checked(cpp: CppExecutor, testplug: Path) -> None:
+    """A worker's executor runs ``(algorithm, arrays, encoded params)`` as the host's check left
+    them (run_checked: no second check); only a worker's executor does, never a host's."""
+    from edgecompute import Algorithm, TaskContext
+
+    class Context(TaskContext):
+        __slots__ = ()
+
+        @property
+        def deadline(self) -> float | None:
+            return None
+
+    ctx = Context(Algorithm("sum"), ())
+    data = np.arange(10, dtype=np.float32)
+    assert cpp.run_checked(("sum", [(None, data)], b"{}"), ctx) == 45.0
+    blurred = cpp.run_checked(("gaussian_blur", [(None, data.reshape(2, 5))], b'{"sigma":1.5}'), ctx)
+    np.testing.assert_array_equal(blurred, cpp.call("gaussian_blur", data.reshape(2, 5), {"sigma": 1.5}))
+    host = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
+    try:
+        assert host.call("sum", data) == 45.0
+        with pytest.raises(ExecutorError, match="not on its host"):
+            host.run_checked(("sum", [(None, data)], b"{}"), ctx)
+    finally:
+        asyncio.run(host.aclose())

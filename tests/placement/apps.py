@@ -130,6 +130,14 @@ class Doubler(BlockingExecutor):
             return threading.current_thread().name
         return request.inputs * 2
 
+    def run_checked(self, payload: Any, ctx: TaskContext) -> Any:
+        """What a host-side executor's already checked payload becomes here (WorkerExecutor.run_checked)."""
+        if payload == "fail":
+            raise ValueError("failed as asked")
+        readers = sum(thread.name.startswith("edgecompute-reader-") for thread in threading.enumerate())
+        return {"payload": payload, "thread": threading.current_thread().name, "time_left": ctx.time_left(),
+                "readers": readers}
+
 
 @apps.algorithm(resources=Resources(cpu=0.1))
 async def aecho(inputs: Any) -> Any:
@@ -154,6 +162,9 @@ class Coroutines:
             pool = await ctx.run_sync(lambda: threading.current_thread().name)
             return Response({"loop": threading.current_thread().name, "run_sync": pool})
         return Response(request.inputs)
+
+    def run_checked(self, payload: Any, ctx: TaskContext) -> Any:
+        return {"payload": payload, "thread": threading.current_thread().name}
 
     async def health(self) -> Health:
         return Health()

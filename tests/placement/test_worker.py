@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from edgecompute import Placement, Registry, Request, Resources, Scheduler
+from edgecompute import Algorithm, Placement, Registry, Request, Resources, Scheduler, TaskContext
 from edgecompute.errors import TaskCancelled
 
 from .apps import Coroutines, Doubler, apps
@@ -161,3 +163,72 @@ def test_a_worker_dying_in_a_blocking_call_is_a_counted_crash() -> None:
         assert executor.pid is None and executor.supervisor.total_crashes == 1
     finally:
         asyncio.run(executor.aclose())
+
+
+class _Deadline(TaskContext):
+    """A task context with a deadline alone, as a host-side executor's own call has."""
+
+    __slots__ = ("_deadline",)
+
+    def __init__(self, deadline: float | None) -> None:
+        super().__init__(Algorithm("any"), ())
+        self._deadline = deadline
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+
+def test_a_checked_payload_runs_as_sent_on_the_reading_thread_and_comes_back_as_it_is() -> None:
+    """run_checked: the payload reaches the worker's executor's run_checked as it was sent (a 1 MiB
+    array through the segments), with the deadline; the result and the task's own error come back;
+    sequential calls keep the worker at its two reader threads."""
+    from edgecompute.placement import WorkerExecutor
+
+    executor = WorkerExecutor("doubler", Placement.process(), factory=Doubler)
+    try:
+        data = np.arange(1 << 18, dtype=np.float32)
+        for _ in range(300):
+            got = executor.run_checked_blocking(("blur", [(None, data)], b"{}"))
+            assert got is not executor.NOT_SENT
+            name, arrays, params = got["payload"]
+            assert (name, params, arrays[0][0]) == ("blur", b"{}", None)
+            np.testing.assert_array_equal(arrays[0][1], data)
+            assert got["thread"].startswith("edgecompute-reader-") and got["time_left"] is None
+            assert executor.execute_blocking(Request("doubler/double", 2)).outputs == 4  # type: ignore[union-attr]
+        assert executor.run_checked_blocking(0)["readers"] == 2  # none started for calls that came one at a time
+        with pytest.raises(ValueError, match="failed as asked"):
+            executor.run_checked_blocking("fail")
+        later = time.monotonic() + 60
+        assert 0 < executor.run_checked_blocking(1, later)["time_left"] <= 60
+
+        async def through_the_loop() -> Any:
+            return await executor.run_checked(2, _Deadline(None), "a label")
+
+        assert asyncio.run(through_the_loop())["payload"] == 2
+    finally:
+        asyncio.run(executor.aclose())
+    assert our_segments() == []
+
+
+def test_checked_payloads_on_coroutine_executors_and_executors_without_run_checked() -> None:
+    """A coroutine executor's run_checked runs on a pool thread of the worker (its loop reads);
+    an executor with no run_checked fails the call, typed, and serves on."""
+    from edgecompute.errors import ExecutorError
+    from edgecompute.placement import WorkerExecutor
+
+    async def call(executor: WorkerExecutor, payload: Any) -> Any:
+        return await executor.run_checked(payload, _Deadline(None))
+
+    coroutines = WorkerExecutor("coroutines", Placement.process(), factory=Coroutines)
+    plain = WorkerExecutor("apps", Placement.process(), factory=apps)
+    try:
+        got = asyncio.run(call(coroutines, [1, 2]))
+        assert got["payload"] == [1, 2] and not got["thread"].startswith("edgecompute-reader-")
+        assert got["thread"] != "MainThread"
+        with pytest.raises(ExecutorError, match="has no run_checked"):
+            plain.run_checked_blocking(1)
+        assert plain.execute_blocking(Request("apps/echo", 5)).outputs == 5  # type: ignore[union-attr]
+    finally:
+        asyncio.run(coroutines.aclose())
+        asyncio.run(plain.aclose())

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgecompute.context import TaskContext
-from edgecompute.errors import EdgeComputeError, ExecutorCrashed, InvalidRequest, PluginError, TaskTimeout
+from edgecompute.errors import (
+    EdgeComputeError,
+    ExecutorCrashed,
+    ExecutorError,
+    InvalidRequest,
+    PluginError,
+    TaskTimeout,
+)
 from edgecompute.models import Algorithm, Health, HealthStatus, Request, Resources, Response
 
 from . import __version__
@@ -436,7 +443,9 @@ class CppExecutor:
         key = size.bit_length()
         if self._remote is not None:
             self._called_last = False
-            return await self._execute_remote(entry, request, ctx, key)  # checked here, run there
+            # checked here, run there as checked: the worker checks nothing again
+            outputs = await self._execute_remote(entry, (entry.algorithm.name, arrays, params), ctx, key)
+            return Response(outputs)
         last = entry.fast.get(key)
         if last is not None and last < self._inline_s:
             outputs = self._run_inprocess(entry, arrays, params, None, key)  # cheaper than a thread hop
@@ -451,22 +460,24 @@ class CppExecutor:
             self._bound_outputs(entry, outputs)
         return Response(outputs[0][1] if len(outputs) == 1 else _shape_outputs(outputs))
 
-    async def _execute_remote(self, entry: _Entry, request: Request, ctx: TaskContext, key: int) -> Response:
+    async def _execute_remote(self, entry: _Entry, payload: tuple[str, Any, bytes], ctx: TaskContext,
+                              key: int) -> Any:
+        """The outputs of a checked request (``payload``: what :meth:`run_checked` takes), run by a worker."""
         remote = self._remote
         assert remote is not None
         start = time.perf_counter()
         try:
             last = entry.fast.get(key)
-            response = None
+            outputs: Any = remote.NOT_SENT
             if last is not None and last < self._block_s and ctx.running <= 1:
                 # alone, and quick last time: waiting on the loop costs less than the loop's turns
                 # (the loop has nothing else to run meanwhile), as a short in-process call runs on it
                 try:
-                    response = remote.execute_blocking(request, ctx.deadline)
+                    outputs = remote.run_checked_blocking(payload, ctx.deadline, entry.qualified)
                 except TimeoutError:
                     raise TaskTimeout(f"{entry.qualified} passed its deadline; its worker process was killed") from None
-            if response is None:
-                response = await remote.execute(request, ctx)
+            if outputs is remote.NOT_SENT:
+                outputs = await remote.run_checked(payload, ctx, entry.qualified)
         except BaseException as exc:
             self._record(entry, time.perf_counter() - start, exc)
             raise
@@ -474,7 +485,21 @@ class CppExecutor:
         # the estimate falls at once but at most doubles per call (see _run_inprocess)
         entry.fast[key] = elapsed if last is None else min(elapsed, 2 * last)
         self._record(entry, elapsed, None)
-        return response
+        return outputs
+
+    def run_checked(self, payload: tuple[str, Any, bytes], ctx: TaskContext) -> Any:
+        """The call of ``process`` isolation, in a worker process (see
+        ``WorkerExecutor.run_checked``): the host's executor has checked the request and sends
+        ``(algorithm, arrays, encoded params)`` as its check left them, so nothing is checked
+        again here (a plugin's outputs still are, against max_output_bytes, as only a run can)."""
+        if self._remote is not None:
+            raise ExecutorError("run_checked runs in the worker process of process isolation, not on its host")
+        name, arrays, params = payload
+        entry = self._lookup(name)
+        outputs = self._run_inprocess(entry, arrays, params, None, None)
+        if not entry.builtin:
+            self._bound_outputs(entry, outputs)
+        return _shape_outputs(outputs)
 
     def blocking(self, request: Request) -> Callable[[Request, TaskContext], Response] | None:
         """The in-process call as a plain function, for callers with a thread that may block.
@@ -501,25 +526,23 @@ class CppExecutor:
         entry = self._lookup(algorithm.rpartition("/")[2])
         arrays, encoded, _ = self._prepare(entry, inputs, params or {})
         if self._remote is not None:
-            request = Request(f"cpp/{entry.algorithm.name}", inputs, params or {})
             deadline = None if timeout is None else time.monotonic() + timeout
             self._called_last = True
-            return self._run_call(entry, request, deadline)
+            return self._run_call(entry, (entry.algorithm.name, arrays, encoded), deadline)
         outputs = self._run_inprocess(entry, arrays, encoded, None, None)
         if not entry.builtin:
             self._bound_outputs(entry, outputs)
         return _shape_outputs(outputs)
 
-    async def _call_remote(self, entry: _Entry, request: Request, deadline: float | None) -> Any:
+    async def _call_remote(self, entry: _Entry, payload: tuple[str, Any, bytes], deadline: float | None) -> Any:
         ctx = _CallContext(entry.algorithm, deadline)
         try:
-            response = await asyncio.wait_for(self._execute_remote(entry, request, ctx, -1),
-                                              None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(self._execute_remote(entry, payload, ctx, -1),
+                                          None if deadline is None else max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed") from None
-        return response.outputs
 
-    def _run_call(self, entry: _Entry, request: Request, deadline: float | None) -> Any:
+    def _run_call(self, entry: _Entry, payload: tuple[str, Any, bytes], deadline: float | None) -> Any:
         """A call of process isolation from synchronous code: the calling thread runs the
         executor's own event loop until the answer (no thread hop), or, where an event loop
         already runs on this thread, a helper thread does."""
@@ -528,7 +551,7 @@ class CppExecutor:
                 loop = self._calls_loop
                 if loop is None:
                     loop = self._calls_loop = asyncio.new_event_loop()
-                return loop.run_until_complete(self._call_remote(entry, request, deadline))
+                return loop.run_until_complete(self._call_remote(entry, payload, deadline))
 
         try:
             asyncio.get_running_loop()
@@ -539,7 +562,7 @@ class CppExecutor:
                 # the workers' loop is not running now: one packet out, one back, on this thread
                 start = time.perf_counter()
                 try:
-                    response = remote.execute_blocking(request, deadline)
+                    outputs = remote.run_checked_blocking(payload, deadline, entry.qualified)
                 except TimeoutError:
                     error = TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed")
                     self._record(entry, time.perf_counter() - start, error)
@@ -547,9 +570,9 @@ class CppExecutor:
                 except BaseException as exc:
                     self._record(entry, time.perf_counter() - start, exc)
                     raise
-                if response is not None:
+                if outputs is not remote.NOT_SENT:
                     self._record(entry, time.perf_counter() - start, None)
-                    return response.outputs
+                    return outputs
             return drive()
         result: list[Any] = []
         failure: list[BaseException] = []
