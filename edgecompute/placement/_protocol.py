@@ -25,7 +25,9 @@ use the frame of protocol 1 (:func:`encode`, :func:`decode`: a 4-byte length and
 ``hello`` carries :data:`VERSION` and a host refuses a worker that speaks another one. After them,
 messages use the compact frame of :func:`pack` and :func:`unpack`: a 10-byte header (kind, flags,
 task number) and the pickled body, one ``pickle.dumps`` and one ``pickle.loads`` per small message.
-A plain numpy array is pickled as its buffer, dtype string and shape (:func:`_reduce_array`).
+A plain numpy array is pickled as its buffer, dtype string and shape (:func:`_reduce_array`); a
+body that is nothing but one (the common answer) is not pickled at all: the frame holds its dtype
+string and shape, and its data in band or as a segment's one span.
 
 A packet is never split or merged, so several threads may send on one socket without a lock and
 several may block in ``recv`` on it: each gets whole messages (and the descriptors they carry), and
@@ -54,7 +56,8 @@ __all__ = ["INBAND_MAX", "KINDS", "MAX_MESSAGE", "OUT_OF_BAND", "VERSION", "Aren
 #: 2: one message per SOCK_SEQPACKET packet, compact frames after the handshake.
 #: 3: segments are memfds passed with the first frame that uses them, named by number.
 #: 4: plain numpy arrays travel as (buffer, dtype string, shape), rebuilt by _protocol._array.
-#: 5: ``call``, a request the host's executor has checked, for the worker's ``run_checked``.
+#: 5: ``call``, a request the host's executor has checked, for the worker's ``run_checked``; a
+#:    body that is one plain numpy array crosses as dtype, shape and data, without pickle.
 VERSION = 5
 #: Buffers at least this large cross through shared memory instead of the socket.
 OUT_OF_BAND = 64 * 1024
@@ -75,6 +78,8 @@ _SEGMENT = 1  # flags: the message has buffers in a segment
 _SPILLED = 2  # flags: the pickled body itself is the segment's last span
 _NEW = 4  # flags: the packet carries the segment's file descriptor (its first use)
 _RELEASES = 8  # flags: the packet hands back one of the receiver's segments (its number follows the header)
+_ARRAY = 16  # flags: the body is one plain numpy array: _ARRAY_HEAD, dtype string, shape, then its data
+_ARRAY_HEAD = struct.Struct("!BB")  # the dtype string's length, the number of dimensions
 MAX_FRAME = 1 << 30
 _ALIGN = 64
 _MIN_SEGMENT = 1 << 20
@@ -294,10 +299,16 @@ def decode(frame: bytes) -> tuple[str, str, Any]:
 
 
 def _array(buffer: Any, dtype: str, shape: tuple[int, ...]) -> Any:
-    """An array rebuilt from its buffer (see :func:`_reduce_array`)."""
-    import numpy
+    """An array rebuilt from its buffer (see :func:`_reduce_array`): writable when the buffer is."""
+    new = _new_array[0]
+    if new is None:
+        import numpy
 
-    return numpy.frombuffer(buffer, dtype).reshape(shape)
+        new = _new_array[0] = numpy.ndarray
+    return new(shape, dtype, buffer)
+
+
+_new_array: list[Any] = [None]  # numpy.ndarray, once an array arrives (the core does not import numpy)
 
 
 def _reduce_array(array: Any) -> Any:
@@ -322,12 +333,8 @@ class _Pickler(pickle.Pickler):
 
 
 def _dumps(body: Any, buffer_callback: Any) -> bytes:
-    if _ndarray[0] is None:
-        numpy = sys.modules.get("numpy")
-        if numpy is None:
-            return pickle.dumps(body, 5, buffer_callback=buffer_callback)
-        _ndarray[0] = numpy.ndarray
-        _Pickler.dispatch_table = {**copyreg.dispatch_table, numpy.ndarray: _reduce_array}
+    if _ndarray[0] is None and _numpy_array() is None:
+        return pickle.dumps(body, 5, buffer_callback=buffer_callback)
     out = io.BytesIO()
     _Pickler(out, 5, buffer_callback=buffer_callback).dump(body)
     return out.getvalue()
@@ -347,6 +354,9 @@ def pack(kind: str, task: int, body: Any, arena: Arena, *, release: int | None =
     (large ``bytes`` taken out of band, then the pickle itself moved to shared memory if need be).
     A segment starts with its table of spans, so the packet only names it, however many buffers.
     """
+    plain = _ndarray[0] or _numpy_array()
+    if type(body) is plain and body.dtype.kind in _PLAIN_KINDS and body.flags.c_contiguous:
+        return _pack_array(kind, task, body, arena, release)
     buffers: list[pickle.PickleBuffer] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -390,6 +400,65 @@ def pack(kind: str, task: int, body: Any, arena: Arena, *, release: int | None =
     return (head if spill else head + data), fd
 
 
+def _numpy_array() -> Any:
+    """numpy.ndarray once numpy is imported (by anyone), else None: the core does not import it."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return None
+    _ndarray[0] = numpy.ndarray
+    _Pickler.dispatch_table = {**copyreg.dispatch_table, numpy.ndarray: _reduce_array}
+    return numpy.ndarray
+
+
+def _pack_array(kind: str, task: int, array: Any, arena: Arena, release: int | None) -> tuple[bytes, int | None]:
+    """:func:`pack` of a body that is one plain C-contiguous array: no pickle either way."""
+    dtype = array.dtype.str.encode("ascii")
+    shape = array.shape
+    described = _ARRAY_HEAD.pack(len(dtype), len(shape)) + dtype + struct.pack(f"!{len(shape)}q", *shape)
+    returned = b"" if release is None else _ID.pack(release)
+    flags = _ARRAY | (0 if release is None else _RELEASES)
+    raw = pickle.PickleBuffer(array).raw()
+    nbytes = raw.nbytes
+    if nbytes < OUT_OF_BAND:
+        return _HEAD.pack(_CODES[kind], flags, task) + returned + described + raw.tobytes(), None
+    table = _aligned(_COUNT.size + _SPAN.size)
+    segment = arena.take(table + nbytes)
+    view = segment.view
+    _COUNT.pack_into(view, 0, 1)
+    _SPAN.pack_into(view, _COUNT.size, table, nbytes)
+    view[table:table + nbytes] = raw  # the one copy of the data
+    fd = None
+    flags |= _SEGMENT
+    if not segment.sent:  # see pack
+        segment.sent = True
+        fd = segment.fd
+        flags |= _NEW
+    return _HEAD.pack(_CODES[kind], flags, task) + returned + _ID.pack(segment.id) + described, fd
+
+
+def _unpack_array(frame: memoryview, at: int, data: Any) -> Any:
+    """The array a :func:`_pack_array` frame describes at ``at``, over ``data`` (None: the rest
+    of the frame, copied); :class:`Unreadable` when it does not describe one."""
+    try:
+        size, ndim = _ARRAY_HEAD.unpack_from(frame, at)
+        at += _ARRAY_HEAD.size
+        dtype = str(frame[at:at + size], "ascii")
+        shape = struct.unpack_from(f"!{ndim}q", frame, at + size)
+        if data is None:
+            data = bytearray(frame[at + size + 8 * ndim:])
+        new = _new_array[0]
+        if new is None:
+            import numpy
+
+            new = _new_array[0] = numpy.ndarray
+        array = new(shape, dtype, data)
+        if array.dtype.kind not in _PLAIN_KINDS or array.nbytes != len(data) or array.shape != shape:
+            raise ValueError(f"{array.dtype} of shape {shape} over {len(data)} bytes is no plain array")
+    except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
+        return Unreadable(exc)
+    return array
+
+
 def unpack(frame: memoryview, attachments: Attachments, *, copy: bool, fds: list[int] | None = None,
            arena: Arena | None = None) -> tuple[str, int, Any, int | None]:
     """``(kind, task, body, segment)`` of a compact frame received with ``fds``; the caller
@@ -417,7 +486,10 @@ def unpack(frame: memoryview, attachments: Attachments, *, copy: bool, fds: list
         if arena is not None:
             arena.give_back(returned)
     if not flags & _SEGMENT:
-        _close(fds)  # a peer that sends descriptors nobody asked for must not fill our table
+        if fds:
+            _close(fds)  # a peer that sends descriptors nobody asked for must not fill our table
+        if flags & _ARRAY:
+            return kind, task, _unpack_array(frame, start, None), None
         try:
             return kind, task, pickle.loads(frame[start:]), None
         except Exception as exc:  # noqa: BLE001 - reported to the task, not raised on the connection
@@ -429,16 +501,26 @@ def unpack(frame: memoryview, attachments: Attachments, *, copy: bool, fds: list
                 raise ProtocolError("a frame announced a segment and carried no descriptor")
             attachments.adopt(ident, fds.pop(0))
         view = attachments.view(ident)
-        count = _COUNT.unpack_from(view)[0]
-        spans = [_SPAN.unpack_from(view, _COUNT.size + _SPAN.size * index) for index in range(count)]
-        if any(offset + length > len(view) for offset, length in spans):
-            raise ProtocolError(f"segment {ident} holds spans past its end")
+        end = len(view)
+        spans = []
+        for index in range(_COUNT.unpack_from(view)[0]):
+            span = _SPAN.unpack_from(view, _COUNT.size + _SPAN.size * index)
+            if span[0] + span[1] > end:
+                raise ProtocolError(f"segment {ident} holds spans past its end")
+            spans.append(span)
     except ProtocolError:
         raise
     except Exception as exc:
         raise ProtocolError(f"bad segment in a frame: {type(exc).__name__}: {exc}") from exc
     finally:
-        _close(fds)
+        if fds:
+            _close(fds)
+    if flags & _ARRAY:
+        if len(spans) != 1:
+            return kind, task, Unreadable(ProtocolError(f"an array's frame names {len(spans)} spans")), ident
+        offset, length = spans[0]
+        held = bytearray(view[offset:offset + length]) if copy else view[offset:offset + length]
+        return kind, task, _unpack_array(frame, start + _ID.size, held), ident
     if flags & _SPILLED:
         offset, length = spans.pop()
         data: Any = view[offset:offset + length]

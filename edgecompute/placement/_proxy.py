@@ -395,11 +395,13 @@ class _Connection:
             if segment is not None:
                 # copied out: the worker may reuse it. Handed back with our next packet, not in
                 # one of its own: a packet less, and a wake-up of the worker less, per call
-                with contextlib.suppress(ExecutorCrashed):
-                    if self.owed is not None:  # send() hands an older one back first
+                if self.owed is None:
+                    self.owed = segment
+                else:  # send() hands an older one back first
+                    try:
                         self.send("release", 0, segment)
-                    else:
-                        self.owed = segment
+                    except ExecutorCrashed:
+                        pass
             if kind == "release":
                 self.arena.give_back(answer)
             elif got == task and kind in ("done", "error"):

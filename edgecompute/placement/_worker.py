@@ -82,7 +82,9 @@ class _Context(TaskContext):
 
     def __init__(self, worker: _Worker, task: int, request_id: str, algorithm: Algorithm,
                  deadline: float | None) -> None:
-        super().__init__(algorithm, ())
+        # TaskContext's two fields set here, without the call to its __init__: one a request
+        self.algorithm = algorithm
+        self.devices = ()
         #: what blocking code polls; set when the host cancels the call
         self.cancelled = False
         self._worker = worker

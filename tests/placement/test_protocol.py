@@ -277,3 +277,37 @@ def test_numpy_values_of_every_kind_cross_as_themselves(arena: Arena, copy: bool
         arena.give_back(segment)
     del body, got
     attachments.close()
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_body_that_is_one_plain_array_crosses_without_pickle(arena: Arena, copy: bool) -> None:
+    """The common answer, one plain array, crosses as dtype, shape and data (in band when small,
+    a segment's one span when large): no pickle opcode in the frame, the array equal, of its dtype;
+    read-only over a segment unless copied."""
+    attachments = Attachments()
+    for sent in (np.array(2.5), np.arange(6, dtype=">i2").reshape(2, 3), np.zeros((0, 4), np.uint8),
+                 np.array([True, False]), np.arange(3, dtype=np.complex64),
+                 np.arange(OUT_OF_BAND, dtype=np.float32).reshape(-1, 8)):
+        frame, fds = delivered(pack("done", 4, sent, arena, release=9))
+        assert b"\x80\x05" not in bytes(frame)  # pickle protocol 5's opening
+        kind, task, got, segment = unpack(frame, attachments, copy=copy, fds=fds)
+        assert (kind, task) == ("done", 4)
+        assert type(got) is np.ndarray and got.dtype == sent.dtype and got.shape == sent.shape
+        assert got.tobytes() == sent.tobytes()
+        assert got.flags.writeable == (copy or segment is None)
+        if segment is not None:
+            del got
+            arena.give_back(segment)
+    attachments.close()
+
+
+def test_a_frame_that_describes_no_plain_array_is_unreadable(arena: Arena) -> None:
+    """A peer's array frame is checked: an object dtype, or a shape its data does not fill, is an
+    Unreadable body (the task's failure), never an array over memory it does not cover."""
+    head = b"\x03\x10" + (5).to_bytes(8, "big")
+    for dtype, shape, data in ((b"|O", (2,), bytes(16)), (b"<f8", (4,), bytes(16)), (b"<f8", (1,), bytes(16)),
+                               (b"<f8", (-1,), bytes(8)), (b"nonsense", (1,), bytes(8))):
+        frame = head + bytes([len(dtype), len(shape)]) + dtype + b"".join(n.to_bytes(8, "big", signed=True)
+                                                                          for n in shape) + data
+        kind, task, body, segment = unpack(memoryview(frame), Attachments(), copy=True)
+        assert (kind, task, segment) == ("done", 5, None) and isinstance(body, Unreadable), (dtype, shape)

@@ -495,11 +495,14 @@ class CppExecutor:
         if self._remote is not None:
             raise ExecutorError("run_checked runs in the worker process of process isolation, not on its host")
         name, arrays, params = payload
-        entry = self._lookup(name)
-        outputs = self._run_inprocess(entry, arrays, params, None, None)
+        entry = (self._loaded or self._ensure()).entries.get(name) or self._lookup(name)
+        plugin = entry.plugin
+        assert plugin is not None and plugin.native is not None
+        # no metrics kept here: the host's, which time the whole round trip, are the ones reported
+        outputs = plugin.native.call(entry.native_name, arrays, params, None)
         if not entry.builtin:
             self._bound_outputs(entry, outputs)
-        return _shape_outputs(outputs)
+        return outputs[0][1] if len(outputs) == 1 else _shape_outputs(outputs)
 
     def blocking(self, request: Request) -> Callable[[Request, TaskContext], Response] | None:
         """The in-process call as a plain function, for callers with a thread that may block.
@@ -546,13 +549,6 @@ class CppExecutor:
         """A call of process isolation from synchronous code: the calling thread runs the
         executor's own event loop until the answer (no thread hop), or, where an event loop
         already runs on this thread, a helper thread does."""
-        def drive() -> Any:
-            with self._calls_lock:
-                loop = self._calls_loop
-                if loop is None:
-                    loop = self._calls_loop = asyncio.new_event_loop()
-                return loop.run_until_complete(self._call_remote(entry, payload, deadline))
-
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -573,13 +569,13 @@ class CppExecutor:
                 if outputs is not remote.NOT_SENT:
                     self._record(entry, time.perf_counter() - start, None)
                     return outputs
-            return drive()
+            return self._drive(entry, payload, deadline)
         result: list[Any] = []
         failure: list[BaseException] = []
 
         def on_a_thread() -> None:
             try:
-                result.append(drive())
+                result.append(self._drive(entry, payload, deadline))
             except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
                 failure.append(exc)
 
@@ -589,6 +585,14 @@ class CppExecutor:
         if failure:
             raise failure[0]
         return result[0]
+
+    def _drive(self, entry: _Entry, payload: tuple[str, Any, bytes], deadline: float | None) -> Any:
+        """The call through the executor's own event loop, run on this thread until the answer."""
+        with self._calls_lock:
+            loop = self._calls_loop
+            if loop is None:
+                loop = self._calls_loop = asyncio.new_event_loop()
+            return loop.run_until_complete(self._call_remote(entry, payload, deadline))
 
     def _bound_outputs(self, entry: _Entry, outputs: list[tuple[str, Any]]) -> None:
         """A plugin's outputs against max_output_bytes: the ABI lets the host bound them only
