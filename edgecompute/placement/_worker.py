@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import gc
 import os
 import pickle
 import signal
@@ -524,6 +525,10 @@ async def _main(fd: int) -> int:
         except Exception as exc:  # noqa: BLE001 - tell the host why, then stop
             worker.hello(f"{type(exc).__name__}: {exc}", kind="fail")
             return 1
+        # what the start built (modules, the executor, its plugins) lives as long as we do: out of
+        # the cyclic GC's scans, whose full collections would otherwise walk it every few
+        # thousand requests
+        gc.freeze()
         worker.start()
         await worker.stopped
     finally:

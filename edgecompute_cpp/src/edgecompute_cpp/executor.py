@@ -546,29 +546,29 @@ class CppExecutor:
             raise TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed") from None
 
     def _run_call(self, entry: _Entry, payload: tuple[str, Any, bytes], deadline: float | None) -> Any:
-        """A call of process isolation from synchronous code: the calling thread runs the
-        executor's own event loop until the answer (no thread hop), or, where an event loop
-        already runs on this thread, a helper thread does."""
+        """A call of process isolation from synchronous code: one packet out and one back on
+        this thread when a worker is idle and no other running event loop reads it (the common
+        case), else the executor's own event loop run until the answer, on this thread or, where
+        an event loop already runs on this thread, on a helper thread."""
+        remote = self._remote
+        assert remote is not None
+        with self._calls_lock:
+            start = time.perf_counter()
+            try:
+                outputs = remote.run_checked_blocking(payload, deadline, entry.qualified)
+            except TimeoutError:
+                error = TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed")
+                self._record(entry, time.perf_counter() - start, error)
+                raise error from None
+            except BaseException as exc:
+                self._record(entry, time.perf_counter() - start, exc)
+                raise
+            if outputs is not remote.NOT_SENT:
+                self._record(entry, time.perf_counter() - start, None)
+                return outputs
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            remote = self._remote
-            assert remote is not None
-            with self._calls_lock:
-                # the workers' loop is not running now: one packet out, one back, on this thread
-                start = time.perf_counter()
-                try:
-                    outputs = remote.run_checked_blocking(payload, deadline, entry.qualified)
-                except TimeoutError:
-                    error = TaskTimeout(f"{entry.qualified} passed its timeout; its worker process was killed")
-                    self._record(entry, time.perf_counter() - start, error)
-                    raise error from None
-                except BaseException as exc:
-                    self._record(entry, time.perf_counter() - start, exc)
-                    raise
-                if outputs is not remote.NOT_SENT:
-                    self._record(entry, time.perf_counter() - start, None)
-                    return outputs
             return self._drive(entry, payload, deadline)
         result: list[Any] = []
         failure: list[BaseException] = []
