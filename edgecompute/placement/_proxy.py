@@ -751,15 +751,13 @@ class WorkerExecutor:
         return self._call_blocking("call", (payload, deadline), deadline, label)
 
     def _call_blocking(self, kind: str, body: Any, deadline: float | None, label: str) -> Any:
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
         for slot in self._slots:
             connection = slot.connection
             # idle: no answer of another call can arrive while this one reads the socket
-            if (connection is not None and not connection.dead and not connection.calls and not connection.pending
-                    and (connection.loop is None or connection.loop is here or not connection.loop.is_running())):
+            if connection is None or connection.dead or connection.calls or connection.pending:
+                continue
+            loop = connection.loop  # and no other running loop reads it
+            if loop is None or not loop.is_running() or loop is _running_loop():
                 break
         else:
             return _NOT_SENT
@@ -908,6 +906,13 @@ class WorkerExecutor:
         connection = self._slots[index].connection
         if connection is not None:
             connection.kill()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _body(request: Request, deadline: float | None) -> tuple[Any, ...]:

@@ -389,10 +389,10 @@ class _Worker:
         if not self.idle:
             self.add_reader()  # the last free reader takes this call: someone must read meanwhile
         try:
-            answer: tuple[str, Any] = ("done", checked(payload, ctx))
+            kind, result = "done", checked(payload, ctx)
         except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
-            answer = ("error", portable(exc))
-        self.answer_and_finish(ctx, *answer, reader=True)
+            kind, result = "error", portable(exc)
+        self.answer_and_finish(ctx, kind, result, reader=True)
         return True
 
     async def run_checked_async(self, checked: Callable[[Any, TaskContext], Any], payload: Any,
