@@ -383,8 +383,9 @@ def test_three_workers_used_through_a_scheduler_then_called_then_closed_from_ano
 
 
 def test_the_worker_runs_what_the_host_checked_as_it_was_checked(cpp: CppExecutor, testplug: Path) -> None:
-    """A worker's executor runs ``(algorithm, arrays, encoded params)`` as the host's check left
-    them (run_checked: no second check); only a worker's executor does, never a host's."""
+    """A worker's executor runs ``(algorithm, [(name, dtype, shape, buffer)], encoded params)`` as
+    the host's check left them (run_checked: no second check); only a worker's executor does,
+    never a host's."""
     from edgecompute import Algorithm, TaskContext
 
     class Context(TaskContext):
@@ -396,13 +397,15 @@ def test_the_worker_runs_what_the_host_checked_as_it_was_checked(cpp: CppExecuto
 
     ctx = Context(Algorithm("sum"), ())
     data = np.arange(10, dtype=np.float32)
-    assert cpp.run_checked(("sum", [(None, data)], b"{}"), ctx) == 45.0
-    blurred = cpp.run_checked(("gaussian_blur", [(None, data.reshape(2, 5))], b'{"sigma":1.5}'), ctx)
+    assert cpp.run_checked(("sum", [(None, "<f4", (10,), data.tobytes())], b"{}"), ctx) == 45.0
+    image = [(None, "<f4", (2, 5), bytearray(data.tobytes()))]
+    blurred = cpp.run_checked(("gaussian_blur", image, b'{"sigma":1.5}'), ctx)
     np.testing.assert_array_equal(blurred, cpp.call("gaussian_blur", data.reshape(2, 5), {"sigma": 1.5}))
     host = CppExecutor({"isolation": "process", "workers": 1, "plugins": [str(testplug)]})
     try:
         assert host.call("sum", data) == 45.0
+        assert host.call("sum", data[::2]) == 20.0  # not contiguous: checked into a contiguous copy first
         with pytest.raises(ExecutorError, match="not on its host"):
-            host.run_checked(("sum", [(None, data)], b"{}"), ctx)
+            host.run_checked(("sum", [(None, "<f4", (10,), data.tobytes())], b"{}"), ctx)
     finally:
         asyncio.run(host.aclose())

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
 from edgecompute.context import TaskContext
@@ -444,7 +445,7 @@ class CppExecutor:
         if self._remote is not None:
             self._called_last = False
             # checked here, run there as checked: the worker checks nothing again
-            outputs = await self._execute_remote(entry, (entry.algorithm.name, arrays, params), ctx, key)
+            outputs = await self._execute_remote(entry, _checked_payload(entry, arrays, params), ctx, key)
             return Response(outputs)
         last = entry.fast.get(key)
         if last is not None and last < self._inline_s:
@@ -490,12 +491,17 @@ class CppExecutor:
     def run_checked(self, payload: tuple[str, Any, bytes], ctx: TaskContext) -> Any:
         """The call of ``process`` isolation, in a worker process (see
         ``WorkerExecutor.run_checked``): the host's executor has checked the request and sends
-        ``(algorithm, arrays, encoded params)`` as its check left them, so nothing is checked
-        again here (a plugin's outputs still are, against max_output_bytes, as only a run can)."""
+        ``(algorithm, [(input name or None, dtype string, shape, buffer)], encoded params)`` as
+        its check left them, so nothing is checked again here (a plugin's outputs still are,
+        against max_output_bytes, as only a run can)."""
         if self._remote is not None:
             raise ExecutorError("run_checked runs in the worker process of process isolation, not on its host")
-        name, arrays, params = payload
+        name, inputs, params = payload
         entry = (self._loaded or self._ensure()).entries.get(name) or self._lookup(name)
+        if _native_module is None:
+            _native()  # sets np_ndarray
+        new = np_ndarray
+        arrays = [(label, new(shape, dtype, buffer)) for label, dtype, shape, buffer in inputs]
         plugin = entry.plugin
         assert plugin is not None and plugin.native is not None
         # no metrics kept here: the host's, which time the whole round trip, are the ones reported
@@ -531,7 +537,7 @@ class CppExecutor:
         if self._remote is not None:
             deadline = None if timeout is None else time.monotonic() + timeout
             self._called_last = True
-            return self._run_call(entry, (entry.algorithm.name, arrays, encoded), deadline)
+            return self._run_call(entry, _checked_payload(entry, arrays, encoded), deadline)
         outputs = self._run_inprocess(entry, arrays, encoded, None, None)
         if not entry.builtin:
             self._bound_outputs(entry, outputs)
@@ -754,6 +760,13 @@ def _native() -> Any:
         np_ndarray = numpy.ndarray
         _native_module = module
     return _native_module
+
+
+def _checked_payload(entry: _Entry, arrays: Any, params: bytes) -> tuple[str, Any, bytes]:
+    """What :meth:`CppExecutor.run_checked` takes: the checked arrays as dtype string, shape and
+    buffer (pickled without numpy's reduction or ours: the cheapest way across, both ways)."""
+    return entry.algorithm.name, [(label, array.dtype.str, array.shape, PickleBuffer(array))
+                                  for label, array in arrays], params
 
 
 def _shape_outputs(outputs: list[tuple[str, Any]]) -> Any:
