@@ -242,11 +242,13 @@ class _Connection:
         self.reading = False
 
     def send(self, kind: str, task: int, body: Any) -> None:
-        owed = self.owed
-        if owed is not None:  # a segment a blocking exchange still owes the worker goes first
-            self.owed = None
-            self.send("release", 0, owed)
-        packet = pack(kind, task, body, self.arena)
+        # a segment of the worker's that we copied out and still owe it goes back in this packet
+        owed, self.owed = self.owed, None
+        try:
+            packet = pack(kind, task, body, self.arena, release=owed)
+        except BaseException:
+            self.owed = owed
+            raise
         if self.loop is None:  # not attached yet: the socket still blocks (with the start timeout)
             send_packet(self.sock, *packet)
             return
@@ -299,9 +301,12 @@ class _Connection:
             except ProtocolError:
                 log.warning("worker %s of %r broke the protocol; dropping it", self.pid, self.name)
                 break
-            if segment is not None:
-                with contextlib.suppress(ExecutorCrashed):
-                    self.send("release", 0, segment)  # decoded with copy=True: it is free again
+            if segment is not None:  # decoded with copy=True: it is free again
+                if self.owed is None:
+                    self.owed = segment  # handed back with our next packet (a wake-up of the worker less)
+                else:
+                    with contextlib.suppress(ExecutorCrashed):
+                        self.send("release", 0, segment)  # hands the older one back too
             self._dispatch(kind, task, body)
             if kind != "release" or not self.reading:
                 return
