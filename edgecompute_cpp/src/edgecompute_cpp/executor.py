@@ -477,14 +477,21 @@ class CppExecutor:
                     outputs = remote.run_checked_blocking(payload, ctx.deadline, entry.qualified)
                 except TimeoutError:
                     raise TaskTimeout(f"{entry.qualified} passed its deadline; its worker process was killed") from None
-            if outputs is remote.NOT_SENT:
+            through_loop = outputs is remote.NOT_SENT
+            if through_loop:
                 outputs = await remote.run_checked(payload, ctx, entry.qualified)
         except BaseException as exc:
             self._record(entry, time.perf_counter() - start, exc)
             raise
         elapsed = time.perf_counter() - start
-        # the estimate falls at once but at most doubles per call (see _run_inprocess)
-        entry.fast[key] = elapsed if last is None else min(elapsed, 2 * last)
+        if last is None or not through_loop:
+            # the estimate falls at once but at most doubles per call (see _run_inprocess)
+            entry.fast[key] = elapsed if last is None else min(elapsed, 2 * last)
+        elif elapsed < last:
+            # through the loop it may only fall: that time holds the loop's turns and, in a burst,
+            # the wait for the worker, neither of which a lone blocking call pays (a burst raised
+            # it past block_below_us, and the lone tasks after it then all took the slower way)
+            entry.fast[key] = elapsed
         self._record(entry, elapsed, None)
         return outputs
 
