@@ -347,11 +347,7 @@ class _Worker:
             return False
         ctx = _Context(self, task, request.id, found or Algorithm(bare), deadline)
         ctx.segment = segment
-        with self.cancel_lock:
-            self.contexts[task] = ctx
-            if self.early_cancels and task in self.early_cancels:
-                self.early_cancels.discard(task)
-                ctx.cancelled = True
+        self.track(ctx)
         if call is not None and not on_loop:
             if not self.idle:
                 self.add_reader()  # the last free reader takes this call: someone must read meanwhile
@@ -378,11 +374,7 @@ class _Worker:
             return False
         ctx = _Context(self, task, "", self.unnamed, deadline)
         ctx.segment = segment
-        with self.cancel_lock:
-            self.contexts[task] = ctx
-            if self.early_cancels and task in self.early_cancels:
-                self.early_cancels.discard(task)
-                ctx.cancelled = True
+        self.track(ctx)
         if on_loop:  # a coroutine executor: the loop reads, a pool thread runs the blocking call
             self.start_coroutine(self.run_checked_async(checked, payload, ctx), ctx)
             return False
@@ -414,6 +406,16 @@ class _Worker:
         # no done callback (it would cost the loop a step per task): the coroutine finishes itself
         ctx.asyncio_task = self.loop.create_task(coro)
         self.tasks.add(ctx.asyncio_task)
+
+    def track(self, ctx: _Context) -> None:
+        """Hold the task's context until it ends; a cancel that came first (read by another
+        reader thread) marks it at once."""
+        task = ctx._task
+        with self.cancel_lock:
+            self.contexts[task] = ctx
+            if self.early_cancels and task in self.early_cancels:
+                self.early_cancels.discard(task)
+                ctx.cancelled = True
 
     def start_async(self, request: Request, ctx: _Context) -> None:
         if ctx.cancelled:  # cancelled before it started
