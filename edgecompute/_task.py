@@ -120,10 +120,12 @@ class Attempt(TaskContext):
         else:
             record.host.call_soon_threadsafe(record.set_progress, fraction)
 
-    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        # the pool's future itself, not a coroutine awaiting it: a burst of blocking tasks waits
+        # here by the thousand, and a coroutine each was one more object for the cyclic GC to walk
         future = self.record.host.threads.submit(fn, *args, on_done=self.thread_finished)
         self.threads_open += 1  # after submit: a pool that refuses the call leaves nothing to wait for
-        return await future
+        return future
 
     def thread_finished(self) -> None:
         self.threads_open -= 1

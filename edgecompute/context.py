@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from .models import Algorithm
@@ -71,8 +71,8 @@ class TaskContext:
         """Report progress as a fraction (``done`` alone, 0..1) or as ``done`` of ``total``."""
         raise NotImplementedError
 
-    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking ``fn(*args)`` on a worker thread.
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """Run blocking ``fn(*args)`` on a worker thread: ``await ctx.run_sync(fn, *args)``.
 
         If the task is cancelled meanwhile, the caller sees the cancellation at once; the thread
         runs to its end and the task's resources stay reserved until it does, so the pool never

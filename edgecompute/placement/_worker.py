@@ -123,10 +123,10 @@ class _Context(TaskContext):
         fraction = done / total if total else done
         self._worker.send("progress", self._task, float(fraction))
 
-    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_sync(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         # a thread runs to its end even when the task is cancelled meanwhile; nothing here waits
         # for it: the host's scheduler keeps the task's resources until the worker answers or dies
-        return await self._worker.pool.submit(fn, *args)
+        return self._worker.pool.submit(fn, *args)
 
 
 def portable(exc: BaseException) -> BaseException:
