@@ -418,12 +418,7 @@ class _Worker:
                 ctx.cancelled = True
 
     def start_async(self, request: Request, ctx: _Context) -> None:
-        if ctx.cancelled:  # cancelled before it started
-            self.release(self.finish(ctx))
-            return
-        # no done callback (it would cost the loop a step per task): run_async finishes itself
-        ctx.asyncio_task = self.loop.create_task(self.run_async(request, ctx))
-        self.tasks.add(ctx.asyncio_task)
+        self.start_coroutine(self.run_async(request, ctx), ctx)
 
     def run_blocking(self, call: Callable[[Request, TaskContext], Any], request: Request, ctx: _Context) -> None:
         try:
