@@ -11,7 +11,7 @@ from pathlib import Path
 import edgecompute_ml
 
 PACKAGE = Path(edgecompute_ml.__file__).parent
-SUBPACKAGES = ("_architectures", "_formats", "_preprocessing", "_runtime", "_tasks")
+SUBPACKAGES = ("_architectures", "_formats", "_kernels", "_preprocessing", "_runtime", "_tasks")
 
 
 def test_importing_the_package_loads_neither_torch_nor_its_internals():

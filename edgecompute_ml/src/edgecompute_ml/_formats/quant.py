@@ -1,5 +1,6 @@
 """Weight-only quantized linear layers: weights stay packed (4 or 8 bits) and are multiplied by
-torch's CPU weight-packed kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``).
+this package's own 4-bit kernel (``_kernels/q4.cpp``) or torch's CPU weight-packed kernels
+(``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``).
 
 Two forms, chosen per tensor:
 
@@ -14,9 +15,18 @@ Two forms, chosen per tensor:
 ``dtype = "int4"`` quantizes a float checkpoint's linear weights to the ``q4`` form
 (:func:`quantize_q4`: each group's minimum and maximum span the 16 codes, as GGUF's Q4_1 does).
 
-Both kernels take bfloat16 activations (their float32 paths are scalar code, 10-50x slower here;
-measured in docs/ml.md), so a quantized matmul rounds its input to bfloat16 and accumulates in
-float32; everything outside the matmul stays in the model's dtype.
+A ``q4`` weight is held in one of two layouts, never both:
+
+- **native** (where ``_kernels/build.load_q4`` compiled and loaded the kernel): codes [N, K/2] with
+  group ``g`` of a row at bytes 16g..16g+15, byte ``j`` holding values ``j`` and ``16 + j`` (GGUF's
+  own order), scales and ``low = offset - 8 * scale`` in float16 [N, K/32] (``low`` absent for
+  offsets of zero: Q4_0). The kernel quantizes each activation row to int8 per 32 (as llama.cpp
+  does), takes the integer dot with AVX-512 VNNI (or AVX2) and returns float32. Where float16
+  does not hold a file's scales exactly (Q4_K's products), a weight looked up by row also keeps
+  them in float32 for its rows.
+- **torch's int4 packing** otherwise (the fallback). Its kernel takes bfloat16 activations (its
+  float32 path is scalar code, 10-50x slower here; measured in docs/ml.md), so the input is
+  rounded to bfloat16; the int8 kernel likewise.
 
 Loaders produce *unpacked* forms (:class:`Q4Codes`, :class:`Int8Codes`) so that a model can fuse
 q/k/v or gate/up before packing (:func:`fuse`); :func:`prepare` packs one weight. The unpacked forms
@@ -31,6 +41,8 @@ from typing import Any
 import attrs
 import torch
 import torch.nn.functional as F
+
+from .._kernels import build as kernels
 
 __all__ = ["GROUP", "Int8Codes", "Q4Codes", "QuantizedLinear", "embedding", "fuse", "linear", "logits", "prepare",
            "quantize_int8", "quantize_q4", "tensor_bytes"]
@@ -123,10 +135,12 @@ def quantize_q4(w: torch.Tensor, chunk: int = 4096) -> Q4Codes:
 class QuantizedLinear:
     """A packed weight [N, K] and the kernel that multiplies by it."""
 
-    __slots__ = ("_pad", "kind", "packed", "row_codes", "row_group_scale", "row_offset", "row_scale", "scales",
-                 "shape")
+    __slots__ = ("_pad", "kind", "low", "native", "packed", "row_codes", "row_group_scale", "row_offset", "row_scale",
+                 "scales", "shape")
     _pad: int
     kind: str  # "q4" or "int8"
+    native: bool  # q4 in this package's own layout, multiplied by _kernels/q4.cpp (see __doc__)
+    low: torch.Tensor | None  # native q4: offset - 8 * scale in float16, None where the offsets are 0
     packed: torch.Tensor
     row_scale: torch.Tensor | None  # int8: the kernel's per-row scales in float32
     # exact rows of a weight looked up by row (prepare(..., rows=True)) where the kernel's form is
@@ -145,9 +159,19 @@ class QuantizedLinear:
         self.row_offset: torch.Tensor | None = None
         self.row_codes: torch.Tensor | None = None
         self.row_group_scale: torch.Tensor | None = None
-        if isinstance(codes, Q4Codes):
-            if k % GROUP:
-                raise ValueError(f"a 4-bit weight needs whole groups of {GROUP} inputs, not {k}")
+        self.native = False
+        self.low = None
+        if isinstance(codes, Q4Codes) and k % GROUP:
+            raise ValueError(f"a 4-bit weight needs whole groups of {GROUP} inputs, not {k}")
+        if isinstance(codes, Q4Codes) and _native_q4(codes):
+            self.kind = "q4"
+            self.native = True
+            self._pad = 0
+            self.packed, self.scales, self.low, held = _pack_native(codes)
+            if rows and not held:  # the file's own scales, for exact rows
+                self.row_group_scale = codes.scale.float().contiguous()
+                self.row_offset = codes.offset.float().contiguous() if bool(codes.offset.any()) else None
+        elif isinstance(codes, Q4Codes):
             # a weight looked up by row is padded to the packer's 64-row blocks, whose layout
             # _q4_row_layout has checked (one code of a row every 32 bytes)
             pad = -n % (_BLOCK if rows else _ROWS)
@@ -181,8 +205,12 @@ class QuantizedLinear:
             # many rows (a Whisper window, a long prompt): the kernel's cost grows with rows, a float
             # GEMM's far less; the weight is dequantised for this one product (measured in docs/ml.md)
             return F.linear(x, (self.packed.to(x.dtype) * self.row_scale[:, None].to(x.dtype)), bias)
-        flat = x.reshape(-1, k).to(_ACT)
         y: torch.Tensor
+        if self.native:
+            y = torch.ops.edgecompute_ml.q4_linear(x.reshape(-1, k).float(), self.packed, self.scales, self.low)
+            y = y.to(x.dtype).view(*x.shape[:-1], n)
+            return y if bias is None else y + bias
+        flat = x.reshape(-1, k).to(_ACT)
         if self.kind == "q4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
             if self._pad:
@@ -194,8 +222,8 @@ class QuantizedLinear:
 
     @property
     def looked_up(self) -> bool:
-        """Whether :meth:`rows` can read this weight's rows (int8, or prepared with ``rows``)."""
-        return self.row_scale is not None or self.row_group_scale is not None
+        """Whether :meth:`rows` can read this weight's rows (int8, native q4, or prepared with ``rows``)."""
+        return self.native or self.row_scale is not None or self.row_group_scale is not None
 
     def logits(self, x: torch.Tensor, exact: int = 32) -> torch.Tensor:
         """``self(x)`` in float32, with each row's ``exact`` largest outputs recomputed from the
@@ -222,6 +250,8 @@ class QuantizedLinear:
             if self.row_scale is None:
                 raise TypeError("this weight is not looked up by row")
             return self.packed[ids].float() * self.row_scale[ids, None]
+        if self.native:
+            return self._native_rows(ids)
         scale = self.row_group_scale
         if scale is None:
             raise TypeError("this weight is not looked up by row")
@@ -234,6 +264,21 @@ class QuantizedLinear:
             w = w + self.row_offset[ids, :, None]
         return w.view(-1, k)
 
+    def _native_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        k = self.shape[1]
+        b = self.packed[ids].view(-1, k // GROUP, GROUP // 2)  # byte j: values j and 16 + j of a group
+        q = torch.cat([b & 0x0F, b >> 4], dim=-1).float() - 8.0
+        offset: torch.Tensor | None
+        if self.row_group_scale is not None:
+            scale, offset = self.row_group_scale[ids], (None if self.row_offset is None else self.row_offset[ids])
+        else:  # float16 holds the file's scales exactly (checked when packed): offset computed as then
+            scale = self.scales[ids].float()
+            offset = None if self.low is None else self.low[ids].float() + 8.0 * scale
+        w = q * scale[..., None]
+        if offset is not None:
+            w = w + offset[..., None]
+        return w.view(-1, k)
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``F.embedding(ids, W)`` of a weight packed for lookups (``prepare(..., rows=True)``)."""
         return self._exact_rows(ids.reshape(-1)).to(dtype).view(*ids.shape, self.shape[1])
@@ -241,7 +286,7 @@ class QuantizedLinear:
     @property
     def nbytes(self) -> int:
         total = self.packed.numel() * self.packed.element_size() + self.scales.numel() * self.scales.element_size()
-        for extra in (self.row_scale, self.row_codes, self.row_group_scale, self.row_offset):
+        for extra in (self.low, self.row_scale, self.row_codes, self.row_group_scale, self.row_offset):
             if extra is not None:
                 total += extra.numel() * extra.element_size()
         return total
@@ -285,11 +330,39 @@ def prepare(w: Any, *, rows: bool = False) -> Any:
     """The weight a model multiplies by: float tensors as they are, unpacked codes packed. With
     ``rows`` (a weight also looked up by row: the token embeddings), 4-bit codes stay 4-bit where
     this torch's packed layout is the one :meth:`QuantizedLinear.rows` reads, else become int8."""
-    if isinstance(w, Q4Codes) and rows and not _q4_row_layout():
+    if isinstance(w, Q4Codes) and rows and not _native_q4(w) and not _q4_row_layout():
         return QuantizedLinear(_to_int8(w), rows=True)
     if isinstance(w, (Q4Codes, Int8Codes)):
         return QuantizedLinear(w, rows=rows)
     return w
+
+
+def _native_q4(codes: Q4Codes) -> bool:
+    """Whether ``codes`` go to this package's kernel: it is loaded (compiled at the first call) and
+    float16 holds the scales and offsets (finite)."""
+    if not kernels.load_q4():
+        return False
+    low = codes.offset.float() - 8.0 * codes.scale.float()
+    return bool(torch.isfinite(codes.scale.to(torch.float16)).all() and torch.isfinite(low.to(torch.float16)).all())
+
+
+def _pack_native(codes: Q4Codes, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """The native layout (see __doc__): codes [N, K/2], scale and low float16 [N, K/32] (low None
+    where every offset is 0), and whether float16 holds the scales exactly (``(q - 8) * scale +
+    offset`` computed from them equals the file's to the bit). Rows in chunks: small transients."""
+    n, k = codes.shape
+    packed = torch.empty((n, k // 2), dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        c = codes.codes[start:start + chunk].view(-1, k // GROUP, 2, GROUP // 2)
+        packed[start:start + chunk] = (c[:, :, 0] | (c[:, :, 1] << 4)).view(-1, k // 2)
+    scale32, offset32 = codes.scale.float(), codes.offset.float()
+    scale = scale32.to(torch.float16).contiguous()
+    exact = torch.equal(scale.float(), scale32)
+    low = None
+    if bool(offset32.any()):
+        low = (offset32 - 8.0 * scale32).to(torch.float16).contiguous()
+        exact = exact and torch.equal(low.float() + 8.0 * scale.float(), offset32)
+    return packed, scale, low, exact
 
 
 _LAYOUT: list[bool] = []

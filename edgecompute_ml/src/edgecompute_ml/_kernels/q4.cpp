@@ -1,0 +1,359 @@
+// The q4 weight-only matmul of edgecompute_ml (_formats/quant.py, form "q4"):
+//   y[m, n] = sum_k x[m, k] * w[n, k],  w[n, 32g + i] = q * scale[n, g] + low[n, g],  q in 0..15
+// with each activation row quantized to int8 per block of 32 (one float32 scale a block, as
+// llama.cpp's Q8 activations), the integer dot of codes and activations exact in int32
+// (AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw), then scaled in float32.
+//
+// Weight layout (built by quant.py): codes uint8 [N, K/2], group g of row n at bytes 16g..16g+15,
+// byte j holding value j (low nibble) and value 16 + j (high nibble): GGUF Q4_0/Q4_1's own order.
+// scale and low are float16 [N, K/32]; low may be absent (undefined tensor): then low = -8 * scale
+// (GGUF Q4_0).
+//
+// The instruction set is chosen once at load from the CPU (per-function target attributes: the
+// library is compiled without -march, so loading it on an older CPU is safe). Threads: ATen's
+// intra-op pool (at::parallel_for, OpenMP in torch's CPU wheels).
+
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kChunk = 4;       // groups per step of the inner loop (64 bytes of codes)
+constexpr int64_t kRowsAtOnce = 4;  // activation rows sharing one pass over a weight row
+
+enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+int64_t detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma")) {
+    return kAvx512Vnni;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return kAvx2;
+  }
+  return kNone;
+}
+
+const int64_t kBestIsa = detect_isa();
+int64_t g_isa = kBestIsa;
+
+// One activation row quantized, padded with zero groups to a multiple of 16 groups: per chunk of 4
+// groups, 64 bytes of the groups' first 16 values then 64 bytes of their last 16 (the order of the
+// codes' low and high nibbles); per group its scale and its scale * sum of codes (the low term).
+struct Act {
+  const int8_t* q;
+  const float* scale;
+  const float* sums;
+};
+
+constexpr int64_t kPadGroups = 16;
+
+int64_t padded_groups(int64_t groups) { return (groups + kPadGroups - 1) / kPadGroups * kPadGroups; }
+
+void quantize_row(const float* x, int64_t groups, int8_t* q, float* scale, float* sums) {
+  const int64_t padded = padded_groups(groups);
+  std::memset(q + groups / kChunk * 128, 0, static_cast<size_t>((padded - groups / kChunk * kChunk) * kGroup));
+  std::fill(scale + groups, scale + padded, 0.0f);
+  std::fill(sums + groups, sums + padded, 0.0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* v = x + g * kGroup;
+    float amax = 0.0f;
+    for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float d = amax / 127.0f;
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    int8_t* lo = q + g / kChunk * 128 + g % kChunk * 16;
+    int8_t* hi = lo + 64;
+    int32_t total = 0;
+    for (int i = 0; i < 16; ++i) {
+      // nearbyint: round half to even (the default rounding mode), as torch.round and vcvtps2dq
+      const int32_t a = static_cast<int32_t>(std::nearbyint(v[i] * id));
+      const int32_t b = static_cast<int32_t>(std::nearbyint(v[16 + i] * id));
+      lo[i] = static_cast<int8_t>(a);
+      hi[i] = static_cast<int8_t>(b);
+      total += a + b;
+    }
+    scale[g] = d;
+    sums[g] = d * static_cast<float>(total);
+  }
+}
+
+inline float half_to_float(uint16_t h) {
+  // IEEE binary16 -> binary32 without F16C (the low/zero-point term of the scalar paths)
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// sum_g low[g] * sums[g] (low absent: -8 * scale[g])
+float low_term(const uint16_t* scale, const uint16_t* low, const float* sums, int64_t groups) {
+  float z = 0.0f;
+  if (low != nullptr) {
+    for (int64_t g = 0; g < groups; ++g) z += half_to_float(low[g]) * sums[g];
+    return z;
+  }
+  for (int64_t g = 0; g < groups; ++g) z += half_to_float(scale[g]) * sums[g];
+  return -8.0f * z;
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+
+#define EC_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+// One weight row against R activation rows, 16 groups (4 steps of 64 bytes) at a time: the 16
+// groups' weight scales times each activation row's scales once, spread to the dot's lanes (lane
+// 4j + i of step s belongs to group 4s + j) by one permute a step; the low term in the same pass.
+template <int R>
+EC_TARGET_512 void rows_512(const uint8_t* codes, const uint16_t* scale, const uint16_t* low, int64_t groups,
+                            const Act* act, float* out, int64_t out_stride) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i spread[4] = {
+      _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+      _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
+      _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
+      _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+  __m512 acc[R][2], z[R];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = z[r] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
+    const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
+    const __mmask16 kg = static_cast<__mmask16>((1u << left) - 1);
+    const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kg, scale + g0));
+    const __m512 lw = low != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kg, low + g0)) : ws;
+    __m512 s[R];
+    for (int r = 0; r < R; ++r) {
+      s[r] = _mm512_mul_ps(ws, _mm512_loadu_ps(act[r].scale + g0));
+      z[r] = _mm512_fmadd_ps(lw, _mm512_loadu_ps(act[r].sums + g0), z[r]);
+    }
+    const uint8_t* w64 = codes + g0 * 16;
+    const int64_t c0 = g0 / kChunk;
+#define EC_STEP(j, W)                                                                          \
+  {                                                                                            \
+    const __m512i w = (W);                                                                     \
+    const __m512i lo = _mm512_and_si512(w, nibble);                                            \
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);                      \
+    for (int r = 0; r < R; ++r) {                                                              \
+      const int8_t* q = act[r].q + (c0 + (j)) * 128;                                           \
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));      \
+      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q + 64));                              \
+      acc[r][(j) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(spread[j], s[r]), \
+                                        acc[r][(j) & 1]);                                      \
+    }                                                                                          \
+  }
+    if (left == kPadGroups) {
+      EC_STEP(0, _mm512_loadu_si512(w64));
+      EC_STEP(1, _mm512_loadu_si512(w64 + 64));
+      EC_STEP(2, _mm512_loadu_si512(w64 + 128));
+      EC_STEP(3, _mm512_loadu_si512(w64 + 192));
+    } else {  // the last groups: masked loads (the activations are zero-padded)
+      for (int j = 0; j * kChunk < left; ++j) {
+        const int64_t n = std::min<int64_t>(kChunk, left - j * kChunk);
+        const __mmask64 kb = (~0ULL) >> (64 - 16 * n);
+        switch (j) {
+          case 0: EC_STEP(0, _mm512_maskz_loadu_epi8(kb, w64)); break;
+          case 1: EC_STEP(1, _mm512_maskz_loadu_epi8(kb, w64 + 64)); break;
+          case 2: EC_STEP(2, _mm512_maskz_loadu_epi8(kb, w64 + 128)); break;
+          default: EC_STEP(3, _mm512_maskz_loadu_epi8(kb, w64 + 192)); break;
+        }
+      }
+    }
+#undef EC_STEP
+  }
+  for (int r = 0; r < R; ++r) {
+    const float zero_term = _mm512_reduce_add_ps(z[r]);
+    out[r * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) +
+                          (low != nullptr ? zero_term : -8.0f * zero_term);
+  }
+}
+
+// ---------------------------------------------------------------- AVX2
+
+template <int R>
+__attribute__((target("avx2,fma,f16c")))
+void rows_256(const uint8_t* codes, const uint16_t* scale, const uint16_t* low, int64_t groups, const Act* act,
+              float* out, int64_t out_stride) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t full = groups / kChunk;
+  alignas(64) uint8_t tail_codes[64];
+  alignas(16) uint16_t tail_scale[4];
+  for (int64_t c = 0; c * kChunk < groups; ++c) {
+    const uint8_t* w64 = codes + c * 64;
+    const uint16_t* s4 = scale + c * 4;
+    if (c == full) {  // the last 1-3 groups, zero-padded (their activations are zero too)
+      const int64_t rest = groups - full * kChunk;
+      std::memset(tail_codes, 0, sizeof tail_codes);
+      std::memset(tail_scale, 0, sizeof tail_scale);
+      std::memcpy(tail_codes, w64, static_cast<size_t>(16 * rest));
+      std::memcpy(tail_scale, s4, static_cast<size_t>(2 * rest));
+      w64 = tail_codes;
+      s4 = tail_scale;
+    }
+    for (int h = 0; h < 2; ++h) {  // groups 4c + 2h, 4c + 2h + 1
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w64 + 32 * h));
+      const __m256i lo = _mm256_and_si256(w, nibble);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+      uint32_t two;
+      std::memcpy(&two, s4 + 2 * h, sizeof two);
+      const __m128 ws2 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)));
+      for (int r = 0; r < R; ++r) {
+        const int8_t* q = act[r].q + c * 128 + 32 * h;
+        // |15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the add
+        const __m256i p = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
+        const __m256i d = _mm256_madd_epi16(p, ones);
+        const __m128 da = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(act[r].scale + c * 4 + 2 * h)));
+        const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(ws2, da)), spread);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    alignas(16) float f[4];
+    _mm_store_ps(f, s);
+    out[r * out_stride] = (f[0] + f[1]) + (f[2] + f[3]) + low_term(scale, low, act[r].sums, groups);
+  }
+}
+
+// ---------------------------------------------------------------- the op
+
+using RowsFn = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const Act*, float*, int64_t);
+
+RowsFn rows_fn(int64_t isa, int64_t r) {
+  if (isa == kAvx512Vnni) {
+    switch (r) {
+      case 1: return rows_512<1>;
+      case 2: return rows_512<2>;
+      case 3: return rows_512<3>;
+      default: return rows_512<4>;
+    }
+  }
+  switch (r) {
+    case 1: return rows_256<1>;
+    case 2: return rows_256<2>;
+    case 3: return rows_256<3>;
+    default: return rows_256<4>;
+  }
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& low) {
+  TORCH_CHECK(g_isa != kNone, "edgecompute_ml::q4_linear: this CPU has neither AVX2 nor AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q4_linear: x must be float32 [M, K]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "q4_linear: codes must be uint8 [N, K/2]");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2, "q4_linear: scale must be float16 [N, K/32]");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
+  TORCH_CHECK(k % kGroup == 0 && codes.size(1) * 2 == k, "q4_linear: K must be a multiple of 32 and codes [N, K/2]");
+  const int64_t groups = k / kGroup;
+  TORCH_CHECK(scale.size(0) == n && scale.size(1) == groups, "q4_linear: scale must be [N, K/32]");
+  const bool has_low = low.has_value() && low->defined();
+  if (has_low) {
+    TORCH_CHECK(low->scalar_type() == at::kHalf && low->sizes() == scale.sizes(), "q4_linear: low must be like scale");
+    TORCH_CHECK(low->is_contiguous(), "q4_linear: low must be contiguous");
+  }
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous(), "q4_linear: codes and scale must be contiguous");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+
+  const int64_t s_len = padded_groups(groups), q_len = s_len * kGroup;
+  std::vector<int8_t> q(static_cast<size_t>(m * q_len));
+  std::vector<float> act_scale(static_cast<size_t>(m * s_len));
+  std::vector<float> sums(static_cast<size_t>(m * s_len));
+  const float* xp = xc.data_ptr<float>();
+  auto quantize = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      quantize_row(xp + r * k, groups, q.data() + r * q_len, act_scale.data() + r * s_len, sums.data() + r * s_len);
+    }
+  };
+  if (m * k >= (1 << 16)) {
+    at::parallel_for(0, m, 1, quantize);
+  } else {
+    quantize(0, m);
+  }
+  std::vector<Act> acts(static_cast<size_t>(m));
+  for (int64_t r = 0; r < m; ++r) {
+    acts[static_cast<size_t>(r)] = {q.data() + r * q_len, act_scale.data() + r * s_len, sums.data() + r * s_len};
+  }
+
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* lp = has_low ? reinterpret_cast<const uint16_t*>(low->data_ptr<at::Half>()) : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t isa = g_isa;
+  const int64_t half_k = k / 2;
+  // a task holds at least ~64K weights (a fork costs microseconds; a 576-wide row is 0.2 us)
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(k, 1) / std::max<int64_t>(m, 1));
+  constexpr int64_t kTile = 16;  // weight rows kept in cache while every activation row passes
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += kTile) {
+      const int64_t n1 = std::min(end, n0 + kTile);
+      for (int64_t m0 = 0; m0 < m; m0 += kRowsAtOnce) {
+        const int64_t r = std::min(kRowsAtOnce, m - m0);
+        const RowsFn fn = rows_fn(isa, r);
+        for (int64_t row = n0; row < n1; ++row) {
+          fn(cp + row * half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
+             acts.data() + m0, op + m0 * n + row, n);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor q4_linear_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& low) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2, "q4_linear: x [M, K] and codes [N, K/2]");
+  return at::empty({x.size(0), codes.size(0)}, x.options());
+}
+
+int64_t q4_isa(int64_t want) {
+  // want < 0: report; otherwise use min(want, what the CPU has) (tests run the AVX2 path too)
+  if (want >= 0) g_isa = std::min<int64_t>(want, kBestIsa);
+  return g_isa;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(edgecompute_ml, m) {
+  m.def("q4_linear(Tensor x, Tensor codes, Tensor scale, Tensor? low) -> Tensor");
+  m.def("q4_isa(int want) -> int", &q4_isa);
+}
+
+TORCH_LIBRARY_IMPL(edgecompute_ml, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+}
+
+TORCH_LIBRARY_IMPL(edgecompute_ml, Meta, m) {
+  m.impl("q4_linear", &q4_linear_meta);
+}
