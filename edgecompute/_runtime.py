@@ -189,6 +189,10 @@ class Runtime:
         # the portal's loop: run/submit/map start their coroutines on it directly (see _start)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler_cm: AbstractContextManager[Scheduler] | None = None
+        # the futures of _start not settled yet: a call handed over as the loop stopped may never
+        # run there, and close() fails these once the loop's thread has ended
+        self._unsettled: set[concurrent.futures.Future[Any]] = set()
+        self._closing = [False]  # read on the loop (_settle_with): a cancellation there is the close
 
     def __enter__(self) -> Runtime:
         self.start()
@@ -211,6 +215,7 @@ class Runtime:
     def start(self) -> None:
         if self._portal is not None:
             raise SchedulerClosed("this Runtime is already started")
+        self._closing = [False]
         self._portal_cm = start_blocking_portal(backend="asyncio")
         self._portal = self._portal_cm.__enter__()
         try:
@@ -228,9 +233,20 @@ class Runtime:
 
     def _stop_portal(self) -> None:
         self._loop = None
+        self._closing[0] = True
         if self._portal_cm is not None:
             cm, self._portal_cm, self._portal = self._portal_cm, None, None
-            cm.__exit__(None, None, None)
+            try:
+                cm.__exit__(None, None, None)
+            finally:
+                # the loop's thread has ended: a call that reached the loop as it stopped (after
+                # its last task ran, or between the steps of its shutdown) will never be answered
+                # there. Every _start put its future in the set before handing it over, and one
+                # handed over after the loop closed raised at once.
+                for future in list(self._unsettled):
+                    if future.set_running_or_notify_cancel():
+                        future.set_exception(SchedulerClosed("the Runtime closed before this call could run"))
+                self._unsettled.clear()
 
     def _start(self, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> concurrent.futures.Future[_T]:
         """``fn(*args)`` as a task on the loop; its future (whose ``cancel()`` cancels the task).
@@ -246,9 +262,13 @@ class Runtime:
         if loop is None:
             raise SchedulerClosed("the Runtime is not running: use 'with Runtime() as rt'")
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        unsettled = self._unsettled
+        unsettled.add(future)  # before the hand-off: see _stop_portal
+        future.add_done_callback(unsettled.discard)
         try:
-            loop.call_soon_threadsafe(_spawn, loop, fn, args, future)
+            loop.call_soon_threadsafe(_spawn, loop, fn, args, future, self._closing)
         except RuntimeError as exc:  # the loop has closed meanwhile
+            unsettled.discard(future)
             raise SchedulerClosed("the Runtime is closed") from exc
         return future
 
@@ -544,29 +564,18 @@ async def _running_loop() -> asyncio.AbstractEventLoop:
 
 
 def _spawn(loop: asyncio.AbstractEventLoop, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...],
-           future: concurrent.futures.Future[Any]) -> None:
+           future: concurrent.futures.Future[Any], closing: list[bool]) -> None:
     """On the loop: start ``fn(*args)`` as a task whose outcome settles ``future``. The future
     stays pending while the task runs, so that its ``cancel()`` (from any thread) cancels the
     task, as with ``asyncio.run_coroutine_threadsafe`` and the portal."""
     if future.cancelled():
         return
     try:
-        task: asyncio.Task[Any] = loop.create_task(fn(*args))
+        task: asyncio.Task[Any] = loop.create_task(_settle_with(fn(*args), future, closing))
     except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
         if future.set_running_or_notify_cancel():
             future.set_exception(exc)
         return
-
-    def settle(_: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            future.cancel()
-        if not future.set_running_or_notify_cancel():
-            return  # cancelled
-        exc = task.exception()
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(task.result())
 
     def cancel(f: concurrent.futures.Future[Any]) -> None:
         if f.cancelled() and not task.done():
@@ -575,8 +584,32 @@ def _spawn(loop: asyncio.AbstractEventLoop, fn: Callable[..., Coroutine[Any, Any
             except RuntimeError:
                 pass  # the loop has closed: the task went with it
 
-    task.add_done_callback(settle)
     future.add_done_callback(cancel)
+
+
+async def _settle_with(coro: Coroutine[Any, Any, Any], future: concurrent.futures.Future[Any],
+                       closing: list[bool]) -> None:
+    """Await ``coro`` and settle ``future`` with its outcome from inside the task, as its last
+    step: the waiting thread wakes one loop iteration sooner than from a done callback (which
+    the loop runs on its next pass), and on a path that has just run, so warm in the caches."""
+    try:
+        result = await coro
+    except asyncio.CancelledError:
+        if closing[0] and not future.cancelled():
+            # the loop's shutdown cancelled it (the caller did not): the Runtime closed under it
+            if future.set_running_or_notify_cancel():
+                future.set_exception(SchedulerClosed("the Runtime closed while this call ran"))
+        else:
+            future.cancel()
+        raise
+    except BaseException as exc:  # handed to the waiting thread
+        if future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: the loop still sees them, as before
+    else:
+        if future.set_running_or_notify_cancel():
+            future.set_result(result)
 
 
 def _options(params: Mapping[str, Any] | None, priority: int | None, timeout: float | None,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -155,3 +157,105 @@ def test_tasks_see_the_callers_context_variables() -> None:
         finally:
             _caller_value.reset(token)
         assert rt.run("ctx/read", 0).outputs == "unset"
+
+
+def test_run_racing_close_from_another_thread_returns_or_raises_closed() -> None:
+    # a run() whose hand-off to the loop lands as the loop stops must not wait forever: every call
+    # either returns its response or raises SchedulerClosed, whichever side of the close it fell on
+    # (a tiny switch interval makes the threads interleave within those few lines)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        _race_run_and_close(300)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _race_run_and_close(rounds: int) -> None:
+    for round_ in range(rounds):
+        rt = runtime()
+        rt.start()
+        outcomes: list[object] = []
+        first = threading.Event()
+
+        def caller(rt: Runtime = rt, outcomes: list[object] = outcomes, first: threading.Event = first) -> None:
+            i = 0
+            while True:
+                try:
+                    outcomes.append(rt.run("app/square", i).outputs)
+                except SchedulerClosed as exc:
+                    outcomes.append(exc)
+                    return
+                except BaseException as exc:  # noqa: BLE001 - anything else is the failure to report
+                    outcomes.append(exc)
+                    return
+                finally:
+                    first.set()
+                i += 1
+
+        thread = threading.Thread(target=caller, daemon=True)
+        thread.start()
+        assert first.wait(5)
+        time.sleep((round_ % 7) * 0.0003)  # a close at varying points of the caller's calls
+        rt.close()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.05)
+        assert not thread.is_alive(), f"round {round_}: run() still waiting after close() returned"
+        assert isinstance(outcomes[-1], SchedulerClosed), outcomes[-1]
+        assert all(out == i * i for i, out in enumerate(outcomes[:-1]))
+
+
+class _LateLoop:
+    """A Runtime's loop whose hand-offs land while it shuts down: after its tasks were cancelled,
+    between two of the shutdown's runs of the loop (``asyncio.Runner.close``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._shutting = threading.Event()
+        self._handed = threading.Event()
+        real = loop.shutdown_default_executor
+
+        def shutdown(*args: Any, **kwargs: Any) -> Any:  # on the loop's thread, the loop stopped
+            self._shutting.set()
+            self._handed.wait(5)
+            return real(*args, **kwargs)
+
+        loop.shutdown_default_executor = shutdown  # type: ignore[method-assign]
+
+    def call_soon_threadsafe(self, *args: Any) -> Any:
+        assert self._shutting.wait(5)
+        try:
+            return self._loop.call_soon_threadsafe(*args)
+        finally:
+            self._handed.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+def test_run_handed_to_a_loop_that_stops_before_running_it_raises_closed() -> None:
+    # the narrow window of a run() racing close(), held open: the call reaches the loop after the
+    # scheduler closed, as the loop shuts down, so nothing on the loop may ever answer it
+    for _ in range(5):
+        rt = runtime()
+        rt.start()
+        assert rt._loop is not None
+        rt._loop = _LateLoop(rt._loop)  # type: ignore[assignment]
+        outcome: list[BaseException | None] = []
+
+        def caller(rt: Runtime = rt, outcome: list[BaseException | None] = outcome) -> None:
+            try:
+                rt.run("app/square", 3)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=caller, daemon=True)
+        thread.start()
+        rt.close()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.05)
+        assert not thread.is_alive(), "run() still waiting after close() returned"
+        assert isinstance(outcome[0], SchedulerClosed), outcome
