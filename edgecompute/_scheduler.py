@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Literal, Never
 
 from ._admission import Admission
@@ -50,6 +50,19 @@ _SUCCEEDED = TaskState.SUCCEEDED
 _current_task = asyncio.current_task
 
 SchedulerState = Literal["new", "running", "closing", "closed"]
+
+
+class _NextTurn:
+    """Awaited by a task of ours between two records: a bare yield, after which asyncio resumes
+    the task in the loop's next turn (what a new task's first step would wait for)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield None
+
+
+_NEXT_TURN = _NextTurn()
 
 
 def _covering(a: Resources, b: Resources) -> Resources:
@@ -133,6 +146,10 @@ class Scheduler:
         self._live = 0
         # running tasks and their records; a task leaves when its coroutine has really ended
         self._tasks: dict[asyncio.Task[None], TaskRecord] = {}
+        # while a task of ours that may run another record stops its last one, it is free to take
+        # the record that the stop admits (_start hands it over in _handed, see _run)
+        self._free_runner: asyncio.Task[None] | None = None
+        self._handed: TaskRecord | None = None
         self._retry_records: set[TaskRecord] = set()
         self._observers: list[Callable[[TaskEvent], None]] = []
         self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -413,8 +430,15 @@ class Scheduler:
         # admitted as it was submitted: the same moment, and one clock read less
         record.started_at = time.monotonic() if now is None else now
         record.inline = caller is not None
-        # inline, run() awaits _execute itself in the caller's task right after this returns
-        task = self._loop.create_task(self._execute(record)) if caller is None else caller
+        task: asyncio.Task[Any]
+        if caller is not None:
+            task = caller  # inline: run() awaits _execute itself in the caller's task right after this
+        elif self._free_runner is not None:
+            # the end of a task of ours admitted this one: that asyncio task runs it next (_run)
+            task, self._free_runner = self._free_runner, None
+            self._handed = record
+        else:
+            task = self._loop.create_task(self._run(record))
         record.task = task
         self._tasks[task] = record
         if self._observers:
@@ -424,9 +448,36 @@ class Scheduler:
 
     # -- running ----------------------------------------------------------------------------------
 
-    async def _execute(self, record: TaskRecord) -> None:
+    async def _run(self, record: TaskRecord) -> None:
+        """The coroutine of an asyncio task of our own: it runs its record, then the record whose
+        start the first one's end admitted, if _start handed it this task, and so on.
+
+        A burst of queued tasks then costs an asyncio task per running slot, not one per task (its
+        making and its end were the largest part of a queued task's cost after the executor's).
+        Each next record begins in the loop's next turn, as in a task of its own: timers, I/O and
+        the other tasks go first, and a deadline that passed meanwhile still ends it unstarted.
+        """
+        task = record.task
+        next_record = await self._execute(record, task)
+        while next_record is not None:
+            try:
+                await _NEXT_TURN
+            except asyncio.CancelledError:
+                # not our doing (we cancel no record that has not begun, see _cancel): the record
+                # handed to this task ends with it
+                if next_record.task is task:
+                    if not next_record.ended:
+                        self._finish(next_record, TaskState.CANCELLED, error=next_record.cancelled_error())
+                    self._stopped(next_record)
+                raise
+            next_record = await self._execute(next_record, task)
+
+    async def _execute(self, record: TaskRecord, runner: asyncio.Task[None] | None = None) -> TaskRecord | None:
+        """Run one attempt of a started record, to its end. With ``runner`` (the asyncio task of
+        ours this runs in, see _run), return the record that this one's end admitted and handed
+        to the same task, if any."""
         if record.task is None:
-            return  # it ended before its first step (cancelled at once); already cleaned up
+            return None  # it ended before its first step (cancelled at once); already cleaned up
         selection = record.selection
         allocation = record.allocation
         assert allocation is not None
@@ -434,6 +485,7 @@ class Scheduler:
         # one object less each while they wait for the loop (the cyclic GC ran a full collection
         # more per 20,000 such tasks); no attempt yet means its code has not begun
         record.attempt = attempt = Attempt(selection.algorithm, allocation.devices, record)
+        free = None  # the runner, once this attempt ended without an exception to pass on
         try:
             response = await selection.executor.execute(record.request, attempt)
             if type(response) is not Response and not isinstance(response, Response):
@@ -442,8 +494,10 @@ class Scheduler:
         except asyncio.CancelledError:
             if not self._absorb_cancel(record):
                 raise
+            free = runner
         except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
             self._failed(record, exc)
+            free = runner
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
             if not record.ended:
                 self._finish(record, TaskState.FAILED, error=exc)
@@ -451,18 +505,29 @@ class Scheduler:
         else:
             if not record.ended:
                 self._succeed(record, response)
+            free = runner
         finally:
-            self._stopped(record)
+            # a cancellation still pending (code that swallowed ours) would hit the next record:
+            # such a task takes none
+            if free is None or free.cancelling():
+                self._stopped(record)
+            else:
+                self._free_runner = free
+                try:
+                    self._stopped(record)  # may admit a record and hand it this task (_start)
+                finally:
+                    self._free_runner = None
+        handed, self._handed = self._handed, None
+        return handed
 
     def _absorb_cancel(self, record: TaskRecord) -> bool:
         """Whether the task's code may swallow the CancelledError it got.
 
-        We cancel a task only after _cancel gave the record its terminal state. Our own tasks
-        swallow that cancellation and end cleanly. Run inline, the task is our caller's: absorb
-        only our own request, and let any other cancellation through.
+        We cancel a task only after _cancel gave the record its terminal state, and take that
+        request back here: our own tasks go on to the next record (see _run), and a task run
+        inline is our caller's. Any other cancellation (of the asyncio task by someone else, or a
+        CancelledError the code met) ends the record and goes on.
         """
-        if not record.inline:
-            return True
         task = record.task
         if record.ended and task is not None and task.uncancel() == 0:
             return True
@@ -607,9 +672,8 @@ class Scheduler:
             if task is not None:
                 if attempt is None:
                     # cancelled before its first step: its code never runs, so nothing would
-                    # reach the finally that cleans up; and an inline caller's task is not ours
-                    if not record.inline:
-                        task.cancel()
+                    # reach the finally that cleans up. The asyncio task is left alone: an inline
+                    # caller's is not ours, and one of ours finds no record to run (_execute)
                     self._stopped(record)
                 else:
                     task.cancel()

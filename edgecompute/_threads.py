@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ __all__ = ["ThreadPool"]
 T = TypeVar("T")
 
 _STOP = object()
+# pools are numbered in the thread names: the threads of two schedulers in one process are told
+# apart (in a debugger, and by a check that a closed scheduler joined its own threads)
+_POOL_NUMBERS = itertools.count(1)
 
 
 class _Parked:
@@ -43,7 +47,7 @@ class ThreadPool:
         if size < 1:
             raise ValueError(f"thread pool size must be >= 1, not {size}")
         self.size = size
-        self._name = name
+        self._name = f"{name}-{next(_POOL_NUMBERS)}"
         self._lock = threading.Lock()
         self._idle: list[_Parked] = []  # a stack: the last to go idle is woken first
         self._backlog: collections.deque[Any] = collections.deque()  # calls no idle thread took

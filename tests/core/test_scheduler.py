@@ -23,7 +23,17 @@ import threading
 
 import pytest
 
-from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Scheduler, TaskState
+from edgecompute import (
+    Config,
+    FunctionExecutor,
+    Registry,
+    Request,
+    Resources,
+    Scheduler,
+    TaskContext,
+    TaskEvent,
+    TaskState,
+)
 from edgecompute.errors import (
     AmbiguousAlgorithm,
     EdgeComputeError,
@@ -421,7 +431,7 @@ async def test_executor_threads_can_stream_and_report_progress() -> None:
 
 
 async def test_the_context_counts_the_tasks_running_beside_it() -> None:
-    from edgecompute import FunctionExecutor, TaskContext
+    from edgecompute import FunctionExecutor
 
     app = FunctionExecutor("app")
     both_in, both_read = asyncio.Event(), asyncio.Event()
@@ -544,6 +554,139 @@ async def test_cancelling_run_cancels_its_task() -> None:
         assert caller.cancelled()
         await settle()
         assert scheduler.stats().finished["cancelled"] == 1
+        assert scheduler.idle
+
+
+# A task whose end admits the next queued one hands that one its asyncio task (the scheduler's
+# _run): these check that a cancellation of one task never reaches the next in the same asyncio task.
+
+
+def _probe() -> tuple[FunctionExecutor, dict[str, asyncio.Event], list[tuple[str, asyncio.Task[object] | None, int]]]:
+    """An executor whose ``wait`` tasks wait for ``gates[inputs]`` (when there is one) and record
+    (inputs, the asyncio task they ran in, its pending cancellations)."""
+    probe = FunctionExecutor("probe")
+    gates: dict[str, asyncio.Event] = {}
+    ran: list[tuple[str, asyncio.Task[object] | None, int]] = []
+
+    @probe.algorithm(resources=Resources(cpu=1))
+    async def wait(inputs: str) -> str:
+        task = asyncio.current_task()
+        ran.append((inputs, task, task.cancelling() if task else -1))
+        if inputs in gates:
+            await gates[inputs].wait()
+        return inputs
+
+    return probe, gates, ran
+
+
+async def test_a_cancelled_task_leaves_the_next_one_run_in_its_asyncio_task_uncancelled() -> None:
+    probe, gates, ran = _probe()
+    gates["first"], gates["second"] = asyncio.Event(), asyncio.Event()
+    async with Scheduler(Registry([probe]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        first = scheduler.submit(Request("probe/wait", "first"))
+        second = scheduler.submit(Request("probe/wait", "second"))
+        await settle()
+        first.cancel()
+        await settle()
+        assert second.state is TaskState.RUNNING
+        gates["second"].set()
+        assert (await second.result()).outputs == "second"
+        with pytest.raises(TaskCancelled):
+            await first.result()
+    # the second ran in the first one's asyncio task, with no cancellation left pending on it
+    assert [(name, task is ran[0][1], cancelling) for name, task, cancelling in ran] == [
+        ("first", True, 0), ("second", True, 0)]
+
+
+async def test_a_task_that_cancels_itself_and_returns_does_not_cancel_the_next() -> None:
+    probe = FunctionExecutor("self")
+    async with Scheduler(Registry([probe]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+
+        @probe.algorithm(resources=Resources(cpu=1))
+        async def quit(inputs: str, ctx: TaskContext) -> str:
+            if inputs == "quitter":
+                handle = scheduler.task(ctx.task_id)
+                assert handle is not None
+                handle.cancel()  # a cancellation of its own asyncio task, pending when it returns
+            return inputs
+
+        quitter = scheduler.submit(Request("self/quit", "quitter"))
+        after = scheduler.submit(Request("self/quit", "after"))
+        with pytest.raises(TaskCancelled):
+            await quitter.result()
+        assert (await after.result()).outputs == "after"
+        assert scheduler.stats().finished == {"succeeded": 1, "failed": 0, "cancelled": 1, "timed_out": 0}
+
+
+async def test_a_task_cancelled_before_its_first_step_never_runs_and_the_queue_goes_on() -> None:
+    probe, gates, ran = _probe()
+    gates["first"] = asyncio.Event()
+    async with Scheduler(Registry([probe]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        handles = {name: scheduler.submit(Request("probe/wait", name)) for name in ("first", "second", "third")}
+
+        def cancel_second_at_start(event: TaskEvent) -> None:
+            if event.kind == "started" and event.task_id == handles["second"].id:
+                handles["second"].cancel()  # admitted by the first one's end, not begun
+
+        scheduler.subscribe(cancel_second_at_start)
+        await settle()
+        gates["first"].set()
+        assert (await handles["third"].result()).outputs == "third"
+        with pytest.raises(TaskCancelled):
+            await handles["second"].result()
+        await settle()
+        assert scheduler.idle
+    assert [name for name, _, _ in ran] == ["first", "third"]
+
+
+async def test_cancelling_our_asyncio_task_between_two_tasks_ends_the_one_it_was_to_run() -> None:
+    # what asyncio.run does to tasks left at its end, for one: someone else cancels the asyncio
+    # task that was handed the next record, before that record's first step
+    probe, gates, ran = _probe()
+    gates["first"] = asyncio.Event()
+    events: list[tuple[str, str]] = []
+    async with Scheduler(Registry([probe]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        handles = {name: scheduler.submit(Request("probe/wait", name)) for name in ("first", "second", "third")}
+
+        def cancel_the_asyncio_task(event: TaskEvent) -> None:
+            events.append((event.kind, event.task_id))
+            if event.kind == "started" and event.task_id == handles["second"].id:
+                task = asyncio.current_task()  # the first one's, still ending: it runs the second next
+                assert task is ran[0][1]
+                task.cancel()
+
+        scheduler.subscribe(cancel_the_asyncio_task)
+        await settle()
+        gates["first"].set()
+        assert (await handles["first"].result()).outputs == "first"
+        with pytest.raises(TaskCancelled):
+            await handles["second"].result()
+        assert (await handles["third"].result()).outputs == "third"
+        await settle()
+        assert scheduler.idle
+    assert [name for name, _, _ in ran] == ["first", "third"]
+    second = handles["second"].id
+    assert [kind for kind, task_id in events if task_id == second] == ["started", "cancelled"]
+
+
+async def test_a_cancelled_error_the_code_meets_ends_the_task_cancelled() -> None:
+    probe = FunctionExecutor("stray")
+
+    @probe.algorithm(resources=Resources(cpu=1))
+    async def awaits_a_cancelled_future(inputs: str) -> str:
+        if inputs == "stray":
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # raises CancelledError though nobody cancelled this task
+        return inputs
+
+    async with Scheduler(Registry([probe]), capacity=Resources(cpu=1), config=Config()) as scheduler:
+        stray = scheduler.submit(Request("stray/awaits_a_cancelled_future", "stray"))
+        after = scheduler.submit(Request("stray/awaits_a_cancelled_future", "after"))
+        with pytest.raises(TaskCancelled):
+            await asyncio.wait_for(stray.result(), 5)
+        assert (await asyncio.wait_for(after.result(), 5)).outputs == "after"
+        await settle()
         assert scheduler.idle
 
 
