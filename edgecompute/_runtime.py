@@ -71,6 +71,11 @@ class _Call:
         handle.add_done_callback(lambda _: self._ended(index))
         self._wake()
 
+    def hold(self, handle: TaskHandle) -> None:
+        """Keep ``handle`` to cancel on stop, without watching it end (what run() needs: a done
+        callback would also take the task off the scheduler's shortest way to its end)."""
+        self.handles.append(handle)
+
     def _ended(self, index: int) -> None:
         self.finished.append(index)
         self._wake()
@@ -465,7 +470,7 @@ class Runtime:
             handle = scheduler.submit(request, inline=True)
         except QueueFull:
             handle = await scheduler.asubmit(request)
-        call.add(handle)
+        call.hold(handle)
         try:
             await scheduler.run_inline(handle)  # nothing to do unless it was set to run inline
             return await handle.result()

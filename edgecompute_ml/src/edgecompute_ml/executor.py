@@ -396,16 +396,27 @@ class MLExecutor:
         timings |= result.pop("timings")
         return Response(result, timings=timings)
 
+    def _embedding_batch(self, lm: Any) -> Any:
+        """The embeddings batcher's function: items are ``(text, normalize)``, results the vectors
+        as lists of floats, each normalised or not as its request asked."""
+        from ._tasks.embeddings import embed_texts, vector_lists
+
+        def run(items: list[tuple[str, bool]]) -> list[list[float]]:
+            vectors = embed_texts(lm, [text for text, _ in items], split=True, runner=self.split_runner())
+            return vector_lists(vectors, [norm for _, norm in items])
+
+        return run
+
     def batcher(self, lm: Any, fn: Any = None) -> Any:
-        """The model's batcher; ``fn(items)`` runs one batch (default: embed texts)."""
+        """The model's batcher; ``fn(items)`` runs one batch (default: embed ``(text, normalize)``
+        items into lists of floats)."""
         with self._batcher_lock:
             entry = self._batchers.get(lm.name)
             if entry is None or entry[0] is not lm:
                 from ._runtime.batching import Batcher
-                from ._tasks.embeddings import embed_texts
 
-                batcher = Batcher(fn or (lambda texts: embed_texts(lm, texts, split=True, runner=self.split_runner())),
-                                  max_batch=self.max_batch, max_delay=self.max_delay, name=f"ml-batch-{lm.name}")
+                batcher = Batcher(fn or self._embedding_batch(lm), max_batch=self.max_batch, max_delay=self.max_delay,
+                                  name=f"ml-batch-{lm.name}")
                 if entry is not None:
                     entry[1].close()
                     self._retired.append(entry[1])
@@ -414,7 +425,7 @@ class MLExecutor:
 
     async def _embeddings(self, lm: Any, request: Request, params: dict[str, Any], ctx: TaskContext,
                           timings: dict[str, float]) -> Response:
-        from ._tasks.embeddings import embed_texts, normalize
+        from ._tasks.embeddings import embed_texts, vector_lists
 
         inputs = request.inputs
         if isinstance(inputs, Mapping):
@@ -437,13 +448,14 @@ class MLExecutor:
         norm = params.get("normalize", lm.normalize)
         if not isinstance(norm, bool):
             raise InvalidRequest(f"normalize must be true or false, not {norm!r}")
+        # normalised and made lists on the thread that ran the forward, right after it: torch's
+        # dispatch code is still in the caches there. The same ops on the loop thread, after a
+        # forward has streamed the weights through every cache, took 5-10x as long (75 us against
+        # 8 for one MiniLM vector; docs/ml.md, "One sentence").
         if self.batching and batch and pooling in (None, lm.pooling):
-            vectors = await self.batcher(lm).submit(list(texts))
+            out = await self.batcher(lm).submit([(text, norm) for text in texts])
         else:
-            vectors = await ctx.run_sync(embed_texts, lm, list(texts), pooling)
-        if norm:
-            vectors = normalize(vectors)
-        out = vectors.tolist()
+            out = await ctx.run_sync(lambda: vector_lists(embed_texts(lm, list(texts), pooling), [norm] * len(texts)))
         return Response(out[0] if single else out, timings=timings)
 
     async def health(self) -> Health:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["embed_texts"]
+__all__ = ["embed_texts", "vector_lists"]
 
 
 def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, split: bool = False,
@@ -107,3 +107,17 @@ def normalize(vectors: Any) -> Any:
     import torch.nn.functional as F
 
     return F.normalize(vectors, p=2, dim=-1)
+
+
+def vector_lists(vectors: Any, normalized: Sequence[bool]) -> list[list[float]]:
+    """``vectors`` [N, H] as N lists of floats, row ``i`` L2-normalised where ``normalized[i]``."""
+    if all(normalized):
+        vectors = normalize(vectors)
+    elif any(normalized):
+        import torch
+
+        rows = torch.tensor([i for i, norm in enumerate(normalized) if norm])
+        vectors = vectors.clone()
+        vectors[rows] = normalize(vectors[rows])
+    out: list[list[float]] = vectors.tolist()
+    return out
