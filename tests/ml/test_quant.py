@@ -1,8 +1,8 @@
 """Quantized weights stay quantized: GGUF Q4_0/Q4_1/Q4_K kept as 4-bit codes, other types and
-``dtype = "int8"`` as per-row int8, multiplied by torch's packed CPU kernels; against the
-dequantised float path of the same weights.
+``dtype = "int8"`` as per-row int8, multiplied by edgecompute_ml's 4-bit kernel or torch's packed
+CPU kernels; against the dequantised float path of the same weights.
 
-Stated tolerance: the kernels take bfloat16 activations (float32 accumulation), so one matmul is
+Stated tolerance: the kernels round activations to bfloat16 or finer (float32 accumulation), so one matmul is
 exact to ~0.3% (relative norm) and the logits of a 3-layer model to 4% relative norm (largest
 error seen: 3% of the largest logit); greedy choices agree wherever the float path's top two
 logits are further apart than 5% of the largest."""
@@ -30,7 +30,6 @@ from .tiny_families import make_decoder, write_family_gguf  # noqa: E402
 Q = gguf.GGMLQuantizationType
 REL = 0.04  # logits, relative norm, quantized vs dequantised float path (see the module doc)
 GAP = 0.05  # a clear greedy choice: top two float logits further apart than 5% of the row's largest
-NEAR = 0.02  # a near tie in greedy decoding: top two float logits within 2% of the row's largest
 
 
 def _rel(a, b):
@@ -243,10 +242,7 @@ def test_quantized_gguf_runs_close_to_its_dequantised_weights(decoders, tmp_path
 def test_greedy_tokens_of_a_quantized_gguf_equal_the_float_path(decoders, tmp_path, qtype, embed):
     """The token embeddings (tied to the output here) are looked up exactly as the float path's
     and the top logits recomputed from them; only the layers' matmuls round their activations
-    (int8 per 32 in edgecompute_ml's kernel, bfloat16 in torch's). The tokens must equal the float
-    path's up to its first near tie (top two logits within NEAR of the largest), where either
-    choice is within the kernels' error; teacher-forced on the float path's tokens, every clear
-    choice (at least half of them) is the float path's."""
+    (two int8 terms a value in edgecompute_ml's 4-bit kernel, bfloat16 in torch's kernels)."""
     path = tmp_path / f"llama3-{qtype}-{embed}.gguf"
     folder = decoders("llama3")
     assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"]
@@ -261,23 +257,9 @@ def test_greedy_tokens_of_a_quantized_gguf_equal_the_float_path(decoders, tmp_pa
     distinct = set()
     for prompt in ([5, 6, 7], [40, 41, 42, 43, 44, 45], [90, 12, 33]):
         tokens = generate(reference, prompt, params)["tokens"]
-        got, want, clear = _teacher_forced(quantized, reference, prompt + tokens[:-1], len(prompt))
-        assert int(clear.sum()) >= len(tokens) // 2
-        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
-        first_tie = int((~clear).nonzero()[0, 0]) if bool((~clear).any()) else len(tokens)
-        assert generate(quantized, prompt, params)["tokens"][:first_tie] == tokens[:first_tie]
+        assert generate(quantized, prompt, params)["tokens"] == tokens
         distinct.update(tokens)
     assert len(distinct) > 5  # not one token repeated
-
-
-def _teacher_forced(quantized, reference, ids, start):
-    """Both models' logits at each generated position of ``ids`` (the float path's own tokens),
-    and where the float path's choice is clear (top two further apart than NEAR of the largest)."""
-    ids = torch.tensor([ids])
-    a = quantized.model.forward(ids, quantized.model.new_cache(128), last_only=False)[0][start - 1:]
-    b = reference.model.forward(ids, reference.model.new_cache(128), last_only=False)[0][start - 1:]
-    top2 = b.topk(2, dim=-1).values
-    return a, b, (top2[:, 0] - top2[:, 1]) > NEAR * b.abs().amax(dim=-1)
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen3", "gemma2"])

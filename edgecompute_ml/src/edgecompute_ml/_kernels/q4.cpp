@@ -1,8 +1,8 @@
 // The q4 weight-only matmul of edgecompute_ml (_formats/quant.py, form "q4"):
 //   y[m, n] = sum_k x[m, k] * w[n, k],  w[n, 32g + i] = q * scale[n, g] + low[n, g],  q in 0..15
-// with each activation row quantized to int8 per block of 32 (one float32 scale a block, as
-// llama.cpp's Q8 activations), the integer dot of codes and activations exact in int32
-// (AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw), then scaled in float32.
+// with each activation row quantized per block of 32 (one float32 scale a block, as llama.cpp's Q8
+// activations, but two int8 terms a value: see quantize_row), the integer dot of codes and
+// activations exact in int32 (AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw), then scaled in float32.
 //
 // Weight layout (built by quant.py): codes uint8 [N, K/2], group g of row n at bytes 16g..16g+15,
 // byte j holding value j (low nibble) and value 16 + j (high nibble): GGUF Q4_0/Q4_1's own order.
@@ -49,9 +49,14 @@ int64_t detect_isa() {
 const int64_t kBestIsa = detect_isa();
 int64_t g_isa = kBestIsa;
 
-// One activation row quantized, padded with zero groups to a multiple of 16 groups: per chunk of 4
-// groups, 64 bytes of the groups' first 16 values then 64 bytes of their last 16 (the order of the
-// codes' low and high nibbles); per group its scale and its scale * sum of codes (the low term).
+// One activation row quantized, padded with zero groups to a multiple of 16 groups. Each value is
+// two int8 terms of its group's step d = max|x| / 127: x ~ d * (q1 + q2 / 256), q1 = round(x / d),
+// q2 = round(256 * (x / d - q1)) (about 16 bits a value: one int8 term alone moved SmolLM2's
+// greedy text off the float path on near ties; docs/ml.md). The dot with the codes is then the
+// exact integer 256 * sum(w q1) + sum(w q2), scaled by d / 256.
+// Per chunk of 4 groups, 256 bytes: q1 of the groups' first 16 values (64 bytes, the order of the
+// codes' low nibbles), q1 of their last 16 (the high nibbles), then q2 likewise. Per group the
+// scale d / 256 and d / 256 * sum(256 q1 + q2), the sum of the values (the low term).
 struct Act {
   const int8_t* q;
   const float* scale;
@@ -59,33 +64,75 @@ struct Act {
 };
 
 constexpr int64_t kPadGroups = 16;
+constexpr int64_t kChunkBytes = 256;  // activation bytes of one chunk of 4 groups
 
 int64_t padded_groups(int64_t groups) { return (groups + kPadGroups - 1) / kPadGroups * kPadGroups; }
 
-void quantize_row(const float* x, int64_t groups, int8_t* q, float* scale, float* sums) {
+// round half to even of |t| < 2^22 in the default rounding mode (as torch.round), without libm:
+// inlined and vectorizable in every target
+inline float round_even(float t) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (t + kMagic) - kMagic;
+}
+
+inline void quantize_group(const float* v, int8_t* q1, float* scale, float* sums) {
+  float amax = 0.0f;
+  for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float d = amax / 127.0f;
+  const float id = d > 0.0f ? 1.0f / d : 0.0f;
+  int32_t total = 0;
+  for (int half = 0; half < 2; ++half) {  // first 16 values, then the last 16 (64 bytes on)
+    int8_t* out = q1 + 64 * half;
+    for (int i = 0; i < 16; ++i) {
+      const float t = v[16 * half + i] * id;
+      const float a = round_even(t);
+      const float b = std::min(127.0f, std::max(-127.0f, round_even((t - a) * 256.0f)));
+      out[i] = static_cast<int8_t>(a);
+      out[i + 128] = static_cast<int8_t>(b);
+      total += 256 * static_cast<int32_t>(a) + static_cast<int32_t>(b);
+    }
+  }
+  *scale = d / 256.0f;
+  *sums = *scale * static_cast<float>(total);
+}
+
+#define EC_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+EC_TARGET_512 void quantize_group_512(const float* v, int8_t* q1, float* scale, float* sums) {
+  const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.0f;
+  const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+  const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f), k256 = _mm512_set1_ps(256.0f);
+  __m512i total = _mm512_setzero_si512();
+  const __m512 halves[2] = {v0, v1};
+  for (int half = 0; half < 2; ++half) {
+    const __m512 t = _mm512_mul_ps(halves[half], id);
+    const __m512 a = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 b = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, a), k256),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    b = _mm512_min_ps(lim, _mm512_max_ps(nlim, b));
+    const __m512i ia = _mm512_cvtps_epi32(a), ib = _mm512_cvtps_epi32(b);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 64 * half), _mm512_cvtepi32_epi8(ia));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 64 * half + 128), _mm512_cvtepi32_epi8(ib));
+    total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(ia, 8), ib));
+  }
+  *scale = d / 256.0f;
+  *sums = *scale * static_cast<float>(_mm512_reduce_add_epi32(total));
+}
+
+void quantize_row(const float* x, int64_t groups, int8_t* q, float* scale, float* sums, bool avx512) {
   const int64_t padded = padded_groups(groups);
-  std::memset(q + groups / kChunk * 128, 0, static_cast<size_t>((padded - groups / kChunk * kChunk) * kGroup));
+  std::memset(q, 0, static_cast<size_t>(padded / kChunk * kChunkBytes));
   std::fill(scale + groups, scale + padded, 0.0f);
   std::fill(sums + groups, sums + padded, 0.0f);
   for (int64_t g = 0; g < groups; ++g) {
-    const float* v = x + g * kGroup;
-    float amax = 0.0f;
-    for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float d = amax / 127.0f;
-    const float id = d > 0.0f ? 1.0f / d : 0.0f;
-    int8_t* lo = q + g / kChunk * 128 + g % kChunk * 16;
-    int8_t* hi = lo + 64;
-    int32_t total = 0;
-    for (int i = 0; i < 16; ++i) {
-      // nearbyint: round half to even (the default rounding mode), as torch.round and vcvtps2dq
-      const int32_t a = static_cast<int32_t>(std::nearbyint(v[i] * id));
-      const int32_t b = static_cast<int32_t>(std::nearbyint(v[16 + i] * id));
-      lo[i] = static_cast<int8_t>(a);
-      hi[i] = static_cast<int8_t>(b);
-      total += a + b;
+    int8_t* q1 = q + g / kChunk * kChunkBytes + g % kChunk * 16;
+    if (avx512) {
+      quantize_group_512(x + g * kGroup, q1, scale + g, sums + g);
+    } else {
+      quantize_group(x + g * kGroup, q1, scale + g, sums + g);
     }
-    scale[g] = d;
-    sums[g] = d * static_cast<float>(total);
   }
 }
 
@@ -124,7 +171,6 @@ float low_term(const uint16_t* scale, const uint16_t* low, const float* sums, in
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 
-#define EC_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
 // One weight row against R activation rows, 16 groups (4 steps of 64 bytes) at a time: the 16
 // groups' weight scales times each activation row's scales once, spread to the dot's lanes (lane
@@ -158,9 +204,13 @@ EC_TARGET_512 void rows_512(const uint8_t* codes, const uint16_t* scale, const u
     const __m512i lo = _mm512_and_si512(w, nibble);                                            \
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);                      \
     for (int r = 0; r < R; ++r) {                                                              \
-      const int8_t* q = act[r].q + (c0 + (j)) * 128;                                           \
+      const int8_t* q = act[r].q + (c0 + (j)) * kChunkBytes;                                   \
+      /* two short chains (q1, q2) rather than one of four dependent dot products */           \
       __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));      \
+      __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q + 128)); \
       d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q + 64));                              \
+      e = _mm512_dpbusd_epi32(e, hi, _mm512_loadu_si512(q + 192));                             \
+      d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e);                                        \
       acc[r][(j) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(spread[j], s[r]), \
                                         acc[r][(j) & 1]);                                      \
     }                                                                                          \
@@ -225,12 +275,16 @@ void rows_256(const uint8_t* codes, const uint16_t* scale, const uint16_t* low, 
       std::memcpy(&two, s4 + 2 * h, sizeof two);
       const __m128 ws2 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)));
       for (int r = 0; r < R; ++r) {
-        const int8_t* q = act[r].q + c * 128 + 32 * h;
-        // |15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the add
-        const __m256i p = _mm256_add_epi16(
+        const int8_t* q = act[r].q + c * kChunkBytes + 32 * h;
+        // |15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the adds
+        const __m256i p1 = _mm256_add_epi16(
             _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
-        const __m256i d = _mm256_madd_epi16(p, ones);
+        const __m256i p2 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 192))));
+        const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(p1, ones), 8),
+                                           _mm256_madd_epi16(p2, ones));
         const __m128 da = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(act[r].scale + c * 4 + 2 * h)));
         const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(ws2, da)), spread);
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[r]);
@@ -286,14 +340,16 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
 
-  const int64_t s_len = padded_groups(groups), q_len = s_len * kGroup;
+  const int64_t s_len = padded_groups(groups), q_len = s_len / kChunk * kChunkBytes;
   std::vector<int8_t> q(static_cast<size_t>(m * q_len));
   std::vector<float> act_scale(static_cast<size_t>(m * s_len));
   std::vector<float> sums(static_cast<size_t>(m * s_len));
   const float* xp = xc.data_ptr<float>();
+  const int64_t isa = g_isa;
   auto quantize = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      quantize_row(xp + r * k, groups, q.data() + r * q_len, act_scale.data() + r * s_len, sums.data() + r * s_len);
+      quantize_row(xp + r * k, groups, q.data() + r * q_len, act_scale.data() + r * s_len, sums.data() + r * s_len,
+                   isa == kAvx512Vnni);
     }
   };
   if (m * k >= (1 << 16)) {
@@ -310,7 +366,6 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* lp = has_low ? reinterpret_cast<const uint16_t*>(low->data_ptr<at::Half>()) : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t isa = g_isa;
   const int64_t half_k = k / 2;
   // a task holds at least ~64K weights (a fork costs microseconds; a 576-wide row is 0.2 us)
   const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(k, 1) / std::max<int64_t>(m, 1));
