@@ -147,7 +147,7 @@ class Scheduler:
         # running tasks and their records; a task leaves when its coroutine has really ended
         self._tasks: dict[asyncio.Task[None], TaskRecord] = {}
         # while a task of ours that may run another record stops its last one, it is free to take
-        # the record that the stop admits (_start hands it over in _handed, see _run)
+        # the record that the stop admits (_start hands it over in _handed, see _execute)
         self._free_runner: asyncio.Task[None] | None = None
         self._handed: TaskRecord | None = None
         self._retry_records: set[TaskRecord] = set()
@@ -268,7 +268,11 @@ class Scheduler:
         no loop round trip. Its ``handle.inline`` is then true, and the caller must ``await
         scheduler.run_inline(handle)`` (before which the task only counts as running).
         """
-        record = self._accept(request, _current_task(self._loop) if inline else None)
+        caller = _current_task(self._loop) if inline else None
+        if self._state == "running" and type(request) is Request and self._admission.queued < self.max_queue:
+            record = self._enqueue(request, caller)  # _accept's checks passed: a call less per task
+        else:
+            record = self._accept(request, caller)
         handle = TaskHandle(record)
         if not record.ended:
             record.handle = handle  # tasks() gives back this one while the task lives
@@ -434,11 +438,11 @@ class Scheduler:
         if caller is not None:
             task = caller  # inline: run() awaits _execute itself in the caller's task right after this
         elif self._free_runner is not None:
-            # the end of a task of ours admitted this one: that asyncio task runs it next (_run)
+            # the end of a task of ours admitted this one: that asyncio task runs it next (_execute)
             task, self._free_runner = self._free_runner, None
             self._handed = record
         else:
-            task = self._loop.create_task(self._run(record))
+            task = self._loop.create_task(self._execute(record, own=True))
         record.task = task
         self._tasks[task] = record
         if self._observers:
@@ -448,83 +452,80 @@ class Scheduler:
 
     # -- running ----------------------------------------------------------------------------------
 
-    async def _run(self, record: TaskRecord) -> None:
-        """The coroutine of an asyncio task of our own: it runs its record, then the record whose
-        start the first one's end admitted, if _start handed it this task, and so on.
+    async def _execute(self, record: TaskRecord, own: bool = False) -> None:
+        """Run a started record's attempt to its end, in its caller's asyncio task (run(),
+        run_inline()) or, ``own``, as the coroutine of an asyncio task of our own (_start).
 
-        A burst of queued tasks then costs an asyncio task per running slot, not one per task (its
-        making and its end were the largest part of a queued task's cost after the executor's).
-        Each next record begins in the loop's next turn, as in a task of its own: timers, I/O and
-        the other tasks go first, and a deadline that passed meanwhile still ends it unstarted.
+        A task of our own then goes on with the record that the end of its last one admitted,
+        if _start handed it over (see _free_runner): a burst of queued tasks costs an asyncio
+        task per running slot, not one per task (making and ending those were the largest part
+        of a queued task's cost after the executor's). Each next record begins in the loop's next
+        turn, as in a task of its own: timers, I/O and other tasks go first, and a deadline that
+        passed meanwhile ends it unstarted.
         """
-        task = record.task
-        next_record = await self._execute(record, task)
-        while next_record is not None:
+        runner = record.task if own else None
+        # no task: it ended before its first step (cancelled at once) and is already cleaned up
+        while record.task is not None:
+            selection = record.selection
+            allocation = record.allocation
+            assert allocation is not None
+            # made at its first step, not at its start: a burst of tasks started at once then holds
+            # one object less each while they wait for the loop (the cyclic GC ran a full collection
+            # more per 20,000 such tasks); no attempt yet means its code has not begun
+            record.attempt = attempt = Attempt(selection.algorithm, allocation.devices, record)
+            free = None  # the runner, once this attempt ended without an exception to pass on
+            try:
+                response = await selection.executor.execute(record.request, attempt)
+                if type(response) is not Response and not isinstance(response, Response):
+                    raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
+                                        "not a Response")
+            except asyncio.CancelledError:
+                if not self._absorb_cancel(record):
+                    raise
+                free = runner
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
+                self._failed(record, exc)
+                free = runner
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
+                if not record.ended:
+                    self._finish(record, TaskState.FAILED, error=exc)
+                raise
+            else:
+                if not record.ended:
+                    self._succeed(record, response)
+                free = runner
+            finally:
+                # nothing waiting, nothing to hand over (the free path); and a cancellation still
+                # pending (code that swallowed ours) would hit the next record: such a task takes none
+                if free is None or not self._admission.heap or free.cancelling():
+                    self._stopped(record)
+                else:
+                    self._free_runner = free
+                    try:
+                        self._stopped(record)  # may admit a record and hand it this task (_start)
+                    finally:
+                        self._free_runner = None
+            handed = self._handed
+            if handed is None:
+                return
+            self._handed = None
             try:
                 await _NEXT_TURN
             except asyncio.CancelledError:
                 # not our doing (we cancel no record that has not begun, see _cancel): the record
                 # handed to this task ends with it
-                if next_record.task is task:
-                    if not next_record.ended:
-                        self._finish(next_record, TaskState.CANCELLED, error=next_record.cancelled_error())
-                    self._stopped(next_record)
+                if handed.task is runner:
+                    if not handed.ended:
+                        self._finish(handed, TaskState.CANCELLED, error=handed.cancelled_error())
+                    self._stopped(handed)
                 raise
-            next_record = await self._execute(next_record, task)
-
-    async def _execute(self, record: TaskRecord, runner: asyncio.Task[None] | None = None) -> TaskRecord | None:
-        """Run one attempt of a started record, to its end. With ``runner`` (the asyncio task of
-        ours this runs in, see _run), return the record that this one's end admitted and handed
-        to the same task, if any."""
-        if record.task is None:
-            return None  # it ended before its first step (cancelled at once); already cleaned up
-        selection = record.selection
-        allocation = record.allocation
-        assert allocation is not None
-        # made at its first step, not at its start: a burst of tasks started at once then holds
-        # one object less each while they wait for the loop (the cyclic GC ran a full collection
-        # more per 20,000 such tasks); no attempt yet means its code has not begun
-        record.attempt = attempt = Attempt(selection.algorithm, allocation.devices, record)
-        free = None  # the runner, once this attempt ended without an exception to pass on
-        try:
-            response = await selection.executor.execute(record.request, attempt)
-            if type(response) is not Response and not isinstance(response, Response):
-                raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
-                                    "not a Response")
-        except asyncio.CancelledError:
-            if not self._absorb_cancel(record):
-                raise
-            free = runner
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a terminal state or a retry
-            self._failed(record, exc)
-            free = runner
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: end the task, then let it fly
-            if not record.ended:
-                self._finish(record, TaskState.FAILED, error=exc)
-            raise
-        else:
-            if not record.ended:
-                self._succeed(record, response)
-            free = runner
-        finally:
-            # a cancellation still pending (code that swallowed ours) would hit the next record:
-            # such a task takes none
-            if free is None or free.cancelling():
-                self._stopped(record)
-            else:
-                self._free_runner = free
-                try:
-                    self._stopped(record)  # may admit a record and hand it this task (_start)
-                finally:
-                    self._free_runner = None
-        handed, self._handed = self._handed, None
-        return handed
+            record = handed
 
     def _absorb_cancel(self, record: TaskRecord) -> bool:
         """Whether the task's code may swallow the CancelledError it got.
 
         We cancel a task only after _cancel gave the record its terminal state, and take that
-        request back here: our own tasks go on to the next record (see _run), and a task run
+        request back here: our own tasks go on to the next record (see _execute), and a task run
         inline is our caller's. Any other cancellation (of the asyncio task by someone else, or a
         CancelledError the code met) ends the record and goes on.
         """
@@ -541,7 +542,7 @@ class Scheduler:
         if (record.timer is None and record.waiters is None and record.chunk_waiter is None
                 and record.callbacks is None and not self._observers and not self._idle_waiters):
             # _finish for the usual task: nobody waits on it or watches it
-            record.outcome = response
+            record.outputs, record.executor_timings = response.outputs, response.timings
             record.error = None
             self._transition(record, _SUCCEEDED)
         else:
@@ -681,7 +682,8 @@ class Scheduler:
 
     def _finish(self, record: TaskRecord, state: TaskState, *, outcome: Response | None = None,
                 error: BaseException | None = None) -> None:
-        record.outcome = outcome
+        if outcome is not None:
+            record.outputs, record.executor_timings = outcome.outputs, outcome.timings
         record.error = error
         self._transition(record, state)
         if record.timer is not None:
