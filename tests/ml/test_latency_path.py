@@ -33,21 +33,22 @@ def test_a_lone_sentence_is_encoded_normalised_and_listed_on_the_models_thread(e
         ran.append(("forward", threading.current_thread().name, torch.get_num_threads()))
         return forward(*args, **kwargs)
 
-    normalize = embeddings.normalize
+    embed_lists = embeddings.embed_lists
 
-    def recording_normalize(vectors: Any) -> Any:
-        ran.append(("normalize", threading.current_thread().name, torch.get_num_threads()))
-        return normalize(vectors)
+    def recording_embed_lists(*args: Any, **kwargs: Any) -> Any:
+        ran.append(("embed_lists", threading.current_thread().name, torch.get_num_threads()))
+        return embed_lists(*args, **kwargs)
 
     monkeypatch.setattr(lm.model, "forward", recording_forward)
-    monkeypatch.setattr(embeddings, "normalize", recording_normalize)
+    monkeypatch.setattr(embeddings, "embed_lists", recording_embed_lists)
     with _runtime(executor) as rt:
         outputs = [rt.run("ml/embeddings", text).outputs for text in ("hello world", "the lazy dog", "hi")]
         raw = rt.run("ml/embeddings", "hello world", params={"normalize": False}).outputs
     batcher = f"ml-batch-{lm.name}"
-    # each request: one forward, then its normalisation, both on the model's own thread, whose
-    # torch runs the executor's intra-op thread count (not the caller's or the loop's thread)
-    assert ran == [("forward", batcher, 2), ("normalize", batcher, 2)] * 3 + [("forward", batcher, 2)]
+    # each request: encoded, pooled, normalised and made a list of floats in one call on the
+    # model's own thread, whose torch runs the executor's intra-op thread count (the caller's
+    # thread and the loop's only hand the texts over and the lists back)
+    assert ran == [("embed_lists", batcher, 2), ("forward", batcher, 2)] * 4
     assert all(isinstance(v, list) and all(isinstance(x, float) for x in v) for v in outputs)
     assert abs(sum(x * x for x in outputs[0]) - 1) < 1e-5
     assert abs(sum(x * x for x in raw) - 1) > 1e-3
@@ -125,3 +126,20 @@ async def test_a_cancelled_lone_request_ends_cancelled_and_the_next_one_runs(exe
         stats = scheduler.stats()
     assert len(after) == 48
     assert stats.finished["cancelled"] == 1 and stats.finished["succeeded"] == 2
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_one_text_short_way_gives_the_batch_paths_vector(executor_for, normalized):
+    from edgecompute_ml._tasks.embeddings import embed_lists, embed_texts, normalize
+
+    lm = executor_for().load("bert")
+    for text in ("hello world", "the lazy dog jumps over the quick brown fox twice", "hi"):
+        expected = embed_texts(lm, [text])
+        if normalized:
+            expected = normalize(expected)
+        got = embed_lists(lm, [text], [normalized])
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float32), expected, atol=1e-6, rtol=1e-6)
+    # cls pooling and two texts take the tensor path: the same as the ops themselves
+    two = embed_lists(lm, ["hello world", "hi"], [normalized, False], "cls")
+    cls = embed_texts(lm, ["hello world", "hi"], "cls")
+    torch.testing.assert_close(torch.tensor(two[1]), cls[1], atol=0, rtol=0)

@@ -399,11 +399,11 @@ class MLExecutor:
     def _embedding_batch(self, lm: Any) -> Any:
         """The embeddings batcher's function: items are ``(text, normalize)``, results the vectors
         as lists of floats, each normalised or not as its request asked."""
-        from ._tasks.embeddings import embed_texts, vector_lists
+        from ._tasks.embeddings import embed_lists
 
         def run(items: list[tuple[str, bool]]) -> list[list[float]]:
-            vectors = embed_texts(lm, [text for text, _ in items], split=True, runner=self.split_runner())
-            return vector_lists(vectors, [norm for _, norm in items])
+            return embed_lists(lm, [text for text, _ in items], [norm for _, norm in items], split=True,
+                               runner=self.split_runner())
 
         return run
 
@@ -425,7 +425,7 @@ class MLExecutor:
 
     async def _embeddings(self, lm: Any, request: Request, params: dict[str, Any], ctx: TaskContext,
                           timings: dict[str, float]) -> Response:
-        from ._tasks.embeddings import embed_texts, vector_lists
+        from ._tasks.embeddings import embed_lists
 
         inputs = request.inputs
         if isinstance(inputs, Mapping):
@@ -448,14 +448,14 @@ class MLExecutor:
         norm = params.get("normalize", lm.normalize)
         if not isinstance(norm, bool):
             raise InvalidRequest(f"normalize must be true or false, not {norm!r}")
-        # normalised and made lists on the thread that ran the forward, right after it: torch's
-        # dispatch code is still in the caches there. The same ops on the loop thread, after a
-        # forward has streamed the weights through every cache, took 5-10x as long (75 us against
-        # 8 for one MiniLM vector; docs/ml.md, "One sentence").
+        # normalised and made lists on the thread that ran the forward, as part of its work: after
+        # a forward has streamed the weights through every cache, each torch op costs 5-10x its
+        # warm time wherever it runs (F.normalize 75 us against 8 for one MiniLM vector), and
+        # the loop would pay that on every request's way back (docs/ml.md, "One sentence")
         if self.batching and batch and pooling in (None, lm.pooling):
             out = await self.batcher(lm).submit([(text, norm) for text in texts])
         else:
-            out = await ctx.run_sync(lambda: vector_lists(embed_texts(lm, list(texts), pooling), [norm] * len(texts)))
+            out = await ctx.run_sync(embed_lists, lm, list(texts), [norm] * len(texts), pooling)
         return Response(out[0] if single else out, timings=timings)
 
     async def health(self) -> Health:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["embed_texts", "vector_lists"]
+__all__ = ["embed_lists", "embed_texts", "vector_lists"]
+
+# up to this many rows, vector_lists normalises in Python (see there)
+_FEW_ROWS = 8
 
 
 def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, split: bool = False,
@@ -44,23 +48,54 @@ def embed_texts(lm: Any, texts: Sequence[str], pooling: str | None = None, *, sp
     return _embed(lm, encodings, lengths, method)
 
 
+def embed_lists(lm: Any, texts: Sequence[str], normalized: Sequence[bool], pooling: str | None = None, *,
+                split: bool = False, runner: Any = None) -> list[list[float]]:
+    """``vector_lists(embed_texts(lm, texts, pooling, ...), normalized)``: the vectors as lists of
+    floats, each L2-normalised where ``normalized`` says so.
+
+    One text with mean pooling (a served sentence's usual case) takes a shorter way to the same
+    vector (to float32 rounding): its hidden states summed over the tokens become a list at once,
+    and the mean, or the unit vector (the mean's length cancels), is taken in Python. Right after
+    a forward has streamed the weights through every cache, each further torch op costs 40-50 us
+    instead of ~5, and the few Python steps here less than the ops they replace (docs/ml.md).
+    """
+    if len(texts) == 1 and (pooling or lm.pooling) == "mean":
+        import torch
+
+        encoding = lm.tokenizer.encode_batch(list(texts), add_special_tokens=True)[0]
+        width = min(sum(encoding.attention_mask), lm.max_length)
+        with torch.inference_mode():
+            row: list[float] = _forward_unpadded(lm, [encoding], width).sum(1).tolist()[0]
+        scale = max(math.hypot(*row), 1e-12) if normalized[0] else width  # F.normalize's eps
+        return [[x / scale for x in row]]
+    return vector_lists(embed_texts(lm, texts, pooling, split=split, runner=runner), normalized)
+
+
+def _forward_unpadded(lm: Any, encodings: Sequence[Any], width: int) -> Any:
+    """The hidden states of texts that need no padding (one text, or texts of one length): no
+    mask to build, pass or apply; the forward gives the same bits as with a mask of ones. To be
+    called in ``torch.inference_mode()``."""
+    import torch
+
+    device = lm.model.device
+    ids = torch.tensor([e.ids[:width] for e in encodings])
+    segments = [e.type_ids[:width] for e in encodings]
+    # one segment (all type ids 0, a sentence's usual case): the forward adds type 0's row itself
+    types = torch.tensor(segments).to(device) if any(map(any, segments)) else None
+    return lm.model.forward(ids.to(device), None, types)
+
+
 def _embed(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: str) -> Any:
     import torch
 
     device = lm.model.device
     width = max(lengths)
     if min(lengths) == width:
-        # no padding (one text, or texts of one length): no mask to build, pass or apply; the
-        # forward and the pooling give the same bits as with a mask of ones
-        ids = torch.tensor([e.ids[:width] for e in encodings])
-        segments = [e.type_ids[:width] for e in encodings]
-        # one segment (all type ids 0, a sentence's usual case): the forward adds type 0's row itself
-        types = torch.tensor(segments).to(device) if any(map(any, segments)) else None
         with torch.inference_mode():
-            hidden = lm.model.forward(ids.to(device), None, types)
+            hidden = _forward_unpadded(lm, encodings, width)
             if pooling == "mean":
                 return (hidden.sum(1) / width).cpu()
-            return pool(hidden, torch.ones(ids.shape, dtype=hidden.dtype, device=device), pooling).cpu()
+            return pool(hidden, torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=device), pooling).cpu()
     pad = lm.model.config.pad_token_id
     ids = torch.full((len(encodings), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encodings), width), dtype=torch.long)
@@ -110,7 +145,17 @@ def normalize(vectors: Any) -> Any:
 
 
 def vector_lists(vectors: Any, normalized: Sequence[bool]) -> list[list[float]]:
-    """``vectors`` [N, H] as N lists of floats, row ``i`` L2-normalised where ``normalized[i]``."""
+    """``vectors`` [N, H] as N lists of floats, row ``i`` L2-normalised where ``normalized[i]``.
+
+    A few rows are normalised in Python after ``tolist()`` (one torch op, where ``F.normalize``
+    takes four, each slow right after a forward: see ``embed_lists``); many, in torch."""
+    if len(normalized) <= _FEW_ROWS:
+        out: list[list[float]] = vectors.tolist()
+        for i, row in enumerate(out):
+            if normalized[i]:
+                scale = max(math.hypot(*row), 1e-12)
+                out[i] = [x / scale for x in row]
+        return out
     if all(normalized):
         vectors = normalize(vectors)
     elif any(normalized):
@@ -119,5 +164,5 @@ def vector_lists(vectors: Any, normalized: Sequence[bool]) -> list[list[float]]:
         rows = torch.tensor([i for i, norm in enumerate(normalized) if norm])
         vectors = vectors.clone()
         vectors[rows] = normalize(vectors[rows])
-    out: list[list[float]] = vectors.tolist()
+    out = vectors.tolist()
     return out
