@@ -234,10 +234,9 @@ EC_TARGET_512 void rows_512(const uint8_t* codes, const uint16_t* scale, const u
     }
 #undef EC_STEP
   }
+  const __m512 z_factor = _mm512_set1_ps(low != nullptr ? 1.0f : -8.0f);  // Q4_0: low = -8 * scale
   for (int r = 0; r < R; ++r) {
-    const float zero_term = _mm512_reduce_add_ps(z[r]);
-    out[r * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) +
-                          (low != nullptr ? zero_term : -8.0f * zero_term);
+    out[r * out_stride] = _mm512_reduce_add_ps(_mm512_fmadd_ps(z[r], z_factor, _mm512_add_ps(acc[r][0], acc[r][1])));
   }
 }
 
