@@ -107,7 +107,11 @@ def worker_gen_ours(a: argparse.Namespace) -> dict[str, Any]:
     from torch._dynamo.utils import counters
 
     capture = lm.model.capture
-    return {"tok_s": len(out["tokens"]) / elapsed, "load_mb": loaded - base, "rss_mb": _rss_mb(),
+    from edgecompute_ml._kernels import build as kernels
+
+    # which kernel multiplied the 4-bit weights: edgecompute_ml's own, or torch's int4 (and why)
+    q4 = "torch int4 (" + str(kernels.q4_status()) + ")" if kernels.q4_status() else "edgecompute_ml q4.cpp"
+    return {"q4_kernel": q4, "tok_s": len(out["tokens"]) / elapsed, "load_mb": loaded - base, "rss_mb": _rss_mb(),
             "weights_mb": lm.bytes / 2**20, "texts": texts, "story": out["text"][:80], "first_s": first,
             "fallback": capture.fallback if capture is not None else "off",
             "compiled": counters["inductor"].get("fxgraph_cache_miss", 0),
@@ -336,6 +340,7 @@ def bench_gen(args: argparse.Namespace, paths: dict[str, str], tmp: Path) -> lis
     same = [a[:32] == b[:32] for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
     first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
              for a, b in zip(q[0]["texts"], f[0]["texts"], strict=True)]
+    lines.append(f"4-bit kernel: {q[0]['q4_kernel']}")
     lines.append(f"greedy text, quantized captured == float32 eager path, first 32 tokens of {len(PROMPTS)} chat "
                  f"prompts: {same} (first differing token: {first})")
     lines.append(f"capture: first generation (4 tokens, fresh cache folder) {cold['first_s']:.1f} s in process 1 "
@@ -372,6 +377,7 @@ def bench_gen1b(args: argparse.Namespace, tmp: Path) -> list[str]:
         lines.append(f"| {name} | {_cell(rs, 'tok_s')} | {_cell(rs, 'load_mb', '{:.0f}')} | "
                      f"{_cell(rs, 'rss_mb', '{:.0f}')} | {held} |")
     lines.append("")
+    lines.append(f"4-bit kernel: {res['ours, eager (default)'][0]['q4_kernel']}")
     if "llama.cpp" in res:
         lc = res["llama.cpp"]
         for name in ("ours, eager (default)", "ours, captured (compile = true)"):
