@@ -172,71 +172,75 @@ float low_term(const uint16_t* scale, const uint16_t* low, const float* sums, in
 // ---------------------------------------------------------------- AVX-512 VNNI
 
 
-// One weight row against R activation rows, 16 groups (4 steps of 64 bytes) at a time: the 16
-// groups' weight scales times each activation row's scales once, spread to the dot's lanes (lane
-// 4j + i of step s belongs to group 4s + j) by one permute a step; the low term in the same pass.
+// One dot step: 64 bytes of one weight row's codes (4 groups) against R activation rows.
 template <int R>
-EC_TARGET_512 void rows_512(const uint8_t* codes, const uint16_t* scale, const uint16_t* low, int64_t groups,
-                            const Act* act, float* out, int64_t out_stride) {
+EC_TARGET_512 __attribute__((always_inline)) inline void step_512(__m512i w, const Act* act, int64_t c,
+                                                                 __m512i spread, const __m512* s, __m512* acc) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(w, nibble);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+  for (int r = 0; r < R; ++r) {
+    const int8_t* q = act[r].q + c * kChunkBytes;
+    // two short chains (q1, q2) rather than one of four dependent dot products
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
+    __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q + 128));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q + 64));
+    e = _mm512_dpbusd_epi32(e, hi, _mm512_loadu_si512(q + 192));
+    d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(spread, s[r]), acc[r]);
+  }
+}
+
+// W weight rows (consecutive) against R activation rows, 16 groups (4 steps of 64 bytes) at a
+// time: the 16 groups' weight scales times each activation row's scales once, spread to the
+// dot's lanes (lane 4j + i of step s belongs to group 4s + j) by one permute a step; the low term
+// in the same pass. Two weight rows against one activation row share its loads (decode).
+template <int R, int W>
+EC_TARGET_512 void rows_512(const uint8_t* codes, int64_t code_stride, const uint16_t* scale, const uint16_t* low,
+                            int64_t groups, const Act* act, float* out, int64_t out_stride) {
   const __m512i spread[4] = {
       _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
       _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
       _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
       _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
-  __m512 acc[R][2], z[R];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = z[r] = _mm512_setzero_ps();
+  __m512 acc[2][W * R], z[W * R], s[W * R];
+  for (int i = 0; i < W * R; ++i) acc[0][i] = acc[1][i] = z[i] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
     const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
     const __mmask16 kg = static_cast<__mmask16>((1u << left) - 1);
-    const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kg, scale + g0));
-    const __m512 lw = low != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kg, low + g0)) : ws;
-    __m512 s[R];
-    for (int r = 0; r < R; ++r) {
-      s[r] = _mm512_mul_ps(ws, _mm512_loadu_ps(act[r].scale + g0));
-      z[r] = _mm512_fmadd_ps(lw, _mm512_loadu_ps(act[r].sums + g0), z[r]);
+    for (int w = 0; w < W; ++w) {
+      const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kg, scale + w * groups + g0));
+      const __m512 lw = low != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kg, low + w * groups + g0)) : ws;
+      for (int r = 0; r < R; ++r) {
+        s[w * R + r] = _mm512_mul_ps(ws, _mm512_loadu_ps(act[r].scale + g0));
+        z[w * R + r] = _mm512_fmadd_ps(lw, _mm512_loadu_ps(act[r].sums + g0), z[w * R + r]);
+      }
     }
-    const uint8_t* w64 = codes + g0 * 16;
     const int64_t c0 = g0 / kChunk;
-#define EC_STEP(j, W)                                                                          \
-  {                                                                                            \
-    const __m512i w = (W);                                                                     \
-    const __m512i lo = _mm512_and_si512(w, nibble);                                            \
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);                      \
-    for (int r = 0; r < R; ++r) {                                                              \
-      const int8_t* q = act[r].q + (c0 + (j)) * kChunkBytes;                                   \
-      /* two short chains (q1, q2) rather than one of four dependent dot products */           \
-      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));      \
-      __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q + 128)); \
-      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q + 64));                              \
-      e = _mm512_dpbusd_epi32(e, hi, _mm512_loadu_si512(q + 192));                             \
-      d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e);                                        \
-      acc[r][(j) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(spread[j], s[r]), \
-                                        acc[r][(j) & 1]);                                      \
-    }                                                                                          \
-  }
     if (left == kPadGroups) {
-      EC_STEP(0, _mm512_loadu_si512(w64));
-      EC_STEP(1, _mm512_loadu_si512(w64 + 64));
-      EC_STEP(2, _mm512_loadu_si512(w64 + 128));
-      EC_STEP(3, _mm512_loadu_si512(w64 + 192));
+      for (int j = 0; j < 4; ++j) {
+        for (int w = 0; w < W; ++w) {
+          step_512<R>(_mm512_loadu_si512(codes + w * code_stride + g0 * 16 + 64 * j), act, c0 + j, spread[j],
+                      s + w * R, acc[j & 1] + w * R);
+        }
+      }
     } else {  // the last groups: masked loads (the activations are zero-padded)
       for (int j = 0; j * kChunk < left; ++j) {
         const int64_t n = std::min<int64_t>(kChunk, left - j * kChunk);
         const __mmask64 kb = (~0ULL) >> (64 - 16 * n);
-        switch (j) {
-          case 0: EC_STEP(0, _mm512_maskz_loadu_epi8(kb, w64)); break;
-          case 1: EC_STEP(1, _mm512_maskz_loadu_epi8(kb, w64 + 64)); break;
-          case 2: EC_STEP(2, _mm512_maskz_loadu_epi8(kb, w64 + 128)); break;
-          default: EC_STEP(3, _mm512_maskz_loadu_epi8(kb, w64 + 192)); break;
+        for (int w = 0; w < W; ++w) {
+          step_512<R>(_mm512_maskz_loadu_epi8(kb, codes + w * code_stride + g0 * 16 + 64 * j), act, c0 + j,
+                      spread[j], s + w * R, acc[j & 1] + w * R);
         }
       }
     }
-#undef EC_STEP
   }
   const __m512 z_factor = _mm512_set1_ps(low != nullptr ? 1.0f : -8.0f);  // Q4_0: low = -8 * scale
-  for (int r = 0; r < R; ++r) {
-    out[r * out_stride] = _mm512_reduce_add_ps(_mm512_fmadd_ps(z[r], z_factor, _mm512_add_ps(acc[r][0], acc[r][1])));
+  for (int w = 0; w < W; ++w) {
+    for (int r = 0; r < R; ++r) {
+      const int i = w * R + r;
+      out[r * out_stride + w] = _mm512_reduce_add_ps(_mm512_fmadd_ps(z[i], z_factor, _mm512_add_ps(acc[0][i], acc[1][i])));
+    }
   }
 }
 
@@ -244,8 +248,8 @@ EC_TARGET_512 void rows_512(const uint8_t* codes, const uint16_t* scale, const u
 
 template <int R>
 __attribute__((target("avx2,fma,f16c")))
-void rows_256(const uint8_t* codes, const uint16_t* scale, const uint16_t* low, int64_t groups, const Act* act,
-              float* out, int64_t out_stride) {
+void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, const uint16_t* scale,
+              const uint16_t* low, int64_t groups, const Act* act, float* out, int64_t out_stride) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
@@ -300,15 +304,18 @@ void rows_256(const uint8_t* codes, const uint16_t* scale, const uint16_t* low, 
 
 // ---------------------------------------------------------------- the op
 
-using RowsFn = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const Act*, float*, int64_t);
+using RowsFn = void (*)(const uint8_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const Act*, float*,
+                        int64_t);
 
-RowsFn rows_fn(int64_t isa, int64_t r) {
+constexpr int64_t kPairRows = 2;  // weight rows a pass for one activation row (AVX-512)
+
+RowsFn rows_fn(int64_t isa, int64_t r, bool pair) {
   if (isa == kAvx512Vnni) {
     switch (r) {
-      case 1: return rows_512<1>;
-      case 2: return rows_512<2>;
-      case 3: return rows_512<3>;
-      default: return rows_512<4>;
+      case 1: return pair ? rows_512<1, kPairRows> : rows_512<1, 1>;
+      case 2: return rows_512<2, 1>;
+      case 3: return rows_512<3, 1>;
+      default: return rows_512<4, 1>;
     }
   }
   switch (r) {
@@ -374,9 +381,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       const int64_t n1 = std::min(end, n0 + kTile);
       for (int64_t m0 = 0; m0 < m; m0 += kRowsAtOnce) {
         const int64_t r = std::min(kRowsAtOnce, m - m0);
-        const RowsFn fn = rows_fn(isa, r);
-        for (int64_t row = n0; row < n1; ++row) {
-          fn(cp + row * half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
+        const int64_t step = (r == 1 && isa == kAvx512Vnni) ? kPairRows : 1;
+        int64_t row = n0;
+        for (const RowsFn fn = rows_fn(isa, r, step > 1); row + step <= n1; row += step) {
+          fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
+             acts.data() + m0, op + m0 * n + row, n);
+        }
+        for (const RowsFn fn = rows_fn(isa, r, false); row < n1; ++row) {  // an odd last row
+          fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
              acts.data() + m0, op + m0 * n + row, n);
         }
       }
