@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import random
 import threading
@@ -63,6 +64,36 @@ class _NextTurn:
 
 
 _NEXT_TURN = _NextTurn()
+_copy_context = contextvars.copy_context
+
+
+class _InContext:
+    """Awaits ``awaitable`` with each of its steps run in ``context``: how a task of ours runs a
+    record handed to it in that record's context (an asyncio task enters one context, its own,
+    for all its steps; making a task per record for that is what handing over saves)."""
+
+    __slots__ = ("awaitable", "context")
+
+    def __init__(self, awaitable: Any, context: contextvars.Context) -> None:
+        self.awaitable = awaitable
+        self.context = context
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        run = self.context.run
+        steps = run(self.awaitable.__await__)
+        send, throw = steps.send, steps.throw
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                yielded = run(send, value) if error is None else run(throw, error)
+            except StopIteration as stop:
+                return stop.value
+            value = error = None
+            try:
+                value = yield yielded  # a future, for the asyncio task to wait on
+            except BaseException as exc:  # noqa: BLE001 - a cancellation (or close) goes to the code
+                error = exc
 
 
 def _covering(a: Resources, b: Resources) -> Resources:
@@ -418,11 +449,24 @@ class Scheduler:
             # nothing waits ahead of it: admit straight away if it fits, skipping the heap
             allocation = self._pool.try_acquire(needs)
             if allocation is not None:
+                if caller is None and (request.retries if request.retries is not None else self._retries):
+                    self._keep_context(record)  # for a retry, which starts from the queue
                 self._start(record, allocation, caller, now)  # never counted as queued
                 return record
+        context = _copy_context()  # _keep_context, inline: once per queued task
+        if len(context):
+            record.context = context
         if admission.queue(record, now - request.priority * admission.aging):
             admission.dispatch()
         return record
+
+    @staticmethod
+    def _keep_context(record: TaskRecord) -> None:
+        # a task that starts from the queue runs in a copy of the context it was submitted from,
+        # taken now; one with nothing set is not kept (it runs in a fresh context)
+        context = _copy_context()
+        if len(context):
+            record.context = context
 
     def _start(self, record: TaskRecord, allocation: Allocation, caller: asyncio.Task[Any] | None = None,
                now: float | None = None) -> None:
@@ -442,7 +486,11 @@ class Scheduler:
             task, self._free_runner = self._free_runner, None
             self._handed = record
         else:
-            task = self._loop.create_task(self._execute(record, own=True))
+            # its code runs in a copy of the context it was submitted from: admitted at submission,
+            # the task copies that itself; else it is what the record kept (or nothing was set),
+            # not the context of whatever ended before it and admitted it
+            context = None if now is not None else record.take_context() or contextvars.Context()
+            task = self._loop.create_task(self._execute(record, own=True), context=context)
         record.task = task
         self._tasks[task] = record
         if self._observers:
@@ -464,6 +512,7 @@ class Scheduler:
         passed meanwhile ends it unstarted.
         """
         runner = record.task if own else None
+        first = record  # runs in the asyncio task's own context (see _start)
         # no task: it ended before its first step (cancelled at once) and is already cleaned up
         while record.task is not None:
             selection = record.selection
@@ -475,7 +524,15 @@ class Scheduler:
             record.attempt = attempt = Attempt(selection.algorithm, allocation.devices, record)
             free = None  # the runner, once this attempt ended without an exception to pass on
             try:
-                response = await selection.executor.execute(record.request, attempt)
+                # a record handed to this task runs in its own context, not the one of the record
+                # before, unless both are empty: its submitter set nothing, nor has the code that
+                # ran here before (the usual burst: a context to step through costs ~1 us a task)
+                if record is first or (record.context is None and not len(_copy_context())):
+                    response = await selection.executor.execute(record.request, attempt)
+                else:
+                    context = record.take_context() or contextvars.Context()
+                    response = await _InContext(context.run(selection.executor.execute, record.request, attempt),
+                                                context)
                 if type(response) is not Response and not isinstance(response, Response):
                     raise ExecutorError(f"{selection.qualified_name} returned {type(response).__name__}, "
                                         "not a Response")

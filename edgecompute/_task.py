@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
@@ -122,6 +123,7 @@ class Attempt(TaskContext):
     def run_sync(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         # the pool's future itself, not a coroutine awaiting it: a burst of blocking tasks waits
         # here by the thousand, and a coroutine each was one more object for the cyclic GC to walk
+        # the pool runs it in a copy of this context (the task's): see _threads
         future = self.record.host.threads.submit(fn, *args, on_done=self.thread_finished)
         self.threads_open += 1  # after submit: a pool that refuses the call leaves nothing to wait for
         return future
@@ -149,6 +151,7 @@ class TaskRecord:
         "callbacks",
         "chunk_waiter",
         "chunks",
+        "context",
         "deadline",
         "ended",
         "error",
@@ -208,6 +211,15 @@ class TaskRecord:
         #: (callback, the handle it was added on), called when the task ends
         self.callbacks: list[tuple[Callable[[TaskHandle], None], TaskHandle]] | None = None
         self.handle: TaskHandle | None = None
+        #: a copy of the context it was submitted from, for a queued task submitted from a
+        #: context with anything set (see Scheduler._enqueue)
+        self.context: contextvars.Context | None = None
+
+    def take_context(self) -> contextvars.Context | None:
+        """A copy of the context to run an attempt of the record's code in (None: a fresh empty
+        one): what one attempt sets is seen by no other attempt."""
+        context = self.context
+        return None if context is None else context.copy()
 
     def __repr__(self) -> str:
         return f"<TaskRecord {self.id} {self.selection.qualified_name} {self.state.value}>"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 
 import pytest
@@ -32,6 +33,7 @@ from edgecompute import (
     Scheduler,
     TaskContext,
     TaskEvent,
+    TaskHandle,
     TaskState,
 )
 from edgecompute.errors import (
@@ -717,6 +719,46 @@ async def test_non_retryable_errors_fail_once_and_retries_run_out() -> None:
             await handle.result()
         assert handle.attempts == 2
         assert handle.state is TaskState.FAILED
+
+
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
+
+
+@pytest.mark.parametrize("queued", [False, True])
+async def test_each_attempt_starts_from_the_submitters_context(queued: bool) -> None:
+    # docs/scheduler.md, "Context variables": a retry sees the submitter's values, not what the
+    # attempt before it set (admitted at once or from the queue)
+    flaky = FunctionExecutor("flaky")
+    seen: list[tuple[str, str]] = []
+    gate = asyncio.Event()
+
+    @flaky.algorithm(resources=Resources(cpu=1))
+    async def note(inputs: str) -> str:
+        seen.append((inputs, _tenant.get()))
+        _tenant.set("set by an attempt")
+        if inputs == "before":
+            await gate.wait()  # holds the only core while the other one is submitted
+        if inputs == "retried" and len([name for name, _ in seen if name == inputs]) == 1:
+            raise ExecutorError("once", retryable=True)
+        return inputs
+
+    async def submit_as_tenant(scheduler: Scheduler) -> TaskHandle:
+        _tenant.set("tenant")
+        return scheduler.submit(Request("flaky/note", "retried", retries=1))
+
+    config = Config(retry_backoff=0.001)
+    async with Scheduler(Registry([flaky]), capacity=Resources(cpu=1), config=config) as scheduler:
+        before = scheduler.submit(Request("flaky/note", "before")) if queued else None
+        await settle()
+        handle = await asyncio.create_task(submit_as_tenant(scheduler))
+        if before is not None:
+            assert handle.state is TaskState.QUEUED and handle.attempts == 0
+            gate.set()
+        assert (await handle.result()).outputs == "retried"
+        assert handle.attempts == 2
+        if before is not None:
+            assert (await before.result()).outputs == "before"
+    assert [tenant for name, tenant in seen if name == "retried"] == ["tenant", "tenant"]
 
 
 # -- Backpressure and closing ----------------------------------------------------------------------
