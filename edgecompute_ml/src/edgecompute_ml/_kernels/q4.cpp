@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -374,24 +375,38 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   float* op = out.data_ptr<float>();
   const int64_t half_k = k / 2;
   // a task holds at least ~64K weights (a fork costs microseconds; a 576-wide row is 0.2 us)
-  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(k, 1) / std::max<int64_t>(m, 1));
   constexpr int64_t kTile = 16;  // weight rows kept in cache while every activation row passes
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += kTile) {
-      const int64_t n1 = std::min(end, n0 + kTile);
-      for (int64_t m0 = 0; m0 < m; m0 += kRowsAtOnce) {
-        const int64_t r = std::min(kRowsAtOnce, m - m0);
-        const int64_t step = (r == 1 && isa == kAvx512Vnni) ? kPairRows : 1;
-        int64_t row = n0;
-        for (const RowsFn fn = rows_fn(isa, r, step > 1); row + step <= n1; row += step) {
-          fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
-             acts.data() + m0, op + m0 * n + row, n);
-        }
-        for (const RowsFn fn = rows_fn(isa, r, false); row < n1; ++row) {  // an odd last row
-          fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
-             acts.data() + m0, op + m0 * n + row, n);
-        }
+  auto tile = [&](int64_t n0) {
+    const int64_t n1 = std::min(n, n0 + kTile);
+    for (int64_t m0 = 0; m0 < m; m0 += kRowsAtOnce) {
+      const int64_t r = std::min(kRowsAtOnce, m - m0);
+      const int64_t step = (r == 1 && isa == kAvx512Vnni) ? kPairRows : 1;
+      int64_t row = n0;
+      for (const RowsFn fn = rows_fn(isa, r, step > 1); row + step <= n1; row += step) {
+        fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
+           acts.data() + m0, op + m0 * n + row, n);
       }
+      for (const RowsFn fn = rows_fn(isa, r, false); row < n1; ++row) {  // an odd last row
+        fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
+           acts.data() + m0, op + m0 * n + row, n);
+      }
+    }
+  };
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  // Threads take tiles from a shared counter rather than a fixed half each: on a shared machine a
+  // thread whose core is busy elsewhere holds up the whole op under a static split. Small products
+  // (a fork costs microseconds) run on the calling thread.
+  const int64_t work = n * k * m;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, work >> 17));
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < tiles; ++t) tile(t * kTile);
+    return out;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      tile(t * kTile);
     }
   });
   return out;
