@@ -155,6 +155,8 @@ PATHS: dict[str, Callable[[int], Awaitable[None]]] = {
     "ThreadPoolExecutor(4)": thread_pool,
     "edgecompute async executor": edgecompute_path("bench/nothing", prebuilt=True),
     "edgecompute blocking (thread) executor": edgecompute_path("bench/blocking_nothing", prebuilt=True),
+    "edgecompute async, queued (2 cores)": edgecompute_path("bench/one_core", prebuilt=True,
+                                                             capacity=Resources(cpu=2)),
     "edgecompute async, queued burst (cpu=0.5 each, 2 cores)": edgecompute_path(
         "bench/half_core", prebuilt=True, capacity=Resources(cpu=2)),
 }
