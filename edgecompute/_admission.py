@@ -35,6 +35,7 @@ __all__ = ["BACKFILL_WINDOW", "Admission"]
 
 BACKFILL_WINDOW = 32
 _QUEUED = TaskState.QUEUED
+_heappush = heapq.heappush
 
 
 class _Waiting(Protocol):
@@ -89,16 +90,17 @@ class Admission(Generic[T]):
         competes with the task at the front (see held_back): scanning the queue again would then
         only cost time (~30 us per submission with a backlog).
         """
-        self._seq += 1
+        self._seq = seq = self._seq + 1
         self.queued += 1
-        place = (int(key * 1e9) << _SEQ_BITS) + self._seq
+        place = (int(key * 1e9) << _SEQ_BITS) + seq
         tasks = self.tasks
         tasks[place] = task
         heap = self.heap
-        heapq.heappush(heap, place)
+        _heappush(heap, place)
         needs = task.needs
         kinds = self.kinds
-        kinds[id(needs)] = kinds.get(id(needs), 0) + 1
+        kind = id(needs)
+        kinds[kind] = kinds.get(kind, 0) + 1
         if task.limits:
             return True
         front = tasks[heap[0]]
