@@ -17,13 +17,13 @@ Two forms, chosen per tensor:
 
 A ``q4`` weight is held in one of two layouts, never both:
 
-- **native** (where ``_kernels/build.load_q4`` compiled and loaded the kernel): codes [N, K/2] with
-  group ``g`` of a row at bytes 16g..16g+15, byte ``j`` holding values ``j`` and ``16 + j`` (GGUF's
-  own order), scales and ``low = offset - 8 * scale`` in float16 [N, K/32] (``low`` absent for
-  offsets of zero: Q4_0). The kernel quantizes each activation row to int8 per 32 (as llama.cpp
-  does), takes the integer dot with AVX-512 VNNI (or AVX2) and returns float32. Where float16
-  does not hold a file's scales exactly (Q4_K's products), a weight looked up by row also keeps
-  them in float32 for its rows.
+- **native** (where ``_kernels/build.load_q4`` compiled and loaded the kernel): codes [N, K/2] in
+  blocks of up to 16 groups, each 4 steps of 4 bytes a group (:func:`_native_order`), scales and
+  ``low = offset - 8 * scale`` in float16 [N, K/32] (``low`` absent for offsets of zero: Q4_0).
+  The kernel quantizes each activation row per 32 to two int8 terms (about 16 bits a value;
+  llama.cpp's one term moved SmolLM2's greedy text on near ties), takes the integer dot with
+  AVX-512 VNNI (or AVX2) and returns float32. Where float16 does not hold a file's scales exactly
+  (Q4_K's products), a weight looked up by row also keeps them in float32 for its rows.
 - **torch's int4 packing** otherwise (the fallback). Its kernel takes bfloat16 activations (its
   float32 path is scalar code, 10-50x slower here; measured in docs/ml.md), so the input is
   rounded to bfloat16; the int8 kernel likewise.
@@ -266,8 +266,7 @@ class QuantizedLinear:
 
     def _native_rows(self, ids: torch.Tensor) -> torch.Tensor:
         k = self.shape[1]
-        b = self.packed[ids].view(-1, k // GROUP, GROUP // 2)  # byte j: values j and 16 + j of a group
-        q = torch.cat([b & 0x0F, b >> 4], dim=-1).float() - 8.0
+        q = _native_order(self.packed[ids], False).view(-1, k // GROUP, GROUP).float() - 8.0
         offset: torch.Tensor | None
         if self.row_group_scale is not None:
             scale, offset = self.row_group_scale[ids], (None if self.row_offset is None else self.row_offset[ids])
@@ -346,6 +345,27 @@ def _native_q4(codes: Q4Codes) -> bool:
     return bool(torch.isfinite(codes.scale.to(torch.float16)).all() and torch.isfinite(low.to(torch.float16)).all())
 
 
+_BLOCK_GROUPS = 16  # groups of one block of the native layout (one int32 lane of the kernel each)
+
+
+def _native_order(codes: torch.Tensor, forward: bool) -> torch.Tensor:
+    """Codes [R, K] (0..15) in the native byte order [R, K/2] (``forward``), or back. A block of
+    up to 16 groups is 4 steps of 4 bytes a group; byte ``b`` of group ``i`` in step ``j`` holds
+    value ``4j + b`` of the group (low nibble) and value ``16 + 4j + b`` (high nibble)."""
+    rows, k = int(codes.shape[0]), int(codes.shape[1]) * (1 if forward else 2)
+    groups = k // GROUP
+    parts = []
+    for g0 in range(0, groups, _BLOCK_GROUPS):
+        n = min(_BLOCK_GROUPS, groups - g0)
+        if forward:
+            c = codes[:, g0 * GROUP:(g0 + n) * GROUP].reshape(rows, n, 2, 4, 4)  # [R, group, half, j, b]
+            parts.append((c[:, :, 0] | (c[:, :, 1] << 4)).transpose(1, 2).reshape(rows, n * 16))
+        else:
+            b = codes[:, g0 * 16:(g0 + n) * 16].reshape(rows, 4, n, 4).transpose(1, 2)  # [R, group, j, b]
+            parts.append(torch.stack([b & 0x0F, b >> 4], dim=2).reshape(rows, n * GROUP))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous()
+
+
 def _pack_native(codes: Q4Codes, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
     """The native layout (see __doc__): codes [N, K/2], scale and low float16 [N, K/32] (low None
     where every offset is 0), and whether float16 holds the scales exactly (``(q - 8) * scale +
@@ -353,8 +373,7 @@ def _pack_native(codes: Q4Codes, chunk: int = 4096) -> tuple[torch.Tensor, torch
     n, k = codes.shape
     packed = torch.empty((n, k // 2), dtype=torch.uint8)
     for start in range(0, n, chunk):
-        c = codes.codes[start:start + chunk].view(-1, k // GROUP, 2, GROUP // 2)
-        packed[start:start + chunk] = (c[:, :, 0] | (c[:, :, 1] << 4)).view(-1, k // 2)
+        packed[start:start + chunk] = _native_order(codes.codes[start:start + chunk], True)
     scale32, offset32 = codes.scale.float(), codes.offset.float()
     scale = scale32.to(torch.float16).contiguous()
     exact = torch.equal(scale.float(), scale32)

@@ -29,7 +29,6 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kChunk = 4;       // groups per step of the inner loop (64 bytes of codes)
 constexpr int64_t kRowsAtOnce = 4;  // activation rows sharing one pass over a weight row
 
 enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2 };
@@ -64,8 +63,9 @@ struct Act {
   const float* sums;
 };
 
-constexpr int64_t kPadGroups = 16;
-constexpr int64_t kChunkBytes = 256;  // activation bytes of one chunk of 4 groups
+constexpr int64_t kPadGroups = 16;    // groups of one block (one int32 lane each)
+constexpr int64_t kStepBytes = 256;   // activation bytes of one step: q1 low, q1 high, q2 low, q2 high
+constexpr int64_t kBlockBytes = 1024; // activation bytes of one block of 16 groups (4 steps)
 
 int64_t padded_groups(int64_t groups) { return (groups + kPadGroups - 1) / kPadGroups * kPadGroups; }
 
@@ -88,8 +88,8 @@ inline void quantize_group(const float* v, int8_t* q1, float* scale, float* sums
       const float t = v[16 * half + i] * id;
       const float a = round_even(t);
       const float b = std::min(127.0f, std::max(-127.0f, round_even((t - a) * 256.0f)));
-      out[i] = static_cast<int8_t>(a);
-      out[i + 128] = static_cast<int8_t>(b);
+      out[i / 4 * kStepBytes + i % 4] = static_cast<int8_t>(a);
+      out[i / 4 * kStepBytes + i % 4 + 128] = static_cast<int8_t>(b);
       total += 256 * static_cast<int32_t>(a) + static_cast<int32_t>(b);
     }
   }
@@ -114,8 +114,13 @@ EC_TARGET_512 void quantize_group_512(const float* v, int8_t* q1, float* scale, 
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     b = _mm512_min_ps(lim, _mm512_max_ps(nlim, b));
     const __m512i ia = _mm512_cvtps_epi32(a), ib = _mm512_cvtps_epi32(b);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 64 * half), _mm512_cvtepi32_epi8(ia));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 64 * half + 128), _mm512_cvtepi32_epi8(ib));
+    alignas(16) int32_t qa[4], qb[4];  // values 4j..4j+3 of this half go to step j
+    _mm_store_si128(reinterpret_cast<__m128i*>(qa), _mm512_cvtepi32_epi8(ia));
+    _mm_store_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(ib));
+    for (int j = 0; j < 4; ++j) {
+      std::memcpy(q1 + 64 * half + j * kStepBytes, qa + j, 4);
+      std::memcpy(q1 + 64 * half + j * kStepBytes + 128, qb + j, 4);
+    }
     total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(ia, 8), ib));
   }
   *scale = d / 256.0f;
@@ -124,11 +129,11 @@ EC_TARGET_512 void quantize_group_512(const float* v, int8_t* q1, float* scale, 
 
 void quantize_row(const float* x, int64_t groups, int8_t* q, float* scale, float* sums, bool avx512) {
   const int64_t padded = padded_groups(groups);
-  std::memset(q, 0, static_cast<size_t>(padded / kChunk * kChunkBytes));
+  std::memset(q, 0, static_cast<size_t>(padded / kPadGroups * kBlockBytes));
   std::fill(scale + groups, scale + padded, 0.0f);
   std::fill(sums + groups, sums + padded, 0.0f);
   for (int64_t g = 0; g < groups; ++g) {
-    int8_t* q1 = q + g / kChunk * kChunkBytes + g % kChunk * 16;
+    int8_t* q1 = q + g / kPadGroups * kBlockBytes + g % kPadGroups * 4;
     if (avx512) {
       quantize_group_512(x + g * kGroup, q1, scale + g, sums + g);
     } else {
@@ -173,39 +178,33 @@ float low_term(const uint16_t* scale, const uint16_t* low, const float* sums, in
 // ---------------------------------------------------------------- AVX-512 VNNI
 
 
-// One dot step: 64 bytes of one weight row's codes (4 groups) against R activation rows.
+// One dot step: 64 bytes of one weight row's codes (8 values of each of a block's 16 groups, one
+// int32 lane a group) against R activation rows; the lanes' integer sums accumulate over the
+// block's 4 steps (q1 and q2 apart: 256 * q1 would not fit int8).
 template <int R>
-EC_TARGET_512 __attribute__((always_inline)) inline void step_512(__m512i w, const Act* act, int64_t c,
-                                                                 __m512i spread, const __m512* s, __m512* acc) {
+EC_TARGET_512 __attribute__((always_inline)) inline void step_512(__m512i w, const Act* act, int64_t at,
+                                                                 __m512i* d1, __m512i* d2) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i lo = _mm512_and_si512(w, nibble);
   const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
   for (int r = 0; r < R; ++r) {
-    const int8_t* q = act[r].q + c * kChunkBytes;
-    // two short chains (q1, q2) rather than one of four dependent dot products
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
-    __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q + 128));
-    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q + 64));
-    e = _mm512_dpbusd_epi32(e, hi, _mm512_loadu_si512(q + 192));
-    d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e);
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(spread, s[r]), acc[r]);
+    const int8_t* q = act[r].q + at;
+    d1[r] = _mm512_dpbusd_epi32(d1[r], lo, _mm512_loadu_si512(q));
+    d2[r] = _mm512_dpbusd_epi32(d2[r], lo, _mm512_loadu_si512(q + 128));
+    d1[r] = _mm512_dpbusd_epi32(d1[r], hi, _mm512_loadu_si512(q + 64));
+    d2[r] = _mm512_dpbusd_epi32(d2[r], hi, _mm512_loadu_si512(q + 192));
   }
 }
 
-// W weight rows (consecutive) against R activation rows, 16 groups (4 steps of 64 bytes) at a
-// time: the 16 groups' weight scales times each activation row's scales once, spread to the
-// dot's lanes (lane 4j + i of step s belongs to group 4s + j) by one permute a step; the low term
-// in the same pass. Two weight rows against one activation row share its loads (decode).
+// W weight rows (consecutive) against R activation rows, a block of 16 groups at a time: lane i
+// of every step belongs to group i, so a block's integer sums are scaled once (weight scale times
+// activation scale, no shuffles); the low term in the same pass. Two weight rows against one
+// activation row share its loads (decode).
 template <int R, int W>
 EC_TARGET_512 void rows_512(const uint8_t* codes, int64_t code_stride, const uint16_t* scale, const uint16_t* low,
                             int64_t groups, const Act* act, float* out, int64_t out_stride) {
-  const __m512i spread[4] = {
-      _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-      _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
-      _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
-      _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
-  __m512 acc[2][W * R], z[W * R], s[W * R];
-  for (int i = 0; i < W * R; ++i) acc[0][i] = acc[1][i] = z[i] = _mm512_setzero_ps();
+  __m512 acc[W * R], z[W * R], s[W * R];
+  for (int i = 0; i < W * R; ++i) acc[i] = z[i] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
     const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
     const __mmask16 kg = static_cast<__mmask16>((1u << left) - 1);
@@ -217,30 +216,36 @@ EC_TARGET_512 void rows_512(const uint8_t* codes, int64_t code_stride, const uin
         z[w * R + r] = _mm512_fmadd_ps(lw, _mm512_loadu_ps(act[r].sums + g0), z[w * R + r]);
       }
     }
-    const int64_t c0 = g0 / kChunk;
+    __m512i d1[W * R], d2[W * R];
+    for (int i = 0; i < W * R; ++i) d1[i] = d2[i] = _mm512_setzero_si512();
+    const int64_t at = g0 / kPadGroups * kBlockBytes;
     if (left == kPadGroups) {
       for (int j = 0; j < 4; ++j) {
         for (int w = 0; w < W; ++w) {
-          step_512<R>(_mm512_loadu_si512(codes + w * code_stride + g0 * 16 + 64 * j), act, c0 + j, spread[j],
-                      s + w * R, acc[j & 1] + w * R);
+          step_512<R>(_mm512_loadu_si512(codes + w * code_stride + g0 * 16 + 64 * j), act, at + j * kStepBytes,
+                      d1 + w * R, d2 + w * R);
         }
       }
-    } else {  // the last groups: masked loads (the activations are zero-padded)
-      for (int j = 0; j * kChunk < left; ++j) {
-        const int64_t n = std::min<int64_t>(kChunk, left - j * kChunk);
-        const __mmask64 kb = (~0ULL) >> (64 - 16 * n);
+    } else {  // the last block, of fewer groups: 4 * left bytes a step (the activations are zero-padded)
+      const __mmask64 kb = (~0ULL) >> (64 - 4 * left);
+      for (int j = 0; j < 4; ++j) {
         for (int w = 0; w < W; ++w) {
-          step_512<R>(_mm512_maskz_loadu_epi8(kb, codes + w * code_stride + g0 * 16 + 64 * j), act, c0 + j,
-                      spread[j], s + w * R, acc[j & 1] + w * R);
+          step_512<R>(_mm512_maskz_loadu_epi8(kb, codes + w * code_stride + g0 * 16 + 4 * left * j), act,
+                      at + j * kStepBytes, d1 + w * R, d2 + w * R);
         }
       }
+    }
+    for (int i = 0; i < W * R; ++i) {
+      // |256 * d1 + d2| < 2^24 (32 products of 15 * 127 a lane): exact in float32
+      const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(d1[i], 8), d2[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s[i], acc[i]);
     }
   }
   const __m512 z_factor = _mm512_set1_ps(low != nullptr ? 1.0f : -8.0f);  // Q4_0: low = -8 * scale
   for (int w = 0; w < W; ++w) {
     for (int r = 0; r < R; ++r) {
       const int i = w * R + r;
-      out[r * out_stride + w] = _mm512_reduce_add_ps(_mm512_fmadd_ps(z[i], z_factor, _mm512_add_ps(acc[0][i], acc[1][i])));
+      out[r * out_stride + w] = _mm512_reduce_add_ps(_mm512_fmadd_ps(z[i], z_factor, acc[i]));
     }
   }
 }
@@ -253,45 +258,48 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
               const uint16_t* low, int64_t groups, const Act* act, float* out, int64_t out_stride) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const int64_t full = groups / kChunk;
-  alignas(64) uint8_t tail_codes[64];
-  alignas(16) uint16_t tail_scale[4];
-  for (int64_t c = 0; c * kChunk < groups; ++c) {
-    const uint8_t* w64 = codes + c * 64;
-    const uint16_t* s4 = scale + c * 4;
-    if (c == full) {  // the last 1-3 groups, zero-padded (their activations are zero too)
-      const int64_t rest = groups - full * kChunk;
+  alignas(64) uint8_t tail_codes[4 * 64];
+  alignas(32) uint16_t tail_scale[kPadGroups];
+  for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
+    const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
+    const uint8_t* w = codes + g0 * 16;
+    const uint16_t* sc = scale + g0;
+    if (left < kPadGroups) {  // the last block, of fewer groups: zero-padded to 16 lanes a step
       std::memset(tail_codes, 0, sizeof tail_codes);
       std::memset(tail_scale, 0, sizeof tail_scale);
-      std::memcpy(tail_codes, w64, static_cast<size_t>(16 * rest));
-      std::memcpy(tail_scale, s4, static_cast<size_t>(2 * rest));
-      w64 = tail_codes;
-      s4 = tail_scale;
+      for (int j = 0; j < 4; ++j) std::memcpy(tail_codes + 64 * j, w + 4 * left * j, static_cast<size_t>(4 * left));
+      std::memcpy(tail_scale, sc, static_cast<size_t>(2 * left));
+      w = tail_codes;
+      sc = tail_scale;
     }
-    for (int h = 0; h < 2; ++h) {  // groups 4c + 2h, 4c + 2h + 1
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w64 + 32 * h));
-      const __m256i lo = _mm256_and_si256(w, nibble);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
-      uint32_t two;
-      std::memcpy(&two, s4 + 2 * h, sizeof two);
-      const __m128 ws2 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)));
+    const int64_t at = g0 / kPadGroups * kBlockBytes;
+    for (int h = 0; h < 2; ++h) {  // lanes (groups) 8h .. 8h + 7
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * h)));
+      __m256i d1[R], d2[R];
+      for (int r = 0; r < R; ++r) d1[r] = d2[r] = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * j + 32 * h));
+        const __m256i lo = _mm256_and_si256(wv, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = act[r].q + at + j * kStepBytes + 32 * h;
+          // |15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the adds
+          const __m256i p1 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
+          const __m256i p2 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 192))));
+          d1[r] = _mm256_add_epi32(d1[r], _mm256_madd_epi16(p1, ones));
+          d2[r] = _mm256_add_epi32(d2[r], _mm256_madd_epi16(p2, ones));
+        }
+      }
       for (int r = 0; r < R; ++r) {
-        const int8_t* q = act[r].q + c * kChunkBytes + 32 * h;
-        // |15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the adds
-        const __m256i p1 = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
-        const __m256i p2 = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128))),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 192))));
-        const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(p1, ones), 8),
-                                           _mm256_madd_epi16(p2, ones));
-        const __m128 da = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(act[r].scale + c * 4 + 2 * h)));
-        const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(ws2, da)), spread);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[r]);
+        const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(d1[r], 8), d2[r]);
+        const __m256 sc8 = _mm256_mul_ps(ws, _mm256_loadu_ps(act[r].scale + g0 + 8 * h));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc8, acc[r]);
       }
     }
   }
@@ -347,7 +355,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
 
-  const int64_t s_len = padded_groups(groups), q_len = s_len / kChunk * kChunkBytes;
+  const int64_t s_len = padded_groups(groups), q_len = s_len / kPadGroups * kBlockBytes;
   std::vector<int8_t> q(static_cast<size_t>(m * q_len));
   std::vector<float> act_scale(static_cast<size_t>(m * s_len));
   std::vector<float> sums(static_cast<size_t>(m * s_len));
