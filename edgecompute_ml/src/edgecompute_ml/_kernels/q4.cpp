@@ -400,21 +400,25 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       }
     }
   };
+  // Threads take units of consecutive tiles (about 256 KB of codes: each thread streams long
+  // sequential runs, which the hardware prefetcher needs) from a shared counter rather than a
+  // fixed half each: on a shared machine a thread whose core is busy elsewhere would hold up the
+  // whole op under a static split. Small products (a fork costs microseconds) run on the calling
+  // thread.
   const int64_t tiles = (n + kTile - 1) / kTile;
-  // Threads take tiles from a shared counter rather than a fixed half each: on a shared machine a
-  // thread whose core is busy elsewhere holds up the whole op under a static split. Small products
-  // (a fork costs microseconds) run on the calling thread.
+  const int64_t unit = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, kTile * half_k));
+  const int64_t units = (tiles + unit - 1) / unit;
   const int64_t work = n * k * m;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, work >> 17));
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), std::max<int64_t>(1, work >> 17), units});
   if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < tiles; ++t) tile(t * kTile);
     return out;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
-         t = next.fetch_add(1, std::memory_order_relaxed)) {
-      tile(t * kTile);
+    for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
+         u = next.fetch_add(1, std::memory_order_relaxed)) {
+      for (int64_t t = u * unit; t < std::min(tiles, (u + 1) * unit); ++t) tile(t * kTile);
     }
   });
   return out;
