@@ -408,11 +408,15 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   // fixed half each: on a shared machine a thread whose core is busy elsewhere would hold up the
   // whole op under a static split. Small products (a fork costs microseconds) run on the calling
   // thread.
+  // A small weight (SmolLM2's 576-wide rows: a whole matrix under 256 KB) is cut finer, into at
+  // least 4 units a thread, or it would run on one thread.
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t unit = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, kTile * half_k));
+  const int64_t pool = at::get_num_threads();
+  const int64_t unit = std::max<int64_t>(
+      1, std::min((int64_t{1} << 18) / std::max<int64_t>(1, kTile * half_k), tiles / (4 * pool)));
   const int64_t units = (tiles + unit - 1) / unit;
   const int64_t work = n * k * m;
-  const int64_t threads = std::min<int64_t>({at::get_num_threads(), std::max<int64_t>(1, work >> 17), units});
+  const int64_t threads = std::min<int64_t>({pool, std::max<int64_t>(1, work >> 17), units});
   if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < tiles; ++t) tile(t * kTile);
     return out;
