@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .._runtime.paths import cache_root
 from ..errors import ModelError
 
 __all__ = ["convert_ctranslate2_whisper", "converted_folder", "is_ctranslate2_folder", "read_ctranslate2"]
@@ -229,17 +230,9 @@ def convert_ctranslate2_whisper(src: str | os.PathLike[str], dst: str | os.PathL
     return dst
 
 
-def cache_root() -> Path:
-    env = os.environ.get("EDGECOMPUTE_ML_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgecompute" / "ml"
-
-
 def converted_folder(src: str | os.PathLike[str]) -> Path:
     """The HF-layout conversion of a CTranslate2 folder, made on first use under the cache root
-    (``$EDGECOMPUTE_ML_CACHE``, else ``~/.cache/edgecompute/ml``) and keyed by the source file."""
+    (``$EDGECOMPUTE_ML_CACHE``, else ``~/.cache/edgecompute-ml``) and keyed by the source file."""
     src = Path(src).resolve()
     stat = (src / "model.bin").stat()
     key = hashlib.sha256(f"{FORMAT}|{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -28,6 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .._runtime.paths import cache_root
+
 __all__ = ["DISABLE_ENV", "SOURCE", "cache_dir", "load_q4", "q4_status"]
 
 _log = logging.getLogger("edgecompute_ml.kernels")
@@ -43,11 +45,7 @@ _state: dict[str, str | None] = {}  # "reason": None when the kernel is loaded, 
 
 def cache_dir() -> Path:
     """``$EDGECOMPUTE_ML_CACHE/kernels``, else the user cache directory's ``edgecompute-ml/kernels``."""
-    explicit = os.environ.get("EDGECOMPUTE_ML_CACHE")
-    if explicit:
-        return Path(explicit) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgecompute-ml" / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> list[str] | None:

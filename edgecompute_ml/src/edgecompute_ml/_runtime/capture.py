@@ -27,6 +27,8 @@ from typing import Any
 
 import attrs
 
+from .paths import cache_root
+
 __all__ = ["CaptureSettings", "DecodeCapture", "capacity_for", "compiler_available", "default_cache_dir"]
 
 _log = logging.getLogger("edgecompute_ml.capture")
@@ -39,11 +41,7 @@ _configured: Path | None = None  # the cache folder of this process (the first c
 
 def default_cache_dir() -> Path:
     """``$EDGECOMPUTE_ML_CACHE/inductor``, else the user cache directory's ``edgecompute-ml/inductor``."""
-    explicit = os.environ.get("EDGECOMPUTE_ML_CACHE")
-    if explicit:
-        return Path(explicit) / "inductor"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgecompute-ml" / "inductor"
+    return cache_root() / "inductor"
 
 
 @attrs.frozen
