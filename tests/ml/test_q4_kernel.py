@@ -103,6 +103,24 @@ def test_the_kernel_is_the_integer_arithmetic_of_int8_activations(isa, offsets, 
     assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("offsets", [False, True], ids=["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("k", [GROUP, 17 * GROUP, 64 * GROUP])
+def test_a_prompts_rows_are_each_exactly_the_one_row_product(isa, offsets, k):
+    # a prompt's rows pass the weight in pairs against pairs of weight rows, a decode step's one
+    # row against one weight row at a time: every output must still be the same float32 number
+    # (a prompt then decodes exactly as token-by-token steps would); odd row counts leave a row
+    # alone, N = 37 an odd weight row, K a tail of groups
+    n = 37
+    codes = _codes(n, k, offsets, seed=k + offsets)
+    w = quant.QuantizedLinear(codes)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(k)) * 3
+    alone = torch.cat([w(x[i:i + 1]) for i in range(7)])
+    for m in (2, 3, 5, 7):
+        assert torch.equal(w(x[:m]), alone[:m]), m
+    torch.testing.assert_close(alone.double(), _reference(x, codes), rtol=1e-5,
+                               atol=1e-5 * float(alone.abs().max()))
+
+
 @pytest.mark.parametrize("k", [GROUP, 3 * GROUP, 4 * GROUP, 16 * GROUP, 35 * GROUP])
 def test_every_tail_of_groups(isa, k):
     codes = _codes(19, k, True, seed=k)

@@ -316,13 +316,13 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
 using RowsFn = void (*)(const uint8_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const Act*, float*,
                         int64_t);
 
-constexpr int64_t kPairRows = 2;  // weight rows a pass for one activation row (AVX-512)
+constexpr int64_t kPairRows = 2;  // weight rows a pass over cached weights (AVX-512: a prompt's rows)
 
 RowsFn rows_fn(int64_t isa, int64_t r, bool pair) {
   if (isa == kAvx512Vnni) {
     switch (r) {
       case 1: return pair ? rows_512<1, kPairRows> : rows_512<1, 1>;
-      case 2: return rows_512<2, 1>;
+      case 2: return pair ? rows_512<2, kPairRows> : rows_512<2, 1>;
       case 3: return rows_512<3, 1>;
       default: return rows_512<4, 1>;
     }
@@ -386,12 +386,17 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   constexpr int64_t kTile = 16;  // weight rows kept in cache while every activation row passes
   auto tile = [&](int64_t n0) {
     const int64_t n1 = std::min(n, n0 + kTile);
-    // AVX-512: one activation row a pass against pairs of weight rows (the tile's rows stay in
-    // cache between passes); faster per row than activation rows sharing a pass (measured)
-    const int64_t at_once = isa == kAvx512Vnni ? 1 : kRowsAtOnce;
+    // AVX-512, a prompt (m > 1): two activation rows a pass against pairs of weight rows, the
+    // tile's rows staying in cache between passes (each unpacked weight step serves two rows, each
+    // activation load two weight rows; 3 or 4 rows a pass spill registers: measured slower).
+    // Decode (m = 1): one weight row at a time. The weights stream from memory once, and two rows
+    // read side by side are two interleaved streams 1 KB apart that the hardware prefetcher
+    // follows badly: one thread reads a 128256x2048 weight at 11-12 GB/s in pairs, 13-17 alone
+    // (docs/ml.md); sharing the activation loads gained 9% only on weights already in cache.
+    const int64_t at_once = isa == kAvx512Vnni ? std::min<int64_t>(2, m) : kRowsAtOnce;
     for (int64_t m0 = 0; m0 < m; m0 += at_once) {
       const int64_t r = std::min(at_once, m - m0);
-      const int64_t step = (r == 1 && isa == kAvx512Vnni) ? kPairRows : 1;
+      const int64_t step = (m > 1 && isa == kAvx512Vnni) ? kPairRows : 1;
       int64_t row = n0;
       for (const RowsFn fn = rows_fn(isa, r, step > 1); row + step <= n1; row += step) {
         fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
