@@ -22,7 +22,7 @@ from ._options import reject_unknown
 from ._registry import Registry
 from ._scheduler import Scheduler, SchedulerStats, TaskHandle
 from .config import Config
-from .errors import EdgeComputeError, InvalidRequest, QueueFull, SchedulerClosed, TaskCancelled
+from .errors import ConfigError, EdgeComputeError, InvalidRequest, QueueFull, SchedulerClosed, TaskCancelled
 from .models import Health, Request, Resources, Response, TaskEvent
 
 __all__ = ["MapIterator", "Runtime"]
@@ -183,11 +183,15 @@ class MapIterator(Iterator[Any]):
 class Runtime:
     """``with Runtime() as rt: rt.run("cpp/sobel", {"image": img})``.
 
-    Takes the same arguments as :class:`Scheduler`.
+    Takes the same arguments as :class:`Scheduler`, and ``loop``: the event loop its thread runs,
+    ``"uvloop"``, ``"asyncio"`` (the standard library's), or ``"auto"`` (the default: uvloop when
+    it is installed, as it is with edgecompute on Linux and macOS). Every blocking call crosses to
+    that loop and back, and uvloop makes each crossing cheaper (docs/performance.md).
     """
 
-    def __init__(self, registry: Registry | None = None, *, config: Config | None = None,
+    def __init__(self, registry: Registry | None = None, *, config: Config | None = None, loop: str = "auto",
                  **scheduler_options: Any) -> None:
+        self._loop_factory = _loop_factory(loop)  # first: a bad choice fails here, not at start()
         self.scheduler = Scheduler(registry, config=config, **scheduler_options)
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
@@ -221,7 +225,8 @@ class Runtime:
         if self._portal is not None:
             raise SchedulerClosed("this Runtime is already started")
         self._closing = [False]
-        self._portal_cm = start_blocking_portal(backend="asyncio")
+        options = {} if self._loop_factory is None else {"loop_factory": self._loop_factory}
+        self._portal_cm = start_blocking_portal(backend="asyncio", backend_options=options)
         self._portal = self._portal_cm.__enter__()
         try:
             self._loop = self._portal.call(_running_loop)
@@ -562,6 +567,22 @@ class Runtime:
 
     async def _unsubscribe(self, unsubscribe: Callable[[], None]) -> None:
         unsubscribe()
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes the Runtime's loop for ``Runtime(loop=choice)`` (None: asyncio's default)."""
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"Runtime(loop={choice!r}): choose 'auto', 'uvloop' or 'asyncio'")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise ConfigError("Runtime(loop='uvloop') needs uvloop: pip install uvloop") from exc
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _running_loop() -> asyncio.AbstractEventLoop:

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from edgecompute import Config, FunctionExecutor, Registry, Request, Resources, Runtime, TaskContext
-from edgecompute.errors import ExecutorError, InvalidRequest, SchedulerClosed, TaskCancelled, UnknownAlgorithm
+from edgecompute.errors import (
+    ConfigError,
+    ExecutorError,
+    InvalidRequest,
+    SchedulerClosed,
+    TaskCancelled,
+    UnknownAlgorithm,
+)
 
 
 def app() -> FunctionExecutor:
@@ -55,6 +62,35 @@ def test_run_submit_stream_and_map() -> None:
         assert stats.finished["succeeded"] == 54
         assert rt.registry.names() == ["app"]
         assert rt.health()["app"].ok
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "auto"])
+def test_each_loop_runs_the_same_calls(loop: str) -> None:
+    import uvloop
+
+    with runtime(loop=loop) as rt:
+        running = rt.portal.call(asyncio.get_running_loop)
+        assert isinstance(running, uvloop.Loop) is (loop != "asyncio")
+        assert rt.run("app/square", 7).outputs == 49
+        assert rt.submit("app/square", 4).result(timeout=5).outputs == 16
+        assert list(rt.stream("app/count", 3)) == [0, 1, 2]
+        assert rt.map("app/square", range(20)) == [i * i for i in range(20)]
+        with pytest.raises(ExecutorError, match="negative input"):
+            rt.run("app/square", -1)
+        future = rt.submit("app/nap", 30)
+        assert future.cancel()
+        assert rt.stats().finished["succeeded"] == 23
+
+
+def test_a_loop_that_is_not_there_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="loop='trio'"):
+        runtime(loop="trio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import raises
+    with pytest.raises(ConfigError, match="pip install uvloop"):
+        runtime(loop="uvloop")
+    with runtime(loop="auto") as rt:  # falls back to asyncio's own loop
+        assert type(rt.portal.call(asyncio.get_running_loop)).__module__.startswith("asyncio")
+        assert rt.run("app/square", 5).outputs == 25
 
 
 def test_errors_cross_to_the_caller_typed() -> None:
