@@ -131,10 +131,11 @@ def test_texts_without_padding_embed_as_they_do_in_a_padded_batch(tiny_bert):
 def test_the_scripted_layer_loop_gives_the_eager_loops_bits(tiny_bert):
     from edgecompute_ml._architectures import bert
 
-    scripted = bert._scripted_layers()
+    scripted = bert._scripted(bert._packed_layers)
     assert isinstance(scripted, torch.jit.ScriptFunction)  # TorchScript is there in the torch we test with
     model = _load(tiny_bert, packed=True).model
-    assert model._packed is not None and model._layers_fn is scripted  # a packed model runs it
+    # a packed model runs it, inside its scripted forward (tests/ml/test_bert_fast_path.py)
+    assert model._packed is not None and model._forward_fn is bert._scripted(bert._packed_forward)
     c = model.config
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, c.hidden_size, generator=g)

@@ -27,11 +27,11 @@ def test_a_lone_sentence_is_encoded_normalised_and_listed_on_the_models_thread(e
     executor = executor_for()
     lm = executor.load("bert")
     ran: list[tuple[str, str, int]] = []
-    forward = lm.model.forward
+    sentence_vector = lm.model.sentence_vector
 
-    def recording_forward(*args: Any, **kwargs: Any) -> Any:
-        ran.append(("forward", threading.current_thread().name, torch.get_num_threads()))
-        return forward(*args, **kwargs)
+    def recording_sentence_vector(*args: Any, **kwargs: Any) -> Any:
+        ran.append(("sentence_vector", threading.current_thread().name, torch.get_num_threads()))
+        return sentence_vector(*args, **kwargs)
 
     embed_lists = embeddings.embed_lists
 
@@ -39,7 +39,7 @@ def test_a_lone_sentence_is_encoded_normalised_and_listed_on_the_models_thread(e
         ran.append(("embed_lists", threading.current_thread().name, torch.get_num_threads()))
         return embed_lists(*args, **kwargs)
 
-    monkeypatch.setattr(lm.model, "forward", recording_forward)
+    monkeypatch.setattr(lm.model, "sentence_vector", recording_sentence_vector)
     monkeypatch.setattr(embeddings, "embed_lists", recording_embed_lists)
     with _runtime(executor) as rt:
         outputs = [rt.run("ml/embeddings", text).outputs for text in ("hello world", "the lazy dog", "hi")]
@@ -47,8 +47,9 @@ def test_a_lone_sentence_is_encoded_normalised_and_listed_on_the_models_thread(e
     batcher = f"ml-batch-{lm.name}"
     # each request: encoded, pooled, normalised and made a list of floats in one call on the
     # model's own thread, whose torch runs the executor's intra-op thread count (the caller's
-    # thread and the loop's only hand the texts over and the lists back)
-    assert ran == [("embed_lists", batcher, 2), ("forward", batcher, 2)] * 4
+    # thread and the loop's only hand the texts over and the lists back); a lone text's forward
+    # and pooling are the model's one sentence_vector call
+    assert ran == [("embed_lists", batcher, 2), ("sentence_vector", batcher, 2)] * 4
     assert all(isinstance(v, list) and all(isinstance(x, float) for x in v) for v in outputs)
     assert abs(sum(x * x for x in outputs[0]) - 1) < 1e-5
     assert abs(sum(x * x for x in raw) - 1) > 1e-3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -127,16 +127,20 @@ class BertModel:
                 (w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"]),
             ))
         self._act = _ACTIVATIONS[config.hidden_act]
-        # every layer prepacked with its GELU fused: the layer loop runs as TorchScript (below)
+        # every layer prepacked with its GELU fused: the embeddings and the layer loop run as
+        # TorchScript (below), and so does a lone sentence's pooling
         self._packed: list[torch.Tensor] | None = None
-        self._layers_fn: Callable[..., torch.Tensor] = _packed_layers
+        self._embedding_weights = [self.word, self.position, self.token_type, *self.ln]
+        self._forward_fn: Callable[..., torch.Tensor] = _packed_forward
+        self._sentence_fn: Callable[..., torch.Tensor] = _packed_sentence
         if all(qkv.packed and o.packed and i.packed and i.gelu and d.packed
                for qkv, o, ln1, i, d, ln2 in self.layers):
             self._packed = [t for qkv, o, ln1, i, d, ln2 in self.layers
                             for t in (qkv.weight, qkv.bias, o.weight, o.bias, *ln1, i.weight, i.bias, d.weight,
                                       d.bias, *ln2) if t is not None]
             if len(self._packed) == 12 * len(self.layers):  # every layer has its biases (BERT's do)
-                self._layers_fn = _scripted_layers()
+                self._forward_fn = _scripted(_packed_forward)
+                self._sentence_fn = _scripted(_packed_sentence)
             else:
                 self._packed = None
 
@@ -155,14 +159,13 @@ class BertModel:
             raise ModelError(f"input of {t} tokens exceeds the model's {c.max_position_embeddings} positions")
         h, nh = c.hidden_size, c.num_attention_heads
         hd = h // nh
-        x = F.embedding(input_ids, self.word) + self.position[:t]
-        x = x + (self.token_type[0] if token_type_ids is None else F.embedding(token_type_ids, self.token_type))
-        x = F.layer_norm(x, (h,), *self.ln, eps=c.layer_norm_eps)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].to(torch.bool)
         if self._packed is not None:
-            return self._layers_fn(x, self._packed, mask, nh, c.layer_norm_eps)
+            return self._forward_fn(input_ids, token_type_ids, mask, self._embedding_weights, self._packed, nh,
+                                    c.layer_norm_eps)
+        x = _embeddings(input_ids, token_type_ids, self._embedding_weights, c.layer_norm_eps)
         for qkv_lin, o_lin, ln1, i_lin, d_lin, ln2 in self.layers:
             q, k, v = qkv_lin(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
             # CPU attention writes its output [b, t, heads, hd] and returns it transposed: the
@@ -173,6 +176,42 @@ class BertModel:
             inter = i_lin(x) if i_lin.gelu else self._act(i_lin(x))
             x = F.layer_norm(d_lin(inter, x), (h,), *ln2, eps=c.layer_norm_eps)
         return x.float()
+
+    def sentence_vector(self, ids: Sequence[int], type_ids: Sequence[int] | None = None, *,
+                        normalize: bool = False) -> torch.Tensor:
+        """One text's token ids (no padding) -> the mean of its last hidden states [H] (float32),
+        L2-normalised (to at least 1e-12, as ``F.normalize``) with ``normalize``; ``type_ids``
+        None: every token of segment 0.
+
+        The same vector as :meth:`forward` then a mean (to float32 rounding: the division is
+        float32 here), in fewer steps: with packed weights one TorchScript call takes the ids as
+        a list and runs the embeddings, the layers and the pooling. Right after a forward has
+        streamed the weights through every cache, each eager op, and each tensor built in Python,
+        costs several times its warm time (``torch.tensor`` of 12 ids ~55 us; docs/ml.md, "One
+        sentence").
+        """
+        c = self.config
+        if len(ids) > c.max_position_embeddings:
+            raise ModelError(f"input of {len(ids)} tokens exceeds the model's {c.max_position_embeddings} positions")
+        tokens, types = list(ids), None if type_ids is None else list(type_ids)
+        with torch.inference_mode():
+            if self._packed is not None:
+                return self._sentence_fn(tokens, types, self._embedding_weights, self._packed,
+                                         c.num_attention_heads, c.layer_norm_eps, normalize)
+            hidden = self.forward(torch.tensor([tokens], dtype=torch.long, device=self.device), None,
+                                  None if types is None else torch.tensor([types], dtype=torch.long,
+                                                                          device=self.device))[0]
+            return _pooled(hidden, normalize)
+
+
+def _embeddings(ids: torch.Tensor, types: torch.Tensor | None, weights: list[torch.Tensor],
+                eps: float) -> torch.Tensor:
+    """Word + position + token-type embeddings, normalised; ``weights``: the word, position and
+    token-type tables, the norm's weight and bias. ``types`` None: segment 0 everywhere."""
+    word, position, token_type = weights[0], weights[1], weights[2]
+    x = F.embedding(ids, word) + position[:ids.shape[-1]]
+    x = x + (token_type[0] if types is None else F.embedding(types, token_type))
+    return F.layer_norm(x, [word.shape[1]], weights[3], weights[4], eps)
 
 
 def _packed_layers(x: torch.Tensor, weights: list[torch.Tensor], mask: torch.Tensor | None, heads: int,
@@ -195,12 +234,39 @@ def _packed_layers(x: torch.Tensor, weights: list[torch.Tensor], mask: torch.Ten
     return x
 
 
+def _packed_forward(ids: torch.Tensor, types: torch.Tensor | None, mask: torch.Tensor | None,
+                    embedding_weights: list[torch.Tensor], weights: list[torch.Tensor], heads: int,
+                    eps: float) -> torch.Tensor:
+    """:meth:`BertModel.forward` over prepacked weights: ids [B, T] -> last hidden states."""
+    return _packed_layers(_embeddings(ids, types, embedding_weights, eps), weights, mask, heads, eps)
+
+
+def _pooled(hidden: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """One text's hidden states [T, H] -> their mean, or its unit vector (the mean's length
+    cancels: the sum's is taken)."""
+    total = hidden.sum(0)
+    if normalize:
+        length: torch.Tensor = torch.linalg.vector_norm(total)
+        return total / length.clamp_min(1e-12)
+    return total / hidden.shape[0]
+
+
+def _packed_sentence(ids: list[int], types: list[int] | None, embedding_weights: list[torch.Tensor],
+                     weights: list[torch.Tensor], heads: int, eps: float, normalize: bool) -> torch.Tensor:
+    """:meth:`BertModel.sentence_vector` over prepacked weights: one text's ids -> its pooled
+    vector [H]. The ids become a tensor here, inside the compiled function (cheaper than a
+    ``torch.tensor`` call from Python on cold caches)."""
+    x = _embeddings(torch.tensor([ids], dtype=torch.long),
+                    None if types is None else torch.tensor([types], dtype=torch.long), embedding_weights, eps)
+    return _pooled(_packed_layers(x, weights, None, heads, eps)[0], normalize)
+
+
 _SCRIPT_LOCK = threading.Lock()
-_SCRIPTED: list[Callable[..., torch.Tensor]] = []
+_SCRIPTED: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {}
 
 
-def _scripted_layers() -> Callable[..., torch.Tensor]:
-    """:func:`_packed_layers` compiled by TorchScript once per process, else itself (eager).
+def _scripted(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` compiled by TorchScript once per process, else ``fn`` itself (eager).
 
     Run by TorchScript's interpreter, the ~60 ops of a MiniLM forward skip Python's per-op cost:
     one sentence's forward 2.92 -> 2.64 ms here (p10 of interleaved runs), the same bits. The
@@ -209,16 +275,16 @@ def _scripted_layers() -> Callable[..., torch.Tensor]:
     function runs eagerly, ~0.3 ms a forward slower.
     """
     with _SCRIPT_LOCK:
-        if not _SCRIPTED:
-            fn: Callable[..., torch.Tensor] = _packed_layers
+        if fn not in _SCRIPTED:
+            compiled: Callable[..., torch.Tensor] = fn
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    fn = torch.jit.script(_packed_layers)
+                    compiled = torch.jit.script(fn)
             except Exception:  # noqa: BLE001 - no TorchScript here: the eager function is the same ops
-                fn = _packed_layers
-            _SCRIPTED.append(fn)
-        return _SCRIPTED[0]
+                compiled = fn
+            _SCRIPTED[fn] = compiled
+        return _SCRIPTED[fn]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
