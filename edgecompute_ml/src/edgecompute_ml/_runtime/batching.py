@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["Batcher"]
+
+# items, the future of their results, and its loop
+_Entry = tuple[list[Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 class Batcher:
@@ -29,11 +33,14 @@ class Batcher:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.name = name
-        self._queue: collections.deque[tuple[list[Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = \
-            collections.deque()
-        self._cond = threading.Condition()
+        # a SimpleQueue: its put and its blocking get are C, where a Condition's wait and notify
+        # are a dozen Python calls on each side of every request's hand-off to the thread
+        self._queue: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit against close: nothing is put after the stop
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._held: _Entry | None = None  # taken off the queue for the next batch (the thread's own)
+        self._stopping = False  # the thread has taken the stop: it ends after its last batch
         self._last_size = 1
         #: Sizes (in items) of the batches run so far, for tests and stats.
         self.batch_sizes: collections.Counter[int] = collections.Counter()
@@ -41,22 +48,22 @@ class Batcher:
     def submit(self, items: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name} is closed")
-            self._queue.append((items, future, loop))
+            self._queue.put((items, future, loop))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
         return future
 
     def close(self, *, wait: bool = False, timeout: float | None = None) -> bool:
         """Take no more items; the thread runs what is queued, then ends. With ``wait``, join it
         (at most ``timeout`` seconds). Returns whether the thread has ended (or never started)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)  # the stop, behind everything submitted
             thread = self._thread
         if thread is None:
             return True
@@ -64,28 +71,47 @@ class Batcher:
             thread.join(timeout)
         return not thread.is_alive()
 
-    def _take(self) -> list[tuple[list[Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] | None:
-        with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if not self._queue:
-                return None
-            batch = [self._queue.popleft()]
-            count = len(batch[0][0])
-            deadline = time.monotonic() + self.max_delay
-            while count < self.max_batch:
-                if self._queue:
-                    if count + len(self._queue[0][0]) > self.max_batch:
-                        break
-                    entry = self._queue.popleft()
-                    batch.append(entry)
-                    count += len(entry[0])
-                    continue
-                left = deadline - time.monotonic()
-                if self._last_size <= 1 or left <= 0 or self._closed:
+    def _next(self, timeout: float | None = None) -> _Entry | None:
+        """The next entry (None: the stop), waiting at most ``timeout`` seconds (then Empty)."""
+        entry, self._held = self._held, None
+        if entry is not None:
+            return entry
+        if timeout is None:
+            return self._queue.get()
+        return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+
+    def _take(self) -> list[_Entry] | None:
+        if self._stopping:
+            return None
+        first = self._next()
+        if first is None:
+            return None
+        batch = [first]
+        count = len(first[0])
+        deadline = 0.0
+        while count < self.max_batch:
+            try:
+                entry = self._next(0)
+            except queue.Empty:
+                # a lone client never waits: only a batcher whose last batch held several requests
+                # waits for more, up to max_delay
+                if self._last_size <= 1:
                     break
-                self._cond.wait(left)
-            return batch
+                if not deadline:
+                    deadline = time.monotonic() + self.max_delay
+                try:
+                    entry = self._next(deadline - time.monotonic())
+                except queue.Empty:
+                    break
+            if entry is None:
+                self._stopping = True  # run this batch, then end
+                break
+            if count + len(entry[0]) > self.max_batch:
+                self._held = entry  # first in the next batch
+                break
+            batch.append(entry)
+            count += len(entry[0])
+        return batch
 
     def _run(self) -> None:
         while True:
