@@ -419,6 +419,8 @@ class TaskHandle:
     def cancel(self) -> bool:
         """Cancel the task, queued or running. Returns False if it had already ended."""
         record = self._record
+        if record.ended:
+            return False  # Runtime.run() asks so of every task it ran: no error to build for it
         return record.host.cancel(record, record.cancelled_error())
 
     def stream(self) -> AsyncIterator[Any]:
