@@ -108,8 +108,8 @@ def test_the_kernel_is_the_integer_arithmetic_of_int8_activations(isa, offsets, 
 def test_a_prompts_rows_are_each_exactly_the_one_row_product(isa, offsets, k):
     # a prompt's rows pass the weight in pairs against pairs of weight rows, a decode step's one
     # row against one weight row at a time: every output must still be the same float32 number
-    # (a prompt then decodes exactly as token-by-token steps would); odd row counts leave a row
-    # alone, N = 37 an odd weight row, K a tail of groups
+    # (a row's product may not depend on how many rows share the call); odd row counts leave a
+    # row alone, N = 37 an odd weight row, K a tail of groups
     n = 37
     codes = _codes(n, k, offsets, seed=k + offsets)
     w = quant.QuantizedLinear(codes)
