@@ -12,24 +12,13 @@ import torch.nn.functional as F
 
 from edgecompute_ml._architectures import bert
 from edgecompute_ml._architectures.dense import packing_available
-from edgecompute_ml._runtime.plan import ModelSource
-from edgecompute_ml._runtime.store import inspect_model, load_model
 from edgecompute_ml._tasks.embeddings import embed_lists, embed_texts, normalize
 from edgecompute_ml.errors import ModelError
 
-needs_onednn = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
-                                  reason="this torch has no oneDNN: only the plain path exists")
+from .packing import load as _load
+from .packing import needs_onednn
 
 TEXTS = ("hello world", "the lazy dog jumps over the quick brown fox twice", "hi", "")
-
-
-def _load(folder, *, packed: bool):
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = packed
-    try:
-        return load_model(inspect_model(ModelSource("m", str(folder))), "float32", "cpu")
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def _reference(folder, ids: list[int], types: list[int] | None) -> torch.Tensor:

@@ -12,17 +12,8 @@ from edgecompute_ml._runtime.plan import ModelSource
 from edgecompute_ml._runtime.store import inspect_model, load_model
 from edgecompute_ml._tasks.embeddings import embed_texts
 
-needs_onednn = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
-                                  reason="this torch has no oneDNN: only the plain path exists")
-
-
-def _load(folder, *, packed: bool):
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = packed
-    try:
-        return load_model(inspect_model(ModelSource("m", str(folder))), "float32", "cpu")
-    finally:
-        torch.backends.mkldnn.enabled = before
+from .packing import load as _load
+from .packing import needs_onednn
 
 
 def _dense_layers(model) -> list[Dense]:
