@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from edgecompute_ml._architectures import bert
-from edgecompute_ml._architectures.dense import packing_available
 from edgecompute_ml._tasks.embeddings import embed_lists, embed_texts, normalize
 from edgecompute_ml.errors import ModelError
 
+from .packing import PACKED
 from .packing import load as _load
-from .packing import needs_onednn
 
 TEXTS = ("hello world", "the lazy dog jumps over the quick brown fox twice", "hi", "")
 
@@ -30,10 +29,10 @@ def _reference(folder, ids: list[int], types: list[int] | None) -> torch.Tensor:
     return hidden[0].mean(0)
 
 
-@pytest.mark.parametrize("packed", [pytest.param(True, marks=needs_onednn), False])
-def test_sentence_vector_is_the_mean_of_transformers_hidden_states(tiny_bert, packed):
-    lm = _load(tiny_bert, packed=packed)
-    assert (lm.model._packed is not None) == packed
+@pytest.mark.parametrize("packing", [*PACKED, "plain"])
+def test_sentence_vector_is_the_mean_of_transformers_hidden_states(tiny_bert, packing):
+    lm = _load(tiny_bert, packing=packing)
+    assert (lm.model._packed is not None) == (packing != "plain")
     ids = lm.tokenizer.encode("the quick brown fox", add_special_tokens=True).ids
     second = [0] * 3 + [1] * (len(ids) - 3)  # a second segment: the token-type table's row 1
     for types in (None, second):
@@ -46,9 +45,9 @@ def test_sentence_vector_is_the_mean_of_transformers_hidden_states(tiny_bert, pa
     assert not torch.equal(lm.model.sentence_vector(ids, second), lm.model.sentence_vector(ids))
 
 
-@pytest.mark.parametrize("packed", [pytest.param(True, marks=needs_onednn), False])
-def test_sentence_vector_is_the_forwards_pooling_to_float32_rounding(tiny_bert, packed):
-    lm = _load(tiny_bert, packed=packed)
+@pytest.mark.parametrize("packing", [*PACKED, "plain"])
+def test_sentence_vector_is_the_forwards_pooling_to_float32_rounding(tiny_bert, packing):
+    lm = _load(tiny_bert, packing=packing)
     for text in TEXTS:
         ids = lm.tokenizer.encode(text, add_special_tokens=True).ids
         hidden = lm.model.forward(torch.tensor([ids]), None, None)
@@ -61,16 +60,17 @@ def test_sentence_vector_is_the_forwards_pooling_to_float32_rounding(tiny_bert, 
 
 
 def test_sentence_vector_refuses_more_tokens_than_positions(tiny_bert):
-    lm = _load(tiny_bert, packed=packing_available(torch.device("cpu"), torch.float32))
+    lm = _load(tiny_bert, packing="blocks")
     limit = lm.model.config.max_position_embeddings
     with pytest.raises(ModelError, match=f"{limit + 1} tokens exceeds the model's {limit} positions"):
         lm.model.sentence_vector([5] * (limit + 1))
     assert lm.model.sentence_vector([5] * limit).shape == (lm.model.config.hidden_size,)
 
 
-@needs_onednn
-def test_scripted_forward_and_sentence_give_the_eager_functions_bits(tiny_bert):
-    model = _load(tiny_bert, packed=True).model
+@pytest.mark.parametrize("packing", PACKED)
+def test_scripted_forward_and_sentence_give_the_eager_functions_bits(tiny_bert, packing):
+    model = _load(tiny_bert, packing=packing).model
+    assert model._blocks == (packing == "blocks")
     assert isinstance(model._forward_fn, torch.jit.ScriptFunction)  # TorchScript is there in the torch we test
     assert isinstance(model._sentence_fn, torch.jit.ScriptFunction)
     c, weights = model.config, model._embedding_weights
@@ -79,25 +79,25 @@ def test_scripted_forward_and_sentence_give_the_eager_functions_bits(tiny_bert):
     types = torch.tensor([[0] * 7, [0] * 3 + [1] * 4])
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])[:, None, None, :].to(torch.bool)
     for t, m in ((None, None), (types, None), (types, mask)):
-        args = (ids, t, m, weights, model._packed, c.num_attention_heads, c.layer_norm_eps)
+        args = (ids, t, m, weights, model._packed, model._blocks, c.num_attention_heads, c.layer_norm_eps)
         assert torch.equal(model._forward_fn(*args), bert._packed_forward(*args))
     row = ids[1].tolist()
     for t in (None, types[1].tolist()):
         for norm in (False, True):
-            args = (row, t, weights, model._packed, c.num_attention_heads, c.layer_norm_eps, norm)
+            args = (row, t, weights, model._packed, model._blocks, c.num_attention_heads, c.layer_norm_eps, norm)
             assert torch.equal(model._sentence_fn(*args), bert._packed_sentence(*args))
 
 
-@needs_onednn
-def test_without_torchscript_the_same_functions_run_eagerly(tiny_bert, monkeypatch):
-    scripted = _load(tiny_bert, packed=True)
+@pytest.mark.parametrize("packing", PACKED)
+def test_without_torchscript_the_same_functions_run_eagerly(tiny_bert, packing, monkeypatch):
+    scripted = _load(tiny_bert, packing=packing)
 
     def no_script(fn):
         raise RuntimeError("no TorchScript in this torch")
 
     monkeypatch.setattr(bert, "_SCRIPTED", {})  # as in a fresh process
     monkeypatch.setattr(torch.jit, "script", no_script)
-    eager = _load(tiny_bert, packed=True)
+    eager = _load(tiny_bert, packing=packing)
     assert eager.model._packed is not None  # still packed: only the dispatching is Python's
     assert eager.model._forward_fn is bert._packed_forward and eager.model._sentence_fn is bert._packed_sentence
     for text in TEXTS:
@@ -106,9 +106,9 @@ def test_without_torchscript_the_same_functions_run_eagerly(tiny_bert, monkeypat
     assert torch.equal(embed_texts(eager, list(TEXTS)), embed_texts(scripted, list(TEXTS)))
 
 
-@pytest.mark.parametrize("packed", [pytest.param(True, marks=needs_onednn), False])
-def test_a_lone_text_takes_the_sentence_path_and_gives_the_batch_paths_vector(tiny_bert, packed, monkeypatch):
-    lm = _load(tiny_bert, packed=packed)
+@pytest.mark.parametrize("packing", [*PACKED, "plain"])
+def test_a_lone_text_takes_the_sentence_path_and_gives_the_batch_paths_vector(tiny_bert, packing, monkeypatch):
+    lm = _load(tiny_bert, packing=packing)
     calls: list[tuple[list[int], bool]] = []
     sentence_vector = lm.model.sentence_vector
 
@@ -134,24 +134,25 @@ def test_a_lone_text_takes_the_sentence_path_and_gives_the_batch_paths_vector(ti
 
 
 def test_a_lone_text_is_truncated_to_the_models_max_length(tiny_bert):
-    lm = _load(tiny_bert, packed=packing_available(torch.device("cpu"), torch.float32))
+    lm = _load(tiny_bert, packing="blocks")
     long = " ".join(["fox"] * 200)
     assert len(lm.tokenizer.encode(long, add_special_tokens=True).ids) == lm.max_length
     torch.testing.assert_close(torch.tensor(embed_lists(lm, [long], [False])), embed_texts(lm, [long]),
                                atol=1e-7, rtol=0)
 
 
-@needs_onednn
-def test_the_eager_layer_loop_calls_only_its_own_ops(tiny_bert):
+@pytest.mark.parametrize("packing", PACKED)
+def test_the_eager_layer_loop_calls_only_its_own_ops(tiny_bert, packing):
     # run eagerly, an unqualified call of the residual-add overload made torch's overload
     # resolution iterate the residual as a list of scalars (a select and an item per element):
     # ~35 ms a MiniLM forward instead of ~3; counted here, not timed
-    model = _load(tiny_bert, packed=True).model
+    model = _load(tiny_bert, packing=packing).model
     c = model.config
     x = torch.randn(2, 6, c.hidden_size)
     with torch.inference_mode(), torch.profiler.profile() as prof:
-        bert._packed_layers(x, model._packed, None, c.num_attention_heads, c.layer_norm_eps)
+        bert._packed_layers(x, model._packed, model._blocks, None, c.num_attention_heads, c.layer_norm_eps)
     counts = {e.key: e.count for e in prof.key_averages()}
-    assert counts["mkldnn::_linear_pointwise"] == 4 * c.num_hidden_layers
+    op = "edgecompute_ml::f32_linear" if packing == "blocks" else "mkldnn::_linear_pointwise"
+    assert counts[op] == 4 * c.num_hidden_layers
     assert "aten::item" not in counts and "aten::is_nonzero" not in counts
     assert counts["aten::select"] == 3 * c.num_hidden_layers  # q, k and v out of each layer's unbind

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .dense import Dense
+from .dense import Dense, linear
 
 __all__ = ["BertConfig", "BertModel"]
 
@@ -127,17 +127,19 @@ class BertModel:
                 (w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"]),
             ))
         self._act = _ACTIVATIONS[config.hidden_act]
-        # every layer prepacked with its GELU fused: the embeddings and the layer loop run as
-        # TorchScript (below), and so does a lone sentence's pooling
+        # every layer packed alike, its GELU exact: the embeddings, the layer loop and a lone
+        # sentence's pooling run as TorchScript (below)
         self._packed: list[torch.Tensor] | None = None
+        self._blocks = False  # packed for this package's kernel, else for oneDNN
         self._embedding_weights = [self.word, self.position, self.token_type, *self.ln]
         self._forward_fn: Callable[..., torch.Tensor] = _packed_forward
         self._sentence_fn: Callable[..., torch.Tensor] = _packed_sentence
-        if all(qkv.packed and o.packed and i.packed and i.gelu and d.packed
-               for qkv, o, ln1, i, d, ln2 in self.layers):
+        packings = {lin.packing for qkv, o, ln1, i, d, ln2 in self.layers for lin in (qkv, o, i, d)}
+        if len(packings) == 1 and "plain" not in packings and all(i.gelu for qkv, o, ln1, i, d, ln2 in self.layers):
             self._packed = [t for qkv, o, ln1, i, d, ln2 in self.layers
                             for t in (qkv.weight, qkv.bias, o.weight, o.bias, *ln1, i.weight, i.bias, d.weight,
                                       d.bias, *ln2) if t is not None]
+            self._blocks = packings == {"blocks"}
             if len(self._packed) == 12 * len(self.layers):  # every layer has its biases (BERT's do)
                 self._forward_fn = _scripted(_packed_forward)
                 self._sentence_fn = _scripted(_packed_sentence)
@@ -163,8 +165,8 @@ class BertModel:
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].to(torch.bool)
         if self._packed is not None:
-            return self._forward_fn(input_ids, token_type_ids, mask, self._embedding_weights, self._packed, nh,
-                                    c.layer_norm_eps)
+            return self._forward_fn(input_ids, token_type_ids, mask, self._embedding_weights, self._packed,
+                                    self._blocks, nh, c.layer_norm_eps)
         x = _embeddings(input_ids, token_type_ids, self._embedding_weights, c.layer_norm_eps)
         for qkv_lin, o_lin, ln1, i_lin, d_lin, ln2 in self.layers:
             q, k, v = qkv_lin(x).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
@@ -196,7 +198,7 @@ class BertModel:
         tokens, types = list(ids), None if type_ids is None else list(type_ids)
         with torch.inference_mode():
             if self._packed is not None:
-                return self._sentence_fn(tokens, types, self._embedding_weights, self._packed,
+                return self._sentence_fn(tokens, types, self._embedding_weights, self._packed, self._blocks,
                                          c.num_attention_heads, c.layer_norm_eps, normalize)
             hidden = self.forward(torch.tensor([tokens], dtype=torch.long, device=self.device), None,
                                   None if types is None else torch.tensor([types], dtype=torch.long,
@@ -214,37 +216,32 @@ def _embeddings(ids: torch.Tensor, types: torch.Tensor | None, weights: list[tor
     return F.layer_norm(x, [word.shape[1]], weights[3], weights[4], eps)
 
 
-def _packed_layers(x: torch.Tensor, weights: list[torch.Tensor], mask: torch.Tensor | None, heads: int,
-                   eps: float) -> torch.Tensor:
-    """The encoder layers over prepacked weights (12 a layer: q/k/v, output, first norm, FFN in and
-    out, second norm; weights then biases), GELU and the residual adds in oneDNN's kernels: the
-    same ops as :meth:`BertModel.forward`'s loop, in a form TorchScript compiles.
-
-    The residual adds name their arguments (``other=``): run eagerly (no TorchScript), an
-    unqualified call with five positional arguments makes the op's Python overload resolution
-    try the first schema by iterating the residual tensor as a list of scalars, ~1.5 ms a call
-    (a whole MiniLM forward ~35 ms instead of ~3); with the names it fails that schema at once.
-    ``.binary`` would say it too, but TorchScript cannot call an overload by name."""
+def _packed_layers(x: torch.Tensor, weights: list[torch.Tensor], blocks: bool, mask: torch.Tensor | None,
+                   heads: int, eps: float) -> torch.Tensor:
+    """The encoder layers over packed weights (12 a layer: q/k/v, output, first norm, FFN in and
+    out, second norm; weights then biases; ``blocks``: packed for this package's kernel, else for
+    oneDNN), the residual adds in the kernels: the same ops as :meth:`BertModel.forward`'s loop,
+    in a form TorchScript compiles."""
     b, t, h = x.shape[0], x.shape[1], x.shape[2]
     hd = h // heads
     for n in range(len(weights) // 12):
         w = n * 12
-        qkv = torch.ops.mkldnn._linear_pointwise(x, weights[w], weights[w + 1], "none", [], "")
+        qkv = linear(x, weights[w], weights[w + 1], None, False, blocks)
         q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h)
-        x = torch.ops.mkldnn._linear_pointwise(attn, other=x, W=weights[w + 2], B=weights[w + 3], attr="add")
-        x = F.layer_norm(x, [h], weights[w + 4], weights[w + 5], eps)
-        inter = torch.ops.mkldnn._linear_pointwise(x, weights[w + 6], weights[w + 7], "gelu", [], "none")
-        x = torch.ops.mkldnn._linear_pointwise(inter, other=x, W=weights[w + 8], B=weights[w + 9], attr="add")
-        x = F.layer_norm(x, [h], weights[w + 10], weights[w + 11], eps)
+        x = F.layer_norm(linear(attn, weights[w + 2], weights[w + 3], x, False, blocks), [h], weights[w + 4],
+                         weights[w + 5], eps)
+        inter = linear(x, weights[w + 6], weights[w + 7], None, True, blocks)
+        x = F.layer_norm(linear(inter, weights[w + 8], weights[w + 9], x, False, blocks), [h], weights[w + 10],
+                         weights[w + 11], eps)
     return x
 
 
 def _packed_forward(ids: torch.Tensor, types: torch.Tensor | None, mask: torch.Tensor | None,
-                    embedding_weights: list[torch.Tensor], weights: list[torch.Tensor], heads: int,
+                    embedding_weights: list[torch.Tensor], weights: list[torch.Tensor], blocks: bool, heads: int,
                     eps: float) -> torch.Tensor:
-    """:meth:`BertModel.forward` over prepacked weights: ids [B, T] -> last hidden states."""
-    return _packed_layers(_embeddings(ids, types, embedding_weights, eps), weights, mask, heads, eps)
+    """:meth:`BertModel.forward` over packed weights: ids [B, T] -> last hidden states."""
+    return _packed_layers(_embeddings(ids, types, embedding_weights, eps), weights, blocks, mask, heads, eps)
 
 
 def _pooled(hidden: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -258,13 +255,14 @@ def _pooled(hidden: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def _packed_sentence(ids: list[int], types: list[int] | None, embedding_weights: list[torch.Tensor],
-                     weights: list[torch.Tensor], heads: int, eps: float, normalize: bool) -> torch.Tensor:
+                     weights: list[torch.Tensor], blocks: bool, heads: int, eps: float,
+                     normalize: bool) -> torch.Tensor:
     """:meth:`BertModel.sentence_vector` over prepacked weights: one text's ids -> its pooled
     vector [H]. The ids become a tensor here, inside the compiled function (cheaper than a
     ``torch.tensor`` call from Python on cold caches)."""
     x = _embeddings(torch.tensor([ids], dtype=torch.long),
                     None if types is None else torch.tensor([types], dtype=torch.long), embedding_weights, eps)
-    return _pooled(_packed_layers(x, weights, None, heads, eps)[0], normalize)
+    return _pooled(_packed_layers(x, weights, blocks, None, heads, eps)[0], normalize)
 
 
 _SCRIPT_LOCK = threading.Lock()

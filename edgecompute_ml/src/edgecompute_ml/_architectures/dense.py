@@ -1,67 +1,137 @@
-"""Float linear layers whose weights are prepacked for oneDNN when the model runs on CPU.
+"""Float linear layers whose weights are prepacked when the model runs on CPU in float32.
 
 An encoder's forward over one short input (a sentence, an image's patches) multiplies a few rows
 by every weight once: ``F.linear`` goes to MKL's GEMM, which re-reads the weight in its row-major
-layout on every call. oneDNN's inner product with the weight reordered once at load
-(``torch.ops.mkldnn._reorder_linear_weight``, the kernel inductor's freezing pass also uses)
-takes half the time for a few rows and is no slower for many (measured on this machine's AVX-512
-EPYC, 2 threads, a 384 -> 1536 layer: 8 rows 118-133 us vs 65 us, 1024 rows 24-36 ms vs 16-24 ms;
-all-MiniLM-L6-v2's whole forward over one sentence 5.7 ms vs 3.2 ms; docs/performance.md).
+layout on every call. Two packed forms, chosen at load:
+
+- **this package's kernel** (``_kernels/linear.cpp``, ``torch.ops.edgecompute_ml.f32_linear``,
+  AVX-512F): the weight in 16-column blocks ``[ceil(N/16), K, 16]``; every row of the input passes
+  each block in one sweep, bias and residual added on the way out. MiniLM's 24 linears over one
+  sentence (10 rows) 0.86x oneDNN's time below, 0.96-0.98x at 64-768 rows (docs/performance.md):
+  oneDNN spends ~15 us a call building its primitive before it starts. Compiled at first use
+  (``_kernels/build.py``); ``EDGECOMPUTE_ML_LINEAR_KERNEL=0`` turns it off.
+- **oneDNN's** inner product with the weight reordered once at load
+  (``torch.ops.mkldnn._reorder_linear_weight``, the kernel inductor's freezing pass also uses),
+  where the kernel above is off, did not build, or the CPU lacks AVX-512F. Against ``F.linear`` it
+  takes half the time for a few rows and is no slower for many (this machine's AVX-512 EPYC, 2
+  threads, a 384 -> 1536 layer: 8 rows 118-133 us vs 65 us, 1024 rows 24-36 ms vs 16-24 ms;
+  all-MiniLM-L6-v2's whole forward over one sentence 5.7 ms vs 3.2 ms).
 
 Graph capture was measured on the same forward and lost: ``torch.jit.trace`` + ``freeze`` 6.7 ms,
 ``torch.compile`` (inductor) 7-8 ms with or without freezing (on x86 its fp32 linears go to MKL's
-packed GEMM, slower here than oneDNN's), against 3.2 ms for these packed weights run eagerly.
+packed GEMM, slower here than oneDNN's), against 3.2 ms for oneDNN's packed weights run eagerly.
 
-The packed weight replaces the float one (no second copy is kept). Elsewhere (CUDA, MPS, bfloat16 or float16,
-a torch without oneDNN, or ``torch.backends.mkldnn.enabled = False``, the switch that also turns
-oneDNN off in torch itself) a layer is plain ``F.linear``: the same numbers to float32 rounding.
+The packed weight replaces the float one (no second copy is kept). Elsewhere (CUDA, MPS, bfloat16
+or float16, or ``torch.backends.mkldnn.enabled = False``, the switch that also turns oneDNN off in
+torch itself and here turns all packing off) a layer is plain ``F.linear``: the same numbers to
+float32 rounding.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Dense", "packing_available"]
+from .._kernels import build as kernels
 
+__all__ = ["Dense", "Packing", "linear", "pack_blocks", "packing_available", "packing_for"]
+
+#: how a layer's weight is held: "blocks" (this package's kernel), "onednn" (reordered for
+#: oneDNN) or "plain" (as loaded, ``F.linear``)
+Packing = Literal["blocks", "onednn", "plain"]
 # float32 only: oneDNN's bfloat16 kernels need AVX512-BF16 or AMX, not every CPU has them
 _PACKABLE = (torch.float32,)
+_LANES = 16  # columns of one weight block in linear.cpp
+
+
+def packing_for(device: torch.device, dtype: torch.dtype) -> Packing:
+    """How float weights for ``device``/``dtype`` are packed (see the module doc); the first call
+    on a CPU may compile the kernel (seconds, once: it is cached on disk)."""
+    if device.type != "cpu" or dtype not in _PACKABLE or not torch.backends.mkldnn.enabled:
+        return "plain"
+    if kernels.load_linear():
+        return "blocks"
+    return "onednn" if torch._C._has_mkldnn else "plain"
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether weights for ``device``/``dtype`` are prepacked for oneDNN (see the module doc)."""
-    return (device.type == "cpu" and dtype in _PACKABLE and torch._C._has_mkldnn
-            and bool(torch.backends.mkldnn.enabled))
+    """Whether weights for ``device``/``dtype`` are prepacked in one form or the other."""
+    return packing_for(device, dtype) != "plain"
+
+
+def pack_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [N, K] in linear.cpp's layout: [ceil(N/16), K, 16], zero past N."""
+    n, k = weight.shape
+    blocks = -(-n // _LANES)
+    padded = weight.new_zeros(blocks * _LANES, k)
+    padded[:n] = weight
+    return padded.view(blocks, _LANES, k).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, gelu: bool,
+           blocks: bool) -> torch.Tensor:
+    """``residual + x W^T + bias``, or ``gelu(x W^T + bias)`` (exact, erf), over a weight packed by
+    :func:`pack_blocks` (``blocks``) or reordered for oneDNN; not both ``residual`` and ``gelu``.
+    Written for TorchScript too (the encoders' compiled forwards call it): the residual add names
+    its arguments, because run eagerly an unqualified five-argument call makes the op's Python
+    overload resolution try the first schema by iterating the residual as a list of scalars
+    (~1.5 ms a call)."""
+    if blocks:
+        out: torch.Tensor = torch.ops.edgecompute_ml.f32_linear(x, weight, bias, residual, bias.shape[0])
+        if gelu:
+            out = F.gelu(out)
+    elif residual is not None:
+        out = torch.ops.mkldnn._linear_pointwise(x, other=residual, W=weight, B=bias, attr="add")
+    elif gelu:  # "none": erf, not tanh
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return out
 
 
 class Dense:
-    """``y = x W^T + b`` for a float weight [N, K], prepacked where :func:`packing_available`;
-    with ``gelu``, ``gelu(y)`` (exact, erf), fused into oneDNN's kernel when packed (one pass over
-    the output instead of two: ~9 us a MiniLM layer here)."""
+    """``y = x W^T + b`` for a float weight [N, K], packed as :func:`packing_for` says; with
+    ``gelu``, ``gelu(y)`` (exact, erf), fused into oneDNN's kernel when packed for it (one pass
+    over the output instead of two: ~9 us a MiniLM layer here)."""
 
-    __slots__ = ("bias", "gelu", "packed", "shape", "weight")
+    __slots__ = ("bias", "gelu", "packing", "shape", "weight")
     bias: torch.Tensor | None
     gelu: bool
-    packed: bool
+    packing: Packing
     shape: tuple[int, int]
     weight: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
                  dtype: torch.dtype, *, gelu: bool = False) -> None:
         self.shape = (int(weight.shape[0]), int(weight.shape[1]))
-        self.bias = bias
         self.gelu = gelu
-        self.packed = packing_available(device, dtype) and weight.dtype == dtype
-        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if self.packed
-                       else weight)
+        self.packing = packing_for(device, dtype) if weight.dtype == dtype else "plain"
+        if self.packing == "blocks":
+            self.weight = pack_blocks(weight)
+            self.bias = None if bias is None else bias.contiguous()
+        elif self.packing == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+            self.bias = bias
+        else:
+            self.weight, self.bias = weight, bias
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is held in one of the packed forms."""
+        return self.packing != "plain"
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual + x W^T + b`` with ``residual`` (its shape: the output's), added in
-        oneDNN's kernel when packed (one op and one pass over the output less; the same float32
-        sum, so the same bits as a separate ``+``). Not with ``gelu``."""
+        """``residual + x W^T + b`` with ``residual`` (its shape: the output's), added in the
+        packed kernels (one op and one pass over the output less; the same float32 sum, so the
+        same bits as a separate ``+``). Not with ``gelu``."""
         if residual is not None and self.gelu:
             raise ValueError("Dense: a residual is added to a layer without gelu only")
-        if self.packed:
+        if self.packing == "blocks":
+            y: torch.Tensor = torch.ops.edgecompute_ml.f32_linear(x, self.weight, self.bias, residual, self.shape[0])
+            return F.gelu(y) if self.gelu else y
+        if self.packing == "onednn":
             if residual is not None:
                 added: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(
                     x.contiguous(), residual.contiguous(), self.weight, self.bias, "add")

@@ -1,18 +1,26 @@
-"""Compile ``q4.cpp`` at first use into a content-hashed on-disk cache and load it as the torch
-custom op ``torch.ops.edgecompute_ml.q4_linear`` (docs/ml.md, "Quantized weights").
+"""Compile this package's kernels at first use into a content-hashed on-disk cache and load them
+as torch custom ops (docs/ml.md, "Quantized weights" and "One sentence"):
+
+- ``q4.cpp``: ``torch.ops.edgecompute_ml.q4_linear``, the 4-bit weight-only matmul
+  (:func:`load_q4`; fallback: torch's int4 kernel);
+- ``linear.cpp``: ``torch.ops.edgecompute_ml.f32_linear``, the float32 linear of the encoders
+  over weights packed in 16-column blocks (:func:`load_linear`; fallback: oneDNN's packed linear).
+
+Each is its own shared library, built and loaded on its own:
 
 - **Compiler**: ``$CXX`` (may hold arguments), else ``c++``, ``g++`` or ``clang++``, with torch's
-  headers and libraries, ``-O3 -fopenmp`` (the op's threads are ATen's OpenMP pool: compiled with
-  GCC the library needs ``libgomp.so.1``, which resolves to the copy torch has already loaded;
-  clang is asked for libgomp too, never a second runtime). No ``-march``: the source picks its
-  instruction set at load (AVX-512 VNNI, else AVX2).
+  headers and libraries, ``-O3 -fopenmp`` (the ops' threads are ATen's OpenMP pool: compiled with
+  GCC a library needs ``libgomp.so.1``, which resolves to the copy torch has already loaded;
+  clang is asked for libgomp too, never a second runtime). No ``-march``: the sources pick their
+  instruction set at load.
 - **Cache**: ``$EDGECOMPUTE_ML_CACHE/kernels``, else the user cache directory's
   ``edgecompute-ml/kernels``; the file name hashes the source, torch's version, the compiler's
   identity, the flags and the CPU's instruction sets. A build is written under a temporary name
   and renamed into place, so processes compiling at the same time never load half a library.
-- **Fallback**: ``EDGECOMPUTE_ML_Q4_KERNEL=0`` turns the kernel off; no compiler, a failed compile
-  or load, or a CPU with neither AVX2 nor AVX-512 VNNI leave ``q4`` weights on torch's int4 kernel.
-  The reason is logged once per process and kept in :func:`q4_status`.
+- **Fallback**: an environment variable turns a kernel off (``EDGECOMPUTE_ML_Q4_KERNEL=0``,
+  ``EDGECOMPUTE_ML_LINEAR_KERNEL=0``); no compiler, a failed compile or load, or a CPU without the
+  instruction sets leave the work on torch's kernels. The reason is logged once per process and
+  kept in :func:`q4_status` / :func:`linear_status`.
 """
 
 from __future__ import annotations
@@ -26,21 +34,63 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+import attrs
 
 from .._runtime.paths import cache_root
 
-__all__ = ["DISABLE_ENV", "SOURCE", "cache_dir", "load_q4", "q4_status"]
+__all__ = ["DISABLE_ENV", "LINEAR_DISABLE_ENV", "cache_dir", "declare_linear", "linear_status", "load_linear",
+           "load_q4", "q4_status"]
 
 _log = logging.getLogger("edgecompute_ml.kernels")
-SOURCE = Path(__file__).resolve().parent / "q4.cpp"
+_HERE = Path(__file__).resolve().parent
 #: set to 0/false/off/no to keep 4-bit weights on torch's int4 kernel
 DISABLE_ENV = "EDGECOMPUTE_ML_Q4_KERNEL"
+#: set to 0/false/off/no to keep float32 encoder linears on oneDNN's packed kernel
+LINEAR_DISABLE_ENV = "EDGECOMPUTE_ML_LINEAR_KERNEL"
 _FLAGS = ("-std=c++20", "-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
           "-Wno-psabi", "-w")
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _lock = threading.Lock()
-_state: dict[str, str | None] = {}  # "reason": None when the kernel is loaded, else why not
+_declared: list[object] = []  # the torch.library.Library holding f32_linear's schema, once declared
+#: declared here, not in linear.cpp, so that TorchScript compiles a function naming the op
+#: whether or not the library loads (dense.py then runs the oneDNN branch of that function)
+F32_LINEAR_SCHEMA = "f32_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int n) -> Tensor"
+
+
+def _q4_isa() -> str | None:
+    import torch
+
+    if int(torch.ops.edgecompute_ml.q4_isa(-1)) <= 0:
+        return "this CPU has neither AVX-512 VNNI nor AVX2"
+    return None
+
+
+def _linear_isa() -> str | None:
+    import torch
+
+    if int(torch.ops.edgecompute_ml.linear_isa(-1)) <= 0:
+        return "this CPU has neither AVX-512F nor AVX2 with FMA"
+    return None
+
+
+@attrs.frozen
+class _Kernel:
+    name: str  # the library's file name prefix
+    source: Path
+    disable_env: str
+    marker: str  # an op the library defines: present once it is loaded
+    isa: Callable[[], str | None]  # None when this CPU can run it, else why not
+    fallback: str  # what runs instead, for the log
+    # "load": why loading failed (None: loaded); "reason": why it is not in use now (None: it is)
+    state: dict[str, str | None] = attrs.field(factory=dict, eq=False)
+
+
+_Q4 = _Kernel("q4", _HERE / "q4.cpp", DISABLE_ENV, "q4_isa", _q4_isa, "4-bit weights use torch's int4 kernel")
+_LINEAR = _Kernel("linear", _HERE / "linear.cpp", LINEAR_DISABLE_ENV, "linear_isa", _linear_isa,
+                  "float32 encoder linears use oneDNN's packed kernel")
 
 
 def cache_dir() -> Path:
@@ -79,91 +129,126 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _command(compiler: list[str], identity: str, output: Path) -> list[str]:
+def _command(compiler: list[str], identity: str, source: Path, output: Path) -> list[str]:
     import torch
 
     root = os.path.dirname(torch.__file__)
     lib = os.path.join(root, "lib")
     openmp = ["-fopenmp=libgomp"] if "clang" in identity.lower() else []  # torch's runtime, not libomp
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
-    return [*compiler, *_FLAGS, *openmp, abi, f"-I{os.path.join(root, 'include')}", str(SOURCE), "-o", str(output),
+    return [*compiler, *_FLAGS, *openmp, abi, f"-I{os.path.join(root, 'include')}", str(source), "-o", str(output),
             f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
 
 
-def _build() -> Path:
-    """The cached library, compiled first if it is not there. Raises RuntimeError with the reason."""
+def _build(kernel: _Kernel) -> Path:
+    """The kernel's cached library, compiled first if it is not there. Raises RuntimeError with
+    the reason."""
     import torch
 
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler (CXX={os.environ.get('CXX', '')!r}; tried c++, g++, clang++)")
     identity = _compiler_identity(tuple(compiler))
-    probe = _command(compiler, identity, Path("OUT"))
+    source = kernel.source
+    probe = _command(compiler, identity, source, Path("OUT"))
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), identity.encode(), " ".join(probe).encode(),
+    for part in (source.read_bytes(), torch.__version__.encode(), identity.encode(), " ".join(probe).encode(),
                  _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
     folder = cache_dir()
-    target = folder / f"q4-{key.hexdigest()[:24]}.so"
+    target = folder / f"{kernel.name}-{key.hexdigest()[:24]}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".q4-", suffix=".so", dir=folder)
+    fd, temporary = tempfile.mkstemp(prefix=f".{kernel.name}-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run(_command(compiler, identity, Path(temporary)), capture_output=True, text=True,
+        done = subprocess.run(_command(compiler, identity, source, Path(temporary)), capture_output=True, text=True,
                               timeout=600, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({compiler[0]}): {done.stderr.strip()[-800:]}")
+            raise RuntimeError(f"compiling {source.name} failed ({compiler[0]}): {done.stderr.strip()[-800:]}")
         os.replace(temporary, target)  # atomic: a concurrent builder loads a whole library or builds its own
     except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"compiling {SOURCE.name} failed: {type(exc).__name__}: {exc}") from exc
+        raise RuntimeError(f"compiling {source.name} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
     return target
 
 
-def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "off", "no")
+def declare_linear() -> None:
+    """Declare ``torch.ops.edgecompute_ml.f32_linear``'s schema in this process (once; its CPU and
+    Meta kernels come with linear.cpp's library)."""
+    with _lock:
+        if not _declared:
+            import torch
+
+            library = torch.library.Library("edgecompute_ml", "FRAGMENT")  # type: ignore[no-untyped-call]
+            library.define(F32_LINEAR_SCHEMA)  # type: ignore[no-untyped-call]  # its kernels: linear.cpp's
+            _declared.append(library)
+
+
+def _ensure(kernel: _Kernel) -> bool:
+    # the switch is read at every call (a model's load: cheap), the library loaded once
+    setting = os.environ.get(kernel.disable_env, "")
+    if setting.strip().lower() in ("0", "false", "off", "no"):
+        return _settle(kernel, f"turned off ({kernel.disable_env}={setting})")
+    if kernel is _LINEAR:
+        declare_linear()
+    state = kernel.state
+    if "load" not in state:
+        with _lock:
+            if "load" not in state:
+                state["load"] = _load(kernel)
+    return _settle(kernel, state["load"])
+
+
+def _settle(kernel: _Kernel, reason: str | None) -> bool:
+    """Record why the kernel is not in use (None: it is), logging each new reason once."""
+    with _lock:
+        if reason is not None and kernel.state.get("reason", "") != reason:
+            _log.warning("ml: %s, not edgecompute_ml's: %s", kernel.fallback, reason)
+        kernel.state["reason"] = reason
+    return reason is None
+
+
+def _load(kernel: _Kernel) -> str | None:
+    import torch
+
+    try:
+        if not hasattr(torch.ops.edgecompute_ml, kernel.marker):
+            torch.ops.load_library(str(_build(kernel)))  # type: ignore[no-untyped-call]
+        return kernel.isa()
+    except (RuntimeError, OSError) as exc:
+        return str(exc)
 
 
 def load_q4() -> bool:
     """Whether ``torch.ops.edgecompute_ml.q4_linear`` is usable in this process, compiling and
     loading it on the first call (later calls are a dictionary lookup)."""
-    if "reason" in _state:
-        return _state["reason"] is None
-    with _lock:
-        if "reason" not in _state:
-            _state["reason"] = _load()
-            if _state["reason"] is not None:
-                _log.warning("ml: 4-bit weights use torch's int4 kernel, not edgecompute_ml's: %s", _state["reason"])
-    return _state["reason"] is None
-
-
-def _load() -> str | None:
-    if _disabled():
-        return f"turned off ({DISABLE_ENV}={os.environ[DISABLE_ENV]})"
-    import torch
-
-    try:
-        if not hasattr(torch.ops.edgecompute_ml, "q4_isa"):
-            torch.ops.load_library(str(_build()))  # type: ignore[no-untyped-call]
-        isa = int(torch.ops.edgecompute_ml.q4_isa(-1))
-    except (RuntimeError, OSError) as exc:
-        return str(exc)
-    if isa <= 0:
-        return "this CPU has neither AVX-512 VNNI nor AVX2"
-    return None
+    return _ensure(_Q4)
 
 
 def q4_status() -> str | None:
-    """None when the kernel is in use, else why not (None too before the first :func:`load_q4`)."""
-    return _state.get("reason")
+    """None when the 4-bit kernel is in use, else why not (None too before the first :func:`load_q4`)."""
+    return _Q4.state.get("reason")
+
+
+def load_linear() -> bool:
+    """Whether ``torch.ops.edgecompute_ml.f32_linear`` is usable in this process, compiling and
+    loading it on the first call (later calls are a dictionary lookup)."""
+    return _ensure(_LINEAR)
+
+
+def linear_status() -> str | None:
+    """None when the float32 linear kernel is in use, else why not (None too before the first
+    :func:`load_linear`)."""
+    return _LINEAR.state.get("reason")
 
 
 def _forget() -> None:
-    """Tests: decide again at the next :func:`load_q4` (a loaded library stays loaded)."""
+    """Tests: decide again at the next load (a loaded library stays loaded)."""
     with _lock:
-        _state.clear()
+        _Q4.state.clear()
+        _LINEAR.state.clear()

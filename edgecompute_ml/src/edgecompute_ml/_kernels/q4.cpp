@@ -450,7 +450,7 @@ int64_t q4_isa(int64_t want) {
 
 }  // namespace
 
-TORCH_LIBRARY(edgecompute_ml, m) {
+TORCH_LIBRARY_FRAGMENT(edgecompute_ml, m) {
   m.def("q4_linear(Tensor x, Tensor codes, Tensor scale, Tensor? low) -> Tensor");
   m.def("q4_isa(int want) -> int", &q4_isa);
 }
