@@ -44,10 +44,8 @@ def _engines(layers: list[list[tuple[torch.Tensor, torch.Tensor, str]]]) -> dict
     def ours(x: torch.Tensor, inter: torch.Tensor) -> None:
         for layer in blocks:
             for i, (w, b, post) in enumerate(layer):
-                y = torch.ops.edgecompute_ml.f32_linear(inter if i == 3 else x, w, b, x if post == "add" else None,
-                                                        b.shape[0])
-                if post == "gelu":
-                    F.gelu(y)
+                torch.ops.edgecompute_ml.f32_linear(inter if i == 3 else x, w, b, x if post == "add" else None,
+                                                    b.shape[0], post == "gelu")
 
     def dnnl(x: torch.Tensor, inter: torch.Tensor) -> None:
         for layer in onednn:

@@ -57,7 +57,22 @@ def test_equals_f_linear_for_every_row_count_and_ragged_width(kernel, isa, m, n,
     assert ((kernel(x, packed, b, None, n).double() - (exact + b.double())).abs() <= bound).all()
     assert ((kernel(x, packed, None, None, n).double() - exact).abs() <= bound).all()
     # the residual is added after the bias, as a separate add would: the same bits
-    assert torch.equal(kernel(x, packed, b, residual, n), residual + kernel(x, packed, b, None, n))
+    y = kernel(x, packed, b, None, n)
+    assert torch.equal(kernel(x, packed, b, residual, n), residual + y)
+    # GELU (erf) on the way out: torch's own erf approximation's accuracy (1.5e-7) on y's scale
+    gelu = kernel(x, packed, b, None, n, True)
+    assert ((gelu - F.gelu(y)).abs() <= 4e-7 * (1 + y.abs())).all()
+
+
+def test_gelu_follows_erf_over_its_whole_range(kernel, isa):
+    # the identity weight passes x through: GELU's far tails (exp underflows, erf saturates), zero
+    # and the values between, against torch's exact GELU
+    x = torch.cat([torch.linspace(-30, 30, 4801), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4])])
+    x = x[: x.numel() // 16 * 16].view(-1, 16)
+    got = kernel(x, pack_blocks(torch.eye(16)), torch.zeros(16), None, 16, True)
+    expected = F.gelu(x.double()).float()
+    assert ((got - expected).abs() <= 4e-7 * (1 + x.abs())).all()
+    assert torch.isfinite(got).all()
 
 
 def test_keeps_the_leading_shape_and_reads_strided_inputs(kernel, isa):
@@ -80,6 +95,7 @@ def test_misuse_is_a_clear_error(kernel):
         ((torch.randn(2, 32).double(), packed, b, None, 40), "float32 CPU tensor"),
         ((torch.randn(2, 32), packed, torch.randn(39), None, 40), "bias must be contiguous float32"),
         ((torch.randn(2, 32), packed, b, torch.randn(2, 41), 40), "residual must be float32 shaped like"),
+        ((torch.randn(2, 32), packed, b, torch.randn(2, 40), 40, True), "a residual or gelu, not both"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):

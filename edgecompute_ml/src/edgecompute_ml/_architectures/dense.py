@@ -79,9 +79,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: 
     overload resolution try the first schema by iterating the residual as a list of scalars
     (~1.5 ms a call)."""
     if blocks:
-        out: torch.Tensor = torch.ops.edgecompute_ml.f32_linear(x, weight, bias, residual, bias.shape[0])
-        if gelu:
-            out = F.gelu(out)
+        out: torch.Tensor = torch.ops.edgecompute_ml.f32_linear(x, weight, bias, residual, bias.shape[0], gelu)
     elif residual is not None:
         out = torch.ops.mkldnn._linear_pointwise(x, other=residual, W=weight, B=bias, attr="add")
     elif gelu:  # "none": erf, not tanh
@@ -129,8 +127,9 @@ class Dense:
         if residual is not None and self.gelu:
             raise ValueError("Dense: a residual is added to a layer without gelu only")
         if self.packing == "blocks":
-            y: torch.Tensor = torch.ops.edgecompute_ml.f32_linear(x, self.weight, self.bias, residual, self.shape[0])
-            return F.gelu(y) if self.gelu else y
+            y: torch.Tensor = torch.ops.edgecompute_ml.f32_linear(x, self.weight, self.bias, residual, self.shape[0],
+                                                                  self.gelu)
+            return y
         if self.packing == "onednn":
             if residual is not None:
                 added: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(

@@ -57,7 +57,7 @@ _lock = threading.Lock()
 _declared: list[object] = []  # the torch.library.Library holding f32_linear's schema, once declared
 #: declared here, not in linear.cpp, so that TorchScript compiles a function naming the op
 #: whether or not the library loads (dense.py then runs the oneDNN branch of that function)
-F32_LINEAR_SCHEMA = "f32_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int n) -> Tensor"
+F32_LINEAR_SCHEMA = "f32_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int n, bool gelu=False) -> Tensor"
 
 
 def _q4_isa() -> str | None:

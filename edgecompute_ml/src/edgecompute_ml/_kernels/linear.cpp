@@ -1,19 +1,20 @@
 // The float32 linear of edgecompute_ml's encoders (_architectures/dense.py):
-//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] (+ residual[m, n])
+//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], then + residual[m, n], or gelu(...)
 // for the few rows of one short input (a sentence: ~10 rows) as well as for many.
 //
 // Why not oneDNN's packed inner product (the fallback): for a sentence, a MiniLM forward's 24
 // linears stream 42 MB of weights, and oneDNN spends ~15 us a call building its primitive
-// descriptor before it starts; its kernels also block rows for large M. Here every row of the
-// input passes each 16-column block of the weight in one sweep (up to 12 rows with AVX-512, 6
-// with AVX2: one accumulator per row and vector of columns, one broadcast and FMA per row and
-// weight vector), so the weight is read once for a sentence and the call costs a few
-// microseconds beyond its arithmetic (docs/ml.md).
+// descriptor before it starts. Here every row of the input passes each 16-column block of the
+// weight in one sweep (up to 12 rows with AVX-512, 6 with AVX2: one accumulator per row and
+// vector of columns, one broadcast and FMA per row and weight vector), so the weight is read once
+// for a sentence and the call costs a few microseconds beyond its arithmetic (docs/ml.md).
 //
 // Weight layout (built by dense.py): float32 [ceil(N/16), K, 16]: block b holds columns
 // 16b..16b+15, k-major, zero-padded past N. Row sums run in k order in one float32 accumulator
 // per output (not oneDNN's order: equal to float32 rounding). The bias, then the residual, are
-// added on the way out, as oneDNN's "add" post-op does.
+// added on the way out, as oneDNN's "add" post-op does; or GELU (erf) is applied there, with the
+// erf of torch's own vectorised kernels (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7) and a
+// Cephes exp: a pass over the output less, and on AVX2 ~5x faster than torch's GELU here.
 //
 // AVX-512F, else AVX2 with FMA, chosen once at load (per-function target attributes: the library
 // is compiled without -march); a CPU with neither: linear_isa reports 0 and dense.py keeps oneDNN.
@@ -28,6 +29,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -49,6 +52,14 @@ int64_t g_isa = kBestIsa;
 // (AVX2: two a row); more rows spill
 constexpr int kRows512 = 12;
 constexpr int kRows256 = 6;
+// input bytes of a chunk of rows: a chunk stays in L2 while a thread's blocks pass it, so every
+// block streams from memory once a chunk, not the whole input once a block (at 768 rows the
+// whole input is 1.2-4.7 MB)
+constexpr int64_t kChunkBytes = 128 * 1024;
+// weight steps read ahead (1 KB): the hardware prefetcher alone leaves a sweep ~15-30% slower on
+// this VM's Zen 3 (a 336x384x1536 product at one thread: 66-74 against 74-86 GFLOPS); a prefetch
+// past the block's end is a hint, never a fault
+constexpr int64_t kPrefetch = 16;
 
 // every loop over a sweep's rows unrolled, so that the accumulators live in registers (rolled,
 // GCC stores them to the stack on every step of k: measured 2x slower)
@@ -65,86 +76,178 @@ struct Args {
   const float* residual;  // [M, N] or null
   float* out;             // [M, N]
   int64_t k, n;
+  bool gelu;
 };
 
-// Rows m0..m0+R-1 against block b, AVX-512F.
-template <int R>
-__attribute__((target("avx512f"))) void sweep512(const Args& a, int64_t m0, int64_t b) {
+// GELU constants: erf(z) = sign(z) (1 - t r(t) exp(-z^2)), t = 1 / (1 + p |z|); exp as Cephes'
+// expf (range reduction by ln 2, a degree-6 polynomial, the exponent added as bits)
+constexpr float kErfP = 0.3275911f, kErf1 = 0.254829592f, kErf2 = -0.284496736f, kErf3 = 1.421413741f,
+                kErf4 = -1.453152027f, kErf5 = 1.061405429f;
+constexpr float kExpHi = 88.3762626647949f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
+                kLn2Lo = -2.12194440e-4f;
+constexpr float kExp0 = 1.9875691500e-4f, kExp1 = 1.3981999507e-3f, kExp2 = 8.3334519073e-3f,
+                kExp3 = 4.1665795894e-2f, kExp4 = 1.6666665459e-1f, kExp5 = 5.0000001201e-1f;
+constexpr float kRsqrt2 = 0.70710678118654752f;
+
+__attribute__((target("avx2,fma"))) inline __m256 gelu256(__m256 v) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  const __m256 z = _mm256_mul_ps(v, _mm256_set1_ps(kRsqrt2));
+  const __m256 az = _mm256_andnot_ps(sign, z);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(kErfP), az, one));
+  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(kErf5), t, _mm256_set1_ps(kErf4));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(kErf3));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(kErf2));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(kErf1));
+  // e = exp(-z^2), -z^2 clamped to exp's range
+  const __m256 q = _mm256_max_ps(_mm256_xor_ps(sign, _mm256_mul_ps(z, z)), _mm256_set1_ps(-kExpHi));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(q, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
+  const __m256 f = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Hi), q));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExp0), f, _mm256_set1_ps(kExp1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp5));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, one));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  const __m256 erf_abs = _mm256_fnmadd_ps(_mm256_mul_ps(t, r), e, one);
+  const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign, z));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, erf));
+}
+
+__attribute__((target("avx512f"))) inline __m512 gelu512(__m512 v) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(kRsqrt2));
+  const __m512 az = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(z)));
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(kErfP), az, one));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(kErf5), t, _mm512_set1_ps(kErf4));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(kErf3));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(kErf2));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(kErf1));
+  const __m512 q = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)), _mm512_set1_ps(-kExpHi));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(q, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Hi), q));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp0), f, _mm512_set1_ps(kExp1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp5));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, one));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(t, r), e, one);
+  const __m512 erf = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_castps_si512(erf_abs), _mm512_and_si512(sign, _mm512_castps_si512(z))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, erf));
+}
+
+// Row r of a sweep's x at step i: rows as they are ([R, K], row-major: one row, or a few) or a
+// packed panel ([K, R]: the R values a step broadcasts share one cache line, one stream, not R)
+template <int R, bool Packed>
+inline const float* at_step(const float* x, int64_t k, int64_t i, int r) {
+  return Packed ? x + i * R + r : x + r * k + i;
+}
+
+// Rows m0..m0+R-1 (their values at x) against block b, AVX-512F.
+template <int R, bool Packed>
+__attribute__((target("avx512f"))) void sweep512(const Args& a, const float* x, int64_t m0, int64_t b) {
   const int64_t k = a.k;
   const float* w = a.w + b * k * kLanes;
-  const float* x = a.x + m0 * k;
   __m512 acc[R];
   UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (i + kPrefetch) * kLanes), _MM_HINT_T0);
     const __m512 wv = _mm512_load_ps(w + i * kLanes);
-    UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * k + i]), wv, acc[r]);
+    UNROLL for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*at_step<R, Packed>(x, k, i, r)), wv, acc[r]);
+    }
   }
   const int64_t n0 = b * kLanes;
   const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, a.n - n0)) - 1u);
   const __m512 bias = a.bias != nullptr ? _mm512_maskz_loadu_ps(mask, a.bias + n0) : _mm512_setzero_ps();
   UNROLL for (int r = 0; r < R; ++r) {
-    __m512 v = _mm512_add_ps(acc[r], bias);
     const int64_t at = (m0 + r) * a.n + n0;
+    __m512 v = _mm512_add_ps(acc[r], bias);
     if (a.residual != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.residual + at));
+    if (a.gelu) v = gelu512(v);
     _mm512_mask_storeu_ps(a.out + at, mask, v);
   }
 }
 
 // The same with AVX2 and FMA: each row's 16 columns in two registers.
-template <int R>
-__attribute__((target("avx2,fma"))) void sweep256(const Args& a, int64_t m0, int64_t b) {
+template <int R, bool Packed>
+__attribute__((target("avx2,fma"))) void sweep256(const Args& a, const float* x, int64_t m0, int64_t b) {
   const int64_t k = a.k;
   const float* w = a.w + b * k * kLanes;
-  const float* x = a.x + m0 * k;
   __m256 lo[R], hi[R];
   UNROLL for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < k; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (i + kPrefetch) * kLanes), _MM_HINT_T0);
     const __m256 w0 = _mm256_load_ps(w + i * kLanes), w1 = _mm256_load_ps(w + i * kLanes + 8);
     UNROLL for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * k + i);
+      const __m256 xv = _mm256_broadcast_ss(at_step<R, Packed>(x, k, i, r));
       lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
       hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
     }
   }
   const int64_t n0 = b * kLanes;
   const int64_t cols = std::min<int64_t>(kLanes, a.n - n0);
-  alignas(32) float row[kLanes];
+  // a tail block's columns go through a buffer, the rest straight to memory
+  alignas(32) float bias[kLanes] = {}, residual[kLanes] = {}, row[kLanes];
+  if (a.bias != nullptr) std::copy_n(a.bias + n0, cols, bias);
+  const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
   UNROLL for (int r = 0; r < R; ++r) {
-    _mm256_store_ps(row, lo[r]);
-    _mm256_store_ps(row + 8, hi[r]);
     const int64_t at = (m0 + r) * a.n + n0;
-    // the epilogue is 16 values a row against K multiply-adds each: scalar, and exact for a tail
-    for (int64_t c = 0; c < cols; ++c) {
-      float v = row[c] + (a.bias != nullptr ? a.bias[n0 + c] : 0.0f);
-      if (a.residual != nullptr) v += a.residual[at + c];
-      a.out[at + c] = v;
+    __m256 v0 = _mm256_add_ps(lo[r], b0), v1 = _mm256_add_ps(hi[r], b1);
+    if (a.residual != nullptr) {
+      const float* res = a.residual + at;
+      if (cols < kLanes) {
+        std::copy_n(res, cols, residual);
+        res = residual;
+      }
+      v0 = _mm256_add_ps(v0, _mm256_loadu_ps(res));
+      v1 = _mm256_add_ps(v1, _mm256_loadu_ps(res + 8));
     }
+    if (a.gelu) {
+      v0 = gelu256(v0);
+      v1 = gelu256(v1);
+    }
+    float* dst = cols == kLanes ? a.out + at : row;
+    _mm256_storeu_ps(dst, v0);
+    _mm256_storeu_ps(dst + 8, v1);
+    if (cols < kLanes) std::copy_n(row, cols, a.out + at);
   }
 }
 
-using SweepFn = void (*)(const Args&, int64_t, int64_t);
+using SweepFn = void (*)(const Args&, const float*, int64_t, int64_t);
 
-template <int... R>
+template <bool Packed, int... R>
 constexpr SweepFn pick512(int rows, std::integer_sequence<int, R...>) {
   SweepFn fn = nullptr;
-  ((rows == R + 1 ? (fn = &sweep512<R + 1>, 0) : 0), ...);
+  ((rows == R + 1 ? (fn = &sweep512<R + 1, Packed>, 0) : 0), ...);
   return fn;
 }
 
-template <int... R>
+template <bool Packed, int... R>
 constexpr SweepFn pick256(int rows, std::integer_sequence<int, R...>) {
   SweepFn fn = nullptr;
-  ((rows == R + 1 ? (fn = &sweep256<R + 1>, 0) : 0), ...);
+  ((rows == R + 1 ? (fn = &sweep256<R + 1, Packed>, 0) : 0), ...);
   return fn;
 }
 
-SweepFn sweep_for(int64_t isa, int rows) {
-  return isa == kAvx512 ? pick512(rows, std::make_integer_sequence<int, kRows512>{})
-                        : pick256(rows, std::make_integer_sequence<int, kRows256>{});
+SweepFn sweep_for(int64_t isa, int rows, bool packed) {
+  if (isa == kAvx512) {
+    return packed ? pick512<true>(rows, std::make_integer_sequence<int, kRows512>{})
+                  : pick512<false>(rows, std::make_integer_sequence<int, kRows512>{});
+  }
+  return packed ? pick256<true>(rows, std::make_integer_sequence<int, kRows256>{})
+                : pick256<false>(rows, std::make_integer_sequence<int, kRows256>{});
 }
 
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                      const std::optional<at::Tensor>& residual, int64_t n) {
+                      const std::optional<at::Tensor>& residual, int64_t n, bool gelu) {
   const int64_t isa = g_isa;
   TORCH_CHECK(isa != kNone, "edgecompute_ml::f32_linear: this CPU has neither AVX-512F nor AVX2 with FMA");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
@@ -155,7 +258,8 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   TORCH_CHECK(w.size(1) == k, "f32_linear: x has ", k, " features, the weight ", w.size(1));
   TORCH_CHECK(n > 0 && (n + kLanes - 1) / kLanes == w.size(0), "f32_linear: n=", n, " does not fit a weight of ",
               w.size(0), " blocks");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr<float>()) % 64 == 0, "f32_linear: the weight must be 64-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr<float>()) % 64 == 0,
+              "f32_linear: the weight must be 64-byte aligned");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
@@ -167,6 +271,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   const int64_t m = k == 0 ? 0 : xc.numel() / k;
   at::Tensor res;
   if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(!gelu, "f32_linear: a residual or gelu, not both");
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->sizes() == at::IntArrayRef(shape),
                 "f32_linear: the residual must be float32 shaped like the output");
     res = residual->contiguous();
@@ -174,26 +279,43 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   at::Tensor out = at::empty(shape, x.options());
   if (m == 0) return out;
   const Args a{xc.data_ptr<float>(), w.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr,
-               res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr<float>(), k, n};
+               res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr<float>(), k, n, gelu};
   const int64_t blocks = w.size(0);
-  // every row group against a run of blocks: a block's weights (K * 64 bytes) stay in cache while
-  // the row groups pass; a run starts once the work is worth a fork (~64K multiply-adds a task)
   const int64_t most = isa == kAvx512 ? kRows512 : kRows256;
-  auto run = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t m0 = 0; m0 < m; m0 += most) {
-        const int rows = static_cast<int>(std::min<int64_t>(most, m - m0));
-        sweep_for(isa, rows)(a, m0, b);
+  // more rows than one sweep takes: each group of rows packed as a [K, rows] panel, a chunk at a
+  // time (every thread packs the chunk it sweeps: K * rows copies against K * rows * 16 * blocks
+  // multiply-adds)
+  const bool pack = m > most;
+  const int64_t chunk = std::max<int64_t>(most, kChunkBytes / (k * 4) / most * most);
+  auto run = [&](int64_t b0, int64_t b1) {  // a thread's run of blocks
+    std::vector<float> panel(pack ? static_cast<size_t>(std::min(m, chunk) * k) : 0);
+    for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+      const int64_t c1 = std::min(m, c0 + chunk);
+      if (pack) {
+        for (int64_t m0 = c0; m0 < c1; m0 += most) {
+          const int64_t rows = std::min(most, c1 - m0);
+          float* dst = panel.data() + (m0 - c0) * k;
+          for (int64_t i = 0; i < k; ++i) {
+            for (int64_t r = 0; r < rows; ++r) dst[i * rows + r] = a.x[(m0 + r) * k + i];
+          }
+        }
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t m0 = c0; m0 < c1; m0 += most) {
+          const int rows = static_cast<int>(std::min<int64_t>(most, c1 - m0));
+          sweep_for(isa, rows, pack)(a, pack ? panel.data() + (m0 - c0) * k : a.x + m0 * k, m0, b);
+        }
       }
     }
   };
+  // a fork is worth ~64K multiply-adds a thread
   const int64_t per_block = m * k * kLanes;
   at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_block)), run);
   return out;
 }
 
 at::Tensor f32_linear_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& residual, int64_t n) {
+                           const std::optional<at::Tensor>& residual, int64_t n, bool gelu) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   TORCH_CHECK(!shape.empty(), "f32_linear: x must be [..., K]");
   shape.back() = n;
