@@ -31,9 +31,11 @@ Figures are medians and ranges over ``--repeats`` runs; ratios are ours / the pe
    faster-whisper float32 and int8; time and word error rate.
 
 Peers are benchmark-only: a peer that is not installed is reported as skipped with the command
-that installs it. llama-cpp-python builds from source; on this VM build it without AMX:
-``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install
-llama-cpp-python``. ONNX export needs ``pip install onnx onnxruntime``; faster-whisper ``pip install
+that installs it. llama-cpp-python builds from source, for the CPU at hand and without AMX (a
+native build crashed on an AMX VM): ``CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF
+-DGGML_AMX_INT8=OFF" pip install llama-cpp-python`` (this project's VMs have been AVX-512 and
+AVX2-only machines: a build made for one crashes with SIGILL or runs slowly on the other). ONNX
+export needs ``pip install onnx onnxruntime``; faster-whisper ``pip install
 faster-whisper``.
 """
 
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 INSTALL = {
-    "llama_cpp": 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" '
+    "llama_cpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" '
                  "pip install llama-cpp-python",
     "onnxruntime": "pip install onnx onnxruntime",
     "faster_whisper": "pip install faster-whisper",
@@ -63,6 +65,19 @@ SENTENCES = [
     "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
     "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
 ]
+
+
+def _cpu() -> str:
+    """The CPU's model name and its widest vector instructions: tables from different VMs differ."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    widest = ("AVX-512 (VNNI)" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags
+              else "AVX2" if "avx2" in flags else "SSE")
+    return f"{model}, {widest}"
 
 
 def _rss_mb() -> float:
@@ -509,6 +524,7 @@ def main() -> None:
 
     paths = demo_model_paths()
     only = set(args.only.split(","))
+    print(f"CPU: {_cpu()}, {args.threads} threads\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, bench in (("gen", lambda: bench_gen(args, paths, Path(tmp))),
                             ("gen1b", lambda: bench_gen1b(args, Path(tmp))),

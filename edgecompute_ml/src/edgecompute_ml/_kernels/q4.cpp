@@ -142,39 +142,6 @@ void quantize_row(const float* x, int64_t groups, int8_t* q, float* scale, float
   }
 }
 
-inline float half_to_float(uint16_t h) {
-  // IEEE binary16 -> binary32 without F16C (the low/zero-point term of the scalar paths)
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {
-      exp = 127 - 15 + 1;
-      while (!(man & 0x400)) { man <<= 1; --exp; }
-      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// sum_g low[g] * sums[g] (low absent: -8 * scale[g])
-float low_term(const uint16_t* scale, const uint16_t* low, const float* sums, int64_t groups) {
-  float z = 0.0f;
-  if (low != nullptr) {
-    for (int64_t g = 0; g < groups; ++g) z += half_to_float(low[g]) * sums[g];
-    return z;
-  }
-  for (int64_t g = 0; g < groups; ++g) z += half_to_float(scale[g]) * sums[g];
-  return -8.0f * z;
-}
-
 // ---------------------------------------------------------------- AVX-512 VNNI
 
 
@@ -258,25 +225,33 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
               const uint16_t* low, int64_t groups, const Act* act, float* out, int64_t out_stride) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  // acc: the scaled integer dots; z: the low (zero-point) term, sum_g low[g] * sums[g], in the
+  // same pass (low absent: -8 * scale, applied at the end)
+  __m256 acc[R], z[R];
+  for (int r = 0; r < R; ++r) acc[r] = z[r] = _mm256_setzero_ps();
   alignas(64) uint8_t tail_codes[4 * 64];
-  alignas(32) uint16_t tail_scale[kPadGroups];
+  alignas(32) uint16_t tail_scale[kPadGroups], tail_low[kPadGroups];
   for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
     const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
     const uint8_t* w = codes + g0 * 16;
     const uint16_t* sc = scale + g0;
+    const uint16_t* lw = low != nullptr ? low + g0 : sc;
     if (left < kPadGroups) {  // the last block, of fewer groups: zero-padded to 16 lanes a step
       std::memset(tail_codes, 0, sizeof tail_codes);
       std::memset(tail_scale, 0, sizeof tail_scale);
+      std::memset(tail_low, 0, sizeof tail_low);
       for (int j = 0; j < 4; ++j) std::memcpy(tail_codes + 64 * j, w + 4 * left * j, static_cast<size_t>(4 * left));
       std::memcpy(tail_scale, sc, static_cast<size_t>(2 * left));
+      std::memcpy(tail_low, lw, static_cast<size_t>(2 * left));
       w = tail_codes;
       sc = tail_scale;
+      lw = tail_low;
     }
     const int64_t at = g0 / kPadGroups * kBlockBytes;
     for (int h = 0; h < 2; ++h) {  // lanes (groups) 8h .. 8h + 7
       const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * h)));
+      const __m256 ls = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lw + 8 * h)));
+      for (int r = 0; r < R; ++r) z[r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0 + 8 * h), z[r]);
       __m256i d1[R], d2[R];
       for (int r = 0; r < R; ++r) d1[r] = d2[r] = _mm256_setzero_si256();
       for (int j = 0; j < 4; ++j) {
@@ -303,11 +278,13 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
       }
     }
   }
+  const __m256 z_factor = _mm256_set1_ps(low != nullptr ? 1.0f : -8.0f);  // Q4_0: low = -8 * scale
   for (int r = 0; r < R; ++r) {
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    const __m256 t = _mm256_fmadd_ps(z[r], z_factor, acc[r]);
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     alignas(16) float f[4];
     _mm_store_ps(f, s);
-    out[r * out_stride] = (f[0] + f[1]) + (f[2] + f[3]) + low_term(scale, low, act[r].sums, groups);
+    out[r * out_stride] = (f[0] + f[1]) + (f[2] + f[3]);
   }
 }
 
