@@ -229,33 +229,40 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
   // same pass (low absent: -8 * scale, applied at the end)
   __m256 acc[R], z[R];
   for (int r = 0; r < R; ++r) acc[r] = z[r] = _mm256_setzero_ps();
-  alignas(64) uint8_t tail_codes[4 * 64];
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   alignas(32) uint16_t tail_scale[kPadGroups], tail_low[kPadGroups];
   for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
+    // the last block may hold fewer groups (SmolLM2's 576 columns: 18 groups, a block and 2): its
+    // steps are 4 * left bytes apart, its codes read with a lane mask (no copy), its scales
+    // through a small zero-padded buffer
     const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
+    const bool tail = left < kPadGroups;
+    const int64_t step = tail ? 4 * left : 64;
     const uint8_t* w = codes + g0 * 16;
     const uint16_t* sc = scale + g0;
     const uint16_t* lw = low != nullptr ? low + g0 : sc;
-    if (left < kPadGroups) {  // the last block, of fewer groups: zero-padded to 16 lanes a step
-      std::memset(tail_codes, 0, sizeof tail_codes);
-      std::memset(tail_scale, 0, sizeof tail_scale);
-      std::memset(tail_low, 0, sizeof tail_low);
-      for (int j = 0; j < 4; ++j) std::memcpy(tail_codes + 64 * j, w + 4 * left * j, static_cast<size_t>(4 * left));
-      std::memcpy(tail_scale, sc, static_cast<size_t>(2 * left));
-      std::memcpy(tail_low, lw, static_cast<size_t>(2 * left));
-      w = tail_codes;
+    if (tail) {
+      for (int64_t i = 0; i < kPadGroups; ++i) {
+        tail_scale[i] = i < left ? sc[i] : 0;
+        tail_low[i] = i < left ? lw[i] : 0;
+      }
       sc = tail_scale;
       lw = tail_low;
     }
     const int64_t at = g0 / kPadGroups * kBlockBytes;
     for (int h = 0; h < 2; ++h) {  // lanes (groups) 8h .. 8h + 7
+      const int64_t lanes = std::min<int64_t>(8, left - 8 * h);
+      if (lanes <= 0) break;
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), iota);
       const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * h)));
       const __m256 ls = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lw + 8 * h)));
       for (int r = 0; r < R; ++r) z[r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0 + 8 * h), z[r]);
       __m256i d1[R], d2[R];
       for (int r = 0; r < R; ++r) d1[r] = d2[r] = _mm256_setzero_si256();
       for (int j = 0; j < 4; ++j) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * j + 32 * h));
+        const uint8_t* wj = w + step * j + 32 * h;
+        const __m256i wv = tail ? _mm256_maskload_epi32(reinterpret_cast<const int*>(wj), mask)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj));
         const __m256i lo = _mm256_and_si256(wv, nibble);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
         for (int r = 0; r < R; ++r) {
