@@ -3,6 +3,8 @@ surface on the caller, and the process's thread setting is left as it was."""
 
 from __future__ import annotations
 
+import itertools
+
 import threading
 
 import pytest
@@ -88,11 +90,27 @@ def test_length_groups_cover_every_row_once_sorted_and_balanced(lengths, workers
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     flat = [lengths[i] for g in groups for i in g]
     assert flat == sorted(flat)  # groups of similar length: consecutive in length order
-    if len(groups) == 2:  # the best cut: no other split of the sorted rows has a smaller largest group
+    if len(groups) == 2:  # the best cut: no other split of the sorted rows has a larger smallest share of tokens
         ordered = sorted(lengths)
-        n = len(ordered)
-        best = min(max(i * ordered[i - 1], (n - i) * ordered[-1]) for i in range(1, n))
-        assert max(len(g) * max(lengths[i] for i in g) for g in groups) == best
+        best = min(max(sum(ordered[:i]), sum(ordered[i:])) for i in range(1, len(ordered)))
+        assert max(sum(lengths[i] for i in g) for g in groups) == best
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=80))
+def test_length_runs_cover_every_row_once_in_rising_runs(lengths):
+    from edgecompute_ml._tasks.embeddings import RUN_ROWS, length_runs
+
+    runs = length_runs(lengths)
+    assert all(runs) and sorted(i for run in runs for i in run) == list(range(len(lengths)))
+    flat = [lengths[i] for run in runs for i in run]
+    assert flat == sorted(flat)
+    for before, after in itertools.pairwise(runs):  # a run ends where the length rises, with enough rows
+        assert len(before) >= RUN_ROWS and lengths[before[-1]] < lengths[after[0]]
+    # no run could have been cut further: within a run, every rise comes before RUN_ROWS rows
+    for run in runs:
+        for at in range(RUN_ROWS - 1, len(run) - 1):
+            assert lengths[run[at]] == lengths[run[at + 1]]
 
 
 def test_split_embeddings_equal_one_padded_batch(tiny_bert, monkeypatch):
@@ -111,3 +129,18 @@ def test_split_embeddings_equal_one_padded_batch(tiny_bert, monkeypatch):
     finally:
         runner.close()
     torch.testing.assert_close(split, embed_texts(lm, texts), atol=1e-5, rtol=0)
+
+
+def test_length_runs_give_every_text_its_own_vector(tiny_bert):
+    from edgecompute_ml._runtime.plan import ModelSource
+    from edgecompute_ml._runtime.store import inspect_model, load_model
+    from edgecompute_ml._tasks.embeddings import embed_texts, length_runs
+
+    lm = load_model(inspect_model(ModelSource("bert", str(tiny_bert))), "float32", "cpu")
+    texts = ["x y", *[f"a b {c}" for c in "cdefghijk"], "a much longer text than all the others", "and one more"]
+    lengths = [len(e.ids) for e in lm.tokenizer.encode_batch(texts, add_special_tokens=True)]
+    runs = length_runs(lengths)
+    assert len(runs) == 2 and len(runs[0]) == 10  # "x y" joins the nine of one length; the rest: a run
+    for pooling in ("mean", "cls", "max"):
+        alone = torch.cat([embed_texts(lm, [text], pooling) for text in texts])
+        torch.testing.assert_close(embed_texts(lm, texts, pooling), alone, atol=1e-6, rtol=1e-6)

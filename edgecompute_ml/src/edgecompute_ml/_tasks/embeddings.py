@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["embed_lists", "embed_texts", "vector_lists"]
+__all__ = ["embed_lists", "embed_texts", "length_groups", "length_runs", "vector_lists"]
 
 # up to this many rows, vector_lists normalises in Python (see there)
 _FEW_ROWS = 8
@@ -87,6 +88,22 @@ def _forward_unpadded(lm: Any, encodings: Sequence[Any], width: int) -> Any:
 
 
 def _embed(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: str) -> Any:
+    """Pooled embeddings of ``encodings``: one forward per run of similar length (see
+    :func:`length_runs`), each padded only to its own longest text."""
+    import torch
+
+    runs = length_runs(lengths)
+    if len(runs) == 1:
+        return _embed_padded(lm, encodings, lengths, pooling)
+    parts = [(rows, _embed_padded(lm, [encodings[i] for i in rows], [lengths[i] for i in rows], pooling))
+             for rows in runs]
+    out = torch.empty((len(encodings), parts[0][1].shape[1]), dtype=parts[0][1].dtype)
+    for rows, part in parts:
+        out[rows] = part
+    return out
+
+
+def _embed_padded(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: str) -> Any:
     import torch
 
     device = lm.model.device
@@ -110,15 +127,37 @@ def _embed(lm: Any, encodings: Sequence[Any], lengths: Sequence[int], pooling: s
         return pool(hidden, mask.to(device), pooling).cpu()
 
 
+#: a run of texts of one length gets a forward of its own from this many texts on (fewer join the
+#: next longer run, padded to it: a forward's fixed cost is ~0.3 ms, a padded token's ~0.5 us)
+RUN_ROWS = 8
+
+
+def length_runs(lengths: Sequence[int]) -> list[list[int]]:
+    """Row indices in runs of rising length, each run one forward padded to its own longest
+    text: texts of one length form a run once there are :data:`RUN_ROWS` of them, smaller sets
+    join the next longer ones (the last run takes what is left). Padding is work for nothing:
+    64 short sentences of 8-14 tokens padded to one width are ~12% padding, in runs ~2%."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    runs: list[list[int]] = [[]]
+    for at, row in enumerate(order):
+        runs[-1].append(row)
+        following = order[at + 1] if at + 1 < len(order) else None
+        if (following is not None and lengths[following] > lengths[row] and len(runs[-1]) >= RUN_ROWS):
+            runs.append([])
+    return runs
+
+
 def length_groups(lengths: Sequence[int], workers: int) -> list[list[int]]:
-    """Row indices in at most ``workers`` groups of similar length, whose padded sizes (rows x
-    longest) are as even as a cut of the rows sorted by length can make them: the longest group
-    bounds the batch's time. Two groups: the best cut; more: equal counts of sorted rows."""
+    """Row indices in at most ``workers`` groups of similar length, whose tokens are as even as a
+    cut of the rows sorted by length can make them (each group runs in length runs,
+    :func:`length_runs`, so its work is about its tokens): the largest group bounds the batch's
+    time. Two groups: the best cut; more: equal counts of sorted rows."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     k = min(workers, len(order))
     if k == 2:
-        n = len(order)
-        cut = min(range(1, n), key=lambda i: max(i * lengths[order[i - 1]], (n - i) * lengths[order[-1]]))
+        prefix = list(itertools.accumulate(lengths[i] for i in order))
+        total = prefix[-1]
+        cut = min(range(1, len(order)), key=lambda i: max(prefix[i - 1], total - prefix[i - 1]))
         return [order[:cut], order[cut:]]
     size, extra = divmod(len(order), k)
     groups, start = [], 0
