@@ -4,7 +4,6 @@ surface on the caller, and the process's thread setting is left as it was."""
 from __future__ import annotations
 
 import itertools
-
 import threading
 
 import pytest
