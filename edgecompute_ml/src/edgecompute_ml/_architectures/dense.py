@@ -5,15 +5,16 @@ by every weight once: ``F.linear`` goes to MKL's GEMM, which re-reads the weight
 layout on every call. Two packed forms, chosen at load:
 
 - **this package's kernel** (``_kernels/linear.cpp``, ``torch.ops.edgecompute_ml.f32_linear``,
-  AVX-512F): the weight in 16-column blocks ``[ceil(N/16), K, 16]``; every row of the input passes
-  each block in one sweep, bias and residual added on the way out. MiniLM's 24 linears over one
-  sentence (10 rows) 0.86x oneDNN's time below, 0.96-0.98x at 64-768 rows (docs/performance.md):
+  AVX-512F or AVX2 with FMA): the weight in 16-column blocks ``[ceil(N/16), K, 16]``; every row of
+  a short input passes each block in one sweep; bias and residual, or GELU, applied on the way
+  out. MiniLM's 24 linears take 0.60x oneDNN's time for one sentence (10 rows), 0.88x for 64 rows,
+  0.95x for 768 (an AVX2 EPYC, 2 threads; an AVX-512 one: 0.86x, 0.96x, 0.98x; docs/performance.md):
   oneDNN spends ~15 us a call building its primitive before it starts. Compiled at first use
-  (``_kernels/build.py``); ``EDGECOMPUTE_ML_LINEAR_KERNEL=0`` turns it off.
+  (``_kernels/build.py``); ``EDGECOMPUTE_ML_LINEAR_KERNEL=0`` (read at each load) turns it off.
 - **oneDNN's** inner product with the weight reordered once at load
   (``torch.ops.mkldnn._reorder_linear_weight``, the kernel inductor's freezing pass also uses),
-  where the kernel above is off, did not build, or the CPU lacks AVX-512F. Against ``F.linear`` it
-  takes half the time for a few rows and is no slower for many (this machine's AVX-512 EPYC, 2
+  where the kernel above is off, did not build, or the CPU has neither instruction set. Against
+  ``F.linear`` it takes half the time for a few rows and is no slower for many (an AVX-512 EPYC, 2
   threads, a 384 -> 1536 layer: 8 rows 118-133 us vs 65 us, 1024 rows 24-36 ms vs 16-24 ms;
   all-MiniLM-L6-v2's whole forward over one sentence 5.7 ms vs 3.2 ms).
 
