@@ -96,6 +96,7 @@ def test_misuse_is_a_clear_error(kernel):
         ((torch.randn(2, 32), packed, torch.randn(39), None, 40), "bias must be contiguous float32"),
         ((torch.randn(2, 32), packed, b, torch.randn(2, 41), 40), "residual must be float32 shaped like"),
         ((torch.randn(2, 32), packed, b, torch.randn(2, 40), 40, True), "a residual or gelu, not both"),
+        ((torch.randn(2, 0), pack_blocks(torch.randn(40, 0)), b, None, 40), "no input features"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):

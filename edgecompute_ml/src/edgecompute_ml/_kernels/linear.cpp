@@ -256,6 +256,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
               "f32_linear: the weight must be packed float32 [ceil(N/16), K, 16]");
   const int64_t k = x.size(-1);
   TORCH_CHECK(w.size(1) == k, "f32_linear: x has ", k, " features, the weight ", w.size(1));
+  TORCH_CHECK(k > 0, "f32_linear: no input features (K = 0)");
   TORCH_CHECK(n > 0 && (n + kLanes - 1) / kLanes == w.size(0), "f32_linear: n=", n, " does not fit a weight of ",
               w.size(0), " blocks");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr<float>()) % 64 == 0,
@@ -268,7 +269,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   const at::Tensor xc = x.contiguous();
-  const int64_t m = k == 0 ? 0 : xc.numel() / k;
+  const int64_t m = xc.numel() / k;
   at::Tensor res;
   if (residual.has_value() && residual->defined()) {
     TORCH_CHECK(!gelu, "f32_linear: a residual or gelu, not both");
