@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 
 from edgecompute_ml._formats import quant  # noqa: E402
 from edgecompute_ml._formats.gguf import dequantize, quantized_codes  # noqa: E402
+from edgecompute_ml._kernels import build  # noqa: E402
 from edgecompute_ml._runtime.plan import ModelSource  # noqa: E402
 from edgecompute_ml._runtime.store import inspect_model, load_model  # noqa: E402
 from edgecompute_ml._tasks.generation import GenerationParams, generate  # noqa: E402
@@ -136,6 +137,28 @@ def test_q8_0_rows_are_the_files_own_codes():
     assert quant.prepare(codes).row_codes is None  # a weight not looked up keeps the kernel's form only
 
 
+@pytest.mark.skipif(not build.load_q4(), reason="the 4-bit screen needs edgecompute_ml's q4 kernel (a C++ compiler)")
+def test_a_screened_q8_0_head_ranks_with_4_bits_and_scores_the_top_from_the_file():
+    data = np.random.default_rng(6).standard_normal((4096, 128)).astype(np.float32) * 0.05
+    raw = gguf.quants.quantize(data, Q.Q8_0).reshape(-1).view(np.uint8)
+    codes = quantized_codes(raw, int(Q.Q8_0), (4096, 128))
+    exact = torch.from_numpy(dequantize(raw, int(Q.Q8_0), (4096, 128)))
+    screened, plain = quant.prepare(codes, rows=True, screen=True), quant.prepare(codes, rows=True)
+    assert (screened.kind, screened.native, plain.kind) == ("q4", True, "int8")
+    assert quant.tensor_bytes(screened) < 0.85 * quant.tensor_bytes(plain)  # the screen replaces the int8 copy
+    ids = torch.tensor([[0, 4095, 17]])
+    torch.testing.assert_close(quant.embedding(ids, screened, torch.float32), exact[ids], atol=0, rtol=0)
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((64, 128)).astype(np.float32))
+    want = x @ exact.t()
+    got = quant.logits(x, screened)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    top = want.topk(8, dim=-1).indices
+    torch.testing.assert_close(got.gather(1, top), want.gather(1, top), atol=1e-4, rtol=1e-5)
+    rest = torch.ones_like(want, dtype=torch.bool).scatter_(1, got.topk(32, dim=-1).indices, False)
+    assert 0 < float((got - want)[rest].abs().max()) < 0.1 * float(want.abs().max())  # the rest: 4-bit values
+    assert quant.prepare(codes, rows=True, screen=True).row_codes is not None
+
+
 # -- GGUF codes --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
@@ -223,7 +246,12 @@ def test_quantized_gguf_runs_close_to_its_dequantised_weights(decoders, tmp_path
     assert quantized.quantization == "gguf" and reference.quantization is None
     ids = torch.tensor([list(range(3, 60))])
     a, b, clear, agree = _teacher_forced_agreement(quantized, reference, ids)
-    assert _rel(a, b) < REL
+    head = quantized.model.lm_head
+    if head.kind == "q4" and head.row_codes is not None:  # a Q8_0 head swept as a 4-bit screen: its
+        top = b.topk(8, dim=-1).indices                    # top logits are the file's, the rest 4-bit
+        assert _rel(a.gather(-1, top), b.gather(-1, top)) < REL and _rel(a, b) < 3 * REL
+    else:
+        assert _rel(a, b) < REL
     assert clear > 15 and agree == clear
     # nothing of the quantized weights is held in float32: 4 bits (Q4) or 8 bits (Q8_0) a weight
     held, floats = _param_bytes(quantized.model), _param_bytes(reference.model)
@@ -249,7 +277,9 @@ def test_greedy_tokens_of_a_quantized_gguf_equal_the_float_path(decoders, tmp_pa
     write_family_gguf(folder, path, qtype, {"model.embed_tokens.weight": embed})
     quantized, reference = _load(path), _load(path, "float32")
     quantized.eos_token_ids = reference.eos_token_ids = frozenset()
-    assert quantized.model.embed.kind == ("q4" if embed == "Q4_0" else "int8")
+    screened = embed == "Q8_0" and build.load_q4()  # swept as a 4-bit screen, its top logits from the codes
+    assert quantized.model.embed.kind == ("q4" if embed == "Q4_0" or screened else "int8")
+    assert (quantized.model.embed.row_codes is not None) == (embed == "Q8_0")
     ids = torch.arange(quantized.model.config.vocab_size)
     torch.testing.assert_close(quant.embedding(ids, quantized.model.embed, torch.float32),
                                reference.model.embed[ids], atol=0, rtol=0)

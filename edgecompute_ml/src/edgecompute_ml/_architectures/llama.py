@@ -421,10 +421,10 @@ class LlamaModel:
             return w[name]
 
         # quantized weights (quant.Q4Codes/Int8Codes from the loader) are packed here, after fusing
-        self.embed = prepare(w["model.embed_tokens.weight"], rows=True)
+        # the output projection's top logits are recomputed exactly from the rows (quant.logits)
+        self.embed = prepare(w["model.embed_tokens.weight"], rows=True, screen=c.tie_word_embeddings)
         self.norm = norm("model.norm.weight")
-        # the output projection is int8 when quantized: its top logits are recomputed exactly
-        self.lm_head = self.embed if c.tie_word_embeddings else prepare(w["lm_head.weight"], rows=True)
+        self.lm_head = self.embed if c.tie_word_embeddings else prepare(w["lm_head.weight"], rows=True, screen=True)
         self.embed_scale = torch.tensor(c.hidden_size ** 0.5, dtype=dtype, device=device) if c.gemma else None
         self.layers: list[_Layer] = []
         for i in range(c.num_hidden_layers):
