@@ -174,7 +174,7 @@ class QuantizedLinear:
             self.kind = "q4"
             self.native = True
             self._pad = 0
-            self.packed, self.scales, self.low, _ = _pack_native(sweep)
+            self.packed, self.scales, self.low = sweep
             self.row_codes = codes.codes.contiguous()
             self.row_group_scale = codes.scale.float().contiguous()
         elif isinstance(codes, Q4Codes) and _native_q4(codes):
@@ -353,9 +353,11 @@ def prepare(w: Any, *, rows: bool = False, screen: bool = False) -> Any:
     return w
 
 
-def _screen_of(codes: Int8Codes, chunk: int = 4096) -> Q4Codes | None:
-    """4-bit codes of a Q8_0 weight (:func:`quantize_q4` of its rows), for :meth:`QuantizedLinear.logits`
-    to sweep where this package's kernel runs; None for per-row int8 or without the kernel.
+def _screen_of(codes: Int8Codes, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A 4-bit screen of a Q8_0 weight (:func:`quantize_q4` of its rows) packed in the native
+    layout (codes, scales, low), for :meth:`QuantizedLinear.logits` to sweep where this package's
+    kernel runs; None for per-row int8 codes, without the kernel, or where float16 cannot hold
+    the screen's scales. Made a chunk of rows at a time (small transients).
 
     Why: a Q8_0 output projection is read whole at every token. Swept by torch's int8 kernel it
     needs a per-row int8 copy beside the file's codes (kept for exact lookups and top logits);
@@ -366,10 +368,18 @@ def _screen_of(codes: Int8Codes, chunk: int = 4096) -> Q4Codes | None:
     if codes.scale.dim() != 2 or not kernels.load_q4():
         return None
     n = codes.shape[0]
-    parts = [quantize_q4(codes.rows(torch.arange(s, min(n, s + chunk))).dequantize()) for s in range(0, n, chunk)]
-    sweep = Q4Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                    torch.cat([p.offset for p in parts]))
-    return sweep if _native_q4(sweep) else None
+    packed, scales, lows = [], [], []
+    for start in range(0, n, chunk):
+        part = quantize_q4(codes.rows(torch.arange(start, min(n, start + chunk))).dequantize())
+        if not _native_q4(part):
+            return None
+        p, s, low, _ = _pack_native(part)
+        if low is None:  # every offset zero: a Q4_0-like chunk, its low term -8 * scale
+            low = (-8.0 * s.float()).to(torch.float16)
+        packed.append(p)
+        scales.append(s)
+        lows.append(low)
+    return torch.cat(packed), torch.cat(scales), torch.cat(lows)
 
 
 def _native_q4(codes: Q4Codes) -> bool:
