@@ -121,7 +121,7 @@ def test_a_prompts_rows_are_each_exactly_the_one_row_product(isa, offsets, k):
                                atol=1e-5 * float(alone.abs().max()))
 
 
-@pytest.mark.parametrize("k", [GROUP, 3 * GROUP, 4 * GROUP, 16 * GROUP, 35 * GROUP])
+@pytest.mark.parametrize("k", [GROUP, 3 * GROUP, 4 * GROUP, 16 * GROUP, 18 * GROUP, 24 * GROUP, 30 * GROUP, 35 * GROUP])
 def test_every_tail_of_groups(isa, k):
     codes = _codes(19, k, True, seed=k)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(k))

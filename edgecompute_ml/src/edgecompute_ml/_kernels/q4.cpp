@@ -76,20 +76,23 @@ inline float round_even(float t) {
   return (t + kMagic) - kMagic;
 }
 
-inline void quantize_group(const float* v, int8_t* q1, float* scale, float* sums) {
+// seg and step: the bytes from one part of a step to the next (q1 low, q1 high, q2 low, q2 high)
+// and from one step to the next: 64 and 256, or in a compact tail block (AVX2, at most 8 groups
+// left: see kTailLanes) 16 * left and 4 * left
+inline void quantize_group(const float* v, int8_t* q1, float* scale, float* sums, int64_t seg, int64_t step) {
   float amax = 0.0f;
   for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
   const float d = amax / 127.0f;
   const float id = d > 0.0f ? 1.0f / d : 0.0f;
   int32_t total = 0;
-  for (int half = 0; half < 2; ++half) {  // first 16 values, then the last 16 (64 bytes on)
-    int8_t* out = q1 + 64 * half;
+  for (int half = 0; half < 2; ++half) {  // first 16 values, then the last 16 (one part on)
+    int8_t* out = q1 + seg * half;
     for (int i = 0; i < 16; ++i) {
       const float t = v[16 * half + i] * id;
       const float a = round_even(t);
       const float b = std::min(127.0f, std::max(-127.0f, round_even((t - a) * 256.0f)));
-      out[i / 4 * kStepBytes + i % 4] = static_cast<int8_t>(a);
-      out[i / 4 * kStepBytes + i % 4 + 128] = static_cast<int8_t>(b);
+      out[i / 4 * step + i % 4] = static_cast<int8_t>(a);
+      out[i / 4 * step + i % 4 + 2 * seg] = static_cast<int8_t>(b);
       total += 256 * static_cast<int32_t>(a) + static_cast<int32_t>(b);
     }
   }
@@ -127,20 +130,44 @@ EC_TARGET_512 void quantize_group_512(const float* v, int8_t* q1, float* scale, 
   *sums = *scale * static_cast<float>(_mm512_reduce_add_epi32(total));
 }
 
+// A last block of at most this many groups is compact for the AVX2 path (see rows_256)
+constexpr int64_t kCompactTail = 8;
+
 void quantize_row(const float* x, int64_t groups, int8_t* q, float* scale, float* sums, bool avx512) {
   const int64_t padded = padded_groups(groups);
   std::memset(q, 0, static_cast<size_t>(padded / kPadGroups * kBlockBytes));
   std::fill(scale + groups, scale + padded, 0.0f);
   std::fill(sums + groups, sums + padded, 0.0f);
+  const int64_t left = groups % kPadGroups;  // groups of a short last block (0: none)
   for (int64_t g = 0; g < groups; ++g) {
     int8_t* q1 = q + g / kPadGroups * kBlockBytes + g % kPadGroups * 4;
     if (avx512) {
       quantize_group_512(x + g * kGroup, q1, scale + g, sums + g);
+    } else if (left != 0 && left <= kCompactTail && g >= groups - left) {
+      quantize_group(x + g * kGroup, q1, scale + g, sums + g, 16 * left, 4 * left);
     } else {
-      quantize_group(x + g * kGroup, q1, scale + g, sums + g);
+      quantize_group(x + g * kGroup, q1, scale + g, sums + g, 64, kStepBytes);
     }
   }
 }
+
+// A compact tail block (AVX2): its 4 steps of 4 * left bytes read as consecutive lanes, lane L
+// holding step L / left of group L % left, in weights (as stored) and activations (quantize_row),
+// so a tail of 2 groups (576-wide rows: 18 groups) is one vector, not 4 steps of a quarter-used
+// one. kTailLanes[left][v]: the group of each lane of vector v.
+struct TailLanes {
+  alignas(32) int32_t group[kCompactTail + 1][4][8];
+};
+
+const TailLanes kTailLanes = [] {
+  TailLanes t{};
+  for (int left = 1; left <= kCompactTail; ++left) {
+    for (int v = 0; v < 4; ++v) {
+      for (int i = 0; i < 8; ++i) t.group[left][v][i] = (8 * v + i) % left;
+    }
+  }
+  return t;
+}();
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 
@@ -219,6 +246,22 @@ EC_TARGET_512 void rows_512(const uint8_t* codes, int64_t code_stride, const uin
 
 // ---------------------------------------------------------------- AVX2
 
+// count (1..8) float16 values at p as floats, the other lanes 0, reading no byte past p[count - 1]
+// (a row's last scales may end its tensor): a pair of values a 32-bit lane under a mask, an odd
+// last one alone. Copying them into a zeroed buffer instead cost a stalled store-to-load forward
+// per row (a 576-wide row's 2-group tail took ~30 ns, most of it there).
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load_halves(const uint16_t* p, int64_t count) {
+  if (count >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(count / 2)), _mm_setr_epi32(0, 1, 2, 3));
+  __m256 v = _mm256_cvtph_ps(_mm_maskload_epi32(reinterpret_cast<const int*>(p), pairs));
+  if (count % 2 != 0) {
+    const __m256i at = _mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int>(count - 1)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    v = _mm256_blendv_ps(v, _mm256_set1_ps(_cvtsh_ss(p[count - 1])), _mm256_castsi256_ps(at));
+  }
+  return v;
+}
+
 template <int R>
 __attribute__((target("avx2,fma,f16c")))
 void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, const uint16_t* scale,
@@ -230,32 +273,51 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
   __m256 acc[R], z[R];
   for (int r = 0; r < R; ++r) acc[r] = z[r] = _mm256_setzero_ps();
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  alignas(32) uint16_t tail_scale[kPadGroups], tail_low[kPadGroups];
   for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
     // the last block may hold fewer groups (SmolLM2's 576 columns: 18 groups, a block and 2): its
-    // steps are 4 * left bytes apart, its codes read with a lane mask (no copy), its scales
-    // through a small zero-padded buffer
+    // steps are 4 * left bytes apart, its codes and scales read under lane masks (no copy)
     const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
     const bool tail = left < kPadGroups;
     const int64_t step = tail ? 4 * left : 64;
     const uint8_t* w = codes + g0 * 16;
     const uint16_t* sc = scale + g0;
     const uint16_t* lw = low != nullptr ? low + g0 : sc;
-    if (tail) {
-      for (int64_t i = 0; i < kPadGroups; ++i) {
-        tail_scale[i] = i < left ? sc[i] : 0;
-        tail_low[i] = i < left ? lw[i] : 0;
-      }
-      sc = tail_scale;
-      lw = tail_low;
-    }
     const int64_t at = g0 / kPadGroups * kBlockBytes;
+    if (tail && left <= kCompactTail) {  // the compact tail: lanes are (step, group) pairs
+      const __m256 ws = load_halves(sc, left);
+      const __m256 ls = load_halves(lw, left);
+      for (int r = 0; r < R; ++r) z[r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0), z[r]);
+      const int64_t part = 16 * left, lanes = 4 * left;
+      for (int64_t v = 0; 8 * v < lanes; ++v) {
+        const __m256i group = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTailLanes.group[left][v]));
+        const __m256 wsl = _mm256_permutevar8x32_ps(ws, group);
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes - 8 * v)), iota);
+        const __m256i wv = _mm256_maskload_epi32(reinterpret_cast<const int*>(w + 32 * v), mask);
+        const __m256i lo = _mm256_and_si256(wv, nibble);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          // reads past the tail's 16 * left bytes a part meet lanes of zero codes, inside the block
+          const int8_t* q = act[r].q + at + 32 * v;
+          const __m256i p1 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + part))));
+          const __m256i p2 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 2 * part))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 3 * part))));
+          const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(p1, ones), 8),
+                                             _mm256_madd_epi16(p2, ones));
+          const __m256 asl = _mm256_permutevar8x32_ps(_mm256_loadu_ps(act[r].scale + g0), group);
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(wsl, asl), acc[r]);
+        }
+      }
+      continue;
+    }
     for (int h = 0; h < 2; ++h) {  // lanes (groups) 8h .. 8h + 7
       const int64_t lanes = std::min<int64_t>(8, left - 8 * h);
       if (lanes <= 0) break;
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), iota);
-      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * h)));
-      const __m256 ls = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lw + 8 * h)));
+      const __m256 ws = load_halves(sc + 8 * h, lanes);
+      const __m256 ls = load_halves(lw + 8 * h, lanes);
       for (int r = 0; r < R; ++r) z[r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0 + 8 * h), z[r]);
       __m256i d1[R], d2[R];
       for (int r = 0; r < R; ++r) d1[r] = d2[r] = _mm256_setzero_si256();
