@@ -262,52 +262,77 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load_halves(const uint16_
   return v;
 }
 
-template <int R>
+// W weight rows (consecutive: W = 2 for a decode step's narrow rows) against R activation rows.
+template <int R, int W>
 __attribute__((target("avx2,fma,f16c")))
-void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, const uint16_t* scale,
-              const uint16_t* low, int64_t groups, const Act* act, float* out, int64_t out_stride) {
+void rows_256(const uint8_t* codes, int64_t code_stride, const uint16_t* scale, const uint16_t* low, int64_t groups,
+              const Act* act, float* out, int64_t out_stride) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   // acc: the scaled integer dots; z: the low (zero-point) term, sum_g low[g] * sums[g], in the
-  // same pass (low absent: -8 * scale, applied at the end)
-  __m256 acc[R], z[R];
-  for (int r = 0; r < R; ++r) acc[r] = z[r] = _mm256_setzero_ps();
+  // same pass (low absent: -8 * scale, applied at the end); index w * R + r
+  __m256 acc[W * R], z[W * R];
+  for (int i = 0; i < W * R; ++i) acc[i] = z[i] = _mm256_setzero_ps();
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // the integer dots of one step: 32 bytes of codes of each weight row against R activation rows
+  // (|15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the adds)
+  auto dot = [&](const __m256i* lo, const __m256i* hi, const int8_t* const* q, int64_t part, __m256i* d1,
+                 __m256i* d2) __attribute__((always_inline, target("avx2,fma,f16c"))) {
+    for (int r = 0; r < R; ++r) {
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r]));
+      const __m256i a2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + part));
+      const __m256i a3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + 2 * part));
+      const __m256i a4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + 3 * part));
+      for (int w = 0; w < W; ++w) {
+        const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[w], a1), _mm256_maddubs_epi16(hi[w], a2));
+        const __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[w], a3), _mm256_maddubs_epi16(hi[w], a4));
+        d1[w * R + r] = _mm256_add_epi32(d1[w * R + r], _mm256_madd_epi16(p1, ones));
+        d2[w * R + r] = _mm256_add_epi32(d2[w * R + r], _mm256_madd_epi16(p2, ones));
+      }
+    }
+  };
   for (int64_t g0 = 0; g0 < groups; g0 += kPadGroups) {
     // the last block may hold fewer groups (SmolLM2's 576 columns: 18 groups, a block and 2): its
     // steps are 4 * left bytes apart, its codes and scales read under lane masks (no copy)
     const int64_t left = std::min<int64_t>(kPadGroups, groups - g0);
     const bool tail = left < kPadGroups;
     const int64_t step = tail ? 4 * left : 64;
-    const uint8_t* w = codes + g0 * 16;
+    const uint8_t* wp = codes + g0 * 16;
     const uint16_t* sc = scale + g0;
     const uint16_t* lw = low != nullptr ? low + g0 : sc;
     const int64_t at = g0 / kPadGroups * kBlockBytes;
     if (tail && left <= kCompactTail) {  // the compact tail: lanes are (step, group) pairs
-      const __m256 ws = load_halves(sc, left);
-      const __m256 ls = load_halves(lw, left);
-      for (int r = 0; r < R; ++r) z[r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0), z[r]);
+      __m256 ws[W];
+      for (int w = 0; w < W; ++w) {
+        ws[w] = load_halves(sc + w * groups, left);
+        const __m256 ls = load_halves(lw + w * groups, left);
+        for (int r = 0; r < R; ++r) {
+          z[w * R + r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0), z[w * R + r]);
+        }
+      }
       const int64_t part = 16 * left, lanes = 4 * left;
       for (int64_t v = 0; 8 * v < lanes; ++v) {
         const __m256i group = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTailLanes.group[left][v]));
-        const __m256 wsl = _mm256_permutevar8x32_ps(ws, group);
         const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes - 8 * v)), iota);
-        const __m256i wv = _mm256_maskload_epi32(reinterpret_cast<const int*>(w + 32 * v), mask);
-        const __m256i lo = _mm256_and_si256(wv, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+        __m256i lo[W], hi[W], d1[W * R], d2[W * R];
+        for (int w = 0; w < W; ++w) {
+          const __m256i wv = _mm256_maskload_epi32(reinterpret_cast<const int*>(wp + w * code_stride + 32 * v), mask);
+          lo[w] = _mm256_and_si256(wv, nibble);
+          hi[w] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+        }
+        for (int i = 0; i < W * R; ++i) d1[i] = d2[i] = _mm256_setzero_si256();
+        // reads past the tail's 16 * left bytes a part meet lanes of zero codes, inside the block
+        const int8_t* q[R];
+        for (int r = 0; r < R; ++r) q[r] = act[r].q + at + 32 * v;
+        dot(lo, hi, q, part, d1, d2);
         for (int r = 0; r < R; ++r) {
-          // reads past the tail's 16 * left bytes a part meet lanes of zero codes, inside the block
-          const int8_t* q = act[r].q + at + 32 * v;
-          const __m256i p1 = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + part))));
-          const __m256i p2 = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 2 * part))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 3 * part))));
-          const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(p1, ones), 8),
-                                             _mm256_madd_epi16(p2, ones));
           const __m256 asl = _mm256_permutevar8x32_ps(_mm256_loadu_ps(act[r].scale + g0), group);
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(wsl, asl), acc[r]);
+          for (int w = 0; w < W; ++w) {
+            const int i = w * R + r;
+            const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(d1[i], 8), d2[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_permutevar8x32_ps(ws[w], group), asl),
+                                     acc[i]);
+          }
         }
       }
       continue;
@@ -316,44 +341,48 @@ void rows_256(const uint8_t* codes, int64_t /*code_stride: one weight row*/, con
       const int64_t lanes = std::min<int64_t>(8, left - 8 * h);
       if (lanes <= 0) break;
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), iota);
-      const __m256 ws = load_halves(sc + 8 * h, lanes);
-      const __m256 ls = load_halves(lw + 8 * h, lanes);
-      for (int r = 0; r < R; ++r) z[r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0 + 8 * h), z[r]);
-      __m256i d1[R], d2[R];
-      for (int r = 0; r < R; ++r) d1[r] = d2[r] = _mm256_setzero_si256();
-      for (int j = 0; j < 4; ++j) {
-        const uint8_t* wj = w + step * j + 32 * h;
-        const __m256i wv = tail ? _mm256_maskload_epi32(reinterpret_cast<const int*>(wj), mask)
-                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj));
-        const __m256i lo = _mm256_and_si256(wv, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+      __m256 ws[W];
+      for (int w = 0; w < W; ++w) {
+        ws[w] = load_halves(sc + w * groups + 8 * h, lanes);
+        const __m256 ls = load_halves(lw + w * groups + 8 * h, lanes);
         for (int r = 0; r < R; ++r) {
-          const int8_t* q = act[r].q + at + j * kStepBytes + 32 * h;
-          // |15 * 127 * 2| * 2 fits int16: no saturation in maddubs or the adds
-          const __m256i p1 = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
-          const __m256i p2 = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 192))));
-          d1[r] = _mm256_add_epi32(d1[r], _mm256_madd_epi16(p1, ones));
-          d2[r] = _mm256_add_epi32(d2[r], _mm256_madd_epi16(p2, ones));
+          z[w * R + r] = _mm256_fmadd_ps(ls, _mm256_loadu_ps(act[r].sums + g0 + 8 * h), z[w * R + r]);
         }
       }
+      __m256i d1[W * R], d2[W * R];
+      for (int i = 0; i < W * R; ++i) d1[i] = d2[i] = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        __m256i lo[W], hi[W];
+        for (int w = 0; w < W; ++w) {
+          const uint8_t* wj = wp + w * code_stride + step * j + 32 * h;
+          const __m256i wv = tail ? _mm256_maskload_epi32(reinterpret_cast<const int*>(wj), mask)
+                                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj));
+          lo[w] = _mm256_and_si256(wv, nibble);
+          hi[w] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+        }
+        const int8_t* q[R];
+        for (int r = 0; r < R; ++r) q[r] = act[r].q + at + j * kStepBytes + 32 * h;
+        dot(lo, hi, q, 64, d1, d2);
+      }
       for (int r = 0; r < R; ++r) {
-        const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(d1[r], 8), d2[r]);
-        const __m256 sc8 = _mm256_mul_ps(ws, _mm256_loadu_ps(act[r].scale + g0 + 8 * h));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc8, acc[r]);
+        const __m256 as = _mm256_loadu_ps(act[r].scale + g0 + 8 * h);
+        for (int w = 0; w < W; ++w) {
+          const int i = w * R + r;
+          const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(d1[i], 8), d2[i]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ws[w], as), acc[i]);
+        }
       }
     }
   }
   const __m256 z_factor = _mm256_set1_ps(low != nullptr ? 1.0f : -8.0f);  // Q4_0: low = -8 * scale
-  for (int r = 0; r < R; ++r) {
-    const __m256 t = _mm256_fmadd_ps(z[r], z_factor, acc[r]);
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    alignas(16) float f[4];
-    _mm_store_ps(f, s);
-    out[r * out_stride] = (f[0] + f[1]) + (f[2] + f[3]);
+  for (int w = 0; w < W; ++w) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_fmadd_ps(z[w * R + r], z_factor, acc[w * R + r]);
+      const __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      alignas(16) float f[4];
+      _mm_store_ps(f, s);
+      out[r * out_stride + w] = (f[0] + f[1]) + (f[2] + f[3]);
+    }
   }
 }
 
@@ -363,6 +392,9 @@ using RowsFn = void (*)(const uint8_t*, int64_t, const uint16_t*, const uint16_t
                         int64_t);
 
 constexpr int64_t kPairRows = 2;  // weight rows a pass over cached weights (AVX-512: a prompt's rows)
+// AVX2, decode: rows of at most this many bytes of codes (1024 inputs) go in pairs, sharing the
+// activation loads and the per-row setup and sums; a pair of such rows is one short stream
+constexpr int64_t kPairedRowBytes = 512;
 
 RowsFn rows_fn(int64_t isa, int64_t r, bool pair) {
   if (isa == kAvx512Vnni) {
@@ -374,10 +406,10 @@ RowsFn rows_fn(int64_t isa, int64_t r, bool pair) {
     }
   }
   switch (r) {
-    case 1: return rows_256<1>;
-    case 2: return rows_256<2>;
-    case 3: return rows_256<3>;
-    default: return rows_256<4>;
+    case 1: return pair ? rows_256<1, kPairRows> : rows_256<1, 1>;
+    case 2: return rows_256<2, 1>;
+    case 3: return rows_256<3, 1>;
+    default: return rows_256<4, 1>;
   }
 }
 
@@ -442,7 +474,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     const int64_t at_once = isa == kAvx512Vnni ? std::min<int64_t>(2, m) : kRowsAtOnce;
     for (int64_t m0 = 0; m0 < m; m0 += at_once) {
       const int64_t r = std::min(at_once, m - m0);
-      const int64_t step = (m > 1 && isa == kAvx512Vnni) ? kPairRows : 1;
+      const bool pairs = isa == kAvx512Vnni ? m > 1 : (m == 1 && half_k <= kPairedRowBytes);
+      const int64_t step = pairs ? kPairRows : 1;
       int64_t row = n0;
       for (const RowsFn fn = rows_fn(isa, r, step > 1); row + step <= n1; row += step) {
         fn(cp + row * half_k, half_k, sp + row * groups, lp != nullptr ? lp + row * groups : nullptr, groups,
