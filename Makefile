@@ -67,9 +67,11 @@ typecheck: setup
 	.venv/bin/mypy
 	.venv/bin/mypy --strict $(foreach e,$(EXECUTORS),$(e)/src/$(e))
 
+# the suite on two pytest-xdist workers, one a core of CI's two: ~12 min under coverage where one
+# worker took ~17
 test: system lint typecheck
 	rm -f .coverage .coverage.*
-	.venv/bin/coverage run -m pytest -q
+	.venv/bin/coverage run -m pytest -q -n 2
 	.venv/bin/coverage combine -q
 	.venv/bin/coverage report
 
