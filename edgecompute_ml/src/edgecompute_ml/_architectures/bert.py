@@ -11,6 +11,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from .._runtime.hugepages import region_for
 from ..errors import ModelError
 from .dense import Dense, linear
 
@@ -126,6 +127,12 @@ class BertModel:
                 Dense(w[q + "output.dense.weight"], w[q + "output.dense.bias"], device, dtype),
                 (w[q + "output.LayerNorm.weight"], w[q + "output.LayerNorm.bias"]),
             ))
+        # every sentence reads every layer's weights: they go into huge pages together (one copy)
+        dense = [lin for layer in self.layers for lin in layer if isinstance(lin, Dense)]
+        region = region_for(lin.weight for lin in dense)
+        if region is not None:
+            for lin in dense:
+                lin.weight = region.copy(lin.weight)  # the original dropped as its copy replaces it
         self._act = _ACTIVATIONS[config.hidden_act]
         # every layer packed alike, its GELU exact: the embeddings, the layer loop and a lone
         # sentence's pooling run as TorchScript (below)

@@ -29,7 +29,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .._formats.quant import embedding, fuse, linear, prepare, tensor_bytes
+from .._formats.quant import embedding, fuse, into_huge_pages, linear, prepare, tensor_bytes
 from .._formats.quant import logits as quant_logits
 from ..errors import ModelError, UnsupportedModelOption
 
@@ -457,6 +457,9 @@ class LlamaModel:
             layer.sliding = bool(c.sliding_layers and c.sliding_layers[i])
             layer.rope_index = 1 if layer.sliding and c.rope_local is not None else 0
             self.layers.append(layer)
+        # a token reads every packed weight: they go into huge pages together
+        into_huge_pages([self.embed, self.lm_head] + [getattr(layer, s) for layer in self.layers
+                                                     for s in ("qkv", "o", "gate_up", "down")])
         self._norm_fn = _gemma_rms_norm if c.gemma else _rms_norm
         self._act = _activation(c.activation)
         self._specs = [c.rope] + ([c.rope_local] if c.rope_local is not None else [])

@@ -16,7 +16,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .._formats.quant import Int8Codes, embedding, fuse, linear, prepare, tensor_bytes
+from .._formats.quant import Int8Codes, embedding, fuse, into_huge_pages, linear, prepare, tensor_bytes
 from .._formats.quant import logits as quant_logits
 from ..errors import ModelError
 
@@ -198,6 +198,7 @@ class WhisperModel:
         else:
             self.embed = w["model.decoder.embed_tokens.weight"] = prepare(embed, rows=True)
         self.embed_scale = d**0.5 if config.scale_embedding else 1.0
+        into_huge_pages(w.values())  # int8 weights (a decoder token reads its layers' and the embedding)
 
     def weight_bytes(self) -> int:
         return sum(tensor_bytes(t) for t in self.w.values())

@@ -39,7 +39,7 @@ live only while a model is being built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from .._kernels import build as kernels
+from .._runtime import hugepages
 
-__all__ = ["GROUP", "Int8Codes", "Q4Codes", "QuantizedLinear", "embedding", "fuse", "linear", "logits", "prepare",
-           "quantize_int8", "quantize_q4", "tensor_bytes"]
+__all__ = ["GROUP", "Int8Codes", "Q4Codes", "QuantizedLinear", "embedding", "fuse", "into_huge_pages", "linear",
+           "logits", "prepare", "quantize_int8", "quantize_q4", "tensor_bytes"]
 
 GROUP = 32  # values per q4 group (GGUF's block size; the CPU int4 kernel's smallest group)
 _ACT = torch.bfloat16
@@ -483,6 +484,30 @@ def embedding(ids: torch.Tensor, w: Any, dtype: torch.dtype) -> torch.Tensor:
         return F.embedding(ids, w)
     out: torch.Tensor = w.rows(ids, dtype)
     return out
+
+
+# what a product reads whole at every call (the exact rows of a weight looked up by row are read
+# a few at a time: they stay where they are)
+_SWEPT = ("packed", "scales", "low")
+
+
+def into_huge_pages(weights: Iterable[Any]) -> None:
+    """Move the packed weights among ``weights`` (each once; float tensors stay) into one region
+    of transparent huge pages (``_runtime/hugepages.py``): a decode step streams every one of
+    them, and with 4 KB pages walks the page tables for each page (a 64 MB stream of q4 codes
+    at 2 threads: 0.93-0.95x the time in huge pages, on an AMD EPYC VM)."""
+    fields: list[tuple[QuantizedLinear, str]] = []
+    seen: set[int] = set()
+    for w in weights:
+        for part in (w.parts if isinstance(w, _Split) else [w]):
+            if isinstance(part, QuantizedLinear) and id(part) not in seen:
+                seen.add(id(part))
+                fields += [(part, name) for name in _SWEPT if getattr(part, name) is not None]
+    region = hugepages.region_for(getattr(part, name) for part, name in fields)
+    if region is None:
+        return
+    for part, name in fields:  # each original dropped as its copy replaces it
+        setattr(part, name, region.copy(getattr(part, name)))
 
 
 def tensor_bytes(w: Any) -> int:
