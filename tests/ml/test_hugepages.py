@@ -66,6 +66,15 @@ def test_without_huge_pages_there_is_no_region(monkeypatch):
 
 
 @needs_thp
+def test_a_refused_advice_leaves_the_tensors_where_they_are(monkeypatch):
+    def refused(nbytes: int) -> hugepages.Region:  # madvise's EINVAL, as a seccomp filter may answer
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(hugepages, "Region", refused)
+    assert hugepages.region_for([torch.randn(4096, 1024), torch.randn(4096, 1024)]) is None
+
+
+@needs_thp
 def test_minilms_layer_weights_share_one_advised_mapping():
     from edgecompute_ml._architectures.dense import Dense
     from edgecompute_ml._runtime.plan import ModelSource

@@ -78,4 +78,7 @@ def region_for(tensors: Iterable[torch.Tensor], minimum: int = 4 * HUGE_PAGE) ->
         total += _span(t.numel() * t.element_size())
     if total < minimum or not available():
         return None
-    return Region(total)
+    try:
+        return Region(total)
+    except OSError:  # the advice refused (a sandbox's seccomp, a kernel without THP): pages as they come
+        return None
