@@ -91,3 +91,19 @@ def test_minilms_layer_weights_share_one_advised_mapping():
     assert "hg" in _mapping_flags(weights[0].data_ptr())
     # the packed forward reads the same tensors (one copy of the weights)
     assert lm.model.weight_bytes() < 100 * 2**20
+
+
+@needs_thp
+def test_packed_weights_moved_give_the_same_products_from_one_advised_mapping():
+    from edgecompute_ml._formats import quant
+
+    g = torch.Generator().manual_seed(3)
+    weights = [quant.prepare(quant.quantize_q4(torch.randn(8192, 1024, generator=g))),
+               quant.prepare(quant.quantize_int8(torch.randn(4096, 1024, generator=g)))]
+    x = torch.randn(3, 1024, generator=g)
+    before = [quant.linear(x, w) for w in weights]
+    quant.into_huge_pages([weights[0], weights[1], weights[0], torch.randn(4)])  # each once; floats stay
+    assert all(torch.equal(quant.linear(x, w), want) for w, want in zip(weights, before, strict=True))
+    moved = [t for w in weights for t in (w.packed, w.scales, w.low) if t is not None]
+    assert len({t.untyped_storage().data_ptr() for t in moved}) == 1
+    assert "hg" in _mapping_flags(moved[0].data_ptr())
