@@ -1,6 +1,7 @@
 """The float32 linears of an encoder: edgecompute_ml's kernel (``_kernels/linear.cpp``, weights in
-16-column blocks) against oneDNN's packed inner product (what torch's inductor freezing and
-edgecompute_ml's fallback use) and ``F.linear`` (MKL), on all-MiniLM-L6-v2's 24 layer shapes.
+blocks of 16 columns with AVX-512, 8 with AVX2) against oneDNN's packed inner product (what
+torch's inductor freezing and edgecompute_ml's fallback use) and ``F.linear`` (MKL), on
+all-MiniLM-L6-v2's 24 layer shapes.
 
     nice -n 10 python benchmarks/encoder_linear.py [--rows 10,64,768] [--threads 2] [--repeats 200]
 

@@ -1,7 +1,8 @@
 """edgecompute_ml's own float32 linear (``_kernels/linear.cpp``, ``torch.ops.edgecompute_ml.f32_linear``,
-weights in 16-column blocks): against ``F.linear`` at every row count its sweeps cut differently,
-the residual and bias added in the kernel, clear errors for misuse, and the fallback to oneDNN
-when it is off or cannot build."""
+weights in blocks of 16 columns with AVX-512, 8 with AVX2): against ``F.linear`` at every row
+count its sweeps cut differently, the residual and bias added in the kernel, clear errors for
+misuse, the layout each instruction set reads, and the fallback to oneDNN when it is off or
+cannot build."""
 
 from __future__ import annotations
 
@@ -44,13 +45,14 @@ def isa(request, kernel):
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 11, 12, 13, 24, 25, 100])
-@pytest.mark.parametrize(("n", "k"), [(16, 8), (40, 33), (384, 384), (1, 5), (1536, 64)])
+@pytest.mark.parametrize(("n", "k"), [(16, 8), (40, 33), (20, 9), (24, 3), (384, 384), (1, 5), (1536, 64)])
 def test_equals_f_linear_for_every_row_count_and_ragged_width(kernel, isa, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, k, generator=g)
     residual = torch.randn(m, n, generator=g)
     packed = pack_blocks(w)
-    assert packed.shape == (-(-n // 16), k, 16)
+    lanes = {"avx2": 8, "avx512": 16}[isa]
+    assert packed.shape == (-(-n // lanes), k, lanes)
     # within float32's rounding bound of a k-term sum, against the float64 product
     exact = x.double() @ w.double().t()
     bound = (k + 1) * 2.0 ** -24 * ((x.abs().double() @ w.abs().double().t()) + b.abs().double()) + 1e-30
@@ -90,7 +92,7 @@ def test_misuse_is_a_clear_error(kernel):
     packed = pack_blocks(w)
     cases = [
         ((torch.randn(2, 31), packed, b, None, 40), "x has 31 features, the weight 32"),
-        ((torch.randn(2, 32), packed, b, None, 64), "n=64 does not fit a weight of 3 blocks"),
+        ((torch.randn(2, 32), packed, b, None, 99), f"n=99 does not fit a weight of {packed.shape[0]} blocks"),
         ((torch.randn(2, 32), w, b, None, 40), "packed float32"),
         ((torch.randn(2, 32).double(), packed, b, None, 40), "float32 CPU tensor"),
         ((torch.randn(2, 32), packed, torch.randn(39), None, 40), "bias must be contiguous float32"),
@@ -102,6 +104,23 @@ def test_misuse_is_a_clear_error(kernel):
         with pytest.raises(RuntimeError, match=message):
             kernel(*args)
 
+
+def test_the_layout_picks_the_instructions_and_16_columns_need_avx512(kernel):
+    # a weight packed by hand in 16-column blocks: AVX-512's layout, run by AVX-512's sweeps where
+    # the CPU has them, a clear error where it has not (never read as 8-column blocks)
+    g = torch.Generator().manual_seed(5)
+    w, b, x = torch.randn(40, 32, generator=g), torch.randn(40, generator=g), torch.randn(3, 32, generator=g)
+    wide = torch.zeros(48, 32)
+    wide[:40] = w
+    wide = wide.view(3, 16, 32).transpose(1, 2).contiguous()
+    if "avx512" in _cpu_isas():
+        torch.testing.assert_close(kernel(x, wide, b, None, 40), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(RuntimeError, match="16-column blocks needs AVX-512F"):
+            kernel(x, wide, b, None, 40)
+    # the same columns, 8 a block (the sixth, all padding, dropped)
+    narrow = wide.view(3, 32, 2, 8).permute(0, 2, 1, 3).reshape(6, 32, 8)[:5].contiguous()
+    torch.testing.assert_close(kernel(x, narrow, b, None, 40), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 def test_dense_and_the_scripted_helper_take_the_kernel(kernel):
     g = torch.Generator().manual_seed(4)

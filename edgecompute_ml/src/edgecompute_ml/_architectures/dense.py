@@ -5,11 +5,12 @@ by every weight once: ``F.linear`` goes to MKL's GEMM, which re-reads the weight
 layout on every call. Two packed forms, chosen at load:
 
 - **this package's kernel** (``_kernels/linear.cpp``, ``torch.ops.edgecompute_ml.f32_linear``,
-  AVX-512F or AVX2 with FMA): the weight in 16-column blocks ``[ceil(N/16), K, 16]``; every row of
-  a short input passes each block in one sweep; bias and residual, or GELU, applied on the way
-  out. MiniLM's 24 linears take 0.60x oneDNN's time for one sentence (10 rows), 0.88x for 64 rows,
-  0.95x for 768 (an AVX2 EPYC, 2 threads; an AVX-512 one: 0.86x, 0.96x, 0.98x; docs/performance.md):
-  oneDNN spends ~15 us a call building its primitive before it starts. Compiled at first use
+  AVX-512F or AVX2 with FMA): the weight in blocks of one vector's columns ``[ceil(N/L), K, L]``
+  (L = 16 with AVX-512, 8 with AVX2); every row of a short input passes each block in one sweep;
+  bias and residual, or GELU, applied on the way out. MiniLM's 24 linears take 0.53x oneDNN's
+  time for one sentence (10 rows), 0.91x for 64 rows, 1.00x for 768 (an AVX2 EPYC, 2 threads; an
+  AVX-512 one: 0.86x, 0.96x, 0.98x; docs/performance.md): oneDNN spends ~15 us a call building
+  its primitive before it starts. Compiled at first use
   (``_kernels/build.py``); ``EDGECOMPUTE_ML_LINEAR_KERNEL=0`` (read at each load) turns it off.
 - **oneDNN's** inner product with the weight reordered once at load
   (``torch.ops.mkldnn._reorder_linear_weight``, the kernel inductor's freezing pass also uses),
@@ -44,7 +45,8 @@ __all__ = ["Dense", "Packing", "linear", "pack_blocks", "packing_available", "pa
 Packing = Literal["blocks", "onednn", "plain"]
 # float32 only: oneDNN's bfloat16 kernels need AVX512-BF16 or AMX, not every CPU has them
 _PACKABLE = (torch.float32,)
-_LANES = 16  # columns of one weight block in linear.cpp
+# columns of one weight block in linear.cpp, by the instruction set it runs on (linear_isa)
+_LANES = {1: 8, 2: 16}
 
 
 def packing_for(device: torch.device, dtype: torch.dtype) -> Packing:
@@ -63,12 +65,14 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 weight [N, K] in linear.cpp's layout: [ceil(N/16), K, 16], zero past N."""
+    """A float32 weight [N, K] in linear.cpp's layout for this CPU: [ceil(N/L), K, L], zero past N,
+    L = 16 columns with AVX-512, 8 with AVX2. Needs the kernel loaded (``packing_for``)."""
+    lanes = _LANES[int(torch.ops.edgecompute_ml.linear_isa(-1))]
     n, k = weight.shape
-    blocks = -(-n // _LANES)
-    padded = weight.new_zeros(blocks * _LANES, k)
+    blocks = -(-n // lanes)
+    padded = weight.new_zeros(blocks * lanes, k)
     padded[:n] = weight
-    return padded.view(blocks, _LANES, k).transpose(1, 2).contiguous()
+    return padded.view(blocks, lanes, k).transpose(1, 2).contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, gelu: bool,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .._formats.quant import embedding, fuse, into_huge_pages, linear, prepare, tensor_bytes
 from .._formats.quant import logits as quant_logits
+from .._kernels import build as kernels
 from ..errors import ModelError, UnsupportedModelOption
 
 __all__ = ["DECODER_FAMILIES", "KVCache", "LlamaConfig", "LlamaModel", "RopeSpec"]
@@ -468,6 +469,10 @@ class LlamaModel:
         self._tables: dict[tuple[int, bool], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._ensure_rope(min(c.max_position_embeddings, 4096))
         self.capture: Any = None  # a _runtime.capture.DecodeCapture of decode_step, set by the executor
+        # one query (a decode step) attends through _kernels/attention.cpp where it runs: float32 on
+        # CPU, no soft-capped scores (Gemma 2 computes them in full)
+        self._one_query = (device.type == "cpu" and dtype == torch.float32 and c.attn_softcap is None
+                           and kernels.load_attention())
 
     def _ensure_rope(self, length: int, positions: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Tables of at least ``length`` rows, with LongRoPE's factors chosen for ``positions``
@@ -554,7 +559,7 @@ class LlamaModel:
                 elif window_mask is not None:
                     mask = window_mask
             causal = mask is None and t > 1
-            x = self._finish_layer(x, layer, q, ck[:, :, start:end], cv[:, :, start:end], mask, causal)
+            x = self._finish_layer(x, layer, q, ck[:, :, start:end], cv[:, :, start:end], mask, causal, None, 0)
         cache.length = end
         return self._logits(x[:, -1] if last_only else x)
 
@@ -582,7 +587,9 @@ class LlamaModel:
             ck.index_copy_(2, position, key)
             cv.index_copy_(2, position, value)
             mask = sliding if layer.sliding else full
-            x = self._finish_layer(x, layer, q, ck, cv, mask, False)
+            # the kernel reads the position itself: the keys past it are not scored at all
+            x = self._finish_layer(x, layer, q, ck, cv, mask, False, position,
+                                   window if layer.sliding and window is not None else 0)
         return self._logits(x[:, -1])
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -620,13 +627,20 @@ class LlamaModel:
         return q, k, v
 
     def _finish_layer(self, x: torch.Tensor, layer: _Layer, q: torch.Tensor, keys: torch.Tensor,
-                      values: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """Attention over ``keys``/``values``, the output projection, the MLP and both residuals."""
+                      values: torch.Tensor, mask: torch.Tensor | None, causal: bool, position: torch.Tensor | None,
+                      window: int) -> torch.Tensor:
+        """Attention over ``keys``/``values``, the output projection, the MLP and both residuals.
+        ``position`` (a decode step's, with the whole cache as ``keys``): the query's index, which
+        ``mask`` also encodes; ``window`` > 0: a sliding layer's window."""
         c = self.config
         b, t = x.shape[0], x.shape[1]
         norm_fn, eps = self._norm_fn, c.rms_norm_eps
         scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar is not None else None
-        attn = self._attend(q, keys, values, mask, causal, scale, c.num_attention_heads // c.num_key_value_heads)
+        if self._one_query and t == 1 and (mask is None or position is not None):
+            attn = torch.ops.edgecompute_ml.one_query_attention(q, keys, values, position, window,
+                                                                scale or c.head_dim ** -0.5)
+        else:
+            attn = self._attend(q, keys, values, mask, causal, scale, c.num_attention_heads // c.num_key_value_heads)
         attn = attn.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.head_dim)
         out = linear(attn, layer.o, layer.o_b)
         if layer.post_attn is not None:

@@ -4,7 +4,9 @@ as torch custom ops (docs/ml.md, "Quantized weights" and "One sentence"):
 - ``q4.cpp``: ``torch.ops.edgecompute_ml.q4_linear``, the 4-bit weight-only matmul
   (:func:`load_q4`; fallback: torch's int4 kernel);
 - ``linear.cpp``: ``torch.ops.edgecompute_ml.f32_linear``, the float32 linear of the encoders
-  over weights packed in 16-column blocks (:func:`load_linear`; fallback: oneDNN's packed linear).
+  over weights packed in blocks of columns (:func:`load_linear`; fallback: oneDNN's packed linear);
+- ``attention.cpp``: ``torch.ops.edgecompute_ml.one_query_attention``, a decoder step's attention
+  over the keys up to its position (:func:`load_attention`; fallback: torch's attention).
 
 Each is its own shared library, built and loaded on its own:
 
@@ -18,9 +20,10 @@ Each is its own shared library, built and loaded on its own:
   identity, the flags and the CPU's instruction sets. A build is written under a temporary name
   and renamed into place, so processes compiling at the same time never load half a library.
 - **Fallback**: an environment variable turns a kernel off (``EDGECOMPUTE_ML_Q4_KERNEL=0``,
-  ``EDGECOMPUTE_ML_LINEAR_KERNEL=0``); no compiler, a failed compile or load, or a CPU without the
-  instruction sets leave the work on torch's kernels. The reason is logged once per process and
-  kept in :func:`q4_status` / :func:`linear_status`.
+  ``EDGECOMPUTE_ML_LINEAR_KERNEL=0``, ``EDGECOMPUTE_ML_ATTENTION_KERNEL=0``); no compiler, a
+  failed compile or load, or a CPU without the instruction sets leave the work on torch's
+  kernels. The reason is logged once per process and kept in :func:`q4_status`,
+  :func:`linear_status` and :func:`attention_status`.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ import attrs
 
 from .._runtime.paths import cache_root
 
-__all__ = ["DISABLE_ENV", "LINEAR_DISABLE_ENV", "cache_dir", "declare_linear", "linear_status", "load_linear",
-           "load_q4", "q4_status"]
+__all__ = ["ATTENTION_DISABLE_ENV", "DISABLE_ENV", "LINEAR_DISABLE_ENV", "attention_status", "cache_dir",
+           "declare_linear", "linear_status", "load_attention", "load_linear", "load_q4", "q4_status"]
 
 _log = logging.getLogger("edgecompute_ml.kernels")
 _HERE = Path(__file__).resolve().parent
@@ -50,6 +53,8 @@ _HERE = Path(__file__).resolve().parent
 DISABLE_ENV = "EDGECOMPUTE_ML_Q4_KERNEL"
 #: set to 0/false/off/no to keep float32 encoder linears on oneDNN's packed kernel
 LINEAR_DISABLE_ENV = "EDGECOMPUTE_ML_LINEAR_KERNEL"
+#: set to 0/false/off/no to keep a decoder step's attention on torch's
+ATTENTION_DISABLE_ENV = "EDGECOMPUTE_ML_ATTENTION_KERNEL"
 _FLAGS = ("-std=c++20", "-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
           "-Wno-psabi", "-w")
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
@@ -76,6 +81,14 @@ def _linear_isa() -> str | None:
     return None
 
 
+def _attention_isa() -> str | None:
+    import torch
+
+    if int(torch.ops.edgecompute_ml.attention_isa()) <= 0:
+        return "this CPU lacks AVX2 with FMA"
+    return None
+
+
 @attrs.frozen
 class _Kernel:
     name: str  # the library's file name prefix
@@ -91,6 +104,8 @@ class _Kernel:
 _Q4 = _Kernel("q4", _HERE / "q4.cpp", DISABLE_ENV, "q4_isa", _q4_isa, "4-bit weights use torch's int4 kernel")
 _LINEAR = _Kernel("linear", _HERE / "linear.cpp", LINEAR_DISABLE_ENV, "linear_isa", _linear_isa,
                   "float32 encoder linears use oneDNN's packed kernel")
+_ATTENTION = _Kernel("attention", _HERE / "attention.cpp", ATTENTION_DISABLE_ENV, "attention_isa", _attention_isa,
+                     "a decoder step's attention uses torch's")
 
 
 def cache_dir() -> Path:
@@ -191,11 +206,11 @@ def declare_linear() -> None:
 
 def _ensure(kernel: _Kernel) -> bool:
     # the switch is read at every call (a model's load: cheap), the library loaded once
+    if kernel is _LINEAR:
+        declare_linear()  # off or not: the encoders' scripted forwards name the op (dense.linear)
     setting = os.environ.get(kernel.disable_env, "")
     if setting.strip().lower() in ("0", "false", "off", "no"):
         return _settle(kernel, f"turned off ({kernel.disable_env}={setting})")
-    if kernel is _LINEAR:
-        declare_linear()
     state = kernel.state
     if "load" not in state:
         with _lock:
@@ -247,8 +262,20 @@ def linear_status() -> str | None:
     return _LINEAR.state.get("reason")
 
 
+def load_attention() -> bool:
+    """Whether ``torch.ops.edgecompute_ml.one_query_attention`` is usable in this process,
+    compiling and loading it on the first call (later calls are a dictionary lookup)."""
+    return _ensure(_ATTENTION)
+
+
+def attention_status() -> str | None:
+    """None when the one-query attention kernel is in use, else why not (None too before the first
+    :func:`load_attention`)."""
+    return _ATTENTION.state.get("reason")
+
+
 def _forget() -> None:
     """Tests: decide again at the next load (a loaded library stays loaded)."""
     with _lock:
-        _Q4.state.clear()
-        _LINEAR.state.clear()
+        for kernel in (_Q4, _LINEAR, _ATTENTION):
+            kernel.state.clear()

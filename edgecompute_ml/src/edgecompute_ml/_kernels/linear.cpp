@@ -4,13 +4,13 @@
 //
 // Why not oneDNN's packed inner product (the fallback): for a sentence, a MiniLM forward's 24
 // linears stream 42 MB of weights, and oneDNN spends ~15 us a call building its primitive
-// descriptor before it starts. Here every row of the input passes each 16-column block of the
-// weight in one sweep (up to 12 rows with AVX-512, 6 with AVX2: one accumulator per row and
-// vector of columns, one broadcast and FMA per row and weight vector), so the weight is read once
-// for a sentence and the call costs a few microseconds beyond its arithmetic (docs/ml.md).
+// descriptor before it starts. Here every row of the input passes each block of columns of the
+// weight in one sweep (up to 12 rows: one accumulator per row and vector of columns, one
+// broadcast and FMA per row and weight vector), so the weight is read once for a sentence and the
+// call costs a few microseconds beyond its arithmetic (docs/ml.md).
 //
-// Weight layout (built by dense.py): float32 [ceil(N/16), K, 16]: block b holds columns
-// 16b..16b+15, k-major, zero-padded past N. Row sums run in k order in one float32 accumulator
+// Weight layout (built by dense.py): float32 [ceil(N/L), K, L], L = 16 for AVX-512, 8 for AVX2
+// (one vector): block b holds columns Lb..Lb+L-1, k-major, zero-padded past N. Row sums run in k order in one float32 accumulator
 // per output (not oneDNN's order: equal to float32 rounding). The bias, then the residual, are
 // added on the way out, as oneDNN's "add" post-op does; or GELU (erf) is applied there, with the
 // erf of torch's own vectorised kernels (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7) and a
@@ -34,7 +34,8 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // columns of one weight block
+constexpr int64_t kLanes = 16;  // columns of one weight block for AVX-512
+constexpr int64_t kNarrow = 8;  // for AVX2
 
 enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -48,10 +49,11 @@ int64_t detect_isa() {
 const int64_t kBestIsa = detect_isa();
 int64_t g_isa = kBestIsa;
 
-// rows a sweep: one accumulator register per row and 16 columns, of 32 zmm (AVX-512) or 16 ymm
-// (AVX2: two a row); more rows spill
+// rows a sweep: one accumulator register per row and block, of 32 zmm (AVX-512) or 16 ymm (AVX2:
+// 12 rows on one block, 6 on two); more rows spill
 constexpr int kRows512 = 12;
-constexpr int kRows256 = 6;
+constexpr int kRows256 = 12;
+constexpr int kRows256x2 = 6;
 // input bytes of a chunk of rows: a chunk stays in L2 while a thread's blocks pass it, so every
 // block streams from memory once a chunk, not the whole input once a block (at 768 rows the
 // whole input is 1.2-4.7 MB)
@@ -60,6 +62,8 @@ constexpr int64_t kChunkBytes = 128 * 1024;
 // this VM's Zen 3 (a 336x384x1536 product at one thread: 66-74 against 74-86 GFLOPS); a prefetch
 // past the block's end is a hint, never a fault
 constexpr int64_t kPrefetch = 16;
+// the same for AVX2's 8-column blocks, 4 KB ahead: 1 KB left MiniLM's linears ~5% slower
+constexpr int64_t kPrefetchNarrow = 128;
 
 // every loop over a sweep's rows unrolled, so that the accumulators live in registers (rolled,
 // GCC stores them to the stack on every step of k: measured 2x slower)
@@ -176,48 +180,69 @@ __attribute__((target("avx512f"))) void sweep512(const Args& a, const float* x, 
   }
 }
 
-// The same with AVX2 and FMA: each row's 16 columns in two registers.
+// AVX2 with FMA, over 8-column blocks ([ceil(N/8), K, 8]: one register a step). Why not 16
+// columns as with AVX-512: 16 ymm hold 6 rows of 16 accumulators, so a sentence's 10 rows took two
+// sweeps of each block, and the second read it from cache while memory idled (MiniLM's 24 linears,
+// one sentence: 0.91x the time of that 16-column form here). Up to 12 rows pass an 8-column block
+// in one sweep; more rows go 6 at a time through two blocks at once (two streams, 12
+// accumulators), the 16-column form's arithmetic with half the broadcasts of 12 rows on one block.
+__attribute__((target("avx2,fma"))) inline void finish256(const Args& a, __m256 v, int64_t row, int64_t b) {
+  const int64_t n0 = b * kNarrow;
+  const int64_t at = row * a.n + n0;
+  if (a.n - n0 >= kNarrow) {
+    if (a.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(a.bias + n0));
+    if (a.residual != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(a.residual + at));
+    if (a.gelu) v = gelu256(v);
+    _mm256_storeu_ps(a.out + at, v);
+    return;
+  }
+  // a tail block: its columns under a lane mask, never read or written past the row
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a.n - n0)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (a.bias != nullptr) v = _mm256_add_ps(v, _mm256_maskload_ps(a.bias + n0, mask));
+  if (a.residual != nullptr) v = _mm256_add_ps(v, _mm256_maskload_ps(a.residual + at, mask));
+  if (a.gelu) v = gelu256(v);
+  _mm256_maskstore_ps(a.out + at, mask, v);
+}
+
+// Rows m0..m0+R-1 against the 8-column block b (R <= 12).
 template <int R, bool Packed>
 __attribute__((target("avx2,fma"))) void sweep256(const Args& a, const float* x, int64_t m0, int64_t b) {
   const int64_t k = a.k;
-  const float* w = a.w + b * k * kLanes;
+  const float* w = a.w + b * k * kNarrow;
+  __m256 acc[R];
+  UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (i + kPrefetchNarrow) * kNarrow), _MM_HINT_T0);
+    const __m256 wv = _mm256_load_ps(w + i * kNarrow);
+    UNROLL for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(at_step<R, Packed>(x, k, i, r)), wv, acc[r]);
+    }
+  }
+  UNROLL for (int r = 0; r < R; ++r) finish256(a, acc[r], m0 + r, b);
+}
+
+// Rows m0..m0+R-1 against the 8-column blocks b and b + 1 (R <= 6).
+template <int R, bool Packed>
+__attribute__((target("avx2,fma"))) void sweep256x2(const Args& a, const float* x, int64_t m0, int64_t b) {
+  const int64_t k = a.k;
+  const float* w0 = a.w + b * k * kNarrow;
+  const float* w1 = w0 + k * kNarrow;
   __m256 lo[R], hi[R];
   UNROLL for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < k; ++i) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + (i + kPrefetch) * kLanes), _MM_HINT_T0);
-    const __m256 w0 = _mm256_load_ps(w + i * kLanes), w1 = _mm256_load_ps(w + i * kLanes + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + (i + kPrefetchNarrow) * kNarrow), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + (i + kPrefetchNarrow) * kNarrow), _MM_HINT_T0);
+    const __m256 v0 = _mm256_load_ps(w0 + i * kNarrow), v1 = _mm256_load_ps(w1 + i * kNarrow);
     UNROLL for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_broadcast_ss(at_step<R, Packed>(x, k, i, r));
-      lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
-      hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+      lo[r] = _mm256_fmadd_ps(xv, v0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(xv, v1, hi[r]);
     }
   }
-  const int64_t n0 = b * kLanes;
-  const int64_t cols = std::min<int64_t>(kLanes, a.n - n0);
-  // a tail block's columns go through a buffer, the rest straight to memory
-  alignas(32) float bias[kLanes] = {}, residual[kLanes] = {}, row[kLanes];
-  if (a.bias != nullptr) std::copy_n(a.bias + n0, cols, bias);
-  const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
   UNROLL for (int r = 0; r < R; ++r) {
-    const int64_t at = (m0 + r) * a.n + n0;
-    __m256 v0 = _mm256_add_ps(lo[r], b0), v1 = _mm256_add_ps(hi[r], b1);
-    if (a.residual != nullptr) {
-      const float* res = a.residual + at;
-      if (cols < kLanes) {
-        std::copy_n(res, cols, residual);
-        res = residual;
-      }
-      v0 = _mm256_add_ps(v0, _mm256_loadu_ps(res));
-      v1 = _mm256_add_ps(v1, _mm256_loadu_ps(res + 8));
-    }
-    if (a.gelu) {
-      v0 = gelu256(v0);
-      v1 = gelu256(v1);
-    }
-    float* dst = cols == kLanes ? a.out + at : row;
-    _mm256_storeu_ps(dst, v0);
-    _mm256_storeu_ps(dst + 8, v1);
-    if (cols < kLanes) std::copy_n(row, cols, a.out + at);
+    finish256(a, lo[r], m0 + r, b);
+    finish256(a, hi[r], m0 + r, b + 1);
   }
 }
 
@@ -237,27 +262,47 @@ constexpr SweepFn pick256(int rows, std::integer_sequence<int, R...>) {
   return fn;
 }
 
-SweepFn sweep_for(int64_t isa, int rows, bool packed) {
-  if (isa == kAvx512) {
-    return packed ? pick512<true>(rows, std::make_integer_sequence<int, kRows512>{})
-                  : pick512<false>(rows, std::make_integer_sequence<int, kRows512>{});
+template <bool Packed, int... R>
+constexpr SweepFn pick256x2(int rows, std::integer_sequence<int, R...>) {
+  SweepFn fn = nullptr;
+  ((rows == R + 1 ? (fn = &sweep256x2<R + 1, Packed>, 0) : 0), ...);
+  return fn;
+}
+
+enum Sweep { kOne512, kOne256, kTwo256 };  // a sweep's instructions, and the blocks it passes
+
+SweepFn sweep_for(Sweep kind, int rows, bool packed) {
+  switch (kind) {
+    case kOne512:
+      return packed ? pick512<true>(rows, std::make_integer_sequence<int, kRows512>{})
+                    : pick512<false>(rows, std::make_integer_sequence<int, kRows512>{});
+    case kOne256:
+      return packed ? pick256<true>(rows, std::make_integer_sequence<int, kRows256>{})
+                    : pick256<false>(rows, std::make_integer_sequence<int, kRows256>{});
+    case kTwo256:
+      return packed ? pick256x2<true>(rows, std::make_integer_sequence<int, kRows256x2>{})
+                    : pick256x2<false>(rows, std::make_integer_sequence<int, kRows256x2>{});
   }
-  return packed ? pick256<true>(rows, std::make_integer_sequence<int, kRows256>{})
-                : pick256<false>(rows, std::make_integer_sequence<int, kRows256>{});
+  return nullptr;
 }
 
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& residual, int64_t n, bool gelu) {
-  const int64_t isa = g_isa;
-  TORCH_CHECK(isa != kNone, "edgecompute_ml::f32_linear: this CPU has neither AVX-512F nor AVX2 with FMA");
+  TORCH_CHECK(kBestIsa != kNone, "edgecompute_ml::f32_linear: this CPU has neither AVX-512F nor AVX2 with FMA");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
               "f32_linear: x must be a float32 CPU tensor [..., K]");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(2) == kLanes && w.is_contiguous(),
-              "f32_linear: the weight must be packed float32 [ceil(N/16), K, 16]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 3 && (w.size(2) == kLanes || w.size(2) == kNarrow) &&
+                  w.is_contiguous(),
+              "f32_linear: the weight must be packed float32 [ceil(N/L), K, L], L = 8 (AVX2) or 16 (AVX-512)");
+  // the layout says which instructions run it
+  const int64_t lanes = w.size(2);
+  const bool wide = lanes == kLanes;
+  TORCH_CHECK(!wide || kBestIsa == kAvx512, "f32_linear: a weight in 16-column blocks needs AVX-512F, which this "
+              "CPU lacks (pack it for AVX2: 8 columns)");
   const int64_t k = x.size(-1);
   TORCH_CHECK(w.size(1) == k, "f32_linear: x has ", k, " features, the weight ", w.size(1));
   TORCH_CHECK(k > 0, "f32_linear: no input features (K = 0)");
-  TORCH_CHECK(n > 0 && (n + kLanes - 1) / kLanes == w.size(0), "f32_linear: n=", n, " does not fit a weight of ",
+  TORCH_CHECK(n > 0 && (n + lanes - 1) / lanes == w.size(0), "f32_linear: n=", n, " does not fit a weight of ",
               w.size(0), " blocks");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr<float>()) % 64 == 0,
               "f32_linear: the weight must be 64-byte aligned");
@@ -282,13 +327,16 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   const Args a{xc.data_ptr<float>(), w.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr,
                res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr<float>(), k, n, gelu};
   const int64_t blocks = w.size(0);
-  const int64_t most = isa == kAvx512 ? kRows512 : kRows256;
-  // more rows than one sweep takes: each group of rows packed as a [K, rows] panel, a chunk at a
-  // time (every thread packs the chunk it sweeps: K * rows copies against K * rows * 16 * blocks
-  // multiply-adds)
-  const bool pack = m > most;
+  // more rows than one sweep of one block takes: each group of rows packed as a [K, rows] panel, a
+  // chunk at a time (every thread packs the chunk it sweeps: K * rows copies against
+  // K * rows * 16 * blocks multiply-adds); with AVX2, then 6 rows pass two blocks at once
+  const bool pack = m > (wide ? kRows512 : kRows256);
+  const Sweep kind = wide ? kOne512 : pack ? kTwo256 : kOne256;
+  const int64_t most = kind == kOne512 ? kRows512 : kind == kOne256 ? kRows256 : kRows256x2;
+  const int64_t unit = kind == kTwo256 ? 2 : 1;  // blocks a sweep passes
   const int64_t chunk = std::max<int64_t>(most, kChunkBytes / (k * 4) / most * most);
-  auto run = [&](int64_t b0, int64_t b1) {  // a thread's run of blocks
+  auto run = [&](int64_t u0, int64_t u1) {  // a thread's run of units
+    const int64_t b0 = u0 * unit, b1 = std::min(blocks, u1 * unit);
     std::vector<float> panel(pack ? static_cast<size_t>(std::min(m, chunk) * k) : 0);
     for (int64_t c0 = 0; c0 < m; c0 += chunk) {
       const int64_t c1 = std::min(m, c0 + chunk);
@@ -301,17 +349,19 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
           }
         }
       }
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = b0; b < b1; b += unit) {
+        const Sweep sweep = b + unit <= b1 ? kind : kOne256;  // an odd last block: alone
         for (int64_t m0 = c0; m0 < c1; m0 += most) {
           const int rows = static_cast<int>(std::min<int64_t>(most, c1 - m0));
-          sweep_for(isa, rows, pack)(a, pack ? panel.data() + (m0 - c0) * k : a.x + m0 * k, m0, b);
+          sweep_for(sweep, rows, pack)(a, pack ? panel.data() + (m0 - c0) * k : a.x + m0 * k, m0, b);
         }
       }
     }
   };
   // a fork is worth ~64K multiply-adds a thread
-  const int64_t per_block = m * k * kLanes;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_block)), run);
+  const int64_t per_unit = m * k * lanes * unit;
+  at::parallel_for(0, (blocks + unit - 1) / unit, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_unit)),
+                   run);
   return out;
 }
 
@@ -324,7 +374,8 @@ at::Tensor f32_linear_meta(const at::Tensor& x, const at::Tensor& w, const std::
 }
 
 int64_t linear_isa(int64_t want) {
-  // want < 0: report; otherwise use min(want, what the CPU has) (tests run the AVX2 path too)
+  // the instruction set weights are packed for (dense.py asks): want < 0: report; otherwise use
+  // min(want, what the CPU has) (tests run the AVX2 path too)
   if (want >= 0) g_isa = std::min<int64_t>(want, kBestIsa);
   return g_isa;
 }
