@@ -178,3 +178,50 @@ def test_the_switch_is_read_at_each_load(kernel, monkeypatch):
     monkeypatch.delenv(build.LINEAR_DISABLE_ENV)
     assert Dense(w, None, CPU, torch.float32).packing == "blocks"
     assert build.linear_status() is None
+
+
+def _attention_reference(qkv, mask, heads):
+    b, t, width = qkv.shape
+    d = width // 3 // heads
+    q, k, v = qkv.double().view(b, t, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    m = None if mask is None else mask.view(b, 1, 1, t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, t, heads * d).float()
+
+
+@pytest.mark.parametrize(("batch", "t", "heads", "d"), [(2, 5, 3, 8), (32, 12, 12, 32), (1, 10, 12, 32),
+                                                        (3, 37, 2, 64), (1, 1, 1, 8), (2, 70, 1, 40)])
+def test_encoder_attention_equals_attention_over_the_fused_projection(kernel, batch, t, heads, d):
+    attend = torch.ops.edgecompute_ml.encoder_attention
+    g = torch.Generator().manual_seed(batch * t + heads + d)
+    qkv = torch.randn(batch, t, 3 * heads * d, generator=g)
+    mask = torch.ones(batch, t, dtype=torch.bool)
+    mask[::2, max(1, t - 3):] = False  # padded sentences: their last keys masked
+    for m in (None, mask, mask.view(batch, 1, 1, t)):
+        got = attend(qkv, m, heads)
+        assert got.shape == (batch, t, heads * d)
+        torch.testing.assert_close(got, _attention_reference(qkv, None if m is None else m.reshape(batch, t), heads),
+                                   rtol=1e-5, atol=2e-6)
+    # a masked key's values never reach the result, however large
+    poisoned = qkv.clone().view(batch, t, 3, heads * d)
+    poisoned[:, :, 2][~mask] = 1e30
+    assert torch.equal(attend(poisoned.view(batch, t, -1), mask, heads), attend(qkv, mask, heads))
+
+
+def test_encoder_attention_gives_zeros_where_every_key_is_masked_and_names_misuse(kernel):
+    attend = torch.ops.edgecompute_ml.encoder_attention
+    qkv = torch.randn(2, 4, 3 * 2 * 8)
+    mask = torch.tensor([[True, True, False, False], [False] * 4])
+    out = attend(qkv, mask, 2)
+    assert torch.equal(out[1], torch.zeros(4, 16))
+    torch.testing.assert_close(out[:1], _attention_reference(qkv[:1], mask[:1], 2), rtol=1e-5, atol=2e-6)
+    cases = [
+        ((qkv, None, 5), "48 columns are not q, k and v of 5 heads"),
+        ((torch.randn(1, 3, 36), None, 2), "multiple of 8"),
+        ((qkv.double(), None, 2), "float32 CPU tensor"),
+        ((qkv[0], None, 2), "float32 CPU tensor"),
+        ((qkv, mask.long(), 2), "key_mask must be bool"),
+        ((qkv, mask[:, :3], 2), "key_mask must be bool"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            attend(*args)

@@ -227,16 +227,21 @@ def _embeddings(ids: torch.Tensor, types: torch.Tensor | None, weights: list[tor
 def _packed_layers(x: torch.Tensor, weights: list[torch.Tensor], blocks: bool, mask: torch.Tensor | None,
                    heads: int, eps: float) -> torch.Tensor:
     """The encoder layers over packed weights (12 a layer: q/k/v, output, first norm, FFN in and
-    out, second norm; weights then biases; ``blocks``: packed for this package's kernel, else for
+    out, second norm; weights then biases; ``blocks``: packed for this package's kernels, else for
     oneDNN), the residual adds in the kernels: the same ops as :meth:`BertModel.forward`'s loop,
-    in a form TorchScript compiles."""
+    in a form TorchScript compiles. With ``blocks``, self-attention is the kernels' too
+    (``encoder_attention``, linear.cpp: a batch of short sentences spent ~15% of its forward in
+    torch's CPU attention)."""
     b, t, h = x.shape[0], x.shape[1], x.shape[2]
     hd = h // heads
     for n in range(len(weights) // 12):
         w = n * 12
         qkv = linear(x, weights[w], weights[w + 1], None, False, blocks)
-        q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h)
+        if blocks and hd % 8 == 0:  # this package's kernels: its attention reads the fused q/k/v in place
+            attn = torch.ops.edgecompute_ml.encoder_attention(qkv, mask, heads)
+        else:
+            q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h)
         x = F.layer_norm(linear(attn, weights[w + 2], weights[w + 3], x, False, blocks), [h], weights[w + 4],
                          weights[w + 5], eps)
         inter = linear(x, weights[w + 6], weights[w + 7], None, True, blocks)

@@ -63,6 +63,8 @@ _declared: list[object] = []  # the torch.library.Library holding f32_linear's s
 #: declared here, not in linear.cpp, so that TorchScript compiles a function naming the op
 #: whether or not the library loads (dense.py then runs the oneDNN branch of that function)
 F32_LINEAR_SCHEMA = "f32_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int n, bool gelu=False) -> Tensor"
+#: the same for linear.cpp's encoder self-attention over a fused q/k/v projection
+ENCODER_ATTENTION_SCHEMA = "encoder_attention(Tensor qkv, Tensor? key_mask, int heads) -> Tensor"
 
 
 def _q4_isa() -> str | None:
@@ -193,14 +195,15 @@ def _build(kernel: _Kernel) -> Path:
 
 
 def declare_linear() -> None:
-    """Declare ``torch.ops.edgecompute_ml.f32_linear``'s schema in this process (once; its CPU and
-    Meta kernels come with linear.cpp's library)."""
+    """Declare the schemas of ``torch.ops.edgecompute_ml.f32_linear`` and ``encoder_attention`` in
+    this process (once; their CPU and Meta kernels come with linear.cpp's library)."""
     with _lock:
         if not _declared:
             import torch
 
             library = torch.library.Library("edgecompute_ml", "FRAGMENT")  # type: ignore[no-untyped-call]
             library.define(F32_LINEAR_SCHEMA)  # type: ignore[no-untyped-call]  # its kernels: linear.cpp's
+            library.define(ENCODER_ATTENTION_SCHEMA)  # type: ignore[no-untyped-call]
             _declared.append(library)
 
 
