@@ -6,8 +6,8 @@
 // shapes fixed, so it passed the whole cache (128+ positions) under a mask, and every key past the
 // position was still scored; and for one query torch's CPU attention makes small MKL calls of ~2 us
 // each (SmolLM2: 30 layers x 3 key/value heads a token). Here the position is read from its tensor
-// inside the op: the captured graph stays static while only keys [start, position] are touched,
-// and a head is two passes over its keys in registers (docs/ml.md, "Quantized weights").
+// inside the op: the captured graph stays static while only keys [start, position] are touched
+// (docs/ml.md, "One query's attention").
 //
 // q [B, H, 1, D]; k, v [B, KV, T, D] (any strides but D's: a cache or a slice of one); position
 // an int64 tensor of one element, the query's index among the T keys, or none: the query follows
@@ -32,6 +32,8 @@
 #include <optional>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 int64_t detect_isa() {
@@ -45,31 +47,42 @@ const int64_t kIsa = detect_isa();
 // join costs a few microseconds; a 100-key head of 64 dimensions is ~13K)
 constexpr int64_t kForkWork = int64_t{1} << 18;
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 __attribute__((target("avx2,fma"))) inline float dot(const float* a, const float* b, int64_t d) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = hsum256(acc);
   for (; i < d; ++i) sum += a[i] * b[i];
   return sum;
 }
 
-// out[0, d) += p * v[0, d)
-__attribute__((target("avx2,fma"))) inline void axpy(float* out, float p, const float* v, int64_t d) {
-  const __m256 pv = _mm256_set1_ps(p);
+// q . k for four keys at once: one horizontal reduction for the four
+__attribute__((target("avx2,fma"))) inline __m128 dot4(const float* q, const float* k, int64_t stride, int64_t d) {
+  const float* k1 = k + stride;
+  const float* k2 = k1 + stride;
+  const float* k3 = k2 + stride;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
-  for (; i < d; ++i) out[i] += p * v[i];
+  for (; i + 8 <= d; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    s0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), s0);
+    s1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), s1);
+    s2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), s2);
+    s3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), s3);
+  }
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+  __m128 four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  if (i < d) {
+    alignas(16) float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (; i < d; ++i) {
+      tail[0] += q[i] * k[i];
+      tail[1] += q[i] * k1[i];
+      tail[2] += q[i] * k2[i];
+      tail[3] += q[i] * k3[i];
+    }
+    four = _mm_add_ps(four, _mm_load_ps(tail));
+  }
+  return four;
 }
 
 struct Heads {
@@ -84,28 +97,65 @@ struct Heads {
   float scale;
 };
 
+// Scores four keys at a time, the softmax 8 scores a vector (simd.h's exp), the weighted values
+// 32 dimensions at a time in registers, then 8, then one.
 __attribute__((target("avx2,fma"))) void attend(const Heads& a, int64_t bh, std::vector<float>& scores) {
   const int64_t b = bh / a.heads, h = bh % a.heads, g = h / a.group, d = a.d;
   const float* q = a.q + bh * d;
-  const float* k = a.k + b * a.kb + g * a.kg;
-  const float* v = a.v + b * a.vb + g * a.vg;
+  const float* k = a.k + b * a.kb + g * a.kg + a.start * a.kt;
+  const float* v = a.v + b * a.vb + g * a.vg + a.start * a.vt;
   float* out = a.out + bh * d;
-  const int64_t n = a.end - a.start;
-  scores.resize(static_cast<size_t>(n));
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = dot(q, k + (a.start + j) * a.kt, d) * a.scale;
-    top = std::max(top, scores[j]);
+  const int64_t n = a.end - a.start, padded = (n + 7) / 8 * 8;
+  scores.resize(static_cast<size_t>(padded));
+  float* s = scores.data();
+  const __m128 scale = _mm_set1_ps(a.scale);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) _mm_storeu_ps(s + j, _mm_mul_ps(dot4(q, k + j * a.kt, a.kt, d), scale));
+  for (; j < n; ++j) s[j] = dot(q, k + j * a.kt, d) * a.scale;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  std::fill(s + n, s + padded, minus_inf);
+  __m256 top = _mm256_set1_ps(minus_inf);
+  for (j = 0; j < padded; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4e));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1));
+  __m256 total = _mm256_setzero_ps();
+  for (j = 0; j < padded; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    // the padding's exp is clamped to ~1e-38, not 0: zeroed where its score is -inf
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(minus_inf), _CMP_EQ_OQ),
+                                      exp256(_mm256_sub_ps(x, top)));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
   }
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - top);
-    total += scores[j];
+  const float inv = 1.0f / hsum256(total);
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) {
+    __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
+    for (j = 0; j < n; ++j) {
+      const __m256 p = _mm256_set1_ps(s[j]);
+      const float* vj = v + j * a.vt + c;
+      o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), o0);
+      o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), o1);
+      o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), o2);
+      o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), o3);
+    }
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(o0, inv8));
+    _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(o1, inv8));
+    _mm256_storeu_ps(out + c + 16, _mm256_mul_ps(o2, inv8));
+    _mm256_storeu_ps(out + c + 24, _mm256_mul_ps(o3, inv8));
   }
-  std::fill_n(out, d, 0.0f);
-  for (int64_t j = 0; j < n; ++j) axpy(out, scores[j], v + (a.start + j) * a.vt, d);
-  const float inv = 1.0f / total;
-  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+  for (; c + 8 <= d; c += 8) {
+    __m256 o = _mm256_setzero_ps();
+    for (j = 0; j < n; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(v + j * a.vt + c), o);
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(o, inv8));
+  }
+  for (; c < d; ++c) {
+    float o = 0.0f;
+    for (j = 0; j < n; ++j) o += s[j] * v[j * a.vt + c];
+    out[c] = o * inv;
+  }
 }
 
 at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

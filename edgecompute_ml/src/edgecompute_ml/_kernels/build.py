@@ -16,9 +16,10 @@ Each is its own shared library, built and loaded on its own:
   clang is asked for libgomp too, never a second runtime). No ``-march``: the sources pick their
   instruction set at load.
 - **Cache**: ``$EDGECOMPUTE_ML_CACHE/kernels``, else the user cache directory's
-  ``edgecompute-ml/kernels``; the file name hashes the source, torch's version, the compiler's
-  identity, the flags and the CPU's instruction sets. A build is written under a temporary name
-  and renamed into place, so processes compiling at the same time never load half a library.
+  ``edgecompute-ml/kernels``; the file name hashes the source and the headers beside it
+  (``simd.h``), torch's version, the compiler's identity, the flags and the CPU's instruction
+  sets. A build is written under a temporary name and renamed into place, so processes compiling
+  at the same time never load half a library.
 - **Fallback**: an environment variable turns a kernel off (``EDGECOMPUTE_ML_Q4_KERNEL=0``,
   ``EDGECOMPUTE_ML_LINEAR_KERNEL=0``, ``EDGECOMPUTE_ML_ATTENTION_KERNEL=0``); no compiler, a
   failed compile or load, or a CPU without the instruction sets leave the work on torch's
@@ -169,7 +170,8 @@ def _build(kernel: _Kernel) -> Path:
     source = kernel.source
     probe = _command(compiler, identity, source, Path("OUT"))
     key = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), identity.encode(), " ".join(probe).encode(),
+    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))  # what sources include
+    for part in (source.read_bytes(), headers, torch.__version__.encode(), identity.encode(), " ".join(probe).encode(),
                  _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")

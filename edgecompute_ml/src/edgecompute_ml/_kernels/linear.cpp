@@ -34,6 +34,8 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t kLanes = 16;  // columns of one weight block for AVX-512
@@ -85,31 +87,10 @@ struct Args {
   bool gelu;
 };
 
-// GELU constants: erf(z) = sign(z) (1 - t r(t) exp(-z^2)), t = 1 / (1 + p |z|); exp as Cephes'
-// expf (range reduction by ln 2, a degree-6 polynomial, the exponent added as bits)
+// GELU constants: erf(z) = sign(z) (1 - t r(t) exp(-z^2)), t = 1 / (1 + p |z|); exp: simd.h's
 constexpr float kErfP = 0.3275911f, kErf1 = 0.254829592f, kErf2 = -0.284496736f, kErf3 = 1.421413741f,
                 kErf4 = -1.453152027f, kErf5 = 1.061405429f;
-constexpr float kExpHi = 88.3762626647949f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
-                kLn2Lo = -2.12194440e-4f;
-constexpr float kExp0 = 1.9875691500e-4f, kExp1 = 1.3981999507e-3f, kExp2 = 8.3334519073e-3f,
-                kExp3 = 4.1665795894e-2f, kExp4 = 1.6666665459e-1f, kExp5 = 5.0000001201e-1f;
 constexpr float kRsqrt2 = 0.70710678118654752f;
-
-// exp(q) for q <= 0, clamped below at exp's range (-88.4: ~1e-38, not 0)
-__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 q) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  q = _mm256_max_ps(q, _mm256_set1_ps(-kExpHi));
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(q, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
-  const __m256 f = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Hi), q));
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExp0), f, _mm256_set1_ps(kExp1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp5));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, one));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
 
 __attribute__((target("avx2,fma"))) inline __m256 gelu256(__m256 v) {
   const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
@@ -393,12 +374,6 @@ at::Tensor f32_linear_meta(const at::Tensor& x, const at::Tensor& w, const std::
 // values 8 dimensions a vector. Scores, sums and the softmax in float32, its maximum subtracted
 // first: torch's result to float32 rounding. A query whose keys are all masked gets zeros.
 // AVX2 with FMA (every CPU this library runs on has it); D a multiple of 8.
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 struct Attention {
   const float* qkv;
   const bool* mask;  // [B, T] or null: every key

@@ -1,0 +1,39 @@
+// AVX2 helpers shared by this package's float kernels (linear.cpp, attention.cpp): an exp and a
+// horizontal sum. Included into each library's anonymous namespace; _kernels/build.py hashes this
+// file with every source, so a change here rebuilds them all.
+
+#pragma once
+
+#include <immintrin.h>
+
+namespace {
+
+// exp as Cephes' expf: range reduction by ln 2, a degree-6 polynomial, the exponent added as bits
+constexpr float kExpHi = 88.3762626647949f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
+                kLn2Lo = -2.12194440e-4f;
+constexpr float kExp0 = 1.9875691500e-4f, kExp1 = 1.3981999507e-3f, kExp2 = 8.3334519073e-3f,
+                kExp3 = 4.1665795894e-2f, kExp4 = 1.6666665459e-1f, kExp5 = 5.0000001201e-1f;
+
+// exp(q) for q <= 0, clamped below at exp's range (-88.4: ~1e-38, not 0)
+__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 q) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  q = _mm256_max_ps(q, _mm256_set1_ps(-kExpHi));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(q, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
+  const __m256 f = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Hi), q));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExp0), f, _mm256_set1_ps(kExp1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp5));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, one));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+}  // namespace
