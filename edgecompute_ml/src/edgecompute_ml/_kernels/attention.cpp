@@ -112,23 +112,8 @@ __attribute__((target("avx2,fma"))) void attend(const Heads& a, int64_t bh, std:
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) _mm_storeu_ps(s + j, _mm_mul_ps(dot4(q, k + j * a.kt, a.kt, d), scale));
   for (; j < n; ++j) s[j] = dot(q, k + j * a.kt, d) * a.scale;
-  const float minus_inf = -std::numeric_limits<float>::infinity();
-  std::fill(s + n, s + padded, minus_inf);
-  __m256 top = _mm256_set1_ps(minus_inf);
-  for (j = 0; j < padded; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
-  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
-  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4e));
-  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1));
-  __m256 total = _mm256_setzero_ps();
-  for (j = 0; j < padded; j += 8) {
-    const __m256 x = _mm256_loadu_ps(s + j);
-    // the padding's exp is clamped to ~1e-38, not 0: zeroed where its score is -inf
-    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(minus_inf), _CMP_EQ_OQ),
-                                      exp256(_mm256_sub_ps(x, top)));
-    _mm256_storeu_ps(s + j, e);
-    total = _mm256_add_ps(total, e);
-  }
-  const float inv = 1.0f / hsum256(total);
+  std::fill(s + n, s + padded, -std::numeric_limits<float>::infinity());
+  const float inv = 1.0f / softmax_numerators(s, padded);
   const __m256 inv8 = _mm256_set1_ps(inv);
   int64_t c = 0;
   for (; c + 32 <= d; c += 32) {

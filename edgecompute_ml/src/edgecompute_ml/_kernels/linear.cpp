@@ -384,9 +384,9 @@ struct Attention {
 
 // V vectors of a query's scores (keys n..n + 8V) summed in registers from their mask's bias.
 template <int V>
-__attribute__((target("avx2,fma"))) inline __m256 score_keys(const float* qi, float scale, const float* keys,
+__attribute__((target("avx2,fma"))) inline void score_keys(const float* qi, float scale, const float* keys,
                                                                int64_t tp, int64_t n, int64_t d, const float* bias,
-                                                               float* scores, __m256 top) {
+                                                               float* scores) {
   __m256 acc[V];
   UNROLL for (int u = 0; u < V; ++u) acc[u] = _mm256_loadu_ps(bias + n + 8 * u);
   for (int64_t c = 0; c < d; ++c) {
@@ -396,9 +396,7 @@ __attribute__((target("avx2,fma"))) inline __m256 score_keys(const float* qi, fl
   }
   UNROLL for (int u = 0; u < V; ++u) {
     _mm256_storeu_ps(scores + n + 8 * u, acc[u]);
-    top = _mm256_max_ps(top, acc[u]);
   }
-  return top;
 }
 
 // A query's scores are summed up to 32 keys at a time in registers (keys padded to 8: the padding
@@ -422,38 +420,26 @@ __attribute__((target("avx2,fma"))) void attend_head(const Attention& a, int64_t
   }
   for (int64_t i = 0; i < t; ++i) {
     const float* qi = q + i * width;
-    __m256 top = _mm256_set1_ps(minus_inf);
     for (int64_t n = 0; n < tp;) {
       const int64_t left = (tp - n) / 8;
       if (left >= 4) {
-        top = score_keys<4>(qi, a.scale, keys.data(), tp, n, d, bias.data(), scores.data(), top);
+        score_keys<4>(qi, a.scale, keys.data(), tp, n, d, bias.data(), scores.data());
         n += 32;
       } else if (left >= 2) {
-        top = score_keys<2>(qi, a.scale, keys.data(), tp, n, d, bias.data(), scores.data(), top);
+        score_keys<2>(qi, a.scale, keys.data(), tp, n, d, bias.data(), scores.data());
         n += 16;
       } else {
-        top = score_keys<1>(qi, a.scale, keys.data(), tp, n, d, bias.data(), scores.data(), top);
+        score_keys<1>(qi, a.scale, keys.data(), tp, n, d, bias.data(), scores.data());
         n += 8;
       }
     }
-    top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
-    top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4e));
-    top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1));
     float* oi = out + i * a.heads * d;
-    if (std::isinf(_mm256_cvtss_f32(top))) {  // every key masked
+    const float total = softmax_numerators(scores.data(), tp);
+    if (total == 0.0f) {  // every key masked
       std::fill_n(oi, d, 0.0f);
       continue;
     }
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t n = 0; n < tp; n += 8) {
-      // a masked key's exp is clamped to ~1e-38, not 0: zeroed where its score is -inf
-      const __m256 x = _mm256_loadu_ps(scores.data() + n);
-      const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(minus_inf), _CMP_EQ_OQ);
-      const __m256 e = _mm256_andnot_ps(masked, exp256(_mm256_sub_ps(x, top)));
-      _mm256_storeu_ps(scores.data() + n, e);
-      total = _mm256_add_ps(total, e);
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum256(total));
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
     int64_t c = 0;
     for (; c + 32 <= d; c += 32) {
       __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();

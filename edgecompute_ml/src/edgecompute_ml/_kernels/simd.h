@@ -1,10 +1,14 @@
-// AVX2 helpers shared by this package's float kernels (linear.cpp, attention.cpp): an exp and a
-// horizontal sum. Included into each library's anonymous namespace; _kernels/build.py hashes this
+// AVX2 helpers shared by this package's float kernels (linear.cpp, attention.cpp): an exp, a
+// horizontal sum and attention's softmax numerators. Included into each library's anonymous namespace; _kernels/build.py hashes this
 // file with every source, so a change here rebuilds them all.
 
 #pragma once
 
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 
 namespace {
 
@@ -34,6 +38,30 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// Attention's softmax numerators: s[0, n) (n a multiple of 8; -inf where a key is masked or
+// padding) -> exp(s - max s) in place, masked entries exactly 0 (exp256 clamps to ~1e-38);
+// returns their sum, 0 when every entry is -inf (then s is all zeros).
+__attribute__((target("avx2,fma"))) inline float softmax_numerators(float* s, int64_t n) {
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 top = minus_inf;
+  for (int64_t j = 0; j < n; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4e));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1));
+  if (_mm256_cvtss_f32(top) == -std::numeric_limits<float>::infinity()) {
+    std::fill_n(s, n, 0.0f);
+    return 0.0f;
+  }
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, minus_inf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, top)));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return hsum256(total);
 }
 
 }  // namespace
