@@ -97,8 +97,8 @@ struct Heads {
   float scale;
 };
 
-// Scores four keys at a time, the softmax 8 scores a vector (simd.h's exp), the weighted values
-// 32 dimensions at a time in registers, then 8, then one.
+// Scores four keys at a time, then simd.h's softmax numerators (8 scores a vector) and weighted
+// values (32 dimensions at a time in registers).
 __attribute__((target("avx2,fma"))) void attend(const Heads& a, int64_t bh, std::vector<float>& scores) {
   const int64_t b = bh / a.heads, h = bh % a.heads, g = h / a.group, d = a.d;
   const float* q = a.q + bh * d;
@@ -114,33 +114,7 @@ __attribute__((target("avx2,fma"))) void attend(const Heads& a, int64_t bh, std:
   for (; j < n; ++j) s[j] = dot(q, k + j * a.kt, d) * a.scale;
   std::fill(s + n, s + padded, -std::numeric_limits<float>::infinity());
   const float inv = 1.0f / softmax_numerators(s, padded);
-  const __m256 inv8 = _mm256_set1_ps(inv);
-  int64_t c = 0;
-  for (; c + 32 <= d; c += 32) {
-    __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
-    for (j = 0; j < n; ++j) {
-      const __m256 p = _mm256_set1_ps(s[j]);
-      const float* vj = v + j * a.vt + c;
-      o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), o0);
-      o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), o1);
-      o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), o2);
-      o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), o3);
-    }
-    _mm256_storeu_ps(out + c, _mm256_mul_ps(o0, inv8));
-    _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(o1, inv8));
-    _mm256_storeu_ps(out + c + 16, _mm256_mul_ps(o2, inv8));
-    _mm256_storeu_ps(out + c + 24, _mm256_mul_ps(o3, inv8));
-  }
-  for (; c + 8 <= d; c += 8) {
-    __m256 o = _mm256_setzero_ps();
-    for (j = 0; j < n; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(v + j * a.vt + c), o);
-    _mm256_storeu_ps(out + c, _mm256_mul_ps(o, inv8));
-  }
-  for (; c < d; ++c) {
-    float o = 0.0f;
-    for (j = 0; j < n; ++j) o += s[j] * v[j * a.vt + c];
-    out[c] = o * inv;
-  }
+  weighted_values(s, n, v, a.vt, d, inv, out);
 }
 
 at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

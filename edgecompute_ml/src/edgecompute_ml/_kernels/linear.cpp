@@ -439,28 +439,7 @@ __attribute__((target("avx2,fma"))) void attend_head(const Attention& a, int64_t
       std::fill_n(oi, d, 0.0f);
       continue;
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / total);
-    int64_t c = 0;
-    for (; c + 32 <= d; c += 32) {
-      __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
-      for (int64_t j = 0; j < t; ++j) {
-        const __m256 p = _mm256_set1_ps(scores[j]);
-        const float* vj = v + j * width + c;
-        o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), o0);
-        o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), o1);
-        o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), o2);
-        o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), o3);
-      }
-      _mm256_storeu_ps(oi + c, _mm256_mul_ps(o0, inv));
-      _mm256_storeu_ps(oi + c + 8, _mm256_mul_ps(o1, inv));
-      _mm256_storeu_ps(oi + c + 16, _mm256_mul_ps(o2, inv));
-      _mm256_storeu_ps(oi + c + 24, _mm256_mul_ps(o3, inv));
-    }
-    for (; c < d; c += 8) {
-      __m256 o = _mm256_setzero_ps();
-      for (int64_t j = 0; j < t; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(v + j * width + c), o);
-      _mm256_storeu_ps(oi + c, _mm256_mul_ps(o, inv));
-    }
+    weighted_values(scores.data(), t, v, width, d, 1.0f / total, oi);
   }
 }
 

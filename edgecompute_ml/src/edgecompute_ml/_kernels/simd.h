@@ -1,5 +1,5 @@
 // AVX2 helpers shared by this package's float kernels (linear.cpp, attention.cpp): an exp, a
-// horizontal sum and attention's softmax numerators. Included into each library's anonymous namespace; _kernels/build.py hashes this
+// horizontal sum, and attention's softmax numerators and weighted values. Included into each library's anonymous namespace; _kernels/build.py hashes this
 // file with every source, so a change here rebuilds them all.
 
 #pragma once
@@ -62,6 +62,39 @@ __attribute__((target("avx2,fma"))) inline float softmax_numerators(float* s, in
     total = _mm256_add_ps(total, e);
   }
   return hsum256(total);
+}
+
+// out[0, d) = inv * sum_j p[j] v[j * stride + (0, d)] over n keys: 32 dimensions at a time in
+// registers, then 8, then one
+__attribute__((target("avx2,fma"))) inline void weighted_values(const float* p, int64_t n, const float* v,
+                                                                int64_t stride, int64_t d, float inv, float* out) {
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) {
+    __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* vj = v + j * stride + c;
+      o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);
+      o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);
+      o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);
+      o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);
+    }
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(o0, inv8));
+    _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(o1, inv8));
+    _mm256_storeu_ps(out + c + 16, _mm256_mul_ps(o2, inv8));
+    _mm256_storeu_ps(out + c + 24, _mm256_mul_ps(o3, inv8));
+  }
+  for (; c + 8 <= d; c += 8) {
+    __m256 o = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * stride + c), o);
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(o, inv8));
+  }
+  for (; c < d; ++c) {
+    float o = 0.0f;
+    for (int64_t j = 0; j < n; ++j) o += p[j] * v[j * stride + c];
+    out[c] = o * inv;
+  }
 }
 
 }  // namespace
